@@ -1,0 +1,4 @@
+from qis_fhir.cli import main
+
+if __name__ == "__main__":
+    main()

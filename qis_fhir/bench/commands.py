@@ -1,0 +1,59 @@
+"""``qis-fhir bench``: run benchmark sections and print one JSON object.
+
+Each section is a module ``qis_fhir/bench/<section>.py`` with ``run(options: BenchOptions) -> dict``.
+Sections compare rates measured side by side in the same run (ratios), because these machines are
+shared and noisy: absolute seconds mean little, ratios measured together mean a lot.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from dataclasses import dataclass
+
+import click
+
+SECTIONS: dict[str, str] = {
+    "extract": "qis_fhir.bench.extract",
+    "packets": "qis_fhir.bench.packets",
+    "dht": "qis_fhir.bench.dht",
+}
+DEFAULT_SECTIONS = ("extract", "packets")  # dht starts dozens of processes: ask for it with --only
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    observations: int | None = None  # extract: size of the synthetic export (None: the section's default)
+    nodes: tuple[int, ...] | None = None  # dht: network sizes
+    seed: int = 7
+
+
+def run_sections(sections: list[str], options: BenchOptions) -> dict:
+    results: dict = {}
+    for name in sections:
+        module = importlib.import_module(SECTIONS[name])
+        click.echo(f"bench: running {name} ...", err=True)
+        results[name] = module.run(options)
+    return results
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the default prints it indented).")
+@click.option(
+    "--only",
+    "only",
+    multiple=True,
+    type=click.Choice(sorted(SECTIONS)),
+    help="Run only this section (repeatable). Default: " + ", ".join(DEFAULT_SECTIONS) + ".",
+)
+@click.option("--observations", type=click.IntRange(min=1000), default=None, help="Observations in the extract benchmark's synthetic export (default 200,000).")
+@click.option("--nodes", type=str, default=None, help="dht: comma-separated network sizes, e.g. 10,30,100.")
+@click.option("--seed", type=int, default=7, show_default=True)
+def bench(as_json: bool, only: tuple[str, ...], observations: int | None, nodes: str | None, seed: int) -> None:
+    """Measure throughput and memory of the stages, side by side with their baselines."""
+    sections = list(only) or list(DEFAULT_SECTIONS)
+    node_sizes = tuple(int(x) for x in nodes.split(",")) if nodes else None
+    results = run_sections(sections, BenchOptions(observations=observations, nodes=node_sizes, seed=seed))
+    text = json.dumps(results, sort_keys=True) if as_json else json.dumps(results, indent=2, sort_keys=True)
+    sys.stdout.write(text + "\n")

@@ -1,0 +1,1 @@
+"""dht stage of qis-fhir."""

@@ -1,0 +1,77 @@
+"""Named exit codes and the error types a user can act on.
+
+Every error a user can fix maps to one exit code here; the CLI turns a ``QisError`` into its code
+and prints its message. Messages must never contain patient identifiers, names, exact dates or
+resource content: say *which file and line*, never *what was on it*.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    FAILURE = 1  # unexpected error (a bug): traceback printed
+    USAGE = 2  # bad command line (click uses 2 as well)
+    INPUT_NOT_FOUND = 3  # export dir, packets file, manifest... does not exist or is empty
+    MAPPING_INVALID = 4  # mapping YAML failed its schema
+    QUALITY_FAILED = 5  # a great-expectations suite failed: nothing is published
+    NOTHING_EXTRACTED = 6  # the export held no usable resources at all
+    SECRET_INVALID = 7  # a secret or key file is unreadable, malformed or has unsafe permissions
+    ALREADY_EXISTS = 8  # refusing to overwrite a key, secret or network directory
+    MANIFEST_INVALID = 9  # network manifest signature bad, version rolled back, or malformed
+    PACKETS_REJECTED = 10  # `verify` rejected at least one packet
+    NO_PEERS = 11  # no DHT peer reachable
+    PUBLISH_INCOMPLETE = 12  # some packets were confirmed by no replica
+
+
+class QisError(Exception):
+    """Base of every error a user can act on; carries its exit code."""
+
+    exit_code: ExitCode = ExitCode.FAILURE
+
+    def __init__(self, message: str, *, exit_code: ExitCode | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class InputNotFoundError(QisError):
+    exit_code = ExitCode.INPUT_NOT_FOUND
+
+
+class MappingError(QisError):
+    exit_code = ExitCode.MAPPING_INVALID
+
+
+class QualityError(QisError):
+    exit_code = ExitCode.QUALITY_FAILED
+
+
+class NothingExtractedError(QisError):
+    exit_code = ExitCode.NOTHING_EXTRACTED
+
+
+class SecretError(QisError):
+    exit_code = ExitCode.SECRET_INVALID
+
+
+class AlreadyExistsError(QisError):
+    exit_code = ExitCode.ALREADY_EXISTS
+
+
+class ManifestError(QisError):
+    exit_code = ExitCode.MANIFEST_INVALID
+
+
+class PacketsRejectedError(QisError):
+    exit_code = ExitCode.PACKETS_REJECTED
+
+
+class NoPeersError(QisError):
+    exit_code = ExitCode.NO_PEERS
+
+
+class PublishIncompleteError(QisError):
+    exit_code = ExitCode.PUBLISH_INCOMPLETE

@@ -1,0 +1,1 @@
+"""fhir stage of qis-fhir."""

@@ -1,0 +1,1 @@
+"""outcomes stage of qis-fhir."""

@@ -1,0 +1,1 @@
+"""packets stage of qis-fhir."""

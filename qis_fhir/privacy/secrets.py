@@ -1,0 +1,74 @@
+"""Site and network secrets: random bytes in files only the owner can read.
+
+A secret file holds 32 random bytes, hex encoded, and is created with mode 0600 on first use.
+Reading one whose mode lets group or others read it is refused: a patient-key secret that leaks
+turns every pseudonymous key back into a dictionary attack on hospital ids.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from qis_fhir.errors import SecretError
+
+SECRET_BYTES = 32
+
+
+def _write_new(path: Path) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_bytes(SECRET_BYTES)
+    # O_EXCL: never overwrite an existing secret, even in a race with another process
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(value.hex() + "\n")
+    return value
+
+
+def read_secret(path: Path | str) -> bytes:
+    """Read a secret file, refusing unsafe permissions or malformed content."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise SecretError(f"secret file {path} does not exist") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise SecretError(f"secret file {path} is readable by group or others; run: chmod 600 {path}")
+    text = path.read_text(encoding="ascii", errors="replace").strip()
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        raise SecretError(f"secret file {path} is not hex encoded") from None
+    if len(value) != SECRET_BYTES:
+        raise SecretError(f"secret file {path} must hold {SECRET_BYTES} bytes, found {len(value)}")
+    return value
+
+
+def load_or_create_secret(path: Path | str) -> bytes:
+    """Return the secret at ``path``, creating it (mode 0600) if it does not exist yet."""
+    path = Path(path)
+    if not path.exists():
+        try:
+            return _write_new(path)
+        except FileExistsError:  # another process created it first
+            pass
+    return read_secret(path)
+
+
+def create_secret(path: Path | str) -> bytes:
+    """Create a new secret, refusing to overwrite an existing file."""
+    from qis_fhir.errors import AlreadyExistsError
+
+    path = Path(path)
+    try:
+        return _write_new(path)
+    except FileExistsError:
+        raise AlreadyExistsError(f"{path} already exists; refusing to overwrite it") from None
+
+
+def default_site_secret_path() -> Path:
+    """Where a site secret lives when no site directory is given: ``$QIS_FHIR_HOME/site.secret``."""
+    home = os.environ.get("QIS_FHIR_HOME") or str(Path.home() / ".qis-fhir")
+    return Path(home) / "site.secret"
