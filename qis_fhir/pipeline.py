@@ -1,0 +1,151 @@
+"""Run every stage built so far, in order, on one export.
+
+This is the one place that chains the stage APIs; ``qis-fhir run``, ``qis-fhir demo`` and the tests
+call it. The Dagster assets call the same stage functions one per asset. Each stage's logic lives in
+its own subpackage; this module only decides order, paths and what blocks what: a failed quality
+suite stops the run before anything could be published.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qis_fhir.errors import InputNotFoundError
+
+log = logging.getLogger(__name__)
+
+OUTCOME_EVENTS = "outcome_events.parquet"
+OUTCOME_SUMMARY = "outcome_summary.json"
+QUALITY_REPORT = "quality_report.json"
+PACKETS = "packets.ndjson"
+DISCLOSURE_REPORT = "disclosure_report.json"
+PUBLISH_REPORT = "publish_report.json"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    export_dir: Path
+    out_dir: Path
+    mapping_dir: Path | None = None
+    site_dir: Path | None = None  # with network_dir: build and sign packets
+    network_dir: Path | None = None  # the manifest.json path or the directory holding it
+    bootstrap: tuple[tuple[str, int], ...] = ()  # with packets: publish them to the DHT
+    site_secret_path: Path | None = None  # patient-key secret when no site_dir is given
+    validate: str = "sample"
+    sample_rate: float = 0.01
+    seq: int | None = None  # packet sequence number; None: the packet stage's deterministic default
+    progress: bool = False
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    extract: dict = field(default_factory=dict)
+    outcomes: dict = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)
+    packets: dict | None = None
+    publish: dict | None = None
+
+    def outputs(self) -> dict[str, Path]:
+        """The files this run wrote that a user looks at, by name."""
+        names = [OUTCOME_EVENTS, OUTCOME_SUMMARY, QUALITY_REPORT, "extract/summary.json", "quarantine.ndjson"]
+        if self.packets is not None:
+            names += [PACKETS, DISCLOSURE_REPORT]
+        if self.publish is not None:
+            names.append(PUBLISH_REPORT)
+        return {n: self.out_dir / n for n in names if (self.out_dir / n).exists()}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+
+
+def _site_secret(config: RunConfig) -> bytes:
+    from qis_fhir.privacy.secrets import default_site_secret_path, load_or_create_secret, read_secret
+
+    if config.site_dir is not None:
+        # a site directory made by `qis-fhir keys new` must already hold its secret
+        return read_secret(Path(config.site_dir) / "site.secret")
+    return load_or_create_secret(config.site_secret_path or default_site_secret_path())
+
+
+def _manifest_path(network: Path) -> Path:
+    network = Path(network)
+    return network / "manifest.json" if network.is_dir() else network
+
+
+def run_pipeline(config: RunConfig) -> RunResult:
+    """Extract -> quality -> outcomes -> quality -> [packets] -> [publish]. Returns what each stage reported."""
+    from qis_fhir.fhir import extract_export, load_extract
+    from qis_fhir.mapping import load_mapping
+    from qis_fhir.outcomes import derive_outcome_events
+    from qis_fhir.quality import check_tables
+
+    export_dir, out_dir = Path(config.export_dir), Path(config.out_dir)
+    if not export_dir.is_dir():
+        raise InputNotFoundError(f"export directory {export_dir} does not exist")
+    if (config.site_dir is None) != (config.network_dir is None):
+        raise InputNotFoundError("--site and --network go together: packets need both a site key and a network")
+    if config.bootstrap and config.site_dir is None:
+        raise InputNotFoundError("--bootstrap publishes packets, which need --site and --network")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = RunResult(out_dir=out_dir)
+
+    # Load what can fail on configuration before the long extraction starts.
+    mapping = load_mapping(config.mapping_dir)
+    secret = _site_secret(config)
+    site = network = None
+    if config.site_dir is not None:
+        from qis_fhir.packets import load_network, load_site
+
+        site = load_site(config.site_dir)
+        network = load_network(_manifest_path(config.network_dir))
+
+    log.info("extract: reading %s", export_dir.name)
+    summary = extract_export(
+        export_dir,
+        out_dir,
+        secret=secret,
+        validate=config.validate,
+        sample_rate=config.sample_rate,
+        progress=config.progress,
+    )
+    result.extract = summary.to_dict()
+    tables = load_extract(out_dir)
+
+    log.info("outcomes: mapping %s (%s)", mapping.version, mapping.content_hash[:12])
+    outcome = derive_outcome_events(tables, mapping)
+    tables["outcome_events"] = outcome.events
+    result.outcomes = outcome.summary
+
+    quality = check_tables(tables, mapping)
+    result.quality = quality.to_dict()
+    _write_json(out_dir / QUALITY_REPORT, result.quality)
+    quality.raise_for_failure()  # nothing below runs on failed data
+
+    outcome.events.to_parquet(out_dir / OUTCOME_EVENTS, index=False)
+    _write_json(out_dir / OUTCOME_SUMMARY, outcome.summary)
+
+    if site is not None:
+        from qis_fhir.packets import build_packets, write_disclosure_report, write_packets
+
+        built = build_packets(outcome.events, mapping, site, network, seq=config.seq)
+        write_packets(out_dir / PACKETS, built.packets)
+        write_disclosure_report(out_dir / DISCLOSURE_REPORT, built.disclosure_report)
+        result.packets = {"packets": len(built.packets), "disclosure": built.disclosure_report}
+
+        if config.bootstrap:
+            from qis_fhir.dht.client import publish
+            from qis_fhir.packets.codec import encode_packet
+
+            report = publish(
+                [encode_packet(p) for p in built.packets],
+                list(config.bootstrap),
+                network.manifest,
+            )
+            result.publish = report.to_dict()
+            _write_json(out_dir / PUBLISH_REPORT, result.publish)
+    return result

@@ -1,0 +1,67 @@
+"""``qis-fhir run``: every stage built so far on one export (see ``qis_fhir.pipeline``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def parse_bootstrap(value: str | None) -> tuple[tuple[str, int], ...]:
+    """``HOST:PORT[,HOST:PORT]`` -> ((host, port), ...); a clear usage error otherwise."""
+    if not value:
+        return ()
+    peers = []
+    for item in value.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise click.BadParameter(f"{item!r} is not HOST:PORT", param_hint="--bootstrap")
+        peers.append((host, int(port)))
+    return tuple(peers)
+
+
+@click.command()
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--mapping", "mapping_dir", type=click.Path(path_type=Path), default=None, help="Mapping set directory (default: mappings/v1).")
+@click.option("--site", "site_dir", type=click.Path(path_type=Path), default=None, help="Site directory from `qis-fhir keys new`: sign packets with its key.")
+@click.option("--network", "network_dir", type=click.Path(path_type=Path), default=None, help="Network manifest (or its directory) from `qis-fhir network new`.")
+@click.option("--bootstrap", default=None, help="HOST:PORT[,HOST:PORT] of DHT nodes: publish the run's packets as the last stage.")
+@click.option("--site-secret", "site_secret_path", type=click.Path(path_type=Path), default=None, help="Patient-key secret when no --site is given (default: $QIS_FHIR_HOME/site.secret).")
+@click.option("--validate", type=click.Choice(["full", "sample", "off"]), default="sample", show_default=True, help="pydantic model validation of resources.")
+@click.option("--sample-rate", type=click.FloatRange(0.0, 1.0), default=0.01, show_default=True)
+@click.option("--seq", type=click.IntRange(min=0), default=None, help="Packet sequence number (default: derived deterministically from the data).")
+@click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
+def run(export_dir: Path, out_dir: Path, mapping_dir, site_dir, network_dir, bootstrap, site_secret_path, validate, sample_rate, seq, progress) -> None:
+    """Run extract, outcomes and quality (and packets / publish when asked) on EXPORT_DIR."""
+    import sys
+
+    from qis_fhir.pipeline import RunConfig, run_pipeline
+
+    config = RunConfig(
+        export_dir=export_dir,
+        out_dir=out_dir,
+        mapping_dir=mapping_dir,
+        site_dir=site_dir,
+        network_dir=network_dir,
+        bootstrap=parse_bootstrap(bootstrap),
+        site_secret_path=site_secret_path,
+        validate=validate,
+        sample_rate=sample_rate,
+        seq=seq,
+        progress=sys.stderr.isatty() if progress is None else progress,
+    )
+    result = run_pipeline(config)
+    totals = result.extract.get("totals", {})
+    click.echo(
+        f"extract: {totals.get('read', 0)} read, {totals.get('accepted', 0)} accepted, "
+        f"{totals.get('quarantined', 0)} quarantined"
+    )
+    click.echo(f"outcomes: {json.dumps(result.outcomes.get('totals', {}), sort_keys=True)}")
+    if result.packets is not None:
+        click.echo(f"packets: {result.packets['packets']} signed")
+    if result.publish is not None:
+        click.echo(f"publish: {json.dumps(result.publish.get('totals', result.publish), sort_keys=True)[:300]}")
+    for name, path in result.outputs().items():
+        click.echo(f"  {name}: {path}")
