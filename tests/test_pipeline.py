@@ -1,0 +1,61 @@
+"""`qis-fhir run` end to end on the Synthea fixtures: outputs exist, counts add up, nothing identifying kept."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from qis_fhir.errors import ExitCode
+
+
+@pytest.fixture(scope="module")
+def r4_run(tmp_path_factory, fixtures_dir):
+    export = fixtures_dir / "synthea-r4-105"
+    out = tmp_path_factory.mktemp("run")
+    proc = subprocess.run(
+        [sys.executable, "-m", "qis_fhir", "run", str(export), "--out", str(out), "--site-secret", str(out.parent / "site.secret")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == ExitCode.OK, proc.stderr[-3000:]
+    return export, out, proc
+
+
+def test_run_writes_outcome_events_and_summary(r4_run):
+    _, out, proc = r4_run
+    events = pd.read_parquet(out / "outcome_events.parquet")
+    summary = json.loads((out / "outcome_summary.json").read_text())
+    assert {"hypertension", "hyperlipidemia"} <= set(events["bucket"])
+    assert len(events) > 0
+    assert (events["change"] - (events["followup_value"] - events["baseline_value"])).abs().max() < 1e-9
+    assert summary  # counts by bucket, treatment and exclusion reason
+    quality = json.loads((out / "quality_report.json").read_text())
+    assert quality["success"] is True
+    assert "outcome_events.parquet" in proc.stdout
+
+
+def test_run_counts_add_up(r4_run):
+    _, out, _ = r4_run
+    summary = json.loads((out / "extract" / "summary.json").read_text())
+    for name, counts in summary["by_type"].items():
+        assert counts["read"] == counts["accepted"] + counts["quarantined"], name
+    quarantined = sum(1 for _ in (out / "quarantine.ndjson").open()) if (out / "quarantine.ndjson").exists() else 0
+    assert quarantined == summary["totals"]["quarantined"]
+
+
+def test_no_raw_patient_id_in_any_output(r4_run):
+    export, out, proc = r4_run
+    ids = [json.loads(line)["id"] for line in (export / "Patient.000.ndjson").open()]
+    blobs = [proc.stdout.encode(), proc.stderr.encode()]
+    for path in out.rglob("*"):
+        if path.suffix == ".parquet":  # compressed: compare the decoded values, not the bytes
+            blobs.append(pd.read_parquet(path).to_csv(index=False).encode())
+        elif path.is_file():
+            blobs.append(path.read_bytes())
+    for pid in ids[:50]:
+        assert not any(pid.encode() in blob for blob in blobs), "a raw patient id reached an output"
