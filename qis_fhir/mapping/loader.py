@@ -1,0 +1,295 @@
+"""Load a mapping set directory: parse YAML keeping line numbers, validate, cross-check, hash.
+
+Errors name the file and line (``conditions.yaml:12: ...``) so a clinician editing YAML can find
+the problem; YAML's node API (``compose``) gives every value its ``start_mark``, which plain
+``yaml.safe_load`` throws away.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonschema import Draft202012Validator
+
+from qis_fhir.errors import InputNotFoundError, MappingError
+from qis_fhir.mapping.model import (
+    CONDITION_SYSTEMS,
+    RXNORM,
+    AgeBand,
+    CohortSpec,
+    ConditionBucket,
+    MappingSet,
+    OutcomeMeasure,
+    Treatment,
+)
+from qis_fhir.mapping.schema import AGE_BAND_PATTERN, SCHEMAS
+
+DEFAULT_MAPPING_DIR = Path(__file__).resolve().parents[2] / "mappings" / "v1"
+
+Path_ = tuple  # a path into a YAML document: keys and list indices
+
+
+@dataclass
+class _Doc:
+    """One parsed YAML file: its data and the node tree to find lines in."""
+
+    name: str
+    data: Any
+    node: yaml.Node
+
+    def line(self, path: Path_ = (), *, key: bool = False) -> int:
+        """1-based line of the value at ``path`` (or of its key when ``key``); nearest parent if absent."""
+        node, line = self.node, self.node.start_mark.line + 1
+        for i, step in enumerate(path):
+            found = None
+            if isinstance(node, yaml.MappingNode):
+                for k, v in node.value:
+                    if k.value == step:
+                        found = (k, v)
+                        break
+            elif isinstance(node, yaml.SequenceNode) and isinstance(step, int) and step < len(node.value):
+                found = (node.value[step], node.value[step])
+            if found is None:
+                return line
+            knode, node = found
+            last = i == len(path) - 1
+            line = (knode if (key and last) else node).start_mark.line + 1
+        return line
+
+    def error(self, path: Path_, message: str, *, key: bool = False) -> str:
+        where = _dotted(path)
+        return f"{self.name}:{self.line(path, key=key)}: {where + ': ' if where else ''}{message}"
+
+
+def _dotted(path: Path_) -> str:
+    out = ""
+    for step in path:
+        out += f"[{step}]" if isinstance(step, int) else (f".{step}" if out else str(step))
+    return out
+
+
+def _parse(path: Path) -> _Doc:
+    name = path.name
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise MappingError(f"{name}:1: not UTF-8 text ({exc.reason})") from None
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                raise MappingError(f"{name}:1: file is empty")
+            _check_duplicate_keys(name, node)
+            data = loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        raise MappingError(f"{name}:{line}: invalid YAML: {exc.problem or exc.context}") from None
+    return _Doc(name, data, node)
+
+
+def _check_duplicate_keys(name: str, node: yaml.Node) -> None:
+    """YAML silently keeps the last of two equal keys; in a mapping that hides a whole bucket."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode):
+                if k.value in seen:
+                    raise MappingError(
+                        f"{name}:{k.start_mark.line + 1}: duplicate key {k.value!r} (first on line {seen[k.value]})"
+                    )
+                seen[k.value] = k.start_mark.line + 1
+            _check_duplicate_keys(name, v)
+    elif isinstance(node, yaml.SequenceNode):
+        for v in node.value:
+            _check_duplicate_keys(name, v)
+
+
+def _schema_errors(doc: _Doc, schema: dict) -> list[str]:
+    out = []
+    validator = Draft202012Validator(schema)
+    for err in sorted(validator.iter_errors(doc.data), key=lambda e: (doc.line(tuple(e.absolute_path)), e.message)):
+        path = tuple(err.absolute_path)
+        if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+            allowed = set(err.schema.get("properties", {}))
+            patterns = [re.compile(p) for p in err.schema.get("patternProperties", {})]
+            extras = [k for k in err.instance if k not in allowed and not any(p.search(str(k)) for p in patterns)]
+            for extra in extras:
+                hint = ""
+                if patterns:
+                    hint = f" (names must match {', '.join(p.pattern for p in patterns)})"
+                elif allowed:
+                    hint = f" (allowed: {', '.join(sorted(allowed))})"
+                out.append(doc.error(path + (extra,), f"unexpected key {extra!r}{hint}", key=True))
+            continue
+        if err.validator == "type" and err.validator_value == "string" and isinstance(err.instance, (int, float)):
+            out.append(doc.error(path, f"{err.instance!r} must be a quoted string (write '{err.instance}')"))
+            continue
+        if err.validator == "enum":
+            out.append(doc.error(path, f"{err.instance!r} is not one of {', '.join(map(str, err.validator_value))}"))
+            continue
+        out.append(doc.error(path, err.message))
+    return out
+
+
+def content_hash(directory: Path) -> str:
+    """sha256 over every file of the set (sorted relative names, then bytes), ``quality.yaml`` too."""
+    h = hashlib.sha256()
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    for p in files:
+        data = p.read_bytes()
+        h.update(p.relative_to(directory).as_posix().encode("utf-8") + b"\0")
+        h.update(str(len(data)).encode("ascii") + b"\0")
+        h.update(data)
+    return h.hexdigest()
+
+
+def _parse_band(text: str) -> AgeBand:
+    m = re.match(AGE_BAND_PATTERN, text)
+    assert m is not None  # the schema checked the pattern
+    lo = int(m.group(1))
+    hi = int(m.group(2)) if m.group(2) is not None else None
+    return AgeBand(text, lo, hi)
+
+
+def load_mapping(path: str | Path | None = None) -> MappingSet:
+    """Load, validate and hash the mapping set in ``path`` (default: ``mappings/v1`` of this checkout).
+
+    Raises ``MappingError`` listing every problem found, each as ``file:line: where: what``.
+    """
+    directory = Path(path) if path is not None else DEFAULT_MAPPING_DIR
+    if not directory.is_dir():
+        raise InputNotFoundError(f"mapping directory {directory} does not exist")
+    missing = [n for n in SCHEMAS if not (directory / n).is_file()]
+    if missing:
+        raise MappingError(f"{directory.name}: missing mapping file(s): {', '.join(missing)}")
+
+    docs = {name: _parse(directory / name) for name in SCHEMAS}
+    errors: list[str] = []
+    for name, schema in SCHEMAS.items():
+        errors += _schema_errors(docs[name], schema)
+    if errors:
+        raise MappingError("\n".join(errors))
+
+    mapping_doc = docs["mapping.yaml"]
+    version = mapping_doc.data["version"]
+    if version != directory.name:
+        errors.append(
+            mapping_doc.error(("version",), f"version {version!r} does not match the directory name {directory.name!r}")
+        )
+
+    measures = _build_measures(docs["outcomes.yaml"], errors)
+    buckets, condition_index = _build_buckets(docs["conditions.yaml"], measures, errors)
+    treatments, treatment_index = _build_treatments(docs["treatments.yaml"], buckets, errors)
+    cohorts = _build_cohorts(docs["cohorts.yaml"], errors)
+    if errors:
+        raise MappingError("\n".join(errors))
+
+    return MappingSet(
+        version=version,
+        description=mapping_doc.data.get("description", ""),
+        content_hash=content_hash(directory),
+        path=directory,
+        buckets=buckets,
+        treatments=treatments,
+        measures=measures,
+        cohorts=cohorts,
+        _condition_index=condition_index,
+        _treatment_index=treatment_index,
+    )
+
+
+def _build_measures(doc: _Doc, errors: list[str]) -> dict[str, OutcomeMeasure]:
+    measures = {}
+    for mid, m in doc.data["measures"].items():
+        lo, hi = m["followup_days"]
+        if lo > hi:
+            errors.append(doc.error(("measures", mid, "followup_days"), f"follow-up window [{lo}, {hi}] is empty"))
+        measures[mid] = OutcomeMeasure(
+            id=mid,
+            loinc=m["loinc"],
+            panels=tuple(m.get("panels", ())),
+            unit=m["unit"],
+            direction=m["direction"],
+            baseline_days=m["baseline_days"],
+            followup_min_days=lo,
+            followup_max_days=hi,
+            threshold=float(m["threshold"]),
+            episode_gap_days=m["episode_gap_days"],
+            description=m.get("description", ""),
+        )
+    return measures
+
+
+def _build_buckets(doc: _Doc, measures: dict[str, OutcomeMeasure], errors: list[str]):
+    buckets, index = {}, {}
+    first_seen: dict[tuple[str, str], tuple[str, int]] = {}
+    for bid, b in doc.data["buckets"].items():
+        for i, mid in enumerate(b["measures"]):
+            if mid not in measures:
+                known = ", ".join(sorted(measures))
+                errors.append(doc.error(("buckets", bid, "measures", i), f"unknown measure {mid!r} (outcomes.yaml has {known})"))
+        codes = {}
+        for key, code_list in b["codes"].items():
+            system = CONDITION_SYSTEMS[key]
+            codes[system] = tuple(code_list)
+            for i, code in enumerate(code_list):
+                path = ("buckets", bid, "codes", key, i)
+                if (system, code) in first_seen:
+                    other, line = first_seen[(system, code)]
+                    errors.append(doc.error(path, f"{key} code {code!r} is already in bucket {other!r} (line {line})"))
+                    continue
+                first_seen[(system, code)] = (bid, doc.line(path))
+                index[(system, code)] = bid
+        buckets[bid] = ConditionBucket(bid, b.get("description", ""), codes, tuple(b["measures"]))
+    return buckets, index
+
+
+def _build_treatments(doc: _Doc, buckets: dict[str, ConditionBucket], errors: list[str]):
+    treatments, index = {}, {}
+    first_seen: dict[str, tuple[str, int]] = {}
+    for tid, t in doc.data["treatments"].items():
+        for i, bid in enumerate(t["buckets"]):
+            if bid not in buckets:
+                known = ", ".join(sorted(buckets))
+                errors.append(doc.error(("treatments", tid, "buckets", i), f"unknown bucket {bid!r} (conditions.yaml has {known})"))
+        for i, code in enumerate(t["rxnorm"]):
+            path = ("treatments", tid, "rxnorm", i)
+            if code in first_seen:
+                other, line = first_seen[code]
+                errors.append(doc.error(path, f"rxnorm code {code!r} is already treatment {other} (line {line})"))
+                continue
+            first_seen[code] = (tid, doc.line(path))
+            index[(RXNORM, code)] = tid
+        treatments[tid] = Treatment(tid, t["display"], tuple(t["rxnorm"]), tuple(t["buckets"]))
+    return treatments, index
+
+
+def _build_cohorts(doc: _Doc, errors: list[str]) -> CohortSpec:
+    bands = [_parse_band(text) for text in doc.data["age_bands"]]
+    for i, band in enumerate(bands):
+        if band.max_years is not None and band.max_years < band.min_years:
+            errors.append(doc.error(("age_bands", i), f"age band {band.label!r} ends before it starts"))
+    order = sorted(range(len(bands)), key=lambda i: bands[i].min_years)
+    for a, b in zip(order, order[1:]):
+        prev, cur = bands[a], bands[b]
+        prev_end = prev.max_years if prev.max_years is not None else float("inf")
+        if cur.min_years <= prev_end:
+            errors.append(doc.error(("age_bands", b), f"age band {cur.label!r} overlaps {prev.label!r}"))
+        elif cur.min_years != prev_end + 1:
+            errors.append(doc.error(("age_bands", b), f"gap between age bands {prev.label!r} and {cur.label!r}"))
+    if bands and bands[order[0]].min_years != 0:
+        errors.append(doc.error(("age_bands", order[0]), "the youngest age band must start at 0"))
+    return CohortSpec(
+        age_bands=tuple(bands[i] for i in order),
+        sexes=tuple(doc.data["sexes"]),
+        period=doc.data.get("period", "year"),
+    )

@@ -1,0 +1,135 @@
+"""The loaded mapping set: plain frozen dataclasses, no YAML or schema logic.
+
+A ``MappingSet`` is what every later stage reads: it turns source codes (SNOMED CT, ICD-10-CM,
+RxNorm, LOINC) into condition buckets, anonymised treatment codes and outcome measures, and it
+carries the version and content hash that every derived row records.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SNOMED = "http://snomed.info/sct"
+ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+LOINC = "http://loinc.org"
+
+#: YAML key of a code list -> FHIR system URI it matches
+CONDITION_SYSTEMS: dict[str, str] = {"snomed": SNOMED, "icd10cm": ICD10CM}
+
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class ConditionBucket:
+    """A group of condition codes treated as one clinical condition, and the measures judging it."""
+
+    id: str
+    description: str
+    codes: dict[str, tuple[str, ...]]  # FHIR system URI -> codes
+    measures: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Treatment:
+    """RxNorm codes that count as one treatment. ``display`` stays on site: packets carry only ``id``."""
+
+    id: str  # "TX_..."
+    display: str
+    rxnorm: tuple[str, ...]
+    buckets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class OutcomeMeasure:
+    """How one outcome is measured around a treatment start (see docs/outcomes.md)."""
+
+    id: str
+    loinc: str
+    panels: tuple[str, ...]
+    unit: str  # UCUM code; values in any other unit are excluded, never converted
+    direction: str  # "lower" or "higher" is better
+    baseline_days: int  # baseline window: [start - baseline_days, start] in calendar days
+    followup_min_days: int  # follow-up window: [start + min, start + max]
+    followup_max_days: int
+    threshold: float  # response: change of at least this much in the good direction
+    episode_gap_days: int  # requests closer than this continue one episode
+    description: str = ""
+
+    def responded(self, change: float) -> bool:
+        if self.direction == "lower":
+            return change <= -self.threshold
+        return change >= self.threshold
+
+
+@dataclass(frozen=True)
+class AgeBand:
+    """Whole years, both ends inclusive; ``max_years`` None = open-ended (``65+``)."""
+
+    label: str
+    min_years: int
+    max_years: int | None
+
+    def contains(self, age_years: int) -> bool:
+        return age_years >= self.min_years and (self.max_years is None or age_years <= self.max_years)
+
+
+@dataclass(frozen=True)
+class CohortSpec:
+    """Cohort dimensions packets are cut by, and the period granularity packets aggregate over."""
+
+    age_bands: tuple[AgeBand, ...]
+    sexes: tuple[str, ...]
+    period: str = "year"  # month | quarter | year
+
+    def age_band(self, age_years: float | None) -> str:
+        if age_years is None or (isinstance(age_years, float) and math.isnan(age_years)) or age_years < 0:
+            return UNKNOWN
+        years = int(math.floor(age_years))
+        for band in self.age_bands:
+            if band.contains(years):
+                return band.label
+        return UNKNOWN
+
+    def sex(self, value: str | None) -> str:
+        return value if value in self.sexes else UNKNOWN
+
+
+@dataclass(frozen=True)
+class MappingSet:
+    version: str
+    description: str
+    content_hash: str
+    path: Path
+    buckets: dict[str, ConditionBucket]
+    treatments: dict[str, Treatment]
+    measures: dict[str, OutcomeMeasure]
+    cohorts: CohortSpec
+    _condition_index: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
+    _treatment_index: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
+
+    def bucket_for(self, system: str | None, code: str | None) -> str | None:
+        """Bucket id of a condition coding, or None when the mapping does not cover it."""
+        return self._condition_index.get((system or "", code or ""))
+
+    def treatment_for(self, system: str | None, code: str | None) -> str | None:
+        """``TX_...`` code of a medication coding (RxNorm), or None."""
+        return self._treatment_index.get((system or "", code or ""))
+
+    def age_band(self, age_years: float | None) -> str:
+        return self.cohorts.age_band(age_years)
+
+    # Vectorised lookups for the outcomes stage (pandas is imported lazily: the DHT node loads mappings too)
+    def condition_code_table(self):  # -> pd.DataFrame[code_system, code, bucket]
+        import pandas as pd
+
+        rows = [(s, c, b) for (s, c), b in self._condition_index.items()]
+        return pd.DataFrame(rows, columns=["code_system", "code", "bucket"]).astype("object")
+
+    def treatment_code_table(self):  # -> pd.DataFrame[code_system, code, treatment_code]
+        import pandas as pd
+
+        rows = [(s, c, t) for (s, c), t in self._treatment_index.items()]
+        return pd.DataFrame(rows, columns=["code_system", "code", "treatment_code"]).astype("object")
