@@ -1,1 +1,5 @@
-"""outcomes stage of qis-fhir."""
+"""Outcomes stage: treatment episodes and treatment-outcome events (docs/outcomes.md)."""
+
+from qis_fhir.outcomes.events import EVENT_COLUMNS, EXCLUSION_REASONS, OutcomeResult, derive_outcome_events
+
+__all__ = ["EVENT_COLUMNS", "EXCLUSION_REASONS", "OutcomeResult", "derive_outcome_events"]

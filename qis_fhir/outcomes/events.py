@@ -1,0 +1,218 @@
+"""Treatment episodes and treatment-outcome events (see docs/outcomes.md for the definitions).
+
+Flow: mapped requests -> linked to buckets -> episodes per (patient, treatment, bucket, measure)
+split by the measure's episode gap -> baseline and follow-up look-ups -> one event per episode, or
+one exclusion reason per episode. ``events + excluded == episodes`` always holds, per bucket and
+per treatment too; the summary says why every episode that is not an event is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from qis_fhir.mapping import UNKNOWN, MappingSet
+from qis_fhir.outcomes.linkage import link_requests
+from qis_fhir.outcomes.windows import day_number, find_values, measure_observations, measure_table
+
+#: Output columns of ``outcome_events.parquet``, in order (docs/architecture.md).
+EVENT_COLUMNS = [
+    "event_id",
+    "patient_key",
+    "bucket",
+    "treatment_code",
+    "measure",
+    "start",
+    "start_period",
+    "age_band",
+    "sex",
+    "baseline_value",
+    "baseline_days",
+    "followup_value",
+    "followup_days",
+    "change",
+    "responded",
+    "mapping_version",
+    "mapping_hash",
+]
+
+#: Why an episode yields no event, checked in this order (the first that applies is counted).
+EXCLUSION_REASONS = [
+    "patient_unknown",  # the request's patient is not in the patients table
+    "baseline_unit_mismatch",  # no baseline in the measure's unit, but one in another unit
+    "no_baseline",  # no value at all in the baseline window
+    "followup_unit_mismatch",
+    "followup_pending",  # no follow-up yet and the window ends after the newest observation in the data
+    "no_followup",
+]
+
+
+@dataclass
+class OutcomeResult:
+    events: pd.DataFrame
+    summary: dict = field(default_factory=dict)
+
+
+def _episodes(links: pd.DataFrame, mapping: MappingSet) -> pd.DataFrame:
+    """One row per episode: requests of one patient+treatment+bucket(+measure) less than the gap apart."""
+    bm = pd.DataFrame(
+        [(b.id, m) for b in mapping.buckets.values() for m in b.measures], columns=["bucket", "measure"]
+    ).astype("object")
+    gaps = pd.DataFrame(
+        [(m.id, m.episode_gap_days) for m in mapping.measures.values()], columns=["measure", "gap"]
+    ).astype({"measure": "object"})
+    req = links.merge(bm, on="bucket").merge(gaps, on="measure")
+    req = req.assign(day=day_number(req["authored_on"]).to_numpy())
+    keys = ["patient_key", "treatment_code", "bucket", "measure"]
+    req = req.sort_values(keys + ["authored_on", "request_key"], kind="stable").reset_index(drop=True)
+    same_group = (req[keys] == req[keys].shift()).all(axis=1)
+    new = ~same_group | (req["day"] - req["day"].shift() >= req["gap"])
+    req["episode_id"] = new.cumsum()
+    first = req[new.to_numpy()].copy()
+    first["requests"] = req.groupby("episode_id").size().reindex(first["episode_id"]).to_numpy()
+    return first.rename(columns={"authored_on": "start", "day": "start_day"})[
+        keys + ["episode_id", "start", "start_day", "link", "requests"]
+    ].reset_index(drop=True)
+
+
+def _age_years(start: pd.Series, birth: pd.Series) -> pd.Series:
+    """Whole years completed at ``start`` (birthday reached or not), NaN when birth is unknown."""
+    s, b = start.dt.tz_convert("UTC"), birth.dt.tz_convert("UTC")
+    years = s.dt.year - b.dt.year
+    before_birthday = (s.dt.month * 100 + s.dt.day) < (b.dt.month * 100 + b.dt.day)
+    return (years - before_birthday.astype("float64")).astype("float64")
+
+
+def _age_bands(age: pd.Series, mapping: MappingSet) -> np.ndarray:
+    conds, labels = [], []
+    for band in mapping.cohorts.age_bands:
+        c = age >= band.min_years
+        if band.max_years is not None:
+            c &= age <= band.max_years
+        conds.append(c.fillna(False).to_numpy(bool))
+        labels.append(band.label)
+    return np.select(conds, labels, default=UNKNOWN) if conds else np.full(len(age), UNKNOWN)
+
+
+def _event_ids(df: pd.DataFrame) -> list[str]:
+    # events, not observations: a comprehension over a few thousand rows is fine
+    starts = df["start"].dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    parts = zip(df["patient_key"], df["treatment_code"], df["bucket"], df["measure"], starts)
+    return [hashlib.sha256("|".join(p).encode()).hexdigest()[:32] for p in parts]
+
+
+def _ensure_utc(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
+    out = df.copy()
+    for c in cols:
+        s = pd.to_datetime(out[c])
+        out[c] = s.dt.tz_localize("UTC") if s.dt.tz is None else s.dt.tz_convert("UTC")
+    return out
+
+
+def empty_events() -> pd.DataFrame:
+    return _typed(pd.DataFrame({c: [] for c in EVENT_COLUMNS}))
+
+
+def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    df = df[EVENT_COLUMNS].copy()
+    for c in ["event_id", "patient_key", "bucket", "treatment_code", "measure", "start_period", "age_band", "sex",
+              "mapping_version", "mapping_hash"]:
+        df[c] = df[c].astype("str") if len(df) else df[c].astype("str")
+    df["start"] = pd.to_datetime(df["start"], utc=True).astype("datetime64[us, UTC]")
+    for c in ["baseline_value", "followup_value", "change"]:
+        df[c] = df[c].astype("float64")
+    for c in ["baseline_days", "followup_days"]:
+        df[c] = df[c].astype("int64")
+    df["responded"] = df["responded"].astype(bool)
+    return df.reset_index(drop=True)
+
+
+def derive_outcome_events(tables: dict[str, pd.DataFrame], mapping: MappingSet) -> OutcomeResult:
+    """Treatment-outcome events from the extract tables (``patients``, ``conditions``,
+    ``medication_requests``, ``observations``), one per treatment episode with a baseline and a
+    follow-up value; every other episode is counted under one exclusion reason in ``summary``."""
+    patients = _ensure_utc(tables["patients"], ["birth_date"])
+    conditions = _ensure_utc(tables["conditions"], ["onset", "abatement"])
+    requests = _ensure_utc(tables["medication_requests"], ["authored_on"])
+    observations = _ensure_utc(tables["observations"], ["effective"])
+
+    links, link_counts = link_requests(requests, conditions, mapping)
+    episodes = _episodes(links, mapping)
+    obs, obs_counts = measure_observations(observations, mapping)
+
+    episodes = episodes.merge(measure_table(mapping).drop(columns=["code", "measure_unit"]), on="measure")
+    ep = find_values(episodes, obs)
+    pat = patients[["patient_key", "sex", "birth_date"]].drop_duplicates("patient_key")
+    ep = ep.merge(pat.assign(_known=True), on="patient_key", how="left")
+
+    data_end = obs["obs_day"].max() if len(obs) else -np.inf
+    reason = np.select(
+        [
+            ep["_known"].isna().to_numpy(),
+            (ep["baseline_value"].isna() & ep["baseline_mismatch"]).to_numpy(),
+            ep["baseline_value"].isna().to_numpy(),
+            (ep["followup_value"].isna() & ep["followup_mismatch"]).to_numpy(),
+            (ep["followup_value"].isna() & (ep["start_day"] + ep["followup_max"] > data_end)).to_numpy(),
+            ep["followup_value"].isna().to_numpy(),
+        ],
+        EXCLUSION_REASONS,
+        default="",
+    )
+    ep["exclusion"] = reason
+    directions = {m.id: (m.direction == "lower", m.threshold) for m in mapping.measures.values()}
+    ep["change"] = ep["followup_value"] - ep["baseline_value"]
+    lower = ep["measure"].map(lambda m: directions[m][0]).astype(bool)
+    threshold = ep["measure"].map(lambda m: directions[m][1]).astype("float64")
+    ep["responded"] = np.where(lower, ep["change"] <= -threshold, ep["change"] >= threshold) & (ep["exclusion"] == "")
+    ev = ep[ep["exclusion"] == ""].copy()
+    ev["baseline_days"] = ev["start_day"] - ev["baseline_day"]
+    ev["followup_days"] = ev["followup_day"] - ev["start_day"]
+    ev["start_period"] = ev["start"].dt.strftime("%Y-%m")
+    ev["age_band"] = _age_bands(_age_years(ev["start"], ev["birth_date"]), mapping)
+    ev["sex"] = ev["sex"].where(ev["sex"].isin(mapping.cohorts.sexes), UNKNOWN).fillna(UNKNOWN)
+    ev["mapping_version"] = mapping.version
+    ev["mapping_hash"] = mapping.content_hash
+    ev["event_id"] = _event_ids(ev) if len(ev) else []
+    events = _typed(ev) if len(ev) else empty_events()
+    events = events.sort_values(["bucket", "treatment_code", "start", "event_id"], kind="stable").reset_index(drop=True)
+
+    summary = _summary(ep, events, mapping, link_counts, obs_counts)
+    return OutcomeResult(events=events, summary=summary)
+
+
+def _counts(ep: pd.DataFrame, key: str, ids: list[str]) -> dict[str, dict]:
+    out = {}
+    for i in ids:
+        part = ep[ep[key] == i]
+        out[i] = {
+            "episodes": int(len(part)),
+            "events": int((part["exclusion"] == "").sum()),
+            "responded": int(part["responded"].sum()),
+            "excluded": {r: int((part["exclusion"] == r).sum()) for r in EXCLUSION_REASONS},
+        }
+    return out
+
+
+def _summary(ep, events, mapping, link_counts, obs_counts) -> dict:
+    """Counts only: no patient key, date or value (the summary is written beside the packets)."""
+    excluded = {r: int((ep["exclusion"] == r).sum()) for r in EXCLUSION_REASONS}
+    return {
+        "mapping_version": mapping.version,
+        "mapping_hash": mapping.content_hash,
+        "totals": {
+            **link_counts,
+            "episodes": int(len(ep)),
+            "events": int(len(events)),
+            "excluded": int(sum(excluded.values())),
+            "responded": int(events["responded"].sum()) if len(events) else 0,
+        },
+        "exclusion_reasons": excluded,
+        "by_bucket": _counts(ep, "bucket", sorted(mapping.buckets)),
+        "by_treatment": _counts(ep, "treatment_code", sorted(mapping.treatments)),
+        "by_measure": _counts(ep, "measure", sorted(mapping.measures)),
+        "episodes_by_link": {k: int((ep["link"] == k).sum()) for k in ("reference", "time")},
+        "observations": obs_counts,
+    }

@@ -1,0 +1,111 @@
+"""Day arithmetic and the baseline / follow-up look-ups around each episode start.
+
+Windows are whole calendar days in UTC: day 0 is the start day. The look-ups are ``merge_asof``
+joins by (patient, measure), so millions of observations cost a sort and a merge, not a loop.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from qis_fhir.mapping import LOINC, MappingSet
+
+#: Observation statuses whose values must not be used.
+IGNORED_OBSERVATION_STATUS = frozenset({"entered-in-error", "cancelled"})
+
+
+def day_number(ts: pd.Series) -> pd.Series:
+    """Days since 1970-01-01 of each timestamp's UTC calendar day (naive timestamps are taken as UTC)."""
+    if getattr(ts.dt, "tz", None) is not None:
+        ts = ts.dt.tz_convert("UTC").dt.tz_localize(None)
+    return pd.Series(ts.values.astype("datetime64[D]").astype("int64"), index=ts.index)
+
+
+def measure_table(mapping: MappingSet) -> pd.DataFrame:
+    rows = [
+        (m.id, m.loinc, m.unit, m.baseline_days, m.followup_min_days, m.followup_max_days)
+        for m in mapping.measures.values()
+    ]
+    cols = ["measure", "code", "measure_unit", "baseline_window", "followup_min", "followup_max"]
+    return pd.DataFrame(rows, columns=cols).astype({"measure": "object", "code": "object", "measure_unit": "object"})
+
+
+def measure_observations(observations: pd.DataFrame, mapping: MappingSet) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Observation values of the mapped measures, with ``unit_ok`` and ``obs_day``; counts of what was dropped.
+
+    A row belongs to a measure when its LOINC code is the measure's and it stands alone or sits in
+    one of the measure's panels. Values without a number or with an ignored status are dropped and
+    counted; values in another unit are kept with ``unit_ok`` False so the episodes they would have
+    served can be excluded as ``*_unit_mismatch`` rather than ``no_*``.
+    """
+    mt = measure_table(mapping)
+    obs = observations[observations["code_system"] == LOINC]
+    obs = obs[["patient_key", "code", "panel_code", "value", "unit", "effective", "status"]].merge(
+        mt[["measure", "code", "measure_unit"]], on="code", how="inner"
+    )
+    panels = pd.DataFrame(
+        [(m.id, p) for m in mapping.measures.values() for p in m.panels], columns=["measure", "panel_code"]
+    ).astype("object")
+    in_panel = obs[["measure", "panel_code"]].merge(panels.assign(_ok=True), on=["measure", "panel_code"], how="left")
+    panel_ok = obs["panel_code"].isna().to_numpy() | in_panel["_ok"].notna().to_numpy()
+    counts = {"candidates": int(len(obs)), "other_panel": int((~panel_ok).sum())}
+    obs = obs[panel_ok]
+    bad_status = obs["status"].isin(IGNORED_OBSERVATION_STATUS)
+    no_value = obs["value"].isna() | obs["effective"].isna()
+    counts["ignored_status"] = int(bad_status.sum())
+    counts["missing_value_or_date"] = int((no_value & ~bad_status).sum())
+    obs = obs[~bad_status & ~no_value]
+    unit_ok = (obs["unit"] == obs["measure_unit"]).fillna(False).astype(bool)
+    counts["unit_mismatch"] = int((~unit_ok).sum())
+    counts["used"] = int(unit_ok.sum())
+    obs = obs.assign(unit_ok=unit_ok.to_numpy(), obs_day=day_number(obs["effective"]).to_numpy())
+    return obs[["patient_key", "measure", "value", "effective", "obs_day", "unit_ok"]], counts
+
+
+def _asof(episodes: pd.DataFrame, obs: pd.DataFrame, left_day: str, direction: str, prefix: str) -> pd.DataFrame:
+    """For each episode, the observation nearest ``left_day`` in ``direction`` (same patient and measure).
+
+    One value per (patient, measure, day) first: the last of the day looking back, the first looking
+    forward, so same-day values resolve by their timestamps and not by input order.
+    """
+    keep = "last" if direction == "backward" else "first"
+    right = (
+        obs.sort_values(["obs_day", "effective"], kind="stable")
+        .drop_duplicates(["patient_key", "measure", "obs_day"], keep=keep)[["patient_key", "measure", "obs_day", "value"]]
+        .rename(columns={"obs_day": f"{prefix}_day", "value": f"{prefix}_value"})
+    )
+    left = episodes[["episode_id", "patient_key", "measure", left_day]].sort_values(left_day, kind="stable")
+    if left.empty or right.empty:
+        out = left[["episode_id"]].copy()
+        out[f"{prefix}_day"] = np.nan
+        out[f"{prefix}_value"] = np.nan
+        return out
+    right = right.sort_values(f"{prefix}_day", kind="stable")
+    merged = pd.merge_asof(
+        left, right, left_on=left_day, right_on=f"{prefix}_day", by=["patient_key", "measure"], direction=direction
+    )
+    return merged[["episode_id", f"{prefix}_day", f"{prefix}_value"]]
+
+
+def find_values(episodes: pd.DataFrame, obs: pd.DataFrame) -> pd.DataFrame:
+    """Add baseline / follow-up values and days (NaN when none) and ``*_mismatch`` flags to ``episodes``.
+
+    ``episodes`` needs episode_id, patient_key, measure, start_day, baseline_window, followup_min,
+    followup_max. Baseline: latest value on days [start - baseline_window, start]. Follow-up: first
+    value on days [start + followup_min, start + followup_max].
+    """
+    ep = episodes.assign(fu_from=episodes["start_day"] + episodes["followup_min"])
+    out = ep
+    good, bad = obs[obs["unit_ok"]], obs[~obs["unit_ok"]]
+    for src, tag in ((good, ""), (bad, "bad_")):
+        base = _asof(ep, src, "start_day", "backward", f"{tag}baseline")
+        fu = _asof(ep, src, "fu_from", "forward", f"{tag}followup")
+        out = out.merge(base, on="episode_id", how="left").merge(fu, on="episode_id", how="left")
+        b_ok = (out["start_day"] - out[f"{tag}baseline_day"]) <= out["baseline_window"]
+        f_ok = (out[f"{tag}followup_day"] - out["start_day"]) <= out["followup_max"]
+        out.loc[~b_ok.fillna(False).astype(bool), [f"{tag}baseline_day", f"{tag}baseline_value"]] = np.nan
+        out.loc[~f_ok.fillna(False).astype(bool), [f"{tag}followup_day", f"{tag}followup_value"]] = np.nan
+    out["baseline_mismatch"] = out["baseline_value"].isna() & out["bad_baseline_day"].notna()
+    out["followup_mismatch"] = out["followup_value"].isna() & out["bad_followup_day"].notna()
+    return out.drop(columns=["fu_from", "bad_baseline_day", "bad_baseline_value", "bad_followup_day", "bad_followup_value"])
