@@ -1,0 +1,218 @@
+"""Outcome events -> signed packets, under disclosure control; and the packet files.
+
+One packet per cell = fingerprint(bucket, age band, sex) x treatment x measure x period, where the
+period is the events' ``start_period`` coarsened to the mapping's ``cohorts.period`` (year by
+default). Each patient counts once per cell: when a patient has several events in one cell (two
+treatment episodes in a year), the earliest one is used, so ``patients`` is the number of distinct
+patient keys and the mean and SD are over patients, not episodes.
+
+Sequence number: the caller (the pipeline) passes the partition date as ``YYYYMMDD``; without one the
+current UTC date is used. A nightly run therefore gets a higher seq than the night before (its cells
+supersede yesterday's), and re-running the same night's partition yields byte-identical packets
+(Ed25519 signatures are deterministic), which consumers accept as duplicates, never counting them
+twice. The seq is never derived from patient data, so it reveals no patient's date.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import orjson
+
+from qis_fhir.errors import InputNotFoundError, MappingError
+from qis_fhir.packets.codec import PacketSigner, encode_packet
+from qis_fhir.packets.keys import SiteIdentity
+from qis_fhir.packets.manifest import NetworkContext
+from qis_fhir.packets.model import (
+    MAX_WIRE_BYTES,
+    MEASURE_RE,
+    SEQ_MAX,
+    STAT_DECIMALS,
+    TREATMENT_RE,
+    Packet,
+    PacketFormatError,
+)
+from qis_fhir.privacy.disclosure import check_single_granularity, disclosure_report
+from qis_fhir.privacy.fingerprint import Fingerprinter
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from qis_fhir.mapping.model import MappingSet
+
+REQUIRED_COLUMNS = (
+    "patient_key",
+    "bucket",
+    "treatment_code",
+    "measure",
+    "start_period",
+    "age_band",
+    "sex",
+    "change",
+    "responded",
+    "mapping_version",
+)
+PERIODS = ("month", "quarter", "year")
+_CELL = ["bucket", "age_band", "sex", "treatment_code", "measure", "period"]
+
+
+@dataclass
+class PacketBuild:
+    packets: list[Packet]
+    disclosure_report: dict
+    sizes: list[int] = field(default_factory=list)  # wire bytes of each packet, same order
+
+
+def default_seq(now: datetime | None = None) -> int:
+    """Today's UTC date as YYYYMMDD: the partition a manual run stands for."""
+    return int((now or datetime.now(UTC)).strftime("%Y%m%d"))
+
+
+def _period_of(start_period: str, granularity: str) -> str:
+    year, month = start_period[:4], start_period[5:7]
+    if granularity == "month":
+        return f"{year}-{month}"
+    if granularity == "quarter":
+        return f"{year}-Q{(int(month) - 1) // 3 + 1}"
+    return year
+
+
+def _clean_stat(x: float) -> float:
+    return round(float(x), STAT_DECIMALS) + 0.0  # + 0.0 turns -0.0 into 0.0: one wire form
+
+
+def build_packets(
+    events: pd.DataFrame,
+    mapping: MappingSet,
+    site: SiteIdentity,
+    network: NetworkContext,
+    seq: int | None = None,
+) -> PacketBuild:
+    """Aggregate outcome events into signed packets; cells under the minimum size are not published."""
+    import pandas as pd
+
+    seq = default_seq() if seq is None else seq
+    if type(seq) is not int or not 0 <= seq <= SEQ_MAX:
+        raise ValueError(f"seq must be an integer in 0..{SEQ_MAX}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in events.columns]
+    if missing:
+        raise ValueError(f"outcome events lack columns: {', '.join(missing)}")
+    granularity = getattr(getattr(mapping, "cohorts", None), "period", "year") or "year"
+    if granularity not in PERIODS:
+        raise MappingError(f"cohorts.period must be one of {', '.join(PERIODS)}")
+    manifest = network.manifest
+    if mapping.version not in manifest.accepted_mapping_versions:
+        raise MappingError(
+            f"mapping version {mapping.version} is not accepted by network {manifest.network_id} "
+            f"(accepted: {', '.join(manifest.accepted_mapping_versions) or 'none'})"
+        )
+    wrong_version = events["mapping_version"] != mapping.version
+    if bool(wrong_version.any()):
+        raise MappingError(f"{int(wrong_version.sum())} outcome events were derived with another mapping version than {mapping.version}")
+    min_cell = manifest.min_cell_size
+
+    df = events.loc[:, [c for c in REQUIRED_COLUMNS if c != "mapping_version"] + [c for c in ("start", "event_id") if c in events.columns]]
+    change = pd.to_numeric(df["change"], errors="coerce").astype("float64")
+    df = df[change.map(math.isfinite).astype(bool)].copy()
+    df["change"] = change[df.index]
+    for col in ("age_band", "sex"):
+        df[col] = df[col].fillna("unknown").astype(str)
+    df["period"] = [_period_of(str(s), granularity) for s in df["start_period"]]
+    # one event per patient per cell: the earliest (ties broken by event id, for determinism)
+    order = [c for c in ("start", "event_id") if c in df.columns]
+    if order:
+        df = df.sort_values(order, kind="mergesort")
+    df = df.drop_duplicates(subset=_CELL + ["patient_key"], keep="first")
+
+    fingerprint = Fingerprinter(network.secret, mapping.version)
+    signer = PacketSigner(site.private_key, site.site_id, site.key_id)
+    published_buckets: list[str] = []
+    suppressed_buckets: list[str] = []
+    cells: list[tuple[str, ...]] = []
+    packets: list[Packet] = []
+    if len(df):
+        grouped = df.groupby(_CELL, sort=True, observed=True).agg(
+            patients=("patient_key", "size"),
+            responders=("responded", "sum"),
+            mean_change=("change", "mean"),
+            sd_change=("change", "std"),
+        )
+        for (bucket, age_band, sex, treatment, measure, period), row in grouped.iterrows():
+            n = int(row["patients"])
+            if n < min_cell:
+                suppressed_buckets.append(bucket)
+                continue
+            if not TREATMENT_RE.fullmatch(treatment) or not MEASURE_RE.fullmatch(measure):
+                raise MappingError(f"treatment {treatment!r} or measure {measure!r} is not a valid packet code")
+            cells.append((bucket, age_band, sex, treatment, measure, period))
+            published_buckets.append(bucket)
+            packets.append(
+                signer.sign(
+                    fingerprint=fingerprint(bucket, age_band, sex),
+                    treatment=treatment,
+                    measure=measure,
+                    period=period,
+                    patients=n,
+                    responders=int(row["responders"]),
+                    mean_change=_clean_stat(row["mean_change"]),
+                    sd_change=_clean_stat(row["sd_change"] if n > 1 else 0.0),
+                    mapping_version=mapping.version,
+                    seq=seq,
+                )
+            )
+    check_single_granularity(cells)
+    packets.sort(key=lambda p: (p.fingerprint, p.treatment, p.measure, p.period))
+    sizes = [len(encode_packet(p)) for p in packets]
+    report = disclosure_report(
+        published_buckets,
+        suppressed_buckets,
+        min_cell_size=min_cell,
+        mapping_version=mapping.version,
+        period=granularity,
+        seq=seq,
+    )
+    return PacketBuild(packets, report, sizes)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_packets(path: Path | str, packets: list[Packet]) -> None:
+    """NDJSON: one packet's wire encoding (itself one JSON object) per line."""
+    _atomic_write(Path(path), b"".join(encode_packet(p) + b"\n" for p in packets))
+
+
+def read_packets(path: Path | str) -> list[bytes]:
+    """The raw lines of a packet file (blank lines skipped), unverified: pass each to ``Verifier.verify``."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputNotFoundError(f"packet file {path} does not exist") from None
+    return [line.rstrip(b"\r") for line in data.split(b"\n") if line.strip()]
+
+
+def write_disclosure_report(path: Path | str, report: dict) -> None:
+    _atomic_write(Path(path), orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
+
+
+__all__ = [
+    "MAX_WIRE_BYTES",
+    "PacketBuild",
+    "PacketFormatError",
+    "build_packets",
+    "default_seq",
+    "read_packets",
+    "write_disclosure_report",
+    "write_packets",
+]

@@ -1,0 +1,174 @@
+"""Canonical bytes, wire encoding and signing of packets.
+
+Wire encoding: one compact JSON object with short keys, sorted, no spaces (orjson ``OPT_SORT_KEYS``),
+UTF-8, at most ``MAX_WIRE_BYTES``. The signature is Ed25519 over ``SIGNING_DOMAIN`` followed by the
+same canonical JSON without the ``sig`` key. Decoding is strict: the bytes must be exactly the
+canonical encoding of the packet they decode to, so there is one and only one wire form of every
+packet and a flipped byte is either malformed or changes a signed field.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hashlib
+
+import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from qis_fhir.packets.model import MAX_WIRE_BYTES, WIRE_VERSION, Packet, PacketFormatError, check_packet
+
+SIGNING_DOMAIN = b"qis-fhir/packet/v1\n"
+
+# Python field -> wire key (short keys keep a packet far under 512 bytes; see docs/packets.md)
+WIRE_KEYS: dict[str, str] = {
+    "fingerprint": "fp",
+    "treatment": "tx",
+    "measure": "m",
+    "period": "p",
+    "patients": "n",
+    "responders": "r",
+    "mean_change": "mc",
+    "sd_change": "sd",
+    "mapping_version": "mv",
+    "site_id": "s",
+    "key_id": "k",
+    "seq": "q",
+}
+_FIELD_OF = {v: k for k, v in WIRE_KEYS.items()}
+_ALL_KEYS = frozenset(WIRE_KEYS.values()) | {"v", "sig"}
+_OPTS = orjson.OPT_SORT_KEYS
+
+
+def _unsigned_dict(p: Packet) -> dict:
+    return {
+        "v": WIRE_VERSION,
+        "fp": p.fingerprint,
+        "tx": p.treatment,
+        "m": p.measure,
+        "p": p.period,
+        "n": p.patients,
+        "r": p.responders,
+        "mc": p.mean_change,
+        "sd": p.sd_change,
+        "mv": p.mapping_version,
+        "s": p.site_id,
+        "k": p.key_id,
+        "q": p.seq,
+    }
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def signing_bytes(p: Packet) -> bytes:
+    """The exact bytes the Ed25519 signature covers (every field but the signature)."""
+    return SIGNING_DOMAIN + orjson.dumps(_unsigned_dict(p), option=_OPTS)
+
+
+def content_digest(p: Packet) -> str:
+    """SHA-256 hex of the signed content: equal for a re-delivery, different for any changed field."""
+    return hashlib.sha256(signing_bytes(p)).hexdigest()
+
+
+def encode_packet(p: Packet) -> bytes:
+    """Wire encoding of a signed packet; raises ``PacketFormatError`` if a field is invalid or it is too big."""
+    check_packet(p)
+    d = _unsigned_dict(p)
+    d["sig"] = _b64(p.signature)
+    wire = orjson.dumps(d, option=_OPTS)
+    if len(wire) > MAX_WIRE_BYTES:
+        raise PacketFormatError(f"packet encodes to {len(wire)} bytes, over the {MAX_WIRE_BYTES}-byte limit")
+    return wire
+
+
+def decode_packet(b: bytes | str) -> Packet:
+    """Parse one packet from its wire encoding; raises ``PacketFormatError`` on anything malformed.
+
+    Does not verify the signature (that needs the network manifest: see ``Verifier``).
+    """
+    if isinstance(b, str):
+        b = b.encode("utf-8")
+    if not isinstance(b, (bytes, bytearray, memoryview)):
+        raise PacketFormatError("packet must be bytes")
+    b = bytes(b)
+    if len(b) > MAX_WIRE_BYTES:
+        raise PacketFormatError(f"packet is {len(b)} bytes, over the {MAX_WIRE_BYTES}-byte limit")
+    try:
+        d = orjson.loads(b)
+    except orjson.JSONDecodeError:
+        raise PacketFormatError("packet is not valid JSON") from None
+    if type(d) is not dict or d.keys() != _ALL_KEYS:
+        raise PacketFormatError("packet does not have exactly the packet fields")
+    if d["v"] != WIRE_VERSION or type(d["v"]) is not int:
+        raise PacketFormatError("unsupported packet version")
+    sig = d["sig"]
+    if type(sig) is not str or len(sig) != 86:
+        raise PacketFormatError("signature is not 64 bytes in unpadded base64url")
+    try:
+        signature = _unb64(sig)
+    except (binascii.Error, ValueError):
+        raise PacketFormatError("signature is not base64url") from None
+    p = Packet(**{_FIELD_OF[k]: d[k] for k in WIRE_KEYS.values()}, signature=signature)
+    check_packet(p)
+    # one wire form per packet: anything else (spacing, key order, 1e2 for 100.0, base64 slack) is refused
+    if encode_packet(p) != b:
+        raise PacketFormatError("packet is not in canonical encoding")
+    return p
+
+
+def sign_packet(p: Packet, private_key: Ed25519PrivateKey) -> Packet:
+    """Return ``p`` with its signature set (over every other field, including key id and seq).
+
+    Ed25519 signatures are deterministic, so the same fields always give the same wire bytes.
+    """
+    unsigned = dataclasses.replace(p, signature=b"")
+    check_packet(unsigned, signed=False)
+    signed = dataclasses.replace(p, signature=private_key.sign(signing_bytes(unsigned)))
+    encode_packet(signed)  # size check now, not at publish time
+    return signed
+
+
+class PacketSigner:
+    """Signs packets as one site: ``PacketSigner(key, site_id, key_id).sign(fingerprint=..., ..., seq=...)``."""
+
+    def __init__(self, private_key: Ed25519PrivateKey, site_id: str, key_id: str) -> None:
+        self._key = private_key
+        self.site_id = site_id
+        self.key_id = key_id
+
+    def sign(
+        self,
+        *,
+        fingerprint: str,
+        treatment: str,
+        measure: str,
+        period: str,
+        patients: int,
+        responders: int,
+        mean_change: float,
+        sd_change: float,
+        mapping_version: str,
+        seq: int,
+    ) -> Packet:
+        p = Packet(
+            fingerprint=fingerprint,
+            treatment=treatment,
+            measure=measure,
+            period=period,
+            patients=patients,
+            responders=responders,
+            mean_change=mean_change,
+            sd_change=sd_change,
+            mapping_version=mapping_version,
+            site_id=self.site_id,
+            key_id=self.key_id,
+            seq=seq,
+        )
+        return sign_packet(p, self._key)

@@ -1,0 +1,404 @@
+"""The network manifest: the signed trust registry every reader checks packets against.
+
+``NET_DIR`` as made by ``qis-fhir network new``:
+
+| file | mode | who holds it |
+| --- | --- | --- |
+| ``manifest.json`` | 0644 | every member site and every DHT node (public) |
+| ``network.secret`` | 0600 | every member site, nobody else: the fingerprint key |
+| ``governance_key.pem`` | 0600 | the network's governance only: never distributed |
+
+A member receives ``manifest.json`` and ``network.secret`` in one directory; ``load_network`` reads
+both from there. The manifest is signed with the governance key over canonical bytes (orjson,
+sorted keys, no spaces) of its ``manifest`` object; its ``version`` only grows. A reader that keeps
+a pin file (``pinned_state``) records the governance key id and the highest version it has seen per
+network id and refuses an older version, a different governance key, or a different manifest
+under a version it has already seen.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import re
+import secrets as _secrets
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from qis_fhir.errors import AlreadyExistsError, InputNotFoundError, ManifestError
+from qis_fhir.packets.keys import (
+    key_id_of,
+    public_key_from_raw,
+    raw_public,
+    read_private_key,
+    read_site_info,
+    write_private_key,
+)
+from qis_fhir.packets.model import MAPPING_VERSION_RE, SITE_ID_RE
+
+MANIFEST = "manifest.json"
+NETWORK_SECRET = "network.secret"
+GOVERNANCE_KEY = "governance_key.pem"
+MANIFEST_FORMAT = "qis-fhir/manifest/v1"
+MANIFEST_DOMAIN = b"qis-fhir/manifest/v1\n"
+DEFAULT_MIN_CELL_SIZE = 11
+NETWORK_ID_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,47}")
+_OPTS = orjson.OPT_SORT_KEYS
+
+
+@dataclass(frozen=True)
+class SiteEntry:
+    site_id: str
+    key_id: str
+    public_key: bytes  # 32 raw bytes
+    added: str  # YYYY-MM-DD
+
+
+@dataclass(frozen=True)
+class NetworkManifest:
+    network_id: str
+    version: int
+    min_cell_size: int
+    accepted_mapping_versions: tuple[str, ...]
+    sites: tuple[SiteEntry, ...]
+    revoked_key_ids: frozenset[str]
+    governance_public_key: bytes  # 32 raw bytes
+    issued: str
+    signature: bytes = b""
+    _by_key: dict[str, SiteEntry] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._by_key.update({s.key_id: s for s in self.sites})
+
+    @property
+    def governance_key_id(self) -> str:
+        return key_id_of(self.governance_public_key)
+
+    def site_for_key(self, key_id: str) -> SiteEntry | None:
+        return self._by_key.get(key_id)
+
+    def site_ids(self) -> list[str]:
+        return sorted({s.site_id for s in self.sites})
+
+    def body(self) -> dict:
+        return {
+            "format": MANIFEST_FORMAT,
+            "network_id": self.network_id,
+            "version": self.version,
+            "issued": self.issued,
+            "min_cell_size": self.min_cell_size,
+            "accepted_mapping_versions": sorted(self.accepted_mapping_versions),
+            "governance": {"key_id": self.governance_key_id, "public_key": _b64(self.governance_public_key)},
+            "sites": [
+                {"site_id": s.site_id, "key_id": s.key_id, "public_key": _b64(s.public_key), "added": s.added}
+                for s in sorted(self.sites, key=lambda s: (s.site_id, s.key_id))
+            ],
+            "revoked_key_ids": sorted(self.revoked_key_ids),
+        }
+
+    def signed_bytes(self) -> bytes:
+        return MANIFEST_DOMAIN + orjson.dumps(self.body(), option=_OPTS)
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.signed_bytes()).hexdigest()
+
+    def to_json(self) -> bytes:
+        doc = {"manifest": self.body(), "signature": _b64(self.signature)}
+        return orjson.dumps(doc, option=orjson.OPT_INDENT_2 | _OPTS) + b"\n"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: object, what: str, size: int) -> bytes:
+    if not isinstance(text, str):
+        raise ManifestError(f"manifest {what} is not base64 text")
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raise ManifestError(f"manifest {what} is not base64") from None
+    if len(raw) != size:
+        raise ManifestError(f"manifest {what} must be {size} bytes")
+    return raw
+
+
+def _today() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d")
+
+
+def _parse(doc: object, path: Path) -> NetworkManifest:
+    """Structure of a manifest document -> NetworkManifest (signature not yet checked)."""
+    try:
+        body = doc["manifest"]  # type: ignore[index]
+        signature = _unb64(doc["signature"], "signature", 64)  # type: ignore[index]
+        if body["format"] != MANIFEST_FORMAT:
+            raise ManifestError(f"{path}: unsupported manifest format")
+        network_id = body["network_id"]
+        version = body["version"]
+        min_cell = body["min_cell_size"]
+        if not isinstance(network_id, str) or not NETWORK_ID_RE.fullmatch(network_id):
+            raise ManifestError(f"{path}: bad network_id")
+        if type(version) is not int or version < 1:
+            raise ManifestError(f"{path}: version must be a positive integer")
+        if type(min_cell) is not int or not 1 <= min_cell <= 10**6:
+            raise ManifestError(f"{path}: min_cell_size must be a positive integer")
+        mvs = tuple(body["accepted_mapping_versions"])
+        if not all(isinstance(v, str) and MAPPING_VERSION_RE.fullmatch(v) for v in mvs):
+            raise ManifestError(f"{path}: bad accepted_mapping_versions")
+        gov = _unb64(body["governance"]["public_key"], "governance public key", 32)
+        sites = []
+        for s in body["sites"]:
+            raw = _unb64(s["public_key"], "site public key", 32)
+            if not isinstance(s["site_id"], str) or not SITE_ID_RE.fullmatch(s["site_id"]):
+                raise ManifestError(f"{path}: bad site id")
+            if s["key_id"] != key_id_of(raw):
+                raise ManifestError(f"{path}: a site's key_id does not match its public key")
+            sites.append(SiteEntry(s["site_id"], s["key_id"], raw, str(s["added"])))
+        revoked = body["revoked_key_ids"]
+        if not isinstance(revoked, list) or not all(isinstance(k, str) for k in revoked):
+            raise ManifestError(f"{path}: bad revoked_key_ids")
+        if len({s.key_id for s in sites}) != len(sites):
+            raise ManifestError(f"{path}: a key is listed twice")
+        if key_id_of(gov) in {s.key_id for s in sites}:
+            raise ManifestError(f"{path}: the governance key is listed as a site key")
+        return NetworkManifest(
+            network_id=network_id,
+            version=version,
+            min_cell_size=min_cell,
+            accepted_mapping_versions=mvs,
+            sites=tuple(sites),
+            revoked_key_ids=frozenset(revoked),
+            governance_public_key=gov,
+            issued=str(body["issued"]),
+            signature=signature,
+        )
+    except (KeyError, TypeError, AttributeError):
+        raise ManifestError(f"{path}: manifest is missing fields or has fields of the wrong type") from None
+
+
+def verify_manifest_signature(m: NetworkManifest) -> None:
+    try:
+        Ed25519PublicKey.from_public_bytes(m.governance_public_key).verify(m.signature, m.signed_bytes())
+    except (InvalidSignature, ValueError):
+        raise ManifestError(f"manifest of network {m.network_id} version {m.version}: governance signature does not verify") from None
+
+
+def _read_pins(pin_path: Path) -> dict:
+    if not pin_path.exists():
+        return {}
+    try:
+        pins = orjson.loads(pin_path.read_bytes())
+    except orjson.JSONDecodeError:
+        raise ManifestError(f"pin file {pin_path} is corrupt; inspect it before trusting any manifest") from None
+    if not isinstance(pins, dict):
+        raise ManifestError(f"pin file {pin_path} is corrupt; inspect it before trusting any manifest")
+    return pins
+
+
+def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{_secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def check_and_pin(m: NetworkManifest, pin_path: Path) -> None:
+    """Trust on first use: pin the governance key and the highest version seen; refuse rollbacks."""
+    pins = _read_pins(pin_path)
+    pin = pins.get(m.network_id)
+    if pin is not None:
+        if pin.get("governance_key_id") != m.governance_key_id:
+            raise ManifestError(
+                f"manifest of network {m.network_id} is signed by governance key {m.governance_key_id}, "
+                f"but {pin.get('governance_key_id')} was pinned in {pin_path}"
+            )
+        seen = int(pin.get("version", 0))
+        if m.version < seen:
+            raise ManifestError(
+                f"manifest of network {m.network_id} has version {m.version}, older than version {seen} already seen "
+                f"(pinned in {pin_path}): refusing a rollback"
+            )
+        if m.version == seen and pin.get("digest") not in (None, m.digest()):
+            raise ManifestError(f"manifest of network {m.network_id} version {m.version} differs from the one already seen under that version")
+        if m.version == seen:
+            return
+    pins[m.network_id] = {"governance_key_id": m.governance_key_id, "version": m.version, "digest": m.digest()}
+    _atomic_write(pin_path, orjson.dumps(pins, option=orjson.OPT_INDENT_2 | _OPTS) + b"\n")
+
+
+def default_pin_path() -> Path:
+    """``$QIS_FHIR_HOME/trust/manifest_pins.json`` (default home ``~/.qis-fhir``)."""
+    home = os.environ.get("QIS_FHIR_HOME") or str(Path.home() / ".qis-fhir")
+    return Path(home) / "trust" / "manifest_pins.json"
+
+
+def manifest_path_of(path: Path | str) -> Path:
+    path = Path(path)
+    return path / MANIFEST if path.is_dir() else path
+
+
+def load_manifest(path: Path | str, *, pinned_state: Path | None = None) -> NetworkManifest:
+    """Read and verify a manifest (``manifest.json`` or the directory holding it).
+
+    Raises ``ManifestError`` when it is malformed or its governance signature does not verify, and,
+    with ``pinned_state``, when it is older than a version seen before or signed by another key.
+    """
+    path = manifest_path_of(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputNotFoundError(f"network manifest {path} does not exist") from None
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise ManifestError(f"{path}: manifest is not valid JSON") from None
+    m = _parse(doc, path)
+    verify_manifest_signature(m)
+    if pinned_state is not None:
+        check_and_pin(m, Path(pinned_state))
+    return m
+
+
+def sign_manifest(m: NetworkManifest, governance_key: Ed25519PrivateKey) -> NetworkManifest:
+    if raw_public(governance_key.public_key()) != m.governance_public_key:
+        raise ManifestError("the governance key does not match the manifest's governance public key")
+    unsigned = NetworkManifest(**{**_fields(m), "signature": b""})
+    return NetworkManifest(**{**_fields(m), "signature": governance_key.sign(unsigned.signed_bytes())})
+
+
+def _fields(m: NetworkManifest) -> dict:
+    return {
+        "network_id": m.network_id,
+        "version": m.version,
+        "min_cell_size": m.min_cell_size,
+        "accepted_mapping_versions": m.accepted_mapping_versions,
+        "sites": m.sites,
+        "revoked_key_ids": m.revoked_key_ids,
+        "governance_public_key": m.governance_public_key,
+        "issued": m.issued,
+        "signature": m.signature,
+    }
+
+
+def create_network(
+    out_dir: Path | str,
+    *,
+    network_id: str | None = None,
+    min_cell_size: int = DEFAULT_MIN_CELL_SIZE,
+    mapping_versions: tuple[str, ...] = ("v1",),
+) -> NetworkManifest:
+    """Make a new network in ``out_dir``: governance key, network secret and a signed manifest (version 1)."""
+    from qis_fhir.privacy.secrets import create_secret
+
+    out_dir = Path(out_dir)
+    for name in (MANIFEST, NETWORK_SECRET, GOVERNANCE_KEY):
+        if (out_dir / name).exists():
+            raise AlreadyExistsError(f"{out_dir / name} already exists; refusing to overwrite a network")
+    network_id = network_id or f"net-{_secrets.token_hex(6)}"
+    if not NETWORK_ID_RE.fullmatch(network_id):
+        raise ManifestError("network id must be 1-48 characters of lower-case letters, digits, '.', '_' or '-'")
+    if not 1 <= min_cell_size <= 10**6:
+        raise ManifestError("min cell size must be a positive integer")
+    for v in mapping_versions:
+        if not MAPPING_VERSION_RE.fullmatch(v):
+            raise ManifestError(f"bad mapping version {v!r}")
+    gov = Ed25519PrivateKey.generate()
+    write_private_key(out_dir / GOVERNANCE_KEY, gov)
+    create_secret(out_dir / NETWORK_SECRET)
+    m = NetworkManifest(
+        network_id=network_id,
+        version=1,
+        min_cell_size=min_cell_size,
+        accepted_mapping_versions=tuple(sorted(set(mapping_versions))),
+        sites=(),
+        revoked_key_ids=frozenset(),
+        governance_public_key=raw_public(gov.public_key()),
+        issued=_today(),
+    )
+    m = sign_manifest(m, gov)
+    _atomic_write(out_dir / MANIFEST, m.to_json())
+    return m
+
+
+def _update(net_dir: Path | str, change) -> NetworkManifest:
+    net_dir = Path(net_dir)
+    gov = read_private_key(net_dir / GOVERNANCE_KEY)
+    current = load_manifest(net_dir / MANIFEST)
+    fields = _fields(current)
+    change(fields, current)
+    fields.update(version=current.version + 1, issued=_today(), signature=b"")
+    m = sign_manifest(NetworkManifest(**fields), gov)
+    _atomic_write(net_dir / MANIFEST, m.to_json())
+    return m
+
+
+def add_site(net_dir: Path | str, site_dir: Path | str) -> NetworkManifest:
+    """Add a site's public key (from its ``site.json``) to the manifest, re-sign, version + 1."""
+    info = read_site_info(site_dir)
+
+    def change(fields: dict, current: NetworkManifest) -> None:
+        if info["key_id"] in current.revoked_key_ids:
+            raise ManifestError(f"key {info['key_id']} was revoked; a revoked key cannot be added again")
+        if current.site_for_key(info["key_id"]) is not None:
+            raise AlreadyExistsError(f"key {info['key_id']} of site {info['site_id']} is already in the manifest")
+        if info["key_id"] == current.governance_key_id:
+            raise ManifestError("the governance key cannot be a site key")
+        fields["sites"] = current.sites + (SiteEntry(info["site_id"], info["key_id"], info["public_key"], _today()),)
+
+    return _update(net_dir, change)
+
+
+def revoke(net_dir: Path | str, site_id: str, *, key_id: str | None = None) -> NetworkManifest:
+    """Revoke every key of ``site_id`` (or only ``key_id``); re-sign, version + 1."""
+
+    def change(fields: dict, current: NetworkManifest) -> None:
+        keys = {s.key_id for s in current.sites if s.site_id == site_id and (key_id is None or s.key_id == key_id)}
+        if not keys:
+            raise InputNotFoundError(f"site {site_id} has no such key in the manifest")
+        fields["revoked_key_ids"] = current.revoked_key_ids | keys
+
+    return _update(net_dir, change)
+
+
+def accept_mapping_version(net_dir: Path | str, version: str) -> NetworkManifest:
+    """Add a mapping version the network accepts; re-sign, version + 1."""
+    if not MAPPING_VERSION_RE.fullmatch(version):
+        raise ManifestError(f"bad mapping version {version!r}")
+
+    def change(fields: dict, current: NetworkManifest) -> None:
+        fields["accepted_mapping_versions"] = tuple(sorted(set(current.accepted_mapping_versions) | {version}))
+
+    return _update(net_dir, change)
+
+
+@dataclass(frozen=True)
+class NetworkContext:
+    """What a member site needs to build packets: the verified manifest and the fingerprint secret."""
+
+    manifest: NetworkManifest
+    secret: bytes
+    manifest_path: Path
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"NetworkContext(network_id={self.manifest.network_id!r}, version={self.manifest.version}, manifest_path={str(self.manifest_path)!r})"
+
+
+def load_network(manifest_path: Path | str, *, pinned_state: Path | None = None) -> NetworkContext:
+    """Load a member's view of a network: ``manifest.json`` and the ``network.secret`` beside it."""
+    from qis_fhir.privacy.secrets import read_secret
+
+    path = manifest_path_of(manifest_path)
+    manifest = load_manifest(path, pinned_state=pinned_state)
+    return NetworkContext(manifest, read_secret(path.parent / NETWORK_SECRET), path)

@@ -1,0 +1,126 @@
+"""The one packet verifier: the ``verify`` command, the DHT's store hook and synthesis all use it.
+
+``Verifier(manifest).verify(wire)`` never raises on bad input; it returns a ``Verdict`` whose
+``reason`` is one of ``REASONS``. Checks run cheapest-first and the first failure is the reason:
+
+1. ``oversize``       wire encoding over 512 bytes (checked before parsing anything)
+2. ``malformed``      not the canonical encoding of a well-formed packet
+3. ``governance_key`` signed under the governance key id: governance never speaks as a site
+4. ``unknown_key``    key id not in the manifest, or registered to another site id
+5. ``revoked_key``    key id revoked by the manifest
+6. ``bad_signature``  Ed25519 signature does not verify under the site's key
+7. ``mapping_version`` mapping version not accepted by the manifest
+8. ``out_of_range``   patients under the manifest's minimum cell size, responders > patients, SD < 0
+9. ``replay``         seq older than one already accepted for this (site, packet id)
+10. ``equivocation``  same seq as an accepted packet but different content
+
+Accepted verdicts are ``ok`` (new, or a higher seq that supersedes the earlier one) or ``duplicate``
+(identical content at the seq already accepted: a re-run or re-delivery; do not count it again).
+Replay state is updated only by accepted packets, and only when ``record`` is true.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from qis_fhir.packets.codec import content_digest, decode_packet, signing_bytes
+from qis_fhir.packets.manifest import NetworkManifest
+from qis_fhir.packets.model import MAX_WIRE_BYTES, Packet, PacketFormatError
+from qis_fhir.packets.replay import MemoryReplayState, ReplayState
+
+ACCEPTED = ("ok", "duplicate")
+REJECTED = (
+    "oversize",
+    "malformed",
+    "governance_key",
+    "unknown_key",
+    "revoked_key",
+    "bad_signature",
+    "mapping_version",
+    "out_of_range",
+    "replay",
+    "equivocation",
+)
+REASONS = ACCEPTED + REJECTED
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    ok: bool
+    reason: str
+    packet: Packet | None = None
+
+    @property
+    def fresh(self) -> bool:
+        """True when the packet is new evidence (not a duplicate of one already accepted)."""
+        return self.reason == "ok"
+
+
+class Verifier:
+    def __init__(self, manifest: NetworkManifest, replay: ReplayState | None = None) -> None:
+        self.manifest = manifest
+        self.replay: ReplayState = replay if replay is not None else MemoryReplayState()
+        self._get_digest = getattr(self.replay, "get_digest", None)
+        self._governance_key_id = manifest.governance_key_id
+        self._min_cell = manifest.min_cell_size
+        self._mapping_versions = frozenset(manifest.accepted_mapping_versions)
+        self._revoked = manifest.revoked_key_ids
+        # parsed public keys, built once: loading a key costs about as much as a verification
+        self._keys: dict[str, tuple[str, Ed25519PublicKey]] = {
+            s.key_id: (s.site_id, Ed25519PublicKey.from_public_bytes(s.public_key)) for s in manifest.sites
+        }
+
+    def verify(self, wire: bytes, *, record: bool = True) -> Verdict:
+        """Check one packet's wire bytes; never raises on bad input."""
+        try:
+            return self._verify(wire, record)
+        except Exception:  # noqa: BLE001 - a verifier facing the network must not crash on any input
+            return Verdict(False, "malformed", None)
+
+    def check(self, wire: bytes) -> Verdict:
+        """Like ``verify`` but leaves the replay state alone (e.g. to screen before storing)."""
+        return self.verify(wire, record=False)
+
+    def _verify(self, wire: bytes, record: bool) -> Verdict:
+        if isinstance(wire, str):
+            wire = wire.encode("utf-8")
+        if not isinstance(wire, (bytes, bytearray, memoryview)):
+            return Verdict(False, "malformed", None)
+        if len(wire) > MAX_WIRE_BYTES:
+            return Verdict(False, "oversize", None)
+        try:
+            p = decode_packet(bytes(wire))
+        except PacketFormatError:
+            return Verdict(False, "malformed", None)
+        if p.key_id == self._governance_key_id:
+            return Verdict(False, "governance_key", p)
+        entry = self._keys.get(p.key_id)
+        if entry is None or entry[0] != p.site_id:
+            return Verdict(False, "unknown_key", p)
+        if p.key_id in self._revoked:
+            return Verdict(False, "revoked_key", p)
+        try:
+            entry[1].verify(p.signature, signing_bytes(p))
+        except InvalidSignature:
+            return Verdict(False, "bad_signature", p)
+        if p.mapping_version not in self._mapping_versions:
+            return Verdict(False, "mapping_version", p)
+        if p.patients < self._min_cell or p.responders > p.patients or p.sd_change < 0:
+            return Verdict(False, "out_of_range", p)
+        pid = p.packet_id
+        seen = self.replay.get(p.site_id, pid)
+        digest = content_digest(p)
+        if seen is not None:
+            if p.seq < seen:
+                return Verdict(False, "replay", p)
+            if p.seq == seen:
+                earlier = self._get_digest(p.site_id, pid) if self._get_digest is not None else None
+                if earlier is not None and earlier != digest:
+                    return Verdict(False, "equivocation", p)
+                return Verdict(True, "duplicate", p)
+        if record:
+            self.replay.put(p.site_id, pid, p.seq, digest)
+        return Verdict(True, "ok", p)
