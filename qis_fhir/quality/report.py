@@ -1,0 +1,136 @@
+"""What a quality check found, as plain dataclasses a user (and a log) can read safely.
+
+Nothing here holds a cell value: results keep counts, percentages, column names, dtype names and
+the rule's own expected values from the YAML. Great-expectations' ``partial_unexpected_list`` and
+exception messages (which can quote data) are deliberately never copied in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from qis_fhir.errors import QualityError
+from qis_fhir.quality.suites import Rule
+
+
+@dataclass(frozen=True)
+class ExpectationResult:
+    """The outcome of one rule on one table."""
+
+    rule: Rule
+    success: bool
+    element_count: int | None = None  # rows the rule looked at (after its ``where``)
+    unexpected_count: int | None = None
+    unexpected_percent: float | None = None
+    observed: str | None = None  # safe text: a dtype, a row count, "column missing", an error class
+
+    def describe_observed(self) -> str:
+        if self.observed is not None:
+            return self.observed
+        if self.unexpected_count is not None:
+            n = self.element_count if self.element_count is not None else "?"
+            pct = f" ({self.unexpected_percent:.3g}%)" if self.unexpected_percent is not None else ""
+            return f"{self.unexpected_count} of {n} rows unexpected{pct}"
+        return "passed" if self.success else "failed"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.rule.to_dict(),
+            "success": self.success,
+            "element_count": self.element_count,
+            "unexpected_count": self.unexpected_count,
+            "unexpected_percent": self.unexpected_percent,
+            "observed": self.describe_observed(),
+        }
+
+    def format(self) -> str:
+        cols = ", ".join(self.rule.columns) if self.rule.columns else "(table)"
+        return (
+            f"{self.rule.source} {self.rule.name} on {cols}: "
+            f"observed {self.describe_observed()}; expected {self.rule.describe_expected()}"
+        )
+
+
+@dataclass(frozen=True)
+class SuiteResult:
+    """One table's suite: every rule's result, and whether all passed."""
+
+    table: str
+    rows: int
+    results: tuple[ExpectationResult, ...]
+    seconds: float = 0.0
+
+    @property
+    def success(self) -> bool:
+        return all(r.success for r in self.results)
+
+    @property
+    def failures(self) -> list[ExpectationResult]:
+        return [r for r in self.results if not r.success]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "table": self.table,
+            "rows": self.rows,
+            "success": self.success,
+            "expectations": len(self.results),
+            "failed": len(self.failures),
+            "seconds": round(self.seconds, 3),
+            "results": [r.to_dict() for r in self.results],
+        }
+
+    def format(self) -> str:
+        head = f"table {self.table} ({self.rows} rows): "
+        if self.success:
+            return head + f"all {len(self.results)} expectations passed"
+        lines = [head + f"{len(self.failures)} of {len(self.results)} expectations failed"]
+        lines += [f"  - {r.format()}" for r in self.failures]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    """Every checked table of one run, with what identifies the suites and mapping used."""
+
+    results: list[SuiteResult]
+    mapping_version: str
+    suites_file: str
+    suites_sha256: str
+    unchecked_tables: list[str] = field(default_factory=list)  # passed in but no suite declared
+
+    @property
+    def success(self) -> bool:
+        return all(s.success for s in self.results)
+
+    def suite(self, table: str) -> SuiteResult:
+        for s in self.results:
+            if s.table == table:
+                return s
+        raise KeyError(table)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "success": self.success,
+            "mapping_version": self.mapping_version,
+            "suites_file": self.suites_file,
+            "suites_sha256": self.suites_sha256,
+            "tables": {s.table: s.to_dict() for s in self.results},
+            "unchecked_tables": list(self.unchecked_tables),
+        }
+
+    def format(self) -> str:
+        failed = [s for s in self.results if not s.success]
+        verdict = "passed" if not failed else f"FAILED ({len(failed)} of {len(self.results)} tables)"
+        lines = [f"quality check {verdict}: suites {self.suites_file} of mapping {self.mapping_version}"]
+        lines += [s.format() for s in self.results]
+        if self.unchecked_tables:
+            lines.append(f"no suite declared for: {', '.join(self.unchecked_tables)}")
+        return "\n".join(lines)
+
+    __str__ = format
+
+    def raise_for_failure(self) -> None:
+        """Raise ``QualityError`` (exit code QUALITY_FAILED) listing every failed expectation."""
+        if not self.success:
+            raise QualityError(self.format())

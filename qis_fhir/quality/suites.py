@@ -1,0 +1,240 @@
+"""Quality suites as data: parse ``mappings/<version>/quality.yaml`` into rules.
+
+The suites live beside the mapping YAML so they are versioned (and content-hashed) with it: a site
+that moves to mapping v2 gets the v2 checks. This module only reads and checks the YAML; it never
+imports great_expectations (see ``engine.py`` for that), so a bad suite file fails fast.
+
+File shape::
+
+    schema: 1
+    tables:
+      observations:
+        - columns_exist: [observation_key, patient_key, value]
+        - not_null: [patient_key, value]
+        - in_set: {column: unit, values: ["mm[Hg]"], where: {code: "8480-6"}}
+
+Each entry names one expectation of the small vocabulary in ``vocabulary.py``. Arguments are a
+column (or a list of columns, one rule each) for column-only expectations, else a mapping. Values
+may refer to the loaded mapping set: ``$mapping.version``, ``$mapping.content_hash``,
+``$mapping.buckets``, ``$mapping.treatments``, ``$mapping.measures``, ``$mapping.age_bands`` and
+``$mapping.sexes`` (the last two include ``unknown``, which the outcome stage uses for missing data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qis_fhir.errors import MappingError
+from qis_fhir.quality.vocabulary import VOCABULARY, RuleArgumentError
+
+SUITES_FILE = "quality.yaml"
+SCHEMA_VERSION = 1
+_LINE = "__line__"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One expectation on one table, resolved against the mapping set; ``source`` is ``file:line``."""
+
+    table: str
+    name: str  # vocabulary name, e.g. "in_set"
+    source: str
+    columns: tuple[str, ...]  # the columns it reads (empty for table-level rules)
+    args: dict[str, Any] = field(hash=False)
+    where: dict[str, tuple[Any, ...]] | None = field(default=None, hash=False)
+
+    @property
+    def column(self) -> str | None:
+        return self.columns[0] if len(self.columns) == 1 else None
+
+    def describe_expected(self) -> str:
+        """What the rule expects, in words (from the YAML only: never from data)."""
+        text = VOCABULARY[self.name].describe(self.args)
+        if self.where:
+            cond = " and ".join(
+                f"{c} == {v[0]}" if len(v) == 1 else f"{c} in {_short_set(v)}" for c, v in self.where.items()
+            )
+            text += f" (where {cond})"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "table": self.table,
+            "expectation": self.name,
+            "source": self.source,
+            "columns": list(self.columns),
+            "expected": self.describe_expected(),
+        }
+
+
+@dataclass(frozen=True)
+class SuiteSet:
+    """Every table's rules from one ``quality.yaml``, plus what identifies that file's content."""
+
+    path: Path
+    sha256: str
+    tables: dict[str, tuple[Rule, ...]]
+
+    def fingerprint(self, table: str) -> str:
+        """Stable id of one table's resolved rules (names the cached great-expectations suite)."""
+        rules = [[r.name, r.source, r.columns, r.args, r.where] for r in self.tables[table]]
+        blob = json.dumps([table, rules], sort_keys=True, default=repr).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _short_set(values: tuple[Any, ...] | list[Any], limit: int = 8) -> str:
+    shown = ", ".join(str(v) for v in list(values)[:limit])
+    more = len(values) - limit
+    return "{" + shown + (f", ... (+{more} more)" if more > 0 else "") + "}"
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that records the line of every mapping under ``__line__`` (for line-precise errors)."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict[str, Any]:
+    mapping = loader.construct_mapping(node, deep=True)
+    mapping[_LINE] = node.start_mark.line + 1
+    return mapping
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def suites_path(mapping: Any) -> Path:
+    """``quality.yaml`` of a loaded mapping set (``MappingSet.path`` is its directory)."""
+    return Path(mapping.path) / SUITES_FILE
+
+
+def _mapping_refs(mapping: Any) -> dict[str, Any]:
+    unknown = "unknown"
+    cohorts = mapping.cohorts
+    return {
+        "version": mapping.version,
+        "content_hash": mapping.content_hash,
+        "buckets": tuple(sorted(mapping.buckets)),
+        "treatments": tuple(sorted(mapping.treatments)),
+        "measures": tuple(sorted(mapping.measures)),
+        "age_bands": tuple([b.label for b in cohorts.age_bands] + [unknown]),
+        "sexes": tuple(dict.fromkeys([*cohorts.sexes, unknown])),
+    }
+
+
+def _resolve(value: Any, refs: dict[str, Any], where: str) -> Any:
+    """Replace ``$mapping.<name>`` strings (alone or as list items) by the mapping's values."""
+    if isinstance(value, str) and value.startswith("$mapping."):
+        name = value[len("$mapping.") :]
+        if name not in refs:
+            raise MappingError(f"{where}: unknown reference {value!r} (known: {', '.join('$mapping.' + k for k in refs)})")
+        return refs[name]
+    if isinstance(value, list):
+        out: list[Any] = []
+        for item in value:
+            resolved = _resolve(item, refs, where)
+            if isinstance(resolved, tuple) and isinstance(item, str):
+                out.extend(resolved)  # a list reference spliced into a value list
+            else:
+                out.append(resolved)
+        return out
+    if isinstance(value, dict):
+        return {k: _resolve(v, refs, where) for k, v in value.items() if k != _LINE}
+    return value
+
+
+def _parse_where(raw: Any, where: str) -> dict[str, tuple[Any, ...]]:
+    if not isinstance(raw, dict) or not [k for k in raw if k != _LINE]:
+        raise MappingError(f"{where}: 'where' must map column names to a value or a list of values")
+    out: dict[str, tuple[Any, ...]] = {}
+    for col, val in raw.items():
+        if col == _LINE:
+            continue
+        vals = tuple(val) if isinstance(val, (list, tuple)) else (val,)
+        if not vals:
+            raise MappingError(f"{where}: 'where' on {col!r} needs at least one value")
+        out[str(col)] = vals
+    return out
+
+
+def parse_suites(text: str, mapping: Any, *, path: Path | str = SUITES_FILE) -> SuiteSet:
+    """Parse suite YAML text; every problem is a ``MappingError`` naming ``file:line``."""
+    path = Path(path)
+    fname = path.name
+    try:
+        doc = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise MappingError(f"{fname}{line}: {problem}") from None
+    if not isinstance(doc, dict):
+        raise MappingError(f"{fname}:1: expected a mapping with 'schema' and 'tables'")
+    top = doc.get(_LINE, 1)
+    unknown_keys = sorted(k for k in doc if k not in {"schema", "tables", "description", _LINE})
+    if unknown_keys:
+        raise MappingError(f"{fname}:{top}: unknown top-level key(s): {', '.join(unknown_keys)}")
+    if doc.get("schema") != SCHEMA_VERSION:
+        raise MappingError(f"{fname}:{top}: 'schema' must be {SCHEMA_VERSION}, got {doc.get('schema')!r}")
+    tables_raw = doc.get("tables")
+    if not isinstance(tables_raw, dict):
+        raise MappingError(f"{fname}:{top}: 'tables' must map table names to lists of expectations")
+
+    refs = _mapping_refs(mapping)
+    tables: dict[str, tuple[Rule, ...]] = {}
+    tables_line = tables_raw.get(_LINE, top)
+    for table, entries in tables_raw.items():
+        if table == _LINE:
+            continue
+        if not isinstance(entries, list) or not entries:
+            raise MappingError(f"{fname}:{tables_line}: table {table!r} needs a non-empty list of expectations")
+        rules: list[Rule] = []
+        for entry in entries:
+            if not isinstance(entry, dict):
+                raise MappingError(
+                    f"{fname}:{tables_line}: table {table!r}: each expectation is a one-key mapping, "
+                    f"e.g. '- not_null: patient_key' (got {type(entry).__name__})"
+                )
+            line = entry.get(_LINE, tables_line)
+            where_txt = f"{fname}:{line}"
+            keys = [k for k in entry if k != _LINE]
+            if len(keys) != 1:
+                raise MappingError(f"{where_txt}: each expectation is a one-key mapping, got keys {keys}")
+            name = keys[0]
+            spec = VOCABULARY.get(name)
+            if spec is None:
+                raise MappingError(
+                    f"{where_txt}: unknown expectation {name!r} (known: {', '.join(sorted(VOCABULARY))})"
+                )
+            raw_args = entry[name]
+            where = None
+            if isinstance(raw_args, dict) and "where" in raw_args:
+                if not spec.supports_where:
+                    raise MappingError(f"{where_txt}: {name} does not take 'where'")
+                where = _parse_where(raw_args["where"], where_txt)
+                raw_args = {k: v for k, v in raw_args.items() if k != "where"}
+            args = _resolve(raw_args, refs, where_txt)
+            try:
+                expanded = spec.expand(args)
+            except RuleArgumentError as exc:
+                raise MappingError(f"{where_txt}: {name}: {exc}") from None
+            for columns, rule_args in expanded:
+                rules.append(
+                    Rule(table=str(table), name=name, source=where_txt, columns=columns, args=rule_args, where=where)
+                )
+        tables[str(table)] = tuple(rules)
+    return SuiteSet(path=path, sha256=hashlib.sha256(text.encode()).hexdigest(), tables=tables)
+
+
+def load_suites(mapping: Any, path: Path | str | None = None) -> SuiteSet:
+    """Read the suites of ``mapping`` (``<mapping dir>/quality.yaml`` unless ``path`` is given)."""
+    p = Path(path) if path is not None else suites_path(mapping)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MappingError(f"{p.name}: no quality suites for mapping {mapping.version} (expected {p})") from None
+    return parse_suites(text, mapping, path=p)
