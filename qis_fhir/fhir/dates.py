@@ -1,0 +1,50 @@
+"""FHIR date, dateTime and instant strings -> microseconds since the epoch, UTC.
+
+``datetime.fromisoformat`` does the work (it is C and fast); this module only admits the FHIR
+shapes (``YYYY``, ``YYYY-MM``, ``YYYY-MM-DD``, ``YYYY-MM-DDThh:mm:ss[.fff][Z|+hh:mm]``) and
+rejects the extra ISO forms fromisoformat would also accept (``20200101``, a space separator).
+Partial dates map to their first day; a dateTime without an offset is read as UTC. Results are
+cached per string because a bulk export repeats the same timestamps (all Observations of one
+encounter share one).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_US = timedelta(microseconds=1)
+_CACHE_MAX = 500_000
+_cache: dict[str, int] = {}
+
+
+def _parse(text: str) -> int:
+    n = len(text)
+    if n == 4:
+        if not text.isdigit():
+            raise ValueError("not a year")
+        dt = datetime(int(text), 1, 1, tzinfo=timezone.utc)
+    elif n == 7:
+        if text[4] != "-" or not (text[:4].isdigit() and text[5:].isdigit()):
+            raise ValueError("not a year-month")
+        dt = datetime(int(text[:4]), int(text[5:]), 1, tzinfo=timezone.utc)
+    elif n == 10 or (n > 10 and text[10] == "T"):
+        if text[4] != "-" or text[7] != "-":
+            raise ValueError("not an extended ISO date")
+        dt = datetime.fromisoformat(text)
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+    else:
+        raise ValueError("not a FHIR date or dateTime")
+    return (dt - _EPOCH) // _US
+
+
+def instant_us(text: str) -> int:
+    """Microseconds since 1970-01-01 UTC; raises ValueError (never quoting ``text``) when unparseable."""
+    value = _cache.get(text)
+    if value is None:
+        value = _parse(text)
+        if len(_cache) >= _CACHE_MAX:
+            _cache.clear()
+        _cache[text] = value
+    return value

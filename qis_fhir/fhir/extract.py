@@ -1,0 +1,509 @@
+"""``extract_export``: a FHIR export directory -> four Parquet tables, a summary and a quarantine.
+
+Every line (NDJSON) or Bundle entry (JSON) is read once and ends in exactly one of: accepted (its
+rows are written), quarantined (a record with file, line, type and reason), or skipped (a resource
+type the pipeline does not extract). ``summary.json`` counts all three per type and per file.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+
+from qis_fhir.errors import InputNotFoundError
+from qis_fhir.fhir import reasons as R
+from qis_fhir.fhir.fields import make_handlers
+from qis_fhir.fhir.keys import OwnKeys
+from qis_fhir.fhir.schema import TABLE_OF_TYPE, TABLES
+from qis_fhir.fhir.sinks import DEFAULT_CHUNK_ROWS, QuarantineSink, TableSink
+from qis_fhir.fhir.sources import SourceFile, discover, open_binary
+from qis_fhir.fhir.summary import ExtractSummary
+from qis_fhir.fhir.validation import ModelValidator, sampler
+from qis_fhir.privacy.pseudonym import Pseudonymizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_LINE_BYTES = 1 << 20  # 1 MiB: no real Observation comes near; a runaway line is not parsed
+EXTRACT_DIR = "extract"
+SUMMARY_FILE = "summary.json"
+QUARANTINE_FILE = "quarantine.ndjson"
+UNKNOWN_TYPE = "unknown"
+_PROGRESS_EVERY = 1 << 14  # lines between progress updates
+_CORRUPT = (EOFError, OSError, zlib.error)  # gzip.BadGzipFile is an OSError
+
+
+def _bad_bytes_reason(line: bytes) -> str:
+    """Why bytes orjson refused are not a JSON object: blank, not UTF-8, or malformed JSON."""
+    if not line.strip():
+        return R.BLANK_LINE
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return R.NOT_UTF8
+    return R.INVALID_JSON
+
+
+_BAD_DETAIL = {
+    R.BLANK_LINE: "line is empty or whitespace",
+    R.NOT_UTF8: "line is not valid UTF-8",
+    R.INVALID_JSON: "line is not valid JSON",
+}
+
+
+class _FileCounts:
+    __slots__ = ("read", "accepted", "quarantined", "skipped")
+
+    def __init__(self) -> None:
+        self.read = self.accepted = self.quarantined = self.skipped = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"read": self.read, "accepted": self.accepted, "quarantined": self.quarantined, "skipped": self.skipped}
+
+
+class _Extraction:
+    """One run's state: handlers, sinks and counters. Used once, by ``extract_export``."""
+
+    def __init__(
+        self,
+        out: Path,
+        secret: bytes,
+        validate: str,
+        sample_rate: float,
+        max_line_bytes: int,
+        chunk_rows: int,
+    ) -> None:
+        self.max_line_bytes = max_line_bytes
+        self.dropped: list[str] = []
+        self.handlers = make_handlers(Pseudonymizer(secret).key, OwnKeys(secret).key, self.dropped)
+        self.want_validation = sampler(validate, sample_rate)
+        self.validator = ModelValidator()
+        self.by_type: dict[str, list[int]] = {}  # type -> [read, accepted, quarantined]
+        self.skipped_types: Counter = Counter()
+        self.reasons: Counter = Counter()
+        self.dropped_components: Counter = Counter()
+        self.without_rows: Counter = Counter()
+        self.by_file: dict[str, _FileCounts] = {}
+        self.ignored_files = 0
+        extract_dir = out / EXTRACT_DIR
+        extract_dir.mkdir(parents=True, exist_ok=True)
+        self.sinks: dict[str, TableSink] = {}
+        self.quarantine: QuarantineSink | None = None
+        try:
+            for name, schema in TABLES.items():
+                self.sinks[name] = TableSink(name, schema, extract_dir / f"{name}.parquet", chunk_rows)
+            self.quarantine = QuarantineSink(out / QUARANTINE_FILE)
+        except BaseException:
+            self.abort()
+            raise
+        self.sink_of_type = {t: self.sinks[table] for t, table in TABLE_OF_TYPE.items()}
+        self.progress: Callable[[int], None] | None = None
+
+    # --- outcomes of one line -------------------------------------------------------------------
+
+    def _type_counts(self, rtype: str) -> list[int]:
+        counts = self.by_type.get(rtype)
+        if counts is None:
+            counts = self.by_type[rtype] = [0, 0, 0]
+        return counts
+
+    def reject(self, fc: _FileCounts, label: str, line: int, rtype: str, reason: str, detail: str) -> None:
+        self.quarantine.add(label, line, rtype, reason, detail)
+        self.reasons[reason] += 1
+        fc.quarantined += 1
+        counts = self._type_counts(rtype)
+        counts[0] += 1
+        counts[2] += 1
+
+    def resource(self, obj: object, fc: _FileCounts, label: str, line: int, urns: dict | None, raw: bytes | None) -> None:
+        """Take one parsed resource from a Bundle entry, a JSON file or an untyped NDJSON line."""
+        fc.read += 1
+        if type(obj) is not dict:
+            self.reject(fc, label, line, UNKNOWN_TYPE, R.NOT_AN_OBJECT, "resource is not a JSON object")
+            return
+        rtype = obj.get("resourceType")
+        if type(rtype) is not str or not rtype:
+            self.reject(fc, label, line, UNKNOWN_TYPE, R.WRONG_RESOURCE_TYPE, "resourceType is missing")
+            return
+        handler = self.handlers.get(rtype)
+        if handler is None:
+            fc.skipped += 1
+            self.skipped_types[rtype] += 1
+            return
+        try:
+            rows = handler(obj, urns)
+        except R.Reject as rej:
+            self.dropped.clear()
+            self.reject(fc, label, line, rtype, rej.reason, rej.detail)
+            return
+        if self.want_validation is not None:
+            if raw is None:
+                raw = orjson.dumps(obj)
+            if self.want_validation(raw):
+                detail = self.validator.check(rtype, raw)
+                if detail is not None:
+                    self.dropped.clear()
+                    self.reject(fc, label, line, rtype, R.MODEL_VALIDATION_FAILED, detail)
+                    return
+        self._accept(rtype, rows, fc)
+
+    def _accept(self, rtype: str, rows: list, fc: _FileCounts) -> None:
+        if rows:
+            self.sink_of_type[rtype].add(rows)
+        else:
+            self.without_rows[rtype] += 1
+        if self.dropped:
+            self.dropped_components.update(self.dropped)
+            self.dropped.clear()
+        fc.accepted += 1
+        counts = self._type_counts(rtype)
+        counts[0] += 1
+        counts[1] += 1
+
+    # --- files ----------------------------------------------------------------------------------
+
+    def run_file(self, src: SourceFile) -> None:
+        fc = self.by_file.setdefault(src.label, _FileCounts())
+        if src.kind == "json":
+            self._json_file(src, fc)
+        elif src.resource_type is not None and src.resource_type not in self.handlers:
+            self._skip_file(src, fc)
+        elif src.resource_type is not None:
+            self._typed_ndjson(src, fc)
+        else:
+            self._untyped_ndjson(src, fc)
+
+    def _lines(self, src: SourceFile, fc: _FileCounts, on_long: Callable[[int], None]):
+        """Yield (line number, bytes) of an NDJSON file; overlong lines go to ``on_long`` unparsed.
+
+        A line longer than the cap is never held whole: it is read in cap-sized pieces and dropped.
+        A damaged gzip stream ends the file with one ``corrupt_file`` record (the rest is unreadable).
+        """
+        cap = self.max_line_bytes
+        limit = cap + 1
+        reader, raw = open_binary(src.path)
+        progress = self.progress
+        lineno = 0
+        last_pos = 0
+        try:
+            readline = reader.readline
+            while True:
+                try:
+                    line = readline(limit)
+                    if len(line) == limit and line[-1] != 10:
+                        lineno += 1
+                        while True:
+                            piece = readline(limit)
+                            if not piece or piece[-1] == 10:
+                                break
+                        on_long(lineno)
+                        continue
+                except _CORRUPT:
+                    lineno += 1
+                    fc.read += 1
+                    self.reject(fc, src.label, lineno, src.resource_type or UNKNOWN_TYPE, R.CORRUPT_FILE,
+                                "compressed stream is damaged or truncated: the rest of the file is unreadable")
+                    return
+                if not line:
+                    break
+                lineno += 1
+                yield lineno, line
+                if progress is not None and not lineno % _PROGRESS_EVERY:
+                    pos = raw.tell()
+                    progress(pos - last_pos)
+                    last_pos = pos
+        finally:
+            if progress is not None:
+                progress(src.path.stat().st_size - last_pos)
+            reader.close()
+            raw.close()
+
+    def _skip_file(self, src: SourceFile, fc: _FileCounts) -> None:
+        """A bulk file of a type the pipeline does not extract: count its lines, do not parse them."""
+        def on_long(lineno: int) -> None:
+            fc.read += 1
+            fc.skipped += 1
+            self.skipped_types[src.resource_type] += 1
+
+        n = 0
+        for _lineno, _line in self._lines(src, fc, on_long):
+            n += 1
+        fc.read += n
+        fc.skipped += n
+        self.skipped_types[src.resource_type] += n
+
+    def _too_long(self, src: SourceFile, fc: _FileCounts) -> Callable[[int], None]:
+        rtype = src.resource_type or UNKNOWN_TYPE
+
+        def on_long(lineno: int) -> None:
+            fc.read += 1
+            self.reject(fc, src.label, lineno, rtype, R.LINE_TOO_LONG,
+                        f"line is longer than {self.max_line_bytes} bytes (not parsed)")
+
+        return on_long
+
+    def _typed_ndjson(self, src: SourceFile, fc: _FileCounts) -> None:
+        """The hot loop: a bulk file of one extracted type. Written flat on purpose (no per-line calls
+        beyond the parse and the handler)."""
+        rtype = src.resource_type
+        label = src.label
+        handler = self.handlers[rtype]
+        sink = self.sink_of_type[rtype]
+        want = self.want_validation
+        check = self.validator.check
+        dropped = self.dropped
+        loads = orjson.loads
+        JSONDecodeError = orjson.JSONDecodeError
+        Reject = R.Reject
+        reject = self.reject
+        buf = sink.rows
+        chunk = sink.chunk_rows
+        accepted = without_rows = 0
+        try:
+            for lineno, line in self._lines(src, fc, self._too_long(src, fc)):
+                fc.read += 1
+                try:
+                    obj = loads(line)
+                except JSONDecodeError:
+                    reason = _bad_bytes_reason(line)
+                    reject(fc, label, lineno, rtype, reason, _BAD_DETAIL[reason])
+                    continue
+                if type(obj) is not dict:
+                    reject(fc, label, lineno, rtype, R.NOT_AN_OBJECT, "line is not a JSON object")
+                    continue
+                if obj.get("resourceType") != rtype:
+                    reject(fc, label, lineno, rtype, R.WRONG_RESOURCE_TYPE,
+                           "resourceType is missing or differs from the file name's type")
+                    continue
+                try:
+                    rows = handler(obj, None)
+                except Reject as rej:
+                    dropped.clear()
+                    reject(fc, label, lineno, rtype, rej.reason, rej.detail)
+                    continue
+                if want is not None and want(line):
+                    detail = check(rtype, line)
+                    if detail is not None:
+                        dropped.clear()
+                        reject(fc, label, lineno, rtype, R.MODEL_VALIDATION_FAILED, detail)
+                        continue
+                if rows:
+                    buf.extend(rows)
+                    if len(buf) >= chunk:
+                        sink.flush()
+                        buf = sink.rows
+                else:
+                    without_rows += 1
+                if dropped:
+                    self.dropped_components.update(dropped)
+                    dropped.clear()
+                accepted += 1
+        finally:
+            fc.accepted += accepted
+            if without_rows:
+                self.without_rows[rtype] += without_rows
+            counts = self._type_counts(rtype)
+            # reject() counted quarantined lines already; add the accepted ones
+            counts[0] += accepted
+            counts[1] += accepted
+
+    def _untyped_ndjson(self, src: SourceFile, fc: _FileCounts) -> None:
+        """An NDJSON file whose name does not say the type: each line's resourceType decides."""
+        label = src.label
+        on_long = self._too_long(src, fc)
+        for lineno, line in self._lines(src, fc, on_long):
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                fc.read += 1
+                reason = _bad_bytes_reason(line)
+                self.reject(fc, label, lineno, UNKNOWN_TYPE, reason, _BAD_DETAIL[reason])
+                continue
+            self.resource(obj, fc, label, lineno, None, line)
+
+    def _json_file(self, src: SourceFile, fc: _FileCounts) -> None:
+        """A Bundle (entries are the "lines", numbered from 1) or a single resource (line 1)."""
+        label = src.label
+        reader, raw = open_binary(src.path)
+        try:
+            data = reader.read()
+        except _CORRUPT:
+            fc.read += 1
+            self.reject(fc, label, 0, UNKNOWN_TYPE, R.CORRUPT_FILE, "compressed file is damaged or truncated")
+            return
+        finally:
+            reader.close()
+            raw.close()
+            if self.progress is not None:
+                self.progress(src.path.stat().st_size)
+        try:
+            doc = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            fc.read += 1
+            reason = _bad_bytes_reason(data)
+            self.reject(fc, label, 0, UNKNOWN_TYPE, reason, _BAD_DETAIL[reason].replace("line", "file"))
+            return
+        del data
+        if type(doc) is dict and doc.get("resourceType") == "Bundle":
+            entries = doc.get("entry")
+            if entries is None:
+                return  # an empty Bundle: nothing to read
+            if type(entries) is not list:
+                fc.read += 1
+                self.reject(fc, label, 0, "Bundle", R.INVALID_FIELD, "Bundle.entry is not a list")
+                return
+            urns = _bundle_urns(entries)
+            for i, entry in enumerate(entries, 1):
+                resource = entry.get("resource") if type(entry) is dict else None
+                self.resource(resource, fc, label, i, urns, None)
+        elif type(doc) is dict and "resourceType" not in doc and "output" in doc and "transactionTime" in doc:
+            # a bulk-data $export manifest saved beside the data: not a resource
+            del self.by_file[label]
+            self.ignored_files += 1
+        else:
+            self.resource(doc, fc, label, 1, None, None)
+
+    # --- the end ----------------------------------------------------------------------------------
+
+    def commit(self) -> dict[str, int]:
+        rows = {}
+        for name, sink in self.sinks.items():
+            sink.commit()
+            rows[name] = sink.count
+        self.quarantine.commit()
+        return rows
+
+    def abort(self) -> None:
+        for sink in self.sinks.values():
+            sink.abort()
+        if self.quarantine is not None:
+            self.quarantine.abort()
+
+
+def _bundle_urns(entries: list) -> dict[str, str]:
+    """fullUrl -> ``Type/id`` for every entry, so ``urn:uuid:`` references resolve to table keys.
+
+    An entry without an id but with a ``urn:uuid:`` fullUrl (a transaction Bundle before the server
+    assigns ids) is given the uuid as its id, so it and the references to it agree.
+    """
+    urns: dict[str, str] = {}
+    for entry in entries:
+        if type(entry) is not dict:
+            continue
+        full_url = entry.get("fullUrl")
+        resource = entry.get("resource")
+        if type(full_url) is not str or type(resource) is not dict:
+            continue
+        rtype = resource.get("resourceType")
+        rid = resource.get("id")
+        if rid is None and full_url.startswith("urn:uuid:"):
+            rid = resource["id"] = full_url[len("urn:uuid:"):]
+        if type(rtype) is str and type(rid) is str and rtype and rid:
+            urns[full_url] = f"{rtype}/{rid}"
+    return urns
+
+
+def extract_export(
+    export_dir: Path | str,
+    out_dir: Path | str,
+    *,
+    secret: bytes,
+    validate: str = "sample",
+    sample_rate: float = 0.01,
+    progress: bool = False,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> ExtractSummary:
+    """Extract an export directory into ``out_dir/extract/*.parquet``, its summary and the quarantine.
+
+    Raises ``InputNotFoundError`` when ``export_dir`` is missing or holds no FHIR files. Bad input
+    never raises: it is quarantined with a reason.
+    """
+    export_dir, out_dir = Path(export_dir), Path(out_dir)
+    if not export_dir.is_dir():
+        raise InputNotFoundError(f"export directory {export_dir} does not exist")
+    sources, ignored = discover(export_dir)
+    if not sources:
+        raise InputNotFoundError(
+            f"no FHIR files in {export_dir} (looked for *.ndjson, *.ndjson.gz, *.json, *.json.gz)"
+        )
+    sampler(validate, sample_rate)  # fail on a bad mode before any file is created
+    started = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = _Extraction(out_dir, secret, validate, sample_rate, max_line_bytes, chunk_rows)
+    run.ignored_files = ignored
+    bar = None
+    try:
+        if progress:
+            bar = _progress_bar(sum(s.path.stat().st_size for s in sources))
+            run.progress = bar[1]
+        for src in sources:
+            log.info("extract: reading %s", src.label)
+            run.run_file(src)
+        rows = run.commit()
+    except BaseException:
+        run.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar[0].stop()
+    summary = _summarise(run, export_dir, validate, sample_rate, rows, max_line_bytes)
+    summary.seconds = round(time.perf_counter() - started, 3)
+    summary.check_invariants()
+    path = out_dir / EXTRACT_DIR / SUMMARY_FILE
+    path.write_bytes(orjson.dumps(summary.to_dict(), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
+    return summary
+
+
+def _summarise(run: _Extraction, export_dir: Path, validate: str, rate: float, rows: dict, cap: int) -> ExtractSummary:
+    by_file = {label: fc.as_dict() for label, fc in run.by_file.items()}
+    totals = {k: sum(f[k] for f in by_file.values()) for k in ("read", "accepted", "quarantined", "skipped")}
+    return ExtractSummary(
+        export_dir=str(export_dir),
+        validate=validate,
+        validation_sample_rate=rate if validate == "sample" else (1.0 if validate == "full" else 0.0),
+        validated=run.validator.validated,
+        totals=totals,
+        by_type={t: {"read": c[0], "accepted": c[1], "quarantined": c[2]} for t, c in sorted(run.by_type.items())},
+        skipped_types=dict(sorted(run.skipped_types.items())),
+        by_file=by_file,
+        quarantine_reasons=dict(sorted(run.reasons.items())),
+        rows=rows,
+        dropped_components=dict(sorted(run.dropped_components.items())),
+        accepted_without_rows=dict(sorted(run.without_rows.items())),
+        ignored_files=run.ignored_files,
+        max_line_bytes=cap,
+    )
+
+
+def _progress_bar(total: int):
+    """A rich progress bar over the export's bytes on disk; returns (progress, advance callback)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+    )
+    task = bar.add_task("extract", total=total)
+    bar.start()
+    return bar, lambda n: bar.advance(task, n)
+
+
+def load_extract(out_dir: Path | str) -> dict[str, "pd.DataFrame"]:  # noqa: F821
+    """The four extract tables of ``out_dir`` as DataFrames (Arrow-typed columns kept as pandas types)."""
+    import pyarrow.parquet as pq
+
+    base = Path(out_dir) / EXTRACT_DIR
+    missing = [name for name in TABLES if not (base / f"{name}.parquet").is_file()]
+    if missing:
+        raise InputNotFoundError(f"{base} has no extract tables ({', '.join(missing)}); run `qis-fhir extract` first")
+    return {name: pq.read_table(base / f"{name}.parquet", schema=TABLES[name]).to_pandas() for name in TABLES}

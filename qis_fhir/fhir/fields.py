@@ -1,0 +1,350 @@
+"""Strict field extraction: one FHIR resource (a parsed JSON object) -> row tuples for its table.
+
+Each handler reads only the fields its table needs, checks each value's JSON type and form, and
+either returns the rows (tuples in ``schema.TABLES`` column order) or raises ``Reject`` with a reason.
+This runs on every resource, so it is written for speed: closures over local names, no per-row
+dicts, a date cache, and the patient key memoised by ``Pseudonymizer``.
+
+Observation rules (docs/extract.md):
+- the Observation's own ``valueQuantity`` gives one row; a malformed one rejects the resource;
+- each component with a ``valueQuantity`` gives one row, with the Observation's code as ``panel_code``;
+  a malformed component is dropped and counted by reason, unless no numeric value remains at all,
+  in which case the resource is rejected with that component's reason;
+- an Observation without any numeric value (``valueCodeableConcept``, ``valueString``...) is accepted
+  and gives no row (the caller counts it as ``accepted_without_rows``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from qis_fhir.fhir import reasons as R
+from qis_fhir.fhir.dates import _cache as _date_cache
+from qis_fhir.fhir.dates import instant_us
+from qis_fhir.fhir.reasons import Reject
+from qis_fhir.fhir.units import UCUM_SYSTEM, allowed_units
+
+SNOMED = "http://snomed.info/sct"
+ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+LOINC = "http://loinc.org"
+CONDITION_SYSTEMS = frozenset({SNOMED, ICD10CM})
+GENDERS = frozenset({"female", "male", "other", "unknown"})
+MAX_ID_CHARS = 64  # FHIR id: 1..64 characters
+
+Handler = Callable[[dict, "dict[str, str] | None"], list]
+
+
+def resolve_reference(ref: str, want: str, urns: dict[str, str] | None, field: str) -> str:
+    """``Type/id`` for a literal reference to a ``want`` resource; ``urn:uuid:`` looked up in ``urns``.
+
+    Accepts relative (``Patient/1``), versioned (``Patient/1/_history/2``) and absolute
+    (``https://server/fhir/Patient/1``) references.
+    """
+    if ref.startswith("urn:"):
+        target = urns.get(ref) if urns else None
+        if target is None:
+            raise Reject(R.INVALID_REFERENCE, f"{field} is a urn reference the bundle does not resolve")
+        ref = target
+    parts = ref.split("/")
+    if len(parts) >= 4 and parts[-2] == "_history":
+        parts = parts[:-2]
+    if len(parts) >= 2 and parts[-2] == want and parts[-1] and len(parts[-1]) <= MAX_ID_CHARS:
+        return want + "/" + parts[-1]
+    raise Reject(R.INVALID_REFERENCE, f"{field} is not a reference to a {want}")
+
+
+def reference_type(ref: str, urns: dict[str, str] | None, field: str) -> tuple[str, str]:
+    """(type, "Type/id") of any literal reference; raises for unresolved urns and malformed ones."""
+    if ref.startswith("urn:"):
+        target = urns.get(ref) if urns else None
+        if target is None:
+            raise Reject(R.INVALID_REFERENCE, f"{field} is a urn reference the bundle does not resolve")
+        ref = target
+    parts = ref.split("/")
+    if len(parts) >= 4 and parts[-2] == "_history":
+        parts = parts[:-2]
+    if len(parts) >= 2 and parts[-2] and parts[-1]:
+        return parts[-2], parts[-2] + "/" + parts[-1]
+    raise Reject(R.INVALID_REFERENCE, f"{field} is not a literal reference")
+
+
+def pick_coding(cc: object, preferred: str, field: str) -> tuple[str, str]:
+    """(system, code) of the ``preferred``-system coding, else the first coding with both."""
+    if type(cc) is not dict:
+        if cc is None:
+            raise Reject(R.MISSING_CODE, f"{field} is missing")
+        raise Reject(R.INVALID_FIELD, f"{field} is not a CodeableConcept")
+    codings = cc.get("coding")
+    if type(codings) is not list or not codings:
+        raise Reject(R.MISSING_CODE, f"{field} has no coding")
+    first = None
+    for c in codings:
+        if type(c) is dict:
+            s = c.get("system")
+            k = c.get("code")
+            if type(s) is str and type(k) is str and s and k:
+                if s == preferred:
+                    return s, k
+                if first is None:
+                    first = (s, k)
+    if first is None:
+        raise Reject(R.MISSING_CODE, f"{field} has no coding with both a system and a code")
+    return first
+
+
+def condition_codings(cc: object) -> list[tuple[str, str]]:
+    """Every SNOMED CT / ICD-10-CM coding, else the first usable coding (docs/architecture.md)."""
+    if type(cc) is not dict:
+        if cc is None:
+            raise Reject(R.MISSING_CODE, "code is missing")
+        raise Reject(R.INVALID_FIELD, "code is not a CodeableConcept")
+    codings = cc.get("coding")
+    if type(codings) is not list or not codings:
+        raise Reject(R.MISSING_CODE, "code has no coding")
+    chosen: list[tuple[str, str]] = []
+    first = None
+    for c in codings:
+        if type(c) is dict:
+            s = c.get("system")
+            k = c.get("code")
+            if type(s) is str and type(k) is str and s and k:
+                if s in CONDITION_SYSTEMS:
+                    if (s, k) not in chosen:
+                        chosen.append((s, k))
+                elif first is None:
+                    first = (s, k)
+    if chosen:
+        return chosen
+    if first is None:
+        raise Reject(R.MISSING_CODE, "code has no coding with both a system and a code")
+    return [first]
+
+
+def make_handlers(
+    patient_key: Callable[[str], str],
+    own_key: Callable[[str], str],
+    dropped: list[str],
+) -> dict[str, Handler]:
+    """Handlers by resource type. ``patient_key`` is memoised (references repeat), ``own_key`` is not.
+
+    Reasons of components dropped from an otherwise usable Observation are appended to ``dropped``;
+    the caller counts them once the resource is finally accepted (model validation may still reject
+    it) and clears the list after every resource.
+    """
+    units = allowed_units()
+    pending = dropped
+    date_get = _date_cache.get
+
+    def when(text: object, field: str) -> int:
+        if type(text) is not str:
+            raise Reject(R.UNPARSEABLE_DATE, f"{field} is not a string")
+        value = date_get(text)
+        if value is None:
+            try:
+                value = instant_us(text)
+            except (ValueError, OverflowError):
+                raise Reject(R.UNPARSEABLE_DATE, f"{field} is not a FHIR date or dateTime") from None
+        return value
+
+    def period_start(obj: dict, name: str) -> object:
+        period = obj.get(name)
+        if period is None:
+            return None
+        if type(period) is not dict:
+            raise Reject(R.INVALID_FIELD, f"{name} is not a Period")
+        return period.get("start")
+
+    def resource_id(obj: dict) -> str:
+        rid = obj.get("id")
+        if type(rid) is not str or not rid:
+            raise Reject(R.MISSING_ID, "id is missing or empty")
+        if len(rid) > MAX_ID_CHARS or "/" in rid:
+            raise Reject(R.INVALID_FIELD, "id is not a FHIR id")
+        return rid
+
+    def subject_key(obj: dict, urns: dict[str, str] | None) -> str:
+        subj = obj.get("subject")
+        if subj is None:
+            raise Reject(R.MISSING_SUBJECT, "subject is missing")
+        if type(subj) is not dict:
+            raise Reject(R.INVALID_FIELD, "subject is not a Reference")
+        ref = subj.get("reference")
+        if type(ref) is not str:
+            raise Reject(R.MISSING_SUBJECT, "subject has no literal reference")
+        if not (ref.startswith("Patient/") and len(ref) > 8 and ref.find("/", 8) < 0 and len(ref) <= 72):
+            ref = resolve_reference(ref, "Patient", urns, "subject")
+        return patient_key(ref)
+
+    def status_of(obj: dict) -> str:
+        status = obj.get("status")
+        if type(status) is not str or not status:
+            raise Reject(R.INVALID_FIELD, "status is missing or not a string")
+        return status
+
+    def quantity(vq: object, field: str) -> tuple[float, str]:
+        if type(vq) is not dict:
+            raise Reject(R.INVALID_VALUE, f"{field} is not a Quantity")
+        v = vq.get("value")
+        tv = type(v)
+        if tv is not float:
+            if tv is int:
+                v = float(v)
+            elif v is None:
+                raise Reject(R.MISSING_VALUE, f"{field}.value is missing")
+            else:
+                raise Reject(R.INVALID_VALUE, f"{field}.value is not a number")
+        if "comparator" in vq:
+            raise Reject(R.INVALID_VALUE, f"{field} has a comparator (a censored value)")
+        code = vq.get("code")
+        unit = code if code is not None and vq.get("system") == UCUM_SYSTEM else vq.get("unit")
+        if type(unit) is not str:
+            if unit is None:
+                raise Reject(R.MISSING_UNIT, f"{field} has no unit")
+            raise Reject(R.INVALID_FIELD, f"{field} unit is not a string")
+        if unit not in units:
+            raise Reject(R.UNKNOWN_UNIT, f"{field} unit is not in the UCUM allow-list")
+        return v, unit
+
+    def observation(o: dict, urns: dict[str, str] | None) -> list:
+        rid = resource_id(o)
+        pk = subject_key(o, urns)
+        system, code = pick_coding(o.get("code"), LOINC, "code")
+        status = status_of(o)
+        eff = o.get("effectiveDateTime")
+        if eff is None:
+            eff = period_start(o, "effectivePeriod")
+            if eff is None:
+                eff = o.get("issued")
+                if eff is None:
+                    raise Reject(R.MISSING_DATE, "no effectiveDateTime, effectivePeriod.start or issued")
+        ts = when(eff, "effective")
+        okey = own_key("Observation/" + rid)
+        rows = []
+        vq = o.get("valueQuantity")
+        if vq is not None:
+            value, unit = quantity(vq, "valueQuantity")
+            rows.append((okey, pk, system, code, None, value, unit, ts, status))
+        comps = o.get("component")
+        if comps is not None:
+            if type(comps) is not list:
+                raise Reject(R.INVALID_FIELD, "component is not a list")
+            dropped = None
+            for comp in comps:
+                try:
+                    if type(comp) is not dict:
+                        raise Reject(R.INVALID_FIELD, "component is not an object")
+                    cvq = comp.get("valueQuantity")
+                    if cvq is None:
+                        continue  # a coded or text component: not a numeric value
+                    csys, ccode = pick_coding(comp.get("code"), LOINC, "component.code")
+                    cvalue, cunit = quantity(cvq, "component.valueQuantity")
+                except Reject as rej:
+                    if dropped is None:
+                        dropped = []
+                        first_rejection = rej
+                    dropped.append(rej.reason)
+                    continue
+                rows.append((okey, pk, csys, ccode, code, cvalue, cunit, ts, status))
+            if dropped is not None:
+                if not rows:
+                    raise Reject(first_rejection.reason, "no numeric value left: " + first_rejection.detail)
+                pending.extend(dropped)
+        return rows
+
+    def condition(o: dict, urns: dict[str, str] | None) -> list:
+        rid = resource_id(o)
+        pk = subject_key(o, urns)
+        codes = condition_codings(o.get("code"))
+        onset = o.get("onsetDateTime")
+        if onset is None:
+            onset = period_start(o, "onsetPeriod")
+            if onset is None:
+                onset = o.get("recordedDate")
+                if onset is None:
+                    raise Reject(R.MISSING_DATE, "no onsetDateTime, onsetPeriod.start or recordedDate")
+        onset_ts = when(onset, "onset")
+        abatement = o.get("abatementDateTime")
+        if abatement is None:
+            abatement = period_start(o, "abatementPeriod")
+        abatement_ts = None if abatement is None else when(abatement, "abatement")
+        clinical = None
+        cs = o.get("clinicalStatus")
+        if cs is not None:
+            if type(cs) is not dict or type(cs.get("coding", [])) is not list:
+                raise Reject(R.INVALID_FIELD, "clinicalStatus is not a CodeableConcept")
+            for c in cs.get("coding", ()):
+                if type(c) is dict and type(c.get("code")) is str:
+                    clinical = c["code"]
+                    break
+        ckey = own_key("Condition/" + rid)
+        return [(ckey, pk, s, k, onset_ts, abatement_ts, clinical) for s, k in codes]
+
+    def medication_request(o: dict, urns: dict[str, str] | None) -> list:
+        rid = resource_id(o)
+        pk = subject_key(o, urns)
+        mcc = o.get("medicationCodeableConcept")
+        if mcc is None and "medicationReference" in o:
+            raise Reject(R.MISSING_CODE, "medicationReference is not read: only medicationCodeableConcept")
+        system, code = pick_coding(mcc, RXNORM, "medicationCodeableConcept")
+        authored = o.get("authoredOn")
+        if authored is None:
+            raise Reject(R.MISSING_DATE, "authoredOn is missing")
+        authored_ts = when(authored, "authoredOn")
+        status = status_of(o)
+        intent = o.get("intent")
+        if intent is not None and type(intent) is not str:
+            raise Reject(R.INVALID_FIELD, "intent is not a string")
+        reason_keys: list[str] = []
+        refs = o.get("reasonReference")
+        if refs is not None:
+            if type(refs) is not list:
+                raise Reject(R.INVALID_FIELD, "reasonReference is not a list")
+            for ref_obj in refs:
+                if type(ref_obj) is not dict:
+                    raise Reject(R.INVALID_FIELD, "reasonReference is not a Reference")
+                ref = ref_obj.get("reference")
+                if ref is None:
+                    continue  # a logical (identifier-only) reference: nothing to join on
+                if type(ref) is not str:
+                    raise Reject(R.INVALID_FIELD, "reasonReference.reference is not a string")
+                rtype, typed = reference_type(ref, urns, "reasonReference")
+                if rtype == "Condition":
+                    k = patient_key(typed)  # memoised: a Condition is referenced by many requests
+                    if k not in reason_keys:
+                        reason_keys.append(k)
+        reason_codes: list[str] = []
+        rcs = o.get("reasonCode")
+        if rcs is not None:
+            if type(rcs) is not list:
+                raise Reject(R.INVALID_FIELD, "reasonCode is not a list")
+            for cc in rcs:
+                if type(cc) is not dict or type(cc.get("coding", [])) is not list:
+                    raise Reject(R.INVALID_FIELD, "reasonCode is not a CodeableConcept")
+                for c in cc.get("coding", ()):
+                    if type(c) is dict:
+                        s, k = c.get("system"), c.get("code")
+                        if type(s) is str and type(k) is str and s and k:
+                            reason_codes.append(s + "|" + k)
+        rkey = own_key("MedicationRequest/" + rid)
+        return [(rkey, pk, system, code, authored_ts, status, intent, reason_keys, reason_codes)]
+
+    def patient(o: dict, urns: dict[str, str] | None) -> list:
+        rid = resource_id(o)
+        gender = o.get("gender")
+        if gender is None:
+            gender = "unknown"
+        elif type(gender) is not str or gender not in GENDERS:
+            raise Reject(R.INVALID_FIELD, "gender is not a FHIR administrative gender code")
+        birth = o.get("birthDate")
+        birth_ts = None if birth is None else when(birth, "birthDate")
+        deceased = o.get("deceasedDateTime")
+        deceased_ts = None if deceased is None else when(deceased, "deceasedDateTime")
+        return [(patient_key("Patient/" + rid), gender, birth_ts, deceased_ts)]
+
+    return {
+        "Observation": observation,
+        "Condition": condition,
+        "MedicationRequest": medication_request,
+        "Patient": patient,
+    }

@@ -1,0 +1,81 @@
+"""Where extracted rows and rejected lines go: Parquet tables written in chunks, and the quarantine.
+
+Rows arrive as tuples and are buffered per table; every ``chunk_rows`` rows the buffer is turned
+column-wise into Arrow arrays once and written as a row group, so memory stays flat however large
+the export. Files are written under temporary names and moved into place only when the extraction
+finishes, so a crashed run never leaves a half table that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+DEFAULT_CHUNK_ROWS = 65_536
+
+
+class TableSink:
+    def __init__(self, name: str, schema: pa.Schema, path: Path, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> None:
+        self.name = name
+        self.schema = schema
+        self.path = path
+        self.tmp_path = path.with_name(f".{path.name}.partial")
+        self.chunk_rows = chunk_rows
+        self.rows: list[tuple] = []
+        self.count = 0
+        self._writer = pq.ParquetWriter(self.tmp_path, schema, compression="snappy")
+
+    def add(self, rows: list[tuple]) -> None:
+        buf = self.rows
+        buf.extend(rows)
+        if len(buf) >= self.chunk_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        columns = list(zip(*self.rows))
+        arrays = [pa.array(col, type=field.type) for col, field in zip(columns, self.schema)]
+        self._writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
+        self.count += len(self.rows)
+        self.rows = []
+
+    def commit(self) -> None:
+        self.flush()
+        self._writer.close()
+        os.replace(self.tmp_path, self.path)
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
+
+
+class QuarantineSink:
+    """``quarantine.ndjson``: one JSON object per rejected line; details come from our code only."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp_path = path.with_name(f".{path.name}.partial")
+        self._fh = open(self.tmp_path, "wb", buffering=1 << 16)
+        self.count = 0
+
+    def add(self, file: str, line: int, resource_type: str, reason: str, detail: str) -> None:
+        record = {"file": file, "line": line, "resource_type": resource_type, "reason": reason, "detail": detail}
+        self._fh.write(orjson.dumps(record) + b"\n")
+        self.count += 1
+
+    def commit(self) -> None:
+        self._fh.close()
+        os.replace(self.tmp_path, self.path)
+
+    def abort(self) -> None:
+        try:
+            self._fh.close()
+        finally:
+            self.tmp_path.unlink(missing_ok=True)

@@ -1,0 +1,85 @@
+"""Optional full model validation with fhir.resources R4B (pydantic).
+
+The strict field checks in ``fields.py`` run on every resource. Model validation checks the whole
+resource against the FHIR R4 structure, at ~30-70x the cost of a JSON parse, so it is a choice:
+``full`` validates every resource, ``sample`` a deterministic sample (CRC-32 of the line's bytes:
+the same export always validates the same lines), ``off`` none.
+
+Errors are reported by *location* only (``valueQuantity.value``): pydantic's messages and inputs can
+quote the resource, which may hold identifiers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import zlib
+from collections.abc import Callable
+
+MODES = ("full", "sample", "off")
+SAMPLE_SCALE = 10_000
+# a location part is shown only if it looks like a field name or an index (an unknown key could be anything)
+_SAFE_PART = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,40}|[0-9]{1,6}")
+
+_MODEL_MODULES = {
+    "Patient": "fhir.resources.R4B.patient",
+    "Condition": "fhir.resources.R4B.condition",
+    "MedicationRequest": "fhir.resources.R4B.medicationrequest",
+    "Observation": "fhir.resources.R4B.observation",
+}
+
+
+def sampler(mode: str, rate: float) -> Callable[[bytes], bool] | None:
+    """A predicate "validate this line?", or None when nothing is validated."""
+    if mode not in MODES:
+        raise ValueError(f"validate must be one of {', '.join(MODES)}")
+    if mode == "off":
+        return None
+    if mode == "full":
+        return lambda raw: True
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError("sample rate must be between 0 and 1")
+    threshold = round(rate * SAMPLE_SCALE)
+    if threshold <= 0:
+        return None
+    crc32 = zlib.crc32
+    return lambda raw: crc32(raw) % SAMPLE_SCALE < threshold
+
+
+class ModelValidator:
+    """Validates raw resource JSON against the R4B model of its type; imports models lazily."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, type] = {}
+        self.validated = 0
+
+    def _model(self, resource_type: str) -> type:
+        model = self._models.get(resource_type)
+        if model is None:
+            module = importlib.import_module(_MODEL_MODULES[resource_type])
+            model = getattr(module, resource_type)
+            self._models[resource_type] = model
+        return model
+
+    def check(self, resource_type: str, raw: bytes) -> str | None:
+        """None when valid, else a detail naming the failing locations (never the values)."""
+        from pydantic import ValidationError
+
+        model = self._model(resource_type)
+        self.validated += 1
+        try:
+            model.model_validate_json(raw)
+        except ValidationError as exc:
+            locations = []
+            for err in exc.errors(include_url=False, include_context=False, include_input=False):
+                parts = [str(p) for p in err.get("loc", ()) if p != "__root__"]
+                loc = ".".join(p if _SAFE_PART.fullmatch(p) else "?" for p in parts) or "resource"
+                locations.append(f"{loc} ({err.get('type', 'invalid')})")
+                if len(locations) == 3:
+                    break
+            more = exc.error_count() - len(locations)
+            suffix = f" and {more} more" if more > 0 else ""
+            return "R4B model rejected: " + "; ".join(locations) + suffix
+        except Exception as exc:  # fhir.resources raises plain ValueErrors for some structural checks
+            return f"R4B model rejected the resource ({type(exc).__name__})"
+        return None
