@@ -6,7 +6,7 @@ can be checked against `mappings/v1/` (the mapping must recognise every code pla
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 SNOMED = "http://snomed.info/sct"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
@@ -38,6 +38,7 @@ class Treatment:
     key: str
     rxnorm: str
     display: str
+    tx_code: str  # the anonymised code mappings/v1 gives this RxNorm code (checked by a test)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,8 @@ class Bucket:
     min_age_at_onset: int
     base_prevalence: float  # in adults aged 65+, scaled down for younger bands
     untreated_fraction: float = 0.15
-    extra: dict[str, str] = field(default_factory=dict)
+    # Other codes of the same bucket some sites write instead: (SNOMED code, display, share).
+    alt_code: tuple[str, str, float] | None = None
 
 
 SBP = Measure(
@@ -103,16 +105,17 @@ HBA1C = Measure(
     decimals=1,
 )
 
-HCTZ = Treatment("hydrochlorothiazide", "316049", "Hydrochlorothiazide 25 MG")
-LISINOPRIL = Treatment("lisinopril", "314076", "lisinopril 10 MG Oral Tablet")
-SIMVASTATIN = Treatment("simvastatin", "316672", "Simvistatin 10 MG")  # Synthea's own spelling
+HCTZ = Treatment("hydrochlorothiazide", "316049", "Hydrochlorothiazide 25 MG", "TX_0001")
+LISINOPRIL = Treatment("lisinopril", "314076", "lisinopril 10 MG Oral Tablet", "TX_0002")
+SIMVASTATIN = Treatment("simvastatin", "316672", "Simvistatin 10 MG", "TX_0003")  # Synthea's own spelling
 METFORMIN = Treatment(
-    "metformin", "860975", "24 HR Metformin hydrochloride 500 MG Extended Release Oral Tablet"
+    "metformin", "860975", "24 HR Metformin hydrochloride 500 MG Extended Release Oral Tablet", "TX_0005"
 )
 INSULIN = Treatment(
     "insulin",
     "106892",
     "insulin isophane, human 70 UNT/ML / insulin, regular, human 30 UNT/ML Injectable Suspension [Humulin]",
+    "TX_0006",
 )
 
 HYPERTENSION = Bucket(
@@ -123,6 +126,7 @@ HYPERTENSION = Bucket(
     treatments=(HCTZ, LISINOPRIL),
     min_age_at_onset=40,  # younger hypertensives are only the planted rare cohort
     base_prevalence=0.45,
+    alt_code=("59621000", "Essential hypertension (disorder)", 0.15),  # US Core Synthea exports
 )
 HYPERLIPIDEMIA = Bucket(
     key="hyperlipidemia",
@@ -134,7 +138,7 @@ HYPERLIPIDEMIA = Bucket(
     base_prevalence=0.30,
 )
 DIABETES_T2 = Bucket(
-    key="diabetes_t2",
+    key="type2_diabetes",
     snomed="44054006",
     display="Diabetes",
     measure=HBA1C,
@@ -154,7 +158,8 @@ BMI = ("39156-5", "Body Mass Index", "kg/m2", 27.0, 4.0)
 RESP_RATE = ("9279-1", "Respiratory rate", "/min", 14.0, 2.0)
 ROUTINE_VITALS = (HEART_RATE, BODY_WEIGHT, BMI, BODY_HEIGHT, RESP_RATE)
 
-# Age bands used for planting (lower bound inclusive, upper bound inclusive, None = open).
+# Age bands (whole years at treatment start) as in mappings/v1/cohorts.yaml:
+# (label, lowest age, highest age or None for open-ended).
 AGE_BANDS: tuple[tuple[str, int, int | None], ...] = (
     ("0-17", 0, 17),
     ("18-39", 18, 39),

@@ -46,9 +46,10 @@ YEAR = 365.25 * DAY
 HISTORY_YEARS = 10  # treatment starts fall in the last 10 years before REFERENCE_TS
 
 # Timeline of a treated patient (days relative to the first MedicationRequest).
-BASELINE_DAYS = (1.0, 120.0)  # baseline measurement this many days before the start
-FOLLOWUP_DAYS = (60.0, 300.0)  # one follow-up measurement in this range after the start
-LATE_DAYS = (450.0, 700.0)  # a later check, outside any follow-up window up to 449 days
+BASELINE_DAYS = (1.0, 120.0)  # baseline this many days before the start (v1 window: 180 days)
+DIAGNOSIS_VALUE_MIN_DAYS = 200.0  # a diagnosis-day value only when older than any baseline window
+FOLLOWUP_DAYS = (90.0, 300.0)  # one follow-up measurement: inside every v1 window ([28|42|84, 400])
+LATE_DAYS = (450.0, 700.0)  # a later check, outside every v1 follow-up window (<= 400 days)
 REFILL_DAYS = (80.0, 100.0)  # MedicationRequest refills
 REFILL_SPAN_DAYS = 720.0
 MISSING_FOLLOWUP_RATE = 0.08  # treated patients whose follow-up never happened
@@ -195,7 +196,12 @@ def generate_export(
 class _Generator:
     def __init__(self, out: Path, *, seed: int, profile: SiteProfile, max_lines: int, gzip_output: bool,
                  encounters: bool) -> None:
-        self.rng = random.Random(seed)
+        # Two independent streams: padding to --observations draws only from its own, so an export
+        # with padding has exactly the clinical content (and answer key) of the one without.
+        # String seeds are hashed with SHA-512 by random.Random: stable across Python versions, and
+        # unlike int seeds they keep -1 and 1 apart.
+        self.rng = random.Random(f"qis-fhir-synth/{seed}/clinical")
+        self.pad_rng = random.Random(f"qis-fhir-synth/{seed}/padding")
         self.seed = seed
         self.profile = profile
         self.encounters = encounters
@@ -209,12 +215,13 @@ class _Generator:
         self.acc: dict[tuple[str, str, str, str], _Acc] = {}
         self.noise = {"diastolic_without_unit": 0, "systolic_without_unit": 0, "cholesterol_mmol_per_l": 0,
                       "weight_lb": 0, "bp_panels_85354_9": 0, "missing_followup": 0,
-                      "medication_requests_without_reason_reference": 0, "deceased_patients": 0}
+                      "medication_requests_without_reason_reference": 0, "deceased_patients": 0,
+                      "conditions_with_alternative_code": 0}
         self.rare_indices: set[int] = set()
 
     # ---- small helpers -------------------------------------------------------------------------
-    def uid(self) -> str:
-        h = "%032x" % self.rng.getrandbits(128)
+    def uid(self, rng: random.Random | None = None) -> str:
+        h = "%032x" % (rng or self.rng).getrandbits(128)
         return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
     def write(self, w: Any, res: dict[str, Any]) -> None:
@@ -228,10 +235,10 @@ class _Generator:
         self.write(self.w_enc, fhir.encounter(eid, pid, ts, code=code, display=display))
         return eid
 
-    def day_time(self, ts: float) -> int:
+    def day_time(self, ts: float, rng: random.Random | None = None) -> int:
         """Move a timestamp to a plausible clinic time (08:00-17:59) on the same day."""
         day0 = int(ts) - int(ts) % DAY
-        return day0 + self.rng.randrange(8 * 3600, 18 * 3600, 60)
+        return day0 + (rng or self.rng).randrange(8 * 3600, 18 * 3600, 60)
 
     def pick_start(self, birth: float, min_age: float, max_age_excl: float | None) -> int | None:
         """A treatment start in the history window with age in [min_age, max_age_excl), away from birthdays.
@@ -285,15 +292,17 @@ class _Generator:
             res = fhir.lab(self.uid(), pid, eid, measure, ts, value)
         self.write(self.w_obs, res)
 
-    def vitals(self, pid_b: bytes, ts: int, weight: float, height: float, with_height: bool) -> int:
+    def vitals(self, pid_b: bytes, ts: int, weight: float, height: float, with_height: bool,
+               rng: random.Random | None = None) -> int:
         """A routine vital-signs visit from byte templates; returns the number of lines written."""
-        rng = self.rng
+        rng = rng or self.rng
+        uid = self.uid
         t = fhir.iso(ts).encode()
         m = fhir.iso_ms(ts).encode()
         w = self.w_obs
         tm = self.templates
         hr = cat.HEART_RATE
-        w.write(tm.template(hr[0], hr[1], hr[2]) % {b"o": self.uid().encode(), b"p": pid_b, b"t": t,
+        w.write(tm.template(hr[0], hr[1], hr[2]) % {b"o": uid(rng).encode(), b"p": pid_b, b"t": t,
                                                      b"m": m, b"v": repr(round(rng.gauss(hr[3], hr[4]), 1)).encode()})
         kg = round(weight + rng.gauss(0.0, 1.2), 1)
         if rng.random() < 0.01:
@@ -303,14 +312,14 @@ class _Generator:
         else:
             wt = tm.template(cat.BODY_WEIGHT[0], cat.BODY_WEIGHT[1], cat.BODY_WEIGHT[2])
             wv = repr(kg).encode()
-        w.write(wt % {b"o": self.uid().encode(), b"p": pid_b, b"t": t, b"m": m, b"v": wv})
+        w.write(wt % {b"o": uid(rng).encode(), b"p": pid_b, b"t": t, b"m": m, b"v": wv})
         bmi = round(kg / (height / 100.0) ** 2, 1)
-        w.write(tm.template(cat.BMI[0], cat.BMI[1], cat.BMI[2]) % {b"o": self.uid().encode(), b"p": pid_b,
+        w.write(tm.template(cat.BMI[0], cat.BMI[1], cat.BMI[2]) % {b"o": uid(rng).encode(), b"p": pid_b,
                                                                     b"t": t, b"m": m, b"v": repr(bmi).encode()})
         n = 3
         if with_height:
             w.write(tm.template(cat.BODY_HEIGHT[0], cat.BODY_HEIGHT[1], cat.BODY_HEIGHT[2])
-                    % {b"o": self.uid().encode(), b"p": pid_b, b"t": t, b"m": m,
+                    % {b"o": uid(rng).encode(), b"p": pid_b, b"t": t, b"m": m,
                        b"v": repr(round(height, 1)).encode()})
             n += 1
         return n
@@ -327,7 +336,7 @@ class _Generator:
         # The rare cohort is a quota, not a coin flip, so its size per site is predictable:
         # round(rare_rate * patients) patients, at positions chosen by the seeded RNG.
         n_rare = min(patients, round(self.profile.rare_rate * patients))
-        self.rare_indices = set(self.rng.sample(range(patients), n_rare))
+        self.rare_indices = set(self.rng.sample(range(patients), n_rare)) if n_rare else set()
         try:
             for i in range(patients):
                 self.patient(i in self.rare_indices)
@@ -343,12 +352,12 @@ class _Generator:
     def pad_observations(self, target: int) -> None:
         """Add routine vitals visits for the last patient until ``target`` Observation lines exist."""
         p = self.last
-        rng = self.rng
+        rng = self.pad_rng
         lo = max(p["birth"], REFERENCE_TS - 15 * YEAR)
         hi = p["end"]
         while self.w_obs.lines < target:
-            ts = self.day_time(rng.uniform(lo, hi))
-            self.vitals(p["pid_b"], ts, p["weight"], p["height"], rng.random() < 0.25)
+            ts = self.day_time(rng.uniform(lo, hi), rng)
+            self.vitals(p["pid_b"], ts, p["weight"], p["height"], rng.random() < 0.25, rng)
 
     def patient(self, rare: bool) -> None:
         rng = self.rng
@@ -453,7 +462,11 @@ class _Generator:
             onset = min(onset, start - 3600)
         cid = self.uid()
         eid = self.visit(pid, onset)
-        self.write(self.w_condition, fhir.condition(cid, pid, eid, bucket, onset))
+        code = None
+        if bucket.alt_code is not None and rng.random() < bucket.alt_code[2]:
+            code = bucket.alt_code[:2]
+            self.noise["conditions_with_alternative_code"] += 1
+        self.write(self.w_condition, fhir.condition(cid, pid, eid, bucket, onset, code))
 
         if treatment is None:
             # Diagnosed, never treated: two measurements about a year apart drift a little.
@@ -472,7 +485,7 @@ class _Generator:
 
         band = cat.age_band((start - birth) / YEAR)
         mean, sd = planted_effect(bucket, treatment, band, sex)
-        if onset < start - 200 * DAY:  # a diagnosis-day value, well before the baseline
+        if onset < start - DIAGNOSIS_VALUE_MIN_DAYS * DAY:  # outside the baseline window
             self.outcome_obs(pid, eid, measure, onset,
                              self.clip_round(measure, rng.gauss(measure.diagnosed_mean, measure.diagnosed_sd)))
         base_ts = self.day_time(start - rng.uniform(*BASELINE_DAYS) * DAY)
@@ -531,10 +544,8 @@ class _Generator:
                         lo, hi = bands[band]
                         cohorts.append({
                             "bucket": bucket.key,
-                            "condition": {"system": cat.SNOMED, "code": bucket.snomed, "display": bucket.display},
-                            "treatment": None if treatment is None else {
-                                "key": treatment.key, "system": cat.RXNORM, "rxnorm": treatment.rxnorm,
-                                "name": treatment.display},
+                            "condition": _condition_codes(bucket),
+                            "treatment": None if treatment is None else _treatment_dict(treatment),
                             "measure": m.key,
                             "loinc": m.loinc,
                             "unit": m.unit,
@@ -585,9 +596,8 @@ class _Generator:
             "untreated_drift": {k: {"mean": e.mean, "sd": e.sd} for k, e in UNTREATED_DRIFT.items()},
             "rare_cohort": {
                 "bucket": RARE.bucket.key,
-                "condition": {"system": cat.SNOMED, "code": RARE.bucket.snomed},
-                "treatment": {"key": RARE.treatment.key, "rxnorm": RARE.treatment.rxnorm,
-                              "name": RARE.treatment.display},
+                "condition": _condition_codes(RARE.bucket),
+                "treatment": _treatment_dict(RARE.treatment),
                 "age_band": {"label": RARE.age_band, "min": RARE.age_min, "max": RARE.age_max},
                 "sex": RARE.sex,
                 "planted": {"mean_change": RARE.effect.mean, "sd_change": RARE.effect.sd},
@@ -602,6 +612,16 @@ class _Generator:
             "noise": dict(self.noise),
             "cohorts": cohorts,
         }
+
+
+def _condition_codes(bucket: cat.Bucket) -> dict[str, Any]:
+    codes = [bucket.snomed] + ([bucket.alt_code[0]] if bucket.alt_code else [])
+    return {"system": cat.SNOMED, "code": bucket.snomed, "codes": codes, "display": bucket.display}
+
+
+def _treatment_dict(t: cat.Treatment) -> dict[str, Any]:
+    return {"key": t.key, "system": cat.RXNORM, "rxnorm": t.rxnorm, "name": t.display,
+            "tx_code_v1": t.tx_code}
 
 
 def _age_factor(age: float) -> float:

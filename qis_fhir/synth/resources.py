@@ -130,7 +130,10 @@ def encounter(eid: str, pid: str, ts: int, *, code: str, display: str) -> dict[s
     }
 
 
-def condition(cid: str, pid: str, eid: str | None, bucket: Bucket, onset_ts: int) -> dict[str, Any]:
+def condition(cid: str, pid: str, eid: str | None, bucket: Bucket, onset_ts: int,
+              code: tuple[str, str] | None = None) -> dict[str, Any]:
+    """``code`` = (SNOMED code, display) overrides the bucket's main code (another code of the bucket)."""
+    snomed, display = code if code is not None else (bucket.snomed, bucket.display)
     res: dict[str, Any] = {
         "resourceType": "Condition",
         "id": cid,
@@ -145,8 +148,8 @@ def condition(cid: str, pid: str, eid: str | None, bucket: Bucket, onset_ts: int
             ]
         },
         "code": {
-            "coding": [{"system": SNOMED, "code": bucket.snomed, "display": bucket.display}],
-            "text": bucket.display,
+            "coding": [{"system": SNOMED, "code": snomed, "display": display}],
+            "text": display,
         },
         "subject": ref("Patient", pid),
     }
