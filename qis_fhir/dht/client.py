@@ -1,0 +1,420 @@
+"""Library API: publish packets to the DHT and query a fingerprint, from sync or async code.
+
+The client does not run a long-lived node: a :class:`DhtClient` binds one short-lived peer to
+``127.0.0.1`` port 0, bootstraps from the given nodes, and talks to the network with an empty node
+id, so no node ever adds it to a routing table (a departed client would otherwise cost every later
+lookup a timeout).
+
+``publish`` verifies every packet locally first (nothing invalid leaves the site), groups packets by
+fingerprint key, finds each key's ``ksize`` closest nodes, and stores batches that fit the RPC cap
+on each of them, counting per packet how many replicas confirmed it (``stored`` or ``held``), and
+which refused it and why. ``query`` walks to the key's closest nodes collecting each one's first
+page, fetches further pages from one node per distinct content digest, then verifies every packet
+again (a node's word is never trusted) and keeps the highest sequence per (site, packet id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import logging
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kademlia.node import Node
+
+from qis_fhir.dht.keys import dht_key, is_fingerprint
+from qis_fhir.dht.lookup import iterative_lookup
+from qis_fhir.dht.node import DhtNode, NodeConfig
+from qis_fhir.dht.storage import CONFIRMED, PacketStore
+from qis_fhir.errors import NoPeersError, QisError
+
+log = logging.getLogger("qis_fhir.dht.client")
+
+MAX_PAGES_PER_NODE = 10_000  # bounds a node that keeps answering "there is more"
+DEFAULT_TTL = 30 * 86400.0
+
+
+# ---------------------------------------------------------------------- results
+@dataclass
+class PacketReceipt:
+    site_id: str
+    packet_id: str
+    fingerprint: str
+    seq: int
+    replicas: int = 0  # nodes that confirmed holding it
+    asked: int = 0  # nodes asked to hold it
+    refused: dict[str, int] = field(default_factory=dict)  # reason -> nodes ("no_reply", "replay", ...)
+
+
+@dataclass
+class PublishReport:
+    receipts: list[PacketReceipt]
+    rejected_locally: dict[str, int]  # packets not sent: failed local verification, by reason
+    superseded_locally: int  # older seqs of a (site, packet id) also in the input: not sent
+    nodes_contacted: int
+    elapsed_s: float
+
+    @property
+    def confirmed(self) -> int:
+        return sum(1 for r in self.receipts if r.replicas > 0)
+
+    @property
+    def unconfirmed(self) -> list[PacketReceipt]:
+        return [r for r in self.receipts if r.replicas == 0]
+
+    @property
+    def min_replicas(self) -> int:
+        return min((r.replicas for r in self.receipts), default=0)
+
+    def to_dict(self) -> dict:
+        hist = Counter(r.replicas for r in self.receipts)
+        refused: Counter[str] = Counter()
+        for r in self.receipts:
+            refused.update(r.refused)
+        return {
+            "packets": len(self.receipts),
+            "confirmed": self.confirmed,
+            "unconfirmed": len(self.unconfirmed),
+            "min_replicas": self.min_replicas,
+            "replicas_histogram": {str(k): v for k, v in sorted(hist.items())},
+            "refused_by_nodes": dict(sorted(refused.items())),
+            "rejected_locally": dict(sorted(self.rejected_locally.items())),
+            "superseded_locally": self.superseded_locally,
+            "nodes_contacted": self.nodes_contacted,
+            "elapsed_s": round(self.elapsed_s, 3),
+        }
+
+
+@dataclass
+class QueryResult:
+    fingerprint: str
+    packets: list[Any]  # verified Packets, one per (site, packet id) at its highest seq
+    wires: list[bytes]  # their wire bytes, same order
+    rejected: dict[str, int]  # received but failed verification here, by reason
+    hops: int  # sequential rounds of the lookup
+    nodes_asked: int  # find_packets RPCs in the lookup
+    nodes_answered: int
+    holders: int  # nodes that held at least one packet for the key
+    pages: int  # further page RPCs after the lookup
+    elapsed_s: float
+
+    def to_dict(self) -> dict:
+        return {
+            "fingerprint": self.fingerprint,
+            "packets": len(self.packets),
+            "sites": sorted({p.site_id for p in self.packets}),
+            "rejected": dict(sorted(self.rejected.items())),
+            "hops": self.hops,
+            "nodes_asked": self.nodes_asked,
+            "nodes_answered": self.nodes_answered,
+            "holders": self.holders,
+            "pages": self.pages,
+            "elapsed_s": round(self.elapsed_s, 4),
+        }
+
+
+# ---------------------------------------------------------------------- helpers
+def parse_address(text: str, *, allow_port_zero: bool = False) -> tuple[str, int]:
+    """``HOST:PORT`` -> (IP address, port); hostnames are resolved once (the package needs IPs)."""
+    host, sep, port_text = text.strip().rpartition(":")
+    low = 0 if allow_port_zero else 1
+    if not sep or not host or not port_text.isdigit() or not low <= int(port_text) < 65536:
+        raise QisError(f"bad address {text!r}: expected HOST:PORT", exit_code=2)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            host = socket.gethostbyname(host)
+        except OSError:
+            raise QisError(f"cannot resolve host {host!r}", exit_code=2) from None
+    return host, int(port_text)
+
+
+def parse_addresses(text: str | None) -> list[tuple[str, int]]:
+    """``HOST:PORT[,HOST:PORT...]`` -> list of addresses (empty for None or "")."""
+    if not text:
+        return []
+    return [parse_address(part) for part in text.split(",") if part.strip()]
+
+
+def _as_addresses(bootstrap: Any) -> list[tuple[str, int]]:
+    if isinstance(bootstrap, str):
+        return parse_addresses(bootstrap)
+    return [(str(h), int(p)) for h, p in bootstrap]
+
+
+def _load_manifest(manifest: Any) -> Any:
+    if isinstance(manifest, (str, Path)):
+        from qis_fhir.packets.manifest import load_manifest
+
+        return load_manifest(manifest)
+    return manifest
+
+
+def _wire_of(packet: Any) -> bytes:
+    if isinstance(packet, (bytes, bytearray)):
+        return bytes(packet)
+    from qis_fhir.packets.codec import encode_packet
+
+    return encode_packet(packet)
+
+
+# ---------------------------------------------------------------------- client
+class DhtClient:
+    """``async with DhtClient(bootstrap, manifest) as c: await c.publish(...); await c.query(...)``."""
+
+    def __init__(
+        self,
+        bootstrap: Any,
+        manifest: Any,
+        *,
+        ksize: int = 20,
+        alpha: int = 3,
+        ttl: float = DEFAULT_TTL,
+        rpc_timeout: float = 3.0,
+        max_inflight: int = 32,
+        key_concurrency: int = 8,
+        host: str = "127.0.0.1",
+    ) -> None:
+        from qis_fhir.packets.verifier import Verifier
+
+        self.bootstrap = _as_addresses(bootstrap)
+        self.manifest = _load_manifest(manifest)
+        self._verifier = Verifier(self.manifest)
+        self.ttl = ttl
+        self.key_concurrency = key_concurrency
+        self.config = NodeConfig(host=host, port=0, ksize=ksize, alpha=alpha, rpc_timeout=rpc_timeout, max_inflight=max_inflight, ttl=ttl)
+        self.peer: DhtNode | None = None
+
+    async def __aenter__(self) -> DhtClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    async def start(self) -> None:
+        if not self.bootstrap:
+            raise NoPeersError("no bootstrap peers given (--bootstrap HOST:PORT)")
+        storage = PacketStore(":memory:", verify=self._verifier.check)
+        self.peer = DhtNode(self.config, self._verifier.check, storage, announce=False)
+        known = await self.peer.start(self.bootstrap)
+        if known == 0:
+            self.close()
+            where = ", ".join(f"{h}:{p}" for h, p in self.bootstrap)
+            raise NoPeersError(f"no DHT peer answered at {where}")
+
+    def close(self) -> None:
+        if self.peer is not None:
+            self.peer.stop()
+            self.peer.storage.close()
+            self.peer = None
+
+    @property
+    def protocol(self) -> Any:
+        assert self.peer is not None, "DhtClient not started"
+        return self.peer.protocol
+
+    # ------------------------------------------------------------------ publish
+    async def publish(self, packets: list[Any]) -> PublishReport:
+        started = time.perf_counter()
+        rejected: Counter[str] = Counter()
+        best: dict[tuple[str, str], tuple[int, bytes, Any]] = {}
+        superseded = 0
+        for packet in packets:
+            wire = _wire_of(packet)
+            verdict = self._verifier.check(wire)
+            if not verdict.ok:
+                rejected[verdict.reason] += 1
+                continue
+            p = verdict.packet
+            ident = (p.site_id, p.packet_id)
+            if ident in best:
+                superseded += 1
+                if best[ident][0] >= p.seq:
+                    continue
+            best[ident] = (p.seq, wire, p)
+        by_key: dict[bytes, list[tuple[PacketReceipt, bytes]]] = {}
+        receipts = []
+        for seq, wire, p in best.values():
+            receipt = PacketReceipt(p.site_id, p.packet_id, p.fingerprint, p.seq)
+            receipts.append(receipt)
+            by_key.setdefault(dht_key(p.fingerprint), []).append((receipt, wire))
+        contacted: set[bytes] = set()
+        slots = asyncio.Semaphore(self.key_concurrency)
+
+        async def one(key: bytes, entries: list[tuple[PacketReceipt, bytes]]) -> None:
+            async with slots:
+                lookup = await self.peer.closest_nodes(key)
+                contacted.update(lookup.replies)
+                items = [[wire, self.ttl] for _, wire in entries]
+                results = await asyncio.gather(*(self.protocol.send_packets(n, key, items) for n in lookup.closest))
+                for statuses in results:
+                    for (receipt, _), status in zip(entries, statuses):
+                        receipt.asked += 1
+                        if status in CONFIRMED:
+                            receipt.replicas += 1
+                        else:
+                            receipt.refused[status] = receipt.refused.get(status, 0) + 1
+
+        await asyncio.gather(*(one(k, e) for k, e in by_key.items()))
+        return PublishReport(receipts, dict(rejected), superseded, len(contacted), time.perf_counter() - started)
+
+    # ------------------------------------------------------------------ query
+    async def fetch(self, fingerprint: str) -> tuple[set[bytes], dict]:
+        """Raw wires for ``fingerprint`` from its closest nodes, unverified, with lookup figures."""
+        key = dht_key(fingerprint)
+        target = Node(key)
+        proto = self.protocol
+        seeds = proto.router.find_neighbors(target, k=self.peer.ksize)
+        lookup = await iterative_lookup(
+            seeds,
+            key,
+            self.peer.ksize,
+            self.peer.alpha,
+            ask=lambda n: proto.call_find_packets(n, key, None),
+            nodes_of=lambda reply: reply.get("nodes") if isinstance(reply, dict) else None,
+            self_id=self.peer.node.id,
+        )
+        wires: set[bytes] = set()
+        more: dict[bytes, list[tuple[Node, list]]] = {}
+        holders = 0
+        for node, reply in lookup.replies.values():
+            if not isinstance(reply, dict) or not reply.get("count"):
+                continue
+            holders += 1
+            wires.update(w for w in reply.get("packets") or [] if isinstance(w, bytes))
+            nxt = reply.get("next")
+            if nxt is not None:
+                digest = reply.get("digest") if isinstance(reply.get("digest"), bytes) else node.id
+                more.setdefault(digest, []).append((node, nxt))
+        pages = 0
+
+        async def drain(candidates: list[tuple[Node, list]]) -> None:
+            nonlocal pages
+            for node, cursor in candidates:  # one node per digest; the next only if it stops answering
+                complete = False
+                for _ in range(MAX_PAGES_PER_NODE):
+                    ok, reply = await proto.call_find_packets(node, key, cursor)
+                    pages += 1
+                    if not ok or not isinstance(reply, dict):
+                        break
+                    wires.update(w for w in reply.get("packets") or [] if isinstance(w, bytes))
+                    nxt = reply.get("next")
+                    if nxt is None:
+                        complete = True
+                        break
+                    if not isinstance(nxt, list) or nxt <= cursor:  # a cursor must advance
+                        break
+                    cursor = nxt
+                if complete:
+                    return
+
+        await asyncio.gather(*(drain(c) for c in more.values()))
+        figures = {"hops": lookup.hops, "asked": lookup.asked, "answered": len(lookup.replies), "holders": holders, "pages": pages}
+        return wires, figures
+
+    async def query(self, fingerprint: str) -> QueryResult:
+        if not is_fingerprint(fingerprint):
+            raise QisError("a fingerprint is 64 lower-case hex characters", exit_code=2)
+        started = time.perf_counter()
+        wires, fig = await self.fetch(fingerprint)
+        rejected: Counter[str] = Counter()
+        best: dict[tuple[str, str], tuple[int, bytes, bytes, Any]] = {}
+        for wire in wires:
+            verdict = self._verifier.check(wire)
+            if not verdict.ok:
+                rejected[verdict.reason] += 1
+                continue
+            p = verdict.packet
+            if p.fingerprint != fingerprint:
+                rejected["wrong_fingerprint"] += 1
+                continue
+            ident = (p.site_id, p.packet_id)
+            rank = hashlib.sha256(wire).digest()
+            held = best.get(ident)
+            # highest seq wins; two different packets under one seq (equivocation): lowest hash, as nodes do
+            if held is None or p.seq > held[0] or (p.seq == held[0] and rank < held[1]):
+                best[ident] = (p.seq, rank, wire, p)
+        chosen = [best[k] for k in sorted(best)]
+        return QueryResult(
+            fingerprint=fingerprint,
+            packets=[c[3] for c in chosen],
+            wires=[c[2] for c in chosen],
+            rejected=dict(rejected),
+            hops=fig["hops"],
+            nodes_asked=fig["asked"],
+            nodes_answered=fig["answered"],
+            holders=fig["holders"],
+            pages=fig["pages"],
+            elapsed_s=time.perf_counter() - started,
+        )
+
+    async def query_many(self, fingerprints: list[str], concurrency: int = 8) -> dict[str, QueryResult]:
+        slots = asyncio.Semaphore(concurrency)
+
+        async def one(fp: str) -> QueryResult:
+            async with slots:
+                return await self.query(fp)
+
+        results = await asyncio.gather(*(one(fp) for fp in fingerprints))
+        return dict(zip(fingerprints, results))
+
+    async def node_holdings(self, address: tuple[str, int], fingerprint: str) -> list[bytes] | None:
+        """Every wire one node holds for ``fingerprint`` (all pages), or None if it does not answer.
+
+        For operators and tests checking where packets are; unverified."""
+        key = dht_key(fingerprint)
+        out: list[bytes] = []
+        cursor = None
+        for _ in range(MAX_PAGES_PER_NODE):
+            ok, reply = await self.protocol._call("find_packets", address, b"", key, cursor)
+            if not ok or not isinstance(reply, dict):
+                return None
+            out.extend(w for w in reply.get("packets") or [] if isinstance(w, bytes))
+            cursor = reply.get("next")
+            if cursor is None:
+                return out
+        return out
+
+    async def node_stats(self, address: tuple[str, int]) -> dict | None:
+        ok, reply = await self.protocol.call_stats(address)
+        return reply if ok and isinstance(reply, dict) else None
+
+
+# ---------------------------------------------------------------------- module-level API
+async def publish_async(packets: list[Any], bootstrap: Any, manifest: Any, **options: Any) -> PublishReport:
+    """Publish ``packets`` (wire bytes or Packet objects); raises NoPeersError when no peer answers."""
+    async with DhtClient(bootstrap, manifest, **options) as client:
+        return await client.publish(packets)
+
+
+def publish(packets: list[Any], bootstrap: Any, manifest: Any, **options: Any) -> PublishReport:
+    """Blocking :func:`publish_async` (runs its own event loop: call it from sync code only)."""
+    return asyncio.run(publish_async(packets, bootstrap, manifest, **options))
+
+
+async def query_async(fingerprint: str, bootstrap: Any, manifest: Any, **options: Any) -> QueryResult:
+    async with DhtClient(bootstrap, manifest, **options) as client:
+        return await client.query(fingerprint)
+
+
+def query(fingerprint: str, bootstrap: Any, manifest: Any, **options: Any) -> QueryResult:
+    """Blocking :func:`query_async`."""
+    return asyncio.run(query_async(fingerprint, bootstrap, manifest, **options))
+
+
+async def query_many_async(fingerprints: list[str], bootstrap: Any, manifest: Any, **options: Any) -> dict[str, QueryResult]:
+    async with DhtClient(bootstrap, manifest, **options) as client:
+        return await client.query_many(fingerprints)
+
+
+def query_many(fingerprints: list[str], bootstrap: Any, manifest: Any, **options: Any) -> dict[str, QueryResult]:
+    """Blocking: one client, many fingerprints (what synthesis needs)."""
+    return asyncio.run(query_many_async(fingerprints, bootstrap, manifest, **options))

@@ -1,0 +1,155 @@
+"""``qis-fhir node``, ``qis-fhir publish`` and ``qis-fhir query``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from qis_fhir.errors import InputNotFoundError, PacketsRejectedError, PublishIncompleteError
+
+_node_options = [
+    click.option("--ksize", type=click.IntRange(2, 64), default=20, show_default=True, help="Replicas per key (Kademlia k)."),
+    click.option("--alpha", type=click.IntRange(1, 16), default=3, show_default=True, help="Parallel RPCs per lookup round."),
+]
+
+
+def _with(options: list):
+    def deco(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+
+    return deco
+
+
+def _stdout_logging(level: int) -> None:
+    """Node logs go to stdout (the package's chatty INFO lines are held back to warnings)."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    qlog = logging.getLogger("qis_fhir")
+    qlog.handlers[:] = [handler]
+    qlog.setLevel(level)
+    qlog.propagate = False
+    for name in ("kademlia", "rpcudp"):
+        logging.getLogger(name).setLevel(logging.WARNING if level > logging.DEBUG else logging.DEBUG)
+
+
+@click.command()
+@click.option("--listen", "listen", required=True, help="HOST:PORT to bind, e.g. 127.0.0.1:8468 (port 0: any free port, written to DATA_DIR/node.json).")
+@click.option("--bootstrap", default="", help="Known nodes, HOST:PORT[,HOST:PORT...] (omit for the first node).")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Where the node keeps packets.sqlite3 and node.json.")
+@click.option("--network", "network", required=True, type=click.Path(path_type=Path), help="Network manifest (manifest.json or its directory); re-read when it changes.")
+@_with(_node_options)
+@click.option("--ttl-days", type=click.FloatRange(min=0.0001), default=30.0, show_default=True, help="Packets expire this long after their origin last published them.")
+@click.option("--republish-interval", type=click.FloatRange(min=0.1), default=3600.0, show_default=True, help="Seconds before a holder republishes a key nobody re-stored.")
+@click.option("--refresh-interval", type=click.FloatRange(min=0.1), default=3600.0, show_default=True, help="Seconds between routing-table refreshes.")
+@click.option("--maintenance-interval", type=click.FloatRange(min=0.05), default=60.0, show_default=True, help="Seconds between upkeep passes (expiry, republish, refresh).")
+@click.option("--rpc-timeout", type=click.FloatRange(min=0.1), default=3.0, show_default=True, help="Seconds to wait for a reply (one retry follows).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
+def node(listen: str, bootstrap: str, data_dir: Path, network: Path, ksize: int, alpha: int, ttl_days: float,
+         republish_interval: float, refresh_interval: float, maintenance_interval: float, rpc_timeout: float, log_level: str) -> None:
+    """Run a DHT node until SIGTERM or SIGINT: verifies every packet stored on it, keeps them in SQLite, republishes."""
+    from qis_fhir.dht.client import parse_address, parse_addresses
+    from qis_fhir.dht.node import NodeConfig
+    from qis_fhir.dht.service import serve
+    from qis_fhir.packets.manifest import load_manifest
+
+    _stdout_logging(getattr(logging, log_level.upper()))
+    host, port = parse_address(listen, allow_port_zero=True)
+    load_manifest(network)  # fail now, with the manifest's own error, before binding anything
+    config = NodeConfig(
+        host=host,
+        port=port,
+        bootstrap=tuple(parse_addresses(bootstrap)),
+        ksize=ksize,
+        alpha=alpha,
+        ttl=ttl_days * 86400.0,
+        republish_interval=republish_interval,
+        refresh_interval=refresh_interval,
+        maintenance_interval=maintenance_interval,
+        rpc_timeout=rpc_timeout,
+    )
+    asyncio.run(serve(config, data_dir, network))
+
+
+def _read_wires(path: Path) -> list[bytes]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputNotFoundError(f"packet file {path} does not exist") from None
+    wires = [line.rstrip(b"\r") for line in data.split(b"\n") if line.strip()]
+    if not wires:
+        raise InputNotFoundError(f"packet file {path} holds no packets")
+    return wires
+
+
+@click.command()
+@click.argument("packets", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--bootstrap", required=True, help="Nodes to start from, HOST:PORT[,HOST:PORT...].")
+@click.option("--network", "network", required=True, type=click.Path(path_type=Path), help="Network manifest the packets are verified against first.")
+@_with(_node_options)
+@click.option("--ttl-days", type=click.FloatRange(min=0.0001), default=30.0, show_default=True, help="Lifetime asked for (nodes cap it at theirs).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def publish(packets: Path, bootstrap: str, network: Path, ksize: int, alpha: int, ttl_days: float, as_json: bool) -> None:
+    """Publish a packets.ndjson file; reports how many replicas confirmed each packet.
+
+    Exits 11 when no peer answers, 12 when some packet was confirmed by no replica, 10 when some
+    packet failed verification here (those are never sent).
+    """
+    import json
+
+    from qis_fhir.dht.client import publish as do_publish
+
+    report = do_publish(_read_wires(packets), bootstrap, network, ksize=ksize, alpha=alpha, ttl=ttl_days * 86400.0)
+    summary = report.to_dict()
+    if as_json:
+        click.echo(json.dumps(summary, sort_keys=True))
+    else:
+        click.echo(
+            f"published {summary['confirmed']}/{summary['packets']} packets to {summary['nodes_contacted']} nodes; "
+            f"replicas per packet: min {summary['min_replicas']}, histogram {summary['replicas_histogram']}"
+        )
+        if summary["refused_by_nodes"]:
+            click.echo(f"refusals by nodes: {summary['refused_by_nodes']}")
+        if summary["rejected_locally"]:
+            click.echo(f"not sent (failed verification here): {summary['rejected_locally']}")
+    if report.unconfirmed:
+        raise PublishIncompleteError(f"{len(report.unconfirmed)} of {len(report.receipts)} packets were confirmed by no replica")
+    if report.rejected_locally:
+        raise PacketsRejectedError(f"{sum(report.rejected_locally.values())} packets failed verification and were not published")
+
+
+@click.command()
+@click.argument("fingerprint")
+@click.option("--bootstrap", required=True, help="Nodes to start from, HOST:PORT[,HOST:PORT...].")
+@click.option("--network", "network", required=True, type=click.Path(path_type=Path), help="Network manifest every received packet is verified against.")
+@_with(_node_options)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the verified packets here as NDJSON (default: stdout).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout (packets go to --out only).")
+def query(fingerprint: str, bootstrap: str, network: Path, ksize: int, alpha: int, out: Path | None, as_json: bool) -> None:
+    """Fetch every site's packets for FINGERPRINT, verified here, one per (site, packet id) at its newest seq."""
+    import json
+
+    from qis_fhir.dht.client import query as do_query
+
+    result = do_query(fingerprint.strip().lower(), bootstrap, network, ksize=ksize, alpha=alpha)
+    summary = result.to_dict()
+    ndjson = b"".join(w + b"\n" for w in result.wires)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(ndjson)
+    if as_json:
+        click.echo(json.dumps(summary, sort_keys=True))
+    else:
+        if out is None:
+            sys.stdout.buffer.write(ndjson)
+            sys.stdout.flush()
+        click.echo(
+            f"{summary['packets']} packets from {len(summary['sites'])} sites; {summary['hops']} hops, "
+            f"{summary['nodes_asked']} nodes asked, {summary['holders']} held it; rejected here: {summary['rejected'] or 'none'}",
+            err=True,
+        )

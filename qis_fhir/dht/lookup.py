@@ -1,0 +1,90 @@
+"""Iterative Kademlia lookups that count their hops.
+
+The package's spider crawls return only nodes or one value. Ours walk towards a key in rounds of
+``alpha`` parallel RPCs (all remaining candidates at once when a round brings nothing closer, as the
+paper says), and remember every reply, so one walk both finds the ``ksize`` closest nodes and
+collects the first page of packets each of them holds. ``hops`` counts sequential rounds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kademlia.node import Node, NodeHeap
+
+MAX_ROUNDS = 64  # far above log2 of any network we run; bounds a lookup fed bogus nodes
+
+
+@dataclass
+class Lookup:
+    target: bytes
+    closest: list[Node] = field(default_factory=list)  # the ksize closest nodes that answered
+    replies: dict[bytes, tuple[Node, Any]] = field(default_factory=dict)  # node id -> (node, reply)
+    hops: int = 0
+    asked: int = 0
+    failed: int = 0
+
+
+def _nodes_from(triples: object, exclude: bytes) -> list[Node]:
+    nodes = []
+    if not isinstance(triples, list):
+        return nodes
+    for t in triples:
+        if (
+            isinstance(t, list)
+            and len(t) == 3
+            and isinstance(t[0], bytes)
+            and len(t[0]) == 20
+            and isinstance(t[1], str)
+            and isinstance(t[2], int)
+            and 0 < t[2] < 65536
+            and t[0] != exclude
+        ):
+            nodes.append(Node(t[0], t[1], t[2]))
+    return nodes
+
+
+async def iterative_lookup(
+    seeds: list[Node],
+    target: bytes,
+    ksize: int,
+    alpha: int,
+    ask: Callable[[Node], Awaitable[tuple[bool, Any]]],
+    nodes_of: Callable[[Any], object],
+    self_id: bytes = b"",
+) -> Lookup:
+    """Walk towards ``target`` calling ``ask(node)``; ``nodes_of(reply)`` extracts node triples."""
+    import asyncio
+
+    result = Lookup(target)
+    heap = NodeHeap(Node(target), ksize)
+    heap.push([n for n in seeds if n.id != self_id])
+    last_ids: list[bytes] | None = None
+    dead_ids: set[bytes] = set()
+    while result.hops < MAX_ROUNDS:
+        uncontacted = heap.get_uncontacted()
+        if not uncontacted:
+            break
+        ids = heap.get_ids()
+        count = alpha if ids != last_ids else len(uncontacted)
+        last_ids = ids
+        batch = uncontacted[:count]
+        for node in batch:
+            heap.mark_contacted(node)
+        result.hops += 1
+        result.asked += len(batch)
+        replies = await asyncio.gather(*(ask(node) for node in batch))
+        dead = []
+        for node, (ok, reply) in zip(batch, replies):
+            if not ok:
+                dead.append(node.id)
+                dead_ids.add(node.id)
+                result.failed += 1
+                continue
+            result.replies[node.id] = (node, reply)
+            heap.push([n for n in _nodes_from(nodes_of(reply), self_id) if n.id not in dead_ids])
+        heap.remove(dead)
+    result.closest = [n for n in heap if n.id in result.replies]
+    return result

@@ -1,0 +1,243 @@
+"""A long-running DHT node: the package's ``Server`` with our protocol, SQLite storage and upkeep.
+
+Differences from the stock ``kademlia.network.Server``:
+
+* it binds exactly the interface it is given (``127.0.0.1`` by default, never ``0.0.0.0`` by
+  default) and reports the port it actually got (port 0 picks a free one);
+* its id and last known neighbours persist in ``DATA_DIR/node.json``, so a restarted node takes its
+  old place in the id space (its stored packets are the ones that belong there) and can rejoin even
+  when its bootstrap peers are gone;
+* upkeep runs in one bounded loop: expire old rows, republish keys nobody re-stored for
+  ``republish_interval`` (with their *remaining* lifetime, so replicas never make a packet
+  immortal), refresh lonely buckets, and re-bootstrap when the routing table is empty.
+  The stock hourly refresh (which republishes through ``set_digest``) is not started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from kademlia.network import Server
+from kademlia.node import Node
+
+from qis_fhir.dht.lookup import Lookup, iterative_lookup
+from qis_fhir.dht.protocol import PacketProtocol, Verify
+from qis_fhir.dht.storage import PacketStore
+
+log = logging.getLogger("qis_fhir.dht.node")
+
+NODE_JSON = "node.json"
+STORE_FILE = "packets.sqlite3"
+DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    host: str = "127.0.0.1"
+    port: int = 0
+    bootstrap: tuple[tuple[str, int], ...] = ()
+    ksize: int = 20
+    alpha: int = 3
+    ttl: float = 30 * DAY  # a packet expires this long after its origin last published it
+    republish_interval: float = 3600.0  # a key nobody re-stored for this long is republished by its holder
+    refresh_interval: float = 3600.0  # lonely buckets are refreshed this often
+    maintenance_interval: float = 60.0  # how often upkeep looks for due work
+    rpc_timeout: float = 3.0
+    max_inflight: int = 32  # outgoing RPCs in flight at once (per node or client)
+    republish_concurrency: int = 4  # keys republished at once
+    extra: dict = field(default_factory=dict)
+
+
+def _random_id() -> bytes:
+    return random.SystemRandom().getrandbits(160).to_bytes(20, "big")
+
+
+class DhtNode(Server):
+    """A node (``announce=True``) or a short-lived client peer (``announce=False``, never routed to)."""
+
+    protocol_class = PacketProtocol
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        verify: Verify,
+        storage: PacketStore,
+        *,
+        node_id: bytes | None = None,
+        announce: bool = True,
+    ) -> None:
+        super().__init__(ksize=config.ksize, alpha=config.alpha, node_id=node_id or _random_id(), storage=storage)
+        self.config = config
+        self.verify = verify
+        self.announce = announce
+        self.host: str = config.host
+        self.port: int | None = None
+        self._upkeep: asyncio.Task | None = None
+        self._last_refresh = time.monotonic()
+        self.on_upkeep: list[Any] = []  # callables run after each upkeep pass (the node command saves state)
+
+    # ------------------------------------------------------------------ lifecycle
+    def _create_protocol(self) -> PacketProtocol:
+        return PacketProtocol(
+            self.node,
+            self.storage,
+            self.ksize,
+            verify=self.verify,
+            announce=self.announce,
+            rpc_timeout=self.config.rpc_timeout,
+            max_inflight=self.config.max_inflight,
+            max_ttl=self.config.ttl,
+        )
+
+    async def listen(self, port: int | None = None, interface: str | None = None) -> None:  # type: ignore[override]
+        """Bind ``interface:port`` (default: the config's, i.e. 127.0.0.1 and a free port)."""
+        host = interface or self.config.host
+        port = self.config.port if port is None else port
+        loop = asyncio.get_running_loop()
+        self.transport, self.protocol = await loop.create_datagram_endpoint(self._create_protocol, local_addr=(host, port))
+        self.host, self.port = self.transport.get_extra_info("sockname")[:2]
+
+    async def start(self, bootstrap: list[tuple[str, int]] | None = None) -> int:
+        """Listen, join the network, start upkeep (nodes only); returns the contacts known after joining."""
+        await self.listen()
+        peers = list(bootstrap if bootstrap is not None else self.config.bootstrap)
+        known = await self.join(peers) if peers else 0
+        if self.announce:
+            self._upkeep = asyncio.ensure_future(self._upkeep_loop())
+        return known
+
+    def stop(self) -> None:
+        if self._upkeep is not None:
+            self._upkeep.cancel()
+        if self.protocol is not None:
+            self.protocol.cancel_tasks()
+        super().stop()
+
+    # ------------------------------------------------------------------ routing
+    def contacts(self) -> list[Node]:
+        if self.protocol is None:
+            return []
+        return [n for b in self.protocol.router.buckets for n in b.get_nodes()]
+
+    async def join(self, peers: list[tuple[str, int]]) -> int:
+        """Ping ``peers``, then look up our own id to fill the routing table; returns contacts known."""
+        found = await asyncio.gather(*(self.protocol.ping_address(tuple(p)) for p in peers))
+        seeds = [n for n in found if n is not None]
+        if seeds:
+            await self.closest_nodes(self.node.id, seeds=seeds)
+        known = len(self.contacts())
+        log.info("joined through %d of %d bootstrap peers; %d contacts", len(seeds), len(peers), known)
+        return known
+
+    async def closest_nodes(self, key: bytes, seeds: list[Node] | None = None) -> Lookup:
+        """The ``ksize`` closest live nodes to ``key`` (iterative FIND_NODE)."""
+        target = Node(key)
+        if seeds is None:
+            seeds = self.protocol.router.find_neighbors(target, k=self.ksize)
+        return await iterative_lookup(
+            seeds,
+            key,
+            self.ksize,
+            self.alpha,
+            ask=lambda n: self.protocol.call_find_node(n, target),
+            nodes_of=lambda reply: reply,
+            self_id=self.node.id,
+        )
+
+    # ------------------------------------------------------------------ upkeep
+    async def _upkeep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.maintenance_interval)
+            try:
+                await self.upkeep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # upkeep must outlive one bad pass
+                log.exception("upkeep pass failed")
+
+    async def upkeep(self) -> dict:
+        """One pass: expire, re-join if alone, republish due keys, refresh lonely buckets."""
+        expired = self.storage.expire()
+        if expired:
+            log.info("expired %d packets", expired)
+        if not self.contacts() and self.config.bootstrap:
+            await self.join(list(self.config.bootstrap))
+        republished = await self.republish()
+        if time.monotonic() - self._last_refresh >= self.config.refresh_interval:
+            self._last_refresh = time.monotonic()
+            await self.refresh()
+        for hook in self.on_upkeep:
+            hook()
+        return {"expired": expired, "republished_keys": republished}
+
+    async def republish(self) -> int:
+        """Store every key nobody re-stored for ``republish_interval`` on its current k closest nodes."""
+        keys = self.storage.keys_due_for_republish(self.config.republish_interval)
+        if not keys or not self.contacts():
+            return 0
+        slots = asyncio.Semaphore(self.config.republish_concurrency)
+
+        async def one(key: bytes) -> None:
+            async with slots:
+                lookup = await self.closest_nodes(key)
+                now = time.time()
+                items = [[e.wire, max(0.0, e.expires_at - now)] for e in self.storage.entries(key, now)]
+                if items:
+                    await asyncio.gather(*(self.protocol.send_packets(n, key, items) for n in lookup.closest))
+                self.storage.mark_republished(key, now)
+
+        await asyncio.gather(*(one(k) for k in keys))
+        log.info("republished %d keys", len(keys))
+        return len(keys)
+
+    async def refresh(self) -> None:
+        """Look up a random id in each bucket nobody touched for an hour (paper section 2.3)."""
+        ids = self.protocol.get_refresh_ids()
+        await asyncio.gather(*(self.closest_nodes(i) for i in ids))
+
+
+# ---------------------------------------------------------------------- node.json
+def read_node_state(data_dir: Path) -> dict:
+    path = Path(data_dir) / NODE_JSON
+    if not path.exists():
+        return {}
+    try:
+        state = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError:
+        log.warning("%s is corrupt; starting with a new node id", path)
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def write_node_state(data_dir: Path, node: DhtNode, **extra: Any) -> None:
+    """``node.json``: id, bound address, pid and neighbours (atomic replace; read by tests and restarts)."""
+    state = {
+        "node_id": node.node.id.hex(),
+        "host": node.host,
+        "port": node.port,
+        "pid": os.getpid(),
+        "neighbors": [[n.ip, n.port] for n in node.contacts()][: 4 * node.ksize],
+        **extra,
+    }
+    path = Path(data_dir) / NODE_JSON
+    tmp = path.with_name(f".{NODE_JSON}.{os.getpid()}.tmp")
+    tmp.write_bytes(orjson.dumps(state, option=orjson.OPT_INDENT_2))
+    os.replace(tmp, path)
+
+
+def node_id_from_state(state: dict) -> bytes | None:
+    value = state.get("node_id")
+    if isinstance(value, str) and len(value) == 40:
+        try:
+            return bytes.fromhex(value)
+        except ValueError:
+            return None
+    return None

@@ -1,0 +1,70 @@
+"""Running one node until SIGTERM/SIGINT: what ``qis-fhir node`` does, callable from tests too."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from qis_fhir.dht.node import STORE_FILE, DhtNode, NodeConfig, node_id_from_state, read_node_state, write_node_state
+from qis_fhir.dht.storage import PacketStore
+from qis_fhir.dht.trust import ManifestVerifier
+
+log = logging.getLogger("qis_fhir.dht.node")
+
+
+async def serve(config: NodeConfig, data_dir: Path, manifest_path: Path, stop: asyncio.Event | None = None) -> None:
+    """Open the store, bind, join, keep up until ``stop`` is set (or SIGTERM/SIGINT), then close cleanly."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    storage = PacketStore(data_dir / STORE_FILE)
+
+    def purge(key_ids: set[str]) -> None:
+        removed = storage.remove_key_ids(key_ids)
+        log.info("manifest revoked %d key(s): purged %d packets", len(key_ids), removed)
+
+    verifier = ManifestVerifier(manifest_path, replay=storage.replay_view(), on_revoked=purge)
+    purge_now = storage.key_ids() & set(verifier.manifest.revoked_key_ids)
+    if purge_now:
+        purge(purge_now)
+    state = read_node_state(data_dir)
+    node = DhtNode(config, verifier, storage, node_id=node_id_from_state(state))
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests running serve in a thread)
+            pass
+    await node.listen()
+    write_node_state(data_dir, node)
+    log.info(
+        "node %s listening on %s:%d (ksize %d, %d packets held, data dir %s)",
+        node.node.id.hex()[:12], node.host, node.port, node.ksize, storage.count(), data_dir,
+    )
+    saved = [(str(h), int(p)) for h, p in state.get("neighbors", []) if isinstance(p, int)]
+    peers = list(dict.fromkeys([*config.bootstrap, *saved]))
+    peers = [p for p in peers if p != (node.host, node.port)]
+    node.on_upkeep.append(lambda: write_node_state(data_dir, node, joined=True))
+
+    async def run() -> None:
+        if peers:
+            await node.join(peers)
+        write_node_state(data_dir, node, joined=True)
+        await node._upkeep_loop()
+
+    task = asyncio.ensure_future(run())
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping node on %s:%d", node.host, node.port)
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            pass
+        write_node_state(data_dir, node)
+        node.stop()
+        storage.close()
+        log.info("stopped")

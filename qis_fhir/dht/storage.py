@@ -1,0 +1,309 @@
+"""SQLite packet storage of one DHT node: many writers per key, survives restarts.
+
+One row per (key, site_id, packet_id). For the same (site, packet id) only the highest sequence number
+is kept, so a site's newer packet supersedes its older one; rows are keyed by the *signer's* site id,
+which the verifier has checked against the manifest, so no site can overwrite or delete another
+site's rows. The ``seen`` table remembers the highest sequence ever accepted per (site, packet id)
+even after a row expires, so an old packet cannot be replayed into a node that once held a newer one.
+
+Nothing here verifies: the protocol verifies every packet before calling :meth:`PacketStore.put`.
+The :class:`kademlia.storage.IStorage` methods exist so the package's own code paths (``Server.get``,
+``set_digest``, ``welcome_if_new``) keep working; ``__setitem__`` refuses anything its injected
+verifier rejects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kademlia.storage import IStorage
+
+from qis_fhir.dht.keys import dht_key
+
+SCHEMA = """
+PRAGMA journal_mode = WAL;
+PRAGMA synchronous = NORMAL;
+CREATE TABLE IF NOT EXISTS packets (
+    key BLOB NOT NULL,
+    fingerprint TEXT NOT NULL,
+    site_id TEXT NOT NULL,
+    packet_id TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    wire BLOB NOT NULL,
+    wire_hash BLOB NOT NULL,
+    stored_at REAL NOT NULL,
+    last_republished REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (key, site_id, packet_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS packets_expiry ON packets (expires_at);
+CREATE INDEX IF NOT EXISTS packets_republish ON packets (last_republished);
+CREATE TABLE IF NOT EXISTS seen (
+    site_id TEXT NOT NULL,
+    packet_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    digest TEXT,
+    PRIMARY KEY (site_id, packet_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rejections (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
+"""
+
+# outcomes of put()
+STORED = "stored"  # new row, or a newer sequence replaced an older one
+HELD = "held"  # the identical packet was already held (its expiry may have been extended)
+STALE = "stale"  # we hold a newer sequence for this (site, packet id): nothing changed
+CONFLICT = "conflict"  # same sequence, different bytes: every replica keeps the lower hash; this one lost
+CONFIRMED = frozenset({STORED, HELD})
+
+
+@dataclass(frozen=True)
+class StoredPacket:
+    key: bytes
+    wire: bytes
+    expires_at: float
+
+
+class ReplayView:
+    """The verifier's ``ReplayState`` interface (with ``get_digest``) over the ``seen`` table."""
+
+    def __init__(self, store: "PacketStore") -> None:
+        self._store = store
+
+    def get(self, site_id: str, packet_id: str) -> int | None:
+        row = self._store.seen(site_id, packet_id)
+        return None if row is None else row[0]
+
+    def get_digest(self, site_id: str, packet_id: str) -> str | None:
+        row = self._store.seen(site_id, packet_id)
+        return None if row is None else row[1]
+
+    def put(self, site_id: str, packet_id: str, seq: int, digest: str | None = None) -> None:
+        self._store.note_seen(site_id, packet_id, seq, digest)
+
+
+class PacketStore(IStorage):
+    """Packets of one node. ``path`` may be ``":memory:"`` for a short-lived client."""
+
+    def __init__(self, path: str | Path, *, verify: Callable[[bytes], Any] | None = None) -> None:
+        self.path = str(path)
+        self.verify = verify
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ------------------------------------------------------------------ writes
+    def put(self, key: bytes, packet: Any, wire: bytes, ttl: float, now: float | None = None) -> str:
+        """Store a *verified* packet under ``key``; returns STORED, HELD, STALE or CONFLICT.
+
+        ``ttl`` seconds from now is when the row expires unless stored again; storing the identical
+        packet again extends the expiry (never shortens it) and counts as this node's republish.
+        """
+        now = time.time() if now is None else now
+        expires = now + max(0.0, float(ttl))
+        wire_hash = hashlib.sha256(wire).digest()
+        row = self.db.execute(
+            "SELECT seq, wire_hash, expires_at FROM packets WHERE key=? AND site_id=? AND packet_id=?",
+            (key, packet.site_id, packet.packet_id),
+        ).fetchone()
+        if row is not None:
+            old_seq, old_hash, old_expires = row
+            if packet.seq < old_seq:
+                return STALE
+            if packet.seq == old_seq:
+                if wire_hash == old_hash or wire_hash > old_hash:
+                    # identical (or the losing side of a same-seq conflict): keep, extend, mark republished
+                    self.db.execute(
+                        "UPDATE packets SET expires_at=?, last_republished=? WHERE key=? AND site_id=? AND packet_id=?",
+                        (max(old_expires, expires), now, key, packet.site_id, packet.packet_id),
+                    )
+                    return HELD if wire_hash == old_hash else CONFLICT
+        self.db.execute(
+            "INSERT OR REPLACE INTO packets (key, fingerprint, site_id, packet_id, key_id, seq, wire, wire_hash,"
+            " stored_at, last_republished, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (key, packet.fingerprint, packet.site_id, packet.packet_id, str(packet.key_id), int(packet.seq),
+             wire, wire_hash, now, now, expires),
+        )
+        self.note_seen(packet.site_id, packet.packet_id, int(packet.seq), None)
+        return STORED
+
+    def note_seen(self, site_id: str, packet_id: str, seq: int, digest: str | None = None) -> None:
+        """Remember the highest seq (and its content digest) accepted for (site, packet id); never moves back."""
+        self.db.execute(
+            "INSERT INTO seen (site_id, packet_id, seq, digest) VALUES (?,?,?,?)"
+            " ON CONFLICT (site_id, packet_id) DO UPDATE SET seq = excluded.seq, digest = excluded.digest"
+            " WHERE excluded.seq > seen.seq OR (excluded.seq = seen.seq AND seen.digest IS NULL)",
+            (site_id, packet_id, int(seq), digest),
+        )
+
+    def seen(self, site_id: str, packet_id: str) -> tuple[int, str | None] | None:
+        row = self.db.execute("SELECT seq, digest FROM seen WHERE site_id=? AND packet_id=?", (site_id, packet_id)).fetchone()
+        return None if row is None else (int(row[0]), row[1])
+
+    def replay_view(self) -> ReplayView:
+        return ReplayView(self)
+
+    def count_rejection(self, reason: str, n: int = 1) -> None:
+        self.db.execute(
+            "INSERT INTO rejections (reason, count) VALUES (?, ?)"
+            " ON CONFLICT (reason) DO UPDATE SET count = count + excluded.count",
+            (reason, n),
+        )
+
+    def rejections(self) -> dict[str, int]:
+        return {r: int(c) for r, c in self.db.execute("SELECT reason, count FROM rejections ORDER BY reason")}
+
+    def expire(self, now: float | None = None) -> int:
+        """Delete rows past their expiry; returns how many went."""
+        now = time.time() if now is None else now
+        return self.db.execute("DELETE FROM packets WHERE expires_at <= ?", (now,)).rowcount
+
+    def remove_key_ids(self, key_ids: set[str]) -> int:
+        """Delete every row signed by one of ``key_ids`` (a manifest revoked them)."""
+        removed = 0
+        for kid in key_ids:
+            removed += self.db.execute("DELETE FROM packets WHERE key_id = ?", (str(kid),)).rowcount
+        return removed
+
+    def mark_republished(self, key: bytes, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        self.db.execute("UPDATE packets SET last_republished=? WHERE key=?", (now, key))
+
+    # ------------------------------------------------------------------ reads
+    def count(self, key: bytes | None = None) -> int:
+        if key is None:
+            return int(self.db.execute("SELECT count(*) FROM packets").fetchone()[0])
+        return int(self.db.execute("SELECT count(*) FROM packets WHERE key=?", (key,)).fetchone()[0])
+
+    def keys(self) -> list[bytes]:
+        return [k for (k,) in self.db.execute("SELECT DISTINCT key FROM packets ORDER BY key")]
+
+    def key_ids(self) -> set[str]:
+        return {k for (k,) in self.db.execute("SELECT DISTINCT key_id FROM packets")}
+
+    def digest(self, key: bytes) -> tuple[int, bytes]:
+        """(count, SHA-256 over the sorted (site, packet id, seq) triples) of one key's rows.
+
+        Replicas holding the same set answer with the same digest, so a querier fetches the further
+        pages of a large key from one of them instead of from every replica.
+        """
+        h = hashlib.sha256()
+        n = 0
+        for site_id, packet_id, seq, wire_hash in self.db.execute(
+            "SELECT site_id, packet_id, seq, wire_hash FROM packets WHERE key=? ORDER BY site_id, packet_id", (key,)
+        ):
+            h.update(f"{site_id}\x00{packet_id}\x00{seq}\x00".encode())
+            h.update(wire_hash)
+            n += 1
+        return n, h.digest()
+
+    def page(self, key: bytes, after: tuple[str, str] | None, budget: int, item_overhead: int = 3) -> tuple[list[bytes], tuple[str, str] | None]:
+        """Wires of ``key`` in (site, packet id) order after the cursor ``after``, at most ``budget``
+        packed bytes (each wire costs its length plus ``item_overhead`` msgpack framing bytes).
+
+        Returns (wires, next cursor or None when this page reaches the end).
+        """
+        if after is None:
+            rows = self.db.execute(
+                "SELECT site_id, packet_id, wire FROM packets WHERE key=? ORDER BY site_id, packet_id", (key,)
+            )
+        else:
+            rows = self.db.execute(
+                "SELECT site_id, packet_id, wire FROM packets WHERE key=? AND (site_id > ? OR (site_id = ? AND packet_id > ?))"
+                " ORDER BY site_id, packet_id",
+                (key, after[0], after[0], after[1]),
+            )
+        wires: list[bytes] = []
+        used = 0
+        last: tuple[str, str] | None = None
+        for site_id, packet_id, wire in rows:
+            cost = len(wire) + item_overhead
+            if wires and used + cost > budget:
+                return wires, last
+            if not wires and cost > budget:
+                return wires, after  # cannot even fit one: caller's budget bug, never loops silently
+            wires.append(bytes(wire))
+            used += cost
+            last = (site_id, packet_id)
+        return wires, None
+
+    def entries(self, key: bytes, now: float | None = None) -> list[StoredPacket]:
+        now = time.time() if now is None else now
+        return [
+            StoredPacket(key, bytes(w), float(e))
+            for w, e in self.db.execute(
+                "SELECT wire, expires_at FROM packets WHERE key=? AND expires_at > ? ORDER BY site_id, packet_id", (key, now)
+            )
+        ]
+
+    def keys_due_for_republish(self, interval: float, now: float | None = None) -> list[bytes]:
+        """Keys holding a row not (re)stored by anyone for ``interval`` seconds."""
+        now = time.time() if now is None else now
+        return [
+            k
+            for (k,) in self.db.execute(
+                "SELECT DISTINCT key FROM packets WHERE last_republished <= ? AND expires_at > ? ORDER BY key",
+                (now - interval, now),
+            )
+        ]
+
+    # ------------------------------------------------------------------ IStorage (the package's view)
+    def __setitem__(self, key: bytes, value: bytes) -> None:
+        if self.verify is None or not isinstance(value, (bytes, bytearray)):
+            raise TypeError("PacketStore holds only verified packet wire bytes")
+        verdict = self.verify(bytes(value))
+        if not verdict.ok:
+            raise ValueError(f"packet rejected: {verdict.reason}")
+        if dht_key(verdict.packet.fingerprint) != key:
+            raise ValueError("packet rejected: wrong_key")
+        self.put(key, verdict.packet, bytes(value), ttl=7 * 86400)
+
+    def __getitem__(self, key: bytes) -> bytes:
+        row = self.db.execute(
+            "SELECT wire FROM packets WHERE key=? ORDER BY stored_at DESC, site_id, packet_id LIMIT 1", (key,)
+        ).fetchone()
+        if row is None:
+            raise KeyError(key)
+        return bytes(row[0])
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def iter_older_than(self, seconds_old: float) -> list[tuple[bytes, bytes]]:
+        cutoff = time.time() - seconds_old
+        return [
+            (k, bytes(w))
+            for k, w in self.db.execute(
+                "SELECT key, wire FROM packets WHERE last_republished <= ? ORDER BY key", (cutoff,)
+            )
+        ]
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        return iter([(k, bytes(w)) for k, w in self.db.execute("SELECT key, wire FROM packets ORDER BY key")])
+
+    # ------------------------------------------------------------------ transactions
+    def transaction(self) -> "_Transaction":
+        """``with store.transaction():`` groups the writes of one RPC into one commit."""
+        return _Transaction(self.db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
