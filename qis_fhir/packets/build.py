@@ -116,10 +116,10 @@ def build_packets(
         raise MappingError(f"{int(wrong_version.sum())} outcome events were derived with another mapping version than {mapping.version}")
     min_cell = manifest.min_cell_size
 
-    df = events.loc[:, [c for c in REQUIRED_COLUMNS if c != "mapping_version"] + [c for c in ("start", "event_id") if c in events.columns]]
-    change = pd.to_numeric(df["change"], errors="coerce").astype("float64")
-    df = df[change.map(math.isfinite).astype(bool)].copy()
-    df["change"] = change[df.index]
+    columns = [c for c in REQUIRED_COLUMNS if c != "mapping_version"] + [c for c in ("start", "event_id") if c in events.columns]
+    df = events.loc[:, columns].reset_index(drop=True)  # any index the caller had (concat may repeat labels)
+    df["change"] = pd.to_numeric(df["change"], errors="coerce").astype("float64")
+    df = df[df["change"].map(math.isfinite).astype(bool)].copy()
     for col in ("age_band", "sex"):
         df[col] = df[col].fillna("unknown").astype(str)
     df["period"] = [_period_of(str(s), granularity) for s in df["start_period"]]

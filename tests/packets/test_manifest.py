@@ -1,0 +1,169 @@
+"""The signed network manifest: signature, rollback pins, updates, files and their modes."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import orjson
+import pytest
+
+from qis_fhir.errors import AlreadyExistsError, InputNotFoundError, ManifestError, SecretError
+from qis_fhir.packets.keys import create_site, load_site
+from qis_fhir.packets.manifest import (
+    accept_mapping_version,
+    add_site,
+    create_network,
+    load_manifest,
+    load_network,
+    revoke,
+)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture
+def netdir(tmp_path):
+    create_network(tmp_path / "net", network_id="m-net", min_cell_size=7)
+    return tmp_path / "net"
+
+
+def test_new_network_files_and_modes(netdir):
+    assert _mode(netdir / "governance_key.pem") == 0o600
+    assert _mode(netdir / "network.secret") == 0o600
+    m = load_manifest(netdir / "manifest.json")
+    assert (m.network_id, m.version, m.min_cell_size, m.accepted_mapping_versions, m.sites) == ("m-net", 1, 7, ("v1",), ())
+    # the public manifest holds neither the secret nor the governance private key
+    text = (netdir / "manifest.json").read_text()
+    assert (netdir / "network.secret").read_text().strip() not in text
+    assert "PRIVATE" not in text
+
+
+def test_network_and_site_refuse_to_overwrite(netdir, tmp_path):
+    with pytest.raises(AlreadyExistsError):
+        create_network(netdir)
+    create_site("s1", tmp_path / "s1")
+    before = (tmp_path / "s1" / "site_key.pem").read_bytes()
+    with pytest.raises(AlreadyExistsError):
+        create_site("s1", tmp_path / "s1")
+    assert (tmp_path / "s1" / "site_key.pem").read_bytes() == before
+
+
+def test_site_files_and_modes(tmp_path):
+    site = create_site("s1", tmp_path / "s1")
+    assert _mode(tmp_path / "s1" / "site_key.pem") == 0o600
+    assert _mode(tmp_path / "s1" / "site.secret") == 0o600
+    info = orjson.loads((tmp_path / "s1" / "site.json").read_bytes())
+    assert info["site_id"] == "s1" and info["key_id"] == site.key_id
+    again = load_site(tmp_path / "s1")
+    assert again.key_id == site.key_id and again.patient_secret == site.patient_secret
+    assert "PRIVATE" not in repr(again) and site.patient_secret.hex() not in repr(again)
+
+
+def test_unsafe_private_key_mode_is_refused(tmp_path):
+    create_site("s1", tmp_path / "s1")
+    os.chmod(tmp_path / "s1" / "site_key.pem", 0o644)
+    with pytest.raises(SecretError):
+        load_site(tmp_path / "s1")
+
+
+def test_bad_site_id_is_refused(tmp_path):
+    with pytest.raises(ValueError):
+        create_site("Site A", tmp_path / "x")
+
+
+def test_add_site_and_revoke_grow_the_version(netdir, tmp_path):
+    create_site("s1", tmp_path / "s1")
+    create_site("s2", tmp_path / "s2")
+    assert add_site(netdir, tmp_path / "s1").version == 2
+    assert add_site(netdir, tmp_path / "s2").version == 3
+    with pytest.raises(AlreadyExistsError):
+        add_site(netdir, tmp_path / "s1")
+    m = revoke(netdir, "s1")
+    assert m.version == 4 and m.revoked_key_ids == {load_site(tmp_path / "s1").key_id}
+    with pytest.raises(InputNotFoundError):
+        revoke(netdir, "nobody")
+    with pytest.raises(ManifestError):  # a revoked key cannot come back
+        add_site(netdir, tmp_path / "s1")
+    assert accept_mapping_version(netdir, "v2").accepted_mapping_versions == ("v1", "v2")
+    assert load_manifest(netdir).version == 5
+
+
+def _tamper(path, edit):
+    doc = orjson.loads(path.read_bytes())
+    edit(doc)
+    path.write_bytes(orjson.dumps(doc))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d["manifest"].__setitem__("min_cell_size", 1),
+        lambda d: d["manifest"].__setitem__("version", 99),
+        lambda d: d["manifest"]["accepted_mapping_versions"].append("v9"),
+        lambda d: d["manifest"]["revoked_key_ids"].append("0" * 32),
+        lambda d: d.__setitem__("signature", d["signature"][:-4] + "AAA="),
+    ],
+)
+def test_tampered_manifest_is_refused(netdir, edit):
+    _tamper(netdir / "manifest.json", edit)
+    with pytest.raises(ManifestError):
+        load_manifest(netdir)
+
+
+def test_manifest_resigned_by_another_governance_key_is_refused_by_a_pinned_reader(netdir, tmp_path):
+    pins = tmp_path / "pins.json"
+    load_manifest(netdir, pinned_state=pins)
+    create_network(tmp_path / "rogue", network_id="m-net")  # same network id, different governance
+    with pytest.raises(ManifestError, match="governance key"):
+        load_manifest(tmp_path / "rogue", pinned_state=pins)
+
+
+def test_manifest_with_an_added_site_not_signed_by_governance_is_refused(netdir, tmp_path):
+    """An attacker adds its own site to the manifest without the governance key."""
+    create_site("evil", tmp_path / "evil")
+    info = orjson.loads((tmp_path / "evil" / "site.json").read_bytes())
+
+    def edit(d):
+        d["manifest"]["sites"].append({"site_id": "evil", "key_id": info["key_id"], "public_key": info["public_key"], "added": "2026-01-01"})
+
+    _tamper(netdir / "manifest.json", edit)
+    with pytest.raises(ManifestError, match="signature"):
+        load_manifest(netdir)
+
+
+def test_rollback_to_an_older_version_is_refused(netdir, tmp_path):
+    pins = tmp_path / "pins.json"
+    old = (netdir / "manifest.json").read_bytes()
+    create_site("s1", tmp_path / "s1")
+    add_site(netdir, tmp_path / "s1")
+    revoke(netdir, "s1")  # version 3: s1 revoked
+    assert load_manifest(netdir, pinned_state=pins).version == 3
+    assert load_manifest(netdir, pinned_state=pins).version == 3  # same version again is fine
+    (netdir / "manifest.json").write_bytes(old)  # an attacker serves version 1 (validly signed)
+    assert load_manifest(netdir).version == 1  # without a pin it verifies...
+    with pytest.raises(ManifestError, match="rollback"):
+        load_manifest(netdir, pinned_state=pins)  # ...but a reader that has seen v3 refuses it
+    assert orjson.loads(pins.read_bytes())["m-net"]["version"] == 3
+
+
+def test_missing_and_garbage_manifests(tmp_path):
+    with pytest.raises(InputNotFoundError):
+        load_manifest(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ManifestError):
+        load_manifest(tmp_path / "bad.json")
+    (tmp_path / "empty.json").write_text("{}")
+    with pytest.raises(ManifestError):
+        load_manifest(tmp_path / "empty.json")
+
+
+def test_load_network_reads_the_secret_beside_the_manifest(netdir):
+    ctx = load_network(netdir / "manifest.json")
+    assert len(ctx.secret) == 32
+    assert ctx.secret.hex() not in repr(ctx)
+    os.chmod(netdir / "network.secret", 0o644)
+    with pytest.raises(SecretError):
+        load_network(netdir)

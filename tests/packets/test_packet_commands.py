@@ -1,0 +1,78 @@
+"""`qis-fhir network`, `keys` and `verify` from the command line: outputs, files, exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qis_fhir.cli import main
+from qis_fhir.errors import ExitCode
+
+
+def run(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("QIS_FHIR_HOME", str(tmp_path / "home"))
+
+
+def test_network_keys_verify_end_to_end(tmp_path, capsys):
+    net, a = tmp_path / "net", tmp_path / "a"
+    assert run(["network", "new", "--out", str(net), "--network-id", "cli-net", "--min-cell-size", "5"], capsys)[0] == 0
+    assert run(["keys", "new", "--site-id", "site-a", "--out", str(a)], capsys)[0] == 0
+    code, _, err = run(["keys", "new", "--site-id", "site-a", "--out", str(a)], capsys)
+    assert code == ExitCode.ALREADY_EXISTS and "refusing to overwrite" in err
+    assert run(["network", "add-site", str(net), str(a)], capsys)[0] == 0
+
+    from qis_fhir.packets import PacketSigner, load_site, write_packets
+
+    site = load_site(a)
+    signer = PacketSigner(site.private_key, site.site_id, site.key_id)
+    good = [
+        signer.sign(fingerprint=f"{i:064x}", treatment="TX_0001", measure="hba1c", period="2024", patients=12,
+                    responders=3, mean_change=-0.5, sd_change=1.0, mapping_version="v1", seq=1)
+        for i in range(3)
+    ]
+    write_packets(tmp_path / "p.ndjson", good)
+    code, out, _ = run(["verify", str(tmp_path / "p.ndjson"), "--network", str(net / "manifest.json"), "--json"], capsys)
+    assert code == 0
+    assert json.loads(out) == {"network_id": "cli-net", "manifest_version": 2, "packets": 3, "accepted": 3, "rejected": 0, "by_reason": {"ok": 3}}
+
+    with open(tmp_path / "p.ndjson", "ab") as fh:
+        fh.write(b"not a packet\n")
+    code, out, err = run(["verify", str(tmp_path / "p.ndjson"), "--network", str(net)], capsys)
+    assert code == ExitCode.PACKETS_REJECTED
+    assert "3 accepted, 1 rejected" in out and "malformed" in out
+
+    assert run(["network", "revoke", str(net), "site-a"], capsys)[0] == 0
+    code, out, _ = run(["verify", str(tmp_path / "p.ndjson"), "--network", str(net), "--json"], capsys)
+    assert code == ExitCode.PACKETS_REJECTED
+    assert json.loads(out)["by_reason"] == {"malformed": 1, "revoked_key": 3}
+
+
+def test_verify_refuses_a_rolled_back_manifest(tmp_path, capsys):
+    net, a = tmp_path / "net", tmp_path / "a"
+    run(["network", "new", "--out", str(net), "--network-id", "rb"], capsys)
+    old = (net / "manifest.json").read_bytes()
+    run(["keys", "new", "--site-id", "a", "--out", str(a)], capsys)
+    run(["network", "add-site", str(net), str(a)], capsys)
+    (tmp_path / "empty.ndjson").write_text("")
+    assert run(["verify", str(tmp_path / "empty.ndjson"), "--network", str(net)], capsys)[0] == 0
+    (net / "manifest.json").write_bytes(old)
+    code, _, err = run(["verify", str(tmp_path / "empty.ndjson"), "--network", str(net)], capsys)
+    assert code == ExitCode.MANIFEST_INVALID and "rollback" in err
+
+
+def test_verify_missing_file_and_bad_site_id(tmp_path, capsys):
+    run(["network", "new", "--out", str(tmp_path / "net")], capsys)
+    code, _, _ = run(["verify", str(tmp_path / "none.ndjson"), "--network", str(tmp_path / "net")], capsys)
+    assert code == ExitCode.INPUT_NOT_FOUND
+    code, _, err = run(["keys", "new", "--site-id", "Bad Site!", "--out", str(tmp_path / "x")], capsys)
+    assert code == ExitCode.USAGE
+    assert not (tmp_path / "x").exists()
