@@ -164,6 +164,7 @@ def run_rules(table: str, fingerprint: str, rules: tuple[Rule, ...], df: pd.Data
                     element_count=_int(res.get("element_count")),
                     unexpected_count=_int(res.get("unexpected_count")),
                     unexpected_percent=float(pct) if pct is not None else None,
+                    missing_count=_int(res.get("missing_count")),
                 )
             )
     return out

@@ -22,7 +22,8 @@ class ExpectationResult:
     success: bool
     element_count: int | None = None  # rows the rule looked at (after its ``where``)
     unexpected_count: int | None = None
-    unexpected_percent: float | None = None
+    unexpected_percent: float | None = None  # of the non-null rows looked at
+    missing_count: int | None = None  # nulls among them (most rules skip nulls; not_null counts them)
     observed: str | None = None  # safe text: a dtype, a row count, "column missing", an error class
 
     def describe_observed(self) -> str:
@@ -30,7 +31,10 @@ class ExpectationResult:
             return self.observed
         if self.unexpected_count is not None:
             n = self.element_count if self.element_count is not None else "?"
-            pct = f" ({self.unexpected_percent:.3g}%)" if self.unexpected_percent is not None else ""
+            pct = ""
+            if self.unexpected_percent is not None:
+                of = f" of {n - self.missing_count} non-null" if self.missing_count and n != "?" else ""
+                pct = f" ({self.unexpected_percent:.3g}%{of})"
             return f"{self.unexpected_count} of {n} rows unexpected{pct}"
         return "passed" if self.success else "failed"
 
@@ -41,6 +45,7 @@ class ExpectationResult:
             "element_count": self.element_count,
             "unexpected_count": self.unexpected_count,
             "unexpected_percent": self.unexpected_percent,
+            "missing_count": self.missing_count,
             "observed": self.describe_observed(),
         }
 

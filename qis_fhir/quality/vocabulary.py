@@ -127,7 +127,7 @@ def _expand_of_type(args: Any) -> Expanded:
 
 _IDENT = re.compile(r"(?<![0-9.A-Za-z_])[A-Za-z_][A-Za-z0-9_]*")
 _EXPR_ALLOWED = re.compile(r"^[A-Za-z0-9_\s.+\-*/()]+$")
-_ATTRIBUTE = re.compile(r"[A-Za-z_]\w*\s*\.|\.\s*[A-Za-z_]")
+_ATTRIBUTE = re.compile(r"[A-Za-z_]\w*\s*[.(]|\.\s*[A-Za-z_]")  # attribute access or a call
 
 
 def _expand_expression(args: Any) -> Expanded:

@@ -1,0 +1,19 @@
+"""Fixtures for the quality tests: the shipped mapping set and good hand-built tables."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from quality_tables import good_tables
+
+from qis_fhir.mapping import load_mapping
+
+
+@pytest.fixture(scope="session")
+def mapping():
+    return load_mapping()
+
+
+@pytest.fixture
+def tables(mapping) -> dict[str, pd.DataFrame]:
+    return good_tables(mapping)
