@@ -80,6 +80,10 @@ def content_digest(p: Packet) -> str:
 def encode_packet(p: Packet) -> bytes:
     """Wire encoding of a signed packet; raises ``PacketFormatError`` if a field is invalid or it is too big."""
     check_packet(p)
+    return _encode_checked(p)
+
+
+def _encode_checked(p: Packet) -> bytes:
     d = _unsigned_dict(p)
     d["sig"] = _b64(p.signature)
     wire = orjson.dumps(d, option=_OPTS)
@@ -118,7 +122,7 @@ def decode_packet(b: bytes | str) -> Packet:
     p = Packet(**{_FIELD_OF[k]: d[k] for k in WIRE_KEYS.values()}, signature=signature)
     check_packet(p)
     # one wire form per packet: anything else (spacing, key order, 1e2 for 100.0, base64 slack) is refused
-    if encode_packet(p) != b:
+    if _encode_checked(p) != b:
         raise PacketFormatError("packet is not in canonical encoding")
     return p
 
@@ -127,11 +131,11 @@ def sign_packet(p: Packet, private_key: Ed25519PrivateKey) -> Packet:
     """Return ``p`` with its signature set (over every other field, including key id and seq).
 
     Ed25519 signatures are deterministic, so the same fields always give the same wire bytes.
+    Raises ``PacketFormatError`` if a field is invalid or the signed packet would exceed 512 bytes.
     """
-    unsigned = dataclasses.replace(p, signature=b"")
-    check_packet(unsigned, signed=False)
-    signed = dataclasses.replace(p, signature=private_key.sign(signing_bytes(unsigned)))
-    encode_packet(signed)  # size check now, not at publish time
+    check_packet(p, signed=False)
+    signed = dataclasses.replace(p, signature=private_key.sign(signing_bytes(p)))
+    _encode_checked(signed)  # size check now, not at publish time
     return signed
 
 
