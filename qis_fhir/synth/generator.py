@@ -221,7 +221,7 @@ class _Generator:
 
     # ---- small helpers -------------------------------------------------------------------------
     def uid(self, rng: random.Random | None = None) -> str:
-        h = "%032x" % (rng or self.rng).getrandbits(128)
+        h = f"{(rng or self.rng).getrandbits(128):032x}"
         return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
     def write(self, w: Any, res: dict[str, Any]) -> None:
@@ -328,9 +328,10 @@ class _Generator:
     def run(self, patients: int, observations: int | None, progress: bool) -> None:
         bar = None
         if progress:
-            from rich.progress import Progress  # lazy: rich only when a bar is wanted
+            from rich.console import Console  # lazy: rich only when a bar is wanted
+            from rich.progress import Progress
 
-            bar = Progress(transient=True)
+            bar = Progress(console=Console(stderr=True), transient=True)
             bar.start()
             task = bar.add_task("synth: patients", total=patients)
         # The rare cohort is a quota, not a coin flip, so its size per site is predictable:
@@ -419,8 +420,8 @@ class _Generator:
         weight = rng.gauss(27.0, 4.0) * (height / 100.0) ** 2
         end = float(deceased_ts) if deceased_ts is not None else float(REFERENCE_TS - DAY)
         pid_b = pid.encode()
-        self.last = {"pid_b": pid_b, "birth": max(birth, birth + 2 * YEAR if age_now > 3 else birth),
-                     "end": end, "weight": weight, "height": height}
+        # what pad_observations needs to add vitals for this patient (nothing else is kept)
+        self.last = {"pid_b": pid_b, "birth": birth, "end": end, "weight": weight, "height": height}
 
         buckets_held = set()
         for bucket, start, treatment, is_rare in episodes:
@@ -437,7 +438,6 @@ class _Generator:
                 break
             ts = self.day_time(rng.uniform(lo, end))
             eid = self.visit(pid, ts)
-            _ = eid
             self.vitals(pid_b, ts, weight, height, rng.random() < 0.3)
             if not adult:
                 continue
@@ -602,7 +602,8 @@ class _Generator:
                 "sex": RARE.sex,
                 "planted": {"mean_change": RARE.effect.mean, "sd_change": RARE.effect.sd},
                 "usual_effect": dict(zip(("mean_change", "sd_change"),
-                                         EFFECTS[RARE.treatment.key].for_cohort(RARE.age_band, RARE.sex))),
+                                         EFFECTS[RARE.treatment.key].for_cohort(RARE.age_band, RARE.sex),
+                                         strict=True)),
                 "rate_per_patient": self.profile.rare_rate,
                 "expected_patients": min(patients, round(self.profile.rare_rate * patients)),
                 "generated": rare_gen,

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import orjson
 import pytest
+from synth_helpers import iter_lines, read_type
 
 from qis_fhir.errors import AlreadyExistsError, QisError
 from qis_fhir.synth import default_truth_path, generate_export
-from synth_helpers import iter_lines, read_type
 
 TYPES = {"Patient", "Condition", "MedicationRequest", "Observation", "Encounter"}
 
