@@ -84,10 +84,16 @@ class ManifestVerifier:
         return True
 
     def __call__(self, wire: bytes) -> Any:
-        self.refresh()
-        return self._verifier.verify(wire)
+        return self._run(wire, record=True)
 
     def check(self, wire: bytes) -> Any:
         """Verify without touching replay state (a querier screening what it received)."""
+        return self._run(wire, record=False)
+
+    def _run(self, wire: bytes, record: bool) -> Any:
         self.refresh()
-        return self._verifier.check(wire)
+        verdict = self._verifier.verify(wire, record=record)
+        # a site added a moment ago publishes at once: look at the file now rather than in a second
+        if verdict.reason == "unknown_key" and self.refresh(force=True):
+            verdict = self._verifier.verify(wire, record=record)
+        return verdict

@@ -185,3 +185,23 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 os.kill(node.proc.pid, signal.SIGKILL)
                 node.proc.wait(timeout=10)
+
+
+def tamper(wire: bytes) -> bytes:
+    """The same signed packet with one field changed after signing (a canonical encoding, bad signature)."""
+    import dataclasses
+
+    from qis_fhir.packets.codec import decode_packet
+
+    p = decode_packet(wire)
+    return encode_packet(dataclasses.replace(p, patients=p.patients + 1))
+
+
+def forge(wire: bytes) -> bytes:
+    """The same fields under a signature nobody made."""
+    import dataclasses
+
+    from qis_fhir.packets.codec import decode_packet
+
+    p = decode_packet(wire)
+    return encode_packet(dataclasses.replace(p, signature=bytes(64)))
