@@ -105,11 +105,14 @@ def _event_ids(df: pd.DataFrame) -> list[str]:
 
 
 def _ensure_utc(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
-    out = df.copy()
+    """Timestamps as tz-aware UTC (naive ones are taken as UTC); copies only when a column changes."""
+    changed = {}
     for c in cols:
-        s = pd.to_datetime(out[c])
-        out[c] = s.dt.tz_localize("UTC") if s.dt.tz is None else s.dt.tz_convert("UTC")
-    return out
+        s = df[c]
+        if not isinstance(s.dtype, pd.DatetimeTZDtype) or str(s.dt.tz) != "UTC":
+            s = pd.to_datetime(s)
+            changed[c] = s.dt.tz_localize("UTC") if s.dt.tz is None else s.dt.tz_convert("UTC")
+    return df.assign(**changed) if changed else df
 
 
 def empty_events() -> pd.DataFrame:
@@ -144,6 +147,7 @@ def derive_outcome_events(tables: dict[str, pd.DataFrame], mapping: MappingSet) 
     obs, obs_counts = measure_observations(observations, mapping)
 
     episodes = episodes.merge(measure_table(mapping).drop(columns=["code", "measure_unit"]), on="measure")
+    episodes["patient_key"] = episodes["patient_key"].astype(obs["patient_key"].dtype)
     ep = find_values(episodes, obs)
     pat = patients[["patient_key", "sex", "birth_date"]].drop_duplicates("patient_key")
     ep = ep.merge(pat.assign(_known=True), on="patient_key", how="left")

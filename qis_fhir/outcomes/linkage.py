@@ -21,6 +21,11 @@ ONSET_TOLERANCE = pd.Timedelta(days=1)
 #: Request statuses that mean the drug was never (validly) prescribed.
 IGNORED_REQUEST_STATUS = frozenset({"entered-in-error", "cancelled", "draft"})
 
+def _member(series: pd.Series, keys: pd.Index) -> pd.Series:
+    """``series.isin(keys)`` through an object hash table (Arrow strings' ``isin`` builds Python lists)."""
+    return pd.Series(pd.Index(keys.unique()).astype(object).get_indexer(series.astype(object)) >= 0, index=series.index)
+
+
 LINK_COLUMNS = ["request_key", "patient_key", "treatment_code", "bucket", "authored_on", "link"]
 
 
@@ -82,11 +87,11 @@ def link_requests(
     ).drop_duplicates()
 
     base = req[["request_key", "patient_key", "treatment_code", "authored_on"]]
-    stated = base[base["request_key"].isin(stated_keys)]
+    stated = base[_member(base["request_key"], stated_keys)]
     by_ref = stated.merge(stated_buckets, on="request_key").merge(treats, on=["treatment_code", "bucket"])
     by_ref = by_ref.assign(link="reference")
 
-    unstated = base[~base["request_key"].isin(stated_keys)]
+    unstated = base[~_member(base["request_key"], stated_keys)]
     cand = unstated.merge(treats, on="treatment_code").merge(
         cond[["patient_key", "bucket", "onset", "abatement"]], on=["patient_key", "bucket"]
     )
@@ -98,8 +103,8 @@ def link_requests(
     links = pd.concat([by_ref[LINK_COLUMNS], by_time[LINK_COLUMNS]], ignore_index=True)
     linked = pd.Index(links["request_key"].unique())
     counts["requests_linked"] = int(len(linked))
-    counts["unlinked_reason_not_treated"] = int((~stated["request_key"].isin(linked)).sum())
-    counts["unlinked_no_condition"] = int((~unstated["request_key"].isin(linked)).sum())
+    counts["unlinked_reason_not_treated"] = int((~_member(stated["request_key"], linked)).sum())
+    counts["unlinked_no_condition"] = int((~_member(unstated["request_key"], linked)).sum())
     counts["linked_by_reference"] = int(by_ref["request_key"].nunique())
     counts["linked_by_time"] = int(by_time["request_key"].nunique())
     return links, counts

@@ -15,6 +15,17 @@ from qis_fhir.mapping import LOINC, MappingSet
 IGNORED_OBSERVATION_STATUS = frozenset({"entered-in-error", "cancelled"})
 
 
+def one_of(series: pd.Series, values) -> np.ndarray:
+    """``series.isin(values)`` for a handful of values, as boolean numpy (nulls False).
+
+    Equality per value stays vectorised on Arrow-backed strings, where ``isin`` builds Python lists.
+    """
+    out = np.zeros(len(series), dtype=bool)
+    for v in values:
+        out |= (series == v).fillna(False).to_numpy(dtype=bool)
+    return out
+
+
 def day_number(ts: pd.Series) -> pd.Series:
     """Days since 1970-01-01 of each timestamp's UTC calendar day (naive timestamps are taken as UTC)."""
     if getattr(ts.dt, "tz", None) is not None:
@@ -24,10 +35,10 @@ def day_number(ts: pd.Series) -> pd.Series:
 
 def measure_table(mapping: MappingSet) -> pd.DataFrame:
     rows = [
-        (m.id, m.loinc, m.unit, m.baseline_days, m.followup_min_days, m.followup_max_days)
-        for m in mapping.measures.values()
+        (m.id, i, m.loinc, m.unit, m.baseline_days, m.followup_min_days, m.followup_max_days)
+        for i, m in enumerate(mapping.measures.values())
     ]
-    cols = ["measure", "code", "measure_unit", "baseline_window", "followup_min", "followup_max"]
+    cols = ["measure", "measure_idx", "code", "measure_unit", "baseline_window", "followup_min", "followup_max"]
     return pd.DataFrame(rows, columns=cols).astype({"measure": "object", "code": "object", "measure_unit": "object"})
 
 
@@ -40,9 +51,10 @@ def measure_observations(observations: pd.DataFrame, mapping: MappingSet) -> tup
     served can be excluded as ``*_unit_mismatch`` rather than ``no_*``.
     """
     mt = measure_table(mapping)
-    obs = observations[observations["code_system"] == LOINC]
+    wanted = one_of(observations["code"], mt["code"].unique()) & one_of(observations["code_system"], [LOINC])
+    obs = observations[wanted]
     obs = obs[["patient_key", "code", "panel_code", "value", "unit", "effective", "status"]].merge(
-        mt[["measure", "code", "measure_unit"]], on="code", how="inner"
+        mt[["measure", "measure_idx", "code", "measure_unit"]], on="code", how="inner"
     )
     panels = pd.DataFrame(
         [(m.id, p) for m in mapping.measures.values() for p in m.panels], columns=["measure", "panel_code"]
@@ -51,8 +63,8 @@ def measure_observations(observations: pd.DataFrame, mapping: MappingSet) -> tup
     panel_ok = obs["panel_code"].isna().to_numpy() | in_panel["_ok"].notna().to_numpy()
     counts = {"candidates": int(len(obs)), "other_panel": int((~panel_ok).sum())}
     obs = obs[panel_ok]
-    bad_status = obs["status"].isin(IGNORED_OBSERVATION_STATUS)
-    no_value = obs["value"].isna() | obs["effective"].isna()
+    bad_status = one_of(obs["status"], IGNORED_OBSERVATION_STATUS)
+    no_value = (obs["value"].isna() | obs["effective"].isna()).to_numpy()
     counts["ignored_status"] = int(bad_status.sum())
     counts["missing_value_or_date"] = int((no_value & ~bad_status).sum())
     obs = obs[~bad_status & ~no_value]
@@ -60,45 +72,49 @@ def measure_observations(observations: pd.DataFrame, mapping: MappingSet) -> tup
     counts["unit_mismatch"] = int((~unit_ok).sum())
     counts["used"] = int(unit_ok.sum())
     obs = obs.assign(unit_ok=unit_ok.to_numpy(), obs_day=day_number(obs["effective"]).to_numpy())
-    return obs[["patient_key", "measure", "value", "effective", "obs_day", "unit_ok"]], counts
+    return obs[["patient_key", "measure", "measure_idx", "value", "effective", "obs_day", "unit_ok"]], counts
 
 
 def _asof(episodes: pd.DataFrame, obs: pd.DataFrame, left_day: str, direction: str, prefix: str) -> pd.DataFrame:
     """For each episode, the observation nearest ``left_day`` in ``direction`` (same patient and measure).
 
-    One value per (patient, measure, day) first: the last of the day looking back, the first looking
-    forward, so same-day values resolve by their timestamps and not by input order.
+    ``series`` is one integer per (patient, measure): joining by an int is several times faster than
+    by two string columns at millions of rows. One value per (series, day) first: the last of the day
+    looking back, the first looking forward, so same-day values resolve by their timestamps and not by
+    input order.
     """
     keep = "last" if direction == "backward" else "first"
+    day_col, value_col = f"{prefix}_day", f"{prefix}_value"
+    left = episodes[["episode_id", "series", left_day]].sort_values(left_day, kind="stable")
+    if left.empty or obs.empty:
+        return pd.DataFrame({"episode_id": left["episode_id"].to_numpy(), day_col: np.nan, value_col: np.nan})
     right = (
         obs.sort_values(["obs_day", "effective"], kind="stable")
-        .drop_duplicates(["patient_key", "measure", "obs_day"], keep=keep)[["patient_key", "measure", "obs_day", "value"]]
-        .rename(columns={"obs_day": f"{prefix}_day", "value": f"{prefix}_value"})
+        .drop_duplicates(["series", "obs_day"], keep=keep)[["series", "obs_day", "value"]]
+        .rename(columns={"obs_day": day_col, "value": value_col})
     )
-    left = episodes[["episode_id", "patient_key", "measure", left_day]].sort_values(left_day, kind="stable")
-    if left.empty or right.empty:
-        out = left[["episode_id"]].copy()
-        out[f"{prefix}_day"] = np.nan
-        out[f"{prefix}_value"] = np.nan
-        return out
-    right = right.sort_values(f"{prefix}_day", kind="stable")
-    merged = pd.merge_asof(
-        left, right, left_on=left_day, right_on=f"{prefix}_day", by=["patient_key", "measure"], direction=direction
-    )
-    return merged[["episode_id", f"{prefix}_day", f"{prefix}_value"]]
+    merged = pd.merge_asof(left, right, left_on=left_day, right_on=day_col, by="series", direction=direction)
+    return merged[["episode_id", day_col, value_col]]
 
 
 def find_values(episodes: pd.DataFrame, obs: pd.DataFrame) -> pd.DataFrame:
     """Add baseline / follow-up values and days (NaN when none) and ``*_mismatch`` flags to ``episodes``.
 
-    ``episodes`` needs episode_id, patient_key, measure, start_day, baseline_window, followup_min,
+    ``episodes`` needs episode_id, patient_key, measure_idx, start_day, baseline_window, followup_min,
     followup_max. Baseline: latest value on days [start - baseline_window, start]. Follow-up: first
     value on days [start + followup_min, start + followup_max].
     """
-    ep = episodes.assign(fu_from=episodes["start_day"] + episodes["followup_min"])
+    codes, _ = pd.factorize(pd.concat([episodes["patient_key"], obs["patient_key"]], ignore_index=True))
+    n_measures = int(max(episodes["measure_idx"].max() if len(episodes) else 0,
+                         obs["measure_idx"].max() if len(obs) else 0)) + 1
+    ep = episodes.assign(
+        series=codes[: len(episodes)] * n_measures + episodes["measure_idx"].to_numpy(),
+        fu_from=episodes["start_day"] + episodes["followup_min"],
+    )
+    obs = obs.assign(series=codes[len(episodes):] * n_measures + obs["measure_idx"].to_numpy())
     out = ep
-    good, bad = obs[obs["unit_ok"]], obs[~obs["unit_ok"]]
-    for src, tag in ((good, ""), (bad, "bad_")):
+    unit_ok = obs["unit_ok"].to_numpy(dtype=bool)
+    for src, tag in ((obs[unit_ok], ""), (obs[~unit_ok], "bad_")):
         base = _asof(ep, src, "start_day", "backward", f"{tag}baseline")
         fu = _asof(ep, src, "fu_from", "forward", f"{tag}followup")
         out = out.merge(base, on="episode_id", how="left").merge(fu, on="episode_id", how="left")
@@ -108,4 +124,5 @@ def find_values(episodes: pd.DataFrame, obs: pd.DataFrame) -> pd.DataFrame:
         out.loc[~f_ok.fillna(False).astype(bool), [f"{tag}followup_day", f"{tag}followup_value"]] = np.nan
     out["baseline_mismatch"] = out["baseline_value"].isna() & out["bad_baseline_day"].notna()
     out["followup_mismatch"] = out["followup_value"].isna() & out["bad_followup_day"].notna()
-    return out.drop(columns=["fu_from", "bad_baseline_day", "bad_baseline_value", "bad_followup_day", "bad_followup_value"])
+    drop = ["series", "fu_from", "bad_baseline_day", "bad_baseline_value", "bad_followup_day", "bad_followup_value"]
+    return out.drop(columns=drop)
