@@ -40,10 +40,23 @@ from qis_fhir.synth.writer import ExportWriter
 
 GENERATOR_VERSION = "1"
 TRUTH_SCHEMA = "qis-fhir/synth-planted-effects/1"
-REFERENCE_TS = int(datetime(2025, 6, 30, tzinfo=UTC).timestamp())  # "today" of every export
+REFERENCE_DATE = datetime(2026, 6, 30, tzinfo=UTC)  # "today" of every export (fixed: same bytes any day)
+REFERENCE_TS = int(REFERENCE_DATE.timestamp())
 DAY = 86_400
 YEAR = 365.25 * DAY
-HISTORY_YEARS = 10  # treatment starts fall in the last 10 years before REFERENCE_TS
+# Treatment starts (and untreated patients' diagnoses) fall in whole calendar years ending with
+# LAST_START_YEAR; by default one year. Packets aggregate per period (mappings/v1: one year), so a
+# one-year window keeps every planted cohort in a single cell per site, which is what makes "the rare
+# cohort is under the minimum cell size at one site but not pooled over five" hold per packet cell.
+LAST_START_YEAR = REFERENCE_DATE.year - 2  # leaves room for every follow-up before REFERENCE_DATE
+MAX_START_YEARS = 20
+
+
+def start_window(start_years: int) -> tuple[int, int]:
+    """[first, last) timestamps of the treatment-start window for ``start_years`` calendar years."""
+    first = datetime(LAST_START_YEAR - start_years + 1, 1, 1, tzinfo=UTC)
+    end = datetime(LAST_START_YEAR + 1, 1, 1, tzinfo=UTC)
+    return int(first.timestamp()), int(end.timestamp())
 
 # Timeline of a treated patient (days relative to the first MedicationRequest).
 BASELINE_DAYS = (1.0, 120.0)  # baseline this many days before the start (v1 window: 180 days)
@@ -135,13 +148,16 @@ def generate_export(
     gzip: bool = False,
     encounters: bool = True,
     overwrite: bool = False,
+    start_years: int = 1,
 ) -> SynthResult:
     """Write a synthetic FHIR R4 bulk export to ``out_dir`` and its answer key to ``truth_path``.
 
     ``observations``: pad with routine vital signs (no outcome codes, so no planted value moves) until
     the export holds about that many Observation lines; ``None`` writes only a realistic handful per
     patient. ``max_lines_per_file`` splits each type into ``.000``, ``.001``... parts. ``truth_path``
-    defaults to ``default_truth_path(out_dir)`` and may not lie inside ``out_dir``.
+    defaults to ``default_truth_path(out_dir)`` and may not lie inside ``out_dir``. ``start_years``:
+    treatment starts fall in that many calendar years ending with ``LAST_START_YEAR`` (default one
+    year, so each planted cohort is one packet cell per site; use 10 for a long, realistic history).
     """
     if patients < 1:
         raise QisError("--patients must be at least 1", exit_code=ExitCode.USAGE)
@@ -149,6 +165,8 @@ def generate_export(
         raise QisError("--observations must not be negative", exit_code=ExitCode.USAGE)
     if max_lines_per_file < 1:
         raise QisError("max_lines_per_file must be at least 1", exit_code=ExitCode.USAGE)
+    if not 1 <= start_years <= MAX_START_YEARS:
+        raise QisError(f"--start-years must be between 1 and {MAX_START_YEARS}", exit_code=ExitCode.USAGE)
     profile = PROFILES.get(site_profile)
     if profile is None:
         raise QisError(
@@ -174,7 +192,7 @@ def generate_export(
 
     started = time.perf_counter()
     gen = _Generator(out, seed=seed, profile=profile, max_lines=max_lines_per_file, gzip_output=gzip,
-                     encounters=encounters)
+                     encounters=encounters, start_years=start_years)
     try:
         gen.run(patients, observations, progress)
     finally:
@@ -195,7 +213,9 @@ def generate_export(
 
 class _Generator:
     def __init__(self, out: Path, *, seed: int, profile: SiteProfile, max_lines: int, gzip_output: bool,
-                 encounters: bool) -> None:
+                 encounters: bool, start_years: int) -> None:
+        self.start_years = start_years
+        self.window = start_window(start_years)
         # Two independent streams: padding to --observations draws only from its own, so an export
         # with padding has exactly the clinical content (and answer key) of the one without.
         # String seeds are hashed with SHA-512 by random.Random: stable across Python versions, and
@@ -246,8 +266,8 @@ class _Generator:
         Keeping 18+ days from a birthday makes the age band unambiguous whether a reader computes age
         in calendar years or as days / 365.25.
         """
-        lo = max(birth + min_age * YEAR, REFERENCE_TS - HISTORY_YEARS * YEAR)
-        hi = REFERENCE_TS - 330 * DAY
+        lo = max(birth + min_age * YEAR, self.window[0])
+        hi = float(self.window[1])
         if max_age_excl is not None:
             hi = min(hi, birth + max_age_excl * YEAR)
         if hi - lo < 60 * DAY:
@@ -365,15 +385,21 @@ class _Generator:
         prof = self.profile
         pid = self.uid()
         female = rng.random() < prof.female_share
+        rare_start = None
         if rare:
+            # start first, then an age at start inside the band and away from birthdays
             female = True
-            age_now = rng.uniform(20.0, 45.0)
+            rare_start = self.day_time(rng.uniform(self.window[0] + DAY, self.window[1] - DAY))
+            age_at_start = rng.randrange(RARE.age_min, RARE.age_max + 1) + rng.uniform(0.06, 0.94)
+            age_now = (REFERENCE_TS - rare_start) / YEAR + age_at_start
         else:
             weights = [w for _, _, w in prof.age_mix]
             lo_age, hi_age, _ = rng.choices(prof.age_mix, weights=weights)[0]
             age_now = rng.uniform(lo_age, hi_age + 1)
         sex = "female" if female else "male"
         birth = REFERENCE_TS - age_now * YEAR
+        if rare_start is not None:
+            birth = rare_start - age_at_start * YEAR
         birth_ts = int(birth) - int(birth) % DAY
         birth = float(birth_ts)
 
@@ -389,10 +415,8 @@ class _Generator:
         # Which conditions; decided before writing so a deceased date never precedes care.
         episodes: list[tuple[cat.Bucket, int, cat.Treatment | None, bool]] = []
         for bucket in cat.BUCKETS:
-            if rare and bucket is RARE.bucket:
-                start = self.pick_start(birth, RARE.age_min, RARE.age_max + 1)
-                if start is not None:
-                    episodes.append((bucket, start, RARE.treatment, True))
+            if rare_start is not None and bucket is RARE.bucket:
+                episodes.append((bucket, rare_start, RARE.treatment, True))
                 continue
             p = bucket.base_prevalence * prof.prevalence.get(bucket.key, 1.0) * _age_factor(age_now)
             if age_now < bucket.min_age_at_onset + 1 or rng.random() >= p:
@@ -571,6 +595,8 @@ class _Generator:
             "patients": patients,
             "observations_target": observations_target,
             "reference_date": fhir.iso(REFERENCE_TS),
+            "treatment_starts": {"from": fhir.date_only(self.window[0]),
+                                 "to": fhir.date_only(self.window[1] - DAY), "years": self.start_years},
             "export": {"files": files, "counts": counts, "max_lines_per_file": max_lines, "gzip": gzip},
             "timeline_days": {
                 "baseline_before_start": list(BASELINE_DAYS),

@@ -178,3 +178,24 @@ def test_site_profiles_differ_in_population(tmp_path: Path) -> None:
     elderly, young = summary("elderly"), summary("young")
     assert elderly[0] > young[0] + 10
     assert elderly[1] > 1.5 * young[1]
+
+
+def test_treatment_starts_fall_in_the_chosen_calendar_years(tmp_path: Path) -> None:
+    def first_start_years(r) -> set[int]:
+        first: dict[tuple[str, str], datetime] = {}
+        for m in read_type(r.out_dir, "MedicationRequest"):
+            key = (m["subject"]["reference"], m["medicationCodeableConcept"]["coding"][0]["code"])
+            t = datetime.fromisoformat(m["authoredOn"])
+            first[key] = min(first.get(key, t), t)
+        return {t.year for t in first.values()}
+
+    one = generate_export(tmp_path / "one", patients=400, seed=1)
+    truth = orjson.loads(one.truth_path.read_bytes())
+    year = int(truth["treatment_starts"]["to"][:4])
+    # one packet period (a year in mappings/v1) holds every planted episode of a site
+    assert first_start_years(one) == {year}
+    five = generate_export(tmp_path / "five", patients=400, seed=1, start_years=5)
+    assert first_start_years(five) == set(range(year - 4, year + 1))
+    for gen in orjson.loads(five.truth_path.read_bytes())["cohorts"]:
+        if gen["rare"]:
+            assert gen["generated"]["patients"] == 4
