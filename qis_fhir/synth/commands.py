@@ -27,15 +27,17 @@ from qis_fhir.synth.effects import PROFILES
 @click.option("--truth", "truth_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where to write the planted-effects answer key [default: OUT.truth.json beside OUT].")
 @click.option("--start-years", type=click.IntRange(1, 20), default=1, show_default=True,
-              help="Calendar years over which treatment starts are spread (packets aggregate per year: "
-                   "1 keeps each planted cohort in one cell).")
+              help="Calendar years over which treatment starts are spread (packets aggregate per "
+                   "year: 1 keeps each planted cohort in one cell).")
+@click.option("--rare-patients", type=click.IntRange(min=0), default=None,
+              help="Size of the rare non-responder cohort [default: about 1 in 125 patients, by profile].")
 @click.option("--no-encounters", is_flag=True, help="Do not write Encounter resources.")
 @click.option("--overwrite", is_flag=True, help="Delete NDJSON files already in OUT first.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar [default: only when stderr is a terminal].")
 def synth(patients: int, seed: int, out_dir: Path, observations: int | None, site_profile: str,
-          gzip_output: bool, max_lines: int, truth_path: Path | None, start_years: int, no_encounters: bool, overwrite: bool,
-          progress: bool | None) -> None:
+          gzip_output: bool, max_lines: int, truth_path: Path | None, start_years: int,
+          rare_patients: int | None, no_encounters: bool, overwrite: bool, progress: bool | None) -> None:
     """Write a synthetic FHIR R4 bulk export with planted treatment effects.
 
     The export looks like a server's $export (Patient, Condition, MedicationRequest, Observation,
@@ -51,6 +53,7 @@ def synth(patients: int, seed: int, out_dir: Path, observations: int | None, sit
         out_dir, patients=patients, seed=seed, observations=observations, site_profile=site_profile,
         progress=progress, truth_path=truth_path, max_lines_per_file=max_lines, gzip=gzip_output,
         encounters=not no_encounters, overwrite=overwrite, start_years=start_years,
+        rare_patients=rare_patients,
     )
     counts = ", ".join(f"{k} {v:,}" for k, v in result.counts.items())
     lines = sum(result.counts.values())

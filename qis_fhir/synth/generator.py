@@ -149,6 +149,7 @@ def generate_export(
     encounters: bool = True,
     overwrite: bool = False,
     start_years: int = 1,
+    rare_patients: int | None = None,
 ) -> SynthResult:
     """Write a synthetic FHIR R4 bulk export to ``out_dir`` and its answer key to ``truth_path``.
 
@@ -158,6 +159,7 @@ def generate_export(
     defaults to ``default_truth_path(out_dir)`` and may not lie inside ``out_dir``. ``start_years``:
     treatment starts fall in that many calendar years ending with ``LAST_START_YEAR`` (default one
     year, so each planted cohort is one packet cell per site; use 10 for a long, realistic history).
+    ``rare_patients``: size of the rare cohort; default ``round(profile.rare_rate * patients)``.
     """
     if patients < 1:
         raise QisError("--patients must be at least 1", exit_code=ExitCode.USAGE)
@@ -165,6 +167,8 @@ def generate_export(
         raise QisError("--observations must not be negative", exit_code=ExitCode.USAGE)
     if max_lines_per_file < 1:
         raise QisError("max_lines_per_file must be at least 1", exit_code=ExitCode.USAGE)
+    if rare_patients is not None and not 0 <= rare_patients <= patients:
+        raise QisError("--rare-patients must be between 0 and --patients", exit_code=ExitCode.USAGE)
     if not 1 <= start_years <= MAX_START_YEARS:
         raise QisError(f"--start-years must be between 1 and {MAX_START_YEARS}", exit_code=ExitCode.USAGE)
     profile = PROFILES.get(site_profile)
@@ -193,8 +197,9 @@ def generate_export(
     started = time.perf_counter()
     gen = _Generator(out, seed=seed, profile=profile, max_lines=max_lines_per_file, gzip_output=gzip,
                      encounters=encounters, start_years=start_years)
+    n_rare = round(profile.rare_rate * patients) if rare_patients is None else rare_patients
     try:
-        gen.run(patients, observations, progress)
+        gen.run(patients, observations, progress, n_rare)
     finally:
         gen.writer.close()
     seconds = time.perf_counter() - started
@@ -345,7 +350,7 @@ class _Generator:
         return n
 
     # ---- one patient ---------------------------------------------------------------------------
-    def run(self, patients: int, observations: int | None, progress: bool) -> None:
+    def run(self, patients: int, observations: int | None, progress: bool, n_rare: int) -> None:
         bar = None
         if progress:
             from rich.console import Console  # lazy: rich only when a bar is wanted
@@ -355,8 +360,8 @@ class _Generator:
             bar.start()
             task = bar.add_task("synth: patients", total=patients)
         # The rare cohort is a quota, not a coin flip, so its size per site is predictable:
-        # round(rare_rate * patients) patients, at positions chosen by the seeded RNG.
-        n_rare = min(patients, round(self.profile.rare_rate * patients))
+        # n_rare patients (default round(rare_rate * patients)), at positions chosen by the seeded RNG.
+        self.n_rare = n_rare
         self.rare_indices = set(self.rng.sample(range(patients), n_rare)) if n_rare else set()
         try:
             for i in range(patients):
@@ -631,7 +636,7 @@ class _Generator:
                                          EFFECTS[RARE.treatment.key].for_cohort(RARE.age_band, RARE.sex),
                                          strict=True)),
                 "rate_per_patient": self.profile.rare_rate,
-                "expected_patients": min(patients, round(self.profile.rare_rate * patients)),
+                "expected_patients": self.n_rare,
                 "generated": rare_gen,
                 "note": "hydrochlorothiazide does not lower systolic BP in this cohort; no other "
                         "hypertensive patient is under 40 at treatment start",
