@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "synth": "qis_fhir.synth.commands:synth",
     "bench": "qis_fhir.bench.commands:bench",
     "demo": "qis_fhir.demo:demo",
+    "mapping": "qis_fhir.mapping.commands:mapping",
     "network": "qis_fhir.packets.commands:network",
     "keys": "qis_fhir.packets.commands:keys",
     "verify": "qis_fhir.packets.commands:verify",
