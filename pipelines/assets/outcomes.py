@@ -1,0 +1,54 @@
+"""Treatment-outcome events of one partition, from its extract tables and the mapping set."""
+
+
+import json
+
+from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+
+from pipelines.assets.checks import quality_check_results, quality_check_specs, write_report
+from pipelines.assets.extract import fhir_extract
+from pipelines.assets.mapping import mapping_set
+from pipelines.partitions import daily_exports
+from pipelines.resources import SiteConfig
+
+
+@asset(
+    partitions_def=daily_exports,
+    group_name="outcomes",
+    kinds={"parquet"},
+    deps=[fhir_extract, mapping_set],
+    check_specs=quality_check_specs("outcome_events", ("outcome_events",)),
+    description=(
+        "One row per treatment episode with a baseline and a follow-up value (outcome_events.parquet); "
+        "outcome_summary.json counts events by bucket and treatment and every other episode by reason."
+    ),
+)
+def outcome_events(context: AssetExecutionContext, site: SiteConfig) -> MaterializeResult:
+    from qis_fhir.fhir import load_extract
+    from qis_fhir.outcomes import derive_outcome_events
+    from qis_fhir.pipeline import OUTCOME_EVENTS, OUTCOME_SUMMARY
+    from qis_fhir.quality import check_tables
+
+    out_dir = site.out_path(context.partition_key)
+    mapping = site.load_mapping()
+    result = derive_outcome_events(load_extract(out_dir), mapping)
+    report = check_tables({"outcome_events": result.events}, mapping)
+    write_report(out_dir / "quality" / "outcome_events.json", report)
+    result.events.to_parquet(out_dir / OUTCOME_EVENTS, index=False)
+    (out_dir / OUTCOME_SUMMARY).write_text(json.dumps(result.summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    totals = result.summary.get("totals", {})
+    return MaterializeResult(
+        metadata={
+            "dagster/row_count": len(result.events),
+            "events": len(result.events),
+            "episodes": totals.get("episodes", 0),
+            "responded": totals.get("responded", 0),
+            "excluded": totals.get("excluded", 0),
+            "exclusion_reasons": MetadataValue.json(result.summary.get("exclusion_reasons", {})),
+            "mapping_version": mapping.version,
+            "mapping_hash": mapping.content_hash,
+            "events_file": MetadataValue.path(str(out_dir / OUTCOME_EVENTS)),
+        },
+        check_results=quality_check_results(report),
+    )

@@ -1,0 +1,24 @@
+"""The Dagster code location of qis-fhir (``[tool.dagster] module_name``): assembles, defines nothing.
+
+Quality suites are asset checks declared with ``check_specs`` on the assets themselves (see
+``pipelines/assets/checks.py``), so there are no separate ``@asset_check`` definitions to list.
+"""
+
+from __future__ import annotations
+
+from dagster import Definitions
+
+from pipelines.assets import ALL_ASSETS
+from pipelines.jobs import daily_outcomes_job
+from pipelines.resources import RESOURCES
+from pipelines.schedules import nightly_outcomes_schedule
+from pipelines.sensors import new_export_sensor
+
+defs = Definitions(
+    assets=ALL_ASSETS,
+    asset_checks=[],
+    jobs=[daily_outcomes_job],
+    schedules=[nightly_outcomes_schedule],
+    sensors=[new_export_sensor],
+    resources=RESOURCES,
+)

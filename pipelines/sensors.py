@@ -1,0 +1,102 @@
+"""Notice new export folders under ``export_root`` and request their partitions.
+
+Bulk-export clients write a folder per night (``<export_root>/<YYYY-MM-DD>/``); the sensor requests
+each new folder's partition once (the run key is the folder name), remembers the newest folder it
+requested in its cursor, and waits until a folder has been quiet for a while so it never starts on
+a half-written export. Every tick is bounded: at most ``MAX_ENTRIES`` directory entries looked at
+and ``MAX_REQUESTS`` runs requested.
+"""
+
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dagster import DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
+
+from pipelines.jobs import daily_outcomes_job
+from pipelines.partitions import daily_exports
+from pipelines.resources import SiteConfig
+
+DATE_FOLDER = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+MAX_ENTRIES = 10_000  # directory entries looked at per tick (folders and files)
+MAX_REQUESTS = 7  # runs requested per tick; a backlog drains over following ticks
+QUIET_SECONDS = 300  # a folder whose newest file changed more recently is still being written
+
+
+@dataclass(frozen=True)
+class ExportScan:
+    ready: list[str]  # folder names to request, oldest first, at most ``limit``
+    waiting: list[str]  # new folders not quiet (or empty) yet
+
+
+def scan_exports(
+    root: Path,
+    cursor: str | None,
+    *,
+    valid_keys: set[str] | None = None,
+    now: float | None = None,
+    quiet_seconds: float = QUIET_SECONDS,
+    limit: int = MAX_REQUESTS,
+    max_entries: int = MAX_ENTRIES,
+) -> ExportScan:
+    """New date folders under ``root`` after ``cursor`` that are complete enough to run."""
+    now = time.time() if now is None else now
+    if not root.is_dir():
+        return ExportScan([], [])
+    names: list[str] = []
+    seen = 0
+    with os.scandir(root) as it:
+        for entry in it:
+            seen += 1
+            if seen > max_entries:
+                break
+            if entry.is_dir() and DATE_FOLDER.match(entry.name) and (cursor is None or entry.name > cursor):
+                if valid_keys is None or entry.name in valid_keys:
+                    names.append(entry.name)
+    ready: list[str] = []
+    waiting: list[str] = []
+    for name in sorted(names):
+        newest = _newest_file_mtime(root / name, max_entries)
+        if newest is None or now - newest < quiet_seconds:
+            waiting.append(name)
+            break  # keep partitions in order: a later folder waits for an earlier one
+        ready.append(name)
+        if len(ready) >= limit:
+            break
+    return ExportScan(ready, waiting)
+
+
+def _newest_file_mtime(folder: Path, max_entries: int) -> float | None:
+    newest: float | None = None
+    with os.scandir(folder) as it:
+        for i, entry in enumerate(it):
+            if i >= max_entries:
+                break
+            if entry.is_file():
+                m = entry.stat().st_mtime
+                newest = m if newest is None else max(newest, m)
+    return newest
+
+
+@sensor(
+    job=daily_outcomes_job,
+    minimum_interval_seconds=300,
+    default_status=DefaultSensorStatus.STOPPED,
+    description="Requests the partition of each new, quiet <YYYY-MM-DD> folder under export_root.",
+)
+def new_export_sensor(context: SensorEvaluationContext, site: SiteConfig):
+    if site.export_dir:
+        return SkipReason("export_dir is fixed (QIS_EXPORT_DIR): there are no dated folders to watch")
+    root = Path(site.export_root)
+    valid = set(daily_exports.get_partition_keys())
+    scan = scan_exports(root, context.cursor or None, valid_keys=valid)
+    if not scan.ready:
+        why = f"waiting for {scan.waiting[0]} to be complete" if scan.waiting else f"no new export folder in {root}"
+        return SkipReason(why)
+    return SensorResult(
+        run_requests=[RunRequest(run_key=name, partition_key=name) for name in scan.ready],
+        cursor=scan.ready[-1],
+    )

@@ -1,0 +1,68 @@
+"""The code location loads, and holds what a site relies on: assets, blocking checks, job, schedule, sensor."""
+
+from __future__ import annotations
+
+import yaml
+from conftest import REPO
+from dagster import AssetCheckKey, AssetKey, DailyPartitionsDefinition, Definitions
+
+from pipelines.definitions import defs
+
+ASSETS = {"mapping_set", "fhir_extract", "outcome_events"}
+
+
+def test_every_definition_loads():
+    Definitions.validate_loadable(defs)
+    repo = defs.get_repository_def()
+    assert {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()} == ASSETS
+    assert repo.get_job("daily_outcomes") is not None
+    assert {s.name for s in repo.schedule_defs} == {"nightly_outcomes"}
+    assert {s.name for s in repo.sensor_defs} == {"new_export_sensor"}
+    assert "site" in repo.get_top_level_resources()
+
+
+def test_assets_share_daily_partitions_and_lineage():
+    graph = defs.get_repository_def().asset_graph
+    for name in ASSETS:
+        assert isinstance(graph.get(AssetKey(name)).partitions_def, DailyPartitionsDefinition)
+    assert graph.get(AssetKey("outcome_events")).parent_keys == {AssetKey("fhir_extract"), AssetKey("mapping_set")}
+
+
+def test_quality_suites_are_blocking_checks_on_their_assets():
+    graph = defs.get_repository_def().asset_graph
+    checks = {k: graph.get_check_spec(k) for k in graph.asset_check_keys}
+    expected = {
+        AssetCheckKey(AssetKey("fhir_extract"), n)
+        for n in ["every_line_accounted_for", "patients_quality", "conditions_quality",
+                  "medication_requests_quality", "observations_quality"]
+    } | {AssetCheckKey(AssetKey("outcome_events"), "outcome_events_quality")}
+    assert set(checks) == expected
+    assert all(spec.blocking for spec in checks.values())
+
+
+def test_nightly_schedule_runs_yesterday_at_two():
+    from datetime import datetime, timezone
+
+    from dagster import build_schedule_context
+
+    (schedule,) = defs.get_repository_def().schedule_defs
+    assert schedule.cron_schedule == "0 2 * * *"
+    when = datetime(2026, 3, 5, 2, 0, tzinfo=timezone.utc)
+    with build_schedule_context(scheduled_execution_time=when) as ctx:
+        (request,) = schedule.evaluate_tick(ctx).run_requests
+    assert request.partition_key == "2026-03-04"
+
+
+def test_instance_template_turns_telemetry_off():
+    config = yaml.safe_load((REPO / "pipelines" / "dagster.yaml").read_text())
+    assert config["telemetry"]["enabled"] is False
+
+
+def test_no_dagster_import_in_the_library():
+    offenders = [
+        str(p.relative_to(REPO))
+        for p in (REPO / "qis_fhir").rglob("*.py")
+        if any(line.lstrip().startswith(("import dagster", "from dagster")) for line in p.read_text().splitlines())
+    ]
+    assert offenders == []
+

@@ -1,0 +1,39 @@
+"""SiteConfig: environment variables choose the paths, resolved when a run starts."""
+
+# no `from __future__ import annotations` here: Dagster reads the resource annotation of `probe`
+
+from dagster import asset, materialize
+
+from pipelines.resources import SiteConfig, site_config_from_env
+
+
+def test_defaults_work_from_the_repository_root():
+    site = site_config_from_env({})
+    assert site.export_path("2026-01-02").as_posix() == "exports/2026-01-02"
+    assert site.out_path("2026-01-02").as_posix() == "out/dagster/2026-01-02"
+    assert site.validation == "sample"
+
+
+def test_environment_variables_choose_values(monkeypatch, tmp_path, instance):
+    monkeypatch.setenv("QIS_EXPORT_ROOT", str(tmp_path / "exports"))
+    monkeypatch.setenv("QIS_OUT_ROOT", str(tmp_path / "out"))
+    monkeypatch.setenv("QIS_VALIDATE", "full")
+    site = site_config_from_env()
+    seen = {}
+
+    @asset
+    def probe(site: SiteConfig) -> None:
+        seen["export"] = site.export_path("2026-01-02")
+        seen["out"] = site.out_path("2026-01-02")
+        seen["validation"] = site.validation
+
+    assert materialize([probe], resources={"site": site}, instance=instance).success
+    assert seen == {
+        "export": tmp_path / "exports" / "2026-01-02",
+        "out": tmp_path / "out" / "2026-01-02",
+        "validation": "full",
+    }
+
+
+def test_fixed_export_dir_overrides_the_dated_folders(tmp_path):
+    assert SiteConfig(export_dir=str(tmp_path / "demo")).export_path("2026-01-02") == tmp_path / "demo"
