@@ -136,3 +136,14 @@ def tb() -> Tables:
     return Tables()
 
 
+
+
+@pytest.fixture
+def tables_cls() -> type[Tables]:
+    """The builder class itself, for tests that build many table sets (hypothesis)."""
+    return Tables
+
+
+@pytest.fixture
+def day0() -> pd.Timestamp:
+    return day(0, hour=0)
