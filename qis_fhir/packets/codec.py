@@ -36,7 +36,6 @@ WIRE_KEYS: dict[str, str] = {
     "key_id": "k",
     "seq": "q",
 }
-_FIELD_OF = {v: k for k, v in WIRE_KEYS.items()}
 _ALL_KEYS = frozenset(WIRE_KEYS.values()) | {"v", "sig"}
 _OPTS = orjson.OPT_SORT_KEYS
 
@@ -64,7 +63,11 @@ def _b64(data: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    # 86 chars -> 64 bytes; binascii refuses characters outside the alphabet once '-_' are mapped back
+    return binascii.a2b_base64(text.translate(_FROM_URLSAFE) + "==", strict_mode=True)
+
+
+_FROM_URLSAFE = str.maketrans("-_+/", "+/-_")  # '+' and '/' in the input become invalid characters
 
 
 def signing_bytes(p: Packet) -> bytes:
@@ -119,12 +122,17 @@ def decode_packet(b: bytes | str) -> Packet:
         signature = _unb64(sig)
     except (binascii.Error, ValueError):
         raise PacketFormatError("signature is not base64url") from None
-    p = Packet(**{_FIELD_OF[k]: d[k] for k in WIRE_KEYS.values()}, signature=signature)
+    p = Packet(d["fp"], d["tx"], d["m"], d["p"], d["n"], d["r"], d["mc"], d["sd"], d["mv"], d["s"], d["k"], d["q"], signature)
     check_packet(p)
     # one wire form per packet: anything else (spacing, key order, 1e2 for 100.0, base64 slack) is refused
     if _encode_checked(p) != b:
         raise PacketFormatError("packet is not in canonical encoding")
     return p
+
+
+# bytes the signature adds to the unsigned canonical JSON: ``"sig":"<86 chars>",`` (sorted keys put it
+# between "sd" and "tx", so it always carries a trailing comma)
+_SIG_WIRE_BYTES = len(b'"sig":"",') + 86
 
 
 def sign_packet(p: Packet, private_key: Ed25519PrivateKey) -> Packet:
@@ -134,9 +142,25 @@ def sign_packet(p: Packet, private_key: Ed25519PrivateKey) -> Packet:
     Raises ``PacketFormatError`` if a field is invalid or the signed packet would exceed 512 bytes.
     """
     check_packet(p, signed=False)
-    signed = dataclasses.replace(p, signature=private_key.sign(signing_bytes(p)))
-    _encode_checked(signed)  # size check now, not at publish time
-    return signed
+    message = signing_bytes(p)
+    size = len(message) - len(SIGNING_DOMAIN) + _SIG_WIRE_BYTES  # == len(encode_packet(signed)), tested
+    if size > MAX_WIRE_BYTES:
+        raise PacketFormatError(f"packet would encode to {size} bytes, over the {MAX_WIRE_BYTES}-byte limit")
+    return Packet(
+        p.fingerprint,
+        p.treatment,
+        p.measure,
+        p.period,
+        p.patients,
+        p.responders,
+        p.mean_change,
+        p.sd_change,
+        p.mapping_version,
+        p.site_id,
+        p.key_id,
+        p.seq,
+        private_key.sign(message),
+    )
 
 
 class PacketSigner:

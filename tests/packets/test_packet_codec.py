@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qis_fhir.packets.codec import decode_packet, encode_packet, signing_bytes
+from qis_fhir.packets.codec import decode_packet, encode_packet, sign_packet, signing_bytes
 from qis_fhir.packets.model import MAX_WIRE_BYTES, Packet, PacketFormatError, packet_id_of
 
 
@@ -61,6 +61,21 @@ def test_wire_holds_nothing_but_the_packet_fields(net):
 def test_non_canonical_or_malformed_is_refused(net, mutate):
     with pytest.raises(PacketFormatError):
         decode_packet(mutate(net.wire()))
+
+
+def test_signing_refuses_a_packet_over_512_bytes(net):
+    from qis_fhir.packets import model
+
+    p = dataclasses.replace(net.packet(), signature=b"")
+    old = model.MAX_WIRE_BYTES
+    try:  # shrink the limit instead of building an over-long packet (the field limits forbid one)
+        import qis_fhir.packets.codec as codec
+
+        codec.MAX_WIRE_BYTES = len(encode_packet(net.packet())) - 1
+        with pytest.raises(PacketFormatError, match="512|limit"):
+            sign_packet(p, net.site_a.private_key)
+    finally:
+        codec.MAX_WIRE_BYTES = old
 
 
 def test_encode_refuses_non_finite_and_out_of_syntax_fields(net):
@@ -120,4 +135,8 @@ def test_longest_possible_packets_fit_in_512_bytes(net, tmp_path_factory, fields
     p = Packet(fingerprint="f" * 64, site_id=long_site, key_id=net.site_a.key_id, **fields)
     wire = encode_packet(sign_packet(p, net.site_a.private_key))
     assert len(wire) <= MAX_WIRE_BYTES
+    # sign_packet's size check predicts the wire length exactly
+    from qis_fhir.packets.codec import _SIG_WIRE_BYTES, SIGNING_DOMAIN, signing_bytes
+
+    assert len(wire) == len(signing_bytes(p)) - len(SIGNING_DOMAIN) + _SIG_WIRE_BYTES
     assert decode_packet(wire).mean_change == fields["mean_change"]
