@@ -311,7 +311,15 @@ class PacketProtocol(KademliaProtocol):
     # ------------------------------------------------------------------ routing table
     def welcome_if_new(self, node: Node) -> None:
         """Add a new node; hand it the packets it should hold (paper section 2.5, keys kept as-is)."""
-        if not _valid_id(node.id) or node.id == self.source_node.id or not self.router.is_new_node(node):
+        if not _valid_id(node.id) or node.id == self.source_node.id:
+            return
+        if not self.router.is_new_node(node):
+            # a known id seen at a new address (a node restarted on another port): the stock table
+            # would keep the dead address forever; we heard from this one directly, so take it
+            bucket = self.router.buckets[self.router.get_bucket_for(node)]
+            known = bucket.nodes.get(node.id)
+            if known is not None and (known.ip, known.port) != (node.ip, node.port):
+                bucket.add_node(node)
             return
         keys = self._keys_to_hand_off(node) if self.announce else []
         self.router.add_contact(node)

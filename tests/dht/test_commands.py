@@ -1,0 +1,85 @@
+"""The ``node``, ``publish`` and ``query`` commands as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from dht_cluster import REPO, Cluster, fingerprint, sign
+
+from qis_fhir.errors import ExitCode
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qis_fhir", *args], capture_output=True, cwd=REPO, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def trio(dht_network, tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("trio"), dht_network.manifest, ksize=3)
+    try:
+        c.start(3)
+        c.wait_joined()
+        yield c
+    finally:
+        c.stop_all()
+
+
+def test_node_binds_only_the_given_interface_and_stops_cleanly_on_sigterm_and_sigint(trio):
+    for node in trio.nodes[1:]:
+        udp = [c for c in psutil.Process(node.proc.pid).net_connections(kind="udp")]
+        assert udp and all(c.laddr.ip == "127.0.0.1" for c in udp)
+        assert {c.laddr.port for c in udp} == {node.port}
+    trio.nodes[1].proc.send_signal(signal.SIGTERM)
+    trio.nodes[2].proc.send_signal(signal.SIGINT)
+    for node in trio.nodes[1:]:
+        assert node.proc.wait(timeout=15) == 0
+        log = (node.data_dir / "stdout.log").read_text()
+        assert f"listening on 127.0.0.1:{node.port}" in log and log.rstrip().endswith("stopped")
+    trio.restart(trio.nodes[1], [trio.nodes[0].address])
+    trio.restart(trio.nodes[2], [trio.nodes[0].address])
+
+
+def test_publish_and_query_commands(trio, dht_network, tmp_path):
+    fp = fingerprint(5000)
+    wires = [sign(dht_network.sites[s], fp) for s in ("site-a", "site-b", "site-c")]
+    packets = tmp_path / "packets.ndjson"
+    packets.write_bytes(b"".join(w + b"\n" for w in wires))
+    boot = f"127.0.0.1:{trio.nodes[1].port}"
+    r = _cli("publish", str(packets), "--bootstrap", boot, "--network", str(dht_network.manifest), "--ksize", "3", "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    summary = json.loads(r.stdout)
+    assert summary["confirmed"] == 3 and summary["min_replicas"] == 3
+
+    r = _cli("query", fp, "--bootstrap", f"127.0.0.1:{trio.nodes[2].port}", "--network", str(dht_network.manifest), "--ksize", "3")
+    assert r.returncode == 0, r.stderr.decode()
+    assert sorted(r.stdout.splitlines()) == sorted(wires)
+    assert "3 packets from 3 sites" in r.stderr.decode()
+
+    # a file with one packet that fails verification: the others are still published, the exit says so
+    bad = tmp_path / "bad.ndjson"
+    bad.write_bytes(wires[0] + b"\n" + wires[1].replace(b'"n":20', b'"n":99') + b"\n")
+    r = _cli("publish", str(bad), "--bootstrap", boot, "--network", str(dht_network.manifest), "--ksize", "3")
+    assert r.returncode == ExitCode.PACKETS_REJECTED
+    assert b"1 packets failed verification" in r.stderr
+
+
+def test_publish_fails_clearly_when_no_peer_answers(dht_network, tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # a port nobody answers on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        packets = tmp_path / "p.ndjson"
+        packets.write_bytes(sign(dht_network.sites["site-a"], fingerprint(5001)) + b"\n")
+        started = time.monotonic()
+        r = _cli("publish", str(packets), "--bootstrap", f"127.0.0.1:{port}", "--network", str(dht_network.manifest))
+    assert r.returncode == ExitCode.NO_PEERS
+    assert f"no DHT peer answered at 127.0.0.1:{port}" in r.stderr.decode()
+    assert time.monotonic() - started < 30

@@ -1,0 +1,61 @@
+"""Packets outlive their publisher and the nodes first given them: holders republish them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from dht_cluster import Cluster, fingerprint, sign
+
+from qis_fhir.dht.client import DhtClient, publish, query
+from qis_fhir.dht.keys import dht_key
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+K = 3
+
+
+def _fp_away_from(node_ids: list[bytes], avoid: bytes) -> str:
+    """A fingerprint whose K+1 closest nodes do not include ``avoid`` (the bootstrap node stays up)."""
+    for n in range(7000, 8000):
+        fp = fingerprint(n)
+        key = int.from_bytes(dht_key(fp), "big")
+        closest = sorted(node_ids, key=lambda i: int.from_bytes(i, "big") ^ key)[: K + 1]
+        if avoid not in closest:
+            return fp
+    raise AssertionError("no such fingerprint")
+
+
+def test_packets_survive_every_original_holder_going_away(dht_network, tmp_path):
+    c = Cluster(tmp_path, dht_network.manifest, ksize=K, extra=["--republish-interval", "1", "--maintenance-interval", "0.5"])
+    try:
+        c.start(9)
+        c.wait_joined()
+        ids = {n.index: bytes.fromhex(json.loads((n.data_dir / "node.json").read_text())["node_id"]) for n in c.nodes}
+        fp = _fp_away_from(list(ids.values()), ids[0])
+        wires = [sign(dht_network.sites[s], fp, treatment="TX_OUT") for s in ("site-a", "site-b")]
+        report = publish(wires, [c.nodes[0].address], dht_network.manifest, ksize=K)
+        assert report.min_replicas == K  # the publisher (a short-lived client) is gone from here on
+
+        async def holders() -> list:
+            async with DhtClient([c.nodes[0].address], dht_network.manifest, ksize=K, rpc_timeout=1.0) as client:
+                return [n for n in c.live() if await client.node_holdings(n.address, fp)]
+
+        first = asyncio.run(holders())
+        assert len(first) >= K and c.nodes[0] not in first
+        for node in first[:-1]:
+            c.kill(node)
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:  # the last original holder republishes to the new closest nodes
+            fresh = [n for n in asyncio.run(holders()) if n not in first]
+            if len(fresh) >= K - 1:
+                break
+            time.sleep(0.5)
+        assert len(fresh) >= K - 1
+        c.kill(first[-1])
+        assert not set(n.index for n in first) & set(n.index for n in c.live())
+        result = query(fp, [c.nodes[0].address], dht_network.manifest, ksize=K, rpc_timeout=1.0)
+        assert sorted(result.wires) == sorted(wires)
+    finally:
+        c.stop_all()
