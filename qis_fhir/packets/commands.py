@@ -117,8 +117,16 @@ def keys_new(site_id: str, out: Path) -> None:
 @click.argument("packets", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--network", "manifest", required=True, type=click.Path(exists=True, path_type=Path), help="Network manifest (file or NET_DIR).")
 @_pin_option
+@click.option(
+    "--state",
+    "state",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Replay state file (JSON) read before and written after: packets older than ones accepted in earlier "
+    "runs are then refused as replays. Default: replay state lives for this file only.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as one JSON object.")
-def verify(packets: Path, manifest: Path, pins: Path | None, as_json: bool) -> None:
+def verify(packets: Path, manifest: Path, pins: Path | None, state: Path | None, as_json: bool) -> None:
     """Verify every packet in PACKETS (NDJSON) against the network manifest; print counts by reason.
 
     Exits with PACKETS_REJECTED (10) if any packet was rejected."""
@@ -128,8 +136,13 @@ def verify(packets: Path, manifest: Path, pins: Path | None, as_json: bool) -> N
 
     m = load_manifest(manifest, pinned_state=pins or default_pin_path())
     lines = read_packets(packets)
-    verifier = Verifier(m)
+    from qis_fhir.packets.replay import MemoryReplayState
+
+    replay = MemoryReplayState.load(state) if state is not None else MemoryReplayState()
+    verifier = Verifier(m, replay)
     reasons = Counter(verifier.verify(line).reason for line in lines)
+    if state is not None:
+        replay.save(state)
     accepted = reasons["ok"] + reasons["duplicate"]
     rejected = len(lines) - accepted
     result = {

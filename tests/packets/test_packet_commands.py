@@ -76,3 +76,39 @@ def test_verify_missing_file_and_bad_site_id(tmp_path, capsys):
     code, _, err = run(["keys", "new", "--site-id", "Bad Site!", "--out", str(tmp_path / "x")], capsys)
     assert code == ExitCode.USAGE
     assert not (tmp_path / "x").exists()
+
+
+def test_verify_state_file_refuses_replays_across_runs(tmp_path, capsys):
+    net, a = tmp_path / "net", tmp_path / "a"
+    run(["network", "new", "--out", str(net), "--network-id", "st"], capsys)
+    run(["keys", "new", "--site-id", "a", "--out", str(a)], capsys)
+    run(["network", "add-site", str(net), str(a)], capsys)
+    from qis_fhir.packets import PacketSigner, load_site, write_packets
+
+    site = load_site(a)
+    signer = PacketSigner(site.private_key, site.site_id, site.key_id)
+
+    def one(seq):
+        return signer.sign(fingerprint="0" * 64, treatment="TX_0001", measure="hba1c", period="2024", patients=12,
+                           responders=3, mean_change=-0.5, sd_change=1.0, mapping_version="v1", seq=seq)
+
+    write_packets(tmp_path / "new.ndjson", [one(2)])
+    write_packets(tmp_path / "old.ndjson", [one(1)])
+    state = tmp_path / "replay.json"
+    assert run(["verify", str(tmp_path / "new.ndjson"), "--network", str(net), "--state", str(state)], capsys)[0] == 0
+    assert run(["verify", str(tmp_path / "old.ndjson"), "--network", str(net)], capsys)[0] == 0  # no state: fine
+    code, out, _ = run(["verify", str(tmp_path / "old.ndjson"), "--network", str(net), "--state", str(state), "--json"], capsys)
+    assert code == ExitCode.PACKETS_REJECTED and json.loads(out)["by_reason"] == {"replay": 1}
+    code, out, _ = run(["verify", str(tmp_path / "new.ndjson"), "--network", str(net), "--state", str(state), "--json"], capsys)
+    assert code == 0 and json.loads(out)["by_reason"] == {"duplicate": 1}
+
+
+def test_network_show_and_accept_mapping(tmp_path, capsys):
+    net = tmp_path / "net"
+    run(["network", "new", "--out", str(net), "--network-id", "show", "--min-cell-size", "20"], capsys)
+    assert run(["network", "accept-mapping", str(net), "v2"], capsys)[0] == 0
+    code, out, _ = run(["network", "show", str(net)], capsys)
+    body = json.loads(out)
+    assert code == 0 and body["version"] == 2 and body["min_cell_size"] == 20
+    assert body["accepted_mapping_versions"] == ["v1", "v2"] and body["revoked_sites"] == []
+    assert (tmp_path / "home" / "trust" / "manifest_pins.json").exists()  # the CLI pins by default
