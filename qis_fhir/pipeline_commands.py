@@ -8,19 +8,6 @@ from pathlib import Path
 import click
 
 
-def parse_bootstrap(value: str | None) -> tuple[tuple[str, int], ...]:
-    """``HOST:PORT[,HOST:PORT]`` -> ((host, port), ...); a clear usage error otherwise."""
-    if not value:
-        return ()
-    peers = []
-    for item in value.split(","):
-        host, sep, port = item.strip().rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise click.BadParameter(f"{item!r} is not HOST:PORT", param_hint="--bootstrap")
-        peers.append((host, int(port)))
-    return tuple(peers)
-
-
 @click.command()
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory.")
@@ -37,6 +24,7 @@ def run(export_dir: Path, out_dir: Path, mapping_dir, site_dir, network_dir, boo
     """Run extract, outcomes and quality (and packets / publish when asked) on EXPORT_DIR."""
     import sys
 
+    from qis_fhir.dht.client import parse_addresses
     from qis_fhir.pipeline import RunConfig, run_pipeline
 
     config = RunConfig(
@@ -45,7 +33,7 @@ def run(export_dir: Path, out_dir: Path, mapping_dir, site_dir, network_dir, boo
         mapping_dir=mapping_dir,
         site_dir=site_dir,
         network_dir=network_dir,
-        bootstrap=parse_bootstrap(bootstrap),
+        bootstrap=tuple(parse_addresses(bootstrap)),
         site_secret_path=site_secret_path,
         validate=validate,
         sample_rate=sample_rate,
