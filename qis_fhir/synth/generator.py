@@ -445,8 +445,12 @@ class _Generator:
             pid, gender=sex, birth_ts=birth_ts, given=given, family=family, mrn=mrn, ssn=ssn, phone=phone,
             line=line, city=city, postal=postal, maiden=maiden, deceased_ts=deceased_ts))
 
-        height = rng.gauss(176.0 if not female else 163.0, 7.0)
-        weight = rng.gauss(27.0, 4.0) * (height / 100.0) ** 2
+        if age_now >= 18:
+            height = rng.gauss(176.0 if not female else 163.0, 7.0)
+            weight = rng.gauss(27.0, 4.0) * (height / 100.0) ** 2
+        else:  # children: rough growth curve, BMI around 17
+            height = 75.0 + 5.6 * age_now + rng.gauss(0.0, 4.0)
+            weight = rng.gauss(17.0, 2.0) * (height / 100.0) ** 2
         end = float(deceased_ts) if deceased_ts is not None else float(REFERENCE_TS - DAY)
         pid_b = pid.encode()
         # what pad_observations needs to add vitals for this patient (nothing else is kept)
@@ -513,6 +517,8 @@ class _Generator:
             return
 
         band = cat.age_band((start - birth) / YEAR)
+        # only the rare quota may land in the rare cohort, and it always must
+        assert is_rare == ((bucket.key, treatment.key, band, sex) == rare_key()), "rare cohort leak"
         mean, sd = planted_effect(bucket, treatment, band, sex)
         if onset < start - DIAGNOSIS_VALUE_MIN_DAYS * DAY:  # outside the baseline window
             self.outcome_obs(pid, eid, measure, onset,
