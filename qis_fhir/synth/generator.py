@@ -92,6 +92,11 @@ class SynthResult:
     def observations(self) -> int:
         return self.counts.get("Observation", 0)
 
+    @property
+    def planted_effects_path(self) -> Path:
+        """Alias of ``truth_path`` (the planted-effects answer key)."""
+        return self.truth_path
+
 
 @dataclass
 class _Acc:
