@@ -15,7 +15,8 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-DEFAULT_CHUNK_ROWS = 65_536
+DEFAULT_CHUNK_ROWS = 8_192  # rows converted to Arrow at a time: small enough to still be in the CPU cache
+ROW_GROUP_ROWS = 131_072  # rows per Parquet row group
 
 
 class TableSink:
@@ -26,8 +27,14 @@ class TableSink:
         self.tmp_path = path.with_name(f".{path.name}.partial")
         self.chunk_rows = chunk_rows
         self.rows: list[tuple] = []
+        self._struct = pa.struct(list(schema))
+        self._batches: list[pa.RecordBatch] = []
+        self._batched_rows = 0
         self.count = 0
-        self._writer = pq.ParquetWriter(self.tmp_path, schema, compression="snappy")
+        # dictionary-encode only the columns that repeat (codes, units, patient keys): a dictionary
+        # over unique resource keys costs time and saves nothing
+        repeating = [f.name for f in schema if not f.name.endswith(("_key", "keys", "codes")) or f.name == "patient_key"]
+        self._writer = pq.ParquetWriter(self.tmp_path, schema, compression="zstd", use_dictionary=repeating)
 
     def add(self, rows: list[tuple]) -> None:
         buf = self.rows
@@ -36,16 +43,28 @@ class TableSink:
             self.flush()
 
     def flush(self) -> None:
-        if not self.rows:
-            return
-        columns = list(zip(*self.rows))
-        arrays = [pa.array(col, type=field.type) for col, field in zip(columns, self.schema)]
-        self._writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
-        self.count += len(self.rows)
-        self.rows = []
+        """Convert the buffered rows to Arrow (while they are still in the CPU cache); write a row
+        group when enough have gathered."""
+        if self.rows:
+            # one C pass over the row tuples (a struct array), not one Python pass per column
+            batch = pa.RecordBatch.from_struct_array(pa.array(self.rows, type=self._struct))
+            self._batches.append(batch)
+            self._batched_rows += len(self.rows)
+            self.count += len(self.rows)
+            self.rows = []
+        if self._batched_rows >= ROW_GROUP_ROWS:
+            self._write()
+
+    def _write(self) -> None:
+        if self._batches:
+            table = pa.Table.from_batches(self._batches, schema=self.schema)
+            self._writer.write_table(table, row_group_size=max(self._batched_rows, 1))
+            self._batches = []
+            self._batched_rows = 0
 
     def commit(self) -> None:
         self.flush()
+        self._write()
         self._writer.close()
         os.replace(self.tmp_path, self.path)
 
