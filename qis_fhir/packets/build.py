@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,8 +25,8 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from qis_fhir.errors import InputNotFoundError, MappingError
-from qis_fhir.packets.codec import PacketSigner, encode_packet
+from qis_fhir.errors import InputNotFoundError, MappingError, QisError
+from qis_fhir.packets.codec import PacketSigner, decode_packet, encode_packet
 from qis_fhir.packets.keys import SiteIdentity
 from qis_fhir.packets.manifest import NetworkContext
 from qis_fhir.packets.model import (
@@ -36,6 +37,7 @@ from qis_fhir.packets.model import (
     TREATMENT_RE,
     Packet,
     PacketFormatError,
+    packet_id_of,
 )
 from qis_fhir.privacy.disclosure import check_single_granularity, disclosure_report
 from qis_fhir.privacy.fingerprint import Fingerprinter
@@ -59,6 +61,8 @@ REQUIRED_COLUMNS = (
 )
 PERIODS = ("month", "quarter", "year")
 _CELL = ["bucket", "age_band", "sex", "treatment_code", "measure", "period"]
+RELEASE_STATE = "released_packets.ndjson"
+SITE_RELEASE_STATE = object()  # sentinel: the site directory's release state file
 
 
 @dataclass
@@ -92,8 +96,17 @@ def build_packets(
     site: SiteIdentity,
     network: NetworkContext,
     seq: int | None = None,
+    *,
+    release_state: Path | str | None | object = SITE_RELEASE_STATE,
 ) -> PacketBuild:
-    """Aggregate outcome events into signed packets; cells under the minimum size are not published."""
+    """Aggregate outcome events into signed packets; cells under the minimum size are not published.
+
+    ``release_state``: the file recording what this site released before (default
+    ``SITE_DIR/released_packets.ndjson``; ``None``: no memory, e.g. in tests). A cell whose patient
+    count moved by fewer than the minimum cell size since its last release is held: its earlier
+    packet is re-emitted unchanged (a duplicate to every consumer), so two releases of one cell never
+    differ by fewer than ``min_cell_size`` patients and cannot be differenced to single patients.
+    """
     import pandas as pd
 
     seq = default_seq() if seq is None else seq
@@ -131,6 +144,9 @@ def build_packets(
 
     fingerprint = Fingerprinter(network.secret, mapping.version)
     signer = PacketSigner(site.private_key, site.site_id, site.key_id)
+    state_path = site.site_dir / RELEASE_STATE if release_state is SITE_RELEASE_STATE else release_state
+    previous = load_release_state(state_path, site) if state_path is not None else {}
+    held_buckets: list[str] = []
     published_buckets: list[str] = []
     suppressed_buckets: list[str] = []
     cells: list[tuple[str, ...]] = []
@@ -151,9 +167,15 @@ def build_packets(
                 raise MappingError(f"treatment {treatment!r} or measure {measure!r} is not a valid packet code")
             cells.append((bucket, age_band, sex, treatment, measure, period))
             published_buckets.append(bucket)
+            fp = fingerprint(bucket, age_band, sex)
+            before = previous.get(packet_id_of(site.site_id, fp, treatment, measure, period, mapping.version))
+            if before is not None and abs(n - before.patients) < min_cell:
+                packets.append(before)  # too few patients changed to release a new version of this cell
+                held_buckets.append(bucket)
+                continue
             packets.append(
                 signer.sign(
-                    fingerprint=fingerprint(bucket, age_band, sex),
+                    fingerprint=fp,
                     treatment=treatment,
                     measure=measure,
                     period=period,
@@ -167,6 +189,8 @@ def build_packets(
             )
     check_single_granularity(cells)
     packets.sort(key=lambda p: (p.fingerprint, p.treatment, p.measure, p.period))
+    if state_path is not None:
+        save_release_state(state_path, previous, packets)
     sizes = [len(encode_packet(p)) for p in packets]
     report = disclosure_report(
         published_buckets,
@@ -175,14 +199,40 @@ def build_packets(
         mapping_version=mapping.version,
         period=granularity,
         seq=seq,
+        held_buckets=held_buckets,
     )
     return PacketBuild(packets, report, sizes)
+
+
+def load_release_state(path: Path | str, site: SiteIdentity) -> dict[str, Packet]:
+    """Packets this site released before, by packet id (only those signed with its current key)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    released: dict[str, Packet] = {}
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            p = decode_packet(line)
+        except PacketFormatError as exc:
+            raise QisError(f"{path}:{number}: release state is corrupt ({exc}); move the file away to start afresh") from None
+        if p.site_id == site.site_id and p.key_id == site.key_id:  # a rotated key re-signs everything
+            released[p.packet_id] = p
+    return released
+
+
+def save_release_state(path: Path | str, previous: dict[str, Packet], packets: list[Packet]) -> None:
+    """Remember every packet ever released, the newest per packet id (cells that vanish stay remembered)."""
+    merged = dict(previous)
+    merged.update({p.packet_id: p for p in packets})
+    _atomic_write(Path(path), b"".join(encode_packet(p) + b"\n" for _, p in sorted(merged.items())))
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
@@ -212,6 +262,7 @@ __all__ = [
     "PacketFormatError",
     "build_packets",
     "default_seq",
+    "load_release_state",
     "read_packets",
     "write_disclosure_report",
     "write_packets",

@@ -60,17 +60,19 @@ def disclosure_report(
     mapping_version: str,
     period: str,
     seq: int,
+    held_buckets: Iterable[str] = (),
 ) -> dict:
-    """Counts of cells published and suppressed, per bucket and in total. Nothing else."""
+    """Counts of cells published and suppressed, per bucket and in total. Nothing else.
+
+    ``held`` counts the published cells re-released unchanged because fewer than ``min_cell_size``
+    patients changed since their last release (they are included in ``published``).
+    """
     by_bucket: dict[str, dict[str, int]] = {}
-    for name, buckets in (("published", published_buckets), ("suppressed", suppressed_buckets)):
+    for name, buckets in (("published", published_buckets), ("suppressed", suppressed_buckets), ("held", held_buckets)):
         for b in buckets:
-            entry = by_bucket.setdefault(b, {"published": 0, "suppressed": 0})
+            entry = by_bucket.setdefault(b, {"published": 0, "suppressed": 0, "held": 0})
             entry[name] += 1
-    totals = {
-        "published": sum(e["published"] for e in by_bucket.values()),
-        "suppressed": sum(e["suppressed"] for e in by_bucket.values()),
-    }
+    totals = {k: sum(e[k] for e in by_bucket.values()) for k in ("published", "suppressed", "held")}
     return {
         "format": REPORT_FORMAT,
         "mapping_version": mapping_version,

@@ -52,7 +52,7 @@ SMALL = ("type2_diabetes", "40-64", "male", "TX_0001", "hba1c")
 
 def test_counts_and_statistics(net, mapping):
     events = make_events({BIG: 30})
-    b = build_packets(events, mapping, net.site_a, net.network, seq=20240401)
+    b = build_packets(events, mapping, net.site_a, net.network, release_state=None, seq=20240401)
     (p,) = b.packets
     assert (p.patients, p.responders, p.period, p.treatment, p.measure, p.seq) == (30, int(events.responded.sum()), "2024", "TX_0001", "hba1c", 20240401)
     assert p.mean_change == pytest.approx(events.change.mean(), abs=1e-4)
@@ -62,11 +62,11 @@ def test_counts_and_statistics(net, mapping):
 
 
 def test_small_cells_are_suppressed_and_reported(net, mapping):
-    b = build_packets(make_events({BIG: 11, SMALL: 10}), mapping, net.site_a, net.network, seq=1)
+    b = build_packets(make_events({BIG: 11, SMALL: 10}), mapping, net.site_a, net.network, release_state=None, seq=1)
     assert [p.patients for p in b.packets] == [11]
     r = b.disclosure_report
-    assert r["cells"] == {"published": 1, "suppressed": 1}
-    assert r["by_bucket"] == {"type2_diabetes": {"published": 1, "suppressed": 1}}
+    assert r["cells"] == {"published": 1, "suppressed": 1, "held": 0}
+    assert r["by_bucket"] == {"type2_diabetes": {"published": 1, "suppressed": 1, "held": 0}}
     assert r["min_cell_size"] == 11
     # the report says nothing finer than per-bucket counts
     assert set(r) == {"format", "mapping_version", "min_cell_size", "granularity", "period", "seq", "cells", "by_bucket"}
@@ -80,7 +80,7 @@ def test_a_patient_counts_once_per_cell(net, mapping):
     second["start"] = second["start"] + pd.Timedelta(days=60)
     second["change"] = 100.0
     second.index = events.index[:5]  # repeated index labels, as pd.concat leaves them
-    b = build_packets(pd.concat([events, second]), mapping, net.site_a, net.network, seq=1)
+    b = build_packets(pd.concat([events, second]), mapping, net.site_a, net.network, release_state=None, seq=1)
     assert b.packets[0].patients == 11
     assert b.packets[0].mean_change == pytest.approx(events.change.mean(), abs=1e-4)  # earliest episode kept
 
@@ -89,19 +89,19 @@ def test_period_granularity_follows_the_mapping(net, mapping):
     events = make_events({BIG: 12}, start_period="2024-05")
     for granularity, expected in (("month", "2024-05"), ("quarter", "2024-Q2"), ("year", "2024")):
         m = dataclasses.replace(mapping, cohorts=dataclasses.replace(mapping.cohorts, period=granularity))
-        b = build_packets(events, m, net.site_a, net.network, seq=1)
+        b = build_packets(events, m, net.site_a, net.network, release_state=None, seq=1)
         assert [p.period for p in b.packets] == [expected]
         assert b.disclosure_report["period"] == granularity
 
 
 def test_rerun_is_byte_identical_and_ids_stable_across_seq(net, mapping, tmp_path):
     events = make_events({BIG: 20, SMALL: 14, ("hypertension", "65+", "male", "TX_0002", "systolic_bp"): 15})
-    one = build_packets(events, mapping, net.site_a, net.network, seq=20240401)
-    two = build_packets(events.sample(frac=1, random_state=3), mapping, net.site_a, net.network, seq=20240401)
+    one = build_packets(events, mapping, net.site_a, net.network, release_state=None, seq=20240401)
+    two = build_packets(events.sample(frac=1, random_state=3), mapping, net.site_a, net.network, release_state=None, seq=20240401)
     write_packets(tmp_path / "1.ndjson", one.packets)
     write_packets(tmp_path / "2.ndjson", two.packets)
     assert (tmp_path / "1.ndjson").read_bytes() == (tmp_path / "2.ndjson").read_bytes()
-    later = build_packets(events, mapping, net.site_a, net.network, seq=20240402)
+    later = build_packets(events, mapping, net.site_a, net.network, release_state=None, seq=20240402)
     assert [p.packet_id for p in later.packets] == [p.packet_id for p in one.packets]
     # a consumer that saw both runs keeps one packet per id: nothing counts twice
     v = Verifier(net.manifest)
@@ -110,7 +110,7 @@ def test_rerun_is_byte_identical_and_ids_stable_across_seq(net, mapping, tmp_pat
 
 
 def test_packet_file_round_trip_and_report_file(net, mapping, tmp_path):
-    b = build_packets(make_events({BIG: 12}), mapping, net.site_a, net.network, seq=1)
+    b = build_packets(make_events({BIG: 12}), mapping, net.site_a, net.network, release_state=None, seq=1)
     write_packets(tmp_path / "p.ndjson", b.packets)
     assert [decode_packet(w) for w in read_packets(tmp_path / "p.ndjson")] == b.packets
     write_disclosure_report(tmp_path / "d.json", b.disclosure_report)
@@ -118,15 +118,15 @@ def test_packet_file_round_trip_and_report_file(net, mapping, tmp_path):
 
 
 def test_empty_events_give_no_packets(net, mapping):
-    b = build_packets(make_events({}), mapping, net.site_a, net.network, seq=1)
-    assert b.packets == [] and b.disclosure_report["cells"] == {"published": 0, "suppressed": 0}
+    b = build_packets(make_events({}), mapping, net.site_a, net.network, release_state=None, seq=1)
+    assert b.packets == [] and b.disclosure_report["cells"] == {"published": 0, "suppressed": 0, "held": 0}
 
 
 def test_events_of_another_mapping_version_are_refused(net, mapping):
     events = make_events({BIG: 12})
     events.loc[0, "mapping_version"] = "v0"
     with pytest.raises(MappingError):
-        build_packets(events, mapping, net.site_a, net.network, seq=1)
+        build_packets(events, mapping, net.site_a, net.network, release_state=None, seq=1)
 
 
 def test_the_manifest_min_cell_size_governs(tmp_path, mapping):
@@ -161,7 +161,7 @@ def test_no_published_number_includes_a_suppressed_patient(net, mapping, cells):
     patients, and no published cohort is the union of others (all fingerprints are complete,
     distinct cohorts at one granularity)."""
     events = make_events(cells)
-    b = build_packets(events, mapping, net.site_a, net.network, seq=1)
+    b = build_packets(events, mapping, net.site_a, net.network, release_state=None, seq=1)
     fp = Fingerprinter(net.network.secret, "v1")
     by_fp = {fp(bu, a, s): (bu, a, s) for bu in ("type2_diabetes", "hypertension") for a in ("18-39", "40-64", "65+") for s in ("female", "male", "unknown")}
     published = set()
@@ -175,3 +175,59 @@ def test_no_published_number_includes_a_suppressed_patient(net, mapping, cells):
     assert b.disclosure_report["cells"]["suppressed"] == sum(1 for n in cells.values() if n < 11)
     suppressed_patients = sum(n for n in cells.values() if n < 11)
     assert sum(p.patients for p in b.packets) == len(events) - suppressed_patients
+
+
+def _fresh_site(tmp_path):
+    from qis_fhir.packets.keys import create_site
+    from qis_fhir.packets.manifest import add_site, create_network, load_network
+
+    create_network(tmp_path / "n", network_id="hold")
+    site = create_site("s", tmp_path / "s")
+    add_site(tmp_path / "n", tmp_path / "s")
+    return site, load_network(tmp_path / "n")
+
+
+def test_small_changes_between_releases_are_held_back(tmp_path, mapping):
+    """Differencing over time: night 1 publishes 12 patients; night 2 has 13 (one new patient). Publishing
+    both would reveal the new patient's change (13*mean2 - 12*mean1). The builder re-emits night 1's packet
+    until at least min_cell_size patients changed."""
+    site, network = _fresh_site(tmp_path)
+    events = make_events({BIG: 30}, seed=5)
+    night1 = build_packets(events.iloc[:12], mapping, site, network, seq=20240101)
+    assert (site.site_dir / "released_packets.ndjson").exists()
+    night2 = build_packets(events.iloc[:13], mapping, site, network, seq=20240102)
+    assert night2.packets == night1.packets  # byte-identical: consumers see a duplicate
+    assert night2.disclosure_report["cells"] == {"published": 1, "suppressed": 0, "held": 1}
+    night3 = build_packets(events.iloc[:22], mapping, site, network, seq=20240103)  # 10 changed since release
+    assert night3.packets == night1.packets
+    night4 = build_packets(events.iloc[:23], mapping, site, network, seq=20240104)  # 11 changed: release
+    (p,) = night4.packets
+    assert (p.patients, p.seq) == (23, 20240104)
+    assert p.packet_id == night1.packets[0].packet_id
+    night5 = build_packets(events.iloc[:24], mapping, site, network, seq=20240105)  # measured from night 4
+    assert night5.packets == night4.packets
+
+
+def test_a_cell_that_reaches_the_threshold_is_released_at_once(tmp_path, mapping):
+    site, network = _fresh_site(tmp_path)
+    events = make_events({BIG: 12}, seed=6)
+    assert build_packets(events.iloc[:10], mapping, site, network, seq=1).packets == []
+    assert [p.patients for p in build_packets(events, mapping, site, network, seq=2).packets] == [12]
+
+
+def test_rerun_with_release_state_is_still_identical(tmp_path, mapping):
+    site, network = _fresh_site(tmp_path)
+    events = make_events({BIG: 20, SMALL: 15}, seed=7)
+    one = build_packets(events, mapping, site, network, seq=3)
+    two = build_packets(events, mapping, site, network, seq=3)
+    assert one.packets == two.packets
+    assert two.disclosure_report["cells"]["held"] == 2
+
+
+def test_corrupt_release_state_is_a_clear_error(tmp_path, mapping):
+    from qis_fhir.errors import QisError
+
+    site, network = _fresh_site(tmp_path)
+    (site.site_dir / "released_packets.ndjson").write_text("garbage\n")
+    with pytest.raises(QisError, match="released_packets.ndjson:1"):
+        build_packets(make_events({BIG: 12}), mapping, site, network, seq=1)
