@@ -35,7 +35,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from qis_fhir.errors import AlreadyExistsError, InputNotFoundError, ManifestError
 from qis_fhir.packets.keys import (
     key_id_of,
-    public_key_from_raw,
     raw_public,
     read_private_key,
     read_site_info,
