@@ -52,3 +52,21 @@ class Fingerprinter:
 
     def __repr__(self) -> str:  # never print the secret
         return f"Fingerprinter(mapping_version={self.mapping_version!r})"
+
+
+def cohort_table(network_secret: bytes, mapping) -> dict[str, tuple[str, str, str]]:
+    """fingerprint -> (bucket, age band, sex) for every cohort the mapping can produce.
+
+    What a member site uses to look up its cohorts in the DHT and to label the packets it gets back.
+    It is also exactly the dictionary attack ``docs/privacy.md`` describes: any holder of the network
+    secret can build it, which is why the secret is shared with member sites only.
+    """
+    fingerprint = Fingerprinter(network_secret, mapping.version)
+    bands = [b.label for b in mapping.cohorts.age_bands] + ["unknown"]
+    sexes = list(dict.fromkeys([*mapping.cohorts.sexes, "unknown"]))
+    return {
+        fingerprint(bucket, band, sex): (bucket, band, sex)
+        for bucket in sorted(mapping.buckets)
+        for band in dict.fromkeys(bands)
+        for sex in sexes
+    }

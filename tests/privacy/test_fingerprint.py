@@ -85,3 +85,15 @@ def test_short_secret_is_refused():
     with pytest.raises(ValueError):
         Fingerprinter(b"short", "v1")
     assert "s" * 32 not in repr(Fingerprinter(b"s" * 32, "v1"))
+
+
+def test_cohort_table_labels_every_published_fingerprint(two_networks):
+    from qis_fhir.privacy.fingerprint import cohort_table
+
+    nets, sites = two_networks
+    mapping = load_mapping()
+    table = cohort_table(nets["one"].secret, mapping)
+    assert len(table) == len(mapping.buckets) * (len(mapping.cohorts.age_bands) + 1) * len(set(mapping.cohorts.sexes) | {"unknown"})
+    p = build_packets(_events(3), mapping, sites["a"], nets["one"], release_state=None, seq=1).packets[0]
+    assert table[p.fingerprint] == ("type2_diabetes", "40-64", "female")
+    assert p.fingerprint not in cohort_table(nets["two"].secret, mapping)  # another network's secret labels nothing
