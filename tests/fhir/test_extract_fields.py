@@ -1,0 +1,84 @@
+"""Units, dates, keys and the validation sampler: the small parts extraction relies on."""
+
+from __future__ import annotations
+
+import pytest
+
+from qis_fhir.fhir.dates import instant_us
+from qis_fhir.fhir.fields import resolve_reference
+from qis_fhir.fhir.keys import OwnKeys
+from qis_fhir.fhir.reasons import Reject
+from qis_fhir.fhir.units import allowed_units
+from qis_fhir.fhir.validation import sampler
+from qis_fhir.privacy.pseudonym import Pseudonymizer
+
+FIXTURE_UNITS = """mg/dL mm[Hg] mmol/L {score} cm kg kg/m2 fL g/dL % U/L 10*3/uL mL/min/{1.73_m2} kU/L 10*6/uL pg
+mL/min g/L Cel ng/mL mg/g mm pg/mL {T-score} {count} {nominal} pH mmol/mol [in_i] [lb_av] /min""".split()
+
+
+def test_allow_list_covers_every_unit_in_the_fixtures_and_rejects_non_ucum():
+    units = allowed_units()
+    assert set(FIXTURE_UNITS) <= units
+    assert "(score)" not in units and "mg/dl" not in units  # UCUM is case-sensitive
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("1970-01-01T00:00:00Z", 0),
+        ("1970-01-01T00:00:01.5+00:00", 1_500_000),
+        ("1970-01-01T01:00:00+01:00", 0),
+        ("1970-01-02", 86_400_000_000),
+        ("1970-02", 31 * 86_400_000_000),
+        ("1971", 365 * 86_400_000_000),
+        ("1969-12-31T23:59:59Z", -1_000_000),
+        ("1970-01-01T00:00:00", 0),  # no offset: read as UTC
+    ],
+)
+def test_fhir_dates_become_utc_microseconds(text, expected):
+    assert instant_us(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "19700101", "1970-01-01 00:00:00", "1970-13", "yesterday", "1970-02-30", "197"])
+def test_non_fhir_dates_are_refused(text):
+    with pytest.raises(ValueError):
+        instant_us(text)
+
+
+def test_own_keys_equal_pseudonymizer_keys():
+    for secret in (b"s" * 16, b"k" * 32, bytes(range(100))):
+        own, memo = OwnKeys(secret), Pseudonymizer(secret)
+        for ref in ("Observation/1", "Condition/abc-def", "Patient/" + "x" * 64, "Observation/é"):
+            assert own.key(ref) == memo.key(ref)
+
+
+@pytest.mark.parametrize(
+    "ref, expected",
+    [
+        ("Patient/1", "Patient/1"),
+        ("Patient/1/_history/3", "Patient/1"),
+        ("https://fhir.example.org/r4/Patient/1", "Patient/1"),
+        ("urn:uuid:u1", "Patient/p1"),
+    ],
+)
+def test_references_resolve_to_type_and_id(ref, expected):
+    assert resolve_reference(ref, "Patient", {"urn:uuid:u1": "Patient/p1"}, "subject") == expected
+
+
+@pytest.mark.parametrize("ref", ["Group/1", "Patient/", "urn:uuid:unknown", "1"])
+def test_bad_references_are_rejected(ref):
+    with pytest.raises(Reject) as info:
+        resolve_reference(ref, "Patient", {}, "subject")
+    assert info.value.reason == "invalid_reference"
+
+
+def test_sampler_is_deterministic_and_near_its_rate():
+    want = sampler("sample", 0.01)
+    lines = [f'{{"id": "{i}"}}'.encode() for i in range(100_000)]
+    picked = [line for line in lines if want(line)]
+    assert 700 < len(picked) < 1300
+    assert picked == [line for line in lines if sampler("sample", 0.01)(line)]
+    assert sampler("off", 0.5) is None and sampler("sample", 0.0) is None
+    assert all(sampler("full", 0.0)(line) for line in lines[:10])
+    with pytest.raises(ValueError):
+        sampler("some", 0.01)
