@@ -15,6 +15,7 @@ twice. The seq is never derived from patient data, so it reveals no patient's da
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from qis_fhir.mapping.model import MappingSet
+
+log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = (
     "patient_key",
@@ -200,6 +203,10 @@ def build_packets(
         period=granularity,
         seq=seq,
         held_buckets=held_buckets,
+    )
+    log.info(
+        "packets: %d cells published (%d held unchanged), %d suppressed under min cell size %d; seq %d",
+        len(packets), len(held_buckets), len(suppressed_buckets), min_cell, seq,
     )
     return PacketBuild(packets, report, sizes)
 
