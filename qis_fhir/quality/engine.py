@@ -12,6 +12,7 @@ thread-safe.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _DATASOURCE = "qis_fhir"
+_CLASS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _RULE_META = "qis_rule"
 _lock = threading.RLock()
 _context: Any = None
@@ -87,7 +89,9 @@ def _raised(er: Any) -> str | None:
             message = item.get("exception_message") or ""
             tb = item.get("exception_traceback") or ""
             last = tb.strip().splitlines()[-1] if tb.strip() else message
-            return last.split(":", 1)[0].strip().rsplit(".", 1)[-1] or "error"
+            name = last.split(":", 1)[0].strip()
+            # only a dotted class name is kept: anything else might be message text quoting data
+            return name.rsplit(".", 1)[-1] if _CLASS_NAME.match(name) else "error"
     return None
 
 

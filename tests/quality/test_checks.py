@@ -168,3 +168,15 @@ def test_key_values_never_reported_even_when_all_rows_fail(tables, mapping):
 def test_a_key_that_merely_looks_hex_but_is_short_fails(tables, mapping):
     tables["patients"].loc[0, "patient_key"] = key("x")[:31]
     assert not check_table("patients", tables["patients"], mapping).success
+
+
+def test_rule_that_cannot_be_evaluated_reports_error_class_only(tables, mapping):
+    """A between rule on a text column makes pandas raise with the values in its message: never copied."""
+    from qis_fhir.quality import parse_suites
+
+    suites = parse_suites("schema: 1\ntables:\n  patients:\n    - between: {column: patient_key, min: 0}\n", mapping)
+    tables["patients"].loc[0, "patient_key"] = SECRET
+    result = check_table("patients", tables["patients"], mapping, suites=suites)
+    (failure,) = result.failures
+    assert failure.describe_observed().startswith("could not be evaluated (")
+    assert SECRET not in result.format() and SECRET not in json.dumps(result.to_dict())
