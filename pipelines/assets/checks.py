@@ -23,10 +23,12 @@ def check_name(table: str) -> str:
 
 
 def quality_check_specs(asset: str, tables: tuple[str, ...]) -> list[AssetCheckSpec]:
+    """Blocking checks on ``asset``; they read the suites of ``mapping_set`` (lineage shows that)."""
     return [
         AssetCheckSpec(
             check_name(t),
             asset=asset,
+            additional_deps=["mapping_set"],
             blocking=True,
             description=f"great-expectations suite for table {t} (mappings/<version>/quality.yaml)",
         )

@@ -38,6 +38,10 @@ def test_quality_suites_are_blocking_checks_on_their_assets():
     } | {AssetCheckKey(AssetKey("outcome_events"), "outcome_events_quality")}
     assert set(checks) == expected
     assert all(spec.blocking for spec in checks.values())
+    # a suite comes from the mapping set: the UI's lineage shows each quality check reading it
+    for key, spec in checks.items():
+        if key.name.endswith("_quality"):
+            assert [d.asset_key for d in spec.additional_deps] == [AssetKey("mapping_set")]
 
 
 def test_nightly_schedule_runs_yesterday_at_two():
