@@ -82,7 +82,7 @@ class _Extraction:
     ) -> None:
         self.max_line_bytes = max_line_bytes
         self.dropped: list[str] = []
-        self.handlers = make_handlers(Pseudonymizer(secret).key, OwnKeys(secret).key, self.dropped)
+        self.handlers = make_handlers(Pseudonymizer(secret).key, OwnKeys(secret).for_type, self.dropped)
         self.want_validation = sampler(validate, sample_rate)
         self.validator = ModelValidator()
         self.by_type: dict[str, list[int]] = {}  # type -> [read, accepted, quarantined]

@@ -123,12 +123,13 @@ def condition_codings(cc: object) -> list[tuple[str, str]]:
 
 def make_handlers(
     patient_key: Callable[[str], str],
-    own_key: Callable[[str], str],
+    own_key_for: Callable[[str], Callable[[str], str]],
     dropped: list[str],
     *,
     fast: bool = True,
 ) -> dict[str, Handler]:
-    """Handlers by resource type. ``patient_key`` is memoised (references repeat), ``own_key`` is not.
+    """Handlers by resource type. ``patient_key`` is memoised (references repeat); a resource's own
+    key, seen once, comes uncached from ``own_key_for(type)(id)`` (``OwnKeys.for_type``).
 
     Reasons of components dropped from an otherwise usable Observation are appended to ``dropped``;
     the caller counts them once the resource is finally accepted (model validation may still reject
@@ -137,6 +138,9 @@ def make_handlers(
     """
     units = allowed_units()
     pending = dropped
+    observation_key = own_key_for("Observation")
+    condition_key = own_key_for("Condition")
+    request_key = own_key_for("MedicationRequest")
     date_get = _date_cache.get
 
     def when(text: object, field: str) -> int:
@@ -222,7 +226,7 @@ def make_handlers(
                 if eff is None:
                     raise Reject(R.MISSING_DATE, "no effectiveDateTime, effectivePeriod.start or issued")
         ts = when(eff, "effective")
-        okey = own_key("Observation/" + rid)
+        okey = observation_key(rid)
         rows = []
         vq = o.get("valueQuantity")
         if vq is not None:
@@ -310,7 +314,7 @@ def make_handlers(
             if len(pkey_cache) >= 100_000:
                 pkey_cache.clear()
             pkey_cache[ref] = pk
-        return [(own_key("Observation/" + rid), pk, system, code, None, value, unit, ts, status)]
+        return [(observation_key(rid), pk, system, code, None, value, unit, ts, status)]
 
     observation = observation_fast if fast else observation_checked
 
@@ -339,7 +343,7 @@ def make_handlers(
                 if type(c) is dict and type(c.get("code")) is str:
                     clinical = c["code"]
                     break
-        ckey = own_key("Condition/" + rid)
+        ckey = condition_key(rid)
         return [(ckey, pk, s, k, onset_ts, abatement_ts, clinical) for s, k in codes]
 
     def medication_request(o: dict, urns: dict[str, str] | None) -> list:
@@ -388,7 +392,7 @@ def make_handlers(
                         s, k = c.get("system"), c.get("code")
                         if type(s) is str and type(k) is str and s and k:
                             reason_codes.append(s + "|" + k)
-        rkey = own_key("MedicationRequest/" + rid)
+        rkey = request_key(rid)
         return [(rkey, pk, system, code, authored_ts, status, intent, reason_keys, reason_codes)]
 
     def patient(o: dict, urns: dict[str, str] | None) -> list:

@@ -11,6 +11,7 @@ A test checks both give identical keys.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 from qis_fhir.privacy.pseudonym import KEY_HEX_CHARS
 
@@ -27,6 +28,22 @@ class OwnKeys:
         key = key.ljust(_BLOCK, b"\0")
         self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
         self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+
+    def for_type(self, resource_type: str) -> Callable[[str], str]:
+        """``key("Type/" + id)`` as a function of the id alone, with ``Type/`` already hashed in."""
+        inner = self._inner.copy()
+        inner.update((resource_type + "/").encode("utf-8"))
+        inner_copy, outer_copy = inner.copy, self._outer.copy
+        n = KEY_HEX_CHARS
+
+        def key(rid: str) -> str:
+            i = inner_copy()
+            i.update(rid.encode("utf-8"))
+            o = outer_copy()
+            o.update(i.digest())
+            return o.hexdigest()[:n]
+
+        return key
 
     def key(self, reference: str) -> str:
         inner = self._inner.copy()

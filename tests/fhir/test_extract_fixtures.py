@@ -103,7 +103,7 @@ def test_bundles_resolve_urns_and_hide_patient_file_names(fixtures_dir, tmp_path
 def test_fast_path_gives_the_same_rows_as_the_checked_path(fixtures_dir):
     """The inlined Observation fast path must agree with the field-by-field checks on real data."""
     def handlers(fast):
-        return make_handlers(Pseudonymizer(SECRET).key, OwnKeys(SECRET).key, [], fast=fast)["Observation"]
+        return make_handlers(Pseudonymizer(SECRET).key, OwnKeys(SECRET).for_type, [], fast=fast)["Observation"]
 
     fast, checked = handlers(True), handlers(False)
     n = 0
