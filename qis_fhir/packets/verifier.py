@@ -50,6 +50,8 @@ REASONS = ACCEPTED + REJECTED
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
+    """``packet`` is the decoded packet when it could be decoded; trust it only when ``ok``."""
+
     ok: bool
     reason: str
     packet: Packet | None = None
@@ -79,17 +81,25 @@ class Verifier:
         }
 
     def verify(self, wire: bytes, *, record: bool = True) -> Verdict:
-        """Check one packet's wire bytes; never raises on bad input."""
+        """Check one packet's wire bytes; never raises on bad input.
+
+        Errors of the replay store (e.g. a broken database) do propagate: they are not the packet's
+        fault and must not be counted as rejections.
+        """
         try:
-            return self._verify(wire, record)
+            screened = self._screen(wire)
         except Exception:  # noqa: BLE001 - a verifier facing the network must not crash on any input
             return Verdict(False, "malformed", None)
+        if isinstance(screened, Verdict):
+            return screened
+        return self._check_replay(*screened, record)
 
     def check(self, wire: bytes) -> Verdict:
         """Like ``verify`` but leaves the replay state alone (e.g. to screen before storing)."""
         return self.verify(wire, record=False)
 
-    def _verify(self, wire: bytes, record: bool) -> Verdict:
+    def _screen(self, wire: bytes) -> Verdict | tuple[Packet, bytes]:
+        """Everything that depends only on the packet and the manifest; a Verdict means rejected."""
         if isinstance(wire, str):
             wire = wire.encode("utf-8")
         if not isinstance(wire, (bytes, bytearray, memoryview)):
@@ -122,6 +132,9 @@ class Verifier:
             return Verdict(False, "mapping_version", p)
         if p.patients < self._min_cell or p.responders > p.patients or p.sd_change < 0:
             return Verdict(False, "out_of_range", p)
+        return p, message
+
+    def _check_replay(self, p: Packet, message: bytes, record: bool) -> Verdict:
         pid = p.packet_id
         seen = self.replay.get(p.site_id, pid)
         digest = hashlib.sha256(message).hexdigest()  # == content_digest(p)

@@ -282,3 +282,19 @@ def test_random_key_material_never_verifies(net):
     p = net.packet()
     v = Verifier(net.manifest)
     assert all(v.verify(encode_packet(dataclasses.replace(p, signature=os.urandom(64)))).reason == "bad_signature" for _ in range(500))
+
+
+def test_a_broken_replay_store_is_an_error_not_a_rejection(net):
+    """A database failure must surface, not be counted as packets 'malformed'."""
+
+    class Broken:
+        def get(self, site_id, packet_id):
+            raise OSError("disk gone")
+
+        def put(self, site_id, packet_id, seq, digest=None):
+            raise OSError("disk gone")
+
+    v = Verifier(net.manifest, Broken())
+    assert v.verify(b"junk").reason == "malformed"  # bad input never reaches the store
+    with pytest.raises(OSError):
+        v.verify(net.wire())
