@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
-import pytest
 from conftest import REPO
 from dagster import AssetKey, materialize
 
