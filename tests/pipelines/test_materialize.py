@@ -108,3 +108,17 @@ def test_missing_export_folder_fails_the_extract(tmp_path, instance):
     )
     assert not result.success
     assert "outcome_events" not in _materialized_assets(result)
+
+
+def test_the_scheduled_job_runs_assets_and_their_checks(fixtures_dir, tmp_path, instance):
+    """`daily_outcomes` (what the schedule and the sensor launch) selects every asset and check."""
+    from dagster import Definitions
+
+    from pipelines.jobs import daily_outcomes_job
+
+    site = _site(fixtures_dir / "synthea-bundles", tmp_path)
+    defs = Definitions(assets=ALL_ASSETS, jobs=[daily_outcomes_job], resources={"site": site})
+    result = defs.resolve_job_def("daily_outcomes").execute_in_process(partition_key=PARTITION, instance=instance)
+    assert result.success
+    assert set(_materialized_assets(result)) == {"mapping_set", "fhir_extract", "outcome_events"}
+    assert len(_checks(result)) == 6 and all(_checks(result).values())
