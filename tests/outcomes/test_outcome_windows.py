@@ -162,3 +162,15 @@ def test_followup_pending_when_data_ends_inside_the_window(tb):
     result = one_episode(tb, baseline_at=-2, followup_at=None)  # newest value in the data: day -2
     assert result.summary["exclusion_reasons"]["followup_pending"] == 1
     assert result.summary["exclusion_reasons"]["no_followup"] == 0
+
+
+def test_followup_only_in_another_unit(tb):
+    tb.obs(when=1000, value=1.0)
+    tb.patient()
+    c = tb.condition(onset=-400)
+    tb.request(when=0, reasons=[c])
+    tb.obs(when=-1, value=160.0)
+    tb.obs(when=60, value=19.0, unit="kPa")
+    result = derive_outcome_events(tb.tables(), MAPPING)
+    assert result.events.empty
+    assert result.summary["exclusion_reasons"]["followup_unit_mismatch"] == 1
