@@ -229,7 +229,9 @@ def _build_measures(doc: _Doc, errors: list[str]) -> dict[str, OutcomeMeasure]:
     return measures
 
 
-def _build_buckets(doc: _Doc, measures: dict[str, OutcomeMeasure], errors: list[str]):
+def _build_buckets(
+    doc: _Doc, measures: dict[str, OutcomeMeasure], errors: list[str]
+) -> tuple[dict[str, ConditionBucket], dict[tuple[str, str], str]]:
     buckets, index = {}, {}
     first_seen: dict[tuple[str, str], tuple[str, int]] = {}
     for bid, b in doc.data["buckets"].items():
@@ -253,7 +255,9 @@ def _build_buckets(doc: _Doc, measures: dict[str, OutcomeMeasure], errors: list[
     return buckets, index
 
 
-def _build_treatments(doc: _Doc, buckets: dict[str, ConditionBucket], errors: list[str]):
+def _build_treatments(
+    doc: _Doc, buckets: dict[str, ConditionBucket], errors: list[str]
+) -> tuple[dict[str, Treatment], dict[tuple[str, str], str]]:
     treatments, index = {}, {}
     first_seen: dict[str, tuple[str, int]] = {}
     for tid, t in doc.data["treatments"].items():

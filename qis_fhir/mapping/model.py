@@ -10,6 +10,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SNOMED = "http://snomed.info/sct"
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
@@ -122,13 +126,15 @@ class MappingSet:
         return self.cohorts.age_band(age_years)
 
     # Vectorised lookups for the outcomes stage (pandas is imported lazily: the DHT node loads mappings too)
-    def condition_code_table(self):  # -> pd.DataFrame[code_system, code, bucket]
+    def condition_code_table(self) -> pd.DataFrame:
+        """Columns code_system, code, bucket: one row per mapped condition code."""
         import pandas as pd
 
         rows = [(s, c, b) for (s, c), b in self._condition_index.items()]
         return pd.DataFrame(rows, columns=["code_system", "code", "bucket"]).astype("object")
 
-    def treatment_code_table(self):  # -> pd.DataFrame[code_system, code, treatment_code]
+    def treatment_code_table(self) -> pd.DataFrame:
+        """Columns code_system, code, treatment_code: one row per mapped RxNorm code."""
         import pandas as pd
 
         rows = [(s, c, t) for (s, c), t in self._treatment_index.items()]

@@ -200,7 +200,9 @@ def _counts(ep: pd.DataFrame, key: str, ids: list[str]) -> dict[str, dict]:
     return out
 
 
-def _summary(ep, events, mapping, link_counts, obs_counts) -> dict:
+def _summary(
+    ep: pd.DataFrame, events: pd.DataFrame, mapping: MappingSet, link_counts: dict, obs_counts: dict
+) -> dict:
     """Counts only: no patient key, date or value (the summary is written beside the packets)."""
     excluded = {r: int((ep["exclusion"] == r).sum()) for r in EXCLUSION_REASONS}
     return {
