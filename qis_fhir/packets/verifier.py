@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from qis_fhir.packets.codec import decode_packet, signing_bytes
+from qis_fhir.packets.codec import decode_packet, signing_bytes_from_wire
 from qis_fhir.packets.manifest import NetworkManifest
 from qis_fhir.packets.model import MAX_WIRE_BYTES, Packet, PacketFormatError
 from qis_fhir.packets.replay import MemoryReplayState, ReplayState
@@ -118,7 +118,7 @@ class Verifier:
             return Verdict(False, "unknown_key", p)
         if p.key_id in self._revoked:
             return Verdict(False, "revoked_key", p)
-        message = signing_bytes(p)
+        message = signing_bytes_from_wire(wire)  # == signing_bytes(p) for canonical wire (tested)
         seen_wire = hashlib.sha256(wire).digest()
         if seen_wire not in self._verified:
             try:

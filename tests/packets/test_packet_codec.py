@@ -33,6 +33,13 @@ def test_packet_id_is_stable_across_seq_and_counts_but_not_across_cells(net):
     assert a.packet_id == packet_id_of("site-a", "ab" * 32, "TX_0001", "hba1c", "2024", "v1")
 
 
+def test_signing_bytes_from_wire_equal_the_encoded_ones(net):
+    from qis_fhir.packets.codec import signing_bytes_from_wire
+
+    for p in (net.packet(), net.packet(net.site_b, seq=0, mean_change=0.0, sd_change=0.0), net.packet(period="2024-Q1")):
+        assert signing_bytes_from_wire(encode_packet(p)) == signing_bytes(p)
+
+
 def test_wire_holds_nothing_but_the_packet_fields(net):
     d = orjson.loads(net.wire())
     assert set(d) == {"v", "fp", "tx", "m", "p", "n", "r", "mc", "sd", "mv", "s", "k", "q", "sig"}
@@ -135,8 +142,11 @@ def test_longest_possible_packets_fit_in_512_bytes(net, tmp_path_factory, fields
     p = Packet(fingerprint="f" * 64, site_id=long_site, key_id=net.site_a.key_id, **fields)
     wire = encode_packet(sign_packet(p, net.site_a.private_key))
     assert len(wire) <= MAX_WIRE_BYTES
+    from qis_fhir.packets.codec import signing_bytes_from_wire
+
+    assert signing_bytes_from_wire(wire) == signing_bytes(decode_packet(wire))
     # sign_packet's size check predicts the wire length exactly
-    from qis_fhir.packets.codec import _SIG_WIRE_BYTES, SIGNING_DOMAIN, signing_bytes
+    from qis_fhir.packets.codec import _SIG_WIRE_BYTES, SIGNING_DOMAIN
 
     assert len(wire) == len(signing_bytes(p)) - len(SIGNING_DOMAIN) + _SIG_WIRE_BYTES
     assert decode_packet(wire).mean_change == fields["mean_change"]
