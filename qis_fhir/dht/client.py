@@ -180,6 +180,7 @@ class DhtClient:
         rpc_timeout: float = 3.0,
         max_inflight: int = 32,
         key_concurrency: int = 8,
+        query_alpha: int | None = None,
         host: str = "127.0.0.1",
     ) -> None:
         from qis_fhir.packets.verifier import Verifier
@@ -189,6 +190,9 @@ class DhtClient:
         self._verifier = Verifier(self.manifest)
         self.ttl = ttl
         self.key_concurrency = key_concurrency
+        # a query must reach all k closest nodes anyway (every replica may hold a different site's
+        # packet), so it asks up to k of them per round instead of alpha: fewer sequential rounds
+        self.query_alpha = query_alpha or max(alpha, ksize)
         self.config = NodeConfig(host=host, port=0, ksize=ksize, alpha=alpha, rpc_timeout=rpc_timeout, max_inflight=max_inflight, ttl=ttl)
         self.peer: DhtNode | None = None
 
@@ -277,7 +281,7 @@ class DhtClient:
             seeds,
             key,
             self.peer.ksize,
-            self.peer.alpha,
+            self.query_alpha,
             ask=lambda n: proto.call_find_packets(n, key, None),
             nodes_of=lambda reply: reply.get("nodes") if isinstance(reply, dict) else None,
             self_id=self.peer.node.id,

@@ -332,7 +332,9 @@ class PacketProtocol(KademliaProtocol):
             keynode = Node(key)
             neighbors = self.router.find_neighbors(keynode)
             if neighbors:
-                new_node_close = node.distance_to(keynode) < neighbors[-1].distance_to(keynode)
+                # with fewer than k known neighbours the newcomer is among the k closest whatever its
+                # distance (the stock test compares with the furthest only, and so misses that case)
+                new_node_close = len(neighbors) < self.router.ksize or node.distance_to(keynode) < neighbors[-1].distance_to(keynode)
                 this_closest = self.source_node.distance_to(keynode) < neighbors[0].distance_to(keynode)
             if not neighbors or (new_node_close and this_closest):
                 keys.append(key)

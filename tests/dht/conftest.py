@@ -9,12 +9,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dht_cluster import TestNetwork, make_network  # noqa: E402
-
-SITES = ["site-a", "site-b", "site-c", "site-d", "site-e"]
+from dht_cluster import BASE_SITES, TestNetwork, make_network  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def dht_network(tmp_path_factory: pytest.TempPathFactory) -> TestNetwork:
     """A network made with the packets stage's own APIs (network new, keys new, add-site)."""
-    return make_network(tmp_path_factory.mktemp("dht-net"), SITES)
+    return make_network(tmp_path_factory.mktemp("dht-net"), BASE_SITES)

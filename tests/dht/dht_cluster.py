@@ -22,6 +22,11 @@ from qis_fhir.packets.manifest import add_site, create_network, revoke
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 60.0
+BASE_SITES = ["site-a", "site-b", "site-c", "site-d", "site-e"]  # tests add (and revoke) more sites later
+
+
+def base_sites(net: "TestNetwork") -> list:
+    return [net.sites[s] for s in BASE_SITES]
 
 
 @dataclass

@@ -11,7 +11,7 @@ import random
 import time
 
 import pytest
-from dht_cluster import Cluster, forge, fingerprint, make_network, sign, tamper
+from dht_cluster import BASE_SITES, Cluster, base_sites, forge, fingerprint, make_network, sign, tamper
 
 from qis_fhir.dht.client import DhtClient, publish, query
 from qis_fhir.dht.keys import dht_key
@@ -23,11 +23,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 KSIZE = 5
 N_NODES = 20
-BASE_SITES = ["site-a", "site-b", "site-c", "site-d", "site-e"]  # later tests add sites to the shared network
 
 
 def _sites(net):
-    return [net.sites[s] for s in BASE_SITES]
+    return base_sites(net)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import asyncio
 import time
 
 import umsgpack
-from dht_cluster import forge, fingerprint, sign, tamper
+from dht_cluster import base_sites, forge, fingerprint, sign, tamper
 
 from qis_fhir.dht.client import DhtClient
 from qis_fhir.dht.keys import RPC_CAP, dht_key, pack_batches
@@ -35,7 +35,7 @@ def _stop(nodes) -> None:
 
 def test_store_batches_and_find_packets_replies_fit_the_rpc_cap(dht_network):
     fp = fingerprint(100)
-    wires = [sign(site, fp, treatment=f"TX_P{i}") for site in dht_network.sites.values() for i in range(60)]
+    wires = [sign(site, fp, treatment=f"TX_P{i}") for site in base_sites(dht_network) for i in range(60)]
     assert len(wires) == 300
 
     async def run():
@@ -104,7 +104,7 @@ def test_rejections_are_counted_by_reason_and_never_stored(dht_network, tmp_path
 
 def test_new_node_is_handed_packets_under_their_own_key_and_clients_are_never_routed(dht_network):
     fp = fingerprint(103)
-    wires = [sign(s, fp) for s in dht_network.sites.values()]
+    wires = [sign(s, fp) for s in base_sites(dht_network)]
 
     async def run():
         nodes = await _nodes(dht_network.manifest, 2, ksize=3)
@@ -130,7 +130,7 @@ def test_new_node_is_handed_packets_under_their_own_key_and_clients_are_never_ro
 
 def test_republish_spreads_packets_but_never_extends_their_life(dht_network):
     fp = fingerprint(104)
-    wires = [sign(s, fp, treatment="TX_R") for s in dht_network.sites.values()]
+    wires = [sign(s, fp, treatment="TX_R") for s in base_sites(dht_network)]
 
     async def run():
         nodes = await _nodes(dht_network.manifest, 4, ksize=2, republish_interval=0.0)

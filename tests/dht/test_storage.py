@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from dht_cluster import fingerprint, sign
+from dht_cluster import base_sites, fingerprint, sign
 
 from qis_fhir.dht.keys import dht_key
 from qis_fhir.dht.storage import CONFLICT, HELD, STALE, STORED, PacketStore
@@ -69,7 +69,7 @@ def test_store_survives_reopen_and_remembers_replays_after_expiry(dht_network, t
 def test_pages_walk_every_row_once_under_the_budget(dht_network, tmp_path):
     fp = fingerprint(4)
     store = PacketStore(tmp_path / "s.sqlite3")
-    for site in dht_network.sites.values():
+    for site in base_sites(dht_network):
         for t in range(12):
             _put(store, sign(site, fp, treatment=f"TX_T{t}"))
     key = dht_key(fp)

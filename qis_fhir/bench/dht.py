@@ -1,0 +1,254 @@
+"""``qis-fhir bench --only dht``: the package's stock ``get`` beside our ``query`` on one network.
+
+For each network size N (default 10, 30, 100) this starts N real DHT nodes (our ``DhtNode``: SQLite
+storage, verifying protocol) on 127.0.0.1, several nodes per worker process, each node in its
+process's asyncio loop on its own port (100 single-node processes would swamp 2 cores). Then, with a
+network made for the run (governance key, five sites, real signed packets):
+
+* stock: every site's packet for each fingerprint is stored with the package's own ``Server.set``
+  (the stock ``store`` RPC, which our nodes verify), and read back with the package's own
+  ``Server.get`` algorithm (``ValueSpiderCrawl``; a subclass only counts its rounds). A stock value
+  is one value per key, so ``get`` can return one site's packet: that is its recall.
+* ours: the same packets through ``publish`` and the same fingerprints through ``query``.
+
+Both read through one fresh client, interleaved per fingerprint, so machine noise hits both alike.
+Reported: recall, median seconds per query and their ratio (ours / stock), lookup hops (sequential
+RPC rounds) against log2(N).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_SIZES = (10, 30, 100)
+SITES = 5
+FINGERPRINTS = 20
+ROUNDS = 5
+KSIZE = 8
+NODES_PER_WORKER = 25
+
+
+# ---------------------------------------------------------------------- worker (a process of nodes)
+async def _worker(count: int, seed: str, manifest: str, root: str, ksize: int, out: str) -> None:
+    from qis_fhir.dht.client import parse_addresses
+    from qis_fhir.dht.node import DhtNode, NodeConfig
+    from qis_fhir.dht.storage import PacketStore
+    from qis_fhir.dht.trust import ManifestVerifier
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    boot = parse_addresses(seed)
+    nodes = []
+    for i in range(count):
+        store = PacketStore(Path(root) / f"node{i:03d}.sqlite3")
+        verifier = ManifestVerifier(manifest, replay=store.replay_view())
+        node = DhtNode(NodeConfig(ksize=ksize, maintenance_interval=3600), verifier, store)
+        peers = boot + ([(nodes[-1].host, nodes[-1].port)] if nodes else [])
+        await node.start(peers)
+        nodes.append(node)
+        if not boot:
+            boot = [(node.host, node.port)]
+    tmp = out + ".tmp"
+    Path(tmp).write_text(json.dumps([[n.host, n.port] for n in nodes]))
+    os.replace(tmp, out)
+    await stop.wait()
+    for node in nodes:
+        node.stop()
+        node.storage.close()
+
+
+def _spawn_worker(count: int, seed: str, manifest: Path, root: Path, ksize: int, out: Path) -> subprocess.Popen:
+    root.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "qis_fhir.bench.dht", "worker", str(count), seed, str(manifest), str(root), str(ksize), str(out)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> list[tuple[str, int]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"bench worker exited with {proc.returncode}")
+        if path.exists():
+            return [(h, int(p)) for h, p in json.loads(path.read_text())]
+        time.sleep(0.05)
+    raise TimeoutError("bench worker did not start its nodes")
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=10)
+
+
+def start_network(n: int, manifest: Path, root: Path, ksize: int) -> tuple[list[subprocess.Popen], list[tuple[str, int]]]:
+    """N nodes in ceil(N / 25) worker processes; the first worker's first node seeds the rest."""
+    procs: list[subprocess.Popen] = []
+    addresses: list[tuple[str, int]] = []
+    try:
+        sizes = [NODES_PER_WORKER] * (n // NODES_PER_WORKER) + ([n % NODES_PER_WORKER] if n % NODES_PER_WORKER else [])
+        first = min(sizes[0], 5)  # a small seed worker first, so the others have someone to join
+        sizes = [first] + ([sizes[0] - first] if sizes[0] > first else []) + sizes[1:]
+        out = root / "w0.json"
+        procs.append(_spawn_worker(sizes[0], "", manifest, root / "w0", ksize, out))
+        addresses += _wait_for(out, procs[0])
+        seed = f"{addresses[0][0]}:{addresses[0][1]}"
+        outs = []
+        for i, size in enumerate(sizes[1:], start=1):
+            outs.append(root / f"w{i}.json")
+            procs.append(_spawn_worker(size, seed, manifest, root / f"w{i}", ksize, outs[-1]))
+        for out, proc in zip(outs, procs[1:]):
+            addresses += _wait_for(out, proc)
+        return procs, addresses
+    except BaseException:
+        _stop(procs)
+        raise
+
+
+# ---------------------------------------------------------------------- measurement
+def _packets(root: Path) -> tuple[Path, dict[str, list[bytes]]]:
+    import hashlib
+
+    from qis_fhir.packets.codec import PacketSigner, encode_packet
+    from qis_fhir.packets.keys import create_site
+    from qis_fhir.packets.manifest import add_site, create_network
+
+    net = root / "net"
+    create_network(net, network_id="bench-net")
+    by_fp: dict[str, list[bytes]] = {}
+    fps = [hashlib.sha256(f"bench-{i}".encode()).hexdigest() for i in range(FINGERPRINTS)]
+    for s in range(SITES):
+        site = create_site(f"bench-site-{s}", root / "sites" / str(s))
+        add_site(net, root / "sites" / str(s))
+        signer = PacketSigner(site.private_key, site.site_id, site.key_id)
+        for fp in fps:
+            p = signer.sign(fingerprint=fp, treatment="TX_BENCH", measure="sbp", period="2024", patients=40, responders=21,
+                            mean_change=-6.5, sd_change=3.25, mapping_version="v1", seq=1)
+            by_fp.setdefault(fp, []).append(encode_packet(p))
+    return net / "manifest.json", by_fp
+
+
+async def _measure(addresses: list[tuple[str, int]], manifest: Path, by_fp: dict[str, list[bytes]], ksize: int) -> dict:
+    from kademlia.crawling import ValueSpiderCrawl
+    from kademlia.network import Server
+    from kademlia.node import Node
+    from kademlia.utils import digest
+
+    from qis_fhir.dht.client import DhtClient
+
+    class CountingValueSpider(ValueSpiderCrawl):
+        """The stock crawl, counting its rounds (one ``_find`` call per sequential round)."""
+
+        rounds = 0
+
+        async def _find(self, rpcmethod: Any) -> Any:
+            self.rounds += 1
+            return await super()._find(rpcmethod)
+
+    async def stock_get(peer: Any, fp: str) -> tuple[Any, int]:
+        """``Server.get`` line for line, with the counting crawl."""
+        dkey = digest(fp)
+        if peer.storage.get(dkey) is not None:
+            return peer.storage.get(dkey), 0
+        node = Node(dkey)
+        nearest = peer.protocol.router.find_neighbors(node)
+        spider = CountingValueSpider(peer.protocol, node, nearest, peer.ksize, peer.alpha)
+        value = await spider.find()
+        return value, spider.rounds
+
+    boot = [addresses[0], addresses[len(addresses) // 2]]
+    fps = sorted(by_fp)
+    # stock set: each site's packet under the same key, one set() each (what the package offers)
+    async with DhtClient(boot, manifest, ksize=ksize) as setter:
+        t = time.perf_counter()
+        set_ok = 0
+        for fp in fps:
+            for wire in by_fp[fp]:
+                set_ok += bool(await Server.set(setter.peer, fp, wire))
+        stock_set_s = time.perf_counter() - t
+    async with DhtClient(boot[::-1], manifest, ksize=ksize) as publisher:
+        report = await publisher.publish([w for fp in fps for w in by_fp[fp]])
+    async with DhtClient(boot, manifest, ksize=ksize) as reader:
+        stock_t, ours_t, stock_hops, ours_hops, ours_rpcs = [], [], [], [], []
+        stock_recall, ours_recall = [], []
+        for r in range(ROUNDS):
+            for fp in fps:
+                t = time.perf_counter()
+                value, rounds = await stock_get(reader.peer, fp)
+                stock_t.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                result = await reader.query(fp)
+                ours_t.append(time.perf_counter() - t)
+                if r == 0:
+                    expected = set(by_fp[fp])
+                    stock_recall.append(len({value} & expected) / len(expected) if isinstance(value, bytes) else 0.0)
+                    ours_recall.append(len(set(result.wires) & expected) / len(expected))
+                    stock_hops.append(rounds)
+                    ours_hops.append(result.hops)
+                    ours_rpcs.append(result.nodes_asked + result.pages)
+    med_s, med_o = statistics.median(stock_t), statistics.median(ours_t)
+    paired = statistics.median(o / s for o, s in zip(ours_t, stock_t) if s > 0)
+    return {
+        "fingerprints": len(fps),
+        "sites": SITES,
+        "ksize": ksize,
+        "stock_set_s_per_packet": round(stock_set_s / max(1, sum(len(v) for v in by_fp.values())), 5),
+        "stock_set_true": set_ok,
+        "ours_publish": report.to_dict(),
+        "recall_stock": round(statistics.mean(stock_recall), 4),
+        "recall_ours": round(statistics.mean(ours_recall), 4),
+        "query_s_median_stock": round(med_s, 5),
+        "query_s_median_ours": round(med_o, 5),
+        "query_time_ratio_ours_over_stock": round(med_o / med_s, 3) if med_s else None,
+        "query_time_ratio_paired_median": round(paired, 3),  # median over (fingerprint, round) pairs
+        "hops_ours_mean": round(statistics.mean(ours_hops), 2),
+        "hops_ours_max": max(ours_hops),
+        "hops_stock_mean": round(statistics.mean(stock_hops), 2),
+        "hops_stock_max": max(stock_hops),
+        "rpcs_ours_mean": round(statistics.mean(ours_rpcs), 2),
+        "log2_n": round(math.log2(len(addresses)), 2),
+    }
+
+
+def run(options: Any) -> dict:
+    sizes = tuple(getattr(options, "nodes", None) or DEFAULT_SIZES)
+    ksize = int(getattr(options, "ksize", None) or KSIZE)
+    out: dict = {
+        "method": f"N nodes on 127.0.0.1, up to {NODES_PER_WORKER} per worker process (one asyncio loop each, one port per node); "
+        "stock = kademlia's Server.set/Server.get algorithm on the same nodes and fingerprints",
+        "by_nodes": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="qis-bench-dht-") as tmp:
+        root = Path(tmp)
+        manifest, by_fp = _packets(root)
+        for n in sizes:
+            procs, addresses = start_network(n, manifest, root / f"n{n}", ksize)
+            try:
+                time.sleep(0.5)
+                out["by_nodes"][str(n)] = {"nodes": len(addresses), **asyncio.run(_measure(addresses, manifest, by_fp, ksize))}
+            finally:
+                _stop(procs)
+    return out
+
+
+if __name__ == "__main__" and len(sys.argv) == 8 and sys.argv[1] == "worker":
+    _, _, count, seed, manifest, root, ksize, out = sys.argv
+    asyncio.run(_worker(int(count), seed, manifest, root, int(ksize), out))
