@@ -59,3 +59,15 @@ def test_no_raw_patient_id_in_any_output(r4_run):
             blobs.append(path.read_bytes())
     for pid in ids[:50]:
         assert not any(pid.encode() in blob for blob in blobs), "a raw patient id reached an output"
+
+
+def test_run_on_a_synthetic_export_passes_quality(tmp_path):
+    """The demo's path: a synthetic export (with realistic noise such as cholesterol in mmol/L) must pass
+    every quality suite, or the nightly run would stop before publishing anything."""
+    from qis_fhir.pipeline import RunConfig, run_pipeline
+    from qis_fhir.synth import generate_export
+
+    generate_export(tmp_path / "export", patients=800, seed=5, truth_path=tmp_path / "truth.json")
+    result = run_pipeline(RunConfig(export_dir=tmp_path / "export", out_dir=tmp_path / "out", site_secret_path=tmp_path / "s"))
+    assert result.quality["success"] is True
+    assert result.outcomes["totals"]["events"] > 0
