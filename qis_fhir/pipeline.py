@@ -36,7 +36,7 @@ class RunConfig:
     site_secret_path: Path | None = None  # patient-key secret when no site_dir is given
     validate: str = "sample"
     sample_rate: float = 0.01
-    seq: int | None = None  # packet sequence number; None: the packet stage's deterministic default
+    seq: int | None = None  # packet sequence number; None: today's UTC date as YYYYMMDD (pass the partition date)
     progress: bool = False
 
 
@@ -102,7 +102,8 @@ def run_pipeline(config: RunConfig) -> RunResult:
         from qis_fhir.packets import load_network, load_site
 
         site = load_site(config.site_dir)
-        network = load_network(_manifest_path(config.network_dir))
+        # pin the governance key and refuse a manifest older than one this site has seen
+        network = load_network(_manifest_path(config.network_dir), pinned_state=Path(config.site_dir) / "manifest_pins.json")
 
     log.info("extract: reading %s", export_dir.name)
     summary = extract_export(

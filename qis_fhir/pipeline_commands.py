@@ -18,7 +18,7 @@ import click
 @click.option("--site-secret", "site_secret_path", type=click.Path(path_type=Path), default=None, help="Patient-key secret when no --site is given (default: $QIS_FHIR_HOME/site.secret).")
 @click.option("--validate", type=click.Choice(["full", "sample", "off"]), default="sample", show_default=True, help="pydantic model validation of resources.")
 @click.option("--sample-rate", type=click.FloatRange(0.0, 1.0), default=0.01, show_default=True)
-@click.option("--seq", type=click.IntRange(min=0), default=None, help="Packet sequence number (default: derived deterministically from the data).")
+@click.option("--seq", type=click.IntRange(min=0), default=None, help="Packet sequence number (default: today's UTC date as YYYYMMDD; pass the export partition's date so a re-run repeats the same packets).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
 def run(export_dir: Path, out_dir: Path, mapping_dir, site_dir, network_dir, bootstrap, site_secret_path, validate, sample_rate, seq, progress) -> None:
     """Run extract, outcomes and quality (and packets / publish when asked) on EXPORT_DIR."""
