@@ -16,6 +16,7 @@ Observation rules (docs/extract.md):
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 from qis_fhir.fhir import reasons as R
@@ -259,6 +260,7 @@ def make_handlers(
                 pending.extend(dropped)
         return rows
 
+    intern = sys.intern
     pkey_cache: dict[str, str] = {}
     pkey_get = pkey_cache.get
 
@@ -308,6 +310,11 @@ def make_handlers(
         ts = date_get(eff)
         if ts is None:
             ts = when(eff, "effective")
+        # keep one shared object per repeating string, so the parsed line's copies die with it
+        system = intern(system)
+        code = intern(code)
+        unit = intern(unit)
+        status = intern(status)
         pk = pkey_get(ref)
         if pk is None:
             pk = patient_key(ref)
