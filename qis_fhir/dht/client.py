@@ -59,6 +59,8 @@ class PublishReport:
     superseded_locally: int  # older seqs of a (site, packet id) also in the input: not sent
     nodes_contacted: int
     elapsed_s: float
+    rpcs: int = 0  # RPCs sent (retries included)
+    rpc_timeouts: int = 0  # of which got no reply in time
 
     @property
     def confirmed(self) -> int:
@@ -87,6 +89,8 @@ class PublishReport:
             "rejected_locally": dict(sorted(self.rejected_locally.items())),
             "superseded_locally": self.superseded_locally,
             "nodes_contacted": self.nodes_contacted,
+            "rpcs": self.rpcs,
+            "rpc_timeouts": self.rpc_timeouts,
             "elapsed_s": round(self.elapsed_s, 3),
         }
 
@@ -178,6 +182,7 @@ class DhtClient:
         alpha: int = 3,
         ttl: float = DEFAULT_TTL,
         rpc_timeout: float = 3.0,
+        retries: int = 1,
         max_inflight: int = 32,
         key_concurrency: int = 8,
         query_alpha: int | None = None,
@@ -193,7 +198,7 @@ class DhtClient:
         # a query must reach all k closest nodes anyway (every replica may hold a different site's
         # packet), so it asks up to k of them per round instead of alpha: fewer sequential rounds
         self.query_alpha = query_alpha or max(alpha, ksize)
-        self.config = NodeConfig(host=host, port=0, ksize=ksize, alpha=alpha, rpc_timeout=rpc_timeout, max_inflight=max_inflight, ttl=ttl)
+        self.config = NodeConfig(host=host, port=0, ksize=ksize, alpha=alpha, rpc_timeout=rpc_timeout, retries=retries, max_inflight=max_inflight, ttl=ttl)
         self.peer: DhtNode | None = None
 
     async def __aenter__(self) -> DhtClient:
@@ -228,6 +233,7 @@ class DhtClient:
     # ------------------------------------------------------------------ publish
     async def publish(self, packets: list[Any]) -> PublishReport:
         started = time.perf_counter()
+        sent0, failed0 = self.protocol.rpc_sent, self.protocol.rpc_failed
         rejected: Counter[str] = Counter()
         best: dict[tuple[str, str], tuple[int, bytes, Any]] = {}
         superseded = 0
@@ -268,7 +274,10 @@ class DhtClient:
                             receipt.refused[status] = receipt.refused.get(status, 0) + 1
 
         await asyncio.gather(*(one(k, e) for k, e in by_key.items()))
-        return PublishReport(receipts, dict(rejected), superseded, len(contacted), time.perf_counter() - started)
+        return PublishReport(
+            receipts, dict(rejected), superseded, len(contacted), time.perf_counter() - started,
+            rpcs=self.protocol.rpc_sent - sent0, rpc_timeouts=self.protocol.rpc_failed - failed0,
+        )
 
     # ------------------------------------------------------------------ query
     async def fetch(self, fingerprint: str) -> tuple[set[bytes], dict]:

@@ -51,6 +51,7 @@ class NodeConfig:
     refresh_interval: float = 3600.0  # lonely buckets are refreshed this often
     maintenance_interval: float = 60.0  # how often upkeep looks for due work
     rpc_timeout: float = 3.0
+    retries: int = 1  # a timed-out RPC is sent once more before the peer counts as gone
     max_inflight: int = 32  # outgoing RPCs in flight at once (per node or client)
     republish_concurrency: int = 4  # keys republished at once
     extra: dict = field(default_factory=dict)
@@ -93,6 +94,7 @@ class DhtNode(Server):
             verify=self.verify,
             announce=self.announce,
             rpc_timeout=self.config.rpc_timeout,
+            retries=self.config.retries,
             max_inflight=self.config.max_inflight,
             max_ttl=self.config.ttl,
         )

@@ -50,7 +50,13 @@ async def serve(config: NodeConfig, data_dir: Path, manifest_path: Path, stop: a
 
     async def run() -> None:
         if peers:
-            await node.join(peers)
+            # a busy bootstrap peer may miss our pings: retry with backoff (bounded) before settling
+            # for the upkeep loop's re-join
+            for delay in (0.5, 1.0, 2.0, 4.0, 8.0):
+                if await node.join(peers) > 0:
+                    break
+                write_node_state(data_dir, node)
+                await asyncio.sleep(delay)
         write_node_state(data_dir, node, joined=True)
         await node._upkeep_loop()
 

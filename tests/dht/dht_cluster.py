@@ -145,11 +145,13 @@ class Cluster:
             while time.monotonic() < deadline:
                 try:
                     data = json.loads((node.data_dir / "node.json").read_text())
-                    if data.get("joined") and data.get("pid") == node.proc.pid:
+                    if data.get("joined") and data.get("pid") == node.proc.pid and (data.get("neighbors") or node.index == 0):
                         break
                 except (FileNotFoundError, json.JSONDecodeError):
                     pass
                 time.sleep(0.05)
+            else:
+                raise TimeoutError(f"node {node.index} did not join: {(node.data_dir / 'stdout.log').read_text()[-1500:]}")
 
     def live(self) -> list[NodeProc]:
         return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]

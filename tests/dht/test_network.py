@@ -160,6 +160,16 @@ def test_a_fingerprint_with_300_packets_comes_back_whole(cluster, dht_network):
         assert result.pages >= 1  # it took more than the first page
 
 
+def test_a_burst_of_2000_packets_is_confirmed_without_a_single_timeout(cluster, dht_network):
+    fps = [fingerprint(9000 + i) for i in range(400)]
+    wires = [sign(site, fp) for site in _sites(dht_network) for fp in fps]
+    report = publish(wires, [cluster.nodes[3].address], dht_network.manifest, ksize=KSIZE)
+    summary = report.to_dict()
+    assert summary["confirmed"] == 2000 and summary["min_replicas"] >= 3, summary
+    assert summary["rpc_timeouts"] == 0 and "no_reply" not in summary["refused_by_nodes"], summary
+    assert summary["rpcs"] < 2000 * KSIZE  # several packets per store RPC
+
+
 def test_restart_serves_held_packets_and_30_percent_dead_loses_nothing(cluster, dht_network):
     fps = [fingerprint(4000 + i) for i in range(8)]
     wires = [sign(site, fp) for site in _sites(dht_network) for fp in fps]
