@@ -69,7 +69,7 @@ def extract(
     if summary.quarantine_reasons:
         top = sorted(summary.quarantine_reasons.items(), key=lambda kv: -kv[1])
         click.echo("quarantined by reason: " + ", ".join(f"{r} {n:,}" for r, n in top))
-    validated = f"{summary.validated:,} resources model-validated ({summary.validate}"
+    validated = f"model-validated: {summary.validated:,} ({summary.validate}"
     if summary.validate == "sample":
         validated += f", rate {summary.validation_sample_rate:g}"
     click.echo(validated + ")")

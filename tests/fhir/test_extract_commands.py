@@ -92,4 +92,4 @@ def test_console_script_runs_as_a_module(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "1 resources model-validated (full)" in proc.stdout
+    assert "model-validated: 1 (full)" in proc.stdout
