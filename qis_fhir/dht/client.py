@@ -186,6 +186,7 @@ class DhtClient:
         max_inflight: int = 32,
         key_concurrency: int = 8,
         query_alpha: int | None = None,
+        quorum: int | None = None,
         host: str = "127.0.0.1",
     ) -> None:
         from qis_fhir.packets.verifier import Verifier
@@ -198,6 +199,9 @@ class DhtClient:
         # a query must reach all k closest nodes anyway (every replica may hold a different site's
         # packet), so it asks up to k of them per round instead of alpha: fewer sequential rounds
         self.query_alpha = query_alpha or max(alpha, ksize)
+        # quorum=q: stop once the q closest known nodes have all answered with the same non-empty
+        # content digest (see docs/dht.md, "Reading"); None: ask every one of the k closest
+        self.quorum = quorum
         self.config = NodeConfig(host=host, port=0, ksize=ksize, alpha=alpha, rpc_timeout=rpc_timeout, retries=retries, max_inflight=max_inflight, ttl=ttl)
         self.peer: DhtNode | None = None
 
@@ -286,14 +290,26 @@ class DhtClient:
         target = Node(key)
         proto = self.protocol
         seeds = proto.router.find_neighbors(target, k=self.peer.ksize)
+        q = self.quorum
+
+        def agreed(closest: list[Node], replies: dict) -> bool:
+            top = closest[:q]
+            if len(top) < q or any(n.id not in replies for n in top):
+                return False
+            answers = [replies[n.id][1] for n in top]
+            if not all(isinstance(a, dict) and a.get("count") for a in answers):
+                return False
+            return len({(a.get("count"), a.get("digest")) for a in answers}) == 1
+
         lookup = await iterative_lookup(
             seeds,
             key,
             self.peer.ksize,
-            self.query_alpha,
+            q if q else self.query_alpha,
             ask=lambda n: proto.call_find_packets(n, key, None),
             nodes_of=lambda reply: reply.get("nodes") if isinstance(reply, dict) else None,
             self_id=self.peer.node.id,
+            done=agreed if q else None,
         )
         wires: set[bytes] = set()
         more: dict[bytes, list[tuple[Node, list]]] = {}

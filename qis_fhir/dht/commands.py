@@ -128,15 +128,16 @@ def publish(packets: Path, bootstrap: str, network: Path, ksize: int, alpha: int
 @click.option("--bootstrap", required=True, help="Nodes to start from, HOST:PORT[,HOST:PORT...].")
 @click.option("--network", "network", required=True, type=click.Path(path_type=Path), help="Network manifest every received packet is verified against.")
 @_with(_node_options)
+@click.option("--quorum", type=click.IntRange(1, 64), default=None, help="Stop once this many closest nodes agree on the key's content (faster; default: ask all k closest).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the verified packets here as NDJSON (default: stdout).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout (packets go to --out only).")
-def query(fingerprint: str, bootstrap: str, network: Path, ksize: int, alpha: int, out: Path | None, as_json: bool) -> None:
+def query(fingerprint: str, bootstrap: str, network: Path, ksize: int, alpha: int, quorum: int | None, out: Path | None, as_json: bool) -> None:
     """Fetch every site's packets for FINGERPRINT, verified here, one per (site, packet id) at its newest seq."""
     import json
 
     from qis_fhir.dht.client import query as do_query
 
-    result = do_query(fingerprint.strip().lower(), bootstrap, network, ksize=ksize, alpha=alpha)
+    result = do_query(fingerprint.strip().lower(), bootstrap, network, ksize=ksize, alpha=alpha, quorum=quorum)
     summary = result.to_dict()
     ndjson = b"".join(w + b"\n" for w in result.wires)
     if out is not None:

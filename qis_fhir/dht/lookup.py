@@ -54,8 +54,12 @@ async def iterative_lookup(
     ask: Callable[[Node], Awaitable[tuple[bool, Any]]],
     nodes_of: Callable[[Any], object],
     self_id: bytes = b"",
+    done: Callable[[list[Node], dict], bool] | None = None,
 ) -> Lookup:
-    """Walk towards ``target`` calling ``ask(node)``; ``nodes_of(reply)`` extracts node triples."""
+    """Walk towards ``target`` calling ``ask(node)``; ``nodes_of(reply)`` extracts node triples.
+
+    ``done(closest_known, replies)``, checked after each round, may end the walk before every one of
+    the ``ksize`` closest has been asked (a quorum read)."""
     import asyncio
 
     result = Lookup(target)
@@ -86,5 +90,7 @@ async def iterative_lookup(
             result.replies[node.id] = (node, reply)
             heap.push([n for n in _nodes_from(nodes_of(reply), self_id) if n.id not in dead_ids])
         heap.remove(dead)
+        if done is not None and done(list(heap), result.replies):
+            break
     result.closest = [n for n in heap if n.id in result.replies]
     return result

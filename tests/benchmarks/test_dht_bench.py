@@ -14,8 +14,11 @@ def test_dht_bench_reports_recall_time_ratio_and_hops():
     result = dht.run(BenchOptions(nodes=(10,)))
     r = result["by_nodes"]["10"]
     assert r["nodes"] == 10
-    assert r["recall_ours"] == 1.0  # every site's packet for every fingerprint
+    for mode in ("exhaustive", "quorum3"):
+        assert r["ours"][mode]["recall"] == 1.0  # every site's packet for every fingerprint
+        assert r["ours"][mode]["time_ratio_vs_stock"] > 0 and r["ours"][mode]["hops_max"] >= 1
     assert r["recall_stock"] == pytest.approx(1 / dht.SITES)  # one value per key: one site of five
     assert r["ours_publish"]["unconfirmed"] == 0
-    assert r["query_time_ratio_ours_over_stock"] > 0 and r["hops_ours_max"] >= 1
     assert r["log2_n"] == pytest.approx(3.32, abs=0.01)
+    burst = result["burst"]
+    assert burst["bounded"]["confirmed"] == burst["bounded"]["packets"] == dht.BURST_FINGERPRINTS * dht.SITES

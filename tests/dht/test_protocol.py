@@ -151,3 +151,29 @@ def test_republish_spreads_packets_but_never_extends_their_life(dht_network):
             _stop(nodes)
 
     asyncio.run(run())
+
+
+def test_quorum_read_stops_early_only_when_the_closest_replicas_agree(dht_network):
+    fp = fingerprint(105)
+    key = dht_key(fp)
+    a, b = base_sites(dht_network)[:2]
+    everywhere, only_closest = sign(a, fp, treatment="TX_Q"), sign(b, fp, treatment="TX_Q")
+
+    async def run():
+        nodes = await _nodes(dht_network.manifest, 5, ksize=5)
+        try:
+            for n in nodes:
+                n.protocol.accept_packet(key, everywhere, 600.0)
+            async with DhtClient([(nodes[0].host, nodes[0].port)], dht_network.manifest, ksize=5, quorum=3) as client:
+                agreed = await client.query(fp)
+                assert agreed.wires == [everywhere] and agreed.nodes_asked == 3  # three agreed: two never asked
+                closest = min(nodes, key=lambda n: n.node.distance_to(Node(key)))
+                closest.protocol.accept_packet(key, only_closest, 600.0)
+                split = await client.query(fp)  # the closest three now disagree: everyone is asked
+                assert sorted(split.wires) == sorted([everywhere, only_closest]) and split.nodes_asked == 5
+        finally:
+            _stop(nodes)
+
+    from kademlia.node import Node
+
+    asyncio.run(run())
