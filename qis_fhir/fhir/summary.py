@@ -27,12 +27,23 @@ class ExtractSummary:
         return asdict(self)
 
     def check_invariants(self) -> None:
-        """Raise AssertionError if a count does not add up (a bug, never bad input)."""
+        """Raise AssertionError if a count does not add up (a bug, never bad input).
+
+        Explicit raises rather than ``assert``: the check must also run under ``python -O``.
+        """
+        problems = []
         for name, c in self.by_type.items():
-            assert c["read"] == c["accepted"] + c["quarantined"], f"type {name}: counts do not add up"
+            if c["read"] != c["accepted"] + c["quarantined"]:
+                problems.append(f"type {name}: read != accepted + quarantined")
         for name, c in self.by_file.items():
-            assert c["read"] == c["accepted"] + c["quarantined"] + c["skipped"], f"file {name}: counts do not add up"
+            if c["read"] != c["accepted"] + c["quarantined"] + c["skipped"]:
+                problems.append(f"file {name}: read != accepted + quarantined + skipped")
         t = self.totals
-        assert t["read"] == t["accepted"] + t["quarantined"] + t["skipped"], "totals do not add up"
-        assert t["quarantined"] == sum(self.quarantine_reasons.values()), "quarantine reasons do not add up"
-        assert t["skipped"] == sum(self.skipped_types.values()), "skipped types do not add up"
+        if t["read"] != t["accepted"] + t["quarantined"] + t["skipped"]:
+            problems.append("totals: read != accepted + quarantined + skipped")
+        if t["quarantined"] != sum(self.quarantine_reasons.values()):
+            problems.append("quarantined != sum of quarantine_reasons")
+        if t["skipped"] != sum(self.skipped_types.values()):
+            problems.append("skipped != sum of skipped_types")
+        if problems:
+            raise AssertionError("; ".join(problems))

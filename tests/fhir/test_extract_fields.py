@@ -84,3 +84,18 @@ def test_sampler_is_deterministic_and_near_its_rate():
     assert all(sampler("full", 0.0)(line) for line in lines[:10])
     with pytest.raises(ValueError):
         sampler("some", 0.01)
+
+
+def test_check_invariants_names_what_does_not_add_up():
+    from qis_fhir.fhir.summary import ExtractSummary
+
+    s = ExtractSummary(export_dir="x", validate="off", validation_sample_rate=0.0)
+    s.by_type = {"Observation": {"read": 3, "accepted": 1, "quarantined": 1}}
+    s.by_file = {"Observation.ndjson": {"read": 3, "accepted": 1, "quarantined": 1, "skipped": 1}}
+    s.totals = {"read": 3, "accepted": 1, "quarantined": 1, "skipped": 1}
+    s.quarantine_reasons = {"invalid_json": 1}
+    s.skipped_types = {"Encounter": 1}
+    with pytest.raises(AssertionError, match="type Observation"):
+        s.check_invariants()
+    s.by_type["Observation"]["read"] = 2
+    s.check_invariants()
