@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _US = timedelta(microseconds=1)
-_CACHE_MAX = 500_000
+_CACHE_MAX = 65_536  # timestamps repeat within an encounter, close together: a small cache catches them
 _cache: dict[str, int] = {}
 
 
