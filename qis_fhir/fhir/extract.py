@@ -263,7 +263,9 @@ class _Extraction:
         rtype = src.resource_type
         label = src.label
         handler = self.handlers[rtype]
-        sink = self.sink_of_type[rtype]
+        sink = self.sink_of_type.get(rtype)  # None for Medication: no table, rows are always empty
+        if sink is None:
+            sink = _NoRows()
         want = self.want_validation
         check = self.validator.check
         dropped = self.dropped
@@ -399,9 +401,12 @@ class _Extraction:
                 self.reject(fc, label, 0, "Bundle", R.INVALID_FIELD, "Bundle.entry is not a list")
                 return
             urns = _bundle_urns(entries)
-            for i, entry in enumerate(entries, 1):
+            # Medications first, so requests that reference them resolve whatever the entry order
+            medication_first = sorted(range(len(entries)), key=lambda i: _entry_type(entries[i]) != "Medication")
+            for i in medication_first:
+                entry = entries[i]
                 resource = entry.get("resource") if type(entry) is dict else None
-                self.resource(resource, fc, label, i, urns, None)
+                self.resource(resource, fc, label, i + 1, urns, None)
         elif type(doc) is dict and "resourceType" not in doc and "output" in doc and "transactionTime" in doc:
             # a bulk-data $export manifest saved beside the data: not a resource
             del self.by_file[label]
@@ -424,6 +429,21 @@ class _Extraction:
             sink.abort()
         if self.quarantine is not None:
             self.quarantine.abort()
+
+
+class _NoRows:
+    """Stands in for a table sink for types that never give rows (Medication)."""
+
+    rows: list = []
+    chunk_rows = 1 << 62
+
+    def flush(self) -> None:
+        raise AssertionError("a type without a table produced rows")
+
+
+def _entry_type(entry: object) -> object:
+    resource = entry.get("resource") if type(entry) is dict else None
+    return resource.get("resourceType") if type(resource) is dict else None
 
 
 def _bundle_urns(entries: list) -> dict[str, str]:

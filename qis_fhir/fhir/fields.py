@@ -139,6 +139,7 @@ def make_handlers(
     """
     units = allowed_units()
     pending = dropped
+    medications: dict[str, tuple[str, str]] = {}  # "Medication/<id>" -> (system, code)
     observation_key = own_key_for("Observation")
     condition_key = own_key_for("Condition")
     request_key = own_key_for("MedicationRequest")
@@ -358,8 +359,9 @@ def make_handlers(
         pk = subject_key(o, urns)
         mcc = o.get("medicationCodeableConcept")
         if mcc is None and "medicationReference" in o:
-            raise Reject(R.MISSING_CODE, "medicationReference is not read: only medicationCodeableConcept")
-        system, code = pick_coding(mcc, RXNORM, "medicationCodeableConcept")
+            system, code = referenced_medication(o, urns)
+        else:
+            system, code = pick_coding(mcc, RXNORM, "medicationCodeableConcept")
         authored = o.get("authoredOn")
         if authored is None:
             raise Reject(R.MISSING_DATE, "authoredOn is missing")
@@ -402,6 +404,33 @@ def make_handlers(
         rkey = request_key(rid)
         return [(rkey, pk, system, code, authored_ts, status, intent, reason_keys, reason_codes)]
 
+    def referenced_medication(o: dict, urns: dict[str, str] | None) -> tuple[str, str]:
+        """The code of the Medication a request names by ``medicationReference``: a contained one
+        (``#id``), or one read earlier from the export (``Medication.ndjson`` sorts before
+        ``MedicationRequest.ndjson``; in a Bundle, Medication entries are read first)."""
+        ref_obj = o.get("medicationReference")
+        ref = ref_obj.get("reference") if type(ref_obj) is dict else None
+        if type(ref) is not str or not ref:
+            raise Reject(R.MISSING_CODE, "medicationReference has no literal reference")
+        if ref.startswith("#"):
+            contained = o.get("contained")
+            if type(contained) is list:
+                for res in contained:
+                    if type(res) is dict and res.get("resourceType") == "Medication" and res.get("id") == ref[1:]:
+                        return pick_coding(res.get("code"), RXNORM, "contained Medication.code")
+            raise Reject(R.MISSING_CODE, "medicationReference names a contained Medication that is absent")
+        rtype, typed = reference_type(ref, urns, "medicationReference")
+        found = medications.get(typed) if rtype == "Medication" else None
+        if found is None:
+            raise Reject(R.MISSING_CODE, "medicationReference names a Medication not (yet) read from the export")
+        return found
+
+    def medication(o: dict, urns: dict[str, str] | None) -> list:
+        """No table of its own: remembers the Medication's code for requests that reference it."""
+        rid = resource_id(o)
+        medications["Medication/" + rid] = pick_coding(o.get("code"), RXNORM, "code")
+        return []
+
     def patient(o: dict, urns: dict[str, str] | None) -> list:
         rid = resource_id(o)
         gender = o.get("gender")
@@ -420,4 +449,5 @@ def make_handlers(
         "Condition": condition,
         "MedicationRequest": medication_request,
         "Patient": patient,
+        "Medication": medication,
     }

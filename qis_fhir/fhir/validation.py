@@ -26,6 +26,7 @@ _MODEL_MODULES = {
     "Condition": "fhir.resources.R4B.condition",
     "MedicationRequest": "fhir.resources.R4B.medicationrequest",
     "Observation": "fhir.resources.R4B.observation",
+    "Medication": "fhir.resources.R4B.medication",
 }
 
 

@@ -178,3 +178,40 @@ def test_rerun_replaces_outputs_and_leaves_no_partial_files(tmp_path):
     summary, records, t = extract(tmp_path / "e", tmp_path / "out")
     assert records == [] and len(t["observations"]) == 1
     assert not [p for p in (tmp_path / "out").rglob(".*partial")]
+
+
+MEDICATION = {"resourceType": "Medication", "id": "med-1",
+              "code": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "860975"}]}}
+
+
+def test_medication_reference_resolves_through_medication_resources(tmp_path):
+    e = tmp_path / "e"
+    by_ref = resource(BASE_REQUEST, id="r1", medicationCodeableConcept=None,
+                      medicationReference={"reference": "Medication/med-1"})
+    contained = resource(BASE_REQUEST, id="r2", medicationCodeableConcept=None,
+                         medicationReference={"reference": "#m"}, contained=[dict(MEDICATION, id="m")])
+    unknown = resource(BASE_REQUEST, id="r3", medicationCodeableConcept=None,
+                       medicationReference={"reference": "Medication/elsewhere"})
+    write_ndjson(e, "Medication.ndjson", [MEDICATION])
+    write_ndjson(e, "MedicationRequest.000.ndjson", [by_ref, contained, unknown])
+    summary, records, t = extract(e, tmp_path / "out", validate="full")
+    assert list(t["medication_requests"]["code"]) == ["860975", "860975"]
+    assert [(r["line"], r["reason"]) for r in records] == [(3, "missing_code")]
+    assert summary["accepted_without_rows"] == {"Medication": 1}
+    assert_counts_add_up(summary)
+
+
+def test_bundle_medication_after_its_request_still_resolves(tmp_path):
+    request = resource(BASE_REQUEST, medicationCodeableConcept=None, medicationReference={"reference": "urn:uuid:m1"},
+                       subject={"reference": "urn:uuid:p1"})
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [
+        {"fullUrl": "urn:uuid:p1", "resource": BASE_PATIENT},
+        {"fullUrl": "urn:uuid:r1", "resource": request},
+        {"fullUrl": "urn:uuid:m1", "resource": MEDICATION},
+    ]}
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "b.json").write_text(json.dumps(bundle))
+    summary, records, t = extract(tmp_path / "e", tmp_path / "out")
+    assert records == []
+    assert list(t["medication_requests"]["code"]) == ["860975"]
+    assert set(t["medication_requests"]["patient_key"]) == {KEY(f"Patient/{CANARY}")}
