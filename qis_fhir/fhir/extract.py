@@ -31,6 +31,7 @@ from qis_fhir.privacy.pseudonym import Pseudonymizer
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LINE_BYTES = 1 << 20  # 1 MiB: no real Observation comes near; a runaway line is not parsed
+DEFAULT_MAX_JSON_BYTES = 256 << 20  # a JSON file (a Bundle) is parsed whole: one patient is a few MiB
 EXTRACT_DIR = "extract"
 SUMMARY_FILE = "summary.json"
 QUARANTINE_FILE = "quarantine.ndjson"
@@ -79,8 +80,10 @@ class _Extraction:
         sample_rate: float,
         max_line_bytes: int,
         chunk_rows: int,
+        max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
     ) -> None:
         self.max_line_bytes = max_line_bytes
+        self.max_json_bytes = max_json_bytes
         self.dropped: list[str] = []
         self.handlers = make_handlers(Pseudonymizer(secret).key, OwnKeys(secret).for_type, self.dropped)
         self.want_validation = sampler(validate, sample_rate)
@@ -374,7 +377,7 @@ class _Extraction:
         label = src.label
         reader, raw = open_binary(src.path)
         try:
-            data = reader.read()
+            data = reader.read(self.max_json_bytes + 1)
         except _CORRUPT:
             fc.read += 1
             self.reject(fc, label, 0, UNKNOWN_TYPE, R.CORRUPT_FILE, "compressed file is damaged or truncated")
@@ -384,6 +387,11 @@ class _Extraction:
             raw.close()
             if self.progress is not None:
                 self.progress(src.path.stat().st_size)
+        if len(data) > self.max_json_bytes:
+            fc.read += 1
+            self.reject(fc, label, 0, UNKNOWN_TYPE, R.LINE_TOO_LONG,
+                        f"JSON file larger than {self.max_json_bytes} bytes (JSON files are parsed whole; not parsed)")
+            return
         try:
             doc = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -479,6 +487,7 @@ def extract_export(
     progress: bool = False,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
 ) -> ExtractSummary:
     """Extract an export directory into ``out_dir/extract/*.parquet``, its summary and the quarantine.
 
@@ -496,7 +505,7 @@ def extract_export(
     sampler(validate, sample_rate)  # fail on a bad mode before any file is created
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = _Extraction(out_dir, secret, validate, sample_rate, max_line_bytes, chunk_rows)
+    run = _Extraction(out_dir, secret, validate, sample_rate, max_line_bytes, chunk_rows, max_json_bytes)
     run.ignored_files = ignored
     bar = None
     # The loop allocates millions of short-lived, acyclic objects (parsed JSON) while holding a chunk

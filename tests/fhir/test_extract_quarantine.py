@@ -177,3 +177,17 @@ def test_coded_observation_is_accepted_without_rows(tmp_path):
     assert records == [] and len(tables["observations"]) == 0
     assert summary["accepted_without_rows"] == {"Observation": 2}
     assert summary["by_type"]["Observation"]["accepted"] == 2
+
+
+def test_oversized_json_file_is_refused_unparsed(tmp_path):
+    import json
+
+    bundle = {"resourceType": "Bundle", "type": "collection",
+              "entry": [{"resource": resource(OBS, id=f"o{i}")} for i in range(50)]}
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "big.json").write_text(json.dumps(bundle))
+    write_ndjson(tmp_path / "e", "Observation.ndjson", [OBS])
+    summary, records, tables = extract(tmp_path / "e", tmp_path / "out", max_json_bytes=2048)
+    assert [(r["file"], r["line"], r["reason"]) for r in records] == [("json-file-0001", 0, "line_too_long")]
+    assert len(tables["observations"]) == 1
+    assert_counts_add_up(summary)
