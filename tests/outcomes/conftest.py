@@ -6,49 +6,11 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from qis_fhir.fhir.schema import TABLES
 from qis_fhir.mapping import LOINC, RXNORM, SNOMED
 
-TS = pa.timestamp("us", tz="UTC")
-SCHEMAS = {
-    "patients": pa.schema([("patient_key", pa.string()), ("sex", pa.string()), ("birth_date", TS), ("deceased", TS)]),
-    "conditions": pa.schema(
-        [
-            ("condition_key", pa.string()),
-            ("patient_key", pa.string()),
-            ("code_system", pa.string()),
-            ("code", pa.string()),
-            ("onset", TS),
-            ("abatement", TS),
-            ("clinical_status", pa.string()),
-        ]
-    ),
-    "medication_requests": pa.schema(
-        [
-            ("request_key", pa.string()),
-            ("patient_key", pa.string()),
-            ("code_system", pa.string()),
-            ("code", pa.string()),
-            ("authored_on", TS),
-            ("status", pa.string()),
-            ("intent", pa.string()),
-            ("reason_condition_keys", pa.list_(pa.string())),
-            ("reason_codes", pa.list_(pa.string())),
-        ]
-    ),
-    "observations": pa.schema(
-        [
-            ("observation_key", pa.string()),
-            ("patient_key", pa.string()),
-            ("code_system", pa.string()),
-            ("code", pa.string()),
-            ("panel_code", pa.string()),
-            ("value", pa.float64()),
-            ("unit", pa.string()),
-            ("effective", TS),
-            ("status", pa.string()),
-        ]
-    ),
-}
+# the extractor's own schemas: hand-built tables cannot drift from what extract writes
+SCHEMAS = TABLES
 
 START = pd.Timestamp("2020-03-01T09:00:00Z")
 
