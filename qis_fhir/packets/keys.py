@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import stat
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from qis_fhir.errors import AlreadyExistsError, InputNotFoundError, SecretError
 from qis_fhir.packets.model import SITE_ID_RE
+from qis_fhir.privacy.secrets import require_owner_only
 
 SITE_KEY = "site_key.pem"
 SITE_PUB = "site_key.pub"
@@ -69,12 +69,7 @@ def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:
 def read_private_key(path: Path) -> Ed25519PrivateKey:
     """Load an Ed25519 private key, refusing a file that group or others can read."""
     path = Path(path)
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise InputNotFoundError(f"private key {path} does not exist") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise SecretError(f"private key {path} is readable by group or others; run: chmod 600 {path}")
+    require_owner_only(path, "private key", missing=InputNotFoundError)
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError):

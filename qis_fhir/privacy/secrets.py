@@ -27,15 +27,20 @@ def _write_new(path: Path) -> bytes:
     return value
 
 
-def read_secret(path: Path | str) -> bytes:
-    """Read a secret file, refusing unsafe permissions or malformed content."""
-    path = Path(path)
+def require_owner_only(path: Path, what: str, missing: type[Exception] = SecretError) -> None:
+    """Refuse a private file (secret, private key) that does not exist or that group or others can read."""
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
-        raise SecretError(f"secret file {path} does not exist") from None
+        raise missing(f"{what} {path} does not exist") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise SecretError(f"secret file {path} is readable by group or others; run: chmod 600 {path}")
+        raise SecretError(f"{what} {path} is readable by group or others; run: chmod 600 {path}")
+
+
+def read_secret(path: Path | str) -> bytes:
+    """Read a secret file, refusing unsafe permissions or malformed content."""
+    path = Path(path)
+    require_owner_only(path, "secret file")
     text = path.read_text(encoding="ascii", errors="replace").strip()
     try:
         value = bytes.fromhex(text)
