@@ -29,7 +29,7 @@ from typing import Any
 from kademlia.node import Node
 
 from qis_fhir.dht.keys import dht_key, is_fingerprint
-from qis_fhir.dht.lookup import iterative_lookup
+from qis_fhir.dht.lookup import SEED_LIMIT, iterative_lookup
 from qis_fhir.dht.node import DhtNode, NodeConfig
 from qis_fhir.dht.storage import CONFIRMED, PacketStore
 from qis_fhir.errors import NoPeersError, QisError
@@ -229,6 +229,12 @@ class DhtClient:
             self.peer.storage.close()
             self.peer = None
 
+    async def _ensure_contacts(self) -> None:
+        """A short-lived client can lose its few contacts to one slow reply: ask the bootstrap again."""
+        if not self.peer.contacts() and await self.peer.join(self.bootstrap) == 0:
+            where = ", ".join(f"{h}:{p}" for h, p in self.bootstrap)
+            raise NoPeersError(f"no DHT peer answers any more at {where}")
+
     @property
     def protocol(self) -> Any:
         assert self.peer is not None, "DhtClient not started"
@@ -265,6 +271,7 @@ class DhtClient:
 
         async def one(key: bytes, entries: list[tuple[PacketReceipt, bytes]]) -> None:
             async with slots:
+                await self._ensure_contacts()
                 lookup = await self.peer.closest_nodes(key)
                 contacted.update(lookup.replies)
                 items = [[wire, self.ttl] for _, wire in entries]
@@ -289,7 +296,8 @@ class DhtClient:
         key = dht_key(fingerprint)
         target = Node(key)
         proto = self.protocol
-        seeds = proto.router.find_neighbors(target, k=self.peer.ksize)
+        await self._ensure_contacts()
+        seeds = proto.router.find_neighbors(target, k=SEED_LIMIT)
         q = self.quorum
 
         def agreed(closest: list[Node], replies: dict) -> bool:

@@ -15,6 +15,10 @@ from typing import Any
 from kademlia.node import Node, NodeHeap
 
 MAX_ROUNDS = 64  # far above log2 of any network we run; bounds a lookup fed bogus nodes
+# Seed a lookup with this many known contacts, not just k: the heap shows only the k closest, and
+# when those turn out dead the hidden ones take their place instead of the walk ending empty-handed
+# (the stock crawl seeds k and can run dry after a few departures).
+SEED_LIMIT = 256
 
 
 @dataclass

@@ -28,7 +28,7 @@ import orjson
 from kademlia.network import Server
 from kademlia.node import Node
 
-from qis_fhir.dht.lookup import Lookup, iterative_lookup
+from qis_fhir.dht.lookup import SEED_LIMIT, Lookup, iterative_lookup
 from qis_fhir.dht.protocol import PacketProtocol, Verify
 from qis_fhir.dht.storage import PacketStore
 
@@ -143,7 +143,7 @@ class DhtNode(Server):
         """The ``ksize`` closest live nodes to ``key`` (iterative FIND_NODE)."""
         target = Node(key)
         if seeds is None:
-            seeds = self.protocol.router.find_neighbors(target, k=self.ksize)
+            seeds = self.protocol.router.find_neighbors(target, k=SEED_LIMIT)
         return await iterative_lookup(
             seeds,
             key,
@@ -166,12 +166,13 @@ class DhtNode(Server):
                 log.exception("upkeep pass failed")
 
     async def upkeep(self) -> dict:
-        """One pass: expire, re-join if alone, republish due keys, refresh lonely buckets."""
+        """One pass: expire, re-join if alone, drop dead contacts, republish due keys, refresh lonely buckets."""
         expired = self.storage.expire()
         if expired:
             log.info("expired %d packets", expired)
         if not self.contacts() and self.config.bootstrap:
             await self.join(list(self.config.bootstrap))
+        await self.check_contacts()
         republished = await self.republish()
         if time.monotonic() - self._last_refresh >= self.config.refresh_interval:
             self._last_refresh = time.monotonic()
@@ -179,6 +180,21 @@ class DhtNode(Server):
         for hook in self.on_upkeep:
             hook()
         return {"expired": expired, "republished_keys": republished}
+
+    async def check_contacts(self) -> int:
+        """Ping every contact once; one that does not answer (after the retry) leaves the table.
+
+        The stock table drops a contact only when *this* node's own RPC to it fails, so a node that
+        rarely looks anything up keeps handing out dead neighbours, and with a small k a reader's
+        walk can run out of live nodes. Returns how many were dropped."""
+        before = self.contacts()
+        if not before:
+            return 0
+        await asyncio.gather(*(self.protocol.call_ping(n) for n in before))
+        dropped = len(before) - len(self.contacts())
+        if dropped:
+            log.info("dropped %d unreachable contacts", dropped)
+        return max(0, dropped)
 
     async def republish(self) -> int:
         """Store every key nobody re-stored for ``republish_interval`` on its current k closest nodes."""

@@ -24,7 +24,9 @@ async def serve(config: NodeConfig, data_dir: Path, manifest_path: Path, stop: a
         removed = storage.remove_key_ids(key_ids)
         log.info("manifest revoked %d key(s): purged %d packets", len(key_ids), removed)
 
-    verifier = ManifestVerifier(manifest_path, replay=storage.replay_view(), on_revoked=purge)
+    verifier = ManifestVerifier(
+        manifest_path, replay=storage.replay_view(), on_revoked=purge, pinned_state=data_dir / "manifest_pin.json"
+    )
     purge_now = storage.key_ids() & set(verifier.manifest.revoked_key_ids)
     if purge_now:
         purge(purge_now)

@@ -30,17 +30,19 @@ class ManifestVerifier:
         replay: Any = None,
         check_interval: float = 1.0,
         on_revoked: Callable[[set[str]], None] | None = None,
+        pinned_state: Path | None = None,
     ) -> None:
         from qis_fhir.packets.manifest import load_manifest, manifest_path_of
 
         self.path = manifest_path_of(path)
-        self._load = load_manifest
+        # with a pin file, a restarted node also refuses a manifest older than one it used before
+        self._load = lambda p: load_manifest(p, pinned_state=pinned_state)
         self.replay = replay
         self.check_interval = check_interval
         self.on_revoked = on_revoked
         self._stamp = self._stat()
         self._checked = time.monotonic()
-        self.manifest = load_manifest(self.path)  # raises ManifestError / InputNotFoundError: caller's to report
+        self.manifest = self._load(self.path)  # raises ManifestError / InputNotFoundError: caller's to report
         self._verifier = self._make(self.manifest)
 
     def _make(self, manifest: Any) -> Any:

@@ -56,6 +56,10 @@ def test_packets_survive_every_original_holder_going_away(dht_network, tmp_path)
         c.kill(first[-1])
         assert not set(n.index for n in first) & set(n.index for n in c.live())
         result = query(fp, [c.nodes[0].address], dht_network.manifest, ksize=K, rpc_timeout=1.0)
-        assert sorted(result.wires) == sorted(wires)
+        key = int.from_bytes(dht_key(fp), "big")
+        order = sorted(ids, key=lambda i: int.from_bytes(ids[i], "big") ^ key)
+        assert sorted(result.wires) == sorted(wires), (
+            f"closest-first {order}, original holders {[n.index for n in first]}, new {[n.index for n in fresh]}, {result.to_dict()}"
+        )
     finally:
         c.stop_all()
