@@ -81,6 +81,8 @@ class PacketProtocol(KademliaProtocol):
         self.rpc_sent = 0
         self.rpc_failed = 0
         self._tasks: set[asyncio.Task] = set()
+        self._logged_at: dict[str, float] = {}
+        self._unlogged: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ transport
     def connection_made(self, transport: Any) -> None:
@@ -122,7 +124,13 @@ class PacketProtocol(KademliaProtocol):
         except Exception:  # never let accounting break serving
             pass
         if sender is not None:
-            log.info("rejected %d item(s) from %s:%s: %s", n, sender[0], sender[1], reason)
+            # at most one line per reason per second, so a flood of junk cannot flood the log
+            now = time.monotonic()
+            self._unlogged[reason] += n
+            if now - self._logged_at.get(reason, -1e9) >= 1.0:
+                log.info("rejected %d item(s), latest from %s:%s: %s", self._unlogged[reason], sender[0], sender[1], reason)
+                self._logged_at[reason] = now
+                self._unlogged[reason] = 0
 
     def _source(self, sender: tuple, nodeid: object) -> Node | None:
         """The sending node, or None for a client (empty id) or nonsense; only nodes get routed to."""
