@@ -83,3 +83,26 @@ def test_publish_fails_clearly_when_no_peer_answers(dht_network, tmp_path):
     assert r.returncode == ExitCode.NO_PEERS
     assert f"no DHT peer answered at 127.0.0.1:{port}" in r.stderr.decode()
     assert time.monotonic() - started < 30
+
+
+def test_garbage_datagrams_are_counted_and_the_node_keeps_serving(trio, dht_network):
+    import asyncio
+    import os
+
+    from qis_fhir.dht.client import DhtClient
+
+    node = trio.nodes[0]
+    junk = [b"\x00" * 30, b"\x00" + os.urandom(20) + b"\xc1\xc1", b"\x00" + os.urandom(20) + os.urandom(2000),
+            b"\x00" + os.urandom(20) + b"\x92\xa5store\x90", b"\x02" + os.urandom(40)]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for datagram in junk:
+            s.sendto(datagram, node.address)
+    time.sleep(0.3)
+
+    async def check():
+        async with DhtClient([node.address], dht_network.manifest, ksize=3) as client:
+            return await client.node_stats(node.address)
+
+    stats = asyncio.run(check())
+    assert stats is not None and node.proc.poll() is None
+    assert stats["rejections"].get("malformed_datagram", 0) + stats["rejections"].get("malformed_rpc", 0) >= 2
