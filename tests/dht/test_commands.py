@@ -106,3 +106,23 @@ def test_garbage_datagrams_are_counted_and_the_node_keeps_serving(trio, dht_netw
     stats = asyncio.run(check())
     assert stats is not None and node.proc.poll() is None
     assert stats["rejections"].get("malformed_datagram", 0) + stats["rejections"].get("malformed_rpc", 0) >= 2
+
+
+def test_publish_exits_12_when_every_replica_refuses(dht_network, tmp_path):
+    from dht_cluster import make_network
+
+    stranger = make_network(tmp_path / "other", ["site-z"])  # these nodes trust another network
+    c = Cluster(tmp_path / "c", stranger.manifest, ksize=2)
+    try:
+        c.start(2)
+        c.wait_joined()
+        packets = tmp_path / "p.ndjson"
+        packets.write_bytes(sign(dht_network.sites["site-a"], fingerprint(5002)) + b"\n")
+        r = _cli("publish", str(packets), "--bootstrap", f"127.0.0.1:{c.nodes[0].port}",
+                 "--network", str(dht_network.manifest), "--ksize", "2", "--json")
+        assert r.returncode == ExitCode.PUBLISH_INCOMPLETE, r.stderr.decode()
+        summary = json.loads(r.stdout)
+        assert summary["confirmed"] == 0 and summary["refused_by_nodes"] == {"unknown_key": 2}
+        assert "1 of 1 packets were confirmed by no replica" in r.stderr.decode()
+    finally:
+        c.stop_all()
