@@ -44,7 +44,7 @@ def _stdout_logging(level: int) -> None:
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Where the node keeps packets.sqlite3 and node.json.")
 @click.option("--network", "network", required=True, type=click.Path(path_type=Path), help="Network manifest (manifest.json or its directory); re-read when it changes.")
 @_with(_node_options)
-@click.option("--ttl-days", type=click.FloatRange(min=0.0001), default=30.0, show_default=True, help="Packets expire this long after their origin last published them.")
+@click.option("--ttl-days", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True, help="Packets expire this long after their origin last published them.")
 @click.option("--republish-interval", type=click.FloatRange(min=0.1), default=3600.0, show_default=True, help="Seconds before a holder republishes a key nobody re-stored.")
 @click.option("--refresh-interval", type=click.FloatRange(min=0.1), default=3600.0, show_default=True, help="Seconds between routing-table refreshes.")
 @click.option("--maintenance-interval", type=click.FloatRange(min=0.05), default=60.0, show_default=True, help="Seconds between upkeep passes (expiry, republish, refresh).")
@@ -92,7 +92,7 @@ def _read_wires(path: Path) -> list[bytes]:
 @click.option("--bootstrap", required=True, help="Nodes to start from, HOST:PORT[,HOST:PORT...].")
 @click.option("--network", "network", required=True, type=click.Path(path_type=Path), help="Network manifest the packets are verified against first.")
 @_with(_node_options)
-@click.option("--ttl-days", type=click.FloatRange(min=0.0001), default=30.0, show_default=True, help="Lifetime asked for (nodes cap it at theirs).")
+@click.option("--ttl-days", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True, help="Lifetime asked for (nodes cap it at theirs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def publish(packets: Path, bootstrap: str, network: Path, ksize: int, alpha: int, ttl_days: float, as_json: bool) -> None:
     """Publish a packets.ndjson file; reports how many replicas confirmed each packet.

@@ -63,3 +63,29 @@ def test_packets_survive_every_original_holder_going_away(dht_network, tmp_path)
         )
     finally:
         c.stop_all()
+
+
+def test_packets_expire_on_the_nodes_lifetime_whatever_the_publisher_asks(dht_network, tmp_path):
+    ttl_s = 3.0
+    c = Cluster(tmp_path, dht_network.manifest, ksize=2,
+                extra=["--ttl-days", str(ttl_s / 86400), "--maintenance-interval", "0.5", "--republish-interval", "0.5"])
+    try:
+        c.start(3)
+        c.wait_joined()
+        fp = fingerprint(8000)
+        wire = sign(dht_network.sites["site-a"], fp, treatment="TX_EXP")
+        report = publish([wire], [c.nodes[0].address], dht_network.manifest, ksize=2)  # asks for 30 days
+        assert report.min_replicas == 2
+        assert query(fp, [c.nodes[1].address], dht_network.manifest, ksize=2).wires == [wire]
+
+        async def held() -> int:
+            async with DhtClient([c.nodes[0].address], dht_network.manifest, ksize=2) as client:
+                return sum([bool(await client.node_holdings(n.address, fp)) for n in c.nodes])
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and asyncio.run(held()):
+            time.sleep(0.5)  # republishing (every 0.5 s here) passes on the remaining lifetime only
+        assert asyncio.run(held()) == 0
+        assert query(fp, [c.nodes[1].address], dht_network.manifest, ksize=2).wires == []
+    finally:
+        c.stop_all()
