@@ -458,7 +458,7 @@ class _Extraction:
             return lineno + n
         del batch, cols
         simple_idx = np.flatnonzero(mask)
-        sampled = blocks.sampled(block, ends_with_newline)
+        sampled = blocks.sampled(block, starts, lens, ends_with_newline)
         special = ~mask
         if sampled is not None:
             special |= sampled
