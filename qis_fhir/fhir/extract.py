@@ -402,6 +402,7 @@ class _Extraction:
                 if not chunk:
                     if carry:
                         self._block(src, fc, carry, False, lineno)
+                        gc.collect(0)
                     return
                 cut = chunk.rfind(b"\n")
                 if cut < 0:
@@ -434,6 +435,12 @@ class _Extraction:
                 carry = chunk[cut + 1:]
                 del chunk
                 lineno = self._block(src, fc, block, True, lineno)
+                del block
+                # A rejected line's exception chain (tracebacks <-> frames) is a reference cycle, and
+                # the frames' f_back links reach _block's frame with its 8 MiB block. The collector is
+                # paused for the run (see extract_export), so clear this block's young cycles now:
+                # without it, 2 million Observations peaked at 2.1 GiB instead of ~0.4.
+                gc.collect(0)
 
     def _block(self, src: SourceFile, fc: _FileCounts, block: bytes, ends_with_newline: bool, lineno: int) -> int:
         """One block of complete lines after line ``lineno``; returns the number of its last line."""

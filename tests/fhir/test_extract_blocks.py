@@ -202,3 +202,31 @@ def test_line_longer_than_a_block_is_quarantined_unread(tmp_path, monkeypatch):
     summary, quarantine = assert_same_outputs(export, tmp_path, max_line_bytes=2000)
     assert summary["quarantine_reasons"] == {"line_too_long": 2}
     assert [json.loads(x)["line"] for x in quarantine.splitlines()] == [2, 4]
+
+
+def test_blocks_are_freed_when_lines_of_them_were_rejected(tmp_path, monkeypatch):
+    """The collector is paused during extraction; a rejected line's traceback cycle must not keep its
+    block alive (it did: 2 million Observations peaked at 2.1 GiB)."""
+    import gc
+
+    monkeypatch.setattr(extract_module, "BLOCK_BYTES", 2048)
+    # a panel with one component dropped: observation_checked keeps the Reject, a cycle with its frame
+    bad = resource(BP_PANEL, component=[{"code": {"coding": [{"system": "http://loinc.org", "code": "8462-4"}]},
+                                         "valueQuantity": {"value": 80, "system": UCUM}}] + BP_PANEL["component"])
+    items = [resource(OBS, id=f"ok-{i}") if i % 3 else bad for i in range(60)]
+    write_ndjson(tmp_path / "export", "Observation.000.ndjson", items)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        gc.collect()
+        summary = extract_export(tmp_path / "export", tmp_path / "out", secret=SECRET, validate="off")
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        frames = [o for o in gc.garbage if type(o).__name__ == "frame" and o.f_code.co_name == "_block"]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        if was_enabled:
+            gc.enable()
+    assert summary.dropped_components == {"missing_unit": 20}
+    assert frames == []
