@@ -201,6 +201,8 @@ def run(options) -> dict:
     read = sampled["totals"]["read"]
     if read != observations:
         raise RuntimeError(f"extraction read {read} lines, the files hold {observations}")
+    if (per_line["totals"], per_line["rows"]) != (sampled["totals"], sampled["rows"]):
+        raise RuntimeError("the block path and the per-line reader disagree on the same export")
     qis_per_s = observations / sampled["cpu_s"]
     qis_off_per_s = observations / off["cpu_s"]
     # Upper bounds on the ratio to orjson, every other step (field checks, dates, Parquet) taken as
