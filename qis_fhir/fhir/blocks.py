@@ -71,15 +71,15 @@ class BlockRejected(Exception):
     """Arrow cannot decide this block line by line: the caller runs every line the per-line way."""
 
 
-_scratch: list[np.ndarray] = []  # one reused bool buffer: a fresh 8 MiB array per block costs its page faults
-
-
-def line_bounds(block: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """(start, length) of every line of ``block`` (lengths without the newline)."""
+def line_bounds(block: bytes, scratch: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(start, length) of every line of ``block`` (lengths without the newline). ``scratch`` holds a
+    bool buffer reused from block to block (a fresh 8 MiB array per block costs its page faults)."""
     size = len(block)
-    if not _scratch or len(_scratch[0]) < size:
-        _scratch[:] = [np.empty(max(size, BLOCK_BYTES + (1 << 20)), dtype=bool)]
-    is_nl = np.equal(np.frombuffer(block, dtype=np.uint8), 10, out=_scratch[0][:size])
+    if scratch is None:
+        scratch = []
+    if not scratch or len(scratch[0]) < size:
+        scratch[:] = [np.empty(max(size, BLOCK_BYTES + (1 << 20)), dtype=bool)]
+    is_nl = np.equal(np.frombuffer(block, dtype=np.uint8), 10, out=scratch[0][:size])
     nl = np.flatnonzero(is_nl)
     if not block.endswith(b"\n"):
         nl = np.append(nl, size)
@@ -205,6 +205,7 @@ class ObservationBlocks:
         self._threshold = sample_threshold
         self._scale = sample_scale
         self._units = pa.array(sorted(allowed_units()), type=pa.string())
+        self.scratch: list[np.ndarray] = []  # this run's newline buffer (never shared between runs)
         self.decided = 0  # lines accepted by Arrow compute alone (tests check the path is really taken)
         self.blocks_per_line = 0  # blocks Arrow could not read row-for-line
 

@@ -444,11 +444,11 @@ class _Extraction:
 
     def _block(self, src: SourceFile, fc: _FileCounts, block: bytes, ends_with_newline: bool, lineno: int) -> int:
         """One block of complete lines after line ``lineno``; returns the number of its last line."""
-        starts, lens = line_bounds(block)
+        blocks = self.blocks
+        starts, lens = line_bounds(block, blocks.scratch)
         n = len(starts)
         if n == 0:
             return lineno
-        blocks = self.blocks
         sink = self.sinks["observations"]
         try:
             batch, flags = blocks.parse(block, starts, lens, self.max_line_bytes)
