@@ -1,7 +1,7 @@
 """The Arrow block path for bulk Observation files gives exactly the per-line path's outputs.
 
 Each test extracts the same export twice, with ``block_path=True`` and ``block_path=False`` (the
-per-line reader, the reference), and compares the four tables, the summary (all but ``seconds``) and
+per-line reader: the reference and the default), and compares the four tables, the summary (all but ``seconds``) and
 the quarantine file byte for byte. Small block sizes make the block path split lines across reads.
 """
 
@@ -219,7 +219,8 @@ def test_blocks_are_freed_when_lines_of_them_were_rejected(tmp_path, monkeypatch
     gc.disable()
     try:
         gc.collect()
-        summary = extract_export(tmp_path / "export", tmp_path / "out", secret=SECRET, validate="off")
+        summary = extract_export(tmp_path / "export", tmp_path / "out", secret=SECRET, validate="off",
+                                 block_path=True)
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
         frames = [o for o in gc.garbage if type(o).__name__ == "frame" and o.f_code.co_name == "_block"]
