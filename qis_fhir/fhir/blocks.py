@@ -1,5 +1,11 @@
 """The block path for bulk ``Observation*.ndjson`` files: many lines parsed at once by Arrow.
 
+Opt-in (``extract_export(..., block_path=True)``): measured 1.1-1.3x the per-line reader on the
+bench's uniform synthetic lines, but 0.8-0.85x on Synthea-shaped ones (longer lines, 15 % of them
+panels, coded results or non-ASCII, which Arrow parses and the per-line path then reads again); see
+docs/extract.md. It is kept, with tests proving identical outputs, as the measured basis for that
+decision and for exports of short uniform lines.
+
 The per-line path (``_Extraction._typed_ndjson``) parses each line with ``orjson`` and checks it in
 Python; that costs ~8 µs a line, most of it interpreter overhead. Here a block of complete lines
 (8 MiB) is parsed by ``pyarrow.json.read_json`` into columns of only the fields an Observation row
@@ -204,7 +210,7 @@ class ObservationBlocks:
         self._patient_key = patient_key
         self._threshold = sample_threshold
         self._scale = sample_scale
-        self._units = pa.array(sorted(allowed_units()), type=pa.string())
+        self.units = pa.array(sorted(allowed_units()), type=pa.string())
         self.scratch: list[np.ndarray] = []  # this run's newline buffer (never shared between runs)
         self.decided = 0  # lines accepted by Arrow compute alone (tests check the path is really taken)
         self.blocks_per_line = 0  # blocks Arrow could not read row-for-line

@@ -452,7 +452,7 @@ class _Extraction:
         sink = self.sinks["observations"]
         try:
             batch, flags = blocks.parse(block, starts, lens, self.max_line_bytes)
-            mask, cols = simple_rows(batch, flags, blocks._units)
+            mask, cols = simple_rows(batch, flags, blocks.units)
             table = blocks.rows(mask, cols)
         except BlockRejected:
             blocks.blocks_per_line += 1
