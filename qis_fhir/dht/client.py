@@ -309,16 +309,32 @@ class DhtClient:
                 return False
             return len({(a.get("count"), a.get("digest")) for a in answers}) == 1
 
-        lookup = await iterative_lookup(
-            seeds,
-            key,
-            self.peer.ksize,
-            q if q else self.query_alpha,
-            ask=lambda n: proto.call_find_packets(n, key, None),
-            nodes_of=lambda reply: reply.get("nodes") if isinstance(reply, dict) else None,
-            self_id=self.peer.node.id,
-            done=agreed if q else None,
-        )
+        async def walk(seeds: list[Node]) -> Any:
+            return await iterative_lookup(
+                seeds,
+                key,
+                self.peer.ksize,
+                q if q else self.query_alpha,
+                ask=lambda n: proto.call_find_packets(n, key, None),
+                nodes_of=lambda reply: reply.get("nodes") if isinstance(reply, dict) else None,
+                self_id=self.peer.node.id,
+                done=agreed if q else None,
+            )
+
+        lookup = await walk(seeds)
+        if len(lookup.closest) < self.peer.ksize and not any(
+            isinstance(r, dict) and r.get("count") for _, r in lookup.replies.values()
+        ):
+            # the walk ran dry (departed nodes, lost replies) before finding k live nodes or any
+            # data: walk once more from every contact we now know, keeping what we learnt
+            await self._ensure_contacts()
+            known = {n.id: n for n in proto.router.find_neighbors(target, k=SEED_LIMIT)}
+            known.update((i, n) for i, n in lookup.heard_of.items() if i not in lookup.dead and i not in lookup.replies)
+            again = await walk(list(known.values()))
+            again.replies.update(lookup.replies)
+            again.hops += lookup.hops
+            again.asked += lookup.asked
+            lookup = again
         wires: set[bytes] = set()
         more: dict[bytes, list[tuple[Node, list]]] = {}
         holders = 0

@@ -29,6 +29,8 @@ class Lookup:
     hops: int = 0
     asked: int = 0
     failed: int = 0
+    heard_of: dict[bytes, Node] = field(default_factory=dict)  # every node a reply named
+    dead: set[bytes] = field(default_factory=set)  # nodes that did not answer
 
 
 def _nodes_from(triples: object, exclude: bytes) -> list[Node]:
@@ -92,9 +94,12 @@ async def iterative_lookup(
                 result.failed += 1
                 continue
             result.replies[node.id] = (node, reply)
-            heap.push([n for n in _nodes_from(nodes_of(reply), self_id) if n.id not in dead_ids])
+            named = _nodes_from(nodes_of(reply), self_id)
+            result.heard_of.update((n.id, n) for n in named)
+            heap.push([n for n in named if n.id not in dead_ids])
         heap.remove(dead)
         if done is not None and done(list(heap), result.replies):
             break
     result.closest = [n for n in heap if n.id in result.replies]
+    result.dead = dead_ids
     return result

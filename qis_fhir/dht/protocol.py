@@ -32,7 +32,7 @@ from kademlia.protocol import KademliaProtocol
 from rpcudp.exceptions import MalformedMessage
 
 from qis_fhir.dht.keys import RPC_CAP, dht_key, pack_batches, packed_size
-from qis_fhir.dht.storage import CONFIRMED, PacketStore
+from qis_fhir.dht.storage import CONFIRMED, QUOTA, PacketStore
 
 log = logging.getLogger("qis_fhir.dht.protocol")
 
@@ -155,7 +155,10 @@ class PacketProtocol(KademliaProtocol):
         if dht_key(packet.fingerprint) != key:
             self._reject("wrong_key", sender)
             return "wrong_key"
-        return self.storage.put(key, packet, wire, min(float(ttl), self.max_ttl))
+        outcome = self.storage.put(key, packet, wire, min(float(ttl), self.max_ttl))
+        if outcome == QUOTA:
+            self._reject(QUOTA, sender)
+        return outcome
 
     # ------------------------------------------------------------------ RPCs served
     def rpc_ping(self, sender: tuple, nodeid: object) -> bytes:
@@ -171,7 +174,12 @@ class PacketProtocol(KademliaProtocol):
         source = self._source(sender, nodeid)
         if source is not None:
             self.welcome_if_new(source)
-        return [tuple(n) for n in self.router.find_neighbors(Node(key), exclude=source)]
+        return self._neighbors(key, source)
+
+    def _neighbors(self, key: bytes, source: Node | None) -> list:
+        """The 2k closest contacts to ``key``: twice the stock k, so that a walk still finds live
+        nodes when the closest k we know include departed ones (small k, churn)."""
+        return [tuple(n) for n in self.router.find_neighbors(Node(key), k=2 * self.router.ksize, exclude=source)]
 
     def rpc_store(self, sender: tuple, nodeid: object, key: object, value: object) -> bool:
         """The package's store RPC, hardened: only a verified packet under its own key is kept."""
@@ -224,7 +232,7 @@ class PacketProtocol(KademliaProtocol):
         source = self._source(sender, nodeid)
         if source is not None:
             self.welcome_if_new(source)
-        nodes = [tuple(n) for n in self.router.find_neighbors(Node(key), exclude=source)] if cursor is None else []
+        nodes = self._neighbors(key, source) if cursor is None else []
         count, digest = self.storage.digest(key)
         if count == 0:
             return {"count": 0, "nodes": nodes}

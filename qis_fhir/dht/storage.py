@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS packets (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS packets_expiry ON packets (expires_at);
 CREATE INDEX IF NOT EXISTS packets_republish ON packets (last_republished);
+CREATE INDEX IF NOT EXISTS packets_site ON packets (site_id);
 CREATE TABLE IF NOT EXISTS seen (
     site_id TEXT NOT NULL,
     packet_id TEXT NOT NULL,
@@ -59,6 +60,7 @@ CREATE TABLE IF NOT EXISTS rejections (reason TEXT PRIMARY KEY, count INTEGER NO
 STORED = "stored"  # new row, or a newer sequence replaced an older one
 HELD = "held"  # the identical packet was already held (its expiry may have been extended)
 STALE = "stale"  # we hold a newer sequence for this (site, packet id): nothing changed
+QUOTA = "site_quota"  # the signing site already has max_rows_per_site rows here: a flood, not data
 CONFLICT = "conflict"  # same sequence, different bytes: every replica keeps the lower hash; this one lost
 CONFIRMED = frozenset({STORED, HELD})
 
@@ -91,9 +93,12 @@ class ReplayView:
 class PacketStore(IStorage):
     """Packets of one node. ``path`` may be ``":memory:"`` for a short-lived client."""
 
-    def __init__(self, path: str | Path, *, verify: Callable[[bytes], Any] | None = None) -> None:
+    def __init__(self, path: str | Path, *, verify: Callable[[bytes], Any] | None = None, max_rows_per_site: int = 100_000) -> None:
         self.path = str(path)
         self.verify = verify
+        # a member site's valid signatures cannot fill a node's disk: new rows past this are refused
+        self.max_rows_per_site = max_rows_per_site
+        self._site_rows: dict[str, int] = {}  # cache of rows per site (cleared whenever rows are deleted)
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.executescript(SCHEMA)
 
@@ -102,7 +107,7 @@ class PacketStore(IStorage):
 
     # ------------------------------------------------------------------ writes
     def put(self, key: bytes, packet: Any, wire: bytes, ttl: float, now: float | None = None) -> str:
-        """Store a *verified* packet under ``key``; returns STORED, HELD, STALE or CONFLICT.
+        """Store a *verified* packet under ``key``; returns STORED, HELD, STALE, CONFLICT or QUOTA.
 
         ``ttl`` seconds from now is when the row expires unless stored again; storing the identical
         packet again extends the expiry (never shortens it) and counts as this node's republish.
@@ -126,6 +131,10 @@ class PacketStore(IStorage):
                         (max(old_expires, expires), now, key, packet.site_id, packet.packet_id),
                     )
                     return HELD if wire_hash == old_hash else CONFLICT
+        elif self.rows_of_site(packet.site_id) >= self.max_rows_per_site:
+            return QUOTA
+        else:
+            self._site_rows[packet.site_id] += 1
         self.db.execute(
             "INSERT OR REPLACE INTO packets (key, fingerprint, site_id, packet_id, key_id, seq, wire, wire_hash,"
             " stored_at, last_republished, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -164,11 +173,13 @@ class PacketStore(IStorage):
     def expire(self, now: float | None = None) -> int:
         """Delete rows past their expiry; returns how many went."""
         now = time.time() if now is None else now
+        self._site_rows.clear()
         return self.db.execute("DELETE FROM packets WHERE expires_at <= ?", (now,)).rowcount
 
     def remove_key_ids(self, key_ids: set[str]) -> int:
         """Delete every row signed by one of ``key_ids`` (a manifest revoked them)."""
         removed = 0
+        self._site_rows.clear()
         for kid in key_ids:
             removed += self.db.execute("DELETE FROM packets WHERE key_id = ?", (str(kid),)).rowcount
         return removed
@@ -182,6 +193,11 @@ class PacketStore(IStorage):
         if key is None:
             return int(self.db.execute("SELECT count(*) FROM packets").fetchone()[0])
         return int(self.db.execute("SELECT count(*) FROM packets WHERE key=?", (key,)).fetchone()[0])
+
+    def rows_of_site(self, site_id: str) -> int:
+        if site_id not in self._site_rows:
+            self._site_rows[site_id] = int(self.db.execute("SELECT count(*) FROM packets WHERE site_id=?", (site_id,)).fetchone()[0])
+        return self._site_rows[site_id]
 
     def keys(self) -> list[bytes]:
         return [k for (k,) in self.db.execute("SELECT DISTINCT key FROM packets ORDER BY key")]

@@ -65,7 +65,8 @@ def test_every_node_sees_every_sites_packets_once(cluster, dht_network):
     for i, site in enumerate(sites):  # each site publishes through a different node
         wires = [sign(site, fp, treatment=f"TX_{t}") for fp in fps for t in ("A", "B")]
         report = publish(wires, [cluster.nodes[(3 * i + 1) % N_NODES].address], dht_network.manifest, ksize=KSIZE)
-        assert report.confirmed == len(wires) and report.min_replicas >= 3, report.to_dict()
+        why = {**report.to_dict(), "unconfirmed": [(r.asked, r.refused) for r in report.unconfirmed]}
+        assert report.confirmed == len(wires) and report.min_replicas >= 3, why
         for w in wires:
             expected[decode_packet(w).fingerprint].add(_ident(w))
     # a newer sequence of one site's packet supersedes its older one everywhere it matters

@@ -7,7 +7,7 @@ import time
 from dht_cluster import base_sites, fingerprint, sign
 
 from qis_fhir.dht.keys import dht_key
-from qis_fhir.dht.storage import CONFLICT, HELD, STALE, STORED, PacketStore
+from qis_fhir.dht.storage import CONFLICT, HELD, QUOTA, STALE, STORED, PacketStore
 from qis_fhir.packets.codec import decode_packet
 from qis_fhir.packets.verifier import Verifier
 from qis_fhir.packets.manifest import load_manifest
@@ -105,3 +105,12 @@ def test_revoked_keys_are_purged(dht_network, tmp_path):
     _put(store, sign(a, fp)), _put(store, sign(b, fp))
     assert store.remove_key_ids({a.key_id}) == 1
     assert [decode_packet(w).site_id for w in store.page(dht_key(fp), None, 8000)[0]] == ["site-b"]
+
+
+def test_one_site_cannot_fill_a_node_but_others_still_store(dht_network, tmp_path):
+    store = PacketStore(tmp_path / "s.sqlite3", max_rows_per_site=3)
+    a, b = base_sites(dht_network)[:2]
+    outcomes = [_put(store, sign(a, fingerprint(20 + i))) for i in range(5)]
+    assert outcomes == [STORED, STORED, STORED, QUOTA, QUOTA]
+    assert _put(store, sign(a, fingerprint(20), seq=2)) == STORED  # its existing rows still update
+    assert _put(store, sign(b, fingerprint(20))) == STORED
