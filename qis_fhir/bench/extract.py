@@ -5,11 +5,12 @@ On one synthetic export of ``options.observations`` Observations (default 200,00
 - ``qis_per_s``: Observation lines per CPU second of ``extract_export`` with the default
   ``--validate sample`` (1 %), measured in a child process so its peak RSS (``peak_rss_mib``) is the
   extraction's alone, not this process's test data. ``qis_off_per_s``: the same with ``--validate off``.
-  ``qis_block_path_per_s``: ``--validate sample`` with ``block_path=True`` (the opt-in Arrow block
-  reader), so ``block_vs_per_line`` compares the two in one run.
 - ``orjson_per_s``: the same files read line by line and parsed with ``orjson.loads`` (parse only).
 - ``pydantic_per_s``: ``fhir.resources`` R4B ``Observation.model_validate_json`` on an evenly spread
   sample of the same lines (``pydantic_sample`` lines), extrapolated to a rate.
+- ``floors_us_per_line``: CPU µs per line of the steps no extraction under the contract can skip
+  (orjson parse, own HMAC key, sample CRC, 1 % validation), and the ceilings they put on the ratio
+  to orjson with everything else free (``bound_vs_orjson_sample``, ``bound_vs_orjson_off``).
 
 Rates use CPU time (``time.process_time`` / the child's rusage), not wall time: these machines are
 shared, and CPU time is what the other helpers' load does not inflate. Module imports, pyarrow's
@@ -58,8 +59,7 @@ def _child() -> None:
     warmup_s = time.process_time() - warm0
     cpu0, wall0 = time.process_time(), time.perf_counter()
     summary = extract_export(
-        args["export"], args["out"], secret=b"bench-secret-not-for-real-use-32b", validate=args["validate"],
-        block_path=args.get("block_path", False),
+        args["export"], args["out"], secret=b"bench-secret-not-for-real-use-32b", validate=args["validate"]
     )
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
@@ -68,9 +68,9 @@ def _child() -> None:
                       "validation_warmup_s": warmup_s}))
 
 
-def _extract_in_child(export: Path, out: Path, validate: str, block_path: bool = False) -> dict:
+def _extract_in_child(export: Path, out: Path, validate: str) -> dict:
     code = "from qis_fhir.bench.extract import _child; _child()"
-    args = json.dumps({"export": str(export), "out": str(out), "validate": validate, "block_path": block_path})
+    args = json.dumps({"export": str(export), "out": str(out), "validate": validate})
     proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"extract bench child failed: {proc.stderr[-2000:]}")
@@ -116,16 +116,13 @@ def _pydantic_rate(files: list[Path], total: int, sample: int) -> tuple[int, flo
 
 def _floors(files: list[Path], lines_wanted: int = 50_000) -> dict:
     """CPU µs per line of the steps no Observation extraction can skip, on the first lines of the
-    export: the fastest JSON parse (orjson), Arrow's block parse of the fields read, the row's own
-    HMAC key (the contract), and the CRC-32 that picks the validation sample. Measured in this
-    process, next to each other, so their ratios hold under the same load."""
+    export: the fastest JSON parse (orjson), the row's own HMAC key (the contract), and the CRC-32
+    that picks the validation sample. Measured in this process, next to each other, so their ratios
+    hold under the same load."""
     import zlib
 
     import orjson
-    import pyarrow as pa
-    import pyarrow.json as pj
 
-    from qis_fhir.fhir.blocks import _PARSE
     from qis_fhir.fhir.keys import OwnKeys
 
     lines: list[bytes] = []
@@ -138,12 +135,10 @@ def _floors(files: list[Path], lines_wanted: int = 50_000) -> dict:
         if len(lines) == lines_wanted:
             break
     n = len(lines)
-    block = b"".join(lines)
     ids = [orjson.loads(line)["id"] for line in lines]
     key = OwnKeys(b"bench-secret-not-for-real-use-32b").for_type("Observation")
     crc = zlib.crc32
     loads = orjson.loads
-    read = pj.ReadOptions(use_threads=False, block_size=len(block) + 1)
 
     def per_line(fn) -> float:
         best = float("inf")
@@ -167,7 +162,6 @@ def _floors(files: list[Path], lines_wanted: int = 50_000) -> dict:
 
     return {
         "orjson_us": per_line(parse_all),
-        "arrow_parse_us": per_line(lambda: pj.read_json(pa.BufferReader(block), read_options=read, parse_options=_PARSE)),
         "hmac_key_us": per_line(key_all),
         "sample_crc_us": per_line(crc_all),
     }
@@ -194,15 +188,11 @@ def run(options) -> dict:
         observations, orjson_per_s = _orjson_rate(files)
         sampled = _extract_in_child(only_obs, tmp_path / "out-sample", "sample")
         off = _extract_in_child(only_obs, tmp_path / "out-off", "off")
-        # the opt-in Arrow block path (block_path=True), against the default per-line reader
-        block = _extract_in_child(only_obs, tmp_path / "out-block", "sample", block_path=True)
         pyd_n, pydantic_per_s = _pydantic_rate(files, observations, PYDANTIC_SAMPLE)
         floors = _floors(files)
     read = sampled["totals"]["read"]
     if read != observations:
         raise RuntimeError(f"extraction read {read} lines, the files hold {observations}")
-    if (block["totals"], block["rows"]) != (sampled["totals"], sampled["rows"]):
-        raise RuntimeError("the block path and the per-line reader disagree on the same export")
     qis_per_s = observations / sampled["cpu_s"]
     qis_off_per_s = observations / off["cpu_s"]
     # Upper bounds on the ratio to orjson, every other step (field checks, dates, Parquet) taken as
@@ -212,14 +202,11 @@ def run(options) -> dict:
     validation_us = SAMPLE_RATE * 1e6 / pydantic_per_s
     bound_off = parse / (parse + floors["hmac_key_us"])
     bound_sample = parse / (parse + floors["hmac_key_us"] + floors["sample_crc_us"] + validation_us)
-    block_per_s = observations / block["cpu_s"]
     return {
         "observations": observations,
         "bytes_per_line": round(size / observations),
         "qis_per_s": round(qis_per_s),
         "qis_off_per_s": round(qis_off_per_s),
-        "qis_block_path_per_s": round(block_per_s),
-        "block_vs_per_line": round(block_per_s / qis_per_s, 2),
         "qis_wall_s": round(sampled["wall_s"], 2),
         "orjson_per_s": round(orjson_per_s),
         "pydantic_per_s": round(pydantic_per_s),
@@ -231,7 +218,6 @@ def run(options) -> dict:
         "qis_off_vs_orjson": round(qis_off_per_s / orjson_per_s, 3),
         "qis_vs_pydantic": round(qis_per_s / pydantic_per_s, 1),
         "peak_rss_mib": round(max(sampled["peak_rss_mib"], off["peak_rss_mib"]), 1),
-        "peak_rss_mib_block_path": round(block["peak_rss_mib"], 1),
         "validation_warmup_s": round(sampled["validation_warmup_s"], 3),
         "synth_s": round(synth_s, 1),
         "floors_us_per_line": {k: round(v, 3) for k, v in floors.items()} | {

@@ -15,28 +15,18 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import orjson
-import pyarrow as pa
 
 from qis_fhir.errors import InputNotFoundError
 from qis_fhir.fhir import reasons as R
-from qis_fhir.fhir.blocks import (
-    BLOCK_BYTES,
-    BlockRejected,
-    ObservationBlocks,
-    line_bounds,
-    simple_rows,
-    tuples_table,
-)
 from qis_fhir.fhir.fields import make_handlers
 from qis_fhir.fhir.keys import OwnKeys
 from qis_fhir.fhir.schema import TABLE_OF_TYPE, TABLES
 from qis_fhir.fhir.sinks import DEFAULT_CHUNK_ROWS, QuarantineSink, TableSink
 from qis_fhir.fhir.sources import SourceFile, discover, open_binary
 from qis_fhir.fhir.summary import ExtractSummary
-from qis_fhir.fhir.validation import SAMPLE_SCALE, ModelValidator, sample_threshold, sampler
-from qis_fhir.privacy.pseudonym import KEY_HEX_CHARS, Pseudonymizer
+from qis_fhir.fhir.validation import ModelValidator, sampler
+from qis_fhir.privacy.pseudonym import Pseudonymizer
 
 log = logging.getLogger(__name__)
 
@@ -91,21 +81,12 @@ class _Extraction:
         max_line_bytes: int,
         chunk_rows: int,
         max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
-        block_path: bool = False,
     ) -> None:
         self.max_line_bytes = max_line_bytes
         self.max_json_bytes = max_json_bytes
         self.dropped: list[str] = []
-        patient_key = Pseudonymizer(secret).key
-        own_keys = OwnKeys(secret)
-        self.handlers = make_handlers(patient_key, own_keys.for_type, self.dropped)
+        self.handlers = make_handlers(Pseudonymizer(secret).key, OwnKeys(secret).for_type, self.dropped)
         self.want_validation = sampler(validate, sample_rate)
-        # the block path for bulk Observation files; not with --validate full (validation is the whole cost)
-        self.blocks: ObservationBlocks | None = None
-        if block_path and validate != "full":
-            threshold = sample_threshold(validate, sample_rate) if validate == "sample" else None
-            self.blocks = ObservationBlocks(own_keys.states_for("Observation"), KEY_HEX_CHARS, patient_key,
-                                            threshold, SAMPLE_SCALE)
         self.validator = ModelValidator()
         self.by_type: dict[str, list[int]] = {}  # type -> [read, accepted, quarantined]
         self.skipped_types: Counter = Counter()
@@ -197,8 +178,6 @@ class _Extraction:
             self._json_file(src, fc)
         elif src.resource_type is not None and src.resource_type not in self.handlers:
             self._skip_file(src, fc)
-        elif src.resource_type == "Observation" and self.blocks is not None and src.path.suffix == ".ndjson":
-            self._observation_blocks(src, fc)
         elif src.resource_type is not None:
             self._typed_ndjson(src, fc)
         else:
@@ -379,184 +358,6 @@ class _Extraction:
             reader.close()
             raw.close()
 
-    # --- the Observation block path (qis_fhir/fhir/blocks.py) -------------------------------------
-
-    def _observation_blocks(self, src: SourceFile, fc: _FileCounts) -> None:
-        """A plain ``Observation*.ndjson`` read in blocks of complete lines; same outcomes as
-        ``_typed_ndjson`` (the reference and the default; ``block_path=True`` selects this)."""
-        label, rtype, cap = src.label, "Observation", self.max_line_bytes
-        on_long = self._too_long(src, fc)
-        progress = self.progress
-        lineno = 0
-        carry = b""
-        with open(src.path, "rb", buffering=0) as fh:
-            while True:
-                try:
-                    chunk = fh.read(BLOCK_BYTES)
-                except OSError:
-                    fc.read += 1
-                    self.reject(fc, label, lineno + 1, rtype, R.CORRUPT_FILE, _CORRUPT_DETAIL)
-                    return
-                if progress is not None:
-                    progress(len(chunk))
-                if not chunk:
-                    if carry:
-                        self._block(src, fc, carry, False, lineno)
-                        gc.collect(0)
-                    return
-                cut = chunk.rfind(b"\n")
-                if cut < 0:
-                    carry += chunk
-                    if len(carry) <= cap:
-                        continue
-                    # one line longer than the cap: never held whole, read past in bounded pieces
-                    lineno += 1
-                    carry = b""
-                    try:
-                        while True:
-                            piece = fh.read(BLOCK_BYTES)
-                            if progress is not None:
-                                progress(len(piece))
-                            nl = piece.find(b"\n")
-                            if not piece or nl >= 0:
-                                carry = piece[nl + 1:] if piece else b""
-                                break
-                    except OSError:
-                        fc.read += 1
-                        self.reject(fc, label, lineno, rtype, R.CORRUPT_FILE, _CORRUPT_DETAIL)
-                        return
-                    on_long(lineno)
-                    continue
-                # one copy of the block (and none when a read ends on a line end)
-                if cut == len(chunk) - 1:
-                    block = carry + chunk if carry else chunk
-                else:
-                    block = b"".join((carry, memoryview(chunk)[: cut + 1]))
-                carry = chunk[cut + 1:]
-                del chunk
-                lineno = self._block(src, fc, block, True, lineno)
-                del block
-                # A rejected line's exception chain (tracebacks <-> frames) is a reference cycle, and
-                # the frames' f_back links reach _block's frame with its 8 MiB block. The collector is
-                # paused for the run (see extract_export), so clear this block's young cycles now:
-                # without it, 2 million Observations peaked at 2.1 GiB instead of ~0.4.
-                gc.collect(0)
-
-    def _block(self, src: SourceFile, fc: _FileCounts, block: bytes, ends_with_newline: bool, lineno: int) -> int:
-        """One block of complete lines after line ``lineno``; returns the number of its last line."""
-        blocks = self.blocks
-        starts, lens = line_bounds(block, blocks.scratch)
-        n = len(starts)
-        if n == 0:
-            return lineno
-        sink = self.sinks["observations"]
-        try:
-            batch, flags = blocks.parse(block, starts, lens, self.max_line_bytes)
-            mask, cols = simple_rows(batch, flags, blocks.units)
-            table = blocks.rows(mask, cols)
-        except BlockRejected:
-            blocks.blocks_per_line += 1
-            rows: list = []
-            lines = block.split(b"\n")
-            for i in range(n):
-                self._one_line(src, fc, lineno + 1 + i, lines[i], i < n - 1 or ends_with_newline, rows, None, i)
-            if rows:
-                sink.add(rows)
-            return lineno + n
-        del batch, cols
-        simple_idx = np.flatnonzero(mask)
-        sampled = blocks.sampled(block, starts, lens, ends_with_newline)
-        special = ~mask
-        if sampled is not None:
-            special |= sampled
-        py_rows: list = []
-        py_idx: list = []
-        failed: list[int] = []  # positions (in simple_idx) of simple lines model validation refused
-        check = self.validator.check
-        rtype = "Observation"
-        for i in np.flatnonzero(special).tolist():
-            start = int(starts[i])
-            line = block[start: start + int(lens[i])]
-            with_nl = i < n - 1 or ends_with_newline
-            if mask[i]:  # a decided line in the validation sample
-                detail = check(rtype, line + b"\n" if with_nl else line)
-                if detail is not None:
-                    self.reject(fc, src.label, lineno + 1 + i, rtype, R.MODEL_VALIDATION_FAILED, detail)
-                    failed.append(int(np.searchsorted(simple_idx, i)))
-            else:
-                self._one_line(src, fc, lineno + 1 + i, line, with_nl, py_rows, py_idx, i)
-        fc.read += len(simple_idx)  # _one_line and reject() counted the others
-        if failed:
-            keep = np.ones(len(simple_idx), dtype=bool)
-            keep[failed] = False
-            table = table.filter(pa.array(keep))
-            simple_idx = simple_idx[keep]
-        accepted = len(simple_idx)
-        blocks.decided += accepted
-        fc.accepted += accepted
-        counts = self._type_counts(rtype)
-        counts[0] += accepted
-        counts[1] += accepted
-        if py_rows:
-            both = pa.concat_tables([table, tuples_table(py_rows)])
-            order = np.argsort(np.concatenate([simple_idx, np.asarray(py_idx, dtype=np.int64)]), kind="stable")
-            table = both.take(pa.array(order))
-        if table.num_rows:
-            sink.add_table(table)
-        return lineno + n
-
-    def _one_line(self, src: SourceFile, fc: _FileCounts, lineno: int, line: bytes, with_nl: bool,
-                  rows_out: list, idx_out: list | None, i: int) -> None:
-        """One line, exactly as the loop of ``_typed_ndjson`` treats it (``line`` without its newline)."""
-        rtype, label = "Observation", src.label
-        if len(line) > self.max_line_bytes:
-            self._too_long(src, fc)(lineno)
-            return
-        if with_nl:
-            line += b"\n"
-        fc.read += 1
-        reject = self.reject
-        try:
-            obj = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            reason = _bad_bytes_reason(line)
-            reject(fc, label, lineno, rtype, reason, _BAD_DETAIL[reason])
-            return
-        if type(obj) is not dict:
-            reject(fc, label, lineno, rtype, R.NOT_AN_OBJECT, "line is not a JSON object")
-            return
-        if obj.get("resourceType") != rtype:
-            reject(fc, label, lineno, rtype, R.WRONG_RESOURCE_TYPE,
-                   "resourceType is missing or differs from the file name's type")
-            return
-        dropped = self.dropped
-        try:
-            rows = self.handlers[rtype](obj, None)
-        except R.Reject as rej:
-            dropped.clear()
-            reject(fc, label, lineno, rtype, rej.reason, rej.detail)
-            return
-        want = self.want_validation
-        if want is not None and want(line):
-            detail = self.validator.check(rtype, line)
-            if detail is not None:
-                dropped.clear()
-                reject(fc, label, lineno, rtype, R.MODEL_VALIDATION_FAILED, detail)
-                return
-        if rows:
-            rows_out.extend(rows)
-            if idx_out is not None:
-                idx_out.extend([i] * len(rows))
-        else:
-            self.without_rows[rtype] += 1
-        if dropped:
-            self.dropped_components.update(dropped)
-            dropped.clear()
-        fc.accepted += 1
-        counts = self._type_counts(rtype)
-        counts[0] += 1
-        counts[1] += 1
-
     def _untyped_ndjson(self, src: SourceFile, fc: _FileCounts) -> None:
         """An NDJSON file whose name does not say the type: each line's resourceType decides."""
         label = src.label
@@ -687,14 +488,11 @@ def extract_export(
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
-    block_path: bool = False,
 ) -> ExtractSummary:
     """Extract an export directory into ``out_dir/extract/*.parquet``, its summary and the quarantine.
 
     Raises ``InputNotFoundError`` when ``export_dir`` is missing or holds no FHIR files. Bad input
-    never raises: it is quarantined with a reason. ``block_path=True`` reads plain bulk Observation
-    files in Arrow blocks (``blocks.py``; same outputs): faster on short, uniform lines (1.3x on the
-    bench's synthetic export), slower on Synthea-shaped ones (0.8-0.85x), hence off by default.
+    never raises: it is quarantined with a reason.
     """
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     if not export_dir.is_dir():
@@ -707,8 +505,7 @@ def extract_export(
     sampler(validate, sample_rate)  # fail on a bad mode before any file is created
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = _Extraction(out_dir, secret, validate, sample_rate, max_line_bytes, chunk_rows, max_json_bytes,
-                      block_path)
+    run = _Extraction(out_dir, secret, validate, sample_rate, max_line_bytes, chunk_rows, max_json_bytes)
     run.ignored_files = ignored
     bar = None
     # The loop allocates millions of short-lived, acyclic objects (parsed JSON) while holding a chunk

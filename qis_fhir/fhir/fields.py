@@ -251,13 +251,16 @@ def make_handlers(
                 except Reject as rej:
                     if dropped is None:
                         dropped = []
-                        first_rejection = rej
+                        # the strings, not the exception: its traceback holds this frame, a reference
+                        # cycle that keeps the parsed line (and, through f_back, the caller's buffers)
+                        # alive while extract_export runs with the collector paused
+                        first_reason, first_detail = rej.reason, rej.detail
                     dropped.append(rej.reason)
                     continue
                 rows.append((okey, pk, csys, ccode, code, cvalue, cunit, ts, status))
             if dropped is not None:
                 if not rows:
-                    raise Reject(first_rejection.reason, "no numeric value left: " + first_rejection.detail)
+                    raise Reject(first_reason, "no numeric value left: " + first_detail)
                 pending.extend(dropped)
         return rows
 

@@ -45,13 +45,6 @@ class OwnKeys:
 
         return key
 
-    def states_for(self, resource_type: str) -> tuple:
-        """(inner, outer): SHA-256 states with the HMAC pads, and ``Type/`` in the inner one; copy each
-        per key. ``blocks.ObservationBlocks`` computes keys for whole columns from these."""
-        inner = self._inner.copy()
-        inner.update((resource_type + "/").encode("utf-8"))
-        return inner, self._outer.copy()
-
     def key(self, reference: str) -> str:
         inner = self._inner.copy()
         inner.update(reference.encode("utf-8"))

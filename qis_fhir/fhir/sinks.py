@@ -42,16 +42,6 @@ class TableSink:
         if len(buf) >= self.chunk_rows:
             self.flush()
 
-    def add_table(self, table: pa.Table) -> None:
-        """Rows already in Arrow form (the Observation block path), after any buffered tuples."""
-        self.flush()
-        for batch in table.to_batches():
-            self._batches.append(batch)
-            self._batched_rows += batch.num_rows
-            self.count += batch.num_rows
-        if self._batched_rows >= ROW_GROUP_ROWS:
-            self._write()
-
     def flush(self) -> None:
         """Convert the buffered rows to Arrow (while they are still in the CPU cache); write a row
         group when enough have gathered."""

@@ -38,20 +38,13 @@ def sampler(mode: str, rate: float) -> Callable[[bytes], bool] | None:
         return None
     if mode == "full":
         return lambda raw: True
-    threshold = sample_threshold(mode, rate)
-    if threshold is None:
-        return None
-    crc32 = zlib.crc32
-    return lambda raw: crc32(raw) % SAMPLE_SCALE < threshold
-
-
-def sample_threshold(mode: str, rate: float) -> int | None:
-    """``mode="sample"``: a line is validated when ``crc32(line) % SAMPLE_SCALE`` is below this;
-    None when nothing is sampled."""
     if not 0.0 <= rate <= 1.0:
         raise ValueError("sample rate must be between 0 and 1")
     threshold = round(rate * SAMPLE_SCALE)
-    return threshold if mode == "sample" and threshold > 0 else None
+    if threshold <= 0:
+        return None
+    crc32 = zlib.crc32
+    return lambda raw: crc32(raw) % SAMPLE_SCALE < threshold
 
 
 class ModelValidator:

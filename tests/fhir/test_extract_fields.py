@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import gc
+
 import pytest
+from extract_helpers import BP_PANEL, SECRET
 
 from qis_fhir.fhir.dates import instant_us
-from qis_fhir.fhir.fields import resolve_reference
+from qis_fhir.fhir.fields import make_handlers, resolve_reference
 from qis_fhir.fhir.keys import OwnKeys
 from qis_fhir.fhir.reasons import Reject
 from qis_fhir.fhir.units import allowed_units
@@ -99,3 +103,34 @@ def test_check_invariants_names_what_does_not_add_up():
         s.check_invariants()
     s.by_type["Observation"]["read"] = 2
     s.check_invariants()
+
+
+def test_dropped_component_leaves_no_reference_cycle():
+    """extract_export pauses the collector for the whole run, so a cycle made per line is memory held
+    until the run ends: a kept Reject holds its traceback, the traceback the handler's frame (with
+    the parsed line), and the frame's f_back the caller's buffers."""
+    dropped: list[str] = []
+    handler = make_handlers(Pseudonymizer(SECRET).key, OwnKeys(SECRET).for_type, dropped)["Observation"]
+    one_bad = copy.deepcopy(BP_PANEL)
+    del one_bad["component"][0]["valueQuantity"]["unit"], one_bad["component"][0]["valueQuantity"]["code"]
+    all_bad = copy.deepcopy(one_bad)
+    del all_bad["component"][1]["valueQuantity"]["unit"], all_bad["component"][1]["valueQuantity"]["code"]
+    assert len(handler(one_bad, None)) == 1  # warm up caches before counting
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        gc.collect()
+        for _ in range(20):
+            assert len(handler(one_bad, None)) == 1
+            try:
+                handler(all_bad, None)
+            except Reject as rej:
+                assert rej.reason == "missing_unit" and rej.detail.startswith("no numeric value left: ")
+            else:
+                raise AssertionError("a panel without a usable component must be rejected")
+        unreachable = gc.collect()
+    finally:
+        if was_enabled:
+            gc.enable()
+    assert unreachable == 0
+    assert dropped == ["missing_unit"] * 21  # a rejected panel reports no dropped components
