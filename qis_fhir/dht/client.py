@@ -28,7 +28,7 @@ from typing import Any
 
 from kademlia.node import Node
 
-from qis_fhir.dht.keys import dht_key, is_fingerprint
+from qis_fhir.dht.keys import dht_key, is_fingerprint, unpack_nodes
 from qis_fhir.dht.lookup import SEED_LIMIT, iterative_lookup
 from qis_fhir.dht.node import DhtNode, NodeConfig
 from qis_fhir.dht.storage import CONFIRMED, PacketStore
@@ -167,6 +167,16 @@ def _wire_of(packet: Any) -> bytes:
     from qis_fhir.packets.codec import encode_packet
 
     return encode_packet(packet)
+
+
+def _named_nodes(reply: object) -> list:
+    """Node triples a find_packets reply names (packed IPv4 records and plain triples)."""
+    if not isinstance(reply, dict):
+        return []
+    nodes = unpack_nodes(reply.get("n4", b""))
+    if isinstance(reply.get("nodes"), list):
+        nodes.extend(reply["nodes"])
+    return nodes
 
 
 # ---------------------------------------------------------------------- client
@@ -316,7 +326,7 @@ class DhtClient:
                 self.peer.ksize,
                 q if q else self.query_alpha,
                 ask=lambda n: proto.call_find_packets(n, key, None),
-                nodes_of=lambda reply: reply.get("nodes") if isinstance(reply, dict) else None,
+                nodes_of=_named_nodes,
                 self_id=self.peer.node.id,
                 done=agreed if q else None,
             )

@@ -74,3 +74,37 @@ def pack_batches(items: list, base_size: int, cap: int = RPC_CAP, max_items: int
     if current:
         batches.append(current)
     return batches
+
+
+NODE_RECORD = 26  # 20-byte id + 4-byte IPv4 address + 2-byte port
+
+
+def pack_nodes(triples: list) -> tuple[bytes, list]:
+    """(id, ip, port) triples -> one bytes blob of 26-byte IPv4 records, plus the triples that are not IPv4.
+
+    umsgpack is pure Python: a reply naming 16 nodes as triples costs about as much to pack and unpack
+    as everything else in it; one blob costs one object.
+    """
+    import socket
+
+    blob = bytearray()
+    others = []
+    for node_id, ip, port in triples:
+        try:
+            blob += node_id + socket.inet_aton(ip) + int(port).to_bytes(2, "big")
+        except (OSError, TypeError, ValueError, OverflowError):
+            others.append([node_id, ip, port])
+    return bytes(blob), others
+
+
+def unpack_nodes(blob: object) -> list:
+    """The inverse of :func:`pack_nodes` for the blob: a list of [id, ip, port] (malformed input: [])."""
+    import socket
+
+    if not isinstance(blob, bytes) or len(blob) % NODE_RECORD:
+        return []
+    out = []
+    for i in range(0, len(blob), NODE_RECORD):
+        rec = blob[i : i + NODE_RECORD]
+        out.append([rec[:20], socket.inet_ntoa(rec[20:24]), int.from_bytes(rec[24:26], "big")])
+    return out

@@ -8,7 +8,8 @@ Subclasses the package's :class:`kademlia.protocol.KademliaProtocol` and keeps i
   the key it is stored under; rejections are counted by reason and never stored, so never forwarded;
 * ``find_packets(key, cursor)`` answers one page of a key's packets that fits the 8,192-byte cap,
   the key's count and content digest, a cursor for the next page, and (on the first page) the
-  closest nodes it knows, so one RPC both routes a lookup and returns data;
+  2k closest nodes it knows (IPv4 ones packed as 26-byte records in ``n4``), so one RPC both routes
+  a lookup and returns data;
 * outgoing RPCs go through a semaphore (bounded in-flight requests) with one retry, so a burst of
   thousands of packets queues instead of overflowing UDP receive buffers into 5-second timeouts;
 * a peer that sends an empty node id is a short-lived *client*: answered, but never put in the
@@ -31,7 +32,7 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from rpcudp.exceptions import MalformedMessage
 
-from qis_fhir.dht.keys import RPC_CAP, dht_key, pack_batches, packed_size
+from qis_fhir.dht.keys import RPC_CAP, dht_key, pack_batches, pack_nodes, packed_size
 from qis_fhir.dht.storage import CONFIRMED, QUOTA, PacketStore
 
 log = logging.getLogger("qis_fhir.dht.protocol")
@@ -232,11 +233,11 @@ class PacketProtocol(KademliaProtocol):
         source = self._source(sender, nodeid)
         if source is not None:
             self.welcome_if_new(source)
-        nodes = self._neighbors(key, source) if cursor is None else []
+        n4, nodes = pack_nodes(self._neighbors(key, source)) if cursor is None else (b"", [])
         count, digest = self.storage.digest(key)
         if count == 0:
-            return {"count": 0, "nodes": nodes}
-        reply = {"count": count, "digest": digest, "nodes": nodes, "packets": [], "next": None}
+            return {"count": 0, "n4": n4, "nodes": nodes}
+        reply = {"count": count, "digest": digest, "n4": n4, "nodes": nodes, "packets": [], "next": None}
         # budget = cap - everything but the packets and the cursor; the array header may grow to 3 bytes
         budget = RPC_CAP - packed_size(reply) - CURSOR_RESERVE - 2
         after = tuple(cursor) if cursor is not None else None

@@ -177,3 +177,15 @@ def test_quorum_read_stops_early_only_when_the_closest_replicas_agree(dht_networ
     from kademlia.node import Node
 
     asyncio.run(run())
+
+
+def test_packed_node_records_round_trip_and_refuse_garbage():
+    import os
+
+    from qis_fhir.dht.keys import pack_nodes, unpack_nodes
+
+    triples = [(os.urandom(20), f"127.0.0.{i}", 1000 + i) for i in range(1, 17)] + [(os.urandom(20), "::1", 9)]
+    blob, others = pack_nodes(triples)
+    assert len(blob) == 16 * 26 and others == [[triples[-1][0], "::1", 9]]
+    assert unpack_nodes(blob) == [[a, b, c] for a, b, c in triples[:-1]]
+    assert unpack_nodes(blob[:-1]) == [] and unpack_nodes("text") == []
