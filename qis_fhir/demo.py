@@ -3,7 +3,7 @@
 What it does, with embedded defaults (every step is the same library call a real deployment makes):
 1. creates a network (governance key, fingerprint secret, signed manifest) and one site per hospital;
 2. generates a synthetic FHIR bulk export per hospital (different seeds and population profiles);
-3. starts DHT node processes on 127.0.0.1 (free ports), one per hospital;
+3. starts DHT node processes on 127.0.0.1 (free ports); hospitals publish through any of them;
 4. runs every hospital's nightly pipeline: extract, outcomes, quality, signed packets, publish;
 5. has every hospital look up its own cohorts' fingerprints and reports what came back from whom;
 6. stops every node it started, by process id, whatever happened.
@@ -36,9 +36,10 @@ HOSPITALS: tuple[tuple[str, str], ...] = (
 @dataclass(frozen=True)
 class DemoConfig:
     out_dir: Path
-    sites: int = 3
+    sites: int = 4
     patients: int = 3000
     seed: int = 1
+    nodes: int = 8
     ksize: int = 5
 
 
@@ -91,7 +92,7 @@ def run_demo(config: DemoConfig) -> dict:
     cluster = LocalCluster(out / "nodes", manifest, ksize=config.ksize)
     try:
         # Sites join the manifest as they go; nodes re-read it on an unknown key, so start them first.
-        cluster.start(max(config.sites, config.ksize + 1))
+        cluster.start(max(config.nodes, config.ksize + 1))
         cluster.wait_joined()
         bootstrap = [node.address for node in cluster.live()[:2]]
         click.echo(f"network: {len(cluster.live())} DHT nodes on 127.0.0.1, ksize {config.ksize}", err=True)
@@ -141,13 +142,14 @@ def _print_summary(summary: dict) -> None:
 
 @click.command()
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True, help="Empty directory for everything the demo writes.")
-@click.option("--sites", type=click.IntRange(1, len(HOSPITALS)), default=3, show_default=True, help="Hospitals in the network.")
+@click.option("--sites", type=click.IntRange(1, len(HOSPITALS)), default=4, show_default=True, help="Hospitals in the network.")
+@click.option("--nodes", type=click.IntRange(min=1), default=8, show_default=True, help="DHT node processes (at least ksize + 1 are started).")
 @click.option("--patients", type=click.IntRange(min=50), default=3000, show_default=True, help="Patients per hospital.")
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--ksize", type=click.IntRange(min=2), default=5, show_default=True, help="DHT replication factor.")
-def demo(out_dir: Path, sites: int, patients: int, seed: int, ksize: int) -> None:
+def demo(out_dir: Path, sites: int, nodes: int, patients: int, seed: int, ksize: int) -> None:
     """Multi-hospital demo on 127.0.0.1: synthetic exports -> packets -> DHT -> lookups."""
-    summary = run_demo(DemoConfig(out_dir=out_dir, sites=sites, patients=patients, seed=seed, ksize=ksize))
+    summary = run_demo(DemoConfig(out_dir=out_dir, sites=sites, patients=patients, seed=seed, nodes=nodes, ksize=ksize))
     _print_summary(summary)
     if any(q["own_packets_missing"] for q in summary["lookups"]):
         raise click.ClickException("some published packets could not be found again")

@@ -33,6 +33,17 @@ _context: Any = None
 _validations: dict[str, Any] = {}  # suite name -> ValidationDefinition
 
 
+def _quiet_ge_loggers() -> None:
+    """GE modules set their own loggers to INFO on import (e.g. a line per ephemeral context naming a
+    temporary directory); make them follow the application's log level like every other library."""
+    import great_expectations.data_context.types.base  # noqa: F401  (the module that sets INFO)
+
+    level = logging.getLogger().getEffectiveLevel()
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if name.startswith("great_expectations") and isinstance(logger, logging.Logger) and logger.level:
+            logger.setLevel(level)
+
+
 def get_context() -> Any:
     """The process's ephemeral GE context (created once: progress bars and analytics off)."""
     global _context
@@ -41,6 +52,7 @@ def get_context() -> Any:
             import great_expectations as gx
             from great_expectations.data_context.types.base import ProgressBarsConfig
 
+            _quiet_ge_loggers()
             ctx = gx.get_context(mode="ephemeral")
             ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
             try:

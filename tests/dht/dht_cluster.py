@@ -7,12 +7,6 @@ SIGKILL after a grace period) by ``Cluster.stop_all``, which fixtures call in th
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +15,6 @@ from qis_fhir.packets.keys import SiteIdentity, create_site
 from qis_fhir.packets.manifest import add_site, create_network, revoke
 
 REPO = Path(__file__).resolve().parents[2]
-START_TIMEOUT = 60.0
 BASE_SITES = ["site-a", "site-b", "site-c", "site-d", "site-e"]  # tests add (and revoke) more sites later
 
 
@@ -71,127 +64,9 @@ def sign(site: SiteIdentity, fp: str, *, treatment: str = "TX_A", measure: str =
     return encode_packet(p)
 
 
-@dataclass
-class NodeProc:
-    index: int
-    data_dir: Path
-    proc: subprocess.Popen | None = None
-    port: int | None = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        assert self.port is not None
-        return ("127.0.0.1", self.port)
-
-
-class Cluster:
-    def __init__(self, root: Path, manifest: Path, *, ksize: int = 5, extra: list[str] | None = None) -> None:
-        self.root = root
-        self.manifest = manifest
-        self.ksize = ksize
-        self.extra = extra or []
-        self.nodes: list[NodeProc] = []
-
-    def _spawn(self, node: NodeProc, bootstrap: list[tuple[str, int]]) -> None:
-        node.data_dir.mkdir(parents=True, exist_ok=True)
-        state = node.data_dir / "node.json"
-        if node.proc is None and state.exists():
-            pass  # a restart: node.json keeps the id; the new pid tells us it is fresh
-        cmd = [sys.executable, "-m", "qis_fhir", "node", "--listen", "127.0.0.1:0", "--data-dir", str(node.data_dir),
-               "--network", str(self.manifest), "--ksize", str(self.ksize), "--rpc-timeout", "2", *self.extra]
-        if bootstrap:
-            cmd += ["--bootstrap", ",".join(f"{h}:{p}" for h, p in bootstrap)]
-        log = open(node.data_dir / "stdout.log", "ab")
-        node.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        log.close()
-
-    def _wait_port(self, node: NodeProc, deadline: float) -> None:
-        state = node.data_dir / "node.json"
-        while time.monotonic() < deadline:
-            if node.proc.poll() is not None:
-                raise RuntimeError(f"node {node.index} exited with {node.proc.returncode}: {(node.data_dir / 'stdout.log').read_text()[-2000:]}")
-            try:
-                data = json.loads(state.read_text())
-                if data.get("pid") == node.proc.pid and data.get("port"):
-                    node.port = int(data["port"])
-                    return
-            except (FileNotFoundError, json.JSONDecodeError):
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"node {node.index} did not report its port")
-
-    def start(self, n: int) -> list[NodeProc]:
-        """Start n nodes: the first alone, the rest bootstrapping from the first (and one other)."""
-        deadline = time.monotonic() + START_TIMEOUT
-        new = []
-        for _ in range(n):
-            node = NodeProc(len(self.nodes), self.root / f"node{len(self.nodes):02d}")
-            self.nodes.append(node)
-            new.append(node)
-            live = [x for x in self.nodes if x.port is not None and x.proc and x.proc.poll() is None]
-            boot = [live[0].address] + ([live[-1].address] if len(live) > 1 else []) if live else []
-            self._spawn(node, boot)
-            if not live:
-                self._wait_port(node, deadline)
-        for node in new:
-            if node.port is None:
-                self._wait_port(node, deadline)
-        return new
-
-    def wait_joined(self, timeout: float = 30.0) -> None:
-        """Until every live node's node.json says its join finished."""
-        deadline = time.monotonic() + timeout
-        for node in self.live():
-            while time.monotonic() < deadline:
-                try:
-                    data = json.loads((node.data_dir / "node.json").read_text())
-                    if data.get("joined") and data.get("pid") == node.proc.pid and (data.get("neighbors") or node.index == 0):
-                        break
-                except (FileNotFoundError, json.JSONDecodeError):
-                    pass
-                time.sleep(0.05)
-            else:
-                raise TimeoutError(f"node {node.index} did not join: {(node.data_dir / 'stdout.log').read_text()[-1500:]}")
-
-    def live(self) -> list[NodeProc]:
-        return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
-
-    def kill(self, node: NodeProc) -> None:
-        """Hard stop (SIGKILL): the node gets no chance to say goodbye."""
-        if node.proc is not None and node.proc.poll() is None:
-            os.kill(node.proc.pid, signal.SIGKILL)
-            node.proc.wait(timeout=10)
-
-    def stop(self, node: NodeProc, grace: float = 10.0) -> int | None:
-        if node.proc is None:
-            return None
-        if node.proc.poll() is None:
-            node.proc.send_signal(signal.SIGTERM)
-            try:
-                node.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                os.kill(node.proc.pid, signal.SIGKILL)
-                node.proc.wait(timeout=10)
-        return node.proc.returncode
-
-    def restart(self, node: NodeProc, bootstrap: list[tuple[str, int]]) -> None:
-        node.port = None
-        self._spawn(node, bootstrap)
-        self._wait_port(node, time.monotonic() + START_TIMEOUT)
-
-    def stop_all(self) -> None:
-        for node in self.nodes:
-            if node.proc is not None and node.proc.poll() is None:
-                node.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for node in self.nodes:
-            if node.proc is None:
-                continue
-            try:
-                node.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.kill(node.proc.pid, signal.SIGKILL)
-                node.proc.wait(timeout=10)
+# the node-process manager is library code (the demo uses it too)
+from qis_fhir.dht.cluster import LocalCluster as Cluster  # noqa: E402,F401
+from qis_fhir.dht.cluster import NodeProc  # noqa: E402,F401
 
 
 def tamper(wire: bytes) -> bytes:
