@@ -307,7 +307,7 @@ class DhtClient:
         target = Node(key)
         proto = self.protocol
         await self._ensure_contacts()
-        seeds = proto.router.find_neighbors(target, k=SEED_LIMIT)
+        seeds = proto.closest_contacts(key, SEED_LIMIT)
         q = self.quorum
 
         def agreed(closest: list[Node], replies: dict) -> bool:
@@ -332,13 +332,13 @@ class DhtClient:
             )
 
         lookup = await walk(seeds)
-        if len(lookup.closest) < self.peer.ksize and not any(
+        if lookup.failed and len(lookup.closest) < self.peer.ksize and not any(
             isinstance(r, dict) and r.get("count") for _, r in lookup.replies.values()
         ):
-            # the walk ran dry (departed nodes, lost replies) before finding k live nodes or any
-            # data: walk once more from every contact we now know, keeping what we learnt
+            # the walk lost nodes and ran dry before finding k live nodes or any data (departed
+            # nodes named by stale routing tables): walk once more from every contact we now know, keeping what we learnt
             await self._ensure_contacts()
-            known = {n.id: n for n in proto.router.find_neighbors(target, k=SEED_LIMIT)}
+            known = {n.id: n for n in proto.closest_contacts(key, SEED_LIMIT)}
             known.update((i, n) for i, n in lookup.heard_of.items() if i not in lookup.dead and i not in lookup.replies)
             again = await walk(list(known.values()))
             again.replies.update(lookup.replies)
@@ -373,7 +373,8 @@ class DhtClient:
                     if nxt is None:
                         complete = True
                         break
-                    if not isinstance(nxt, list) or nxt <= cursor:  # a cursor must advance
+                    if not (isinstance(nxt, list) and len(nxt) == 2 and all(isinstance(x, str) for x in nxt)) or nxt <= cursor:
+                        # a cursor is [site id, packet id] and must advance
                         break
                     cursor = nxt
                 if complete:

@@ -143,7 +143,7 @@ class DhtNode(Server):
         """The ``ksize`` closest live nodes to ``key`` (iterative FIND_NODE)."""
         target = Node(key)
         if seeds is None:
-            seeds = self.protocol.router.find_neighbors(target, k=SEED_LIMIT)
+            seeds = self.protocol.closest_contacts(key, SEED_LIMIT)
         return await iterative_lookup(
             seeds,
             key,

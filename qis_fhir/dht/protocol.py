@@ -177,10 +177,28 @@ class PacketProtocol(KademliaProtocol):
             self.welcome_if_new(source)
         return self._neighbors(key, source)
 
+    def closest_contacts(self, key: bytes, count: int, exclude: Node | None = None) -> list[Node]:
+        """The ``count`` contacts closest to ``key`` by XOR distance, exactly.
+
+        The stock ``RoutingTable.find_neighbors`` walks buckets outwards from the key's bucket and
+        stops once it has k nodes, so it can miss closer contacts sitting in a bucket it reaches
+        later; two lookups for one key then settle on different "closest" sets and a reader misses
+        what a writer stored. A full sort of the table (at most a few thousand contacts) is cheap.
+        """
+        target = int.from_bytes(key, "big")
+        nodes = [
+            n
+            for bucket in self.router.buckets
+            for n in bucket.get_nodes()
+            if n.id != key and (exclude is None or not n.same_home_as(exclude))
+        ]
+        nodes.sort(key=lambda n: n.long_id ^ target)
+        return nodes[:count]
+
     def _neighbors(self, key: bytes, source: Node | None) -> list:
         """The 2k closest contacts to ``key``: twice the stock k, so that a walk still finds live
         nodes when the closest k we know include departed ones (small k, churn)."""
-        return [tuple(n) for n in self.router.find_neighbors(Node(key), k=2 * self.router.ksize, exclude=source)]
+        return [tuple(n) for n in self.closest_contacts(key, 2 * self.router.ksize, exclude=source)]
 
     def rpc_store(self, sender: tuple, nodeid: object, key: object, value: object) -> bool:
         """The package's store RPC, hardened: only a verified packet under its own key is kept."""
@@ -347,7 +365,7 @@ class PacketProtocol(KademliaProtocol):
         keys = []
         for key in self.storage.keys():
             keynode = Node(key)
-            neighbors = self.router.find_neighbors(keynode)
+            neighbors = self.closest_contacts(key, self.router.ksize)
             if neighbors:
                 # with fewer than k known neighbours the newcomer is among the k closest whatever its
                 # distance (the stock test compares with the furthest only, and so misses that case)
