@@ -36,12 +36,8 @@ MAX_ID_CHARS = 64  # FHIR id: 1..64 characters
 Handler = Callable[[dict, "dict[str, str] | None"], list]
 
 
-def resolve_reference(ref: str, want: str, urns: dict[str, str] | None, field: str) -> str:
-    """``Type/id`` for a literal reference to a ``want`` resource; ``urn:uuid:`` looked up in ``urns``.
-
-    Accepts relative (``Patient/1``), versioned (``Patient/1/_history/2``) and absolute
-    (``https://server/fhir/Patient/1``) references.
-    """
+def _reference_parts(ref: str, urns: dict[str, str] | None, field: str) -> list[str]:
+    """A reference's path segments, a bundle's ``urn:uuid:`` resolved and ``/_history/n`` dropped."""
     if ref.startswith("urn:"):
         target = urns.get(ref) if urns else None
         if target is None:
@@ -50,6 +46,16 @@ def resolve_reference(ref: str, want: str, urns: dict[str, str] | None, field: s
     parts = ref.split("/")
     if len(parts) >= 4 and parts[-2] == "_history":
         parts = parts[:-2]
+    return parts
+
+
+def resolve_reference(ref: str, want: str, urns: dict[str, str] | None, field: str) -> str:
+    """``Type/id`` for a literal reference to a ``want`` resource; ``urn:uuid:`` looked up in ``urns``.
+
+    Accepts relative (``Patient/1``), versioned (``Patient/1/_history/2``) and absolute
+    (``https://server/fhir/Patient/1``) references.
+    """
+    parts = _reference_parts(ref, urns, field)
     if len(parts) >= 2 and parts[-2] == want and parts[-1] and len(parts[-1]) <= MAX_ID_CHARS:
         return want + "/" + parts[-1]
     raise Reject(R.INVALID_REFERENCE, f"{field} is not a reference to a {want}")
@@ -57,14 +63,7 @@ def resolve_reference(ref: str, want: str, urns: dict[str, str] | None, field: s
 
 def reference_type(ref: str, urns: dict[str, str] | None, field: str) -> tuple[str, str]:
     """(type, "Type/id") of any literal reference; raises for unresolved urns and malformed ones."""
-    if ref.startswith("urn:"):
-        target = urns.get(ref) if urns else None
-        if target is None:
-            raise Reject(R.INVALID_REFERENCE, f"{field} is a urn reference the bundle does not resolve")
-        ref = target
-    parts = ref.split("/")
-    if len(parts) >= 4 and parts[-2] == "_history":
-        parts = parts[:-2]
+    parts = _reference_parts(ref, urns, field)
     if len(parts) >= 2 and parts[-2] and parts[-1]:
         return parts[-2], parts[-2] + "/" + parts[-1]
     raise Reject(R.INVALID_REFERENCE, f"{field} is not a literal reference")
