@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from dagster import ConfigurableResource, EnvVar
 
+from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE
+
 if TYPE_CHECKING:
     from qis_fhir.mapping.model import MappingSet
 
@@ -35,7 +37,7 @@ class SiteConfig(ConfigurableResource):
     site_secret_path: str | None = None
     mapping_dir: str | None = None
     validation: str = "sample"  # full | sample | off (not `validate`: pydantic owns that name)
-    sample_rate: float = 0.01
+    sample_rate: float = DEFAULT_SAMPLE_RATE
 
     def export_path(self, partition_key: str) -> Path:
         """The export folder of one daily partition (or the fixed ``export_dir``)."""

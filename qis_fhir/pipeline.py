@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qis_fhir.errors import InputNotFoundError
+from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class RunConfig:
     bootstrap: tuple[tuple[str, int], ...] = ()  # with packets: publish them to the DHT
     site_secret_path: Path | None = None  # patient-key secret when no site_dir is given
     validate: str = "sample"
-    sample_rate: float = 0.01
+    sample_rate: float = DEFAULT_SAMPLE_RATE
     seq: int | None = None  # packet sequence number; None: today's UTC date as YYYYMMDD (pass the partition date)
     progress: bool = False
 

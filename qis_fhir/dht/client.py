@@ -304,7 +304,6 @@ class DhtClient:
     async def fetch(self, fingerprint: str) -> tuple[set[bytes], dict]:
         """Raw wires for ``fingerprint`` from its closest nodes, unverified, with lookup figures."""
         key = dht_key(fingerprint)
-        target = Node(key)
         proto = self.protocol
         await self._ensure_contacts()
         seeds = proto.closest_contacts(key, SEED_LIMIT)

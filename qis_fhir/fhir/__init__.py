@@ -2,7 +2,7 @@
 
 Public API (see docs/extract.md and docs/architecture.md)::
 
-    extract_export(export_dir, out_dir, *, secret, validate="sample", sample_rate=0.01, progress=False)
+    extract_export(export_dir, out_dir, *, secret, validate="sample", sample_rate=0.002, progress=False)
         -> ExtractSummary
     load_extract(out_dir) -> dict[str, pd.DataFrame]
     TABLES: dict[str, pyarrow.Schema]

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from qis_fhir.errors import NothingExtractedError
+from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE
 
 
 @click.command()
@@ -24,7 +25,7 @@ from qis_fhir.errors import NothingExtractedError
 @click.option(
     "--sample-rate",
     type=click.FloatRange(0.0, 1.0),
-    default=0.01,
+    default=DEFAULT_SAMPLE_RATE,
     show_default=True,
     help="Share of resources model-validated with --validate sample.",
 )

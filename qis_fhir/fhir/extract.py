@@ -25,7 +25,7 @@ from qis_fhir.fhir.schema import TABLE_OF_TYPE, TABLES
 from qis_fhir.fhir.sinks import DEFAULT_CHUNK_ROWS, QuarantineSink, TableSink
 from qis_fhir.fhir.sources import SourceFile, discover, open_binary
 from qis_fhir.fhir.summary import ExtractSummary
-from qis_fhir.fhir.validation import ModelValidator, sampler
+from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, ModelValidator, sampler
 from qis_fhir.privacy.pseudonym import Pseudonymizer
 
 log = logging.getLogger(__name__)
@@ -483,7 +483,7 @@ def extract_export(
     *,
     secret: bytes,
     validate: str = "sample",
-    sample_rate: float = 0.01,
+    sample_rate: float = DEFAULT_SAMPLE_RATE,
     progress: bool = False,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
