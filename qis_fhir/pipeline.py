@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qis_fhir.errors import InputNotFoundError
+from qis_fhir.errors import InputNotFoundError, PublishIncompleteError
 from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -150,4 +150,9 @@ def run_pipeline(config: RunConfig) -> RunResult:
             )
             result.publish = report.to_dict()
             _write_json(out_dir / PUBLISH_REPORT, result.publish)
+            if report.unconfirmed:  # the package's set() would have said True; we say what happened
+                raise PublishIncompleteError(
+                    f"{len(report.unconfirmed)} of {len(report.receipts)} packets were confirmed by no DHT "
+                    f"replica; see {out_dir / PUBLISH_REPORT}"
+                )
     return result

@@ -71,3 +71,32 @@ def test_run_on_a_synthetic_export_passes_quality(tmp_path):
     result = run_pipeline(RunConfig(export_dir=tmp_path / "export", out_dir=tmp_path / "out", site_secret_path=tmp_path / "s"))
     assert result.quality["success"] is True
     assert result.outcomes["totals"]["events"] > 0
+
+
+def test_run_fails_when_no_replica_confirms_the_packets(tmp_path):
+    """`run --bootstrap` must not report success when every node refused the packets (the package's
+    set() would have returned True): here the only node trusts another network's manifest."""
+    from qis_fhir.dht.cluster import LocalCluster
+    from qis_fhir.packets import add_site, create_network, create_site
+    from qis_fhir.synth import generate_export
+
+    create_network(tmp_path / "net", network_id="ours", min_cell_size=11)
+    create_network(tmp_path / "other", network_id="theirs", min_cell_size=11)
+    create_site("st-mary", tmp_path / "site")
+    add_site(tmp_path / "net", tmp_path / "site")
+    generate_export(tmp_path / "export", patients=1500, seed=3, truth_path=tmp_path / "truth.json")
+    cluster = LocalCluster(tmp_path / "nodes", tmp_path / "other" / "manifest.json", ksize=3)
+    try:
+        (node,) = cluster.start(1)
+        proc = subprocess.run(
+            [sys.executable, "-m", "qis_fhir", "run", str(tmp_path / "export"), "--out", str(tmp_path / "out"),
+             "--site", str(tmp_path / "site"), "--network", str(tmp_path / "net"),
+             "--bootstrap", f"127.0.0.1:{node.port}"],
+            capture_output=True, text=True, timeout=300,
+        )
+    finally:
+        cluster.stop_all()
+    assert proc.returncode == ExitCode.PUBLISH_INCOMPLETE, proc.stderr[-2000:]
+    assert "confirmed by no DHT replica" in proc.stderr
+    report = json.loads((tmp_path / "out" / "publish_report.json").read_text())
+    assert report["confirmed"] == 0 and report["unconfirmed"] == report["packets"] > 0
