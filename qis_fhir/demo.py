@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from pathlib import Path
 import click
 
 log = logging.getLogger(__name__)
+
+DEMO_MARKER = ".qis-fhir-demo"
 
 HOSPITALS: tuple[tuple[str, str], ...] = (
     ("st-mary", "default"),
@@ -79,11 +82,15 @@ def run_demo(config: DemoConfig) -> dict:
     if not 1 <= config.sites <= len(HOSPITALS):
         raise click.BadParameter(f"--sites must be between 1 and {len(HOSPITALS)}")
     out = config.out_dir
+    if out.exists() and any(out.iterdir()):
+        # Re-running the README's command replaces the previous demo; any other folder is left alone.
+        if not (out / DEMO_MARKER).exists():
+            raise click.UsageError(f"{out} is not empty and was not written by a demo; choose an empty --out")
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by qis-fhir demo; a new demo run replaces this folder\n")
     started = time.monotonic()
     net_dir = out / "network"
-    if net_dir.exists():
-        raise click.UsageError(f"{out} already holds a demo network; choose an empty --out")
     create_network(net_dir, network_id="demo-network", min_cell_size=11)
     manifest = net_dir / "manifest.json"
     hospitals = HOSPITALS[: config.sites]
