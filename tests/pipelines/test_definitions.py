@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import yaml
-from conftest import REPO
 from dagster import AssetCheckKey, AssetKey, DailyPartitionsDefinition, Definitions
 
 from pipelines.definitions import defs
+
+REPO = Path(__file__).resolve().parents[2]  # not "from conftest": several test folders have one
 
 ASSETS = {"mapping_set", "fhir_extract", "outcome_events"}
 

@@ -7,11 +7,12 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
-from conftest import REPO
 from dagster import AssetKey, materialize
 
 from pipelines.assets import ALL_ASSETS
 from pipelines.resources import SiteConfig
+
+REPO = Path(__file__).resolve().parents[2]  # not "from conftest": several test folders have one
 
 PARTITION = "2026-11-27"
 
