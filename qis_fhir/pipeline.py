@@ -15,11 +15,10 @@ from pathlib import Path
 
 from qis_fhir.errors import InputNotFoundError, PublishIncompleteError
 from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE
+from qis_fhir.outcomes.events import OUTCOME_EVENTS, OUTCOME_SUMMARY
 
 log = logging.getLogger(__name__)
 
-OUTCOME_EVENTS = "outcome_events.parquet"
-OUTCOME_SUMMARY = "outcome_summary.json"
 QUALITY_REPORT = "quality_report.json"
 PACKETS = "packets.ndjson"
 DISCLOSURE_REPORT = "disclosure_report.json"
@@ -128,8 +127,7 @@ def run_pipeline(config: RunConfig) -> RunResult:
     _write_json(out_dir / QUALITY_REPORT, result.quality)
     quality.raise_for_failure()  # nothing below runs on failed data
 
-    outcome.events.to_parquet(out_dir / OUTCOME_EVENTS, index=False)
-    _write_json(out_dir / OUTCOME_SUMMARY, outcome.summary)
+    outcome.write(out_dir)
 
     if site is not None:
         from qis_fhir.packets import build_packets, write_disclosure_report, write_packets

@@ -1,7 +1,6 @@
 """Treatment-outcome events of one partition, from its extract tables and the mapping set."""
 
 
-import json
 
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
@@ -26,7 +25,6 @@ from pipelines.resources import SiteConfig
 def outcome_events(context: AssetExecutionContext, site: SiteConfig) -> MaterializeResult:
     from qis_fhir.fhir import load_extract
     from qis_fhir.outcomes import derive_outcome_events
-    from qis_fhir.pipeline import OUTCOME_EVENTS, OUTCOME_SUMMARY
     from qis_fhir.quality import check_tables
 
     out_dir = site.out_path(context.partition_key)
@@ -34,8 +32,7 @@ def outcome_events(context: AssetExecutionContext, site: SiteConfig) -> Material
     result = derive_outcome_events(load_extract(out_dir), mapping)
     report = check_tables({"outcome_events": result.events}, mapping)
     write_report(out_dir / "quality" / "outcome_events.json", report)
-    result.events.to_parquet(out_dir / OUTCOME_EVENTS, index=False)
-    (out_dir / OUTCOME_SUMMARY).write_text(json.dumps(result.summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    events_path, _ = result.write(out_dir)
 
     totals = result.summary.get("totals", {})
     return MaterializeResult(
@@ -48,7 +45,7 @@ def outcome_events(context: AssetExecutionContext, site: SiteConfig) -> Material
             "exclusion_reasons": MetadataValue.json(result.summary.get("exclusion_reasons", {})),
             "mapping_version": mapping.version,
             "mapping_hash": mapping.content_hash,
-            "events_file": MetadataValue.path(str(out_dir / OUTCOME_EVENTS)),
+            "events_file": MetadataValue.path(str(events_path)),
         },
         check_results=quality_check_results(report),
     )

@@ -9,7 +9,9 @@ per treatment too; the summary says why every episode that is not an event is no
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,6 +19,9 @@ import pandas as pd
 from qis_fhir.mapping import UNKNOWN, MappingSet
 from qis_fhir.outcomes.linkage import link_requests
 from qis_fhir.outcomes.windows import day_number, find_values, measure_observations, measure_table
+
+OUTCOME_EVENTS = "outcome_events.parquet"
+OUTCOME_SUMMARY = "outcome_summary.json"
 
 #: Output columns of ``outcome_events.parquet``, in order (docs/architecture.md).
 EVENT_COLUMNS = [
@@ -54,6 +59,14 @@ EXCLUSION_REASONS = [
 class OutcomeResult:
     events: pd.DataFrame
     summary: dict = field(default_factory=dict)
+
+    def write(self, out_dir: Path) -> tuple[Path, Path]:
+        """Write ``outcome_events.parquet`` and ``outcome_summary.json`` (the run's and the asset's files)."""
+        out_dir = Path(out_dir)
+        events_path, summary_path = out_dir / OUTCOME_EVENTS, out_dir / OUTCOME_SUMMARY
+        self.events.to_parquet(events_path, index=False)
+        summary_path.write_text(json.dumps(self.summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return events_path, summary_path
 
 
 def _episodes(links: pd.DataFrame, mapping: MappingSet) -> pd.DataFrame:
