@@ -63,20 +63,6 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
-def _site_secret(config: RunConfig) -> bytes:
-    from qis_fhir.privacy.secrets import default_site_secret_path, load_or_create_secret, read_secret
-
-    if config.site_dir is not None:
-        # a site directory made by `qis-fhir keys new` must already hold its secret
-        return read_secret(Path(config.site_dir) / "site.secret")
-    return load_or_create_secret(config.site_secret_path or default_site_secret_path())
-
-
-def _manifest_path(network: Path) -> Path:
-    network = Path(network)
-    return network / "manifest.json" if network.is_dir() else network
-
-
 def run_pipeline(config: RunConfig) -> RunResult:
     """Extract -> quality -> outcomes -> quality -> [packets] -> [publish]. Returns what each stage reported."""
     from qis_fhir.fhir import extract_export, load_extract
@@ -96,14 +82,18 @@ def run_pipeline(config: RunConfig) -> RunResult:
 
     # Load what can fail on configuration before the long extraction starts.
     mapping = load_mapping(config.mapping_dir)
-    secret = _site_secret(config)
     site = network = None
     if config.site_dir is not None:
         from qis_fhir.packets import load_network, load_site
 
-        site = load_site(config.site_dir)
+        site = load_site(config.site_dir)  # holds the site's patient-key secret too
+        secret = site.patient_secret
         # pin the governance key and refuse a manifest older than one this site has seen
-        network = load_network(_manifest_path(config.network_dir), pinned_state=Path(config.site_dir) / "manifest_pins.json")
+        network = load_network(config.network_dir, pinned_state=Path(config.site_dir) / "manifest_pins.json")
+    else:
+        from qis_fhir.privacy.secrets import default_site_secret_path, load_or_create_secret
+
+        secret = load_or_create_secret(config.site_secret_path or default_site_secret_path())
 
     log.info("extract: reading %s", export_dir.name)
     summary = extract_export(
@@ -124,7 +114,7 @@ def run_pipeline(config: RunConfig) -> RunResult:
 
     quality = check_tables(tables, mapping)
     result.quality = quality.to_dict()
-    _write_json(out_dir / QUALITY_REPORT, result.quality)
+    quality.write(out_dir / QUALITY_REPORT)
     quality.raise_for_failure()  # nothing below runs on failed data
 
     outcome.write(out_dir)
@@ -139,13 +129,8 @@ def run_pipeline(config: RunConfig) -> RunResult:
 
         if config.bootstrap:
             from qis_fhir.dht.client import publish
-            from qis_fhir.packets.codec import encode_packet
 
-            report = publish(
-                [encode_packet(p) for p in built.packets],
-                list(config.bootstrap),
-                network.manifest,
-            )
+            report = publish(built.packets, list(config.bootstrap), network.manifest)
             result.publish = report.to_dict()
             _write_json(out_dir / PUBLISH_REPORT, result.publish)
             if report.unconfirmed:  # the package's set() would have said True; we say what happened
