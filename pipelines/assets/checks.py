@@ -8,8 +8,6 @@ asset of the run, just as ``QualityReport.raise_for_failure`` stops ``qis-fhir r
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, MetadataValue
@@ -58,8 +56,3 @@ def quality_check_results(report: QualityReport) -> list[AssetCheckResult]:
         )
     return results
 
-
-def write_report(path: Path, report: QualityReport) -> None:
-    """The same JSON ``qis-fhir run`` writes as ``quality_report.json`` (counts and rules only)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")

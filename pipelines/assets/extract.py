@@ -3,7 +3,7 @@
 
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
-from pipelines.assets.checks import quality_check_results, quality_check_specs, write_report
+from pipelines.assets.checks import quality_check_results, quality_check_specs
 from pipelines.partitions import daily_exports
 from pipelines.resources import SiteConfig
 
@@ -43,7 +43,7 @@ def fhir_extract(context: AssetExecutionContext, site: SiteConfig) -> Materializ
         sample_rate=site.sample_rate,
     )
     report = check_tables(load_extract(out_dir), mapping)
-    write_report(out_dir / "quality" / "extract.json", report)
+    report.write(out_dir / "quality" / "extract.json")
     try:
         summary.check_invariants()
         counts_ok, counts_error = True, ""

@@ -4,7 +4,7 @@
 
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
-from pipelines.assets.checks import quality_check_results, quality_check_specs, write_report
+from pipelines.assets.checks import quality_check_results, quality_check_specs
 from pipelines.assets.extract import fhir_extract
 from pipelines.assets.mapping import mapping_set
 from pipelines.partitions import daily_exports
@@ -31,7 +31,7 @@ def outcome_events(context: AssetExecutionContext, site: SiteConfig) -> Material
     mapping = site.load_mapping()
     result = derive_outcome_events(load_extract(out_dir), mapping)
     report = check_tables({"outcome_events": result.events}, mapping)
-    write_report(out_dir / "quality" / "outcome_events.json", report)
+    report.write(out_dir / "quality" / "outcome_events.json")
     events_path, _ = result.write(out_dir)
 
     totals = result.summary.get("totals", {})

@@ -7,7 +7,9 @@ exception messages (which can quote data) are deliberately never copied in.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from qis_fhir.errors import QualityError
@@ -134,6 +136,13 @@ class QualityReport:
         return "\n".join(lines)
 
     __str__ = format
+
+    def write(self, path: Path | str) -> Path:
+        """Write ``to_dict()`` as JSON (``quality_report.json`` of a run, ``quality/<asset>.json`` in Dagster)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return path
 
     def raise_for_failure(self) -> None:
         """Raise ``QualityError`` (exit code QUALITY_FAILED) listing every failed expectation."""
