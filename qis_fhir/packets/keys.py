@@ -43,6 +43,8 @@ def key_id_of(public_raw: bytes) -> str:
 
 
 def b64(data: bytes) -> str:
+    """Standard padded base64 of the key files: ``site.json`` and ``manifest.json`` (packets use the
+    codec's unpadded base64url)."""
     return base64.b64encode(data).decode("ascii")
 
 

@@ -18,7 +18,6 @@ under a version it has already seen.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import os
@@ -34,10 +33,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from qis_fhir.errors import AlreadyExistsError, InputNotFoundError, ManifestError
 from qis_fhir.packets.keys import (
+    b64,
     key_id_of,
     raw_public,
     read_private_key,
     read_site_info,
+    unb64,
     write_private_key,
 )
 from qis_fhir.packets.model import MAPPING_VERSION_RE, SITE_ID_RE
@@ -94,9 +95,9 @@ class NetworkManifest:
             "issued": self.issued,
             "min_cell_size": self.min_cell_size,
             "accepted_mapping_versions": sorted(self.accepted_mapping_versions),
-            "governance": {"key_id": self.governance_key_id, "public_key": _b64(self.governance_public_key)},
+            "governance": {"key_id": self.governance_key_id, "public_key": b64(self.governance_public_key)},
             "sites": [
-                {"site_id": s.site_id, "key_id": s.key_id, "public_key": _b64(s.public_key), "added": s.added}
+                {"site_id": s.site_id, "key_id": s.key_id, "public_key": b64(s.public_key), "added": s.added}
                 for s in sorted(self.sites, key=lambda s: (s.site_id, s.key_id))
             ],
             "revoked_key_ids": sorted(self.revoked_key_ids),
@@ -109,19 +110,15 @@ class NetworkManifest:
         return hashlib.sha256(self.signed_bytes()).hexdigest()
 
     def to_json(self) -> bytes:
-        doc = {"manifest": self.body(), "signature": _b64(self.signature)}
+        doc = {"manifest": self.body(), "signature": b64(self.signature)}
         return orjson.dumps(doc, option=orjson.OPT_INDENT_2 | _OPTS) + b"\n"
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def _unb64(text: object, what: str, size: int) -> bytes:
     if not isinstance(text, str):
         raise ManifestError(f"manifest {what} is not base64 text")
     try:
-        raw = base64.b64decode(text.encode("ascii"), validate=True)
+        raw = unb64(text)
     except (binascii.Error, ValueError, UnicodeEncodeError):
         raise ManifestError(f"manifest {what} is not base64") from None
     if len(raw) != size:
