@@ -18,7 +18,7 @@ SECTIONS: dict[str, str] = {
     "extract": "qis_fhir.bench.extract",
     "packets": "qis_fhir.bench.packets",
     "dht": "qis_fhir.bench.dht",
-    "quality": "qis_fhir.quality.bench",
+    "quality": "qis_fhir.bench.quality",
 }
 DEFAULT_SECTIONS = ("extract", "packets")  # dht starts dozens of processes: ask for it with --only
 

@@ -1,7 +1,6 @@
-"""Benchmark section ``quality``: great-expectations validation time on a large observations table.
+"""``qis-fhir bench --only quality``: great-expectations validation time on a large observations table.
 
-Compatible with ``qis-fhir bench`` sections (``run(options) -> dict``). Measures, in one run and on
-the same DataFrame: the shipped v1 ``observations`` suite through GE, a five-rule suite through GE,
+Measures, in one run and on the same DataFrame: the shipped v1 ``observations`` suite through GE, a five-rule suite through GE,
 and the same five rules as plain vectorised pandas (the floor GE's per-expectation overhead sits on).
 """
 
@@ -78,7 +77,7 @@ def _best(fn, repeat: int) -> float:
 
 def measure(rows: int = 100_000, seed: int = 7, repeat: int = 3) -> dict[str, Any]:
     from qis_fhir.mapping import load_mapping
-    from qis_fhir.quality import check_table, parse_suites
+    from qis_fhir.quality import check_table, load_suites, parse_suites
 
     t = time.perf_counter()
     import great_expectations  # noqa: F401
@@ -93,8 +92,6 @@ def measure(rows: int = 100_000, seed: int = 7, repeat: int = 3) -> dict[str, An
     full_s = _best(lambda: check_table("observations", df, mapping), repeat)
     five_s = _best(lambda: check_table("observations", df, mapping, suites=five), repeat)
     pandas_s = _best(lambda: _pandas_five(df), repeat)
-    from qis_fhir.quality import load_suites
-
     n_full = len(load_suites(mapping).tables["observations"])
     return {
         "rows": rows,
@@ -111,11 +108,10 @@ def measure(rows: int = 100_000, seed: int = 7, repeat: int = 3) -> dict[str, An
 
 def run(options: Any) -> dict[str, Any]:
     """``qis-fhir bench`` entry: ``options.observations`` rows (default 100,000)."""
-    rows = getattr(options, "observations", None) or 100_000
-    return measure(rows, seed=getattr(options, "seed", 7))
+    return measure(options.observations or 100_000, seed=options.seed)
 
 
-if __name__ == "__main__":  # python -m qis_fhir.quality.bench [ROWS]
+if __name__ == "__main__":  # python -m qis_fhir.bench.quality [ROWS]
     import json
     import sys
 
