@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from qis_fhir.errors import AlreadyExistsError, InputNotFoundError, SecretError
 from qis_fhir.packets.model import SITE_ID_RE
-from qis_fhir.privacy.secrets import require_owner_only
+from qis_fhir.privacy.secrets import create_secret, read_secret, require_owner_only, write_new_file
 
 SITE_KEY = "site_key.pem"
 SITE_PUB = "site_key.pub"
@@ -59,13 +58,7 @@ def public_key_from_raw(raw: bytes) -> Ed25519PublicKey:
 def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:
     """Write a PKCS#8 PEM with mode 0600, refusing to overwrite (``O_EXCL``: also safe against races)."""
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise AlreadyExistsError(f"{path} already exists; refusing to overwrite a private key") from None
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
+    write_new_file(path, pem, 0o600, what="a private key")
 
 
 def read_private_key(path: Path) -> Ed25519PrivateKey:
@@ -79,15 +72,6 @@ def read_private_key(path: Path) -> Ed25519PrivateKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise SecretError(f"private key {path} is not an Ed25519 key")
     return key
-
-
-def _write_new_text(path: Path, text: str, mode: int = 0o644) -> None:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    except FileExistsError:
-        raise AlreadyExistsError(f"{path} already exists; refusing to overwrite it") from None
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
 
 
 @dataclass(frozen=True)
@@ -115,8 +99,6 @@ def validate_site_id(site_id: str) -> str:
 
 def create_site(site_id: str, site_dir: Path | str) -> SiteIdentity:
     """Create a site's key pair, patient-key secret and ``site.json``; refuses to overwrite any of them."""
-    from qis_fhir.privacy.secrets import create_secret
-
     validate_site_id(site_id)
     site_dir = Path(site_dir)
     for name in (SITE_KEY, SITE_PUB, SITE_SECRET, SITE_JSON):
@@ -128,8 +110,8 @@ def create_site(site_id: str, site_dir: Path | str) -> SiteIdentity:
     pub = key.public_key()
     raw = raw_public(pub)
     kid = key_id_of(raw)
-    pem = pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
-    _write_new_text(site_dir / SITE_PUB, pem)
+    pem = pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    write_new_file(site_dir / SITE_PUB, pem, 0o644)
     secret = create_secret(site_dir / SITE_SECRET)
     info = {
         "site_id": site_id,
@@ -137,7 +119,7 @@ def create_site(site_id: str, site_dir: Path | str) -> SiteIdentity:
         "public_key": b64(raw),
         "created": datetime.now(UTC).strftime("%Y-%m-%d"),
     }
-    _write_new_text(site_dir / SITE_JSON, orjson.dumps(info, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode() + "\n")
+    write_new_file(site_dir / SITE_JSON, orjson.dumps(info, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n", 0o644)
     return SiteIdentity(site_id, kid, key, raw, secret, site_dir)
 
 
@@ -162,8 +144,6 @@ def read_site_info(site_dir: Path | str) -> dict:
 
 def load_site(site_dir: Path | str) -> SiteIdentity:
     """Load a site directory made by ``qis-fhir keys new``, checking the key pair belongs together."""
-    from qis_fhir.privacy.secrets import read_secret
-
     site_dir = Path(site_dir)
     info = read_site_info(site_dir)
     key = read_private_key(site_dir / SITE_KEY)

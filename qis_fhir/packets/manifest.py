@@ -42,6 +42,7 @@ from qis_fhir.packets.keys import (
     write_private_key,
 )
 from qis_fhir.packets.model import MAPPING_VERSION_RE, SITE_ID_RE
+from qis_fhir.privacy.secrets import create_secret, read_secret
 
 MANIFEST = "manifest.json"
 NETWORK_SECRET = "network.secret"
@@ -296,8 +297,6 @@ def create_network(
     mapping_versions: tuple[str, ...] = ("v1",),
 ) -> NetworkManifest:
     """Make a new network in ``out_dir``: governance key, network secret and a signed manifest (version 1)."""
-    from qis_fhir.privacy.secrets import create_secret
-
     out_dir = Path(out_dir)
     for name in (MANIFEST, NETWORK_SECRET, GOVERNANCE_KEY):
         if (out_dir / name).exists():
@@ -393,8 +392,6 @@ class NetworkContext:
 
 def load_network(manifest_path: Path | str, *, pinned_state: Path | None = None) -> NetworkContext:
     """Load a member's view of a network: ``manifest.json`` and the ``network.secret`` beside it."""
-    from qis_fhir.privacy.secrets import read_secret
-
     path = manifest_path_of(manifest_path)
     manifest = load_manifest(path, pinned_state=pinned_state)
     return NetworkContext(manifest, read_secret(path.parent / NETWORK_SECRET), path)

@@ -12,19 +12,21 @@ import secrets
 import stat
 from pathlib import Path
 
-from qis_fhir.errors import SecretError
+from qis_fhir.errors import AlreadyExistsError, SecretError
 
 SECRET_BYTES = 32
 
 
-def _write_new(path: Path) -> bytes:
+def write_new_file(path: Path, data: bytes, mode: int = 0o600, what: str = "it") -> None:
+    """Create ``path`` holding ``data`` with ``mode``. Never overwrites: ``O_EXCL`` refuses an existing
+    file even in a race with another process (``AlreadyExistsError``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_bytes(SECRET_BYTES)
-    # O_EXCL: never overwrite an existing secret, even in a race with another process
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(value.hex() + "\n")
-    return value
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        raise AlreadyExistsError(f"{path} already exists; refusing to overwrite {what}") from None
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
 
 
 def require_owner_only(path: Path, what: str, missing: type[Exception] = SecretError) -> None:
@@ -56,21 +58,17 @@ def load_or_create_secret(path: Path | str) -> bytes:
     path = Path(path)
     if not path.exists():
         try:
-            return _write_new(path)
-        except FileExistsError:  # another process created it first
+            return create_secret(path)
+        except AlreadyExistsError:  # another process created it first
             pass
     return read_secret(path)
 
 
 def create_secret(path: Path | str) -> bytes:
-    """Create a new secret, refusing to overwrite an existing file."""
-    from qis_fhir.errors import AlreadyExistsError
-
-    path = Path(path)
-    try:
-        return _write_new(path)
-    except FileExistsError:
-        raise AlreadyExistsError(f"{path} already exists; refusing to overwrite it") from None
+    """Create a new secret (mode 0600), refusing to overwrite an existing file."""
+    value = secrets.token_bytes(SECRET_BYTES)
+    write_new_file(Path(path), value.hex().encode("ascii") + b"\n")
+    return value
 
 
 def default_site_secret_path() -> Path:
