@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qis_fhir.dht.cluster import stop_processes, wait_for_json
+
 DEFAULT_SIZES = (10, 30, 100)
 SITES = 5
 FINGERPRINTS = 20
@@ -38,6 +40,7 @@ ROUNDS = 5
 KSIZE = 8
 BURST_FINGERPRINTS = 200  # x SITES packets per burst
 NODES_PER_WORKER = 25
+STOP_GRACE = 15.0  # a worker stops 25 nodes
 
 
 # ---------------------------------------------------------------------- worker (a process of nodes)
@@ -78,30 +81,12 @@ def _spawn_worker(count: int, seed: str, manifest: Path, root: Path, ksize: int,
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> list[tuple[str, int]]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"bench worker exited with {proc.returncode}")
-        if path.exists():
-            return [(h, int(p)) for h, p in json.loads(path.read_text())]
-        time.sleep(0.05)
-    raise TimeoutError("bench worker did not start its nodes")
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=10)
+    return [(h, int(p)) for h, p in wait_for_json(path, proc, time.monotonic() + timeout, "bench worker")]
 
 
 def start_network(n: int, manifest: Path, root: Path, ksize: int) -> tuple[list[subprocess.Popen], list[tuple[str, int]]]:
-    """N nodes in ceil(N / 25) worker processes; the first worker's first node seeds the rest."""
+    """N nodes in worker processes of up to NODES_PER_WORKER each, after a seed worker of at most 5
+    (the first worker's first node seeds the rest)."""
     procs: list[subprocess.Popen] = []
     addresses: list[tuple[str, int]] = []
     try:
@@ -120,7 +105,7 @@ def start_network(n: int, manifest: Path, root: Path, ksize: int) -> tuple[list[
             addresses += _wait_for(out, proc)
         return procs, addresses
     except BaseException:
-        _stop(procs)
+        stop_processes(procs, STOP_GRACE)
         raise
 
 
@@ -289,7 +274,7 @@ def run(options: Any) -> dict:
                 if n == max(sizes):
                     out["burst"] = {"nodes": n, **asyncio.run(_burst(addresses, manifest, bursts, ksize))}
             finally:
-                _stop(procs)
+                stop_processes(procs, STOP_GRACE)
     return out
 
 

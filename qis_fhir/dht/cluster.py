@@ -3,6 +3,9 @@
 Used by ``qis-fhir demo`` and the tests. Each node is ``sys.executable -m qis_fhir node`` bound to
 127.0.0.1 port 0 and writes its bound port to ``DATA_DIR/node.json``; ``stop_all`` stops every
 process it started (SIGTERM, then SIGKILL after a grace period), so callers use it in ``finally``.
+
+``wait_for_json`` and ``stop_processes`` are the two halves of that by-pid management; the DHT
+bench (``qis_fhir.bench.dht``) starts its multi-node worker processes with them too.
 """
 
 from __future__ import annotations
@@ -13,10 +16,48 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 START_TIMEOUT = 60.0
+STOP_GRACE = 10.0
+
+
+def wait_for_json(path: Path, proc: subprocess.Popen, deadline: float, name: str, *,
+                  ready: Callable[[Any], bool] = lambda data: True, log: Path | None = None) -> Any:
+    """Poll until ``path`` holds JSON that ``ready`` accepts and return it; raise RuntimeError when
+    ``proc`` exits first and TimeoutError at ``deadline`` (both quoting the end of ``log``)."""
+
+    def tail() -> str:
+        return f": {log.read_text()[-2000:]}" if log is not None and log.exists() else ""
+
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}{tail()}")
+        try:
+            data = json.loads(path.read_text())
+            if ready(data):
+                return data
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{name} did not get ready (no {path.name}){tail()}")
+
+
+def stop_processes(procs: list[subprocess.Popen], grace: float = STOP_GRACE) -> None:
+    """SIGTERM every running process, wait up to ``grace`` seconds in all, then SIGKILL the rest."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 @dataclass
@@ -42,9 +83,6 @@ class LocalCluster:
 
     def _spawn(self, node: NodeProc, bootstrap: list[tuple[str, int]]) -> None:
         node.data_dir.mkdir(parents=True, exist_ok=True)
-        state = node.data_dir / "node.json"
-        if node.proc is None and state.exists():
-            pass  # a restart: node.json keeps the id; the new pid tells us it is fresh
         cmd = [sys.executable, "-m", "qis_fhir", "node", "--listen", "127.0.0.1:0", "--data-dir", str(node.data_dir),
                "--network", str(self.manifest), "--ksize", str(self.ksize), "--rpc-timeout", "2", *self.extra]
         if bootstrap:
@@ -53,20 +91,13 @@ class LocalCluster:
         node.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log.close()
 
+    def _wait_state(self, node: NodeProc, deadline: float, ready: Callable[[dict], bool]) -> dict:
+        """node.json once written by this process (pid matches: a restarted node keeps the old file) and ``ready``."""
+        return wait_for_json(node.data_dir / "node.json", node.proc, deadline, f"node {node.index}",
+                             ready=lambda d: d.get("pid") == node.proc.pid and ready(d), log=node.data_dir / "stdout.log")
+
     def _wait_port(self, node: NodeProc, deadline: float) -> None:
-        state = node.data_dir / "node.json"
-        while time.monotonic() < deadline:
-            if node.proc.poll() is not None:
-                raise RuntimeError(f"node {node.index} exited with {node.proc.returncode}: {(node.data_dir / 'stdout.log').read_text()[-2000:]}")
-            try:
-                data = json.loads(state.read_text())
-                if data.get("pid") == node.proc.pid and data.get("port"):
-                    node.port = int(data["port"])
-                    return
-            except (FileNotFoundError, json.JSONDecodeError):
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"node {node.index} did not report its port")
+        node.port = int(self._wait_state(node, deadline, lambda d: bool(d.get("port")))["port"])
 
     def start(self, n: int) -> list[NodeProc]:
         """Start n nodes: the first alone, the rest bootstrapping from the first (and one other)."""
@@ -90,16 +121,7 @@ class LocalCluster:
         """Until every live node's node.json says its join finished."""
         deadline = time.monotonic() + timeout
         for node in self.live():
-            while time.monotonic() < deadline:
-                try:
-                    data = json.loads((node.data_dir / "node.json").read_text())
-                    if data.get("joined") and data.get("pid") == node.proc.pid and (data.get("neighbors") or node.index == 0):
-                        break
-                except (FileNotFoundError, json.JSONDecodeError):
-                    pass
-                time.sleep(0.05)
-            else:
-                raise TimeoutError(f"node {node.index} did not join: {(node.data_dir / 'stdout.log').read_text()[-1500:]}")
+            self._wait_state(node, deadline, lambda d: bool(d.get("joined") and (d.get("neighbors") or node.index == 0)))
 
     def live(self) -> list[NodeProc]:
         return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
@@ -110,16 +132,10 @@ class LocalCluster:
             os.kill(node.proc.pid, signal.SIGKILL)
             node.proc.wait(timeout=10)
 
-    def stop(self, node: NodeProc, grace: float = 10.0) -> int | None:
+    def stop(self, node: NodeProc, grace: float = STOP_GRACE) -> int | None:
         if node.proc is None:
             return None
-        if node.proc.poll() is None:
-            node.proc.send_signal(signal.SIGTERM)
-            try:
-                node.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                os.kill(node.proc.pid, signal.SIGKILL)
-                node.proc.wait(timeout=10)
+        stop_processes([node.proc], grace)
         return node.proc.returncode
 
     def restart(self, node: NodeProc, bootstrap: list[tuple[str, int]]) -> None:
@@ -128,15 +144,4 @@ class LocalCluster:
         self._wait_port(node, time.monotonic() + START_TIMEOUT)
 
     def stop_all(self) -> None:
-        for node in self.nodes:
-            if node.proc is not None and node.proc.poll() is None:
-                node.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for node in self.nodes:
-            if node.proc is None:
-                continue
-            try:
-                node.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.kill(node.proc.pid, signal.SIGKILL)
-                node.proc.wait(timeout=10)
+        stop_processes([node.proc for node in self.nodes if node.proc is not None])

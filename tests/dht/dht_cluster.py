@@ -1,8 +1,8 @@
 """Test helpers: a network with real site keys and signed packets, and real node processes.
 
-Nodes run as ``sys.executable -m qis_fhir node ...`` bound to 127.0.0.1 port 0; each writes its
-bound port to ``DATA_DIR/node.json``. Every process started here is stopped by PID (SIGTERM, then
-SIGKILL after a grace period) by ``Cluster.stop_all``, which fixtures call in their finalizers.
+``Cluster`` is the library's ``qis_fhir.dht.cluster.LocalCluster`` (the demo uses it too): node
+processes on 127.0.0.1 port 0, stopped by PID in ``Cluster.stop_all``, which fixtures call in their
+finalizers.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qis_fhir.dht.cluster import LocalCluster as Cluster  # noqa: F401  (re-exported for the tests)
 from qis_fhir.packets.codec import PacketSigner, encode_packet
 from qis_fhir.packets.keys import SiteIdentity, create_site
 from qis_fhir.packets.manifest import add_site, create_network, revoke
@@ -62,11 +63,6 @@ def sign(site: SiteIdentity, fp: str, *, treatment: str = "TX_A", measure: str =
     p = signer.sign(fingerprint=fp, treatment=treatment, measure=measure, period=period, patients=patients,
                     responders=patients // 2, mean_change=mean_change, sd_change=2.5, mapping_version="v1", seq=seq)
     return encode_packet(p)
-
-
-# the node-process manager is library code (the demo uses it too)
-from qis_fhir.dht.cluster import LocalCluster as Cluster  # noqa: E402,F401
-from qis_fhir.dht.cluster import NodeProc  # noqa: E402,F401
 
 
 def tamper(wire: bytes) -> bytes:
