@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +27,7 @@ import orjson
 from qis_fhir.errors import InputNotFoundError, MappingError, QisError
 from qis_fhir.packets.codec import PacketSigner, decode_packet, encode_packet
 from qis_fhir.packets.keys import SiteIdentity
-from qis_fhir.packets.manifest import NetworkContext
+from qis_fhir.packets.manifest import NetworkContext, atomic_write
 from qis_fhir.packets.model import (
     MAX_WIRE_BYTES,
     MEASURE_RE,
@@ -233,20 +231,12 @@ def save_release_state(path: Path | str, previous: dict[str, Packet], packets: l
     """Remember every packet ever released, the newest per packet id (cells that vanish stay remembered)."""
     merged = dict(previous)
     merged.update({p.packet_id: p for p in packets})
-    _atomic_write(Path(path), b"".join(encode_packet(p) + b"\n" for _, p in sorted(merged.items())))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(Path(path), b"".join(encode_packet(p) + b"\n" for _, p in sorted(merged.items())))
 
 
 def write_packets(path: Path | str, packets: list[Packet]) -> None:
     """NDJSON: one packet's wire encoding (itself one JSON object) per line."""
-    _atomic_write(Path(path), b"".join(encode_packet(p) + b"\n" for p in packets))
+    atomic_write(Path(path), b"".join(encode_packet(p) + b"\n" for p in packets))
 
 
 def read_packets(path: Path | str) -> list[bytes]:
@@ -260,7 +250,7 @@ def read_packets(path: Path | str) -> list[bytes]:
 
 
 def write_disclosure_report(path: Path | str, report: dict) -> None:
-    _atomic_write(Path(path), orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
+    atomic_write(Path(path), orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
 
 
 __all__ = [

@@ -200,10 +200,12 @@ def _read_pins(pin_path: Path) -> dict:
     return pins
 
 
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically (temporary file, fsync, rename): readers see the old
+    file or the new one, never half of one. The packet stage's one writer of replaceable files."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{_secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
         fh.flush()
@@ -232,7 +234,7 @@ def check_and_pin(m: NetworkManifest, pin_path: Path) -> None:
         if m.version == seen:
             return
     pins[m.network_id] = {"governance_key_id": m.governance_key_id, "version": m.version, "digest": m.digest()}
-    _atomic_write(pin_path, orjson.dumps(pins, option=orjson.OPT_INDENT_2 | _OPTS) + b"\n")
+    atomic_write(pin_path, orjson.dumps(pins, option=orjson.OPT_INDENT_2 | _OPTS) + b"\n")
 
 
 def default_pin_path() -> Path:
@@ -323,7 +325,7 @@ def create_network(
         issued=_today(),
     )
     m = sign_manifest(m, gov)
-    _atomic_write(out_dir / MANIFEST, m.to_json())
+    atomic_write(out_dir / MANIFEST, m.to_json())
     return m
 
 
@@ -335,7 +337,7 @@ def _update(net_dir: Path | str, change) -> NetworkManifest:
     change(fields, current)
     fields.update(version=current.version + 1, issued=_today(), signature=b"")
     m = sign_manifest(NetworkManifest(**fields), gov)
-    _atomic_write(net_dir / MANIFEST, m.to_json())
+    atomic_write(net_dir / MANIFEST, m.to_json())
     return m
 
 
