@@ -88,15 +88,6 @@ class SynthResult:
     files: list[Path] = field(default_factory=list)
     seconds: float = 0.0
 
-    @property
-    def observations(self) -> int:
-        return self.counts.get("Observation", 0)
-
-    @property
-    def planted_effects_path(self) -> Path:
-        """Alias of ``truth_path`` (the planted-effects answer key)."""
-        return self.truth_path
-
 
 @dataclass
 class _Acc:
