@@ -136,7 +136,7 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
     df = df[EVENT_COLUMNS].copy()
     for c in ["event_id", "patient_key", "bucket", "treatment_code", "measure", "start_period", "age_band", "sex",
               "mapping_version", "mapping_hash"]:
-        df[c] = df[c].astype("str") if len(df) else df[c].astype("str")
+        df[c] = df[c].astype("str")
     df["start"] = pd.to_datetime(df["start"], utc=True).astype("datetime64[us, UTC]")
     for c in ["baseline_value", "followup_value", "change"]:
         df[c] = df[c].astype("float64")
