@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from qis_fhir.errors import MappingError
-from qis_fhir.quality.vocabulary import VOCABULARY, RuleArgumentError
+from qis_fhir.quality.vocabulary import VOCABULARY, RuleArgumentError, set_text
 
 SUITES_FILE = "quality.yaml"
 SCHEMA_VERSION = 1
@@ -58,7 +58,7 @@ class Rule:
         text = VOCABULARY[self.name].describe(self.args)
         if self.where:
             cond = " and ".join(
-                f"{c} == {v[0]}" if len(v) == 1 else f"{c} in {_short_set(v)}" for c, v in self.where.items()
+                f"{c} == {v[0]}" if len(v) == 1 else f"{c} in {set_text(v)}" for c, v in self.where.items()
             )
             text += f" (where {cond})"
         return text
@@ -86,12 +86,6 @@ class SuiteSet:
         rules = [[r.name, r.source, r.columns, r.args, r.where] for r in self.tables[table]]
         blob = json.dumps([table, rules], sort_keys=True, default=repr).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _short_set(values: tuple[Any, ...] | list[Any], limit: int = 8) -> str:
-    shown = ", ".join(str(v) for v in list(values)[:limit])
-    more = len(values) - limit
-    return "{" + shown + (f", ... (+{more} more)" if more > 0 else "") + "}"
 
 
 class _LineLoader(yaml.SafeLoader):

@@ -166,7 +166,8 @@ def _range_text(args: dict[str, Any]) -> str:
     return f">= {lo}" if lo is not None else f"<= {hi}"
 
 
-def _set_text(values: tuple[Any, ...], limit: int = 8) -> str:
+def set_text(values: tuple[Any, ...] | list[Any], limit: int = 8) -> str:
+    """``{a, b, ... (+n more)}``: a rule's expected values in a report line."""
     shown = ", ".join(str(v) for v in values[:limit])
     more = len(values) - limit
     return "{" + shown + (f", ... (+{more} more)" if more > 0 else "") + "}"
@@ -245,7 +246,7 @@ VOCABULARY: dict[str, ExpectationKind] = {
     "not_null": ExpectationKind(_per_column, lambda a: "no nulls" + _mostly_text(a), "rows"),
     "unique": ExpectationKind(_per_column, lambda a: "no duplicate values" + _mostly_text(a), "rows"),
     "matches_regex": ExpectationKind(_expand_regex, lambda a: f"matches {a['regex']}" + _mostly_text(a), "rows"),
-    "in_set": ExpectationKind(_expand_in_set, lambda a: f"in {_set_text(a['values'])}" + _mostly_text(a), "rows"),
+    "in_set": ExpectationKind(_expand_in_set, lambda a: f"in {set_text(a['values'])}" + _mostly_text(a), "rows"),
     "equals": ExpectationKind(_expand_equals, lambda a: f"equal to {a['value']}" + _mostly_text(a), "rows"),
     "between": ExpectationKind(_expand_between, lambda a: _range_text(a) + _mostly_text(a), "rows"),
     "not_in_future": ExpectationKind(_per_column, lambda a: "not later than the time of the check" + _mostly_text(a), "rows"),
