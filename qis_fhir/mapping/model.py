@@ -62,11 +62,6 @@ class OutcomeMeasure:
     episode_gap_days: int  # requests closer than this continue one episode
     description: str = ""
 
-    def responded(self, change: float) -> bool:
-        if self.direction == "lower":
-            return change <= -self.threshold
-        return change >= self.threshold
-
 
 @dataclass(frozen=True)
 class AgeBand:
@@ -96,9 +91,6 @@ class CohortSpec:
             if band.contains(years):
                 return band.label
         return UNKNOWN
-
-    def sex(self, value: str | None) -> str:
-        return value if value in self.sexes else UNKNOWN
 
 
 @dataclass(frozen=True)
