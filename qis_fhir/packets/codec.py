@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -82,11 +81,6 @@ def signing_bytes_from_wire(wire: bytes) -> bytes:
     accepted them): the wire minus ``,"sig":"..."``. Cheaper than re-encoding on the verify path."""
     i = wire.index(_SIG_KEY)
     return SIGNING_DOMAIN + wire[:i] + wire[i + len(_SIG_KEY) + 87 :]
-
-
-def content_digest(p: Packet) -> str:
-    """SHA-256 hex of the signed content: equal for a re-delivery, different for any changed field."""
-    return hashlib.sha256(signing_bytes(p)).hexdigest()
 
 
 def encode_packet(p: Packet) -> bytes:

@@ -137,7 +137,7 @@ class Verifier:
     def _check_replay(self, p: Packet, message: bytes, record: bool) -> Verdict:
         pid = p.packet_id
         seen = self.replay.get(p.site_id, pid)
-        digest = hashlib.sha256(message).hexdigest()  # == content_digest(p)
+        digest = hashlib.sha256(message).hexdigest()  # content digest: equal for a re-delivery, not for any changed field
         if seen is not None:
             if p.seq < seen:
                 return Verdict(False, "replay", p)
