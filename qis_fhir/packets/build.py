@@ -38,7 +38,7 @@ from qis_fhir.packets.model import (
     PacketFormatError,
     packet_id_of,
 )
-from qis_fhir.privacy.disclosure import check_single_granularity, disclosure_report
+from qis_fhir.privacy.disclosure import check_single_granularity, disclosure_report, is_publishable
 from qis_fhir.privacy.fingerprint import Fingerprinter
 
 if TYPE_CHECKING:
@@ -161,7 +161,7 @@ def build_packets(
         )
         for (bucket, age_band, sex, treatment, measure, period), row in grouped.iterrows():
             n = int(row["patients"])
-            if n < min_cell:
+            if not is_publishable(n, min_cell):
                 suppressed_buckets.append(bucket)
                 continue
             if not TREATMENT_RE.fullmatch(treatment) or not MEASURE_RE.fullmatch(measure):
