@@ -42,7 +42,7 @@ from qis_fhir.packets.keys import (
     write_private_key,
 )
 from qis_fhir.packets.model import MAPPING_VERSION_RE, SITE_ID_RE
-from qis_fhir.privacy.secrets import create_secret, read_secret
+from qis_fhir.privacy.secrets import create_secret, qis_fhir_home, read_secret
 
 MANIFEST = "manifest.json"
 NETWORK_SECRET = "network.secret"
@@ -239,8 +239,7 @@ def check_and_pin(m: NetworkManifest, pin_path: Path) -> None:
 
 def default_pin_path() -> Path:
     """``$QIS_FHIR_HOME/trust/manifest_pins.json`` (default home ``~/.qis-fhir``)."""
-    home = os.environ.get("QIS_FHIR_HOME") or str(Path.home() / ".qis-fhir")
-    return Path(home) / "trust" / "manifest_pins.json"
+    return qis_fhir_home() / "trust" / "manifest_pins.json"
 
 
 def manifest_path_of(path: Path | str) -> Path:

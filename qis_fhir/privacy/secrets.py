@@ -71,7 +71,11 @@ def create_secret(path: Path | str) -> bytes:
     return value
 
 
+def qis_fhir_home() -> Path:
+    """``$QIS_FHIR_HOME``, default ``~/.qis-fhir``: where the CLI keeps its default secret and pin file."""
+    return Path(os.environ.get("QIS_FHIR_HOME") or Path.home() / ".qis-fhir")
+
+
 def default_site_secret_path() -> Path:
     """Where a site secret lives when no site directory is given: ``$QIS_FHIR_HOME/site.secret``."""
-    home = os.environ.get("QIS_FHIR_HOME") or str(Path.home() / ".qis-fhir")
-    return Path(home) / "site.secret"
+    return qis_fhir_home() / "site.secret"
