@@ -77,11 +77,9 @@ def node(listen: str, bootstrap: str, data_dir: Path, network: Path, ksize: int,
 
 
 def _read_wires(path: Path) -> list[bytes]:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise InputNotFoundError(f"packet file {path} does not exist") from None
-    wires = [line.rstrip(b"\r") for line in data.split(b"\n") if line.strip()]
+    from qis_fhir.packets.build import read_packets
+
+    wires = read_packets(path)
     if not wires:
         raise InputNotFoundError(f"packet file {path} holds no packets")
     return wires
