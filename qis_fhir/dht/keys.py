@@ -19,8 +19,6 @@ import umsgpack
 # responses at all). We hold requests AND responses to the same cap, so a reply is never a datagram
 # a stricter peer or a small-MTU path would drop.
 RPC_CAP = 8192
-# rpcudp prefixes every datagram with a 1-byte kind and a 20-byte message id, outside the checked body.
-DATAGRAM_HEADER = 21
 
 _FP_RE = re.compile(r"^[0-9a-f]{64}$")
 

@@ -20,7 +20,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,6 @@ class NodeConfig:
     retries: int = 1  # a timed-out RPC is sent once more before the peer counts as gone
     max_inflight: int = 32  # outgoing RPCs in flight at once (per node or client)
     republish_concurrency: int = 4  # keys republished at once
-    extra: dict = field(default_factory=dict)
 
 
 def _random_id() -> bytes:

@@ -206,7 +206,7 @@ class PacketStore(IStorage):
         return {k for (k,) in self.db.execute("SELECT DISTINCT key_id FROM packets")}
 
     def digest(self, key: bytes) -> tuple[int, bytes]:
-        """(count, SHA-256 over the sorted (site, packet id, seq) triples) of one key's rows.
+        """(count, SHA-256 over the sorted (site, packet id, seq, wire hash) rows) of one key's rows.
 
         Replicas holding the same set answer with the same digest, so a querier fetches the further
         pages of a large key from one of them instead of from every replica.
