@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,7 +70,6 @@ SITE_RELEASE_STATE = object()  # sentinel: the site directory's release state fi
 class PacketBuild:
     packets: list[Packet]
     disclosure_report: dict
-    sizes: list[int] = field(default_factory=list)  # wire bytes of each packet, same order
 
 
 def default_seq(now: datetime | None = None) -> int:
@@ -192,7 +191,6 @@ def build_packets(
     packets.sort(key=lambda p: (p.fingerprint, p.treatment, p.measure, p.period))
     if state_path is not None:
         save_release_state(state_path, previous, packets)
-    sizes = [len(encode_packet(p)) for p in packets]
     report = disclosure_report(
         published_buckets,
         suppressed_buckets,
@@ -206,7 +204,7 @@ def build_packets(
         "packets: %d cells published (%d held unchanged), %d suppressed under min cell size %d; seq %d",
         len(packets), len(held_buckets), len(suppressed_buckets), min_cell, seq,
     )
-    return PacketBuild(packets, report, sizes)
+    return PacketBuild(packets, report)
 
 
 def load_release_state(path: Path | str, site: SiteIdentity) -> dict[str, Packet]:
