@@ -15,6 +15,8 @@ from qis_fhir.errors import MappingError
 from qis_fhir.mapping import load_mapping
 from qis_fhir.packets.build import build_packets, read_packets, write_disclosure_report, write_packets
 from qis_fhir.packets.codec import decode_packet, encode_packet
+from qis_fhir.packets.keys import create_site
+from qis_fhir.packets.manifest import add_site, create_network, load_network
 from qis_fhir.packets.verifier import Verifier
 from qis_fhir.privacy.fingerprint import Fingerprinter
 
@@ -129,14 +131,17 @@ def test_events_of_another_mapping_version_are_refused(net, mapping):
         build_packets(events, mapping, net.site_a, net.network, release_state=None, seq=1)
 
 
-def test_the_manifest_min_cell_size_governs(tmp_path, mapping):
-    from qis_fhir.packets.keys import create_site
-    from qis_fhir.packets.manifest import add_site, create_network, load_network
-
-    create_network(tmp_path / "n", min_cell_size=5)
+def _fresh_site(tmp_path, **network_options):
+    """A one-site network of its own: for release state in the site directory, or other network options."""
+    create_network(tmp_path / "n", network_id="hold", **network_options)
     site = create_site("s", tmp_path / "s")
     add_site(tmp_path / "n", tmp_path / "s")
-    b = build_packets(make_events({BIG: 5, SMALL: 4}), mapping, site, load_network(tmp_path / "n"), seq=1)
+    return site, load_network(tmp_path / "n")
+
+
+def test_the_manifest_min_cell_size_governs(tmp_path, mapping):
+    site, network = _fresh_site(tmp_path, min_cell_size=5)
+    b = build_packets(make_events({BIG: 5, SMALL: 4}), mapping, site, network, seq=1)
     assert [p.patients for p in b.packets] == [5]
 
 
@@ -175,16 +180,6 @@ def test_no_published_number_includes_a_suppressed_patient(net, mapping, cells):
     assert b.disclosure_report["cells"]["suppressed"] == sum(1 for n in cells.values() if n < 11)
     suppressed_patients = sum(n for n in cells.values() if n < 11)
     assert sum(p.patients for p in b.packets) == len(events) - suppressed_patients
-
-
-def _fresh_site(tmp_path):
-    from qis_fhir.packets.keys import create_site
-    from qis_fhir.packets.manifest import add_site, create_network, load_network
-
-    create_network(tmp_path / "n", network_id="hold")
-    site = create_site("s", tmp_path / "s")
-    add_site(tmp_path / "n", tmp_path / "s")
-    return site, load_network(tmp_path / "n")
 
 
 def test_small_changes_between_releases_are_held_back(tmp_path, mapping):
