@@ -132,18 +132,17 @@ def verify(packets: Path, manifest: Path, pins: Path | None, state: Path | None,
     Exits with PACKETS_REJECTED (10) if any packet was rejected."""
     from qis_fhir.packets.build import read_packets
     from qis_fhir.packets.manifest import default_pin_path, load_manifest
-    from qis_fhir.packets.verifier import Verifier
+    from qis_fhir.packets.replay import MemoryReplayState
+    from qis_fhir.packets.verifier import ACCEPTED, Verifier
 
     m = load_manifest(manifest, pinned_state=pins or default_pin_path())
     lines = read_packets(packets)
-    from qis_fhir.packets.replay import MemoryReplayState
-
     replay = MemoryReplayState.load(state) if state is not None else MemoryReplayState()
     verifier = Verifier(m, replay)
     reasons = Counter(verifier.verify(line).reason for line in lines)
     if state is not None:
         replay.save(state)
-    accepted = reasons["ok"] + reasons["duplicate"]
+    accepted = sum(reasons[r] for r in ACCEPTED)
     rejected = len(lines) - accepted
     result = {
         "network_id": m.network_id,
