@@ -59,6 +59,10 @@ _BAD_DETAIL = {
 }
 
 
+class _BrokenStream(Exception):
+    """A damaged compressed stream stopped an NDJSON file (raised by ``_Extraction._lines``)."""
+
+
 class _FileCounts:
     __slots__ = ("read", "accepted", "quarantined", "skipped")
 
@@ -183,86 +187,65 @@ class _Extraction:
         else:
             self._untyped_ndjson(src, fc)
 
-    def _lines(self, src: SourceFile, fc: _FileCounts, on_long: Callable[[int], None]):
-        """Yield (line number, bytes) of an NDJSON file; overlong lines go to ``on_long`` unparsed.
-
-        A line longer than the cap is never held whole: it is read in cap-sized pieces and dropped.
-        A damaged gzip stream ends the file with one ``corrupt_file`` record (the rest is unreadable).
+    def _lines(self, src: SourceFile):
+        """Yield each line of an NDJSON file (bytes), or None for a line longer than the cap: that one
+        is read past in cap-sized pieces, never held whole. Raises ``_BrokenStream`` where a damaged
+        gzip stream stops the file (the caller records it as the next line: the rest is unreadable).
         """
-        cap = self.max_line_bytes
-        limit = cap + 1
+        limit = self.max_line_bytes + 1
         reader, raw = open_binary(src.path)
         progress = self.progress
-        lineno = 0
-        last_pos = 0
+        n = last_pos = 0
         try:
             readline = reader.readline
             while True:
                 try:
                     line = readline(limit)
+                    if not line:
+                        break
+                    if len(line) == limit and line[-1] != 10:
+                        while line and line[-1] != 10:
+                            line = readline(limit)
+                        line = None
                 except _CORRUPT:
-                    lineno += 1
-                    fc.read += 1
-                    self.reject(fc, src.label, lineno, src.resource_type or UNKNOWN_TYPE, R.CORRUPT_FILE, _CORRUPT_DETAIL)
-                    return
-                if not line:
-                    break
-                lineno += 1
-                if len(line) == limit and line[-1] != 10:
-                    if not self._drain(readline, limit, fc, src.label, lineno, src.resource_type or UNKNOWN_TYPE):
-                        return
-                    on_long(lineno)
-                    continue
-                yield lineno, line
-                if progress is not None and not lineno % _PROGRESS_EVERY:
-                    pos = raw.tell()
-                    progress(pos - last_pos)
-                    last_pos = pos
+                    raise _BrokenStream from None
+                yield line
+                if progress is not None:
+                    n += 1
+                    if not n % _PROGRESS_EVERY:
+                        pos = raw.tell()
+                        progress(pos - last_pos)
+                        last_pos = pos
         finally:
             if progress is not None:
                 progress(src.path.stat().st_size - last_pos)
             reader.close()
             raw.close()
 
-    def _drain(self, readline, limit: int, fc: _FileCounts, label: str, lineno: int, rtype: str) -> bool:
-        """Read past the rest of an overlong line in bounded pieces; False if the stream broke."""
-        try:
-            while True:
-                piece = readline(limit)
-                if not piece or piece[-1] == 10:
-                    return True
-        except _CORRUPT:
-            fc.read += 1
-            self.reject(fc, label, lineno, rtype, R.CORRUPT_FILE, _CORRUPT_DETAIL)
-            return False
+    def _corrupt(self, fc: _FileCounts, label: str, lineno: int, rtype: str) -> None:
+        fc.read += 1
+        self.reject(fc, label, lineno, rtype, R.CORRUPT_FILE, _CORRUPT_DETAIL)
+
+    def _too_long(self, fc: _FileCounts, label: str, lineno: int, rtype: str) -> None:
+        """Quarantine an overlong line (the caller counts it as read)."""
+        self.reject(fc, label, lineno, rtype, R.LINE_TOO_LONG,
+                    f"line is longer than {self.max_line_bytes} bytes (not parsed)")
 
     def _skip_file(self, src: SourceFile, fc: _FileCounts) -> None:
         """A bulk file of a type the pipeline does not extract: count its lines, do not parse them."""
-        def on_long(lineno: int) -> None:
-            fc.read += 1
-            fc.skipped += 1
-            self.skipped_types[src.resource_type] += 1
-
         n = 0
-        for _lineno, _line in self._lines(src, fc, on_long):
-            n += 1
+        try:
+            for _line in self._lines(src):
+                n += 1
+        except _BrokenStream:
+            self._corrupt(fc, src.label, n + 1, src.resource_type)
         fc.read += n
         fc.skipped += n
         self.skipped_types[src.resource_type] += n
 
-    def _too_long(self, src: SourceFile, fc: _FileCounts) -> Callable[[int], None]:
-        rtype = src.resource_type or UNKNOWN_TYPE
-
-        def on_long(lineno: int) -> None:
-            fc.read += 1
-            self.reject(fc, src.label, lineno, rtype, R.LINE_TOO_LONG,
-                        f"line is longer than {self.max_line_bytes} bytes (not parsed)")
-
-        return on_long
-
     def _typed_ndjson(self, src: SourceFile, fc: _FileCounts) -> None:
-        """The hot loop: a bulk file of one extracted type. Written flat on purpose (no per-line calls
-        beyond the parse and the handler)."""
+        """The hot loop: a bulk file of one extracted type. Written flat on purpose (per line, nothing
+        beyond the shared line reader, the parse and the handler)."""
         rtype = src.resource_type
         label = src.label
         handler = self.handlers[rtype]
@@ -278,37 +261,14 @@ class _Extraction:
         reject = self.reject
         buf = sink.rows
         chunk = sink.chunk_rows
-        accepted = without_rows = 0
-        cap = self.max_line_bytes
-        limit = cap + 1
-        on_long = self._too_long(src, fc)
-        progress = self.progress
-        reader, raw = open_binary(src.path)
-        readline = reader.readline
-        lineno = last_pos = 0
+        lineno = accepted = without_rows = 0
+        lines = self._lines(src)
         try:
-            while True:
-                try:
-                    line = readline(limit)
-                except _CORRUPT:
-                    lineno += 1
-                    fc.read += 1
-                    reject(fc, label, lineno, rtype, R.CORRUPT_FILE, _CORRUPT_DETAIL)
-                    break
-                if not line:
-                    break
+            for line in lines:
                 lineno += 1
-                fc.read += 1
-                if len(line) == limit and line[-1] != 10:
-                    fc.read -= 1  # on_long counts it
-                    if not self._drain(readline, limit, fc, label, lineno, rtype):
-                        break
-                    on_long(lineno)
+                if line is None:
+                    self._too_long(fc, label, lineno, rtype)
                     continue
-                if progress is not None and not lineno % _PROGRESS_EVERY:
-                    pos = raw.tell()
-                    progress(pos - last_pos)
-                    last_pos = pos
                 try:
                     obj = loads(line)
                 except JSONDecodeError:
@@ -345,7 +305,10 @@ class _Extraction:
                     self.dropped_components.update(dropped)
                     dropped.clear()
                 accepted += 1
+        except _BrokenStream:
+            self._corrupt(fc, label, lineno + 1, rtype)
         finally:
+            fc.read += lineno
             fc.accepted += accepted
             if without_rows:
                 self.without_rows[rtype] += without_rows
@@ -353,24 +316,29 @@ class _Extraction:
             # reject() counted quarantined lines already; add the accepted ones
             counts[0] += accepted
             counts[1] += accepted
-            if progress is not None:
-                progress(src.path.stat().st_size - last_pos)
-            reader.close()
-            raw.close()
+            lines.close()
 
     def _untyped_ndjson(self, src: SourceFile, fc: _FileCounts) -> None:
         """An NDJSON file whose name does not say the type: each line's resourceType decides."""
         label = src.label
-        on_long = self._too_long(src, fc)
-        for lineno, line in self._lines(src, fc, on_long):
-            try:
-                obj = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                fc.read += 1
-                reason = _bad_bytes_reason(line)
-                self.reject(fc, label, lineno, UNKNOWN_TYPE, reason, _BAD_DETAIL[reason])
-                continue
-            self.resource(obj, fc, label, lineno, None, line)
+        lineno = 0
+        try:
+            for line in self._lines(src):
+                lineno += 1
+                if line is None:
+                    fc.read += 1
+                    self._too_long(fc, label, lineno, UNKNOWN_TYPE)
+                    continue
+                try:
+                    obj = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    fc.read += 1
+                    reason = _bad_bytes_reason(line)
+                    self.reject(fc, label, lineno, UNKNOWN_TYPE, reason, _BAD_DETAIL[reason])
+                    continue
+                self.resource(obj, fc, label, lineno, None, line)
+        except _BrokenStream:
+            self._corrupt(fc, label, lineno + 1, UNKNOWN_TYPE)
 
     def _json_file(self, src: SourceFile, fc: _FileCounts) -> None:
         """A Bundle (entries are the "lines", numbered from 1) or a single resource (line 1)."""
