@@ -23,7 +23,7 @@ import hashlib
 import os
 import re
 import secrets as _secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -73,7 +73,7 @@ class NetworkManifest:
     governance_public_key: bytes  # 32 raw bytes
     issued: str
     signature: bytes = b""
-    _by_key: dict[str, SiteEntry] = field(default_factory=dict, repr=False, compare=False)
+    _by_key: dict[str, SiteEntry] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._by_key.update({s.key_id: s for s in self.sites})
@@ -272,22 +272,7 @@ def load_manifest(path: Path | str, *, pinned_state: Path | None = None) -> Netw
 def sign_manifest(m: NetworkManifest, governance_key: Ed25519PrivateKey) -> NetworkManifest:
     if raw_public(governance_key.public_key()) != m.governance_public_key:
         raise ManifestError("the governance key does not match the manifest's governance public key")
-    unsigned = NetworkManifest(**{**_fields(m), "signature": b""})
-    return NetworkManifest(**{**_fields(m), "signature": governance_key.sign(unsigned.signed_bytes())})
-
-
-def _fields(m: NetworkManifest) -> dict:
-    return {
-        "network_id": m.network_id,
-        "version": m.version,
-        "min_cell_size": m.min_cell_size,
-        "accepted_mapping_versions": m.accepted_mapping_versions,
-        "sites": m.sites,
-        "revoked_key_ids": m.revoked_key_ids,
-        "governance_public_key": m.governance_public_key,
-        "issued": m.issued,
-        "signature": m.signature,
-    }
+    return replace(m, signature=governance_key.sign(m.signed_bytes()))  # signed_bytes never cover the signature
 
 
 def create_network(
@@ -332,10 +317,7 @@ def _update(net_dir: Path | str, change) -> NetworkManifest:
     net_dir = Path(net_dir)
     gov = read_private_key(net_dir / GOVERNANCE_KEY)
     current = load_manifest(net_dir / MANIFEST)
-    fields = _fields(current)
-    change(fields, current)
-    fields.update(version=current.version + 1, issued=_today(), signature=b"")
-    m = sign_manifest(NetworkManifest(**fields), gov)
+    m = sign_manifest(replace(current, **change(current), version=current.version + 1, issued=_today()), gov)
     atomic_write(net_dir / MANIFEST, m.to_json())
     return m
 
@@ -344,14 +326,14 @@ def add_site(net_dir: Path | str, site_dir: Path | str) -> NetworkManifest:
     """Add a site's public key (from its ``site.json``) to the manifest, re-sign, version + 1."""
     info = read_site_info(site_dir)
 
-    def change(fields: dict, current: NetworkManifest) -> None:
+    def change(current: NetworkManifest) -> dict:
         if info["key_id"] in current.revoked_key_ids:
             raise ManifestError(f"key {info['key_id']} was revoked; a revoked key cannot be added again")
         if current.site_for_key(info["key_id"]) is not None:
             raise AlreadyExistsError(f"key {info['key_id']} of site {info['site_id']} is already in the manifest")
         if info["key_id"] == current.governance_key_id:
             raise ManifestError("the governance key cannot be a site key")
-        fields["sites"] = current.sites + (SiteEntry(info["site_id"], info["key_id"], info["public_key"], _today()),)
+        return {"sites": current.sites + (SiteEntry(info["site_id"], info["key_id"], info["public_key"], _today()),)}
 
     return _update(net_dir, change)
 
@@ -359,11 +341,11 @@ def add_site(net_dir: Path | str, site_dir: Path | str) -> NetworkManifest:
 def revoke(net_dir: Path | str, site_id: str, *, key_id: str | None = None) -> NetworkManifest:
     """Revoke every key of ``site_id`` (or only ``key_id``); re-sign, version + 1."""
 
-    def change(fields: dict, current: NetworkManifest) -> None:
+    def change(current: NetworkManifest) -> dict:
         keys = {s.key_id for s in current.sites if s.site_id == site_id and (key_id is None or s.key_id == key_id)}
         if not keys:
             raise InputNotFoundError(f"site {site_id} has no such key in the manifest")
-        fields["revoked_key_ids"] = current.revoked_key_ids | keys
+        return {"revoked_key_ids": current.revoked_key_ids | keys}
 
     return _update(net_dir, change)
 
@@ -373,8 +355,8 @@ def accept_mapping_version(net_dir: Path | str, version: str) -> NetworkManifest
     if not MAPPING_VERSION_RE.fullmatch(version):
         raise ManifestError(f"bad mapping version {version!r}")
 
-    def change(fields: dict, current: NetworkManifest) -> None:
-        fields["accepted_mapping_versions"] = tuple(sorted(set(current.accepted_mapping_versions) | {version}))
+    def change(current: NetworkManifest) -> dict:
+        return {"accepted_mapping_versions": tuple(sorted(set(current.accepted_mapping_versions) | {version}))}
 
     return _update(net_dir, change)
 
