@@ -69,8 +69,8 @@ def reference_type(ref: str, urns: dict[str, str] | None, field: str) -> tuple[s
     raise Reject(R.INVALID_REFERENCE, f"{field} is not a literal reference")
 
 
-def pick_coding(cc: object, preferred: str, field: str) -> tuple[str, str]:
-    """(system, code) of the ``preferred``-system coding, else the first coding with both."""
+def usable_codings(cc: object, field: str) -> list[tuple[str, str]]:
+    """(system, code) of every coding of a CodeableConcept with both; raises when there is none."""
     if type(cc) is not dict:
         if cc is None:
             raise Reject(R.MISSING_CODE, f"{field} is missing")
@@ -78,47 +78,32 @@ def pick_coding(cc: object, preferred: str, field: str) -> tuple[str, str]:
     codings = cc.get("coding")
     if type(codings) is not list or not codings:
         raise Reject(R.MISSING_CODE, f"{field} has no coding")
-    first = None
+    usable = []
     for c in codings:
         if type(c) is dict:
             s = c.get("system")
             k = c.get("code")
             if type(s) is str and type(k) is str and s and k:
-                if s == preferred:
-                    return s, k
-                if first is None:
-                    first = (s, k)
-    if first is None:
+                usable.append((s, k))
+    if not usable:
         raise Reject(R.MISSING_CODE, f"{field} has no coding with both a system and a code")
-    return first
+    return usable
+
+
+def pick_coding(cc: object, preferred: str, field: str) -> tuple[str, str]:
+    """(system, code) of the ``preferred``-system coding, else the first coding with both."""
+    usable = usable_codings(cc, field)
+    for sk in usable:
+        if sk[0] == preferred:
+            return sk
+    return usable[0]
 
 
 def condition_codings(cc: object) -> list[tuple[str, str]]:
     """Every SNOMED CT / ICD-10-CM coding, else the first usable coding (docs/architecture.md)."""
-    if type(cc) is not dict:
-        if cc is None:
-            raise Reject(R.MISSING_CODE, "code is missing")
-        raise Reject(R.INVALID_FIELD, "code is not a CodeableConcept")
-    codings = cc.get("coding")
-    if type(codings) is not list or not codings:
-        raise Reject(R.MISSING_CODE, "code has no coding")
-    chosen: list[tuple[str, str]] = []
-    first = None
-    for c in codings:
-        if type(c) is dict:
-            s = c.get("system")
-            k = c.get("code")
-            if type(s) is str and type(k) is str and s and k:
-                if s in CONDITION_SYSTEMS:
-                    if (s, k) not in chosen:
-                        chosen.append((s, k))
-                elif first is None:
-                    first = (s, k)
-    if chosen:
-        return chosen
-    if first is None:
-        raise Reject(R.MISSING_CODE, "code has no coding with both a system and a code")
-    return [first]
+    usable = usable_codings(cc, "code")
+    chosen = [sk for sk in dict.fromkeys(usable) if sk[0] in CONDITION_SYSTEMS]
+    return chosen or usable[:1]
 
 
 def make_handlers(
@@ -162,6 +147,19 @@ def make_handlers(
         if type(period) is not dict:
             raise Reject(R.INVALID_FIELD, f"{name} is not a Period")
         return period.get("start")
+
+    def first_date(obj: dict, direct: str, period: str, fallback: str | None, field: str) -> int | None:
+        """``direct``, else ``period``.start, else ``fallback`` as a timestamp; None when all are absent."""
+        text = obj.get(direct)
+        if text is None:
+            text = period_start(obj, period)
+            if text is None:
+                if fallback is None:
+                    return None
+                text = obj.get(fallback)
+                if text is None:
+                    return None
+        return when(text, field)
 
     def resource_id(obj: dict) -> str:
         rid = obj.get("id")
@@ -219,14 +217,9 @@ def make_handlers(
         pk = subject_key(o, urns)
         system, code = pick_coding(o.get("code"), LOINC, "code")
         status = status_of(o)
-        eff = o.get("effectiveDateTime")
-        if eff is None:
-            eff = period_start(o, "effectivePeriod")
-            if eff is None:
-                eff = o.get("issued")
-                if eff is None:
-                    raise Reject(R.MISSING_DATE, "no effectiveDateTime, effectivePeriod.start or issued")
-        ts = when(eff, "effective")
+        ts = first_date(o, "effectiveDateTime", "effectivePeriod", "issued", "effective")
+        if ts is None:
+            raise Reject(R.MISSING_DATE, "no effectiveDateTime, effectivePeriod.start or issued")
         okey = observation_key(rid)
         rows = []
         vq = o.get("valueQuantity")
@@ -332,18 +325,10 @@ def make_handlers(
         rid = resource_id(o)
         pk = subject_key(o, urns)
         codes = condition_codings(o.get("code"))
-        onset = o.get("onsetDateTime")
-        if onset is None:
-            onset = period_start(o, "onsetPeriod")
-            if onset is None:
-                onset = o.get("recordedDate")
-                if onset is None:
-                    raise Reject(R.MISSING_DATE, "no onsetDateTime, onsetPeriod.start or recordedDate")
-        onset_ts = when(onset, "onset")
-        abatement = o.get("abatementDateTime")
-        if abatement is None:
-            abatement = period_start(o, "abatementPeriod")
-        abatement_ts = None if abatement is None else when(abatement, "abatement")
+        onset_ts = first_date(o, "onsetDateTime", "onsetPeriod", "recordedDate", "onset")
+        if onset_ts is None:
+            raise Reject(R.MISSING_DATE, "no onsetDateTime, onsetPeriod.start or recordedDate")
+        abatement_ts = first_date(o, "abatementDateTime", "abatementPeriod", None, "abatement")
         clinical = None
         cs = o.get("clinicalStatus")
         if cs is not None:
