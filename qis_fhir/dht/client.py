@@ -255,7 +255,7 @@ class DhtClient:
         started = time.perf_counter()
         sent0, failed0 = self.protocol.rpc_sent, self.protocol.rpc_failed
         rejected: Counter[str] = Counter()
-        best: dict[tuple[str, str], tuple[int, bytes, Any]] = {}
+        best: dict[tuple[str, str], tuple[bytes, Any]] = {}
         superseded = 0
         for packet in packets:
             wire = _wire_of(packet)
@@ -267,12 +267,12 @@ class DhtClient:
             ident = (p.site_id, p.packet_id)
             if ident in best:
                 superseded += 1
-                if best[ident][0] >= p.seq:
+                if best[ident][1].seq >= p.seq:
                     continue
-            best[ident] = (p.seq, wire, p)
+            best[ident] = (wire, p)
         by_key: dict[bytes, list[tuple[PacketReceipt, bytes]]] = {}
         receipts = []
-        for seq, wire, p in best.values():
+        for wire, p in best.values():
             receipt = PacketReceipt(p.site_id, p.packet_id, p.fingerprint, p.seq)
             receipts.append(receipt)
             by_key.setdefault(dht_key(p.fingerprint), []).append((receipt, wire))
