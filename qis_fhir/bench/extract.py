@@ -91,12 +91,12 @@ def _child() -> None:
                       "validation_warmup_s": warmup_s}))
 
 
-def _extract_in_child(export: Path, out: Path, validate: str) -> dict:
-    code = "from qis_fhir.bench.extract import _child; _child()"
-    args = json.dumps({"export": str(export), "out": str(out), "validate": validate})
-    proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, timeout=3600)
+def _in_child(function: str, args: dict) -> dict:
+    """Run ``function`` of this module in a fresh interpreter with ``args``; its last stdout line (JSON)."""
+    code = f"from qis_fhir.bench.extract import {function}; {function}()"
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
-        raise RuntimeError(f"extract bench child failed: {proc.stderr[-2000:]}")
+        raise RuntimeError(f"extract bench child {function} failed: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -222,16 +222,6 @@ def _interleaved_child() -> None:
                       "floors_us_per_line": {k: v / lines_done["floors"] * 1e6 for k, v in floor_cpu.items()}}))
 
 
-def _interleaved_in_child(slices: list[Path], one_line: Path, scratch: Path, rounds: int, pydantic_step: int) -> dict:
-    code = "from qis_fhir.bench.extract import _interleaved_child; _interleaved_child()"
-    args = json.dumps({"slices": [str(s) for s in slices], "one_line": str(one_line), "scratch": str(scratch),
-                       "rounds": rounds, "pydantic_step": pydantic_step})
-    proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"extract bench interleaved child failed: {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def run(options) -> dict:
     """Generate the export, time the contenders interleaved on its slices, measure peak RSS; return the figures."""
     from qis_fhir.synth import generate_export
@@ -266,8 +256,9 @@ def run(options) -> dict:
         scratch.mkdir()
         step = max(PYDANTIC_MIN_STEP, observations // PYDANTIC_SAMPLE)
         rounds = math.ceil(MIN_TIMED_SLICES / len(slices))
-        inter = _interleaved_in_child(slices, one_line, scratch, rounds, step)
-        whole = _extract_in_child(only_obs, tmp_path / "out-whole", "sample")
+        inter = _in_child("_interleaved_child", {"slices": [str(s) for s in slices], "one_line": str(one_line),
+                                                 "scratch": str(scratch), "rounds": rounds, "pydantic_step": step})
+        whole = _in_child("_child", {"export": str(only_obs), "out": str(tmp_path / "out-whole"), "validate": "sample"})
     read = whole["totals"]["read"]
     if read != observations:
         raise RuntimeError(f"extraction read {read} lines, the files hold {observations}")
