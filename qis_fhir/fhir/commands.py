@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from qis_fhir.errors import NothingExtractedError
-from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE
+from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, MODES
 
 
 @click.command()
@@ -16,7 +16,7 @@ from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option(
     "--validate",
-    type=click.Choice(["full", "sample", "off"]),
+    type=click.Choice(MODES),
     default="sample",
     show_default=True,
     help="fhir.resources R4B model validation on top of the strict field checks: every resource, "
