@@ -65,4 +65,3 @@ TABLE_OF_TYPE: dict[str, str] = {
     "MedicationRequest": "medication_requests",
     "Observation": "observations",
 }
-EXTRACTED_TYPES: frozenset[str] = frozenset(TABLE_OF_TYPE)
