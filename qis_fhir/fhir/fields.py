@@ -23,12 +23,10 @@ from qis_fhir.fhir import reasons as R
 from qis_fhir.fhir.dates import _cache as _date_cache
 from qis_fhir.fhir.dates import instant_us
 from qis_fhir.fhir.reasons import Reject
-from qis_fhir.fhir.units import UCUM_SYSTEM, allowed_units
+from qis_fhir.fhir.systems import ICD10CM, LOINC, RXNORM, SNOMED
+from qis_fhir.fhir.systems import UCUM as UCUM_SYSTEM
+from qis_fhir.fhir.units import allowed_units
 
-SNOMED = "http://snomed.info/sct"
-ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
-RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
-LOINC = "http://loinc.org"
 CONDITION_SYSTEMS = frozenset({SNOMED, ICD10CM})
 GENDERS = frozenset({"female", "male", "other", "unknown"})
 MAX_ID_CHARS = 64  # FHIR id: 1..64 characters

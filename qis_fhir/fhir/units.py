@@ -5,7 +5,6 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-UCUM_SYSTEM = "http://unitsofmeasure.org"
 UNITS_FILE = Path(__file__).with_name("ucum_units.txt")
 
 

@@ -12,13 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qis_fhir.fhir.systems import ICD10CM, LOINC, RXNORM, SNOMED  # noqa: F401  (re-exported by qis_fhir.mapping)
+
 if TYPE_CHECKING:
     import pandas as pd
 
-SNOMED = "http://snomed.info/sct"
-ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
-RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
-LOINC = "http://loinc.org"
 
 #: YAML key of a code list -> FHIR system URI it matches
 CONDITION_SYSTEMS: dict[str, str] = {"snomed": SNOMED, "icd10cm": ICD10CM}

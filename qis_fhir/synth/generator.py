@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from qis_fhir.errors import AlreadyExistsError, ExitCode, QisError
+from qis_fhir.fhir.systems import RXNORM, SNOMED
 from qis_fhir.synth import catalogue as cat
 from qis_fhir.synth import names
 from qis_fhir.synth import resources as fhir
@@ -650,11 +651,11 @@ class _Generator:
 
 def _condition_codes(bucket: cat.Bucket) -> dict[str, Any]:
     codes = [bucket.snomed] + ([bucket.alt_code[0]] if bucket.alt_code else [])
-    return {"system": cat.SNOMED, "code": bucket.snomed, "codes": codes, "display": bucket.display}
+    return {"system": SNOMED, "code": bucket.snomed, "codes": codes, "display": bucket.display}
 
 
 def _treatment_dict(t: cat.Treatment) -> dict[str, Any]:
-    return {"key": t.key, "system": cat.RXNORM, "rxnorm": t.rxnorm, "name": t.display,
+    return {"key": t.key, "system": RXNORM, "rxnorm": t.rxnorm, "name": t.display,
             "tx_code_v1": t.tx_code}
 
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import orjson
 
-from qis_fhir.synth.catalogue import DBP_LOINC, LOINC, RXNORM, SBP, SNOMED, UCUM, Bucket, Measure, Treatment
+from qis_fhir.fhir.systems import LOINC, RXNORM, SNOMED, UCUM
+from qis_fhir.synth.catalogue import DBP_LOINC, SBP, Bucket, Measure, Treatment
 
 OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 SYNTHEA_DIV = "http://www.w3.org/1999/xhtml"

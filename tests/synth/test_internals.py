@@ -7,6 +7,7 @@ from pathlib import Path
 
 import orjson
 
+from qis_fhir.fhir.systems import RXNORM, SNOMED
 from qis_fhir.mapping import load_mapping
 from qis_fhir.synth import catalogue as cat
 from qis_fhir.synth import generate_export
@@ -21,7 +22,7 @@ def test_catalogue_codes_and_timeline_agree_with_mapping_v1() -> None:
     for bucket in cat.BUCKETS:
         codes = [bucket.snomed] + ([bucket.alt_code[0]] if bucket.alt_code else [])
         for code in codes:
-            assert m.bucket_for(cat.SNOMED, code) == bucket.key
+            assert m.bucket_for(SNOMED, code) == bucket.key
         measure = m.measures[bucket.measure.key]
         assert measure.id in m.buckets[bucket.key].measures
         assert (measure.loinc, measure.unit, measure.direction, measure.threshold) == (
@@ -29,7 +30,7 @@ def test_catalogue_codes_and_timeline_agree_with_mapping_v1() -> None:
         if bucket.measure.panel:
             assert bucket.measure.panel[0] in measure.panels and cat.BP_PANEL_ALT[0] in measure.panels
         for t in bucket.treatments:
-            assert m.treatment_for(cat.RXNORM, t.rxnorm) == t.tx_code
+            assert m.treatment_for(RXNORM, t.rxnorm) == t.tx_code
             assert bucket.key in m.treatments[t.tx_code].buckets
         # the planted timeline must put exactly one baseline and one follow-up inside the windows
         assert gen.BASELINE_DAYS[1] < measure.baseline_days < gen.DIAGNOSIS_VALUE_MIN_DAYS
