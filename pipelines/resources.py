@@ -56,9 +56,9 @@ class SiteConfig(ConfigurableResource):
 
     def secret(self) -> bytes:
         """The site's pseudonymisation secret (created with mode 0600 on first use)."""
-        from qis_fhir.privacy.secrets import default_site_secret_path, load_or_create_secret
+        from qis_fhir.privacy.secrets import load_or_create_secret
 
-        return load_or_create_secret(self.site_secret_path or default_site_secret_path())
+        return load_or_create_secret(self.site_secret_path)
 
 
 #: environment variable -> SiteConfig field

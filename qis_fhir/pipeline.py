@@ -91,9 +91,9 @@ def run_pipeline(config: RunConfig) -> RunResult:
         # pin the governance key and refuse a manifest older than one this site has seen
         network = load_network(config.network_dir, pinned_state=Path(config.site_dir) / "manifest_pins.json")
     else:
-        from qis_fhir.privacy.secrets import default_site_secret_path, load_or_create_secret
+        from qis_fhir.privacy.secrets import load_or_create_secret
 
-        secret = load_or_create_secret(config.site_secret_path or default_site_secret_path())
+        secret = load_or_create_secret(config.site_secret_path)
 
     log.info("extract: reading %s", export_dir.name)
     summary = extract_export(

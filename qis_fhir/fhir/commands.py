@@ -53,9 +53,9 @@ def extract(
     Exits with NOTHING_EXTRACTED (6) when no resource at all was accepted.
     """
     from qis_fhir.fhir.extract import extract_export
-    from qis_fhir.privacy.secrets import default_site_secret_path, load_or_create_secret
+    from qis_fhir.privacy.secrets import load_or_create_secret
 
-    secret = load_or_create_secret(site_secret or default_site_secret_path())
+    secret = load_or_create_secret(site_secret)
     if progress is None:
         progress = sys.stderr.isatty()
     summary = extract_export(

@@ -53,9 +53,10 @@ def read_secret(path: Path | str) -> bytes:
     return value
 
 
-def load_or_create_secret(path: Path | str) -> bytes:
-    """Return the secret at ``path``, creating it (mode 0600) if it does not exist yet."""
-    path = Path(path)
+def load_or_create_secret(path: Path | str | None) -> bytes:
+    """Return the secret at ``path`` (None: ``default_site_secret_path()``), creating it (mode 0600)
+    if it does not exist yet."""
+    path = Path(path) if path else default_site_secret_path()
     if not path.exists():
         try:
             return create_secret(path)
