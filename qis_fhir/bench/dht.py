@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import signal
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from qis_fhir.dht.cluster import stop_processes, wait_for_json
+from qis_fhir.files import atomic_write
 
 DEFAULT_SIZES = (10, 30, 100)
 SITES = 5
@@ -65,9 +65,7 @@ async def _worker(count: int, seed: str, manifest: str, root: str, ksize: int, o
         nodes.append(node)
         if not boot:
             boot = [(node.host, node.port)]
-    tmp = out + ".tmp"
-    Path(tmp).write_text(json.dumps([[n.host, n.port] for n in nodes]))
-    os.replace(tmp, out)
+    atomic_write(Path(out), json.dumps([[n.host, n.port] for n in nodes]).encode())
     await stop.wait()
     for node in nodes:
         node.stop()

@@ -27,7 +27,8 @@ import orjson
 from qis_fhir.errors import InputNotFoundError, MappingError, QisError
 from qis_fhir.packets.codec import PacketSigner, decode_packet, encode_packet
 from qis_fhir.packets.keys import SiteIdentity
-from qis_fhir.packets.manifest import NetworkContext, atomic_write
+from qis_fhir.files import atomic_write
+from qis_fhir.packets.manifest import NetworkContext
 from qis_fhir.packets.model import (
     MAX_WIRE_BYTES,
     MEASURE_RE,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import binascii
 import hashlib
-import os
 import re
 import secrets as _secrets
 from dataclasses import dataclass, field, replace
@@ -32,6 +31,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from qis_fhir.errors import AlreadyExistsError, InputNotFoundError, ManifestError
+from qis_fhir.files import atomic_write
 from qis_fhir.packets.keys import (
     b64,
     key_id_of,
@@ -198,19 +198,6 @@ def _read_pins(pin_path: Path) -> dict:
     if not isinstance(pins, dict):
         raise ManifestError(f"pin file {pin_path} is corrupt; inspect it before trusting any manifest")
     return pins
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically (temporary file, fsync, rename): readers see the old
-    file or the new one, never half of one. The packet stage's one writer of replaceable files."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{_secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def check_and_pin(m: NetworkManifest, pin_path: Path) -> None:
