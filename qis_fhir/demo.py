@@ -13,7 +13,6 @@ Everything is written under ``--out``; ``demo_summary.json`` holds the figures p
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -22,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
+
+from qis_fhir.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def run_demo(config: DemoConfig) -> dict:
     finally:
         cluster.stop_all()
     summary["elapsed_s"] = round(time.monotonic() - started, 1)
-    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_json(out / "demo_summary.json", summary)
     return summary
 
 

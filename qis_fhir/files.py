@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from pathlib import Path
@@ -19,3 +20,8 @@ def atomic_write(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """A report as indented, key-sorted JSON (the run's summaries and reports), written atomically."""
+    atomic_write(Path(path), (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8"))

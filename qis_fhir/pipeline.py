@@ -8,12 +8,12 @@ suite stops the run before anything could be published.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qis_fhir.errors import InputNotFoundError, PublishIncompleteError
+from qis_fhir.files import write_json
 from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE
 from qis_fhir.outcomes.events import OUTCOME_EVENTS, OUTCOME_SUMMARY
 
@@ -57,10 +57,6 @@ class RunResult:
         if self.publish is not None:
             names.append(PUBLISH_REPORT)
         return {n: self.out_dir / n for n in names if (self.out_dir / n).exists()}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
 def run_pipeline(config: RunConfig) -> RunResult:
@@ -132,7 +128,7 @@ def run_pipeline(config: RunConfig) -> RunResult:
 
             report = publish(built.packets, list(config.bootstrap), network.manifest)
             result.publish = report.to_dict()
-            _write_json(out_dir / PUBLISH_REPORT, result.publish)
+            write_json(out_dir / PUBLISH_REPORT, result.publish)
             if report.unconfirmed:  # the package's set() would have said True; we say what happened
                 raise PublishIncompleteError(
                     f"{len(report.unconfirmed)} of {len(report.receipts)} packets were confirmed by no DHT "

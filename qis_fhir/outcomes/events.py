@@ -9,13 +9,13 @@ per treatment too; the summary says why every episode that is not an event is no
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from qis_fhir.files import write_json
 from qis_fhir.mapping import UNKNOWN, MappingSet
 from qis_fhir.outcomes.linkage import link_requests
 from qis_fhir.outcomes.windows import day_number, find_values, measure_observations, measure_table
@@ -65,7 +65,7 @@ class OutcomeResult:
         out_dir = Path(out_dir)
         events_path, summary_path = out_dir / OUTCOME_EVENTS, out_dir / OUTCOME_SUMMARY
         self.events.to_parquet(events_path, index=False)
-        summary_path.write_text(json.dumps(self.summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_json(summary_path, self.summary)
         return events_path, summary_path
 
 

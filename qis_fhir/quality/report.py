@@ -7,12 +7,12 @@ exception messages (which can quote data) are deliberately never copied in.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qis_fhir.errors import QualityError
+from qis_fhir.files import write_json
 from qis_fhir.quality.suites import Rule
 
 
@@ -140,8 +140,7 @@ class QualityReport:
     def write(self, path: Path | str) -> Path:
         """Write ``to_dict()`` as JSON (``quality_report.json`` of a run, ``quality/<asset>.json`` in Dagster)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_json(path, self.to_dict())  # creates the folder
         return path
 
     def raise_for_failure(self) -> None:
