@@ -27,7 +27,6 @@ def make_observations(rows: int, seed: int = 7):
     keys = np.array([f"{i:032x}" for i in rng.integers(0, 2**62, max(rows // 50, 1))])
     return pd.DataFrame(
         {
-            "observation_key": pd.array([f"{i:032x}" for i in rng.integers(0, 2**62, rows)], dtype="str"),
             "patient_key": pd.array(keys[rng.integers(0, len(keys), rows)], dtype="str"),
             "code_system": pd.array(["http://loinc.org"] * rows, dtype="str"),
             "code": pd.array(code, dtype="str"),
@@ -37,6 +36,8 @@ def make_observations(rows: int, seed: int = 7):
             "effective": pd.Timestamp("2015-01-01", tz="UTC")
             + pd.to_timedelta(rng.integers(0, 3000, rows), unit="D"),
             "status": pd.array(["final"] * rows, dtype="str"),
+            "source_file": pd.array(["Observation.000.ndjson"] * rows, dtype="str"),
+            "source_line": np.arange(1, rows + 1, dtype="int64"),
         }
     )
 

@@ -2,8 +2,9 @@
 
 Each handler reads only the fields its table needs, checks each value's JSON type and form, and
 either returns the rows (tuples in ``schema.TABLES`` column order) or raises ``Reject`` with a reason.
-This runs on every resource, so it is written for speed: closures over local names, no per-row
-dicts, a date cache, and the patient key memoised by ``Pseudonymizer``.
+Written for speed (closures over local names, no per-row dicts, a date cache, the patient key
+memoised by ``Pseudonymizer``), though the common Observation line never gets here: ``fastpath.py``
+takes it, and hands anything it is not sure of to ``observation`` below.
 
 Observation rules (docs/extract.md):
 - the Observation's own ``valueQuantity`` gives one row; a malformed one rejects the resource;
@@ -16,7 +17,6 @@ Observation rules (docs/extract.md):
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
 from qis_fhir.fhir import reasons as R
@@ -31,7 +31,7 @@ CONDITION_SYSTEMS = frozenset({SNOMED, ICD10CM})
 GENDERS = frozenset({"female", "male", "other", "unknown"})
 MAX_ID_CHARS = 64  # FHIR id: 1..64 characters
 
-Handler = Callable[[dict, "dict[str, str] | None"], list]
+Handler = Callable[[dict, "dict[str, str] | None", int], list]
 
 
 def _reference_parts(ref: str, urns: dict[str, str] | None, field: str) -> list[str]:
@@ -108,21 +108,18 @@ def make_handlers(
     patient_key: Callable[[str], str],
     own_key_for: Callable[[str], Callable[[str], str]],
     dropped: list[str],
-    *,
-    fast: bool = True,
 ) -> dict[str, Handler]:
     """Handlers by resource type. ``patient_key`` is memoised (references repeat); a resource's own
     key, seen once, comes uncached from ``own_key_for(type)(id)`` (``OwnKeys.for_type``).
 
     Reasons of components dropped from an otherwise usable Observation are appended to ``dropped``;
     the caller counts them once the resource is finally accepted (model validation may still reject
-    it) and clears the list after every resource. ``fast=False`` leaves out the Observation fast path
-    (tests compare both on real data: they must give identical rows).
+    it) and clears the list after every resource. ``line`` is where the resource was read (line or
+    Bundle entry number); observation rows carry it as provenance (the sink adds the file).
     """
     units = allowed_units()
     pending = dropped
     medications: dict[str, tuple[str, str]] = {}  # "Medication/<id>" -> (system, code)
-    observation_key = own_key_for("Observation")
     condition_key = own_key_for("Condition")
     request_key = own_key_for("MedicationRequest")
     date_get = _date_cache.get
@@ -210,20 +207,19 @@ def make_handlers(
             raise Reject(R.UNKNOWN_UNIT, f"{field} unit is not in the UCUM allow-list")
         return v, unit
 
-    def observation_checked(o: dict, urns: dict[str, str] | None) -> list:
-        rid = resource_id(o)
+    def observation(o: dict, urns: dict[str, str] | None, line: int) -> list:
+        resource_id(o)
         pk = subject_key(o, urns)
         system, code = pick_coding(o.get("code"), LOINC, "code")
         status = status_of(o)
         ts = first_date(o, "effectiveDateTime", "effectivePeriod", "issued", "effective")
         if ts is None:
             raise Reject(R.MISSING_DATE, "no effectiveDateTime, effectivePeriod.start or issued")
-        okey = observation_key(rid)
         rows = []
         vq = o.get("valueQuantity")
         if vq is not None:
             value, unit = quantity(vq, "valueQuantity")
-            rows.append((okey, pk, system, code, None, value, unit, ts, status))
+            rows.append((pk, system, code, None, value, unit, ts, status, line))
         comps = o.get("component")
         if comps is not None:
             if type(comps) is not list:
@@ -247,79 +243,15 @@ def make_handlers(
                         first_reason, first_detail = rej.reason, rej.detail
                     dropped.append(rej.reason)
                     continue
-                rows.append((okey, pk, csys, ccode, code, cvalue, cunit, ts, status))
+                rows.append((pk, csys, ccode, code, cvalue, cunit, ts, status, line))
             if dropped is not None:
                 if not rows:
                     raise Reject(first_reason, "no numeric value left: " + first_detail)
                 pending.extend(dropped)
         return rows
 
-    intern = sys.intern
-    pkey_cache: dict[str, str] = {}
-    pkey_get = pkey_cache.get
 
-    def observation_fast(o: dict, urns: dict[str, str] | None) -> list:
-        """The common shape (one coding, valueQuantity in UCUM, effectiveDateTime, no components),
-        checked inline; anything else, or any doubt, goes to ``observation_checked``. Exists because
-        this runs for every one of millions of lines: a function call per field would double the cost."""
-        try:
-            rid = o["id"]
-            ref = o["subject"]["reference"]
-            coding = o["code"]["coding"]
-            status = o["status"]
-            eff = o["effectiveDateTime"]
-            vq = o["valueQuantity"]
-            value = vq["value"]
-            unit = vq["code"]
-            usys = vq["system"]
-            c0 = coding[0]
-            system = c0["system"]
-            code = c0["code"]
-        except (KeyError, TypeError, IndexError):
-            return observation_checked(o, urns)
-        if not (
-            type(rid) is str
-            and 0 < len(rid) <= MAX_ID_CHARS
-            and "/" not in rid
-            and type(ref) is str
-            and ref.startswith("Patient/")
-            and 8 < len(ref) <= 72
-            and ref.find("/", 8) < 0
-            and len(coding) == 1
-            and type(system) is str
-            and type(code) is str
-            and system
-            and code
-            and type(status) is str
-            and status
-            and type(eff) is str
-            and type(value) is float
-            and usys == UCUM_SYSTEM
-            and type(unit) is str
-            and unit in units
-            and "comparator" not in vq
-            and "component" not in o
-        ):
-            return observation_checked(o, urns)
-        ts = date_get(eff)
-        if ts is None:
-            ts = when(eff, "effective")
-        # keep one shared object per repeating string, so the parsed line's copies die with it
-        system = intern(system)
-        code = intern(code)
-        unit = intern(unit)
-        status = intern(status)
-        pk = pkey_get(ref)
-        if pk is None:
-            pk = patient_key(ref)
-            if len(pkey_cache) >= 100_000:
-                pkey_cache.clear()
-            pkey_cache[ref] = pk
-        return [(observation_key(rid), pk, system, code, None, value, unit, ts, status)]
-
-    observation = observation_fast if fast else observation_checked
-
-    def condition(o: dict, urns: dict[str, str] | None) -> list:
+    def condition(o: dict, urns: dict[str, str] | None, line: int) -> list:
         rid = resource_id(o)
         pk = subject_key(o, urns)
         codes = condition_codings(o.get("code"))
@@ -339,7 +271,7 @@ def make_handlers(
         ckey = condition_key(rid)
         return [(ckey, pk, s, k, onset_ts, abatement_ts, clinical) for s, k in codes]
 
-    def medication_request(o: dict, urns: dict[str, str] | None) -> list:
+    def medication_request(o: dict, urns: dict[str, str] | None, line: int) -> list:
         rid = resource_id(o)
         pk = subject_key(o, urns)
         mcc = o.get("medicationCodeableConcept")
@@ -410,13 +342,13 @@ def make_handlers(
             raise Reject(R.MISSING_CODE, "medicationReference names a Medication not (yet) read from the export")
         return found
 
-    def medication(o: dict, urns: dict[str, str] | None) -> list:
+    def medication(o: dict, urns: dict[str, str] | None, line: int) -> list:
         """No table of its own: remembers the Medication's code for requests that reference it."""
         rid = resource_id(o)
         medications["Medication/" + rid] = pick_coding(o.get("code"), RXNORM, "code")
         return []
 
-    def patient(o: dict, urns: dict[str, str] | None) -> list:
+    def patient(o: dict, urns: dict[str, str] | None, line: int) -> list:
         rid = resource_id(o)
         gender = o.get("gender")
         if gender is None:

@@ -45,7 +45,6 @@ TABLES: dict[str, pa.Schema] = {
     ),
     "observations": pa.schema(
         [
-            ("observation_key", pa.string()),
             ("patient_key", pa.string()),
             ("code_system", pa.string()),
             ("code", pa.string()),
@@ -54,6 +53,9 @@ TABLES: dict[str, pa.Schema] = {
             ("unit", pa.string()),
             ("effective", TS),
             ("status", pa.string()),
+            # provenance: the export file (as in summary.json) and its line, or Bundle entry number
+            ("source_file", pa.string()),
+            ("source_line", pa.int64()),
         ]
     ),
 }

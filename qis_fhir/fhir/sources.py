@@ -15,6 +15,8 @@ from __future__ import annotations
 import gzip
 import io
 import re
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -23,6 +25,12 @@ BULK_NAME = re.compile(r"^(?P<type>[A-Z][A-Za-z]{1,63})(?:[._-](?P<part>\d{1,6})
 READ_BUFFER = 1 << 20
 # gzip: a damaged stream fails a whole buffer fill, so a smaller buffer loses fewer readable lines
 GZIP_BUFFER = 1 << 16
+BLOCK_BYTES = 1 << 20  # NDJSON read at a time (at most: see ``line_blocks``)
+CORRUPT = (EOFError, OSError, zlib.error)  # how a damaged gzip stream fails (BadGzipFile is an OSError)
+
+
+class BrokenStream(Exception):
+    """A damaged compressed stream stopped an NDJSON file (raised by ``line_blocks``)."""
 
 
 @dataclass(frozen=True)
@@ -61,3 +69,63 @@ def open_binary(path: Path) -> tuple[BinaryIO, BinaryIO]:
     if path.name.endswith(".gz"):
         return io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), GZIP_BUFFER), raw
     return raw, raw
+
+
+def line_blocks(path: Path, cap: int, progress: Callable[[int], None] | None = None) -> Iterator[list[bytes | None]]:
+    """Yield an NDJSON file's lines a block at a time: lists of lines (bytes without the newline),
+    with None for a line longer than the cap, which is read past in blocks and never held whole.
+
+    One ``split`` per block instead of one ``readline`` per line: per line, the caller pays only
+    its own loop. Reads use ``read1`` (one buffer fill at most), so where a damaged gzip stream
+    stops the file, at most one buffer of readable lines is lost with it. Raises
+    ``BrokenStream`` there (the caller records it as the next line: the rest is unreadable).
+    ``progress`` is called with the bytes of the file read since its last call.
+    """
+    # a block no larger than the cap: then only a line continued from the previous block can
+    # exceed it, and just that one is measured
+    size = max(1, min(BLOCK_BYTES, cap))
+    reader, raw = open_binary(path)
+    last_pos = 0
+    tail = b""  # the unfinished last line of the blocks so far
+    skipping = False  # inside a line already reported too long
+    try:
+        read = reader.read1
+        while True:
+            try:
+                block = read(size)
+            except CORRUPT:
+                raise BrokenStream from None
+            if not block:
+                break
+            lines = block.split(b"\n")
+            end = lines.pop()  # unfinished: b"" when the block ends with a newline
+            if skipping:
+                if not lines:
+                    continue  # no newline yet: still inside the long line
+                del lines[0]  # the long line's end
+                skipping = False
+            elif tail:
+                if lines:
+                    lines[0] = tail + lines[0]
+                    if len(lines[0]) > cap:
+                        lines[0] = None
+                else:
+                    end = tail + end
+            tail = end
+            if len(tail) > cap:
+                lines.append(None)
+                tail = b""
+                skipping = True
+            if lines:
+                yield lines
+            if progress is not None:
+                pos = raw.tell()
+                progress(pos - last_pos)
+                last_pos = pos
+        if tail:
+            yield [tail]  # a last line without a newline
+    finally:
+        if progress is not None:
+            progress(path.stat().st_size - last_pos)
+        reader.close()
+        raw.close()

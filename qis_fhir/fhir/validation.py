@@ -2,8 +2,10 @@
 
 The strict field checks in ``fields.py`` run on every resource. Model validation checks the whole
 resource against the FHIR R4 structure, at ~30-70x the cost of a JSON parse, so it is a choice:
-``full`` validates every resource, ``sample`` a deterministic sample (CRC-32 of the line's bytes:
-the same export always validates the same lines), ``off`` none.
+``full`` validates every resource, ``sample`` a deterministic sample (every ``stride``-th line of each
+file, starting with its first: the same export always validates the same lines, every file has at
+least its first line checked, and choosing a line costs one integer test, where hashing each line to
+decide cost ~15 % of a parse), ``off`` none.
 
 Errors are reported by *location* only (``valueQuantity.value``): pydantic's messages and inputs can
 quote the resource, which may hold identifiers.
@@ -13,8 +15,6 @@ from __future__ import annotations
 
 import importlib
 import re
-import zlib
-from collections.abc import Callable
 
 MODES = ("full", "sample", "off")
 # The default share of resources validated against the R4B models in ``sample`` mode. A model
@@ -23,7 +23,6 @@ MODES = ("full", "sample", "off")
 # (wrong FHIR version, a server bug), which is what sampling is for. Every value the pipeline reads
 # is strictly checked on every line regardless.
 DEFAULT_SAMPLE_RATE = 0.002
-SAMPLE_SCALE = 10_000
 # a location part is shown only if it looks like a field name or an index (an unknown key could be anything)
 _SAFE_PART = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,40}|[0-9]{1,6}")
 
@@ -36,21 +35,28 @@ _MODEL_MODULES = {
 }
 
 
-def sampler(mode: str, rate: float) -> Callable[[bytes], bool] | None:
-    """A predicate "validate this line?", or None when nothing is validated."""
+def sample_stride(mode: str, rate: float) -> int | None:
+    """Validate lines 1, 1 + k, 1 + 2k... of each file (entries of a Bundle): this k, or None for none.
+
+    ``full`` is k = 1; ``sample`` is k = round(1 / rate), so the rate actually used is 1 / k
+    (``effective_rate``); ``off``, or a rate of 0, validates nothing.
+    """
     if mode not in MODES:
         raise ValueError(f"validate must be one of {', '.join(MODES)}")
     if mode == "off":
         return None
     if mode == "full":
-        return lambda raw: True
+        return 1
     if not 0.0 <= rate <= 1.0:
         raise ValueError("sample rate must be between 0 and 1")
-    threshold = round(rate * SAMPLE_SCALE)
-    if threshold <= 0:
+    if rate == 0.0:
         return None
-    crc32 = zlib.crc32
-    return lambda raw: crc32(raw) % SAMPLE_SCALE < threshold
+    return max(1, round(1.0 / rate))
+
+
+def effective_rate(stride: int | None) -> float:
+    """The share of lines a stride validates."""
+    return 0.0 if stride is None else 1.0 / stride
 
 
 class ModelValidator:

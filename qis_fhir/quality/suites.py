@@ -9,7 +9,7 @@ File shape::
     schema: 1
     tables:
       observations:
-        - columns_exist: [observation_key, patient_key, value]
+        - columns_exist: [patient_key, value, source_line]
         - not_null: [patient_key, value]
         - in_set: {column: unit, values: ["mm[Hg]"], where: {code: "8480-6"}}
 

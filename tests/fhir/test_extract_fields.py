@@ -1,4 +1,4 @@
-"""Units, dates, keys and the validation sampler: the small parts extraction relies on."""
+"""Units, dates, keys and the validation sample: the small parts extraction relies on."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from qis_fhir.fhir.fields import make_handlers, resolve_reference
 from qis_fhir.fhir.keys import OwnKeys
 from qis_fhir.fhir.reasons import Reject
 from qis_fhir.fhir.units import allowed_units
-from qis_fhir.fhir.validation import sampler
+from qis_fhir.fhir.validation import effective_rate, sample_stride
 from qis_fhir.privacy.pseudonym import Pseudonymizer
 
 FIXTURE_UNITS = """mg/dL mm[Hg] mmol/L {score} cm kg kg/m2 fL g/dL % U/L 10*3/uL mL/min/{1.73_m2} kU/L 10*6/uL pg
@@ -78,16 +78,17 @@ def test_bad_references_are_rejected(ref):
     assert info.value.reason == "invalid_reference"
 
 
-def test_sampler_is_deterministic_and_near_its_rate():
-    want = sampler("sample", 0.01)
-    lines = [f'{{"id": "{i}"}}'.encode() for i in range(100_000)]
-    picked = [line for line in lines if want(line)]
-    assert 700 < len(picked) < 1300
-    assert picked == [line for line in lines if sampler("sample", 0.01)(line)]
-    assert sampler("off", 0.5) is None and sampler("sample", 0.0) is None
-    assert all(sampler("full", 0.0)(line) for line in lines[:10])
+def test_sample_stride_follows_the_mode_and_rate():
+    assert sample_stride("sample", 0.01) == 100 and effective_rate(100) == 0.01
+    assert sample_stride("sample", 0.002) == 500
+    assert sample_stride("sample", 0.3) == 3  # the rate used is 1/3, recorded as such
+    assert sample_stride("full", 0.0) == 1 and effective_rate(1) == 1.0
+    assert sample_stride("off", 0.5) is None and sample_stride("sample", 0.0) is None
+    assert effective_rate(None) == 0.0
     with pytest.raises(ValueError):
-        sampler("some", 0.01)
+        sample_stride("some", 0.01)
+    with pytest.raises(ValueError):
+        sample_stride("sample", 1.5)
 
 
 def test_check_invariants_names_what_does_not_add_up():
@@ -115,15 +116,15 @@ def test_dropped_component_leaves_no_reference_cycle():
     del one_bad["component"][0]["valueQuantity"]["unit"], one_bad["component"][0]["valueQuantity"]["code"]
     all_bad = copy.deepcopy(one_bad)
     del all_bad["component"][1]["valueQuantity"]["unit"], all_bad["component"][1]["valueQuantity"]["code"]
-    assert len(handler(one_bad, None)) == 1  # warm up caches before counting
+    assert len(handler(one_bad, None, 1)) == 1  # warm up caches before counting
     was_enabled = gc.isenabled()
     gc.disable()
     try:
         gc.collect()
         for _ in range(20):
-            assert len(handler(one_bad, None)) == 1
+            assert len(handler(one_bad, None, 1)) == 1
             try:
-                handler(all_bad, None)
+                handler(all_bad, None, 1)
             except Reject as rej:
                 assert rej.reason == "missing_unit" and rej.detail.startswith("no numeric value left: ")
             else:

@@ -131,6 +131,28 @@ def test_model_validation_failure_reports_location_not_value(tmp_path):
     assert records_off == [] and summary_off["validated"] == 0
 
 
+def test_sampled_lines_are_validated_in_batches_and_every_one_settles(tmp_path):
+    """Sampled lines wait for a batch of validations (``VALIDATE_BATCH``) and the last, partial batch
+    settles when its file ends: each is accepted with its rows or quarantined, none is lost."""
+    from qis_fhir.fhir.extract import VALIDATE_BATCH
+
+    n = 2 * VALIDATE_BATCH + 7
+    bad_lines = {5, VALIDATE_BATCH + 3, n}  # one in each batch, the last in the partial one
+    lines = [resource(OBS, id=f"o{i}", category=CANARY) if i in bad_lines else resource(BP_PANEL, id=f"o{i}")
+             for i in range(1, n + 1)]
+    write_ndjson(tmp_path / "e", "Observation.000.ndjson", lines)
+    write_ndjson(tmp_path / "e", "Observation.001.ndjson", [OBS])
+    summary, records, tables = extract(tmp_path / "e", tmp_path / "out", validate="full")
+    assert sorted((r["file"], r["line"]) for r in records) == [("Observation.000.ndjson", i) for i in sorted(bad_lines)]
+    assert {r["reason"] for r in records} == {"model_validation_failed"}
+    assert summary["by_file"]["Observation.000.ndjson"] == {"read": n, "accepted": n - 3, "quarantined": 3, "skipped": 0}
+    assert summary["validated"] == n + 1
+    obs = tables["observations"]
+    assert len(obs) == 2 * (n - 3) + 1  # two components per panel, one value for the other file's line
+    assert not set(obs.source_line[obs.source_file == "Observation.000.ndjson"]) & bad_lines
+    assert_counts_add_up(summary)
+
+
 def test_unresolved_urn_in_a_bundle_is_invalid_reference(tmp_path):
     import json
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from extract_helpers import (
     BASE_CONDITION,
     BASE_OBSERVATION,
@@ -20,6 +23,7 @@ from extract_helpers import (
 )
 
 from qis_fhir.errors import InputNotFoundError
+from qis_fhir.fhir.sources import line_blocks
 from qis_fhir.fhir import TABLES, extract_export
 from qis_fhir.privacy.pseudonym import Pseudonymizer
 
@@ -38,7 +42,9 @@ def test_multi_part_and_gzip_files_are_all_read(tmp_path):
     assert set(summary["by_file"]) == {"Observation.000.ndjson", "Observation.001.ndjson.gz",
                                        "Observation.ndjson.gz", "Patient.ndjson"}
     assert len(tables["observations"]) == 8
-    assert tables["observations"]["observation_key"].nunique() == 8
+    obs = tables["observations"]
+    assert len(obs.groupby(["source_file", "source_line"])) == 8  # each row says where it was read
+    assert sorted(obs.loc[obs.source_file == "Observation.001.ndjson.gz", "source_line"]) == [1, 2, 3, 4]
     assert_counts_add_up(summary)
 
 
@@ -215,3 +221,25 @@ def test_bundle_medication_after_its_request_still_resolves(tmp_path):
     assert records == []
     assert list(t["medication_requests"]["code"]) == ["860975"]
     assert set(t["medication_requests"]["patient_key"]) == {KEY(f"Patient/{CANARY}")}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 40), max_size=12), st.integers(1, 24), st.booleans(), st.booleans())
+def test_line_blocks_give_every_line_once_and_mark_overlong_ones(tmp_path_factory, lengths, cap, final_newline,
+                                                                 gz):
+    """Whatever the cap (the block size follows it, so lines straddle blocks) and file ending, the
+    blocks hold exactly the file's lines in order, with None where a line is over the cap."""
+    lines = [bytes([97 + i % 26]) * n for i, n in enumerate(lengths)]
+    data = b"\n".join(lines) + (b"\n" if final_newline and lines else b"")
+    path = tmp_path_factory.mktemp("blocks") / ("Observation.ndjson.gz" if gz else "Observation.ndjson")
+    path.write_bytes(gzip.compress(data) if gz else data)
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()  # text after the last newline is a line; nothing after it is not
+    seen = []
+    reported = []
+    for block in line_blocks(path, cap, reported.append):
+        assert block
+        seen.extend(block)
+    assert seen == [line if len(line) <= cap else None for line in lines]
+    assert sum(reported) == path.stat().st_size

@@ -72,7 +72,6 @@ class Tables:
             status="final") -> None:
         self.rows["observations"].append(
             {
-                "observation_key": self._key("o"),
                 "patient_key": patient,
                 "code_system": LOINC,
                 "code": code,
@@ -81,6 +80,8 @@ class Tables:
                 "unit": unit,
                 "effective": day(when, hour) if isinstance(when, int) else when,
                 "status": status,
+                "source_file": "Observation.ndjson",
+                "source_line": len(self.rows["observations"]) + 1,
             }
         )
 

@@ -56,7 +56,6 @@ def good_tables(mapping) -> dict[str, pd.DataFrame]:
     )
     observations = pd.DataFrame(
         {
-            "observation_key": [key("Observation/1"), key("Observation/1"), key("Observation/2"), key("Observation/3")],
             "patient_key": [p1, p1, p2, p2],
             "code_system": ["http://loinc.org"] * 4,
             "code": ["8480-6", "8462-4", "2093-3", "39156-5"],
@@ -65,6 +64,8 @@ def good_tables(mapping) -> dict[str, pd.DataFrame]:
             "unit": ["mm[Hg]", "mm[Hg]", "mg/dL", "kg/m2"],
             "effective": _ts_col(["2015-01-20", "2015-01-20", "2016-05-20", "2016-05-20"]),
             "status": ["final"] * 4,
+            "source_file": ["Observation.000.ndjson"] * 4,
+            "source_line": [1, 1, 2, 3],
         }
     )
     tx = sorted(mapping.treatments)
