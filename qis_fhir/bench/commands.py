@@ -11,6 +11,7 @@ import importlib
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import click
 
@@ -26,6 +27,7 @@ DEFAULT_SECTIONS = ("extract", "packets")  # dht starts dozens of processes: ask
 @dataclass(frozen=True)
 class BenchOptions:
     observations: int | None = None  # extract: size of the synthetic export (None: the section's default)
+    export: Path | None = None  # extract: time the Observation lines of this export instead
     nodes: tuple[int, ...] | None = None  # dht: network sizes
     seed: int = 7
 
@@ -49,12 +51,19 @@ def run_sections(sections: list[str], options: BenchOptions) -> dict:
     help="Run only this section (repeatable). Default: " + ", ".join(DEFAULT_SECTIONS) + ".",
 )
 @click.option("--observations", type=click.IntRange(min=1000), default=None, help="Observations in the extract benchmark's synthetic export (default 200,000).")
+@click.option(
+    "--export",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="extract: time your own export's Observation lines (repeated up to --observations) instead of a synthetic export.",
+)
 @click.option("--nodes", type=str, default=None, help="dht: comma-separated network sizes, e.g. 10,30,100.")
 @click.option("--seed", type=int, default=7, show_default=True)
-def bench(as_json: bool, only: tuple[str, ...], observations: int | None, nodes: str | None, seed: int) -> None:
+def bench(as_json: bool, only: tuple[str, ...], observations: int | None, export: Path | None, nodes: str | None,
+          seed: int) -> None:
     """Measure throughput and memory of the stages, side by side with their baselines."""
     sections = list(only) or list(DEFAULT_SECTIONS)
     node_sizes = tuple(int(x) for x in nodes.split(",")) if nodes else None
-    results = run_sections(sections, BenchOptions(observations=observations, nodes=node_sizes, seed=seed))
+    results = run_sections(sections, BenchOptions(observations=observations, export=export, nodes=node_sizes, seed=seed))
     text = json.dumps(results, sort_keys=True) if as_json else json.dumps(results, indent=2, sort_keys=True)
     sys.stdout.write(text + "\n")
