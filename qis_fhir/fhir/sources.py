@@ -76,14 +76,14 @@ def line_blocks(path: Path, cap: int, progress: Callable[[int], None] | None = N
     with None for a line longer than the cap, which is read past in blocks and never held whole.
 
     One ``split`` per block instead of one ``readline`` per line: per line, the caller pays only
-    its own loop. Reads use ``read1`` (one buffer fill at most), so where a damaged gzip stream
-    stops the file, at most one buffer of readable lines is lost with it. Raises
+    its own loop. A gzip file is read one 64 KiB buffer fill at a time, so where a damaged stream
+    stops the file, at most that much of readable lines is lost with it. Raises
     ``BrokenStream`` there (the caller records it as the next line: the rest is unreadable).
     ``progress`` is called with the bytes of the file read since its last call.
     """
     # a block no larger than the cap: then only a line continued from the previous block can
-    # exceed it, and just that one is measured
-    size = max(1, min(BLOCK_BYTES, cap))
+    # exceed it, and just that one is measured. gzip: one buffer fill, so damage loses at most that
+    size = max(1, min(GZIP_BUFFER if path.name.endswith(".gz") else BLOCK_BYTES, cap))
     reader, raw = open_binary(path)
     last_pos = 0
     tail = b""  # the unfinished last line of the blocks so far

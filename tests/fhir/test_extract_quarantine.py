@@ -113,7 +113,12 @@ def test_truncated_gzip_ends_the_file_with_corrupt_file(tmp_path):
     summary, records, tables = extract(tmp_path / "e", tmp_path / "out")
     assert records[-1]["reason"] == "corrupt_file"
     assert summary["quarantine_reasons"] == {"corrupt_file": 1}
-    assert 0 < len(tables["observations"]) < 20000
+    # every line before the damage is read, but for at most one 64 KiB buffer fill lost with it
+    import zlib
+
+    readable = zlib.decompressobj(31).decompress(path.read_bytes()).count(b"\n")
+    shortest = min(len(line) for line in lines) + 1
+    assert readable - (64 << 10) // shortest - 1 <= len(tables["observations"]) <= readable
     assert_counts_add_up(summary)
 
 
