@@ -16,6 +16,7 @@ from qis_fhir.mapping.model import (
     MappingSet,
     OutcomeMeasure,
     Treatment,
+    match_code,
 )
 
 __all__ = [
@@ -33,4 +34,5 @@ __all__ = [
     "Treatment",
     "content_hash",
     "load_mapping",
+    "match_code",
 ]

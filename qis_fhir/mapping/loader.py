@@ -26,6 +26,7 @@ from qis_fhir.mapping.model import (
     MappingSet,
     OutcomeMeasure,
     Treatment,
+    match_code,
 )
 from qis_fhir.mapping.schema import AGE_BAND_PATTERN, SCHEMAS
 
@@ -245,12 +246,13 @@ def _build_buckets(
             codes[system] = tuple(code_list)
             for i, code in enumerate(code_list):
                 path = ("buckets", bid, "codes", key, i)
-                if (system, code) in first_seen:
-                    other, line = first_seen[(system, code)]
+                matched = (system, match_code(system, code))  # E11.9 and E119 are one code
+                if matched in first_seen:
+                    other, line = first_seen[matched]
                     errors.append(doc.error(path, f"{key} code {code!r} is already in bucket {other!r} (line {line})"))
                     continue
-                first_seen[(system, code)] = (bid, doc.line(path))
-                index[(system, code)] = bid
+                first_seen[matched] = (bid, doc.line(path))
+                index[matched] = bid
         buckets[bid] = ConditionBucket(bid, b.get("description", ""), codes, tuple(b["measures"]))
     return buckets, index
 

@@ -24,6 +24,26 @@ CONDITION_SYSTEMS: dict[str, str] = {"snomed": SNOMED, "icd10cm": ICD10CM}
 UNKNOWN = "unknown"
 
 
+def match_code(system: str, code: str) -> str:
+    """The form a condition code is matched in: ICD-10-CM without its dot, upper case, trimmed.
+
+    HL7 writes ICD-10-CM codes with the dot (``E11.9``), but exports in the field also send ``E119``
+    or ``e11.9``: all three are one code. SNOMED CT codes are digits and match as they are.
+    """
+    if system == ICD10CM:
+        return code.strip().upper().replace(".", "")
+    return code
+
+
+def _match_codes(systems: pd.Series, codes: pd.Series) -> pd.Series:
+    """``match_code`` over two columns, vectorised for the ICD-10-CM rows only."""
+    out = codes.astype(object).copy()
+    icd = (systems == ICD10CM).to_numpy()
+    if icd.any():
+        out[icd] = codes[icd].astype(str).str.strip().str.upper().str.replace(".", "", regex=False).to_numpy()
+    return out
+
+
 @dataclass(frozen=True)
 class ConditionBucket:
     """A group of condition codes treated as one clinical condition, and the measures judging it."""
@@ -106,7 +126,8 @@ class MappingSet:
 
     def bucket_for(self, system: str | None, code: str | None) -> str | None:
         """Bucket id of a condition coding, or None when the mapping does not cover it."""
-        return self._condition_index.get((system or "", code or ""))
+        system = system or ""
+        return self._condition_index.get((system, match_code(system, code or "")))
 
     def treatment_for(self, system: str | None, code: str | None) -> str | None:
         """``TX_...`` code of a medication coding (RxNorm), or None."""
@@ -117,11 +138,19 @@ class MappingSet:
 
     # Vectorised lookups for the outcomes stage (pandas is imported lazily: the DHT node loads mappings too)
     def condition_code_table(self) -> pd.DataFrame:
-        """Columns code_system, code, bucket: one row per mapped condition code."""
+        """Columns code_system, code, bucket: one row per mapped condition code (codes in ``match_code``
+        form)."""
         import pandas as pd
 
         rows = [(s, c, b) for (s, c), b in self._condition_index.items()]
         return pd.DataFrame(rows, columns=["code_system", "code", "bucket"]).astype("object")
+
+    def with_buckets(self, df: pd.DataFrame) -> pd.DataFrame:
+        """The rows of ``df`` (with ``code_system`` and ``code`` columns) whose coding the mapping covers,
+        with their ``bucket`` (a row per bucket); codes are compared in ``match_code`` form."""
+        keyed = df.assign(_match=_match_codes(df["code_system"], df["code"]))
+        table = self.condition_code_table().rename(columns={"code": "_match"})
+        return keyed.merge(table, on=["code_system", "_match"], how="inner").drop(columns="_match")
 
     def treatment_code_table(self) -> pd.DataFrame:
         """Columns code_system, code, treatment_code: one row per mapped RxNorm code."""

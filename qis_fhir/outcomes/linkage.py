@@ -31,9 +31,8 @@ LINK_COLUMNS = ["request_key", "patient_key", "treatment_code", "bucket", "autho
 
 def mapped_conditions(conditions: pd.DataFrame, mapping: MappingSet) -> pd.DataFrame:
     """Conditions whose coding the mapping covers: condition_key, patient_key, bucket, onset, abatement."""
-    codes = mapping.condition_code_table()
     cols = ["condition_key", "patient_key", "code_system", "code", "onset", "abatement"]
-    cond = conditions[cols].merge(codes, on=["code_system", "code"], how="inner")
+    cond = mapping.with_buckets(conditions[cols])
     # a Condition with both a SNOMED and an ICD-10-CM coding of one bucket is still one condition
     return cond.drop(columns=["code_system", "code"]).drop_duplicates(["condition_key", "bucket"])
 
@@ -75,7 +74,7 @@ def link_requests(
         split = rcodes["reason_code"].astype(str).str.split("|", n=1, expand=True)
         if len(rcodes) and split.shape[1] == 2:
             rcodes = rcodes.assign(code_system=split[0].values, code=split[1].values)
-            code_buckets = rcodes.merge(mapping.condition_code_table(), on=["code_system", "code"], how="inner")
+            code_buckets = mapping.with_buckets(rcodes)
         else:
             code_buckets = pd.DataFrame(columns=["request_key", "bucket"])
         stated_keys = pd.Index(known_refs["request_key"]).union(pd.Index(rcodes["request_key"]))

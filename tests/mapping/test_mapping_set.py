@@ -198,6 +198,21 @@ def test_code_in_two_buckets(v1):
     )
 
 
+def test_icd10cm_codes_match_with_or_without_the_dot():
+    """HL7 writes ICD-10-CM with the dot; exports in the field also send E119 or e11.9."""
+    m = load_mapping()
+    assert m.bucket_for(ICD10CM, "E119") == m.bucket_for(ICD10CM, " e11.9 ") == "type2_diabetes"
+    assert m.bucket_for(ICD10CM, "E785") == "hyperlipidemia" and m.bucket_for(ICD10CM, "r7303") == "prediabetes"
+    assert m.bucket_for(SNOMED, "44054006.") is None  # SNOMED CT codes match exactly
+
+
+def test_same_icd10cm_code_written_differently_in_two_buckets(v1):
+    line = edit(v1 / "conditions.yaml", '- "E78.5"      # Hyperlipidemia, unspecified', '- "i10."')
+    assert error_of(v1).startswith(
+        f"conditions.yaml:{line}: buckets.hyperlipidemia.codes.icd10cm[0]: icd10cm code 'i10.' is already in bucket 'hypertension'"
+    )
+
+
 def test_rxnorm_code_in_two_treatments(v1):
     line = edit(v1 / "treatments.yaml", '- "259255"   # Atorvastatin 80 MG Oral Tablet', '- "316672"')
     assert error_of(v1).startswith(f"treatments.yaml:{line}: treatments.TX_0004.rxnorm[0]: rxnorm code '316672' is already treatment TX_0003")

@@ -93,6 +93,20 @@ def test_icd10_coded_condition_maps_like_snomed(tb):
     assert len(derive_outcome_events(tb.tables(), MAPPING).events) == 1
 
 
+@pytest.mark.parametrize("written", ["I10", "i10", "I10."])
+def test_icd10_codes_written_without_the_dot_or_in_lower_case_still_link(tb, written):
+    tb.patient("p1")
+    c = tb.condition(patient="p1", code="E785" if written == "I10" else "e78.5", system=ICD10CM, onset=-10)
+    tb.request(patient="p1", code="316672", when=0, reasons=[c])  # simvastatin for hyperlipidemia, by reference
+    tb.obs(patient="p1", when=-1, value=240.0, code="2093-3", unit="mg/dL", panel=None)
+    tb.obs(patient="p1", when=90, value=190.0, code="2093-3", unit="mg/dL", panel=None)
+    tb.patient("p2")
+    tb.request(patient="p2", when=0, reason_codes=[f"{ICD10CM}|{written}"])  # HCTZ for hypertension, by code
+    with_bp(tb, patient="p2")
+    events = derive_outcome_events(tb.tables(), MAPPING).events
+    assert sorted(events["bucket"]) == ["hyperlipidemia", "hypertension"]
+
+
 def test_unmapped_and_cancelled_requests_make_no_episode(tb):
     tb.patient()
     c = tb.condition(onset=-10)
