@@ -127,7 +127,7 @@ def _interleaved_child() -> None:
     from fhir.resources.R4B.observation import Observation
 
     from qis_fhir.fhir import extract_export
-    from qis_fhir.fhir.fastpath import _Observation
+    from qis_fhir.fhir.fastpath import observation_decoder
 
     args = json.loads(sys.argv[1])
     slices = [Path(s) for s in args["slices"]]
@@ -136,7 +136,7 @@ def _interleaved_child() -> None:
     secret = b"bench-secret-not-for-real-use-32b"
     clock = time.process_time
     loads = orjson.loads
-    fast_decode = msgspec.json.Decoder(_Observation).decode
+    fast_decode = observation_decoder().decode
     DecodeError = msgspec.DecodeError
 
     # Warm-up (not throughput): pyarrow's lazy pandas import, the model's validators, one extraction.

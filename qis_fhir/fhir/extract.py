@@ -36,7 +36,7 @@ EXTRACT_DIR = "extract"
 SUMMARY_FILE = "summary.json"
 QUARANTINE_FILE = "quarantine.ndjson"
 UNKNOWN_TYPE = "unknown"
-CORRUPT_DETAIL = "compressed stream is damaged or truncated: the rest of the file is unreadable"
+_CORRUPT_DETAIL = "compressed stream is damaged or truncated: the rest of the file is unreadable"
 
 
 def _bad_bytes_reason(line: bytes) -> str:
@@ -217,7 +217,7 @@ class _Extraction:
 
     def _corrupt(self, fc: _FileCounts, label: str, lineno: int, rtype: str) -> None:
         fc.read += 1
-        self.reject(fc, label, lineno, rtype, R.CORRUPT_FILE, CORRUPT_DETAIL)
+        self.reject(fc, label, lineno, rtype, R.CORRUPT_FILE, _CORRUPT_DETAIL)
 
     def _too_long(self, fc: _FileCounts, label: str, lineno: int, rtype: str) -> None:
         """Quarantine an overlong line (the caller counts it as read)."""
@@ -244,77 +244,67 @@ class _Extraction:
         label = src.label
         handler = self.handlers[rtype]
         take = self.fast_blocks.get(rtype)
-        sink = self.sink_of_type.get(rtype)  # None for Medication: no table, rows are always empty
-        if sink is None:
-            sink = _NoRows()
+        sink = self.sink_of_type.get(rtype) if take is not None else None
         checked_line = self._checked_line
-        chunk = sink.chunk_rows
-        lineno = accepted = without_rows = 0
+        lineno = fast_accepted = without_rows = 0
         blocks = self._blocks(src)
         try:
             for lines in blocks:
                 if take is not None:
                     declined, empty = take(lines, lineno, sink.rows)
-                    accepted += len(lines) - len(declined)
+                    fast_accepted += len(lines) - len(declined)
                     without_rows += empty
                     for n in declined:
-                        accepted += checked_line(fc, label, rtype, handler, sink, lines[n - lineno - 1], n)
+                        checked_line(fc, label, rtype, handler, lines[n - lineno - 1], n)
+                    if len(sink.rows) >= sink.chunk_rows:
+                        sink.flush()
                 else:
                     for n, line in enumerate(lines, lineno + 1):
-                        accepted += checked_line(fc, label, rtype, handler, sink, line, n)
+                        checked_line(fc, label, rtype, handler, line, n)
                 lineno += len(lines)
-                if len(sink.rows) >= chunk:
-                    sink.flush()
         except BrokenStream:
             self._corrupt(fc, label, lineno + 1, rtype)
         finally:
             fc.read += lineno
-            fc.accepted += accepted
+            # the checked path counted its own lines (_accept, reject); add the fast path's
+            fc.accepted += fast_accepted
             if without_rows:
                 self.without_rows[rtype] += without_rows
             counts = self._type_counts(rtype)
-            # reject() counted quarantined lines already; add the accepted ones
-            counts[0] += accepted
-            counts[1] += accepted
+            counts[0] += fast_accepted
+            counts[1] += fast_accepted
             blocks.close()
 
-    def _checked_line(self, fc: _FileCounts, label: str, rtype: str, handler, sink, line: bytes | None, n: int) -> int:
-        """One line of a typed file the checked way (orjson, ``fields.py``): 1 if accepted (its rows
-        are added to ``sink.rows``), 0 if quarantined or held for the validation sample (``_settle``
-        counts those). The caller counts every line as read."""
+    def _checked_line(self, fc: _FileCounts, label: str, rtype: str, handler, line: bytes | None, n: int) -> None:
+        """Line ``n`` of a typed file the checked way (orjson, ``fields.py``): accepted, quarantined,
+        or held for the validation sample (``_settle``), each counted there. The caller counts the
+        line as read."""
         if line is None:
             self._too_long(fc, label, n, rtype)
-            return 0
+            return
         try:
             obj = orjson.loads(line)
         except orjson.JSONDecodeError:
             reason = _bad_bytes_reason(line)
             self.reject(fc, label, n, rtype, reason, _BAD_DETAIL[reason])
-            return 0
+            return
         if type(obj) is not dict:
             self.reject(fc, label, n, rtype, R.NOT_AN_OBJECT, "line is not a JSON object")
-            return 0
+            return
         if obj.get("resourceType") != rtype:
             self.reject(fc, label, n, rtype, R.WRONG_RESOURCE_TYPE,
                         "resourceType is missing or differs from the file name's type")
-            return 0
+            return
         try:
             rows = handler(obj, None, n)
         except R.Reject as rej:
             self.dropped.clear()
             self.reject(fc, label, n, rtype, rej.reason, rej.detail)
-            return 0
+            return
         if self._sampled(n):
             self._validate_later(fc, label, n, rtype, line, rows)
-            return 0  # counted by _settle
-        if rows:
-            sink.rows.extend(rows)
-        else:
-            self.without_rows[rtype] += 1
-        if self.dropped:
-            self.dropped_components.update(self.dropped)
-            self.dropped.clear()
-        return 1
+            return
+        self._accept(rtype, rows, fc)
 
     def _untyped_ndjson(self, src: SourceFile, fc: _FileCounts) -> None:
         """An NDJSON file whose name does not say the type: each line's resourceType decides."""
@@ -404,16 +394,6 @@ class _Extraction:
             sink.abort()
         if self.quarantine is not None:
             self.quarantine.abort()
-
-
-class _NoRows:
-    """Stands in for a table sink for types that never give rows (Medication)."""
-
-    rows: list = []
-    chunk_rows = 1 << 62
-
-    def flush(self) -> None:
-        raise AssertionError("a type without a table produced rows")
 
 
 def _entry_type(entry: object) -> object:
