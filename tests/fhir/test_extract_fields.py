@@ -43,7 +43,8 @@ def test_fhir_dates_become_utc_microseconds(text, expected):
     assert instant_us(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "19700101", "1970-01-01 00:00:00", "1970-13", "yesterday", "1970-02-30", "197"])
+@pytest.mark.parametrize("text", ["", "19700101", "1970-01-01 00:00:00", "1970-13", "yesterday", "1970-02-30", "197",
+                                  "1970/01/01T00:00:00", "1970-01-01T25:00:00Z", "19700101T000000"])
 def test_non_fhir_dates_are_refused(text):
     with pytest.raises(ValueError):
         instant_us(text)
