@@ -114,7 +114,7 @@ def observation_blocks(patient_key: Callable[[str], str], stride: int, first: in
                 continue
             try:
                 o = decode(line)
-            except DecodeError:
+            except (DecodeError, RecursionError):  # msgspec nests by recursion: ~1,000 deep raises
                 decline(lineno)
                 continue
             if "/" in o.id:

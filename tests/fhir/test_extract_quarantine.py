@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 
 import pytest
 from extract_helpers import (
@@ -155,6 +156,20 @@ def test_sampled_lines_are_validated_in_batches_and_every_one_settles(tmp_path):
     obs = tables["observations"]
     assert len(obs) == 2 * (n - 3) + 1  # two components per panel, one value for the other file's line
     assert not set(obs.source_line[obs.source_file == "Observation.000.ndjson"]) & bad_lines
+    assert_counts_add_up(summary)
+
+
+def test_deep_nesting_is_read_as_orjson_reads_it(tmp_path):
+    """A 1,000-deep field the pipeline does not read is valid JSON (orjson's limit is 1,024 levels):
+    the line is accepted; 2,000 deep is quarantined as invalid JSON. Neither stops the extraction
+    (the fast path's decoder raised RecursionError on both before it declined them)."""
+    path = tmp_path / "e" / "Observation.ndjson"
+    path.parent.mkdir()
+    line = json.dumps(OBS)[:-1] + ', "extension": NESTED}'
+    path.write_text("".join(line.replace("NESTED", "[" * d + "]" * d) + "\n" for d in (1000, 2000)))
+    summary, records, tables = extract(tmp_path / "e", tmp_path / "out")
+    assert [(r["line"], r["reason"]) for r in records] == [(2, "invalid_json")]
+    assert len(tables["observations"]) == 1
     assert_counts_add_up(summary)
 
 

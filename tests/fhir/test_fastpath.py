@@ -164,6 +164,16 @@ def test_a_block_keeps_line_numbers_and_leaves_sampled_lines_to_the_checked_path
     assert [r[8] for r in out] == [21, 27]
 
 
+@pytest.mark.parametrize("depth", [1000, 2000])
+def test_deeply_nested_lines_are_declined_not_a_crash(depth):
+    """msgspec nests by recursion and raises RecursionError (not a DecodeError) near 1,000 levels,
+    where orjson still parses (its limit is 1,024): the checked path must get the line."""
+    nested = b"[" * depth + b"]" * depth
+    line = orjson.dumps(BASE_OBSERVATION)[:-1] + b',"extension":' + nested + b"}"
+    assert FAST(line, 1) is None
+    assert CHECKED(line, 1) == ("invalid_json" if depth > 1024 else CHECKED(orjson.dumps(BASE_OBSERVATION), 1))
+
+
 def test_rows_carry_the_values_the_checked_path_reads():
     rows = FAST(orjson.dumps(BP_PANEL), 12)
     assert [(r[1], r[2], r[3], r[4], r[5], r[8]) for r in rows] == [
