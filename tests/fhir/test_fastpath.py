@@ -59,7 +59,23 @@ def _agree(line: bytes, lineno: int = 7) -> bool:
     got = FAST(line, lineno)
     if got is None:
         return False
-    assert got == CHECKED(line, lineno), line
+    want = CHECKED(line, lineno)
+    if want == "invalid_json" and _valid_json_beyond_float_range(line):
+        return True  # the one known difference (docs/extract.md): msgspec skips such a number unread
+    assert got == want, line
+    return True
+
+
+def _valid_json_beyond_float_range(line: bytes) -> bool:
+    """JSON that only orjson's float range refuses: the stdlib parser (which reads 1e400 as inf, and
+    is told to refuse NaN and Infinity) takes it."""
+    def refuse(name):
+        raise ValueError(name)
+
+    try:
+        json.loads(line, parse_constant=refuse)
+    except (ValueError, RecursionError):
+        return False
     return True
 
 
@@ -174,6 +190,16 @@ def test_deeply_nested_lines_are_declined_not_a_crash(depth):
     assert CHECKED(line, 1) == ("invalid_json" if depth > 1024 else CHECKED(orjson.dumps(BASE_OBSERVATION), 1))
 
 
+def test_a_number_beyond_the_float_range_in_a_field_not_read_is_the_one_difference():
+    """JSON's grammar sets no range on numbers. orjson refuses 1e400 anywhere in a line; msgspec skips
+    fields the fast path does not read without converting their numbers, so it takes the line. In a
+    field it reads, msgspec refuses the number too and the checked path decides (docs/extract.md)."""
+    unread = orjson.dumps(BASE_OBSERVATION)[:-1] + b',"note":[{"x":1e400}]}'
+    assert FAST(unread, 1) == CHECKED(orjson.dumps(BASE_OBSERVATION), 1) and CHECKED(unread, 1) == "invalid_json"
+    read = orjson.dumps(BASE_OBSERVATION).replace(b'"value":190.5', b'"value":1e400')
+    assert FAST(read, 1) is None and CHECKED(read, 1) == "invalid_json"
+
+
 def test_rows_carry_the_values_the_checked_path_reads():
     rows = FAST(orjson.dumps(BP_PANEL), 12)
     assert [(r[1], r[2], r[3], r[4], r[5], r[8]) for r in rows] == [
@@ -213,3 +239,16 @@ def test_random_damage_never_makes_the_paths_disagree(base, edits, escaped):
             continue  # the path does not exist in this base (or no longer, after an earlier edit)
     # json, not orjson: integers beyond 64 bits, and non-ASCII either raw or as \u escapes
     _agree(json.dumps(obj, ensure_ascii=escaped).encode("utf-8", "surrogatepass"))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from([orjson.dumps(BASE_OBSERVATION), orjson.dumps(BP_PANEL)]),
+       st.lists(st.tuples(st.floats(0, 1), st.binary(max_size=3)), min_size=1, max_size=4))
+def test_byte_damage_never_crashes_the_fast_path_or_makes_it_disagree(line, edits):
+    """Bytes replaced anywhere (broken escapes, stray control bytes, cut numbers, high bytes): the
+    fast path raises nothing and never takes a line the checked path would judge otherwise."""
+    data = bytearray(line)
+    for where, new in edits:
+        at = int(where * (len(data) - 1))
+        data[at:at + len(new)] = new
+    _agree(bytes(data))
