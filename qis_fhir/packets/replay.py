@@ -19,6 +19,8 @@ from typing import Protocol, runtime_checkable
 
 import orjson
 
+from qis_fhir.files import atomic_write
+
 
 @runtime_checkable
 class ReplayState(Protocol):
@@ -51,7 +53,7 @@ class MemoryReplayState:
 
     def save(self, path: Path | str) -> None:
         rows = [[s, p, q, d] for (s, p), (q, d) in sorted(self._seen.items())]
-        Path(path).write_bytes(orjson.dumps({"replay": rows}))
+        atomic_write(Path(path), orjson.dumps({"replay": rows}))  # a torn write would lose every seq seen
 
     @classmethod
     def load(cls, path: Path | str) -> MemoryReplayState:
