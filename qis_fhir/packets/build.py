@@ -22,12 +22,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import orjson
-
 from qis_fhir.errors import InputNotFoundError, MappingError, QisError
 from qis_fhir.packets.codec import PacketSigner, decode_packet, encode_packet
 from qis_fhir.packets.keys import SiteIdentity
-from qis_fhir.files import atomic_write
+from qis_fhir.files import atomic_write, write_json
 from qis_fhir.packets.manifest import NetworkContext
 from qis_fhir.packets.model import (
     MAX_WIRE_BYTES,
@@ -249,7 +247,7 @@ def read_packets(path: Path | str) -> list[bytes]:
 
 
 def write_disclosure_report(path: Path | str, report: dict) -> None:
-    atomic_write(Path(path), orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
+    write_json(Path(path), report)
 
 
 __all__ = [
