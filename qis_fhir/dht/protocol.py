@@ -133,10 +133,13 @@ class PacketProtocol(KademliaProtocol):
                 self._logged_at[reason] = now
                 self._unlogged[reason] = 0
 
-    def _source(self, sender: tuple, nodeid: object) -> Node | None:
-        """The sending node, or None for a client (empty id) or nonsense; only nodes get routed to."""
+    def _welcome_sender(self, sender: tuple, nodeid: object) -> Node | None:
+        """The sending node, welcomed into the routing table; None for a client (empty id) or
+        nonsense, which is answered but never routed to."""
         if _valid_id(nodeid) and nodeid != self.source_node.id:
-            return Node(nodeid, sender[0], sender[1])
+            source = Node(nodeid, sender[0], sender[1])
+            self.welcome_if_new(source)
+            return source
         return None
 
     def _my_id(self) -> bytes:
@@ -163,19 +166,14 @@ class PacketProtocol(KademliaProtocol):
 
     # ------------------------------------------------------------------ RPCs served
     def rpc_ping(self, sender: tuple, nodeid: object) -> bytes:
-        source = self._source(sender, nodeid)
-        if source is not None:
-            self.welcome_if_new(source)
+        self._welcome_sender(sender, nodeid)
         return self.source_node.id
 
     def rpc_find_node(self, sender: tuple, nodeid: object, key: object) -> list:
         if not _valid_id(key):
             self._reject("malformed_rpc", sender)
             return []
-        source = self._source(sender, nodeid)
-        if source is not None:
-            self.welcome_if_new(source)
-        return self._neighbors(key, source)
+        return self._neighbors(key, self._welcome_sender(sender, nodeid))
 
     def closest_contacts(self, key: bytes, count: int, exclude: Node | None = None) -> list[Node]:
         """The ``count`` contacts closest to ``key`` by XOR distance, exactly.
@@ -205,9 +203,7 @@ class PacketProtocol(KademliaProtocol):
         if not _valid_id(key):
             self._reject("malformed_rpc", sender)
             return False
-        source = self._source(sender, nodeid)
-        if source is not None:
-            self.welcome_if_new(source)
+        self._welcome_sender(sender, nodeid)
         with self.storage.transaction():
             outcome = self.accept_packet(key, value, self.max_ttl, sender)
         return outcome in CONFIRMED
@@ -220,9 +216,7 @@ class PacketProtocol(KademliaProtocol):
         value = self.storage.get(key)
         if value is None:
             return self.rpc_find_node(sender, nodeid, key)
-        source = self._source(sender, nodeid)
-        if source is not None:
-            self.welcome_if_new(source)
+        self._welcome_sender(sender, nodeid)
         return {"value": value}
 
     def rpc_store_packets(self, sender: tuple, nodeid: object, key: object, items: object) -> list:
@@ -230,9 +224,7 @@ class PacketProtocol(KademliaProtocol):
         if not _valid_id(key) or not isinstance(items, list) or len(items) > MAX_ITEMS_PER_STORE:
             self._reject("malformed_rpc", sender)
             return []
-        source = self._source(sender, nodeid)
-        if source is not None:
-            self.welcome_if_new(source)
+        self._welcome_sender(sender, nodeid)
         statuses = []
         with self.storage.transaction():
             for item in items:
@@ -248,9 +240,7 @@ class PacketProtocol(KademliaProtocol):
         if not _valid_id(key) or not (cursor is None or _valid_cursor(cursor)):
             self._reject("malformed_rpc", sender)
             return {"count": 0, "nodes": []}
-        source = self._source(sender, nodeid)
-        if source is not None:
-            self.welcome_if_new(source)
+        source = self._welcome_sender(sender, nodeid)
         n4, nodes = pack_nodes(self._neighbors(key, source)) if cursor is None else (b"", [])
         count, digest = self.storage.digest(key)
         if count == 0:
@@ -292,21 +282,23 @@ class PacketProtocol(KademliaProtocol):
             self.rpc_failed += 1
         return (False, None)
 
+    async def _call_node(self, name: str, node: Node, *args: Any) -> tuple[bool, Any]:
+        """``_call`` to a known node with our id, then the package's routing-table bookkeeping
+        (``handle_call_response``: welcome it on a reply, drop it on none)."""
+        result = await self._call(name, (node.ip, node.port), self._my_id(), *args)
+        return self.handle_call_response(result, node)
+
     async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
-        result = await self._call("find_node", (node_to_ask.ip, node_to_ask.port), self._my_id(), node_to_find.id)
-        return self.handle_call_response(result, node_to_ask)
+        return await self._call_node("find_node", node_to_ask, node_to_find.id)
 
     async def call_find_value(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
-        result = await self._call("find_value", (node_to_ask.ip, node_to_ask.port), self._my_id(), node_to_find.id)
-        return self.handle_call_response(result, node_to_ask)
+        return await self._call_node("find_value", node_to_ask, node_to_find.id)
 
     async def call_ping(self, node_to_ask: Node) -> tuple[bool, Any]:
-        result = await self._call("ping", (node_to_ask.ip, node_to_ask.port), self._my_id())
-        return self.handle_call_response(result, node_to_ask)
+        return await self._call_node("ping", node_to_ask)
 
     async def call_store(self, node_to_ask: Node, key: bytes, value: Any) -> tuple[bool, Any]:
-        result = await self._call("store", (node_to_ask.ip, node_to_ask.port), self._my_id(), key, value)
-        return self.handle_call_response(result, node_to_ask)
+        return await self._call_node("store", node_to_ask, key, value)
 
     async def ping_address(self, address: tuple) -> Node | None:
         ok, nodeid = await self._call("ping", address, self._my_id())
@@ -317,12 +309,10 @@ class PacketProtocol(KademliaProtocol):
         return None
 
     async def call_store_packets(self, node: Node, key: bytes, items: list) -> tuple[bool, Any]:
-        result = await self._call("store_packets", (node.ip, node.port), self._my_id(), key, items)
-        return self.handle_call_response(result, node)
+        return await self._call_node("store_packets", node, key, items)
 
     async def call_find_packets(self, node: Node, key: bytes, cursor: list | None = None) -> tuple[bool, Any]:
-        result = await self._call("find_packets", (node.ip, node.port), self._my_id(), key, cursor)
-        return self.handle_call_response(result, node)
+        return await self._call_node("find_packets", node, key, cursor)
 
     async def call_stats(self, address: tuple) -> tuple[bool, Any]:
         return await self._call("stats", address)
