@@ -1,7 +1,8 @@
 """Pseudonymous keys for the extract tables.
 
-Every key is ``Pseudonymizer.key("Type/id")``. A resource's *own* key (``Observation/<id>``) is seen
-exactly once per export, so memoising it only costs memory (a million cached keys are ~200 MB) and
+Every key is ``Pseudonymizer.key("Type/id")``. A resource's *own* key (``Condition/<id>``,
+``MedicationRequest/<id>``) is seen exactly once per export, so memoising it only costs memory (a
+million cached keys are ~200 MB) and
 the cache bookkeeping; ``OwnKeys`` computes the same HMAC-SHA256 without a cache, from inner and outer
 SHA-256 states prepared once (RFC 2104), which is about twice as fast as copying an ``hmac`` object.
 References that repeat (the patient, reason Conditions) go through the memoised ``Pseudonymizer``.
@@ -44,10 +45,3 @@ class OwnKeys:
             return o.hexdigest()[:n]
 
         return key
-
-    def key(self, reference: str) -> str:
-        inner = self._inner.copy()
-        inner.update(reference.encode("utf-8"))
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return outer.hexdigest()[:KEY_HEX_CHARS]

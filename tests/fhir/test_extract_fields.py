@@ -54,7 +54,6 @@ def test_own_keys_equal_pseudonymizer_keys():
     for secret in (b"s" * 16, b"k" * 32, bytes(range(100))):
         own, memo = OwnKeys(secret), Pseudonymizer(secret)
         for ref in ("Observation/1", "Condition/abc-def", "Patient/" + "x" * 64, "Observation/é"):
-            assert own.key(ref) == memo.key(ref)
             rtype, rid = ref.split("/", 1)
             assert own.for_type(rtype)(rid) == memo.key(ref)
 
