@@ -2,9 +2,9 @@
 
 Every key is ``Pseudonymizer.key("Type/id")``. A resource's *own* key (``Condition/<id>``,
 ``MedicationRequest/<id>``) is seen exactly once per export, so memoising it only costs memory (a
-million cached keys are ~200 MB) and
-the cache bookkeeping; ``OwnKeys`` computes the same HMAC-SHA256 without a cache, from inner and outer
-SHA-256 states prepared once (RFC 2104), which is about twice as fast as copying an ``hmac`` object.
+million cached keys are ~200 MB) and the cache bookkeeping; ``OwnKeys`` computes the same HMAC-SHA256
+without a cache, from inner and outer SHA-256 states prepared once (RFC 2104), which is about twice
+as fast as copying an ``hmac`` object.
 References that repeat (the patient, reason Conditions) go through the memoised ``Pseudonymizer``.
 A test checks both give identical keys.
 """
