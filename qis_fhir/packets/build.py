@@ -59,7 +59,6 @@ REQUIRED_COLUMNS = (
     "responded",
     "mapping_version",
 )
-PERIODS = ("month", "quarter", "year")
 _CELL = ["bucket", "age_band", "sex", "treatment_code", "measure", "period"]
 RELEASE_STATE = "released_packets.ndjson"
 SITE_RELEASE_STATE = object()  # sentinel: the site directory's release state file
@@ -114,9 +113,7 @@ def build_packets(
     missing = [c for c in REQUIRED_COLUMNS if c not in events.columns]
     if missing:
         raise ValueError(f"outcome events lack columns: {', '.join(missing)}")
-    granularity = getattr(getattr(mapping, "cohorts", None), "period", "year") or "year"
-    if granularity not in PERIODS:
-        raise MappingError(f"cohorts.period must be one of {', '.join(PERIODS)}")
+    granularity = mapping.cohorts.period  # month | quarter | year: checked by the mapping schema
     manifest = network.manifest
     if mapping.version not in manifest.accepted_mapping_versions:
         raise MappingError(
@@ -128,7 +125,8 @@ def build_packets(
         raise MappingError(f"{int(wrong_version.sum())} outcome events were derived with another mapping version than {mapping.version}")
     min_cell = manifest.min_cell_size
 
-    columns = [c for c in REQUIRED_COLUMNS if c != "mapping_version"] + [c for c in ("start", "event_id") if c in events.columns]
+    order = [c for c in ("start", "event_id") if c in events.columns]
+    columns = [c for c in REQUIRED_COLUMNS if c != "mapping_version"] + order
     df = events.loc[:, columns].reset_index(drop=True)  # any index the caller had (concat may repeat labels)
     df["change"] = pd.to_numeric(df["change"], errors="coerce").astype("float64")
     df = df[df["change"].map(math.isfinite).astype(bool)].copy()
@@ -136,7 +134,6 @@ def build_packets(
         df[col] = df[col].fillna("unknown").astype(str)
     df["period"] = [_period_of(str(s), granularity) for s in df["start_period"]]
     # one event per patient per cell: the earliest (ties broken by event id, for determinism)
-    order = [c for c in ("start", "event_id") if c in df.columns]
     if order:
         df = df.sort_values(order, kind="mergesort")
     df = df.drop_duplicates(subset=_CELL + ["patient_key"], keep="first")
