@@ -207,7 +207,7 @@ class DhtNode(Server):
             async with slots:
                 lookup = await self.closest_nodes(key)
                 now = time.time()
-                items = [[e.wire, max(0.0, e.expires_at - now)] for e in self.storage.entries(key, now)]
+                items = self.storage.items_to_pass_on(key, now)
                 if items:
                     await asyncio.gather(*(self.protocol.send_packets(n, key, items) for n in lookup.closest))
                 self.storage.mark_republished(key, now)

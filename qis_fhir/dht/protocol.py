@@ -368,6 +368,6 @@ class PacketProtocol(KademliaProtocol):
     async def _hand_off(self, node: Node, keys: list[bytes]) -> None:
         now = time.time()
         for key in keys:
-            items = [[e.wire, max(0.0, e.expires_at - now)] for e in self.storage.entries(key, now)]
+            items = self.storage.items_to_pass_on(key, now)
             if items:
                 await self.send_packets(node, key, items)

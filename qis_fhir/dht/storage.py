@@ -260,6 +260,12 @@ class PacketStore(IStorage):
             )
         ]
 
+    def items_to_pass_on(self, key: bytes, now: float | None = None) -> list[list]:
+        """``[wire, remaining lifetime]`` store items of ``key``'s live rows: what a holder hands on
+        (republish, hand-off), so a replica never makes a packet outlive its origin's publication."""
+        now = time.time() if now is None else now
+        return [[e.wire, max(0.0, e.expires_at - now)] for e in self.entries(key, now)]
+
     def keys_due_for_republish(self, interval: float, now: float | None = None) -> list[bytes]:
         """Keys holding a row not (re)stored by anyone for ``interval`` seconds."""
         now = time.time() if now is None else now
