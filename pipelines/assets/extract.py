@@ -31,6 +31,7 @@ COUNTS_CHECK = "every_line_accounted_for"
 )
 def fhir_extract(context: AssetExecutionContext, site: SiteConfig) -> MaterializeResult:
     from qis_fhir.fhir import extract_export, load_extract
+    from qis_fhir.fhir.extract import EXTRACT_DIR, SUMMARY_FILE
     from qis_fhir.quality import check_tables
 
     out_dir = site.out_path(context.partition_key)
@@ -45,20 +46,16 @@ def fhir_extract(context: AssetExecutionContext, site: SiteConfig) -> Materializ
     report = check_tables(load_extract(out_dir), mapping)
     report.write(out_dir / "quality" / "extract.json")
 
-    totals = summary.totals
     return MaterializeResult(
         metadata={
             "dagster/row_count": sum(summary.rows.values()),
-            **{f"rows_{table}": summary.rows.get(table, 0) for table in EXTRACT_TABLES},
-            "read": totals["read"],
-            "accepted": totals["accepted"],
-            "quarantined": totals["quarantined"],
-            "skipped": totals["skipped"],
+            **{f"rows_{table}": n for table, n in summary.rows.items()},
+            **summary.totals,  # read, accepted, quarantined, skipped
             "quarantine_reasons": MetadataValue.json(summary.quarantine_reasons),
             "validate": summary.validate,
             "validated": summary.validated,
             "seconds": round(summary.seconds, 2),
-            "summary": MetadataValue.path(str(out_dir / "extract" / "summary.json")),
+            "summary": MetadataValue.path(str(out_dir / EXTRACT_DIR / SUMMARY_FILE)),
         },
         check_results=[
             # extract_export checks these counts itself (summary.check_invariants) and raises before it
