@@ -34,15 +34,15 @@ def outcome_events(context: AssetExecutionContext, site: SiteConfig) -> Material
     report.write(out_dir / "quality" / "outcome_events.json")
     events_path, _ = result.write(out_dir)
 
-    totals = result.summary.get("totals", {})
+    totals = result.summary["totals"]
     return MaterializeResult(
         metadata={
             "dagster/row_count": len(result.events),
             "events": len(result.events),
-            "episodes": totals.get("episodes", 0),
-            "responded": totals.get("responded", 0),
-            "excluded": totals.get("excluded", 0),
-            "exclusion_reasons": MetadataValue.json(result.summary.get("exclusion_reasons", {})),
+            "episodes": totals["episodes"],
+            "responded": totals["responded"],
+            "excluded": totals["excluded"],
+            "exclusion_reasons": MetadataValue.json(result.summary["exclusion_reasons"]),
             "mapping_version": mapping.version,
             "mapping_hash": mapping.content_hash,
             "events_file": MetadataValue.path(str(events_path)),
