@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from pipelines.dev import prepare_home
 
 
 @pytest.fixture(scope="session", autouse=True)
 def dagster_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("dagster_home")
-    shutil.copy(REPO / "pipelines" / "dagster.yaml", home / "dagster.yaml")
+    home = prepare_home(tmp_path_factory.mktemp("dagster_home"))  # what `python -m pipelines.dev` does
     old = os.environ.get("DAGSTER_HOME")
     os.environ["DAGSTER_HOME"] = str(home)
     yield home
