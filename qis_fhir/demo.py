@@ -49,7 +49,7 @@ class DemoConfig:
 
 def _site_run(site_id: str, profile: str, index: int, config: DemoConfig, net_dir: Path, bootstrap) -> dict:
     from qis_fhir.packets import add_site, create_site
-    from qis_fhir.pipeline import RunConfig, run_pipeline
+    from qis_fhir.pipeline import PACKETS, RunConfig, run_pipeline
     from qis_fhir.synth import generate_export
 
     root = config.out_dir / "sites" / site_id
@@ -70,7 +70,7 @@ def _site_run(site_id: str, profile: str, index: int, config: DemoConfig, net_di
         "events": int(result.outcomes.get("totals", {}).get("events", 0)),
         "packets": result.packets["packets"] if result.packets else 0,
         "publish": result.publish,
-        "packets_path": str(root / "run" / "packets.ndjson"),
+        "packets_path": str(result.out_dir / PACKETS),
     }
 
 
@@ -79,6 +79,7 @@ def run_demo(config: DemoConfig) -> dict:
     from qis_fhir.dht.client import query_many
     from qis_fhir.dht.cluster import LocalCluster
     from qis_fhir.packets import create_network, decode_packet, read_packets
+    from qis_fhir.packets.manifest import MANIFEST
 
     if not 1 <= config.sites <= len(HOSPITALS):
         raise click.BadParameter(f"--sites must be between 1 and {len(HOSPITALS)}")
@@ -93,7 +94,7 @@ def run_demo(config: DemoConfig) -> dict:
     started = time.monotonic()
     net_dir = out / "network"
     create_network(net_dir, network_id="demo-network", min_cell_size=11)
-    manifest = net_dir / "manifest.json"
+    manifest = net_dir / MANIFEST
     hospitals = HOSPITALS[: config.sites]
 
     summary: dict = {"sites": [], "lookups": []}

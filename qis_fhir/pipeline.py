@@ -81,11 +81,12 @@ def run_pipeline(config: RunConfig) -> RunResult:
     site = network = None
     if config.site_dir is not None:
         from qis_fhir.packets import load_network, load_site
+        from qis_fhir.packets.manifest import PINS
 
         site = load_site(config.site_dir)  # holds the site's patient-key secret too
         secret = site.patient_secret
         # pin the governance key and refuse a manifest older than one this site has seen
-        network = load_network(config.network_dir, pinned_state=Path(config.site_dir) / "manifest_pins.json")
+        network = load_network(config.network_dir, pinned_state=Path(config.site_dir) / PINS)
     else:
         from qis_fhir.privacy.secrets import load_or_create_secret
 

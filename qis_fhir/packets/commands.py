@@ -36,11 +36,11 @@ def network() -> None:
 def network_new(out: Path, min_cell_size: int, network_id: str | None, mapping_versions: tuple[str, ...]) -> None:
     """Create NET_DIR with governance_key.pem (0600, keep it with governance), network.secret (0600,
     give it to member sites only) and manifest.json (public, signed, version 1)."""
-    from qis_fhir.packets.manifest import create_network
+    from qis_fhir.packets.manifest import GOVERNANCE_KEY, MANIFEST, NETWORK_SECRET, create_network
 
     m = create_network(out, network_id=network_id, min_cell_size=min_cell_size, mapping_versions=mapping_versions)
     click.echo(f"network {m.network_id}: manifest version {m.version}, governance key {m.governance_key_id}, min cell size {m.min_cell_size}")
-    click.echo(f"give members {out / 'manifest.json'} and {out / 'network.secret'}; keep {out / 'governance_key.pem'} with governance")
+    click.echo(f"give members {out / MANIFEST} and {out / NETWORK_SECRET}; keep {out / GOVERNANCE_KEY} with governance")
 
 
 @network.command("add-site")
@@ -103,14 +103,14 @@ def keys() -> None:
 def keys_new(site_id: str, out: Path) -> None:
     """Create SITE_DIR: site_key.pem (0600), site_key.pub, site.secret (0600) and site.json.
     Refuses to overwrite an existing site. Send site.json to the network governance."""
-    from qis_fhir.packets.keys import create_site, validate_site_id
+    from qis_fhir.packets.keys import SITE_JSON, create_site, validate_site_id
 
     try:
         validate_site_id(site_id)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--site-id") from None
     site = create_site(site_id, out)
-    click.echo(f"site {site.site_id}: key id {site.key_id}; send {out / 'site.json'} to the network governance")
+    click.echo(f"site {site.site_id}: key id {site.key_id}; send {out / SITE_JSON} to the network governance")
 
 
 @click.command()

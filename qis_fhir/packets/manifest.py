@@ -47,6 +47,7 @@ from qis_fhir.privacy.secrets import create_secret, qis_fhir_home, read_secret
 MANIFEST = "manifest.json"
 NETWORK_SECRET = "network.secret"
 GOVERNANCE_KEY = "governance_key.pem"
+PINS = "manifest_pins.json"
 MANIFEST_FORMAT = "qis-fhir/manifest/v1"
 MANIFEST_DOMAIN = b"qis-fhir/manifest/v1\n"
 DEFAULT_MIN_CELL_SIZE = 11
@@ -226,7 +227,7 @@ def check_and_pin(m: NetworkManifest, pin_path: Path) -> None:
 
 def default_pin_path() -> Path:
     """``$QIS_FHIR_HOME/trust/manifest_pins.json`` (default home ``~/.qis-fhir``)."""
-    return qis_fhir_home() / "trust" / "manifest_pins.json"
+    return qis_fhir_home() / "trust" / PINS
 
 
 def manifest_path_of(path: Path | str) -> Path:
