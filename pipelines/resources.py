@@ -46,7 +46,7 @@ class SiteConfig(ConfigurableResource):
         return Path(self.export_root) / partition_key
 
     def out_path(self, partition_key: str) -> Path:
-        """Where one partition's outputs go: the same layout ``qis-fhir run --out DIR`` writes."""
+        """Where one partition's outputs go: the ``qis-fhir run --out DIR`` layout, quality reports in ``quality/``."""
         return Path(self.out_root) / partition_key
 
     def load_mapping(self) -> MappingSet:
