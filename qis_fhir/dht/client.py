@@ -31,6 +31,7 @@ from kademlia.node import Node
 from qis_fhir.dht.keys import dht_key, is_fingerprint, unpack_nodes
 from qis_fhir.dht.lookup import SEED_LIMIT, iterative_lookup
 from qis_fhir.dht.node import DhtNode, NodeConfig
+from qis_fhir.dht.protocol import valid_cursor
 from qis_fhir.dht.storage import CONFIRMED, PacketStore
 from qis_fhir.errors import NoPeersError, QisError
 
@@ -167,6 +168,28 @@ def _wire_of(packet: Any) -> bytes:
     from qis_fhir.packets.codec import encode_packet
 
     return encode_packet(packet)
+
+
+def _wires_of(reply: dict) -> list[bytes]:
+    return [w for w in reply.get("packets") or [] if isinstance(w, bytes)]
+
+
+async def _read_pages(ask: Any, cursor: list | None, add: Any) -> tuple[bool | None, int]:
+    """Follow one node's pages from ``cursor`` (``ask(cursor) -> (ok, reply)``), passing each page's
+    wires to ``add``. Returns (True: read to the end, False: the node stopped answering, None: it gave a
+    cursor that is malformed or does not advance, or MAX_PAGES_PER_NODE ran out) and the RPCs sent."""
+    for pages in range(1, MAX_PAGES_PER_NODE + 1):
+        ok, reply = await ask(cursor)
+        if not ok or not isinstance(reply, dict):
+            return False, pages
+        add(_wires_of(reply))
+        nxt = reply.get("next")
+        if nxt is None:
+            return True, pages
+        if not valid_cursor(nxt) or (cursor is not None and nxt <= cursor):
+            return None, pages  # a cursor is [site id, packet id] and must advance
+        cursor = nxt
+    return None, MAX_PAGES_PER_NODE
 
 
 def _named_nodes(reply: object) -> list:
@@ -351,7 +374,7 @@ class DhtClient:
             if not isinstance(reply, dict) or not reply.get("count"):
                 continue
             holders += 1
-            wires.update(w for w in reply.get("packets") or [] if isinstance(w, bytes))
+            wires.update(_wires_of(reply))
             nxt = reply.get("next")
             if nxt is not None:
                 digest = reply.get("digest") if isinstance(reply.get("digest"), bytes) else node.id
@@ -360,22 +383,9 @@ class DhtClient:
 
         async def drain(candidates: list[tuple[Node, list]]) -> None:
             nonlocal pages
-            for node, cursor in candidates:  # one node per digest; the next only if it stops answering
-                complete = False
-                for _ in range(MAX_PAGES_PER_NODE):
-                    ok, reply = await proto.call_find_packets(node, key, cursor)
-                    pages += 1
-                    if not ok or not isinstance(reply, dict):
-                        break
-                    wires.update(w for w in reply.get("packets") or [] if isinstance(w, bytes))
-                    nxt = reply.get("next")
-                    if nxt is None:
-                        complete = True
-                        break
-                    if not (isinstance(nxt, list) and len(nxt) == 2 and all(isinstance(x, str) for x in nxt)) or nxt <= cursor:
-                        # a cursor is [site id, packet id] and must advance
-                        break
-                    cursor = nxt
+            for node, cursor in candidates:  # one node per digest; the next only if this one fails
+                complete, sent = await _read_pages(lambda c, node=node: proto.call_find_packets(node, key, c), cursor, wires.update)
+                pages += sent
                 if complete:
                     return
 
@@ -435,16 +445,8 @@ class DhtClient:
         For operators and tests checking where packets are; unverified."""
         key = dht_key(fingerprint)
         out: list[bytes] = []
-        cursor = None
-        for _ in range(MAX_PAGES_PER_NODE):
-            ok, reply = await self.protocol._call("find_packets", address, b"", key, cursor)
-            if not ok or not isinstance(reply, dict):
-                return None
-            out.extend(w for w in reply.get("packets") or [] if isinstance(w, bytes))
-            cursor = reply.get("next")
-            if cursor is None:
-                return out
-        return out
+        complete, _ = await _read_pages(lambda c: self.protocol._call("find_packets", address, b"", key, c), None, out.extend)
+        return None if complete is False else out
 
     async def node_stats(self, address: tuple[str, int]) -> dict | None:
         ok, reply = await self.protocol.call_stats(address)

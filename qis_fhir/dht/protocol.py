@@ -49,7 +49,7 @@ def _valid_id(value: object) -> bool:
     return isinstance(value, bytes) and len(value) == 20
 
 
-def _valid_cursor(value: object) -> bool:
+def valid_cursor(value: object) -> bool:
     return (
         isinstance(value, list)
         and len(value) == 2
@@ -237,7 +237,7 @@ class PacketProtocol(KademliaProtocol):
 
     def rpc_find_packets(self, sender: tuple, nodeid: object, key: object, cursor: object = None) -> dict:
         """One page of ``key``'s packets (see module docstring); closest nodes on the first page."""
-        if not _valid_id(key) or not (cursor is None or _valid_cursor(cursor)):
+        if not _valid_id(key) or not (cursor is None or valid_cursor(cursor)):
             self._reject("malformed_rpc", sender)
             return {"count": 0, "nodes": []}
         source = self._welcome_sender(sender, nodeid)
