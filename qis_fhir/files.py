@@ -23,5 +23,5 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """A report as indented, key-sorted JSON (the run's summaries and reports), written atomically."""
+    """Indented, key-sorted JSON (the run's summaries and reports, the manifest pin file), written atomically."""
     atomic_write(Path(path), (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8"))

@@ -31,7 +31,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from qis_fhir.errors import AlreadyExistsError, InputNotFoundError, ManifestError
-from qis_fhir.files import atomic_write
+from qis_fhir.files import atomic_write, write_json
 from qis_fhir.packets.keys import (
     b64,
     key_id_of,
@@ -222,7 +222,7 @@ def check_and_pin(m: NetworkManifest, pin_path: Path) -> None:
         if m.version == seen:
             return
     pins[m.network_id] = {"governance_key_id": m.governance_key_id, "version": m.version, "digest": m.digest()}
-    atomic_write(pin_path, orjson.dumps(pins, option=orjson.OPT_INDENT_2 | _OPTS) + b"\n")
+    write_json(pin_path, pins)
 
 
 def default_pin_path() -> Path:
