@@ -57,6 +57,7 @@ _BAD_DETAIL = {
     R.NOT_UTF8: "line is not valid UTF-8",
     R.INVALID_JSON: "line is not valid JSON",
 }
+_REJECTED = object()  # ``_Extraction._parsed``: the line was quarantined (JSON null parses to None)
 
 
 class _FileCounts:
@@ -76,19 +77,18 @@ class _Extraction:
         self,
         out: Path,
         secret: bytes,
-        validate: str,
-        sample_rate: float,
+        stride: int | None,
         max_line_bytes: int,
         chunk_rows: int,
-        max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
+        max_json_bytes: int,
     ) -> None:
         self.max_line_bytes = max_line_bytes
         self.max_json_bytes = max_json_bytes
         self.dropped: list[str] = []
         patient_key = Pseudonymizer(secret).key
         self.handlers = make_handlers(patient_key, OwnKeys(secret).for_type, self.dropped)
-        self.stride = sample_stride(validate, sample_rate)
-        # the sample validates lines 1, 1 + stride, 1 + 2 * stride... (``validation.sample_stride``)
+        self.stride = stride
+        # the sample validates lines 1, 1 + stride, 1 + 2 * stride... (``_handle``); none: 1 % 1 != -1
         self._stride, self._first = (self.stride, 1 % self.stride) if self.stride is not None else (1, -1)
         self.fast_blocks = {"Observation": observation_blocks(patient_key, self._stride, self._first)}
         self.validator = ModelValidator()
@@ -116,10 +116,6 @@ class _Extraction:
 
     # --- outcomes of one line -------------------------------------------------------------------
 
-    def _sampled(self, line: int) -> bool:
-        """Is line (or Bundle entry) number ``line`` of its file in the model-validation sample?"""
-        return line % self._stride == self._first
-
     def _type_counts(self, rtype: str) -> list[int]:
         counts = self.by_type.get(rtype)
         if counts is None:
@@ -135,8 +131,8 @@ class _Extraction:
         counts[2] += 1
 
     def resource(self, obj: object, fc: _FileCounts, label: str, line: int, urns: dict | None, raw: bytes | None) -> None:
-        """Take one parsed resource from a Bundle entry, a JSON file or an untyped NDJSON line."""
-        fc.read += 1
+        """Take one parsed resource from a Bundle entry, a JSON file or an untyped NDJSON line (the
+        caller counts it as read)."""
         if type(obj) is not dict:
             self.reject(fc, label, line, UNKNOWN_TYPE, R.NOT_AN_OBJECT, "resource is not a JSON object")
             return
@@ -149,16 +145,35 @@ class _Extraction:
             fc.skipped += 1
             self.skipped_types[rtype] += 1
             return
+        self._handle(obj, fc, label, line, rtype, handler, urns, raw)
+
+    def _handle(self, obj: dict, fc: _FileCounts, label: str, line: int, rtype: str, handler, urns: dict | None,
+                raw: bytes | None) -> None:
+        """A resource of an extracted type through its handler: quarantined, accepted, or held for the
+        validation sample, which takes lines (Bundle entries) 1, 1 + stride, 1 + 2 * stride... of a file."""
         try:
             rows = handler(obj, urns, line)
         except R.Reject as rej:
             self.dropped.clear()
             self.reject(fc, label, line, rtype, rej.reason, rej.detail)
             return
-        if self._sampled(line):
+        if line % self._stride == self._first:
             self._validate_later(fc, label, line, rtype, raw if raw is not None else orjson.dumps(obj), rows)
-            return
-        self._accept(rtype, rows, fc)
+        else:
+            self._accept(rtype, rows, fc)
+
+    def _parsed(self, fc: _FileCounts, label: str, n: int, rtype: str, line: bytes | None) -> object:
+        """NDJSON line ``n`` parsed, or ``_REJECTED`` once quarantined: longer than the cap (None),
+        blank, not UTF-8 or not JSON. The caller counts the line as read."""
+        if line is None:
+            self.reject(fc, label, n, rtype, R.LINE_TOO_LONG, f"line is longer than {self.max_line_bytes} bytes (not parsed)")
+            return _REJECTED
+        try:
+            return orjson.loads(line)
+        except orjson.JSONDecodeError:
+            reason = _bad_bytes_reason(line)
+            self.reject(fc, label, n, rtype, reason, _BAD_DETAIL[reason])
+            return _REJECTED
 
     def _accept(self, rtype: str, rows: list, fc: _FileCounts) -> None:
         if rows:
@@ -219,11 +234,6 @@ class _Extraction:
         fc.read += 1
         self.reject(fc, label, lineno, rtype, R.CORRUPT_FILE, _CORRUPT_DETAIL)
 
-    def _too_long(self, fc: _FileCounts, label: str, lineno: int, rtype: str) -> None:
-        """Quarantine an overlong line (the caller counts it as read)."""
-        self.reject(fc, label, lineno, rtype, R.LINE_TOO_LONG,
-                    f"line is longer than {self.max_line_bytes} bytes (not parsed)")
-
     def _skip_file(self, src: SourceFile, fc: _FileCounts) -> None:
         """A bulk file of a type the pipeline does not extract: count its lines, do not parse them."""
         n = 0
@@ -279,14 +289,8 @@ class _Extraction:
         """Line ``n`` of a typed file the checked way (orjson, ``fields.py``): accepted, quarantined,
         or held for the validation sample (``_settle``), each counted there. The caller counts the
         line as read."""
-        if line is None:
-            self._too_long(fc, label, n, rtype)
-            return
-        try:
-            obj = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            reason = _bad_bytes_reason(line)
-            self.reject(fc, label, n, rtype, reason, _BAD_DETAIL[reason])
+        obj = self._parsed(fc, label, n, rtype, line)
+        if obj is _REJECTED:
             return
         if type(obj) is not dict:
             self.reject(fc, label, n, rtype, R.NOT_AN_OBJECT, "line is not a JSON object")
@@ -295,16 +299,7 @@ class _Extraction:
             self.reject(fc, label, n, rtype, R.WRONG_RESOURCE_TYPE,
                         "resourceType is missing or differs from the file name's type")
             return
-        try:
-            rows = handler(obj, None, n)
-        except R.Reject as rej:
-            self.dropped.clear()
-            self.reject(fc, label, n, rtype, rej.reason, rej.detail)
-            return
-        if self._sampled(n):
-            self._validate_later(fc, label, n, rtype, line, rows)
-            return
-        self._accept(rtype, rows, fc)
+        self._handle(obj, fc, label, n, rtype, handler, None, line)
 
     def _untyped_ndjson(self, src: SourceFile, fc: _FileCounts) -> None:
         """An NDJSON file whose name does not say the type: each line's resourceType decides."""
@@ -314,20 +309,13 @@ class _Extraction:
             for lines in self._blocks(src):
                 for line in lines:
                     lineno += 1
-                    if line is None:
-                        fc.read += 1
-                        self._too_long(fc, label, lineno, UNKNOWN_TYPE)
-                        continue
-                    try:
-                        obj = orjson.loads(line)
-                    except orjson.JSONDecodeError:
-                        fc.read += 1
-                        reason = _bad_bytes_reason(line)
-                        self.reject(fc, label, lineno, UNKNOWN_TYPE, reason, _BAD_DETAIL[reason])
-                        continue
-                    self.resource(obj, fc, label, lineno, None, line)
+                    obj = self._parsed(fc, label, lineno, UNKNOWN_TYPE, line)
+                    if obj is not _REJECTED:
+                        self.resource(obj, fc, label, lineno, None, line)
         except BrokenStream:
             self._corrupt(fc, label, lineno + 1, UNKNOWN_TYPE)
+        finally:
+            fc.read += lineno
 
     def _json_file(self, src: SourceFile, fc: _FileCounts) -> None:
         """A Bundle (entries are the "lines", numbered from 1) or a single resource (line 1)."""
@@ -366,6 +354,7 @@ class _Extraction:
                 self.reject(fc, label, 0, "Bundle", R.INVALID_FIELD, "Bundle.entry is not a list")
                 return
             urns = _bundle_urns(entries)
+            fc.read += len(entries)
             # Medications first, so requests that reference them resolve whatever the entry order
             medication_first = sorted(range(len(entries)), key=lambda i: _entry_type(entries[i]) != "Medication")
             for i in medication_first:
@@ -377,6 +366,7 @@ class _Extraction:
             del self.by_file[label]
             self.ignored_files += 1
         else:
+            fc.read += 1
             self.resource(doc, fc, label, 1, None, None)
 
     # --- the end ----------------------------------------------------------------------------------
@@ -449,10 +439,10 @@ def extract_export(
         raise InputNotFoundError(
             f"no FHIR files in {export_dir} (looked for *.ndjson, *.ndjson.gz, *.json, *.json.gz)"
         )
-    sample_stride(validate, sample_rate)  # fail on a bad mode before any file is created
+    stride = sample_stride(validate, sample_rate)  # fails on a bad mode before any file is created
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = _Extraction(out_dir, secret, validate, sample_rate, max_line_bytes, chunk_rows, max_json_bytes)
+    run = _Extraction(out_dir, secret, stride, max_line_bytes, chunk_rows, max_json_bytes)
     run.ignored_files = ignored
     bar = None
     # The loop allocates millions of short-lived, acyclic objects (parsed JSON) while holding a chunk
