@@ -17,6 +17,7 @@ from pathlib import Path
 import orjson
 
 from qis_fhir.errors import InputNotFoundError
+from qis_fhir.files import write_json
 from qis_fhir.fhir import reasons as R
 from qis_fhir.fhir.fastpath import observation_blocks
 from qis_fhir.fhir.fields import make_handlers
@@ -469,8 +470,7 @@ def extract_export(
     summary = _summarise(run, export_dir, validate, rows, max_line_bytes)
     summary.seconds = round(time.perf_counter() - started, 3)
     summary.check_invariants()
-    path = out_dir / EXTRACT_DIR / SUMMARY_FILE
-    path.write_bytes(orjson.dumps(summary.to_dict(), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
+    write_json(out_dir / EXTRACT_DIR / SUMMARY_FILE, summary.to_dict())
     return summary
 
 
