@@ -56,11 +56,6 @@ class Verdict:
     reason: str
     packet: Packet | None = None
 
-    @property
-    def fresh(self) -> bool:
-        """True when the packet is new evidence (not a duplicate of one already accepted)."""
-        return self.reason == "ok"
-
 
 class Verifier:
     def __init__(self, manifest: NetworkManifest, replay: ReplayState | None = None, *, cache_size: int = 100_000) -> None:
