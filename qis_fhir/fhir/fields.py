@@ -123,6 +123,7 @@ def make_handlers(
     condition_key = own_key_for("Condition")
     request_key = own_key_for("MedicationRequest")
     date_get = _date_cache.get
+    max_plain_ref = len("Patient/") + MAX_ID_CHARS  # the longest plain ``Patient/<id>``
 
     def when(text: object, field: str) -> int:
         if type(text) is not str:
@@ -173,7 +174,7 @@ def make_handlers(
         ref = subj.get("reference")
         if type(ref) is not str:
             raise Reject(R.MISSING_SUBJECT, "subject has no literal reference")
-        if not (ref.startswith("Patient/") and len(ref) > 8 and ref.find("/", 8) < 0 and len(ref) <= 72):
+        if not (ref.startswith("Patient/") and len(ref) > 8 and ref.find("/", 8) < 0 and len(ref) <= max_plain_ref):
             ref = resolve_reference(ref, "Patient", urns, "subject")
         return patient_key(ref)
 
