@@ -68,8 +68,7 @@ async def _worker(count: int, seed: str, manifest: str, root: str, ksize: int, o
     atomic_write(Path(out), json.dumps([[n.host, n.port] for n in nodes]).encode())
     await stop.wait()
     for node in nodes:
-        node.stop()
-        node.storage.close()
+        node.close()
 
 
 def _spawn_worker(count: int, seed: str, manifest: Path, root: Path, ksize: int, out: Path) -> subprocess.Popen:

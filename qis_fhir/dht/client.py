@@ -258,8 +258,7 @@ class DhtClient:
 
     def close(self) -> None:
         if self.peer is not None:
-            self.peer.stop()
-            self.peer.storage.close()
+            self.peer.close()
             self.peer = None
 
     async def _ensure_contacts(self) -> None:

@@ -123,6 +123,11 @@ class DhtNode(Server):
             self.protocol.cancel_tasks()
         super().stop()
 
+    def close(self) -> None:
+        """Stop, then close the node's storage (what every owner of a node does last)."""
+        self.stop()
+        self.storage.close()
+
     # ------------------------------------------------------------------ routing
     def contacts(self) -> list[Node]:
         if self.protocol is None:

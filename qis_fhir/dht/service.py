@@ -73,6 +73,5 @@ async def serve(config: NodeConfig, data_dir: Path, manifest_path: Path, stop: a
         except (asyncio.CancelledError, Exception):
             pass
         write_node_state(data_dir, node)
-        node.stop()
-        storage.close()
+        node.close()
         log.info("stopped")

@@ -29,8 +29,7 @@ async def _nodes(manifest, n: int, ksize: int = 3, **cfg) -> list[DhtNode]:
 
 def _stop(nodes) -> None:
     for node in nodes:
-        node.stop()
-        node.storage.close()
+        node.close()
 
 
 def test_store_batches_and_find_packets_replies_fit_the_rpc_cap(dht_network):
