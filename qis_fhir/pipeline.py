@@ -51,7 +51,9 @@ class RunResult:
 
     def outputs(self) -> dict[str, Path]:
         """The files this run wrote that a user looks at, by name."""
-        names = [OUTCOME_EVENTS, OUTCOME_SUMMARY, QUALITY_REPORT, "extract/summary.json", "quarantine.ndjson"]
+        from qis_fhir.fhir.extract import EXTRACT_DIR, QUARANTINE_FILE, SUMMARY_FILE
+
+        names = [OUTCOME_EVENTS, OUTCOME_SUMMARY, QUALITY_REPORT, f"{EXTRACT_DIR}/{SUMMARY_FILE}", QUARANTINE_FILE]
         if self.packets is not None:
             names += [PACKETS, DISCLOSURE_REPORT]
         if self.publish is not None:
