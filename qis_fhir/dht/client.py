@@ -353,7 +353,7 @@ class DhtClient:
             )
 
         lookup = await walk(seeds)
-        if lookup.failed and len(lookup.closest) < self.peer.ksize and not any(
+        if lookup.dead and len(lookup.closest) < self.peer.ksize and not any(
             isinstance(r, dict) and r.get("count") for _, r in lookup.replies.values()
         ):
             # the walk lost nodes and ran dry before finding k live nodes or any data (departed

@@ -28,7 +28,6 @@ class Lookup:
     replies: dict[bytes, tuple[Node, Any]] = field(default_factory=dict)  # node id -> (node, reply)
     hops: int = 0
     asked: int = 0
-    failed: int = 0
     heard_of: dict[bytes, Node] = field(default_factory=dict)  # every node a reply named
     dead: set[bytes] = field(default_factory=set)  # nodes that did not answer
 
@@ -72,7 +71,6 @@ async def iterative_lookup(
     heap = NodeHeap(Node(target), ksize)
     heap.push([n for n in seeds if n.id != self_id])
     last_ids: list[bytes] | None = None
-    dead_ids: set[bytes] = set()
     while result.hops < MAX_ROUNDS:
         uncontacted = heap.get_uncontacted()
         if not uncontacted:
@@ -90,16 +88,14 @@ async def iterative_lookup(
         for node, (ok, reply) in zip(batch, replies):
             if not ok:
                 dead.append(node.id)
-                dead_ids.add(node.id)
-                result.failed += 1
+                result.dead.add(node.id)
                 continue
             result.replies[node.id] = (node, reply)
             named = _nodes_from(nodes_of(reply), self_id)
             result.heard_of.update((n.id, n) for n in named)
-            heap.push([n for n in named if n.id not in dead_ids])
+            heap.push([n for n in named if n.id not in result.dead])
         heap.remove(dead)
         if done is not None and done(list(heap), result.replies):
             break
     result.closest = [n for n in heap if n.id in result.replies]
-    result.dead = dead_ids
     return result
