@@ -130,9 +130,7 @@ class DhtNode(Server):
 
     # ------------------------------------------------------------------ routing
     def contacts(self) -> list[Node]:
-        if self.protocol is None:
-            return []
-        return [n for b in self.protocol.router.buckets for n in b.get_nodes()]
+        return [] if self.protocol is None else self.protocol.contacts()
 
     async def join(self, peers: list[tuple[str, int]]) -> int:
         """Ping ``peers``, then look up our own id to fill the routing table; returns contacts known."""

@@ -175,6 +175,10 @@ class PacketProtocol(KademliaProtocol):
             return []
         return self._neighbors(key, self._welcome_sender(sender, nodeid))
 
+    def contacts(self) -> list[Node]:
+        """Every node in the routing table."""
+        return [n for bucket in self.router.buckets for n in bucket.get_nodes()]
+
     def closest_contacts(self, key: bytes, count: int, exclude: Node | None = None) -> list[Node]:
         """The ``count`` contacts closest to ``key`` by XOR distance, exactly.
 
@@ -184,12 +188,7 @@ class PacketProtocol(KademliaProtocol):
         what a writer stored. A full sort of the table (at most a few thousand contacts) is cheap.
         """
         target = int.from_bytes(key, "big")
-        nodes = [
-            n
-            for bucket in self.router.buckets
-            for n in bucket.get_nodes()
-            if n.id != key and (exclude is None or not n.same_home_as(exclude))
-        ]
+        nodes = [n for n in self.contacts() if n.id != key and (exclude is None or not n.same_home_as(exclude))]
         nodes.sort(key=lambda n: n.long_id ^ target)
         return nodes[:count]
 
@@ -263,7 +262,7 @@ class PacketProtocol(KademliaProtocol):
             "packets": self.storage.count(),
             "keys": len(self.storage.keys()),
             "rejections": self.storage.rejections(),
-            "contacts": sum(len(b) for b in self.router.buckets),
+            "contacts": len(self.contacts()),
         }
 
     # ------------------------------------------------------------------ RPCs sent
