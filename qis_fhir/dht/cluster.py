@@ -132,12 +132,6 @@ class LocalCluster:
             os.kill(node.proc.pid, signal.SIGKILL)
             node.proc.wait(timeout=10)
 
-    def stop(self, node: NodeProc, grace: float = STOP_GRACE) -> int | None:
-        if node.proc is None:
-            return None
-        stop_processes([node.proc], grace)
-        return node.proc.returncode
-
     def restart(self, node: NodeProc, bootstrap: list[tuple[str, int]]) -> None:
         node.port = None
         self._spawn(node, bootstrap)
