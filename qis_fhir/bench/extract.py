@@ -62,6 +62,7 @@ MIN_TIMED_SLICES = 10  # rounds over all slices until at least this many slices 
 TARGET_VS_ORJSON = 0.5
 TARGET_VS_PYDANTIC = 15.0
 TARGET_RSS_MIB_AT_2M = 1024
+_SECRET = b"bench-secret-not-for-real-use-32b"
 
 
 def _child() -> None:
@@ -77,15 +78,14 @@ def _child() -> None:
     pa.array(["warm-up"])  # pyarrow imports pandas on its first conversion: a one-off, not throughput
     # The first model_validate_json builds the model's validators (~1 s): start-up, not throughput.
     # Validate one real line of the export before the clock starts and report that cost on its own.
-    first = next(p for p in sorted(Path(args["export"]).iterdir()) if p.name.startswith("Observation."))
-    with open(first, "rb") as fh:
+    with open(_observation_files(Path(args["export"]))[0], "rb") as fh:
         line = fh.readline()
     warm0 = time.process_time()
     Observation.model_validate_json(line)
     warmup_s = time.process_time() - warm0
     cpu0, wall0 = time.process_time(), time.perf_counter()
     summary = extract_export(
-        args["export"], args["out"], secret=b"bench-secret-not-for-real-use-32b", validate=args["validate"]
+        args["export"], args["out"], secret=_SECRET, validate=args["validate"]
     )
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
@@ -133,7 +133,6 @@ def _interleaved_child() -> None:
     slices = [Path(s) for s in args["slices"]]
     scratch = Path(args["scratch"])
     step = int(args["pydantic_step"])
-    secret = b"bench-secret-not-for-real-use-32b"
     clock = time.process_time
     loads = orjson.loads
     fast_decode = observation_decoder().decode
@@ -150,7 +149,7 @@ def _interleaved_child() -> None:
         calls += 1
         out = scratch / f"out-{calls}"
         cpu0 = clock()
-        summary = extract_export(folder, out, secret=secret, validate=validate)
+        summary = extract_export(folder, out, secret=_SECRET, validate=validate)
         cpu = clock() - cpu0
         shutil.rmtree(out)
         return cpu, summary
@@ -265,8 +264,8 @@ def run(options) -> dict:
         tmp_path = Path(tmp)
         export = tmp_path / "export"
         t0 = time.perf_counter()
-        if getattr(options, "export", None) is not None:
-            _repeat_observations(Path(options.export), export, target, per_file)
+        if options.export is not None:
+            _repeat_observations(options.export, export, target, per_file)
         else:
             generate_export(export, patients=max(50, target // 400), seed=options.seed, observations=target,
                             truth_path=tmp_path / "truth.json", encounters=False, max_lines_per_file=per_file)
