@@ -1,17 +1,14 @@
 """Load a mapping set directory: parse YAML keeping line numbers, validate, cross-check, hash.
 
 Errors name the file and line (``conditions.yaml:12: ...``) so a clinician editing YAML can find
-the problem; YAML's node API (``compose``) gives every value its ``start_mark``, which plain
-``yaml.safe_load`` throws away.
+the problem (``yamldoc.py`` keeps the line of every value).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 from jsonschema import Draft202012Validator
@@ -29,72 +26,27 @@ from qis_fhir.mapping.model import (
     match_code,
 )
 from qis_fhir.mapping.schema import AGE_BAND_PATTERN, SCHEMAS
+from qis_fhir.mapping.yamldoc import YamlDoc, compose_yaml
 
 DEFAULT_MAPPING_DIR = Path(__file__).resolve().parents[2] / "mappings" / "v1"
 
-Path_ = tuple  # a path into a YAML document: keys and list indices
 
-
-@dataclass
-class _Doc:
-    """One parsed YAML file: its data and the node tree to find lines in."""
-
-    name: str
-    data: Any
-    node: yaml.Node
-
-    def line(self, path: Path_ = (), *, key: bool = False) -> int:
-        """1-based line of the value at ``path`` (or of its key when ``key``); nearest parent if absent."""
-        node, line = self.node, self.node.start_mark.line + 1
-        for i, step in enumerate(path):
-            found = None
-            if isinstance(node, yaml.MappingNode):
-                for k, v in node.value:
-                    if k.value == step:
-                        found = (k, v)
-                        break
-            elif isinstance(node, yaml.SequenceNode) and isinstance(step, int) and step < len(node.value):
-                found = (node.value[step], node.value[step])
-            if found is None:
-                return line
-            knode, node = found
-            last = i == len(path) - 1
-            line = (knode if (key and last) else node).start_mark.line + 1
-        return line
-
-    def error(self, path: Path_, message: str, *, key: bool = False) -> str:
-        where = _dotted(path)
-        return f"{self.name}:{self.line(path, key=key)}: {where + ': ' if where else ''}{message}"
-
-
-def _dotted(path: Path_) -> str:
-    out = ""
-    for step in path:
-        out += f"[{step}]" if isinstance(step, int) else (f".{step}" if out else str(step))
-    return out
-
-
-def _parse(path: Path) -> _Doc:
+def _parse(path: Path) -> YamlDoc:
     name = path.name
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise MappingError(f"{name}:1: not UTF-8 text ({exc.reason})") from None
     try:
-        loader = yaml.SafeLoader(text)
-        try:
-            node = loader.get_single_node()
-            if node is None:
-                raise MappingError(f"{name}:1: file is empty")
-            _check_duplicate_keys(name, node)
-            data = loader.construct_document(node)
-        finally:
-            loader.dispose()
+        doc = compose_yaml(text, name)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
         raise MappingError(f"{name}:{line}: invalid YAML: {exc.problem or exc.context}") from None
-    return _Doc(name, data, node)
+    if doc is None:
+        raise MappingError(f"{name}:1: file is empty")
+    _check_duplicate_keys(name, doc.node)
+    return doc
 
 
 def _check_duplicate_keys(name: str, node: yaml.Node) -> None:
@@ -114,7 +66,7 @@ def _check_duplicate_keys(name: str, node: yaml.Node) -> None:
             _check_duplicate_keys(name, v)
 
 
-def _schema_errors(doc: _Doc, schema: dict) -> list[str]:
+def _schema_errors(doc: YamlDoc, schema: dict) -> list[str]:
     out = []
     validator = Draft202012Validator(schema)
     for err in sorted(validator.iter_errors(doc.data), key=lambda e: (doc.line(tuple(e.absolute_path)), e.message)):
@@ -208,7 +160,7 @@ def load_mapping(path: str | Path | None = None) -> MappingSet:
     )
 
 
-def _build_measures(doc: _Doc, errors: list[str]) -> dict[str, OutcomeMeasure]:
+def _build_measures(doc: YamlDoc, errors: list[str]) -> dict[str, OutcomeMeasure]:
     measures = {}
     for mid, m in doc.data["measures"].items():
         lo, hi = m["followup_days"]
@@ -231,7 +183,7 @@ def _build_measures(doc: _Doc, errors: list[str]) -> dict[str, OutcomeMeasure]:
 
 
 def _build_buckets(
-    doc: _Doc, measures: dict[str, OutcomeMeasure], errors: list[str]
+    doc: YamlDoc, measures: dict[str, OutcomeMeasure], errors: list[str]
 ) -> tuple[dict[str, ConditionBucket], dict[tuple[str, str], str]]:
     buckets, index = {}, {}
     first_seen: dict[tuple[str, str], tuple[str, int]] = {}
@@ -258,7 +210,7 @@ def _build_buckets(
 
 
 def _build_treatments(
-    doc: _Doc, buckets: dict[str, ConditionBucket], errors: list[str]
+    doc: YamlDoc, buckets: dict[str, ConditionBucket], errors: list[str]
 ) -> tuple[dict[str, Treatment], dict[tuple[str, str], str]]:
     treatments, index = {}, {}
     first_seen: dict[str, tuple[str, int]] = {}
@@ -279,7 +231,7 @@ def _build_treatments(
     return treatments, index
 
 
-def _build_cohorts(doc: _Doc, errors: list[str]) -> CohortSpec:
+def _build_cohorts(doc: YamlDoc, errors: list[str]) -> CohortSpec:
     bands = [_parse_band(text) for text in doc.data["age_bands"]]
     for i, band in enumerate(bands):
         if band.max_years is not None and band.max_years < band.min_years:

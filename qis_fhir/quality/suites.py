@@ -31,11 +31,11 @@ from typing import Any
 import yaml
 
 from qis_fhir.errors import MappingError
+from qis_fhir.mapping.yamldoc import compose_yaml
 from qis_fhir.quality.vocabulary import VOCABULARY, RuleArgumentError, set_text
 
 SUITES_FILE = "quality.yaml"
 SCHEMA_VERSION = 1
-_LINE = "__line__"
 
 
 @dataclass(frozen=True)
@@ -88,19 +88,6 @@ class SuiteSet:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that records the line of every mapping under ``__line__`` (for line-precise errors)."""
-
-
-def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict[str, Any]:
-    mapping = loader.construct_mapping(node, deep=True)
-    mapping[_LINE] = node.start_mark.line + 1
-    return mapping
-
-
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
 def suites_path(mapping: Any) -> Path:
     """``quality.yaml`` of a loaded mapping set (``MappingSet.path`` is its directory)."""
     return Path(mapping.path) / SUITES_FILE
@@ -137,17 +124,15 @@ def _resolve(value: Any, refs: dict[str, Any], where: str) -> Any:
                 out.append(resolved)
         return out
     if isinstance(value, dict):
-        return {k: _resolve(v, refs, where) for k, v in value.items() if k != _LINE}
+        return {k: _resolve(v, refs, where) for k, v in value.items()}
     return value
 
 
 def _parse_where(raw: Any, where: str) -> dict[str, tuple[Any, ...]]:
-    if not isinstance(raw, dict) or not [k for k in raw if k != _LINE]:
+    if not isinstance(raw, dict) or not raw:
         raise MappingError(f"{where}: 'where' must map column names to a value or a list of values")
     out: dict[str, tuple[Any, ...]] = {}
     for col, val in raw.items():
-        if col == _LINE:
-            continue
         vals = tuple(val) if isinstance(val, (list, tuple)) else (val,)
         if not vals:
             raise MappingError(f"{where}: 'where' on {col!r} needs at least one value")
@@ -160,16 +145,17 @@ def parse_suites(text: str, mapping: Any, *, path: Path | str = SUITES_FILE) -> 
     path = Path(path)
     fname = path.name
     try:
-        doc = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
+        parsed = compose_yaml(text, fname)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise MappingError(f"{fname}{line}: {problem}") from None
-    if not isinstance(doc, dict):
+    if parsed is None or not isinstance(parsed.data, dict):
         raise MappingError(f"{fname}:1: expected a mapping with 'schema' and 'tables'")
-    top = doc.get(_LINE, 1)
-    unknown_keys = sorted(k for k in doc if k not in {"schema", "tables", "description", _LINE})
+    doc = parsed.data
+    top = parsed.line()
+    unknown_keys = sorted(k for k in doc if k not in {"schema", "tables", "description"})
     if unknown_keys:
         raise MappingError(f"{fname}:{top}: unknown top-level key(s): {', '.join(unknown_keys)}")
     if doc.get("schema") != SCHEMA_VERSION:
@@ -180,22 +166,19 @@ def parse_suites(text: str, mapping: Any, *, path: Path | str = SUITES_FILE) -> 
 
     refs = _mapping_refs(mapping)
     tables: dict[str, tuple[Rule, ...]] = {}
-    tables_line = tables_raw.get(_LINE, top)
+    tables_line = parsed.line(("tables",))
     for table, entries in tables_raw.items():
-        if table == _LINE:
-            continue
         if not isinstance(entries, list) or not entries:
             raise MappingError(f"{fname}:{tables_line}: table {table!r} needs a non-empty list of expectations")
         rules: list[Rule] = []
-        for entry in entries:
+        for i, entry in enumerate(entries):
             if not isinstance(entry, dict):
                 raise MappingError(
                     f"{fname}:{tables_line}: table {table!r}: each expectation is a one-key mapping, "
                     f"e.g. '- not_null: patient_key' (got {type(entry).__name__})"
                 )
-            line = entry.get(_LINE, tables_line)
-            where_txt = f"{fname}:{line}"
-            keys = [k for k in entry if k != _LINE]
+            where_txt = f"{fname}:{parsed.line(('tables', table, i))}"
+            keys = list(entry)
             if len(keys) != 1:
                 raise MappingError(f"{where_txt}: each expectation is a one-key mapping, got keys {keys}")
             name = keys[0]
