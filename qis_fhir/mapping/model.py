@@ -137,24 +137,20 @@ class MappingSet:
         return self.cohorts.age_band(age_years)
 
     # Vectorised lookups for the outcomes stage (pandas is imported lazily: the DHT node loads mappings too)
-    def condition_code_table(self) -> pd.DataFrame:
-        """Columns code_system, code, bucket: one row per mapped condition code (codes in ``match_code``
-        form)."""
-        import pandas as pd
-
-        rows = [(s, c, b) for (s, c), b in self._condition_index.items()]
-        return pd.DataFrame(rows, columns=["code_system", "code", "bucket"]).astype("object")
-
     def with_buckets(self, df: pd.DataFrame) -> pd.DataFrame:
         """The rows of ``df`` (with ``code_system`` and ``code`` columns) whose coding the mapping covers,
         with their ``bucket`` (a row per bucket); codes are compared in ``match_code`` form."""
         keyed = df.assign(_match=_match_codes(df["code_system"], df["code"]))
-        table = self.condition_code_table().rename(columns={"code": "_match"})
+        table = _index_table(self._condition_index, ["code_system", "_match", "bucket"])
         return keyed.merge(table, on=["code_system", "_match"], how="inner").drop(columns="_match")
 
     def treatment_code_table(self) -> pd.DataFrame:
         """Columns code_system, code, treatment_code: one row per mapped RxNorm code."""
-        import pandas as pd
+        return _index_table(self._treatment_index, ["code_system", "code", "treatment_code"])
 
-        rows = [(s, c, t) for (s, c), t in self._treatment_index.items()]
-        return pd.DataFrame(rows, columns=["code_system", "code", "treatment_code"]).astype("object")
+
+def _index_table(index: dict[tuple[str, str], str], columns: list[str]) -> pd.DataFrame:
+    """A (system, code) -> id index as a three-column object DataFrame, one row per entry."""
+    import pandas as pd
+
+    return pd.DataFrame([(s, c, v) for (s, c), v in index.items()], columns=columns).astype("object")
