@@ -69,18 +69,15 @@ def link_requests(
     refs = _explode_list(req, "request_key", "reason_condition_keys", "condition_key")
     known_refs = refs.merge(conditions[["condition_key"]].drop_duplicates(), on="condition_key", how="inner")
     ref_buckets = known_refs.merge(cond[["condition_key", "bucket"]], on="condition_key", how="inner")
+    stated_keys = pd.Index(known_refs["request_key"])
+    code_buckets = pd.DataFrame(columns=["request_key", "bucket"])
     if "reason_codes" in req.columns:
         rcodes = _explode_list(req, "request_key", "reason_codes", "reason_code")
         split = rcodes["reason_code"].astype(str).str.split("|", n=1, expand=True)
         if len(rcodes) and split.shape[1] == 2:
             rcodes = rcodes.assign(code_system=split[0].values, code=split[1].values)
             code_buckets = mapping.with_buckets(rcodes)
-        else:
-            code_buckets = pd.DataFrame(columns=["request_key", "bucket"])
-        stated_keys = pd.Index(known_refs["request_key"]).union(pd.Index(rcodes["request_key"]))
-    else:
-        code_buckets = pd.DataFrame(columns=["request_key", "bucket"])
-        stated_keys = pd.Index(known_refs["request_key"])
+        stated_keys = stated_keys.union(pd.Index(rcodes["request_key"]))
     stated_buckets = pd.concat(
         [ref_buckets[["request_key", "bucket"]], code_buckets[["request_key", "bucket"]]], ignore_index=True
     ).drop_duplicates()
