@@ -25,10 +25,6 @@ KSIZE = 5
 N_NODES = 20
 
 
-def _sites(net):
-    return base_sites(net)
-
-
 @pytest.fixture(scope="module")
 def cluster(dht_network, tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("cluster20"), dht_network.manifest, ksize=KSIZE)
@@ -60,7 +56,7 @@ async def _holdings(nodes, manifest, fp, bootstrap):
 
 def test_every_node_sees_every_sites_packets_once(cluster, dht_network):
     fps = [fingerprint(1000 + i) for i in range(6)]
-    sites = _sites(dht_network)
+    sites = base_sites(dht_network)
     expected: dict[str, set] = {fp: set() for fp in fps}
     for i, site in enumerate(sites):  # each site publishes through a different node
         wires = [sign(site, fp, treatment=f"TX_{t}") for fp in fps for t in ("A", "B")]
@@ -152,7 +148,7 @@ def test_a_site_that_joins_later_publishes_and_queries_at_once_and_is_seen(clust
 
 def test_a_fingerprint_with_300_packets_comes_back_whole(cluster, dht_network):
     fp = fingerprint(3000)
-    wires = [sign(site, fp, treatment=f"TX_P{i}") for site in _sites(dht_network) for i in range(60)]
+    wires = [sign(site, fp, treatment=f"TX_P{i}") for site in base_sites(dht_network) for i in range(60)]
     report = publish(wires, [cluster.nodes[4].address], dht_network.manifest, ksize=KSIZE)
     assert report.confirmed == 300 and report.min_replicas >= 3
     for node in (cluster.nodes[1], cluster.nodes[13]):
@@ -168,7 +164,7 @@ def test_a_fingerprint_with_300_packets_comes_back_whole(cluster, dht_network):
 
 def test_a_burst_of_2000_packets_is_confirmed_without_a_single_timeout(cluster, dht_network):
     fps = [fingerprint(9000 + i) for i in range(400)]
-    wires = [sign(site, fp) for site in _sites(dht_network) for fp in fps]
+    wires = [sign(site, fp) for site in base_sites(dht_network) for fp in fps]
     report = publish(wires, [cluster.nodes[3].address], dht_network.manifest, ksize=KSIZE)
     summary = report.to_dict()
     assert summary["confirmed"] == 2000 and summary["min_replicas"] >= 3, summary
@@ -178,7 +174,7 @@ def test_a_burst_of_2000_packets_is_confirmed_without_a_single_timeout(cluster, 
 
 def test_restart_serves_held_packets_and_30_percent_dead_loses_nothing(cluster, dht_network):
     fps = [fingerprint(4000 + i) for i in range(8)]
-    wires = [sign(site, fp) for site in _sites(dht_network) for fp in fps]
+    wires = [sign(site, fp) for site in base_sites(dht_network) for fp in fps]
     report = publish(wires, [cluster.nodes[9].address], dht_network.manifest, ksize=KSIZE)
     assert report.min_replicas >= 3
     holdings = asyncio.run(_holdings(cluster.nodes, dht_network.manifest, fps[0], cluster.nodes[0].address))
