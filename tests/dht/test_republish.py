@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import pytest
@@ -11,6 +10,7 @@ from dht_cluster import Cluster, fingerprint, sign
 
 from qis_fhir.dht.client import DhtClient, publish, query
 from qis_fhir.dht.keys import dht_key
+from qis_fhir.dht.node import node_id_from_state, read_node_state
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 K = 3
@@ -32,7 +32,7 @@ def test_packets_survive_every_original_holder_going_away(dht_network, tmp_path)
     try:
         c.start(9)
         c.wait_joined()
-        ids = {n.index: bytes.fromhex(json.loads((n.data_dir / "node.json").read_text())["node_id"]) for n in c.nodes}
+        ids = {n.index: node_id_from_state(read_node_state(n.data_dir)) for n in c.nodes}
         fp = _fp_away_from(list(ids.values()), ids[0])
         wires = [sign(dht_network.sites[s], fp, treatment="TX_OUT") for s in ("site-a", "site-b")]
         report = publish(wires, [c.nodes[0].address], dht_network.manifest, ksize=K)
