@@ -196,7 +196,8 @@ def _ge_kwargs(rule: Any) -> dict[str, Any]:
     return kwargs
 
 
-def _build(rule: Any, column: str | None = None) -> Any:
+def build_expectation(rule: Any, column: str | None = None) -> Any:
+    """The great-expectations expectation for ``rule`` (``column`` overrides, for derived columns)."""
     import great_expectations.expectations as gxe
 
     a = rule.args
@@ -259,8 +260,3 @@ VOCABULARY: dict[str, ExpectationKind] = {
         _expand_compound_unique, lambda a: "no duplicate combinations" + _mostly_text(a), "rows"
     ),
 }
-
-
-def build_expectation(rule: Any, column: str | None = None) -> Any:
-    """The great-expectations expectation for ``rule`` (``column`` overrides, for derived columns)."""
-    return _build(rule, column)
