@@ -67,8 +67,7 @@ class PartWriter:
     def write(self, line: bytes) -> None:
         """Append one resource line (without the trailing newline)."""
         if self._fh is None or self._in_part >= self.max_lines:
-            self._flush()
-            self._open_next()
+            self._open_next()  # flushes and closes the current part first
         self._buf.append(line + b"\n")
         self._in_part += 1
         self.lines += 1
