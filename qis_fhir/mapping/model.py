@@ -101,6 +101,16 @@ class CohortSpec:
     sexes: tuple[str, ...]
     period: str = "year"  # month | quarter | year
 
+    @property
+    def band_values(self) -> tuple[str, ...]:
+        """Every age band an event can carry: the bands' labels, then ``unknown`` (age missing or outside them)."""
+        return tuple(dict.fromkeys([*(b.label for b in self.age_bands), UNKNOWN]))
+
+    @property
+    def sex_values(self) -> tuple[str, ...]:
+        """Every sex an event can carry: the mapping's sexes, then ``unknown`` (missing or another value)."""
+        return tuple(dict.fromkeys([*self.sexes, UNKNOWN]))
+
     def age_band(self, age_years: float | None) -> str:
         if age_years is None or (isinstance(age_years, float) and math.isnan(age_years)) or age_years < 0:
             return UNKNOWN

@@ -94,16 +94,14 @@ def suites_path(mapping: Any) -> Path:
 
 
 def _mapping_refs(mapping: Any) -> dict[str, Any]:
-    unknown = "unknown"
-    cohorts = mapping.cohorts
     return {
         "version": mapping.version,
         "content_hash": mapping.content_hash,
         "buckets": tuple(sorted(mapping.buckets)),
         "treatments": tuple(sorted(mapping.treatments)),
         "measures": tuple(sorted(mapping.measures)),
-        "age_bands": tuple([b.label for b in cohorts.age_bands] + [unknown]),
-        "sexes": tuple(dict.fromkeys([*cohorts.sexes, unknown])),
+        "age_bands": mapping.cohorts.band_values,
+        "sexes": mapping.cohorts.sex_values,
     }
 
 
