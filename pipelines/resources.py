@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from dagster import ConfigurableResource, EnvVar
 
-from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE
+from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, DEFAULT_VALIDATE
 
 if TYPE_CHECKING:
     from qis_fhir.mapping.model import MappingSet
@@ -36,7 +36,7 @@ class SiteConfig(ConfigurableResource):
     out_root: str = "out/dagster"
     site_secret_path: str | None = None
     mapping_dir: str | None = None
-    validation: str = "sample"  # full | sample | off (not `validate`: pydantic owns that name)
+    validation: str = DEFAULT_VALIDATE  # full | sample | off (not `validate`: pydantic owns that name)
     sample_rate: float = DEFAULT_SAMPLE_RATE
 
     def export_path(self, partition_key: str) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from qis_fhir.errors import InputNotFoundError, PublishIncompleteError
 from qis_fhir.files import write_json
-from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE
+from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, DEFAULT_VALIDATE
 from qis_fhir.outcomes.events import OUTCOME_EVENTS, OUTCOME_SUMMARY
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class RunConfig:
     network_dir: Path | None = None  # the manifest.json path or the directory holding it
     bootstrap: tuple[tuple[str, int], ...] = ()  # with packets: publish them to the DHT
     site_secret_path: Path | None = None  # patient-key secret when no site_dir is given
-    validate: str = "sample"
+    validate: str = DEFAULT_VALIDATE
     sample_rate: float = DEFAULT_SAMPLE_RATE
     seq: int | None = None  # packet sequence number; None: today's UTC date as YYYYMMDD (pass the partition date)
     progress: bool = False

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, MODES
+from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, DEFAULT_VALIDATE, MODES
 
 
 @click.command()
@@ -18,7 +18,7 @@ from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, MODES
 @click.option("--network", "network_dir", type=click.Path(path_type=Path), default=None, help="Network manifest (or its directory) from `qis-fhir network new`.")
 @click.option("--bootstrap", default=None, help="HOST:PORT[,HOST:PORT] of DHT nodes: publish the run's packets as the last stage.")
 @click.option("--site-secret", "site_secret_path", type=click.Path(path_type=Path), default=None, help="Patient-key secret when no --site is given (default: $QIS_FHIR_HOME/site.secret).")
-@click.option("--validate", type=click.Choice(MODES), default="sample", show_default=True, help="pydantic model validation of resources.")
+@click.option("--validate", type=click.Choice(MODES), default=DEFAULT_VALIDATE, show_default=True, help="pydantic model validation of resources.")
 @click.option("--sample-rate", type=click.FloatRange(0.0, 1.0), default=DEFAULT_SAMPLE_RATE, show_default=True, help="Share of resources model-validated with --validate sample.")
 @click.option("--seq", type=click.IntRange(min=0), default=None, help="Packet sequence number (default: today's UTC date as YYYYMMDD; pass the export partition's date so a re-run repeats the same packets).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")

@@ -1,13 +1,20 @@
 """Extraction of one nightly FHIR bulk export into typed, pseudonymous Parquet tables."""
 
 
-from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 
 from pipelines.assets.checks import quality_check_results, quality_check_specs
 from pipelines.partitions import daily_exports
 from pipelines.resources import SiteConfig
+from qis_fhir.fhir import TABLE_NAMES
 
-EXTRACT_TABLES = ("patients", "conditions", "medication_requests", "observations")
 COUNTS_CHECK = "every_line_accounted_for"
 
 
@@ -22,7 +29,7 @@ COUNTS_CHECK = "every_line_accounted_for"
             blocking=True,
             description="per type and file: read = accepted + quarantined (+ skipped)",
         ),
-        *quality_check_specs("fhir_extract", EXTRACT_TABLES),
+        *quality_check_specs("fhir_extract", TABLE_NAMES),
     ],
     description=(
         "The partition's export folder read into extract/<table>.parquet with every rejected line in "

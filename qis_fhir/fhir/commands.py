@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from qis_fhir.errors import NothingExtractedError
-from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, MODES
+from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, DEFAULT_VALIDATE, MODES
 
 
 @click.command()
@@ -17,7 +17,7 @@ from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, MODES
 @click.option(
     "--validate",
     type=click.Choice(MODES),
-    default="sample",
+    default=DEFAULT_VALIDATE,
     show_default=True,
     help="fhir.resources R4B model validation on top of the strict field checks: every resource, "
     "a deterministic sample, or none (full costs ~30-70x a JSON parse).",

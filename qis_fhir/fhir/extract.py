@@ -26,7 +26,7 @@ from qis_fhir.fhir.schema import TABLE_OF_TYPE, TABLES
 from qis_fhir.fhir.sinks import DEFAULT_CHUNK_ROWS, QuarantineSink, TableSink
 from qis_fhir.fhir.sources import CORRUPT, BrokenStream, SourceFile, discover, line_blocks, open_binary
 from qis_fhir.fhir.summary import ExtractSummary
-from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, ModelValidator, effective_rate, sample_stride
+from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, DEFAULT_VALIDATE, ModelValidator, effective_rate, sample_stride
 from qis_fhir.privacy.pseudonym import Pseudonymizer
 
 log = logging.getLogger(__name__)
@@ -420,7 +420,7 @@ def extract_export(
     out_dir: Path | str,
     *,
     secret: bytes,
-    validate: str = "sample",
+    validate: str = DEFAULT_VALIDATE,
     sample_rate: float = DEFAULT_SAMPLE_RATE,
     progress: bool = False,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,

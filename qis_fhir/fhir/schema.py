@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from qis_fhir.fhir import TABLE_NAMES
+
 TS = pa.timestamp("us", tz="UTC")
 
 TABLES: dict[str, pa.Schema] = {
@@ -59,6 +61,9 @@ TABLES: dict[str, pa.Schema] = {
         ]
     ),
 }
+
+if tuple(TABLES) != TABLE_NAMES:
+    raise RuntimeError(f"schema.TABLES {tuple(TABLES)} differs from qis_fhir.fhir.TABLE_NAMES {TABLE_NAMES}")
 
 # resource type -> the table its rows go to
 TABLE_OF_TYPE: dict[str, str] = {

@@ -17,6 +17,7 @@ import importlib
 import re
 
 MODES = ("full", "sample", "off")
+DEFAULT_VALIDATE = "sample"  # every command, the pipeline and the Dagster resource default to it
 # The default share of resources validated against the R4B models in ``sample`` mode. A model
 # validation costs ~100x a parse; at 0.2% it adds ~0.2 us a line (docs/extract.md) and still checks
 # 2,000 resources of a million-resource export: enough to catch an export in the wrong structure
