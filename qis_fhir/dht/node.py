@@ -31,7 +31,7 @@ from kademlia.node import Node
 from qis_fhir.dht.lookup import SEED_LIMIT, Lookup, iterative_lookup
 from qis_fhir.dht.protocol import PacketProtocol, Verify
 from qis_fhir.dht.storage import PacketStore
-from qis_fhir.files import atomic_write
+from qis_fhir.files import write_json
 
 log = logging.getLogger("qis_fhir.dht.node")
 
@@ -248,7 +248,7 @@ def write_node_state(data_dir: Path, node: DhtNode, **extra: Any) -> None:
         "neighbors": [[n.ip, n.port] for n in node.contacts()][: 4 * node.ksize],
         **extra,
     }
-    atomic_write(Path(data_dir) / NODE_JSON, orjson.dumps(state, option=orjson.OPT_INDENT_2))
+    write_json(Path(data_dir) / NODE_JSON, state)
 
 
 def node_id_from_state(state: dict) -> bytes | None:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from qis_fhir.errors import InputNotFoundError, MappingError, QisError
 from qis_fhir.packets.codec import PacketSigner, decode_packet, encode_packet
 from qis_fhir.packets.keys import SiteIdentity
+from qis_fhir.mapping import UNKNOWN
 from qis_fhir.files import atomic_write, write_json
 from qis_fhir.packets.manifest import NetworkContext
 from qis_fhir.packets.model import (
@@ -131,7 +132,7 @@ def build_packets(
     df["change"] = pd.to_numeric(df["change"], errors="coerce").astype("float64")
     df = df[df["change"].map(math.isfinite).astype(bool)].copy()
     for col in ("age_band", "sex"):
-        df[col] = df[col].fillna("unknown").astype(str)
+        df[col] = df[col].fillna(UNKNOWN).astype(str)
     df["period"] = [_period_of(str(s), granularity) for s in df["start_period"]]
     # one event per patient per cell: the earliest (ties broken by event id, for determinism)
     if order:

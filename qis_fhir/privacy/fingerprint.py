@@ -62,11 +62,9 @@ def cohort_table(network_secret: bytes, mapping) -> dict[str, tuple[str, str, st
     secret can build it, which is why the secret is shared with member sites only.
     """
     fingerprint = Fingerprinter(network_secret, mapping.version)
-    bands = [b.label for b in mapping.cohorts.age_bands] + ["unknown"]
-    sexes = list(dict.fromkeys([*mapping.cohorts.sexes, "unknown"]))
     return {
         fingerprint(bucket, band, sex): (bucket, band, sex)
         for bucket in sorted(mapping.buckets)
-        for band in dict.fromkeys(bands)
-        for sex in sexes
+        for band in mapping.cohorts.band_values
+        for sex in mapping.cohorts.sex_values
     }
