@@ -49,6 +49,7 @@ class DemoConfig:
 
 def _site_run(site_id: str, profile: str, index: int, config: DemoConfig, net_dir: Path, bootstrap) -> dict:
     from qis_fhir.packets import add_site, create_site
+    from qis_fhir.dht.cluster import LOOPBACK
     from qis_fhir.pipeline import PACKETS, RunConfig, run_pipeline
     from qis_fhir.synth import generate_export
 
@@ -60,7 +61,8 @@ def _site_run(site_id: str, profile: str, index: int, config: DemoConfig, net_di
     generate_export(export, patients=config.patients, seed=config.seed * 1000 + index, site_profile=profile,
                     truth_path=root / "planted_effects.json", overwrite=True)
     result = run_pipeline(
-        RunConfig(export_dir=export, out_dir=root / "run", site_dir=site_dir, network_dir=net_dir, bootstrap=tuple(bootstrap))
+        RunConfig(export_dir=export, out_dir=root / "run", site_dir=site_dir, network_dir=net_dir, bootstrap=tuple(bootstrap),
+                  bind=(LOOPBACK, 0))
     )
     return {
         "site_id": site_id,
@@ -77,7 +79,7 @@ def _site_run(site_id: str, profile: str, index: int, config: DemoConfig, net_di
 def run_demo(config: DemoConfig) -> dict:
     """Run the whole demo; returns the summary also written to ``demo_summary.json``."""
     from qis_fhir.dht.client import query_many
-    from qis_fhir.dht.cluster import LocalCluster
+    from qis_fhir.dht.cluster import LOOPBACK, LocalCluster
     from qis_fhir.packets import create_network, decode_packet, read_packets
     from qis_fhir.packets.manifest import MANIFEST
 
@@ -104,7 +106,7 @@ def run_demo(config: DemoConfig) -> dict:
         cluster.start(max(config.nodes, config.ksize + 1))
         cluster.wait_joined()
         bootstrap = [node.address for node in cluster.live()[:2]]
-        click.echo(f"network: {len(cluster.live())} DHT nodes on 127.0.0.1, ksize {config.ksize}", err=True)
+        click.echo(f"network: {len(cluster.live())} DHT nodes on {LOOPBACK}, ksize {config.ksize}", err=True)
         for index, (site_id, profile) in enumerate(hospitals):
             click.echo(f"{site_id}: synthetic export ({config.patients} patients, {profile}), pipeline, publish", err=True)
             summary["sites"].append(_site_run(site_id, profile, index, config, net_dir, bootstrap))
@@ -113,7 +115,7 @@ def run_demo(config: DemoConfig) -> dict:
         for site in summary["sites"]:
             own = [decode_packet(w) for w in read_packets(Path(site["packets_path"]))]
             fingerprints = sorted({p.fingerprint for p in own})
-            results = query_many(fingerprints, [cluster.live()[-1].address], manifest) if fingerprints else {}
+            results = query_many(fingerprints, [cluster.live()[-1].address], manifest, bind=LOOPBACK) if fingerprints else {}
             per_site: dict[str, int] = defaultdict(int)
             missing_own = 0
             for fp, res in results.items():

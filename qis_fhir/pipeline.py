@@ -33,6 +33,7 @@ class RunConfig:
     site_dir: Path | None = None  # with network_dir: build and sign packets
     network_dir: Path | None = None  # the manifest.json path or the directory holding it
     bootstrap: tuple[tuple[str, int], ...] = ()  # with packets: publish them to the DHT
+    bind: tuple[str, int] | None = None  # the publishing client's local address; None: any, free port
     site_secret_path: Path | None = None  # patient-key secret when no site_dir is given
     validate: str = DEFAULT_VALIDATE
     sample_rate: float = DEFAULT_SAMPLE_RATE
@@ -129,7 +130,7 @@ def run_pipeline(config: RunConfig) -> RunResult:
         if config.bootstrap:
             from qis_fhir.dht.client import publish
 
-            report = publish(built.packets, list(config.bootstrap), network.manifest)
+            report = publish(built.packets, list(config.bootstrap), network.manifest, bind=config.bind)
             result.publish = report.to_dict()
             write_json(out_dir / PUBLISH_REPORT, result.publish)
             if report.unconfirmed:  # the package's set() would have said True; we say what happened

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from qis_fhir.dht.commands import bind_option
 from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, DEFAULT_VALIDATE, MODES
 
 
@@ -17,25 +18,28 @@ from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, DEFAULT_VALIDATE, MODE
 @click.option("--site", "site_dir", type=click.Path(path_type=Path), default=None, help="Site directory from `qis-fhir keys new`: sign packets with its key.")
 @click.option("--network", "network_dir", type=click.Path(path_type=Path), default=None, help="Network manifest (or its directory) from `qis-fhir network new`.")
 @click.option("--bootstrap", default=None, help="HOST:PORT[,HOST:PORT] of DHT nodes: publish the run's packets as the last stage.")
+@bind_option
 @click.option("--site-secret", "site_secret_path", type=click.Path(path_type=Path), default=None, help="Patient-key secret when no --site is given (default: $QIS_FHIR_HOME/site.secret).")
 @click.option("--validate", type=click.Choice(MODES), default=DEFAULT_VALIDATE, show_default=True, help="pydantic model validation of resources.")
 @click.option("--sample-rate", type=click.FloatRange(0.0, 1.0), default=DEFAULT_SAMPLE_RATE, show_default=True, help="Share of resources model-validated with --validate sample.")
 @click.option("--seq", type=click.IntRange(min=0), default=None, help="Packet sequence number (default: today's UTC date as YYYYMMDD; pass the export partition's date so a re-run repeats the same packets).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
-def run(export_dir: Path, out_dir: Path, mapping_dir, site_dir, network_dir, bootstrap, site_secret_path, validate, sample_rate, seq, progress) -> None:
+def run(export_dir: Path, out_dir: Path, mapping_dir, site_dir, network_dir, bootstrap, bind, site_secret_path, validate, sample_rate, seq, progress) -> None:
     """Run extract, outcomes and quality (and packets / publish when asked) on EXPORT_DIR."""
     import sys
 
-    from qis_fhir.dht.client import parse_addresses
+    from qis_fhir.dht.address import client_bind, parse_addresses
     from qis_fhir.pipeline import RunConfig, run_pipeline
 
+    boot = parse_addresses(bootstrap)
     config = RunConfig(
         export_dir=export_dir,
         out_dir=out_dir,
         mapping_dir=mapping_dir,
         site_dir=site_dir,
         network_dir=network_dir,
-        bootstrap=tuple(parse_addresses(bootstrap)),
+        bootstrap=tuple(boot),
+        bind=client_bind(bind, boot),  # checked now, not after hours of extraction
         site_secret_path=site_secret_path,
         validate=validate,
         sample_rate=sample_rate,

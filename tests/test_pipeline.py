@@ -91,7 +91,7 @@ def test_run_fails_when_no_replica_confirms_the_packets(tmp_path):
         proc = subprocess.run(
             [sys.executable, "-m", "qis_fhir", "run", str(tmp_path / "export"), "--out", str(tmp_path / "out"),
              "--site", str(tmp_path / "site"), "--network", str(tmp_path / "net"),
-             "--bootstrap", f"127.0.0.1:{node.port}"],
+             "--bootstrap", f"127.0.0.1:{node.port}", "--bind", "127.0.0.1"],
             capture_output=True, text=True, timeout=300,
         )
     finally:

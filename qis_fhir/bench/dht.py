@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qis_fhir.dht.cluster import stop_processes, wait_for_json
+from qis_fhir.dht.cluster import LOOPBACK, stop_processes, wait_for_json
 from qis_fhir.files import atomic_write
 
 DEFAULT_SIZES = (10, 30, 100)
@@ -45,7 +45,7 @@ STOP_GRACE = 15.0  # a worker stops 25 nodes
 
 # ---------------------------------------------------------------------- worker (a process of nodes)
 async def _worker(count: int, seed: str, manifest: str, root: str, ksize: int, out: str) -> None:
-    from qis_fhir.dht.client import parse_addresses
+    from qis_fhir.dht.address import parse_addresses
     from qis_fhir.dht.node import DhtNode, NodeConfig
     from qis_fhir.dht.storage import PacketStore
     from qis_fhir.dht.trust import ManifestVerifier
@@ -59,7 +59,7 @@ async def _worker(count: int, seed: str, manifest: str, root: str, ksize: int, o
     for i in range(count):
         store = PacketStore(Path(root) / f"node{i:03d}.sqlite3")
         verifier = ManifestVerifier(manifest, replay=store.replay_view())
-        node = DhtNode(NodeConfig(ksize=ksize, maintenance_interval=3600), verifier, store)
+        node = DhtNode(NodeConfig(host=LOOPBACK, ksize=ksize, maintenance_interval=3600), verifier, store)
         peers = boot + ([(nodes[-1].host, nodes[-1].port)] if nodes else [])
         await node.start(peers)
         nodes.append(node)
@@ -146,7 +146,7 @@ async def _burst(addresses: list[tuple[str, int]], manifest: Path, bursts: list[
     boot = [addresses[0]]
     unbounded = dict(max_inflight=1_000_000, key_concurrency=1_000_000, retries=0, rpc_timeout=5.0)
     for name, packets, opts in (("unbounded", bursts[0], unbounded), ("bounded", bursts[1], {})):
-        async with DhtClient(boot, manifest, ksize=ksize, **opts) as client:
+        async with DhtClient(boot, manifest, ksize=ksize, bind=LOOPBACK, **opts) as client:
             report = (await client.publish(packets)).to_dict()
         out[name] = {
             "packets": report["packets"],
@@ -191,17 +191,17 @@ async def _measure(addresses: list[tuple[str, int]], manifest: Path, by_fp: dict
     boot = [addresses[0], addresses[len(addresses) // 2]]
     fps = sorted(by_fp)
     # stock set: each site's packet under the same key, one set() each (what the package offers)
-    async with DhtClient(boot, manifest, ksize=ksize) as setter:
+    async with DhtClient(boot, manifest, ksize=ksize, bind=LOOPBACK) as setter:
         t = time.perf_counter()
         set_ok = 0
         for fp in fps:
             for wire in by_fp[fp]:
                 set_ok += bool(await Server.set(setter.peer, fp, wire))
         stock_set_s = time.perf_counter() - t
-    async with DhtClient(boot[::-1], manifest, ksize=ksize) as publisher:
+    async with DhtClient(boot[::-1], manifest, ksize=ksize, bind=LOOPBACK) as publisher:
         report = await publisher.publish([w for fp in fps for w in by_fp[fp]])
     modes = {"exhaustive": None, "quorum3": 3}
-    async with DhtClient(boot, manifest, ksize=ksize) as reader:
+    async with DhtClient(boot, manifest, ksize=ksize, bind=LOOPBACK) as reader:
         stock_t, stock_hops, stock_recall = [], [], []
         ours: dict[str, dict[str, list]] = {m: {"t": [], "hops": [], "rpcs": [], "recall": []} for m in modes}
         for r in range(ROUNDS):

@@ -1,7 +1,8 @@
 """Library API: publish packets to the DHT and query a fingerprint, from sync or async code.
 
-The client does not run a long-lived node: a :class:`DhtClient` binds one short-lived peer to
-``127.0.0.1`` port 0, bootstraps from the given nodes, and talks to the network with an empty node
+The client does not run a long-lived node: a :class:`DhtClient` binds one short-lived peer (``bind``,
+by default every local address on a free port, so it can reach nodes on other machines; replies come
+back to that port), bootstraps from the given nodes, and talks to the network with an empty node
 id, so no node ever adds it to a routing table (a departed client would otherwise cost every later
 lookup a timeout).
 
@@ -17,9 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
 import logging
-import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from typing import Any
 
 from kademlia.node import Node
 
+from qis_fhir.dht.address import client_bind, format_addresses, parse_addresses
 from qis_fhir.dht.keys import dht_key, is_fingerprint, unpack_nodes
 from qis_fhir.dht.lookup import SEED_LIMIT, iterative_lookup
 from qis_fhir.dht.node import DhtNode, NodeConfig
@@ -125,29 +125,6 @@ class QueryResult:
 
 
 # ---------------------------------------------------------------------- helpers
-def parse_address(text: str, *, allow_port_zero: bool = False) -> tuple[str, int]:
-    """``HOST:PORT`` -> (IP address, port); hostnames are resolved once (the package needs IPs)."""
-    host, sep, port_text = text.strip().rpartition(":")
-    low = 0 if allow_port_zero else 1
-    if not sep or not host or not port_text.isdigit() or not low <= int(port_text) < 65536:
-        raise QisError(f"bad address {text!r}: expected HOST:PORT", exit_code=2)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        try:
-            host = socket.gethostbyname(host)
-        except OSError:
-            raise QisError(f"cannot resolve host {host!r}", exit_code=2) from None
-    return host, int(port_text)
-
-
-def parse_addresses(text: str | None) -> list[tuple[str, int]]:
-    """``HOST:PORT[,HOST:PORT...]`` -> list of addresses (empty for None or "")."""
-    if not text:
-        return []
-    return [parse_address(part) for part in text.split(",") if part.strip()]
-
-
 def _as_addresses(bootstrap: Any) -> list[tuple[str, int]]:
     if isinstance(bootstrap, str):
         return parse_addresses(bootstrap)
@@ -204,7 +181,10 @@ def _named_nodes(reply: object) -> list:
 
 # ---------------------------------------------------------------------- client
 class DhtClient:
-    """``async with DhtClient(bootstrap, manifest) as c: await c.publish(...); await c.query(...)``."""
+    """``async with DhtClient(bootstrap, manifest) as c: await c.publish(...); await c.query(...)``.
+
+    ``bind``: where the client's socket binds, ``"HOST[:PORT]"`` or (host, port); by default every
+    local address (``0.0.0.0``, or ``::`` for IPv6 peers) on a free port. Tests pass 127.0.0.1."""
 
     def __init__(
         self,
@@ -220,11 +200,12 @@ class DhtClient:
         key_concurrency: int = 8,
         query_alpha: int | None = None,
         quorum: int | None = None,
-        host: str = "127.0.0.1",
+        bind: Any = None,
     ) -> None:
         from qis_fhir.packets.verifier import Verifier
 
         self.bootstrap = _as_addresses(bootstrap)
+        host, port = client_bind(bind, self.bootstrap)  # "HOST[:PORT]" or (host, port); None: any address
         self.manifest = _load_manifest(manifest)
         self._verifier = Verifier(self.manifest)
         self.ttl = ttl
@@ -235,7 +216,7 @@ class DhtClient:
         # quorum=q: stop once the q closest known nodes have all answered with the same non-empty
         # content digest (see docs/dht.md, "Reading"); None: ask every one of the k closest
         self.quorum = quorum
-        self.config = NodeConfig(host=host, port=0, ksize=ksize, alpha=alpha, rpc_timeout=rpc_timeout, retries=retries, max_inflight=max_inflight, ttl=ttl)
+        self.config = NodeConfig(host=host, port=port, ksize=ksize, alpha=alpha, rpc_timeout=rpc_timeout, retries=retries, max_inflight=max_inflight, ttl=ttl)
         self.peer: DhtNode | None = None
 
     async def __aenter__(self) -> DhtClient:
@@ -250,11 +231,14 @@ class DhtClient:
             raise NoPeersError("no bootstrap peers given (--bootstrap HOST:PORT)")
         storage = PacketStore(":memory:", verify=self._verifier.check)
         self.peer = DhtNode(self.config, self._verifier.check, storage, announce=False)
-        known = await self.peer.start(self.bootstrap)
+        try:
+            known = await self.peer.start(self.bootstrap)
+        except BaseException:  # cannot bind, or cancelled: release the socket and store
+            self.close()
+            raise
         if known == 0:
             self.close()
-            where = ", ".join(f"{h}:{p}" for h, p in self.bootstrap)
-            raise NoPeersError(f"no DHT peer answered at {where}")
+            raise NoPeersError(f"no DHT peer answered at {format_addresses(self.bootstrap)}")
 
     def close(self) -> None:
         if self.peer is not None:
@@ -264,8 +248,7 @@ class DhtClient:
     async def _ensure_contacts(self) -> None:
         """A short-lived client can lose its few contacts to one slow reply: ask the bootstrap again."""
         if not self.peer.contacts() and await self.peer.join(self.bootstrap) == 0:
-            where = ", ".join(f"{h}:{p}" for h, p in self.bootstrap)
-            raise NoPeersError(f"no DHT peer answers any more at {where}")
+            raise NoPeersError(f"no DHT peer answers any more at {format_addresses(self.bootstrap)}")
 
     @property
     def protocol(self) -> Any:

@@ -1,7 +1,7 @@
 """DHT node processes on this machine: start, restart, kill and stop them by process id.
 
 Used by ``qis-fhir demo`` and the tests. Each node is ``sys.executable -m qis_fhir node`` bound to
-127.0.0.1 port 0 and writes its bound port to ``DATA_DIR/node.json``; ``stop_all`` stops every
+``LOOPBACK`` port 0 and writes its bound port to ``DATA_DIR/node.json``; ``stop_all`` stops every
 process it started (SIGTERM, then SIGKILL after a grace period), so callers use it in ``finally``.
 
 ``wait_for_json`` and ``stop_processes`` are the two halves of that by-pid management; the DHT
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+LOOPBACK = "127.0.0.1"  # what local nodes, and the clients that talk to them, bind: nothing off this machine reaches them
 START_TIMEOUT = 60.0
 STOP_GRACE = 10.0
 
@@ -70,7 +71,7 @@ class NodeProc:
     @property
     def address(self) -> tuple[str, int]:
         assert self.port is not None
-        return ("127.0.0.1", self.port)
+        return (LOOPBACK, self.port)
 
 
 class LocalCluster:
@@ -83,7 +84,7 @@ class LocalCluster:
 
     def _spawn(self, node: NodeProc, bootstrap: list[tuple[str, int]]) -> None:
         node.data_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "qis_fhir", "node", "--listen", "127.0.0.1:0", "--data-dir", str(node.data_dir),
+        cmd = [sys.executable, "-m", "qis_fhir", "node", "--listen", f"{LOOPBACK}:0", "--data-dir", str(node.data_dir),
                "--network", str(self.manifest), "--ksize", str(self.ksize), "--rpc-timeout", "2", *self.extra]
         if bootstrap:
             cmd += ["--bootstrap", ",".join(f"{h}:{p}" for h, p in bootstrap)]

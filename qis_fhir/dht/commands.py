@@ -17,6 +17,13 @@ _node_options = [
 ]
 
 
+bind_option = click.option(  # every command that runs a client (publish, query, run)
+    "--bind", default=None, metavar="HOST[:PORT]",
+    help="Local address for this client's UDP socket ([IPV6][:PORT] for IPv6); replies come back to it. "
+         "Default: every local address (0.0.0.0, or :: when all --bootstrap peers are IPv6), a free port.",
+)
+
+
 def _with(options: list):
     def deco(f):
         for opt in reversed(options):
@@ -39,7 +46,7 @@ def _stdout_logging(level: int) -> None:
 
 
 @click.command()
-@click.option("--listen", "listen", required=True, help="HOST:PORT to bind, e.g. 127.0.0.1:8468 (port 0: any free port, written to DATA_DIR/node.json).")
+@click.option("--listen", "listen", required=True, help="The one HOST:PORT to bind ([IPV6]:PORT for IPv6), e.g. 10.1.2.3:8468 or 127.0.0.1:0 (port 0: any free port, written to DATA_DIR/node.json). 0.0.0.0 binds every IPv4 address.")
 @click.option("--bootstrap", default="", help="Known nodes, HOST:PORT[,HOST:PORT...] (omit for the first node).")
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Where the node keeps packets.sqlite3 and node.json.")
 @click.option("--network", "network", required=True, type=click.Path(path_type=Path), help="Network manifest (manifest.json or its directory); re-read when it changes.")
@@ -53,7 +60,7 @@ def _stdout_logging(level: int) -> None:
 def node(listen: str, bootstrap: str, data_dir: Path, network: Path, ksize: int, alpha: int, ttl_days: float,
          republish_interval: float, refresh_interval: float, maintenance_interval: float, rpc_timeout: float, log_level: str) -> None:
     """Run a DHT node until SIGTERM or SIGINT: verifies every packet stored on it, keeps them in SQLite, republishes."""
-    from qis_fhir.dht.client import parse_address, parse_addresses
+    from qis_fhir.dht.address import parse_address, parse_addresses
     from qis_fhir.dht.node import NodeConfig
     from qis_fhir.dht.service import serve
     from qis_fhir.packets.manifest import load_manifest
@@ -90,9 +97,10 @@ def _read_wires(path: Path) -> list[bytes]:
 @click.option("--bootstrap", required=True, help="Nodes to start from, HOST:PORT[,HOST:PORT...].")
 @click.option("--network", "network", required=True, type=click.Path(path_type=Path), help="Network manifest the packets are verified against first.")
 @_with(_node_options)
+@bind_option
 @click.option("--ttl-days", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True, help="Lifetime asked for (nodes cap it at theirs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-def publish(packets: Path, bootstrap: str, network: Path, ksize: int, alpha: int, ttl_days: float, as_json: bool) -> None:
+def publish(packets: Path, bootstrap: str, network: Path, ksize: int, alpha: int, bind: str | None, ttl_days: float, as_json: bool) -> None:
     """Publish a packets.ndjson file; reports how many replicas confirmed each packet.
 
     Exits 11 when no peer answers, 12 when some packet was confirmed by no replica, 10 when some
@@ -102,7 +110,7 @@ def publish(packets: Path, bootstrap: str, network: Path, ksize: int, alpha: int
 
     from qis_fhir.dht.client import publish as do_publish
 
-    report = do_publish(_read_wires(packets), bootstrap, network, ksize=ksize, alpha=alpha, ttl=ttl_days * 86400.0)
+    report = do_publish(_read_wires(packets), bootstrap, network, ksize=ksize, alpha=alpha, ttl=ttl_days * 86400.0, bind=bind)
     summary = report.to_dict()
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True))
@@ -126,16 +134,17 @@ def publish(packets: Path, bootstrap: str, network: Path, ksize: int, alpha: int
 @click.option("--bootstrap", required=True, help="Nodes to start from, HOST:PORT[,HOST:PORT...].")
 @click.option("--network", "network", required=True, type=click.Path(path_type=Path), help="Network manifest every received packet is verified against.")
 @_with(_node_options)
+@bind_option
 @click.option("--quorum", type=click.IntRange(1, 64), default=None, help="Stop once this many closest nodes agree on the key's content (faster; default: ask all k closest).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the verified packets here as NDJSON (default: stdout).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout (packets go to --out only).")
-def query(fingerprint: str, bootstrap: str, network: Path, ksize: int, alpha: int, quorum: int | None, out: Path | None, as_json: bool) -> None:
+def query(fingerprint: str, bootstrap: str, network: Path, ksize: int, alpha: int, bind: str | None, quorum: int | None, out: Path | None, as_json: bool) -> None:
     """Fetch every site's packets for FINGERPRINT, verified here, one per (site, packet id) at its newest seq."""
     import json
 
     from qis_fhir.dht.client import query as do_query
 
-    result = do_query(fingerprint.strip().lower(), bootstrap, network, ksize=ksize, alpha=alpha, quorum=quorum)
+    result = do_query(fingerprint.strip().lower(), bootstrap, network, ksize=ksize, alpha=alpha, quorum=quorum, bind=bind)
     summary = result.to_dict()
     ndjson = b"".join(w + b"\n" for w in result.wires)
     if out is not None:

@@ -2,8 +2,8 @@
 
 Differences from the stock ``kademlia.network.Server``:
 
-* it binds exactly the interface it is given (``127.0.0.1`` by default, never ``0.0.0.0`` by
-  default) and reports the port it actually got (port 0 picks a free one);
+* it binds exactly the address it is given (``NodeConfig.host`` has no default; the stock
+  ``listen`` binds ``0.0.0.0``) and reports the port it actually got (port 0 picks a free one);
 * its id and last known neighbours persist in ``DATA_DIR/node.json``, so a restarted node takes its
   old place in the id space (its stored packets are the ones that belong there) and can rejoin even
   when its bootstrap peers are gone;
@@ -28,9 +28,11 @@ import orjson
 from kademlia.network import Server
 from kademlia.node import Node
 
+from qis_fhir.dht.address import format_address
 from qis_fhir.dht.lookup import SEED_LIMIT, Lookup, iterative_lookup
 from qis_fhir.dht.protocol import PacketProtocol, Verify
 from qis_fhir.dht.storage import PacketStore
+from qis_fhir.errors import ExitCode, QisError
 from qis_fhir.files import write_json
 
 log = logging.getLogger("qis_fhir.dht.node")
@@ -42,7 +44,7 @@ DAY = 86400.0
 
 @dataclass(frozen=True)
 class NodeConfig:
-    host: str = "127.0.0.1"
+    host: str  # the one address bound (a node: --listen; a client: its --bind); no default on purpose
     port: int = 0
     bootstrap: tuple[tuple[str, int], ...] = ()
     ksize: int = 20
@@ -100,11 +102,14 @@ class DhtNode(Server):
         )
 
     async def listen(self, port: int | None = None, interface: str | None = None) -> None:  # type: ignore[override]
-        """Bind ``interface:port`` (default: the config's, i.e. 127.0.0.1 and a free port)."""
+        """Bind ``interface:port`` (default: the config's host and port)."""
         host = interface or self.config.host
         port = self.config.port if port is None else port
         loop = asyncio.get_running_loop()
-        self.transport, self.protocol = await loop.create_datagram_endpoint(self._create_protocol, local_addr=(host, port))
+        try:
+            self.transport, self.protocol = await loop.create_datagram_endpoint(self._create_protocol, local_addr=(host, port))
+        except OSError as exc:  # not an address of this machine, or the port is taken
+            raise QisError(f"cannot bind {format_address(host, port)}: {exc.strerror or exc}", exit_code=ExitCode.USAGE) from None
         self.host, self.port = self.transport.get_extra_info("sockname")[:2]
 
     async def start(self, bootstrap: list[tuple[str, int]] | None = None) -> int:

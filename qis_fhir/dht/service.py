@@ -7,6 +7,7 @@ import logging
 import signal
 from pathlib import Path
 
+from qis_fhir.dht.address import format_address
 from qis_fhir.dht.node import STORE_FILE, DhtNode, NodeConfig, node_id_from_state, read_node_state, write_node_state
 from qis_fhir.dht.storage import PacketStore
 from qis_fhir.dht.trust import ManifestVerifier
@@ -42,8 +43,8 @@ async def serve(config: NodeConfig, data_dir: Path, manifest_path: Path, stop: a
     await node.listen()
     write_node_state(data_dir, node)
     log.info(
-        "node %s listening on %s:%d (ksize %d, %d packets held, data dir %s)",
-        node.node.id.hex()[:12], node.host, node.port, node.ksize, storage.count(), data_dir,
+        "node %s listening on %s (ksize %d, %d packets held, data dir %s)",
+        node.node.id.hex()[:12], format_address(node.host, node.port), node.ksize, storage.count(), data_dir,
     )
     saved = [(str(h), int(p)) for h, p in state.get("neighbors", []) if isinstance(p, int)]
     peers = list(dict.fromkeys([*config.bootstrap, *saved]))
@@ -66,7 +67,7 @@ async def serve(config: NodeConfig, data_dir: Path, manifest_path: Path, stop: a
     try:
         await stop.wait()
     finally:
-        log.info("stopping node on %s:%d", node.host, node.port)
+        log.info("stopping node on %s", format_address(node.host, node.port))
         task.cancel()
         try:
             await task

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qis_fhir.dht.cluster import LocalCluster as Cluster  # noqa: F401  (re-exported for the tests)
+from qis_fhir.dht.cluster import LOOPBACK, LocalCluster as Cluster  # noqa: F401  (re-exported for the tests)
 from qis_fhir.packets.codec import PacketSigner, encode_packet
 from qis_fhir.packets.keys import SiteIdentity, create_site
 from qis_fhir.packets.manifest import add_site, create_network, revoke

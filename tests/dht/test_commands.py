@@ -11,7 +11,7 @@ import time
 
 import psutil
 import pytest
-from dht_cluster import REPO, Cluster, fingerprint, sign
+from dht_cluster import LOOPBACK, REPO, Cluster, fingerprint, sign
 
 from qis_fhir.errors import ExitCode
 
@@ -54,12 +54,12 @@ def test_publish_and_query_commands(trio, dht_network, tmp_path):
     packets = tmp_path / "packets.ndjson"
     packets.write_bytes(b"".join(w + b"\n" for w in wires))
     boot = f"127.0.0.1:{trio.nodes[1].port}"
-    r = _cli("publish", str(packets), "--bootstrap", boot, "--network", str(dht_network.manifest), "--ksize", "3", "--json")
+    r = _cli("publish", str(packets), "--bootstrap", boot, "--bind", LOOPBACK, "--network", str(dht_network.manifest), "--ksize", "3", "--json")
     assert r.returncode == 0, r.stderr.decode()
     summary = json.loads(r.stdout)
     assert summary["confirmed"] == 3 and summary["min_replicas"] == 3
 
-    r = _cli("query", fp, "--bootstrap", f"127.0.0.1:{trio.nodes[2].port}", "--network", str(dht_network.manifest), "--ksize", "3")
+    r = _cli("query", fp, "--bootstrap", f"127.0.0.1:{trio.nodes[2].port}", "--bind", LOOPBACK, "--network", str(dht_network.manifest), "--ksize", "3")
     assert r.returncode == 0, r.stderr.decode()
     assert sorted(r.stdout.splitlines()) == sorted(wires)
     assert "3 packets from 3 sites" in r.stderr.decode()
@@ -67,7 +67,7 @@ def test_publish_and_query_commands(trio, dht_network, tmp_path):
     # a file with one packet that fails verification: the others are still published, the exit says so
     bad = tmp_path / "bad.ndjson"
     bad.write_bytes(wires[0] + b"\n" + wires[1].replace(b'"n":20', b'"n":99') + b"\n")
-    r = _cli("publish", str(bad), "--bootstrap", boot, "--network", str(dht_network.manifest), "--ksize", "3")
+    r = _cli("publish", str(bad), "--bootstrap", boot, "--bind", LOOPBACK, "--network", str(dht_network.manifest), "--ksize", "3")
     assert r.returncode == ExitCode.PACKETS_REJECTED
     assert b"1 packets failed verification" in r.stderr
 
@@ -79,7 +79,7 @@ def test_publish_fails_clearly_when_no_peer_answers(dht_network, tmp_path):
         packets = tmp_path / "p.ndjson"
         packets.write_bytes(sign(dht_network.sites["site-a"], fingerprint(5001)) + b"\n")
         started = time.monotonic()
-        r = _cli("publish", str(packets), "--bootstrap", f"127.0.0.1:{port}", "--network", str(dht_network.manifest))
+        r = _cli("publish", str(packets), "--bootstrap", f"127.0.0.1:{port}", "--bind", LOOPBACK, "--network", str(dht_network.manifest))
     assert r.returncode == ExitCode.NO_PEERS
     assert f"no DHT peer answered at 127.0.0.1:{port}" in r.stderr.decode()
     assert time.monotonic() - started < 30
@@ -100,7 +100,7 @@ def test_garbage_datagrams_are_counted_and_the_node_keeps_serving(trio, dht_netw
     time.sleep(0.3)
 
     async def check():
-        async with DhtClient([node.address], dht_network.manifest, ksize=3) as client:
+        async with DhtClient([node.address], dht_network.manifest, ksize=3, bind=LOOPBACK) as client:
             return await client.node_stats(node.address)
 
     stats = asyncio.run(check())
@@ -118,7 +118,7 @@ def test_publish_exits_12_when_every_replica_refuses(dht_network, tmp_path):
         c.wait_joined()
         packets = tmp_path / "p.ndjson"
         packets.write_bytes(sign(dht_network.sites["site-a"], fingerprint(5002)) + b"\n")
-        r = _cli("publish", str(packets), "--bootstrap", f"127.0.0.1:{c.nodes[0].port}",
+        r = _cli("publish", str(packets), "--bootstrap", f"127.0.0.1:{c.nodes[0].port}", "--bind", LOOPBACK,
                  "--network", str(dht_network.manifest), "--ksize", "2", "--json")
         assert r.returncode == ExitCode.PUBLISH_INCOMPLETE, r.stderr.decode()
         summary = json.loads(r.stdout)

@@ -11,7 +11,7 @@ import random
 import time
 
 import pytest
-from dht_cluster import BASE_SITES, Cluster, base_sites, forge, fingerprint, make_network, sign, tamper
+from dht_cluster import BASE_SITES, LOOPBACK, Cluster, base_sites, forge, fingerprint, make_network, sign, tamper
 
 from qis_fhir.dht.client import DhtClient, publish, query
 from qis_fhir.dht.keys import dht_key
@@ -44,13 +44,13 @@ def _ident(wire: bytes) -> tuple[str, str, int]:
 async def _query_from_each(nodes, manifest, fps, **kw):
     out = {}
     for node in nodes:
-        async with DhtClient([node.address], manifest, ksize=KSIZE, **kw) as client:
+        async with DhtClient([node.address], manifest, ksize=KSIZE, bind=LOOPBACK, **kw) as client:
             out[node.index] = await client.query_many(fps)
     return out
 
 
 async def _holdings(nodes, manifest, fp, bootstrap):
-    async with DhtClient([bootstrap], manifest, ksize=KSIZE) as client:
+    async with DhtClient([bootstrap], manifest, ksize=KSIZE, bind=LOOPBACK) as client:
         return {n.index: await client.node_holdings(n.address, fp) for n in nodes}
 
 
@@ -60,14 +60,14 @@ def test_every_node_sees_every_sites_packets_once(cluster, dht_network):
     expected: dict[str, set] = {fp: set() for fp in fps}
     for i, site in enumerate(sites):  # each site publishes through a different node
         wires = [sign(site, fp, treatment=f"TX_{t}") for fp in fps for t in ("A", "B")]
-        report = publish(wires, [cluster.nodes[(3 * i + 1) % N_NODES].address], dht_network.manifest, ksize=KSIZE)
+        report = publish(wires, [cluster.nodes[(3 * i + 1) % N_NODES].address], dht_network.manifest, ksize=KSIZE, bind=LOOPBACK)
         why = {**report.to_dict(), "unconfirmed": [(r.asked, r.refused) for r in report.unconfirmed]}
         assert report.confirmed == len(wires) and report.min_replicas >= 3, why
         for w in wires:
             expected[decode_packet(w).fingerprint].add(_ident(w))
     # a newer sequence of one site's packet supersedes its older one everywhere it matters
     newer = sign(sites[0], fps[0], treatment="TX_A", seq=2, mean_change=-9.0)
-    assert publish([newer], [cluster.nodes[7].address], dht_network.manifest, ksize=KSIZE).min_replicas >= 3
+    assert publish([newer], [cluster.nodes[7].address], dht_network.manifest, ksize=KSIZE, bind=LOOPBACK).min_replicas >= 3
     expected[fps[0]] = {x for x in expected[fps[0]] if x[:2] != _ident(newer)[:2]} | {_ident(newer)}
 
     results = asyncio.run(_query_from_each(cluster.nodes, dht_network.manifest, fps))
@@ -85,7 +85,7 @@ def test_forged_tampered_unknown_revoked_and_replayed_stores_are_rejected_everyw
     key = dht_key(fp)
     a = dht_network.sites["site-a"]
     good_old, good_new = sign(a, fp, seq=1), sign(a, fp, seq=2, mean_change=-6.0)
-    report = publish([good_new], [cluster.nodes[2].address], dht_network.manifest, ksize=KSIZE)
+    report = publish([good_new], [cluster.nodes[2].address], dht_network.manifest, ksize=KSIZE, bind=LOOPBACK)
     assert report.min_replicas >= 3
     outsider = make_network(tmp_path / "other", ["site-x"]).sites["site-x"]
     revoked_site = dht_network.add("site-revoked", tmp_path / "sites")
@@ -99,7 +99,7 @@ def test_forged_tampered_unknown_revoked_and_replayed_stores_are_rejected_everyw
     }
 
     async def attack():
-        async with DhtClient([cluster.nodes[0].address], dht_network.manifest, ksize=KSIZE) as client:
+        async with DhtClient([cluster.nodes[0].address], dht_network.manifest, ksize=KSIZE, bind=LOOPBACK) as client:
             proto = client.protocol
             holders_before = {i for i, w in (await _holdings(cluster.nodes, dht_network.manifest, fp, cluster.nodes[0].address)).items() if w}
             assert len(holders_before) >= 3
@@ -127,7 +127,7 @@ def test_forged_tampered_unknown_revoked_and_replayed_stores_are_rejected_everyw
     for index, wires in holdings.items():
         assert wires is not None and not (set(wires) & bad), f"node {index} holds a rejected packet"
         assert set(wires) <= {good_new}
-    result = query(fp, [cluster.nodes[5].address], dht_network.manifest, ksize=KSIZE)
+    result = query(fp, [cluster.nodes[5].address], dht_network.manifest, ksize=KSIZE, bind=LOOPBACK)
     assert result.wires == [good_new]
 
 
@@ -136,23 +136,23 @@ def test_a_site_that_joins_later_publishes_and_queries_at_once_and_is_seen(clust
     late = create_site("site-late", tmp_path / "site-late")
     add_site(dht_network.net_dir, tmp_path / "site-late")  # governance re-signs the manifest; nodes re-read it
     wire = sign(late, fp, treatment="TX_LATE")
-    report = publish([wire], [cluster.nodes[11].address], dht_network.manifest, ksize=KSIZE)
+    report = publish([wire], [cluster.nodes[11].address], dht_network.manifest, ksize=KSIZE, bind=LOOPBACK)
     assert report.confirmed == 1 and report.min_replicas >= 3, report.to_dict()
-    mine = query(fp, [cluster.nodes[11].address], dht_network.manifest, ksize=KSIZE)
+    mine = query(fp, [cluster.nodes[11].address], dht_network.manifest, ksize=KSIZE, bind=LOOPBACK)
     assert "site-late" in {p.site_id for p in mine.packets}
     assert {"site-a", "site-b", "site-c", "site-d", "site-e"} <= {p.site_id for p in mine.packets}
     for node in (cluster.nodes[0], cluster.nodes[6], cluster.nodes[17]):
-        theirs = query(fp, [node.address], dht_network.manifest, ksize=KSIZE)
+        theirs = query(fp, [node.address], dht_network.manifest, ksize=KSIZE, bind=LOOPBACK)
         assert wire in theirs.wires
 
 
 def test_a_fingerprint_with_300_packets_comes_back_whole(cluster, dht_network):
     fp = fingerprint(3000)
     wires = [sign(site, fp, treatment=f"TX_P{i}") for site in base_sites(dht_network) for i in range(60)]
-    report = publish(wires, [cluster.nodes[4].address], dht_network.manifest, ksize=KSIZE)
+    report = publish(wires, [cluster.nodes[4].address], dht_network.manifest, ksize=KSIZE, bind=LOOPBACK)
     assert report.confirmed == 300 and report.min_replicas >= 3
     for node in (cluster.nodes[1], cluster.nodes[13]):
-        result = query(fp, [node.address], dht_network.manifest, ksize=KSIZE)
+        result = query(fp, [node.address], dht_network.manifest, ksize=KSIZE, bind=LOOPBACK)
         if sorted(result.wires) != sorted(wires) or result.pages < 1:
             held = asyncio.run(_holdings(cluster.nodes, dht_network.manifest, fp, cluster.nodes[0].address))
             why = {"query": result.to_dict(), "held": {i: len(w or []) for i, w in held.items()}, "publish": report.to_dict()}
@@ -165,7 +165,7 @@ def test_a_fingerprint_with_300_packets_comes_back_whole(cluster, dht_network):
 def test_a_burst_of_2000_packets_is_confirmed_without_a_single_timeout(cluster, dht_network):
     fps = [fingerprint(9000 + i) for i in range(400)]
     wires = [sign(site, fp) for site in base_sites(dht_network) for fp in fps]
-    report = publish(wires, [cluster.nodes[3].address], dht_network.manifest, ksize=KSIZE)
+    report = publish(wires, [cluster.nodes[3].address], dht_network.manifest, ksize=KSIZE, bind=LOOPBACK)
     summary = report.to_dict()
     assert summary["confirmed"] == 2000 and summary["min_replicas"] >= 3, summary
     assert summary["rpc_timeouts"] == 0 and "no_reply" not in summary["refused_by_nodes"], summary
@@ -175,7 +175,7 @@ def test_a_burst_of_2000_packets_is_confirmed_without_a_single_timeout(cluster, 
 def test_restart_serves_held_packets_and_30_percent_dead_loses_nothing(cluster, dht_network):
     fps = [fingerprint(4000 + i) for i in range(8)]
     wires = [sign(site, fp) for site in base_sites(dht_network) for fp in fps]
-    report = publish(wires, [cluster.nodes[9].address], dht_network.manifest, ksize=KSIZE)
+    report = publish(wires, [cluster.nodes[9].address], dht_network.manifest, ksize=KSIZE, bind=LOOPBACK)
     assert report.min_replicas >= 3
     holdings = asyncio.run(_holdings(cluster.nodes, dht_network.manifest, fps[0], cluster.nodes[0].address))
     holder = next(cluster.nodes[i] for i, w in holdings.items() if w and i != 0)

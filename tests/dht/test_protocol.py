@@ -7,7 +7,7 @@ import asyncio
 import time
 
 import umsgpack
-from dht_cluster import base_sites, forge, fingerprint, sign, tamper
+from dht_cluster import LOOPBACK, base_sites, forge, fingerprint, sign, tamper
 
 from qis_fhir.dht.client import DhtClient
 from qis_fhir.dht.keys import RPC_CAP, dht_key, pack_batches
@@ -21,7 +21,7 @@ async def _nodes(manifest, n: int, ksize: int = 3, **cfg) -> list[DhtNode]:
     for i in range(n):
         store = PacketStore(":memory:")
         verifier = ManifestVerifier(manifest, replay=store.replay_view())
-        node = DhtNode(NodeConfig(ksize=ksize, maintenance_interval=3600, **cfg), verifier, store)
+        node = DhtNode(NodeConfig(host=LOOPBACK, ksize=ksize, maintenance_interval=3600, **cfg), verifier, store)
         await node.start([(nodes[0].host, nodes[0].port)] if nodes else [])
         nodes.append(node)
     return nodes
@@ -108,7 +108,7 @@ def test_new_node_is_handed_packets_under_their_own_key_and_clients_are_never_ro
     async def run():
         nodes = await _nodes(dht_network.manifest, 2, ksize=3)
         try:
-            async with DhtClient([(nodes[0].host, nodes[0].port)], dht_network.manifest, ksize=3) as client:
+            async with DhtClient([(nodes[0].host, nodes[0].port)], dht_network.manifest, ksize=3, bind=LOOPBACK) as client:
                 report = await client.publish(wires)
                 assert report.confirmed == 5 and report.min_replicas == 2
             for node in nodes:  # the client talked to every node, none of them routes to it
@@ -163,7 +163,7 @@ def test_quorum_read_stops_early_only_when_the_closest_replicas_agree(dht_networ
         try:
             for n in nodes:
                 n.protocol.accept_packet(key, everywhere, 600.0)
-            async with DhtClient([(nodes[0].host, nodes[0].port)], dht_network.manifest, ksize=5, quorum=3) as client:
+            async with DhtClient([(nodes[0].host, nodes[0].port)], dht_network.manifest, ksize=5, bind=LOOPBACK, quorum=3) as client:
                 agreed = await client.query(fp)
                 assert agreed.wires == [everywhere] and agreed.nodes_asked == 3  # three agreed: two never asked
                 closest = min(nodes, key=lambda n: n.node.distance_to(Node(key)))

@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from dht_cluster import Cluster, fingerprint, sign
+from dht_cluster import LOOPBACK, Cluster, fingerprint, sign
 
 from qis_fhir.dht.client import DhtClient, publish, query
 from qis_fhir.dht.keys import dht_key
@@ -35,11 +35,11 @@ def test_packets_survive_every_original_holder_going_away(dht_network, tmp_path)
         ids = {n.index: node_id_from_state(read_node_state(n.data_dir)) for n in c.nodes}
         fp = _fp_away_from(list(ids.values()), ids[0])
         wires = [sign(dht_network.sites[s], fp, treatment="TX_OUT") for s in ("site-a", "site-b")]
-        report = publish(wires, [c.nodes[0].address], dht_network.manifest, ksize=K)
+        report = publish(wires, [c.nodes[0].address], dht_network.manifest, ksize=K, bind=LOOPBACK)
         assert report.min_replicas == K  # the publisher (a short-lived client) is gone from here on
 
         async def holders() -> list:
-            async with DhtClient([c.nodes[0].address], dht_network.manifest, ksize=K, rpc_timeout=1.0) as client:
+            async with DhtClient([c.nodes[0].address], dht_network.manifest, ksize=K, bind=LOOPBACK, rpc_timeout=1.0) as client:
                 return [n for n in c.live() if await client.node_holdings(n.address, fp)]
 
         first = asyncio.run(holders())
@@ -55,7 +55,7 @@ def test_packets_survive_every_original_holder_going_away(dht_network, tmp_path)
         assert len(fresh) >= K - 1
         c.kill(first[-1])
         assert not set(n.index for n in first) & set(n.index for n in c.live())
-        result = query(fp, [c.nodes[0].address], dht_network.manifest, ksize=K, rpc_timeout=1.0)
+        result = query(fp, [c.nodes[0].address], dht_network.manifest, ksize=K, bind=LOOPBACK, rpc_timeout=1.0)
         key = int.from_bytes(dht_key(fp), "big")
         order = sorted(ids, key=lambda i: int.from_bytes(ids[i], "big") ^ key)
         assert sorted(result.wires) == sorted(wires), (
@@ -74,18 +74,18 @@ def test_packets_expire_on_the_nodes_lifetime_whatever_the_publisher_asks(dht_ne
         c.wait_joined()
         fp = fingerprint(8000)
         wire = sign(dht_network.sites["site-a"], fp, treatment="TX_EXP")
-        report = publish([wire], [c.nodes[0].address], dht_network.manifest, ksize=2)  # asks for 30 days
+        report = publish([wire], [c.nodes[0].address], dht_network.manifest, ksize=2, bind=LOOPBACK)  # asks for 30 days
         assert report.min_replicas == 2
-        assert query(fp, [c.nodes[1].address], dht_network.manifest, ksize=2).wires == [wire]
+        assert query(fp, [c.nodes[1].address], dht_network.manifest, ksize=2, bind=LOOPBACK).wires == [wire]
 
         async def held() -> int:
-            async with DhtClient([c.nodes[0].address], dht_network.manifest, ksize=2) as client:
+            async with DhtClient([c.nodes[0].address], dht_network.manifest, ksize=2, bind=LOOPBACK) as client:
                 return sum([bool(await client.node_holdings(n.address, fp)) for n in c.nodes])
 
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and asyncio.run(held()):
             time.sleep(0.5)  # republishing (every 0.5 s here) passes on the remaining lifetime only
         assert asyncio.run(held()) == 0
-        assert query(fp, [c.nodes[1].address], dht_network.manifest, ksize=2).wires == []
+        assert query(fp, [c.nodes[1].address], dht_network.manifest, ksize=2, bind=LOOPBACK).wires == []
     finally:
         c.stop_all()
