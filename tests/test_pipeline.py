@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -86,17 +87,22 @@ def test_run_fails_when_no_replica_confirms_the_packets(tmp_path):
     add_site(tmp_path / "net", tmp_path / "site")
     generate_export(tmp_path / "export", patients=1500, seed=3, truth_path=tmp_path / "truth.json")
     cluster = LocalCluster(tmp_path / "nodes", tmp_path / "other" / "manifest.json", ksize=3)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # a free port for the publishing client
+        s.bind(("127.0.0.1", 0))
+        client_port = s.getsockname()[1]
     try:
         (node,) = cluster.start(1)
         proc = subprocess.run(
             [sys.executable, "-m", "qis_fhir", "run", str(tmp_path / "export"), "--out", str(tmp_path / "out"),
              "--site", str(tmp_path / "site"), "--network", str(tmp_path / "net"),
-             "--bootstrap", f"127.0.0.1:{node.port}", "--bind", "127.0.0.1"],
+             "--bootstrap", f"127.0.0.1:{node.port}", "--bind", f"127.0.0.1:{client_port}"],
             capture_output=True, text=True, timeout=300,
         )
     finally:
         cluster.stop_all()
     assert proc.returncode == ExitCode.PUBLISH_INCOMPLETE, proc.stderr[-2000:]
     assert "confirmed by no DHT replica" in proc.stderr
+    # --bind reached the publishing client: the node logged the refused packets' sender
+    assert f"latest from 127.0.0.1:{client_port}: unknown_key" in (node.data_dir / "stdout.log").read_text()
     report = json.loads((tmp_path / "out" / "publish_report.json").read_text())
     assert report["confirmed"] == 0 and report["unconfirmed"] == report["packets"] > 0

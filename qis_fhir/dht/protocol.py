@@ -32,6 +32,7 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from rpcudp.exceptions import MalformedMessage
 
+from qis_fhir.dht.address import format_address
 from qis_fhir.dht.keys import RPC_CAP, dht_key, pack_batches, pack_nodes, packed_size
 from qis_fhir.dht.storage import CONFIRMED, QUOTA, PacketStore
 
@@ -129,7 +130,7 @@ class PacketProtocol(KademliaProtocol):
             now = time.monotonic()
             self._unlogged[reason] += n
             if now - self._logged_at.get(reason, -1e9) >= 1.0:
-                log.info("rejected %d item(s), latest from %s:%s: %s", self._unlogged[reason], sender[0], sender[1], reason)
+                log.info("rejected %d item(s), latest from %s: %s", self._unlogged[reason], format_address(*sender[:2]), reason)
                 self._logged_at[reason] = now
                 self._unlogged[reason] = 0
 
