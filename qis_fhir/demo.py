@@ -48,8 +48,8 @@ class DemoConfig:
 
 
 def _site_run(site_id: str, profile: str, index: int, config: DemoConfig, net_dir: Path, bootstrap) -> dict:
-    from qis_fhir.packets import add_site, create_site
     from qis_fhir.dht.cluster import LOOPBACK
+    from qis_fhir.packets import add_site, create_site
     from qis_fhir.pipeline import PACKETS, RunConfig, run_pipeline
     from qis_fhir.synth import generate_export
 

@@ -22,6 +22,7 @@ def _bad(text: str, why: str) -> QisError:
 
 
 def is_ipv6(host: str) -> bool:
+    """For an IP address as parsed here: only IPv6 ones contain a colon."""
     return ":" in host
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qis_fhir.dht.address import format_addresses
+
 LOOPBACK = "127.0.0.1"  # what local nodes, and the clients that talk to them, bind: nothing off this machine reaches them
 START_TIMEOUT = 60.0
 STOP_GRACE = 10.0
@@ -87,7 +89,7 @@ class LocalCluster:
         cmd = [sys.executable, "-m", "qis_fhir", "node", "--listen", f"{LOOPBACK}:0", "--data-dir", str(node.data_dir),
                "--network", str(self.manifest), "--ksize", str(self.ksize), "--rpc-timeout", "2", *self.extra]
         if bootstrap:
-            cmd += ["--bootstrap", ",".join(f"{h}:{p}" for h, p in bootstrap)]
+            cmd += ["--bootstrap", format_addresses(bootstrap)]
         log = open(node.data_dir / "stdout.log", "ab")
         node.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log.close()
