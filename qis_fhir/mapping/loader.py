@@ -25,16 +25,15 @@ from qis_fhir.mapping.model import (
     match_code,
 )
 from qis_fhir.mapping.schema import AGE_BAND_PATTERN, SCHEMAS
-from qis_fhir.mapping.yamldoc import YamlDoc, compose_yaml, mapping_error, read_yaml_text
+from qis_fhir.mapping.yamldoc import YamlDoc, mapping_error, read_yaml
 
 DEFAULT_MAPPING_DIR = Path(__file__).resolve().parents[2] / "mappings" / "v1"
 
 
 def _parse(path: Path) -> YamlDoc:
-    name = path.name
-    doc = compose_yaml(read_yaml_text(path), name)
+    doc = read_yaml(path)
     if doc is None:
-        raise MappingError(f"{name}:1: file is empty")
+        raise MappingError(f"{path.name}:1: file is empty")
     return doc
 
 

@@ -2,7 +2,8 @@
 
 Errors in mapping and quality files name ``file:line`` so a clinician editing YAML can find the
 problem; YAML's node API (``compose``) gives every value its ``start_mark``, which plain
-``yaml.safe_load`` throws away. ``mapping/loader.py`` and ``quality/suites.py`` both read through here.
+``yaml.safe_load`` throws away. ``mapping/loader.py``, ``quality/suites.py`` and the tests read
+YAML only through here.
 
 The policy: no anchors or aliases, at most ``MAX_DEPTH`` levels of nesting, no duplicate keys
 (YAML silently keeps the last of two, which hides a whole bucket or table). Safe loading still
@@ -162,6 +163,11 @@ def _check_duplicate_keys(name: str, node: yaml.Node) -> None:
     elif isinstance(node, yaml.SequenceNode):
         for v in node.value:
             _check_duplicate_keys(name, v)
+
+
+def read_yaml(path: Path) -> YamlDoc | None:
+    """The YAML file ``path`` under this policy (see ``compose_yaml``); errors name it by its name."""
+    return compose_yaml(read_yaml_text(path), path.name)
 
 
 def read_yaml_text(path: Path) -> str:
