@@ -178,6 +178,13 @@ def parse_suites(text: str, mapping: Any, *, path: Path | str = SUITES_FILE) -> 
                     f"{where_txt}: unknown expectation {name!r} (known: {', '.join(sorted(VOCABULARY))})"
                 )
             raw_args = entry[name]
+            if isinstance(raw_args, dict) and "mostly" in raw_args and not spec.tolerant:
+                tolerant = ", ".join(sorted(n for n, k in VOCABULARY.items() if k.tolerant))
+                raise MappingError(
+                    f"{where_txt}: {name} takes no 'mostly': it checks structure (ids, codes, units, counts), "
+                    f"where one failing row is one too many; only {tolerant} (a range of measured values) "
+                    "may tolerate failing rows"
+                )
             where = None
             if isinstance(raw_args, dict) and "where" in raw_args:
                 if not spec.supports_where:

@@ -34,13 +34,15 @@ lol8: &lol8 [*lol7, *lol7, *lol7, *lol7, *lol7, *lol7, *lol7, *lol7, *lol7]
 # Measured: `qis-fhir mapping check` peaks at 29 MB on the shipped set and on the bomb; the bomb
 # took 1.55 GB before. The bound leaves room for interpreter and library changes.
 MAX_RSS_KB = 200 * 1024
+# The child prints its peak RSS from /proc (VmHWM, kB): ru_maxrss would also count the pytest process
+# it was forked from, which Linux keeps across exec.
 _RSS_CHILD = """\
-import resource, sys
+import re, sys
 from qis_fhir.cli import main
 try:
     main(sys.argv[1:])
 finally:
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    print(re.search(r"VmHWM:\\s*(\\d+)", open("/proc/self/status").read()).group(1))
 """
 
 
