@@ -10,7 +10,6 @@ import hashlib
 import re
 from pathlib import Path
 
-import yaml
 from jsonschema import Draft202012Validator
 
 from qis_fhir.errors import InputNotFoundError, MappingError
@@ -26,44 +25,16 @@ from qis_fhir.mapping.model import (
     match_code,
 )
 from qis_fhir.mapping.schema import AGE_BAND_PATTERN, SCHEMAS
-from qis_fhir.mapping.yamldoc import YamlDoc, compose_yaml
+from qis_fhir.mapping.yamldoc import YamlDoc, mapping_error, read_yaml
 
 DEFAULT_MAPPING_DIR = Path(__file__).resolve().parents[2] / "mappings" / "v1"
 
 
 def _parse(path: Path) -> YamlDoc:
-    name = path.name
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise MappingError(f"{name}:1: not UTF-8 text ({exc.reason})") from None
-    try:
-        doc = compose_yaml(text, name)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else 1
-        raise MappingError(f"{name}:{line}: invalid YAML: {exc.problem or exc.context}") from None
+    doc = read_yaml(path)
     if doc is None:
-        raise MappingError(f"{name}:1: file is empty")
-    _check_duplicate_keys(name, doc.node)
+        raise MappingError(f"{path.name}:1: file is empty")
     return doc
-
-
-def _check_duplicate_keys(name: str, node: yaml.Node) -> None:
-    """YAML silently keeps the last of two equal keys; in a mapping that hides a whole bucket."""
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for k, v in node.value:
-            if isinstance(k, yaml.ScalarNode):
-                if k.value in seen:
-                    raise MappingError(
-                        f"{name}:{k.start_mark.line + 1}: duplicate key {k.value!r} (first on line {seen[k.value]})"
-                    )
-                seen[k.value] = k.start_mark.line + 1
-            _check_duplicate_keys(name, v)
-    elif isinstance(node, yaml.SequenceNode):
-        for v in node.value:
-            _check_duplicate_keys(name, v)
 
 
 def _schema_errors(doc: YamlDoc, schema: dict) -> list[str]:
@@ -130,7 +101,7 @@ def load_mapping(path: str | Path | None = None) -> MappingSet:
     for name, schema in SCHEMAS.items():
         errors += _schema_errors(docs[name], schema)
     if errors:
-        raise MappingError("\n".join(errors))
+        raise mapping_error(errors)
 
     mapping_doc = docs["mapping.yaml"]
     version = mapping_doc.data["version"]
@@ -144,7 +115,7 @@ def load_mapping(path: str | Path | None = None) -> MappingSet:
     treatments, treatment_index = _build_treatments(docs["treatments.yaml"], buckets, errors)
     cohorts = _build_cohorts(docs["cohorts.yaml"], errors)
     if errors:
-        raise MappingError("\n".join(errors))
+        raise mapping_error(errors)
 
     return MappingSet(
         version=version,

@@ -41,7 +41,7 @@ from qis_fhir.packets.keys import (
     unb64,
     write_private_key,
 )
-from qis_fhir.packets.model import MAPPING_VERSION_RE, SITE_ID_RE
+from qis_fhir.packets.model import KEY_ID_RE, MAPPING_VERSION_RE, SITE_ID_RE
 from qis_fhir.privacy.secrets import create_secret, qis_fhir_home, read_secret
 
 MANIFEST = "manifest.json"
@@ -189,15 +189,50 @@ def verify_manifest_signature(m: NetworkManifest) -> None:
         raise ManifestError(f"manifest of network {m.network_id} version {m.version}: governance signature does not verify") from None
 
 
-def _read_pins(pin_path: Path) -> dict:
-    if not pin_path.exists():
-        return {}
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")  # NetworkManifest.digest(): sha256 hex
+
+
+def _pins_error(pin_path: Path, problem: str) -> ManifestError:
+    """A corrupt pin file: say which, what is wrong in general terms (never its content) and what to do."""
+    return ManifestError(
+        f"pin file {pin_path} {problem}. It records, per network, the governance key and the highest manifest "
+        "version this reader has trusted, so no manifest is trusted until it is repaired: restore it from a "
+        "backup, or confirm the network's governance key id with its governance and then delete the file "
+        "to pin the current manifest afresh"
+    )
+
+
+def _valid_pin(pin: object) -> bool:
+    if not isinstance(pin, dict) or set(pin) - {"governance_key_id", "version", "digest"}:
+        return False
+    key_id, version, digest = pin.get("governance_key_id"), pin.get("version"), pin.get("digest")
+    return (
+        isinstance(key_id, str)
+        and KEY_ID_RE.fullmatch(key_id) is not None
+        and type(version) is int
+        and version >= 1
+        and (digest is None or (isinstance(digest, str) and _DIGEST_RE.fullmatch(digest) is not None))
+    )
+
+
+def _read_pins(pin_path: Path) -> dict[str, dict]:
+    """The pins in ``pin_path`` ({} when it does not exist); ``ManifestError`` unless every entry is well formed."""
     try:
-        pins = orjson.loads(pin_path.read_bytes())
+        data = pin_path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise _pins_error(pin_path, f"cannot be read ({type(exc).__name__})") from None
+    try:
+        pins = orjson.loads(data)
     except orjson.JSONDecodeError:
-        raise ManifestError(f"pin file {pin_path} is corrupt; inspect it before trusting any manifest") from None
+        raise _pins_error(pin_path, "is corrupt: not JSON (truncated or overwritten?)") from None
     if not isinstance(pins, dict):
-        raise ManifestError(f"pin file {pin_path} is corrupt; inspect it before trusting any manifest")
+        raise _pins_error(pin_path, "is corrupt: not a JSON object of network ids")
+    if not all(NETWORK_ID_RE.fullmatch(k) and _valid_pin(v) for k, v in pins.items()):
+        raise _pins_error(
+            pin_path, "is corrupt: an entry is not a network id with governance_key_id, version and digest"
+        )
     return pins
 
 
@@ -206,12 +241,12 @@ def check_and_pin(m: NetworkManifest, pin_path: Path) -> None:
     pins = _read_pins(pin_path)
     pin = pins.get(m.network_id)
     if pin is not None:
-        if pin.get("governance_key_id") != m.governance_key_id:
+        if pin["governance_key_id"] != m.governance_key_id:
             raise ManifestError(
                 f"manifest of network {m.network_id} is signed by governance key {m.governance_key_id}, "
-                f"but {pin.get('governance_key_id')} was pinned in {pin_path}"
+                f"but {pin['governance_key_id']} was pinned in {pin_path}"
             )
-        seen = int(pin.get("version", 0))
+        seen = pin["version"]
         if m.version < seen:
             raise ManifestError(
                 f"manifest of network {m.network_id} has version {m.version}, older than version {seen} already seen "

@@ -23,14 +23,17 @@ def _run_suite(suites: SuiteSet, name: str, df: pd.DataFrame) -> SuiteResult:
     results = run_rules(name, suites.fingerprint(name), suites.tables[name], df)
     result = SuiteResult(table=name, rows=len(df), results=tuple(results), seconds=time.perf_counter() - started)
     log.info(
-        "quality: %s %s (%d rows, %d of %d expectations failed, %.2fs)",
+        "quality: %s %s (%d rows, %d of %d expectations failed, %d warnings, %.2fs)",
         name,
         "passed" if result.success else "FAILED",
         result.rows,
         len(result.failures),
         len(result.results),
+        len(result.warnings),
         result.seconds,
     )
+    for warning in result.warnings:  # passed within mostly: counts and the rule only, never a value
+        log.warning("quality: table %s: %s", name, warning.format())
     return result
 
 

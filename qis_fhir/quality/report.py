@@ -28,6 +28,11 @@ class ExpectationResult:
     missing_count: int | None = None  # nulls among them (most rules skip nulls; not_null counts them)
     observed: str | None = None  # safe text: a dtype, a row count, "column missing", an error class
 
+    @property
+    def warning(self) -> bool:
+        """Passed, but only within its ``mostly``: some rows failed and the report must say so."""
+        return self.success and bool(self.unexpected_count)
+
     def describe_observed(self) -> str:
         if self.observed is not None:
             return self.observed
@@ -44,6 +49,7 @@ class ExpectationResult:
         return {
             **self.rule.to_dict(),
             "success": self.success,
+            "warning": self.warning,
             "element_count": self.element_count,
             "unexpected_count": self.unexpected_count,
             "unexpected_percent": self.unexpected_percent,
@@ -76,6 +82,10 @@ class SuiteResult:
     def failures(self) -> list[ExpectationResult]:
         return [r for r in self.results if not r.success]
 
+    @property
+    def warnings(self) -> list[ExpectationResult]:
+        return [r for r in self.results if r.warning]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "table": self.table,
@@ -83,6 +93,7 @@ class SuiteResult:
             "success": self.success,
             "expectations": len(self.results),
             "failed": len(self.failures),
+            "warnings": len(self.warnings),
             "seconds": round(self.seconds, 3),
             "results": [r.to_dict() for r in self.results],
         }
@@ -90,9 +101,13 @@ class SuiteResult:
     def format(self) -> str:
         head = f"table {self.table} ({self.rows} rows): "
         if self.success:
-            return head + f"all {len(self.results)} expectations passed"
-        lines = [head + f"{len(self.failures)} of {len(self.results)} expectations failed"]
-        lines += [f"  - {r.format()}" for r in self.failures]
+            head += f"all {len(self.results)} expectations passed"
+        else:
+            head += f"{len(self.failures)} of {len(self.results)} expectations failed"
+        if self.warnings:
+            head += f", {len(self.warnings)} within tolerance with failing rows"
+        lines = [head] + [f"  - {r.format()}" for r in self.failures]
+        lines += [f"  - warning: {r.format()}" for r in self.warnings]
         return "\n".join(lines)
 
 
@@ -116,9 +131,14 @@ class QualityReport:
                 return s
         raise KeyError(table)
 
+    @property
+    def warnings(self) -> int:
+        return sum(len(s.warnings) for s in self.results)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "success": self.success,
+            "warnings": self.warnings,
             "mapping_version": self.mapping_version,
             "suites_file": self.suites_file,
             "suites_sha256": self.suites_sha256,
@@ -129,6 +149,8 @@ class QualityReport:
     def format(self) -> str:
         failed = [s for s in self.results if not s.success]
         verdict = "passed" if not failed else f"FAILED ({len(failed)} of {len(self.results)} tables)"
+        if self.warnings:
+            verdict += f" with {self.warnings} warning{'s' if self.warnings > 1 else ''}"
         lines = [f"quality check {verdict}: suites {self.suites_file} of mapping {self.mapping_version}"]
         lines += [s.format() for s in self.results]
         if self.unchecked_tables:

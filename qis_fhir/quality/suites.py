@@ -28,10 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from qis_fhir.errors import MappingError
-from qis_fhir.mapping.yamldoc import compose_yaml
+from qis_fhir.mapping.yamldoc import compose_yaml, read_yaml_text
 from qis_fhir.quality.vocabulary import VOCABULARY, RuleArgumentError, set_text
 
 SUITES_FILE = "quality.yaml"
@@ -142,13 +140,7 @@ def parse_suites(text: str, mapping: Any, *, path: Path | str = SUITES_FILE) -> 
     """Parse suite YAML text; every problem is a ``MappingError`` naming ``file:line``."""
     path = Path(path)
     fname = path.name
-    try:
-        parsed = compose_yaml(text, fname)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise MappingError(f"{fname}{line}: {problem}") from None
+    parsed = compose_yaml(text, fname)
     if parsed is None or not isinstance(parsed.data, dict):
         raise MappingError(f"{fname}:1: expected a mapping with 'schema' and 'tables'")
     doc = parsed.data
@@ -186,6 +178,13 @@ def parse_suites(text: str, mapping: Any, *, path: Path | str = SUITES_FILE) -> 
                     f"{where_txt}: unknown expectation {name!r} (known: {', '.join(sorted(VOCABULARY))})"
                 )
             raw_args = entry[name]
+            if isinstance(raw_args, dict) and "mostly" in raw_args and not spec.tolerant:
+                tolerant = ", ".join(sorted(n for n, k in VOCABULARY.items() if k.tolerant))
+                raise MappingError(
+                    f"{where_txt}: {name} takes no 'mostly': it checks structure (ids, codes, units, counts), "
+                    f"where one failing row is one too many; only {tolerant} (a range of measured values) "
+                    "may tolerate failing rows"
+                )
             where = None
             if isinstance(raw_args, dict) and "where" in raw_args:
                 if not spec.supports_where:
@@ -209,7 +208,7 @@ def load_suites(mapping: Any, path: Path | str | None = None) -> SuiteSet:
     """Read the suites of ``mapping`` (``<mapping dir>/quality.yaml`` unless ``path`` is given)."""
     p = Path(path) if path is not None else suites_path(mapping)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = read_yaml_text(p)
     except FileNotFoundError:
         raise MappingError(f"{p.name}: no quality suites for mapping {mapping.version} (expected {p})") from None
     return parse_suites(text, mapping, path=p)

@@ -7,6 +7,12 @@ and leaves room to change GE versions without rewriting every mapping version's 
 Each entry knows how to expand its YAML arguments into rules (a list of columns becomes one rule per
 column), how to say in words what it expects, and how to build the GE expectation (lazily: importing
 great_expectations costs seconds).
+
+Only ``plausible_range`` tolerates failing rows (great-expectations' ``mostly``, which it requires).
+It says a measured value lies in a physiologically possible range: one typo in a lab feed of tens of
+thousands of lines should be reported, not stop the night. Every other expectation checks structure
+(ids, codes, units, types, counts, the mapping's own values), where one failing row means the export
+or a stage is wrong, so ``suites.py`` refuses ``mostly`` on them when ``quality.yaml`` is loaded.
 """
 
 from __future__ import annotations
@@ -60,9 +66,7 @@ def _number(value: Any, name: str) -> float | None:
 
 
 def _mostly(args: dict[str, Any]) -> dict[str, Any]:
-    mostly = args.get("mostly")
-    if mostly is None:
-        return {}
+    mostly = args["mostly"]
     if isinstance(mostly, bool) or not isinstance(mostly, (int, float)) or not 0 < mostly <= 1:
         raise RuleArgumentError("mostly must be a fraction in (0, 1]")
     return {"mostly": float(mostly)}
@@ -73,35 +77,35 @@ def _mostly(args: dict[str, Any]) -> dict[str, Any]:
 
 def _per_column(args: Any) -> Expanded:
     if isinstance(args, dict):
-        a = _mapping(args, {"column"}, {"mostly"})
-        return [((c,), _mostly(a)) for c in _columns(a["column"])]
+        a = _mapping(args, {"column"})
+        return [((c,), {}) for c in _columns(a["column"])]
     return [((c,), {}) for c in _columns(args)]
 
 
 def _expand_regex(args: Any) -> Expanded:
-    a = _mapping(args, {"column", "regex"}, {"mostly"})
+    a = _mapping(args, {"column", "regex"})
     try:
         re.compile(a["regex"])
     except (re.error, TypeError) as exc:
         raise RuleArgumentError(f"regex does not compile: {exc}") from None
-    return [((c,), {"regex": a["regex"], **_mostly(a)}) for c in _columns(a["column"])]
+    return [((c,), {"regex": a["regex"]}) for c in _columns(a["column"])]
 
 
 def _expand_in_set(args: Any) -> Expanded:
-    a = _mapping(args, {"column", "values"}, {"mostly"})
+    a = _mapping(args, {"column", "values"})
     values = a["values"]
     if isinstance(values, tuple):
         values = list(values)
     if not isinstance(values, list) or not values:
         raise RuleArgumentError("values must be a non-empty list")
-    return [((c,), {"values": tuple(values), **_mostly(a)}) for c in _columns(a["column"])]
+    return [((c,), {"values": tuple(values)}) for c in _columns(a["column"])]
 
 
 def _expand_equals(args: Any) -> Expanded:
-    a = _mapping(args, {"column", "value"}, {"mostly"})
+    a = _mapping(args, {"column", "value"})
     if isinstance(a["value"], (list, tuple, dict)):
         raise RuleArgumentError("value must be a single value (use in_set for several)")
-    return [((c,), {"value": a["value"], **_mostly(a)}) for c in _columns(a["column"])]
+    return [((c,), {"value": a["value"]}) for c in _columns(a["column"])]
 
 
 def _bounds(a: dict[str, Any]) -> dict[str, Any]:
@@ -114,7 +118,12 @@ def _bounds(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def _expand_between(args: Any) -> Expanded:
-    a = _mapping(args, {"column"}, {"min", "max", "mostly"})
+    a = _mapping(args, {"column"}, {"min", "max"})
+    return [((c,), _bounds(a)) for c in _columns(a["column"])]
+
+
+def _expand_plausible(args: Any) -> Expanded:
+    a = _mapping(args, {"column", "mostly"}, {"min", "max"})
     return [((c,), {**_bounds(a), **_mostly(a)}) for c in _columns(a["column"])]
 
 
@@ -131,7 +140,7 @@ _ATTRIBUTE = re.compile(r"[A-Za-z_]\w*\s*[.(]|\.\s*[A-Za-z_]")  # attribute acce
 
 
 def _expand_expression(args: Any) -> Expanded:
-    a = _mapping(args, {"expression"}, {"min", "max", "mostly"})
+    a = _mapping(args, {"expression"}, {"min", "max"})
     expr = a["expression"]
     # Arithmetic on column names only: the expression is evaluated with DataFrame.eval, and keeping
     # it to + - * / ( ) and names means a suite file cannot smuggle in calls or attribute access.
@@ -140,7 +149,7 @@ def _expand_expression(args: Any) -> Expanded:
     cols = tuple(dict.fromkeys(m for m in _IDENT.findall(expr)))
     if not cols:
         raise RuleArgumentError("expression must name at least one column")
-    return [(cols, {"expression": expr, **_bounds(a), **_mostly(a)})]
+    return [(cols, {"expression": expr, **_bounds(a)})]
 
 
 def _expand_row_count(args: Any) -> Expanded:
@@ -149,11 +158,11 @@ def _expand_row_count(args: Any) -> Expanded:
 
 
 def _expand_compound_unique(args: Any) -> Expanded:
-    a = _mapping(args, {"columns"}, {"mostly"})
+    a = _mapping(args, {"columns"})
     cols = _columns(a["columns"])
     if len(cols) < 2:
         raise RuleArgumentError("columns must list at least two columns (use unique for one)")
-    return [(tuple(cols), _mostly(a))]
+    return [(tuple(cols), {})]
 
 
 # ----------------------------------------------------------------------------- describe (rule -> words)
@@ -174,7 +183,7 @@ def set_text(values: tuple[Any, ...] | list[Any], limit: int = 8) -> str:
 
 
 def _mostly_text(args: dict[str, Any]) -> str:
-    return f" for at least {args['mostly']:.0%} of rows" if "mostly" in args else ""
+    return f" for at least {args['mostly'] * 100:.4g}% of rows"
 
 
 # ----------------------------------------------------------------------------- build (rule -> GE)
@@ -216,7 +225,7 @@ def build_expectation(rule: Any, column: str | None = None) -> Any:
             return gxe.ExpectColumnValuesToBeInSet(column=col, value_set=list(a["values"]), **kw)
         case "equals":
             return gxe.ExpectColumnValuesToBeInSet(column=col, value_set=[a["value"]], **kw)
-        case "between" | "expression_between":
+        case "between" | "expression_between" | "plausible_range":
             return gxe.ExpectColumnValuesToBeBetween(column=col, min_value=a["min"], max_value=a["max"], **kw)
         case "not_in_future":
             return gxe.ExpectColumnValuesToBeBetween(column=col, max_value={"$PARAMETER": NOW_PARAMETER}, **kw)
@@ -233,30 +242,31 @@ def build_expectation(rule: Any, column: str | None = None) -> Any:
 class ExpectationKind:
     """One vocabulary entry. ``kind``: ``schema`` (column presence), ``rows`` (per-row condition:
     the result is a count of unexpected rows), ``table`` (one aggregate such as the row count) or
-    ``dtype`` (the column's type)."""
+    ``dtype`` (the column's type). ``tolerant``: may take ``mostly`` (a share of rows that must pass);
+    only ``plausible_range`` is, see the module docstring."""
 
     expand: Callable[[Any], Expanded]
     describe: Callable[[dict[str, Any]], str]
     kind: str
     supports_where: bool = True
+    tolerant: bool = False
 
 
 VOCABULARY: dict[str, ExpectationKind] = {
     "column_exists": ExpectationKind(_per_column, lambda a: "column present", "schema", supports_where=False),
     "columns_exist": ExpectationKind(_per_column, lambda a: "column present", "schema", supports_where=False),
-    "not_null": ExpectationKind(_per_column, lambda a: "no nulls" + _mostly_text(a), "rows"),
-    "unique": ExpectationKind(_per_column, lambda a: "no duplicate values" + _mostly_text(a), "rows"),
-    "matches_regex": ExpectationKind(_expand_regex, lambda a: f"matches {a['regex']}" + _mostly_text(a), "rows"),
-    "in_set": ExpectationKind(_expand_in_set, lambda a: f"in {set_text(a['values'])}" + _mostly_text(a), "rows"),
-    "equals": ExpectationKind(_expand_equals, lambda a: f"equal to {a['value']}" + _mostly_text(a), "rows"),
-    "between": ExpectationKind(_expand_between, lambda a: _range_text(a) + _mostly_text(a), "rows"),
-    "not_in_future": ExpectationKind(_per_column, lambda a: "not later than the time of the check" + _mostly_text(a), "rows"),
+    "not_null": ExpectationKind(_per_column, lambda a: "no nulls", "rows"),
+    "unique": ExpectationKind(_per_column, lambda a: "no duplicate values", "rows"),
+    "matches_regex": ExpectationKind(_expand_regex, lambda a: f"matches {a['regex']}", "rows"),
+    "in_set": ExpectationKind(_expand_in_set, lambda a: f"in {set_text(a['values'])}", "rows"),
+    "equals": ExpectationKind(_expand_equals, lambda a: f"equal to {a['value']}", "rows"),
+    "between": ExpectationKind(_expand_between, _range_text, "rows"),
+    "plausible_range": ExpectationKind(
+        _expand_plausible, lambda a: _range_text(a) + _mostly_text(a), "rows", tolerant=True
+    ),
+    "not_in_future": ExpectationKind(_per_column, lambda a: "not later than the time of the check", "rows"),
     "of_type": ExpectationKind(_expand_of_type, lambda a: f"dtype {a['type']}", "dtype", supports_where=False),
-    "expression_between": ExpectationKind(
-        _expand_expression, lambda a: f"{a['expression']} {_range_text(a)}" + _mostly_text(a), "rows"
-    ),
+    "expression_between": ExpectationKind(_expand_expression, lambda a: f"{a['expression']} {_range_text(a)}", "rows"),
     "row_count_between": ExpectationKind(_expand_row_count, lambda a: f"row count {_range_text(a)}", "table", supports_where=False),
-    "compound_unique": ExpectationKind(
-        _expand_compound_unique, lambda a: "no duplicate combinations" + _mostly_text(a), "rows"
-    ),
+    "compound_unique": ExpectationKind(_expand_compound_unique, lambda a: "no duplicate combinations", "rows"),
 }

@@ -167,3 +167,82 @@ def test_load_network_reads_the_secret_beside_the_manifest(netdir):
     os.chmod(netdir / "network.secret", 0o644)
     with pytest.raises(SecretError):
         load_network(netdir)
+
+
+# --- a corrupt pin file: a clear ManifestError naming the file and what to do, never its content ----
+
+_MARKER = "zz-marker-zz"  # a value planted in corrupt pins: it must never reach the message
+
+
+def _good_pins(netdir, tmp_path):
+    pins = tmp_path / "pins.json"
+    load_manifest(netdir, pinned_state=pins)
+    return pins, pins.read_bytes()
+
+
+def _truncated(good: bytes) -> bytes:
+    return good[: len(good) // 2]  # a write cut short (disk full, power loss)
+
+
+def _wrong_types(good: bytes) -> bytes:
+    doc = orjson.loads(good)
+    doc["m-net"]["version"] = _MARKER  # was an int
+    return orjson.dumps(doc)
+
+
+def _entry_not_an_object(good: bytes) -> bytes:
+    return orjson.dumps({"m-net": [_MARKER]})
+
+
+def _binary_garbage(good: bytes) -> bytes:
+    return b"\x1f\x8b\x08\x00" + bytes(range(256)) + _MARKER.encode()  # e.g. a gzip file copied over it
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "problem"),
+    [
+        (_truncated, "is corrupt: not JSON"),
+        (_wrong_types, "is corrupt: an entry is not"),
+        (_entry_not_an_object, "is corrupt: an entry is not"),
+        (lambda good: b'["m-net"]', "is corrupt: not a JSON object"),
+        (_binary_garbage, "is corrupt: not JSON"),
+    ],
+)
+def test_corrupt_pin_file_is_a_manifest_error_naming_the_file(netdir, tmp_path, corrupt, problem):
+    pins, good = _good_pins(netdir, tmp_path)
+    bad = corrupt(good)
+    pins.write_bytes(bad)
+    with pytest.raises(ManifestError) as info:
+        load_manifest(netdir, pinned_state=pins)
+    msg = str(info.value)
+    assert msg.startswith(f"pin file {pins} {problem}")
+    assert "restore it from a backup" in msg and info.value.exit_code == 9
+    assert _MARKER not in msg
+    assert pins.read_bytes() == bad  # left as found, for whoever inspects it
+
+
+def test_unreadable_pin_file_is_a_manifest_error(netdir, tmp_path):
+    pins = tmp_path / "pins.json"
+    pins.mkdir()
+    with pytest.raises(ManifestError, match=r"cannot be read \(IsADirectoryError\)"):
+        load_manifest(netdir, pinned_state=pins)
+
+
+def test_run_with_a_corrupt_site_pin_file_exits_9_without_a_traceback(netdir, tmp_path, capsys, monkeypatch):
+    """The nightly run reads SITE_DIR/manifest_pins.json before extracting anything."""
+    from qis_fhir.cli import main
+    from qis_fhir.packets.manifest import PINS
+
+    monkeypatch.setenv("QIS_FHIR_HOME", str(tmp_path / "home"))
+    site = tmp_path / "site"
+    create_site("s1", site)
+    add_site(netdir, site)
+    (site / PINS).write_bytes(_binary_garbage(b""))
+    (tmp_path / "export").mkdir()
+    args = ["run", str(tmp_path / "export"), "--out", str(tmp_path / "out"), "--site", str(site), "--network", str(netdir)]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 9
+    assert err.startswith(f"error: pin file {site / PINS} is corrupt: not JSON") and "Traceback" not in err
+    assert _MARKER not in err

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from dagster import AssetCheckKey, AssetKey, DailyPartitionsDefinition, Definitions
 
 from pipelines.definitions import defs
+from qis_fhir.mapping.yamldoc import read_yaml
 
 REPO = Path(__file__).resolve().parents[2]  # not "from conftest": several test folders have one
 
@@ -61,7 +61,7 @@ def test_nightly_schedule_runs_yesterday_at_two():
 
 
 def test_instance_template_turns_telemetry_off():
-    config = yaml.safe_load((REPO / "pipelines" / "dagster.yaml").read_text())
+    config = read_yaml(REPO / "pipelines" / "dagster.yaml").data
     assert config["telemetry"]["enabled"] is False
 
 

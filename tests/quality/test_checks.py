@@ -77,7 +77,7 @@ BROKEN = {
     "request_status": (_set("medication_requests", "status", 0, "bogus"), "medication_requests", "in_set", "status", "1 of 2"),
     "request_key_raw": (_set("medication_requests", "request_key", 1, SECRET), "medication_requests", "matches_regex", "request_key", "1 of 2"),
     "sbp_wrong_unit": (_set("observations", "unit", 0, "kg"), "observations", "in_set", "unit", "1 of 2 rows"),
-    "sbp_out_of_range": (_set("observations", "value", 0, 1400.0), "observations", "between", "value", "1 of 1 rows"),
+    "sbp_out_of_range": (_set("observations", "value", 0, 1400.0), "observations", "plausible_range", "value", "1 of 1 rows"),
     "value_not_float": (_astype("observations", "value", "str"), "observations", "of_type", "value", "dtype"),
     "observed_in_future": (_set("observations", "effective", 3, FUTURE), "observations", "not_in_future", "effective", "1 of 4"),
     "responded_not_bool": (_astype("outcome_events", "responded", "int64"), "outcome_events", "of_type", "responded", "dtype int64"),
@@ -133,7 +133,7 @@ def test_failure_counts_every_bad_row(tables, mapping):
     df = pd.concat([df] * 50, ignore_index=True)  # 100 systolic rows
     df.loc[df.index[df["code"] == "8480-6"][:7], "value"] = 9.0
     result = check_table("observations", df, mapping)
-    (bad,) = [r for r in result.failures if r.rule.name == "between"]
+    (bad,) = [r for r in result.failures if r.rule.name == "plausible_range"]
     assert (bad.unexpected_count, bad.element_count) == (7, 50)
     assert bad.unexpected_percent == pytest.approx(14.0)
 

@@ -71,6 +71,9 @@ def test_unknown_expectation_names_file_and_line(mapping):
         ("- not_null: a\n      unique: b", "one-key mapping"),
         ("- compound_unique: {columns: [a]}", "at least two columns"),
         ("- in_set: {column: unit, values: [x], where: {}}", "'where' must map column names"),
+        ("- plausible_range: {column: value, min: 2, max: 25}", "missing argument(s): mostly"),
+        ("- plausible_range: {column: value, max: 25, mostly: 1.5}", "mostly must be a fraction in (0, 1]"),
+        ("- plausible_range: {column: value, max: 25, mostly: true}", "mostly must be a fraction in (0, 1]"),
     ],
 )
 def test_bad_entries_name_their_line(entry, message, mapping):
@@ -112,7 +115,7 @@ def test_where_and_mostly_apply(mapping):
         tables:
           observations:
             - in_set: {column: unit, values: ["kg/m2"], where: {code: "39156-5"}}
-            - between: {column: value, max: 200, mostly: 0.7}
+            - plausible_range: {column: value, max: 200, mostly: 0.7}
             - between: {column: value, max: 200}
         """,
         mapping,
@@ -121,6 +124,32 @@ def test_where_and_mostly_apply(mapping):
     ok = [r.success for r in report.suite("observations").results]
     assert ok == [True, True, False]  # 3 of 4 values <= 200: passes at 70 %, fails at 100 %
     assert report.suite("observations").results[0].element_count == 1
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "- in_set: {column: unit, values: ['%'], where: {code: '4548-4'}, mostly: 0.99}",
+        "- between: {column: source_line, min: 1, mostly: 0.99}",
+        "- matches_regex: {column: patient_key, regex: '^[0-9a-f]{32}$', mostly: 0.99}",
+        "- not_null: {column: patient_key, mostly: 0.99}",
+        "- unique: {column: source_line, mostly: 0.99}",
+        "- equals: {column: status, value: final, mostly: 0.99}",
+        "- compound_unique: {columns: [patient_key, code], mostly: 0.99}",
+        "- not_in_future: {column: effective, mostly: 0.99}",
+        "- expression_between: {expression: 'value - value', min: 0, max: 0, mostly: 0.99}",
+        "- of_type: {column: value, type: float64, mostly: 0.99}",
+        "- row_count_between: {min: 1, mostly: 0.99}",
+    ],
+)
+def test_mostly_on_a_structural_rule_is_refused_at_load(entry, mapping):
+    """Ids, codes, units, types and counts block on one bad row: only plausibility may tolerate some."""
+    text = "schema: 1\ntables:\n  observations:\n    - not_null: value\n    " + entry + "\n"
+    name = entry[2 : entry.index(":")]
+    with pytest.raises(MappingError) as info:
+        parse_suites(text, mapping)
+    assert str(info.value).startswith(f"quality.yaml:5: {name} takes no 'mostly': it checks structure")
+    assert "only plausible_range" in str(info.value) and info.value.exit_code == ExitCode.MAPPING_INVALID
 
 
 def test_changed_rules_take_effect_in_the_same_process(mapping):

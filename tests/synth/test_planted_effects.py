@@ -14,9 +14,9 @@ from pathlib import Path
 
 import orjson
 import pytest
-import yaml
 from synth_helpers import read_type
 
+from qis_fhir.mapping.yamldoc import read_yaml
 from qis_fhir.synth import generate_export
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ MEASURE_OF = {"hypertension": "systolic_bp", "hyperlipidemia": "total_cholestero
 
 
 def _v1_measures() -> dict[str, dict]:
-    return yaml.safe_load((REPO / "mappings" / "v1" / "outcomes.yaml").read_text())["measures"]
+    return read_yaml(REPO / "mappings" / "v1" / "outcomes.yaml").data["measures"]
 
 
 def _band(age: int) -> str:
