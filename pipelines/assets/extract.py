@@ -56,9 +56,9 @@ def fhir_extract(context: AssetExecutionContext, site: SiteConfig) -> Materializ
             sample_rate=site.sample_rate,
         )
         summary.raise_if_nothing_extracted(run.path / QUARANTINE_FILE)
-        report = check_tables(load_extract(run.path), mapping)
-        report.write(quality_report_path(run.path, "extract"))
         run.mark(EXTRACT, summary.totals)
+        report = check_tables(load_extract(run.path), mapping)
+        report.write(quality_report_path(run.path, "extract"))  # swapped in with the tables, pass or fail
 
     return MaterializeResult(
         metadata={
