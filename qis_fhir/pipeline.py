@@ -147,7 +147,7 @@ def run_pipeline(config: RunConfig) -> RunResult:
             report = publish(built.packets, list(config.bootstrap), network.manifest)
             result.publish = report.to_dict()
             write_json(out_dir / PUBLISH_REPORT, result.publish)
-            run.manifest["counts"][PUBLISH] = result.publish
+            run.record(PUBLISH, result.publish)
             report.raise_for_failure(out_dir / PUBLISH_REPORT)  # the policy `qis-fhir publish` applies
             run.mark(PUBLISH)
     return result

@@ -172,10 +172,14 @@ class Run:
     def _save(self) -> None:
         write_json(self.path / RUN_JSON, self.manifest)
 
+    def record(self, stage: str, counts: dict) -> None:
+        """Keep ``stage``'s counts in ``run.json`` (written with the next mark or failure), done or not."""
+        self.manifest["counts"][stage] = counts
+
     def mark(self, stage: str, counts: dict | None = None) -> None:
         """``stage`` has written every file it writes (invariant: marked only after the files)."""
         if counts is not None:
-            self.manifest["counts"][stage] = counts
+            self.record(stage, counts)
         if stage not in self.manifest["stages"]:
             self.manifest["stages"].append(stage)
         self._save()

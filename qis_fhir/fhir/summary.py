@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from qis_fhir.errors import NothingExtractedError
 
@@ -28,7 +29,7 @@ class ExtractSummary:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def raise_if_nothing_extracted(self, quarantine: object) -> None:
+    def raise_if_nothing_extracted(self, quarantine: Path) -> None:
         """The one rule for an export that yielded nothing, for ``qis-fhir extract`` and ``qis-fhir run``
         alike: no resource accepted at all is ``NothingExtractedError`` (exit 6), never a run on zero rows."""
         if self.totals["accepted"] == 0:

@@ -133,10 +133,10 @@ def verify(packets: Path, manifest: Path, pins: Path | None, state: Path | None,
     Exits with PACKETS_REJECTED (10) if any packet was rejected, RUN_INCOMPLETE (13) if the run folder
     holding them did not complete."""
     from qis_fhir.packets.build import PACKETS_FILE, read_packets
-    from qis_fhir.runfolder import PACKETS, run_file
     from qis_fhir.packets.manifest import default_pin_path, load_manifest
     from qis_fhir.packets.replay import MemoryReplayState
     from qis_fhir.packets.verifier import ACCEPTED, Verifier
+    from qis_fhir.runfolder import PACKETS, run_file
 
     m = load_manifest(manifest, pinned_state=pins or default_pin_path())
     lines = read_packets(run_file(packets, PACKETS_FILE, PACKETS))
