@@ -17,6 +17,7 @@ tables beside the previous run's events, packets and reports, and nothing said s
 * A stage added to a complete run later (publishing its packets, Dagster's ``outcome_events`` after
   ``fhir_extract``) goes through :func:`amend_run`: it clears its stage in ``run.json`` before it
   writes and marks it after, so a reader never takes half of an amendment for a finished stage.
+* One writer at a time per folder: ``flock`` on the hidden sibling ``.DIR.lock``.
 * Readers (``load_extract``, ``qis-fhir publish`` and ``verify`` of a run's packets, the Dagster
   assets) call :func:`require_run`, which raises ``RunIncompleteError`` (exit 13) for anything but a
   complete run that finished the stages they need. A folder without ``run.json`` is not a run folder
@@ -59,6 +60,28 @@ _RENAME_EXCHANGE = 2
 _NO_EXCHANGE = {errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM}
 
 _OWN: set[str] = set()  # run ids this process is writing: a run may read its own unfinished folder
+
+
+def lock_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.lock")
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """One writer per run folder: two runs into one ``DIR`` would share ``DIR.partial``. The lock is
+    ``flock`` on the hidden sibling ``.DIR.lock``, released by the kernel when a writer dies."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path(out), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunIncompleteError(f"another run is writing {out} right now; wait for it to finish") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def staging_path(out: Path) -> Path:
@@ -226,28 +249,29 @@ def start_run(out: Path | str, *, command: str, planned: list[str]) -> Iterator[
     Refuses (AlreadyExistsError) an ``out`` holding files no run wrote: they would be deleted.
     """
     out = Path(out)
-    recover(out)
-    if out.exists() and not _is_run_folder(out):
-        raise AlreadyExistsError(f"{out} holds files that no qis-fhir run wrote (no {RUN_JSON}); choose a new or empty folder")
-    staging = staging_path(out)
-    remove_run_folder(staging)
-    staging.mkdir(parents=True)
-    run = Run(staging, _new_manifest(command, planned))
-    run._save()
-    _OWN.add(run.run_id)
-    try:
-        yield run
-    except BaseException as exc:
-        run._failed(exc, status=FAILED)
-        log.warning("run failed; its files are in %s, and %s still holds the previous complete run, if any", staging, out)
-        raise
-    finally:
-        _OWN.discard(run.run_id)
-    run.manifest["status"] = COMPLETE
-    run.manifest["finished"] = _now()
-    run._save()
-    _swap(staging, out)
-    run.path = out
+    with _exclusive(out):
+        recover(out)
+        if out.exists() and not _is_run_folder(out):
+            raise AlreadyExistsError(f"{out} holds files that no qis-fhir run wrote (no {RUN_JSON}); choose a new or empty folder")
+        staging = staging_path(out)
+        remove_run_folder(staging)
+        staging.mkdir()
+        run = Run(staging, _new_manifest(command, planned))
+        run._save()
+        _OWN.add(run.run_id)
+        try:
+            yield run
+        except BaseException as exc:
+            run._failed(exc, status=FAILED)
+            log.warning("run failed; its files are in %s, and %s still holds the previous complete run, if any", staging, out)
+            raise
+        finally:
+            _OWN.discard(run.run_id)
+        run.manifest["status"] = COMPLETE
+        run.manifest["finished"] = _now()
+        run._save()
+        _swap(staging, out)
+        run.path = out
 
 
 @contextlib.contextmanager
@@ -256,18 +280,19 @@ def amend_run(folder: Path | str, *, needs: tuple[str, ...], clears: tuple[str, 
     (the block marks them again when done), so no reader takes a half-rewritten stage for a finished one.
     A failure is recorded in ``run.json`` under ``error``; the run stays complete for its other stages."""
     folder = Path(folder)
-    manifest = require_run(folder, *needs)
-    if manifest is None:
-        raise InputNotFoundError(f"{folder} is not a run folder (no {RUN_JSON}); run the stages before it first")
-    manifest.setdefault("planned", [])
-    manifest["planned"] += [s for s in clears if s not in manifest["planned"]]
-    run = Run(folder, manifest)
-    run._clear(clears)
-    try:
-        yield run
-    except BaseException as exc:
-        run._failed(exc, status=None)
-        raise
+    with _exclusive(folder):
+        manifest = require_run(folder, *needs)
+        if manifest is None:
+            raise InputNotFoundError(f"{folder} is not a run folder (no {RUN_JSON}); run the stages before it first")
+        manifest.setdefault("planned", [])
+        manifest["planned"] += [s for s in clears if s not in manifest["planned"]]
+        run = Run(folder, manifest)
+        run._clear(clears)
+        try:
+            yield run
+        except BaseException as exc:
+            run._failed(exc, status=None)
+            raise
 
 
 def _is_run_folder(path: Path) -> bool:

@@ -55,7 +55,7 @@ def test_a_new_run_replaces_the_previous_one_whole(tmp_path, monkeypatch, atomic
         run.mark("extract")
     assert (out / "table.txt").read_text() == "second"
     assert require_run(out, "extract")["run_id"] == run.run_id != first
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or previous run left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]  # no staging or previous run left
 
 
 def test_a_failed_run_leaves_the_previous_run_and_says_why(tmp_path):
@@ -99,7 +99,7 @@ def test_an_interrupted_two_rename_swap_is_finished_by_the_next_run(tmp_path, mo
         require_run(out, "extract")
     recover(out)  # what the next start_run does first
     assert (out / "table.txt").read_text() == "second"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]
 
 
 def test_an_interrupted_swap_without_a_complete_new_run_restores_the_old_one(tmp_path):
@@ -148,3 +148,19 @@ def test_amending_an_unfinished_run_is_refused(tmp_path):
     with pytest.raises(RunIncompleteError, match="failed at stage extract"):
         with amend_run(tmp_path / "out.partial", needs=("extract",), clears=("publish",)):
             pass
+
+
+def test_a_second_writer_of_the_same_folder_is_refused_while_the_first_runs(tmp_path):
+    out = tmp_path / "out"
+    _complete_run(out, "first")
+    with start_run(out, command="test", planned=["extract"]) as run:
+        (run.path / "table.txt").write_text("second")
+        with pytest.raises(RunIncompleteError, match="another run is writing"):
+            _complete_run(out, "intruder")
+        with pytest.raises(RunIncompleteError, match="another run is writing"):
+            with amend_run(out, needs=("extract",), clears=("publish",)):
+                pass
+        run.mark("extract")
+    assert (out / "table.txt").read_text() == "second"
+    _complete_run(out, "third")  # the lock went with the first writer
+    assert (out / "table.txt").read_text() == "third"
