@@ -24,6 +24,7 @@ class ExitCode(enum.IntEnum):
     PACKETS_REJECTED = 10  # `verify` rejected at least one packet
     NO_PEERS = 11  # no DHT peer reachable
     PUBLISH_INCOMPLETE = 12  # some packets were confirmed by no replica
+    RUN_INCOMPLETE = 13  # a run folder whose run.json says it did not complete (crashed, failed, being written)
 
 
 class QisError(Exception):
@@ -75,3 +76,7 @@ class NoPeersError(QisError):
 
 class PublishIncompleteError(QisError):
     exit_code = ExitCode.PUBLISH_INCOMPLETE
+
+
+class RunIncompleteError(QisError):
+    exit_code = ExitCode.RUN_INCOMPLETE

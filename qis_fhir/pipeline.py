@@ -4,6 +4,11 @@ This is the one place that chains the stage APIs; ``qis-fhir run``, ``qis-fhir d
 call it. The Dagster assets call the same stage functions one per asset. Each stage's logic lives in
 its own subpackage; this module only decides order, paths and what blocks what: a failed quality
 suite stops the run before anything could be published.
+
+``out_dir`` is a run folder (``qis_fhir.runfolder``): the stages write into ``out_dir.partial``,
+which replaces ``out_dir`` only once every file is written, so ``out_dir`` holds the previous
+complete run until then, and never a mix of two. Publishing, a network side effect, comes after:
+it amends the complete run with ``publish_report.json`` and its stage mark.
 """
 
 from __future__ import annotations
@@ -12,15 +17,16 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qis_fhir.errors import InputNotFoundError, PublishIncompleteError
+from qis_fhir.errors import InputNotFoundError
 from qis_fhir.files import write_json
 from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, DEFAULT_VALIDATE
 from qis_fhir.outcomes.events import OUTCOME_EVENTS, OUTCOME_SUMMARY
+from qis_fhir.packets.build import PACKETS_FILE as PACKETS
+from qis_fhir.runfolder import EXTRACT, OUTCOMES, PACKETS as PACKETS_STAGE, PUBLISH, QUALITY, RUN_JSON, amend_run, start_run
 
 log = logging.getLogger(__name__)
 
 QUALITY_REPORT = "quality_report.json"
-PACKETS = "packets.ndjson"
 DISCLOSURE_REPORT = "disclosure_report.json"
 PUBLISH_REPORT = "publish_report.json"
 
@@ -54,7 +60,7 @@ class RunResult:
         """The files this run wrote that a user looks at, by name."""
         from qis_fhir.fhir.extract import EXTRACT_DIR, QUARANTINE_FILE, SUMMARY_FILE
 
-        names = [OUTCOME_EVENTS, OUTCOME_SUMMARY, QUALITY_REPORT, f"{EXTRACT_DIR}/{SUMMARY_FILE}", QUARANTINE_FILE]
+        names = [RUN_JSON, OUTCOME_EVENTS, OUTCOME_SUMMARY, QUALITY_REPORT, f"{EXTRACT_DIR}/{SUMMARY_FILE}", QUARANTINE_FILE]
         if self.packets is not None:
             names += [PACKETS, DISCLOSURE_REPORT]
         if self.publish is not None:
@@ -65,6 +71,7 @@ class RunResult:
 def run_pipeline(config: RunConfig) -> RunResult:
     """Extract -> quality -> outcomes -> quality -> [packets] -> [publish]. Returns what each stage reported."""
     from qis_fhir.fhir import extract_export, load_extract
+    from qis_fhir.fhir.extract import QUARANTINE_FILE
     from qis_fhir.mapping import load_mapping
     from qis_fhir.outcomes import derive_outcome_events
     from qis_fhir.quality import check_tables
@@ -76,7 +83,6 @@ def run_pipeline(config: RunConfig) -> RunResult:
         raise InputNotFoundError("--site and --network go together: packets need both a site key and a network")
     if config.bootstrap and config.site_dir is None:
         raise InputNotFoundError("--bootstrap publishes packets, which need --site and --network")
-    out_dir.mkdir(parents=True, exist_ok=True)
     result = RunResult(out_dir=out_dir)
 
     # Load what can fail on configuration before the long extraction starts.
@@ -95,47 +101,54 @@ def run_pipeline(config: RunConfig) -> RunResult:
 
         secret = load_or_create_secret(config.site_secret_path)
 
-    log.info("extract: reading %s", export_dir.name)
-    summary = extract_export(
-        export_dir,
-        out_dir,
-        secret=secret,
-        validate=config.validate,
-        sample_rate=config.sample_rate,
-        progress=config.progress,
-    )
-    result.extract = summary.to_dict()
-    tables = load_extract(out_dir)
+    planned = [EXTRACT, QUALITY, OUTCOMES] + ([PACKETS_STAGE] if site is not None else [])
+    with start_run(out_dir, command="run", planned=planned) as run:
+        work = run.path
+        log.info("extract: reading %s", export_dir.name)
+        summary = extract_export(
+            export_dir,
+            work,
+            secret=secret,
+            validate=config.validate,
+            sample_rate=config.sample_rate,
+            progress=config.progress,
+        )
+        result.extract = summary.to_dict()
+        summary.raise_if_nothing_extracted(work / QUARANTINE_FILE)  # the rule `qis-fhir extract` applies
+        run.mark(EXTRACT, summary.totals)
+        tables = load_extract(work)
 
-    log.info("outcomes: mapping %s (%s)", mapping.version, mapping.content_hash[:12])
-    outcome = derive_outcome_events(tables, mapping)
-    tables["outcome_events"] = outcome.events
-    result.outcomes = outcome.summary
+        log.info("outcomes: mapping %s (%s)", mapping.version, mapping.content_hash[:12])
+        outcome = derive_outcome_events(tables, mapping)
+        tables["outcome_events"] = outcome.events
+        result.outcomes = outcome.summary
 
-    quality = check_tables(tables, mapping)
-    result.quality = quality.to_dict()
-    quality.write(out_dir / QUALITY_REPORT)
-    quality.raise_for_failure()  # nothing below runs on failed data
+        quality = check_tables(tables, mapping)
+        result.quality = quality.to_dict()
+        quality.write(work / QUALITY_REPORT)
+        quality.raise_for_failure()  # nothing below runs on failed data
+        run.mark(QUALITY, {"success": True})
 
-    outcome.write(out_dir)
+        outcome.write(work)
+        run.mark(OUTCOMES, outcome.summary.get("totals", {}))
 
-    if site is not None:
-        from qis_fhir.packets import build_packets, write_disclosure_report, write_packets
+        if site is not None:
+            from qis_fhir.packets import build_packets, write_disclosure_report, write_packets
 
-        built = build_packets(outcome.events, mapping, site, network, seq=config.seq)
-        write_packets(out_dir / PACKETS, built.packets)
-        write_disclosure_report(out_dir / DISCLOSURE_REPORT, built.disclosure_report)
-        result.packets = {"packets": len(built.packets), "disclosure": built.disclosure_report}
+            built = build_packets(outcome.events, mapping, site, network, seq=config.seq)
+            write_packets(work / PACKETS, built.packets)
+            write_disclosure_report(work / DISCLOSURE_REPORT, built.disclosure_report)
+            result.packets = {"packets": len(built.packets), "disclosure": built.disclosure_report}
+            run.mark(PACKETS_STAGE, {"packets": len(built.packets)})
 
-        if config.bootstrap:
-            from qis_fhir.dht.client import publish
+    if config.bootstrap:
+        from qis_fhir.dht.client import publish
 
+        with amend_run(out_dir, needs=(PACKETS_STAGE,), clears=(PUBLISH,)) as run:
             report = publish(built.packets, list(config.bootstrap), network.manifest, bind=config.bind)
             result.publish = report.to_dict()
             write_json(out_dir / PUBLISH_REPORT, result.publish)
-            if report.unconfirmed:  # the package's set() would have said True; we say what happened
-                raise PublishIncompleteError(
-                    f"{len(report.unconfirmed)} of {len(report.receipts)} packets were confirmed by no DHT "
-                    f"replica; see {out_dir / PUBLISH_REPORT}"
-                )
+            run.record(PUBLISH, result.publish)
+            report.raise_for_failure(out_dir / PUBLISH_REPORT)  # the policy `qis-fhir publish` applies
+            run.mark(PUBLISH)
     return result

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
 
-from qis_fhir.errors import ExitCode
+from qis_fhir.errors import ExitCode, RunIncompleteError
+
+
+def qis(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qis_fhir", *map(str, args)], capture_output=True, text=True,
+                          timeout=kwargs.pop("timeout", 300), **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +110,141 @@ def test_run_fails_when_no_replica_confirms_the_packets(tmp_path):
     finally:
         cluster.stop_all()
     assert proc.returncode == ExitCode.PUBLISH_INCOMPLETE, proc.stderr[-2000:]
-    assert "confirmed by no DHT replica" in proc.stderr
+    assert "packets were confirmed by no replica (nodes answered: unknown_key" in proc.stderr
     # --bind reached the publishing client: the node logged the refused packets' sender
     assert f"latest from 127.0.0.1:{client_port}: unknown_key" in (node.data_dir / "stdout.log").read_text()
     report = json.loads((tmp_path / "out" / "publish_report.json").read_text())
     assert report["confirmed"] == 0 and report["unconfirmed"] == report["packets"] > 0
+
+
+@pytest.fixture(scope="module")
+def signing_site(tmp_path_factory):
+    """A synthetic export, a network, a member site, a revoked site and a site the network never heard of."""
+    from qis_fhir.packets import add_site, create_network, create_site, revoke
+    from qis_fhir.synth import generate_export
+
+    root = tmp_path_factory.mktemp("signing")
+    create_network(root / "net", network_id="ours", min_cell_size=11)
+    for site_id in ("member", "revoked"):
+        create_site(site_id, root / site_id)
+        add_site(root / "net", root / site_id)
+    revoke(root / "net", "revoked")
+    create_site("stranger", root / "stranger")
+    generate_export(root / "export", patients=1500, seed=3, truth_path=root / "truth.json")
+    return root
+
+
+def _digests(folder) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _wait_for_stage(path, stage: str, proc: subprocess.Popen, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the run ended ({proc.returncode}) before it finished stage {stage}"
+        try:
+            if stage in json.loads(path.read_text())["stages"]:
+                return
+        except (FileNotFoundError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    raise TimeoutError(f"no stage {stage} in {path}")
+
+
+def test_a_run_killed_mid_way_leaves_the_previous_run_whole_and_is_refused(signing_site, tmp_path):
+    """kill -9 during `qis-fhir run` into a folder holding a complete run: the old run stays intact and
+    readable, the partial one is refused with RUN_INCOMPLETE, and the next run replaces both cleanly."""
+    from qis_fhir.fhir import load_extract
+
+    root = signing_site
+    out = tmp_path / "out"
+    args = ["run", root / "export", "--out", out, "--site", root / "member", "--network", root / "net"]
+    first = qis(*args, "--seq", 20260101)
+    assert first.returncode == ExitCode.OK, first.stderr[-2000:]
+    before = _digests(out)
+    before_manifest = (out / "run.json").read_text()
+    assert json.loads(before_manifest)["status"] == "complete"
+
+    with open(tmp_path / "killed.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "qis_fhir", *map(str, args), "--seq", "20260102"],
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # mid-run: the new extract tables are written, outcomes and packets are not
+        _wait_for_stage(tmp_path / "out.partial" / "run.json", "extract", proc)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+    assert _digests(out) == before  # not one file of the complete run changed
+    assert len(load_extract(out)["patients"]) > 0
+    ok = qis("verify", out, "--network", root / "net", "--pins", tmp_path / "pins.json")
+    assert ok.returncode == ExitCode.OK, ok.stderr
+    for command in (["verify", tmp_path / "out.partial", "--network", root / "net", "--pins", tmp_path / "pins.json"],
+                    ["publish", tmp_path / "out.partial", "--network", root / "net", "--bootstrap", "127.0.0.1:9"]):
+        refused = qis(*command)
+        assert refused.returncode == ExitCode.RUN_INCOMPLETE, refused.stderr
+        assert "was interrupted before it completed (its process is gone); stages done: extract" in refused.stderr
+    with pytest.raises(RunIncompleteError, match="was interrupted"):
+        load_extract(tmp_path / "out.partial")
+
+    again = qis(*args, "--seq", 20260102)
+    assert again.returncode == ExitCode.OK, again.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == ["out"]
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["stages"] == ["extract", "quality", "outcomes", "packets"]
+    assert manifest["run_id"] != json.loads(before_manifest)["run_id"]
+    assert json.loads((out / "disclosure_report.json").read_text())["seq"] == 20260102  # this run's packets
+
+
+@pytest.mark.parametrize(
+    ("site", "reason", "hint"),
+    [("revoked", "revoked_key", "the network manifest revokes this site's key"),
+     ("stranger", "unknown_key", "the network manifest does not list this site's key")],
+)
+def test_run_and_publish_fail_alike_when_the_site_key_is_refused(signing_site, tmp_path, site, reason, hint):
+    """`run --bootstrap` with a revoked or unknown key published nothing yet exited 0; it now fails as
+    `publish` of the same packets does, through the one publish policy, against a real local DHT."""
+    from qis_fhir.dht.cluster import LocalCluster
+
+    root = signing_site
+    out = tmp_path / "out"
+    cluster = LocalCluster(tmp_path / "nodes", root / "net" / "manifest.json", ksize=2)
+    try:
+        cluster.start(2)
+        cluster.wait_joined()
+        boot = f"127.0.0.1:{cluster.nodes[0].port}"
+        run = qis("run", root / "export", "--out", out, "--site", root / site, "--network", root / "net", "--bootstrap", boot)
+        publish = qis("publish", out, "--network", root / "net", "--bootstrap", boot)
+    finally:
+        cluster.stop_all()
+    packets = len((out / "packets.ndjson").read_text().splitlines())
+    assert packets > 0
+    expected = f"{packets} of {packets} packets failed verification here and were not published ({reason} {packets}); {hint}"
+    for proc in (run, publish):
+        assert proc.returncode == ExitCode.PACKETS_REJECTED, proc.stderr[-2000:]
+        assert expected in proc.stderr
+    report = json.loads((out / "publish_report.json").read_text())
+    assert report["rejected_locally"] == {reason: packets} and report["confirmed"] == 0
+    manifest = json.loads((out / "run.json").read_text())
+    assert "publish" not in manifest["stages"] and manifest["error"]["exit_code"] == ExitCode.PACKETS_REJECTED
+
+
+def test_run_and_extract_both_stop_when_nothing_is_extracted(tmp_path):
+    """An export whose every line is quarantined: `run` used to carry on with zero rows where `extract`
+    exits 6; both now apply the one rule, and keep the quarantine of the failed run for inspection."""
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "Observation.000.ndjson").write_text('{"resourceType": "Observation"\n[1]\n')
+    for command in ("run", "extract"):
+        out = tmp_path / command
+        proc = qis(command, export, "--out", out, "--site-secret", tmp_path / "s")
+        assert proc.returncode == ExitCode.NOTHING_EXTRACTED, proc.stderr[-2000:]
+        assert f"no usable resource in {export} (2 read, all quarantined or skipped)" in proc.stderr
+        assert not out.exists()
+        partial = tmp_path / f"{command}.partial"
+        assert len((partial / "quarantine.ndjson").read_text().splitlines()) == 2
+        manifest = json.loads((partial / "run.json").read_text())
+        assert manifest["status"] == "failed" and manifest["error"]["exit_code"] == ExitCode.NOTHING_EXTRACTED

@@ -10,7 +10,7 @@ from dagster import (
     asset,
 )
 
-from pipelines.assets.checks import quality_check_results, quality_check_specs
+from pipelines.assets.checks import quality_check_results, quality_check_specs, quality_report_path
 from pipelines.partitions import daily_exports
 from pipelines.resources import SiteConfig
 from qis_fhir.fhir import TABLE_NAMES
@@ -38,20 +38,27 @@ COUNTS_CHECK = "every_line_accounted_for"
 )
 def fhir_extract(context: AssetExecutionContext, site: SiteConfig) -> MaterializeResult:
     from qis_fhir.fhir import extract_export, load_extract
-    from qis_fhir.fhir.extract import EXTRACT_DIR, SUMMARY_FILE
+    from qis_fhir.fhir.extract import EXTRACT_DIR, QUARANTINE_FILE, SUMMARY_FILE
     from qis_fhir.quality import check_tables
+    from qis_fhir.runfolder import EXTRACT, start_run
 
     out_dir = site.out_path(context.partition_key)
     mapping = site.load_mapping()  # before the long extraction: a bad mapping fails fast
-    summary = extract_export(
-        site.export_path(context.partition_key),
-        out_dir,
-        secret=site.secret(),
-        validate=site.validation,
-        sample_rate=site.sample_rate,
-    )
-    report = check_tables(load_extract(out_dir), mapping)
-    report.write(out_dir / "quality" / "extract.json")
+    secret = site.secret()
+    # a fresh run folder for the partition: the previous materialisation (its extract and everything
+    # derived from it) stays readable until this one is complete, then is replaced whole
+    with start_run(out_dir, command="dagster", planned=[EXTRACT]) as run:
+        summary = extract_export(
+            site.export_path(context.partition_key),
+            run.path,
+            secret=secret,
+            validate=site.validation,
+            sample_rate=site.sample_rate,
+        )
+        summary.raise_if_nothing_extracted(run.path / QUARANTINE_FILE)
+        run.mark(EXTRACT, summary.totals)
+        report = check_tables(load_extract(run.path), mapping)
+        report.write(quality_report_path(run.path, "extract"))  # swapped in with the tables, pass or fail
 
     return MaterializeResult(
         metadata={

@@ -33,9 +33,16 @@ from qis_fhir.dht.lookup import SEED_LIMIT, iterative_lookup
 from qis_fhir.dht.node import DhtNode, NodeConfig
 from qis_fhir.dht.protocol import valid_cursor
 from qis_fhir.dht.storage import CONFIRMED, PacketStore
-from qis_fhir.errors import NoPeersError, QisError
+from qis_fhir.errors import NoPeersError, PacketsRejectedError, PublishIncompleteError, QisError
 
 log = logging.getLogger("qis_fhir.dht.client")
+
+# what a local verification failure means for the site that publishes (the verifier's reasons)
+_REJECTED_HINTS = {
+    "unknown_key": "the network manifest does not list this site's key: governance must `qis-fhir network add-site` it",
+    "revoked_key": "the network manifest revokes this site's key: ask the network governance",
+    "mapping_version": "the network does not accept this mapping version",
+}
 
 MAX_PAGES_PER_NODE = 10_000  # bounds a node that keeps answering "there is more"
 DEFAULT_TTL = 30 * 86400.0
@@ -74,6 +81,35 @@ class PublishReport:
     @property
     def min_replicas(self) -> int:
         return min((r.replicas for r in self.receipts), default=0)
+
+    def raise_for_failure(self, report_path: Path | None = None) -> None:
+        """The one publish policy, for ``qis-fhir publish`` and ``qis-fhir run --bootstrap`` alike: a
+        publish succeeded only if every packet given was sent (none failed verification here) and
+        every packet sent was confirmed by at least one replica.
+
+        Raises ``PublishIncompleteError`` (12) when a sent packet was confirmed by no replica, else
+        ``PacketsRejectedError`` (10) when a packet failed local verification and was never sent
+        (a revoked or unknown site key rejects every packet: nothing is published at all). The
+        message says how many, why, and what to do."""
+        problems = []
+        if self.unconfirmed:
+            refused: Counter[str] = Counter()
+            for r in self.unconfirmed:
+                refused.update(r.refused)
+            why = f" (nodes answered: {_counts(refused)})" if refused else ""
+            problems.append(f"{len(self.unconfirmed)} of {len(self.receipts)} packets were confirmed by no replica{why}")
+        rejected = sum(self.rejected_locally.values())
+        if rejected:
+            given = rejected + self.superseded_locally + len(self.receipts)
+            hints = [h for reason, h in _REJECTED_HINTS.items() if reason in self.rejected_locally]
+            problems.append(
+                f"{rejected} of {given} packets failed verification here and were not published "
+                f"({_counts(self.rejected_locally)})" + "".join(f"; {h}" for h in hints)
+            )
+        if not problems:
+            return
+        message = "; ".join(problems) + (f"; see {report_path}" if report_path is not None else "")
+        raise (PublishIncompleteError if self.unconfirmed else PacketsRejectedError)(message)
 
     def to_dict(self) -> dict:
         hist = Counter(r.replicas for r in self.receipts)
@@ -125,6 +161,10 @@ class QueryResult:
 
 
 # ---------------------------------------------------------------------- helpers
+def _counts(counter: dict[str, int]) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(counter.items()))
+
+
 def _as_addresses(bootstrap: Any) -> list[tuple[str, int]]:
     if isinstance(bootstrap, str):
         return parse_addresses(bootstrap)

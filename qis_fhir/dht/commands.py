@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from qis_fhir.errors import InputNotFoundError, PacketsRejectedError, PublishIncompleteError
+from qis_fhir.errors import InputNotFoundError
 
 _node_options = [
     click.option("--ksize", type=click.IntRange(2, 64), default=20, show_default=True, help="Replicas per key (Kademlia k)."),
@@ -93,7 +93,7 @@ def _read_wires(path: Path) -> list[bytes]:
 
 
 @click.command()
-@click.argument("packets", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("packets", type=click.Path(path_type=Path))
 @click.option("--bootstrap", required=True, help="Nodes to start from, HOST:PORT[,HOST:PORT...].")
 @click.option("--network", "network", required=True, type=click.Path(path_type=Path), help="Network manifest the packets are verified against first.")
 @_with(_node_options)
@@ -101,16 +101,21 @@ def _read_wires(path: Path) -> list[bytes]:
 @click.option("--ttl-days", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True, help="Lifetime asked for (nodes cap it at theirs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def publish(packets: Path, bootstrap: str, network: Path, ksize: int, alpha: int, bind: str | None, ttl_days: float, as_json: bool) -> None:
-    """Publish a packets.ndjson file; reports how many replicas confirmed each packet.
+    """Publish PACKETS (a packets.ndjson file, or a run folder from `qis-fhir run`); reports how many
+    replicas confirmed each packet.
 
-    Exits 11 when no peer answers, 12 when some packet was confirmed by no replica, 10 when some
-    packet failed verification here (those are never sent).
+    Exits 13 when the run folder holding the packets did not complete, 11 when no peer answers, 12
+    when some packet was confirmed by no replica, 10 when some packet failed verification here (those
+    are never sent; a revoked or unknown site key fails them all). `qis-fhir run --bootstrap` exits the same way.
     """
     import json
 
     from qis_fhir.dht.client import publish as do_publish
+    from qis_fhir.packets.build import PACKETS_FILE
+    from qis_fhir.runfolder import PACKETS, run_file
 
-    report = do_publish(_read_wires(packets), bootstrap, network, ksize=ksize, alpha=alpha, ttl=ttl_days * 86400.0, bind=bind)
+    wires = _read_wires(run_file(packets, PACKETS_FILE, PACKETS))
+    report = do_publish(wires, bootstrap, network, ksize=ksize, alpha=alpha, ttl=ttl_days * 86400.0, bind=bind)
     summary = report.to_dict()
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True))
@@ -123,10 +128,7 @@ def publish(packets: Path, bootstrap: str, network: Path, ksize: int, alpha: int
             click.echo(f"refusals by nodes: {summary['refused_by_nodes']}")
         if summary["rejected_locally"]:
             click.echo(f"not sent (failed verification here): {summary['rejected_locally']}")
-    if report.unconfirmed:
-        raise PublishIncompleteError(f"{len(report.unconfirmed)} of {len(report.receipts)} packets were confirmed by no replica")
-    if report.rejected_locally:
-        raise PacketsRejectedError(f"{sum(report.rejected_locally.values())} packets failed verification and were not published")
+    report.raise_for_failure()
 
 
 @click.command()

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 
-from qis_fhir.errors import NothingExtractedError
 from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, DEFAULT_VALIDATE, MODES
 
 
@@ -48,19 +47,29 @@ def extract(
     """Extract a FHIR bulk export (NDJSON, NDJSON.gz, Bundles) into typed Parquet tables.
 
     Writes OUT/extract/{patients,conditions,medication_requests,observations}.parquet,
-    OUT/extract/summary.json (every line counted) and OUT/quarantine.ndjson (every rejected line,
-    with its reason, never its content). Patient ids are replaced by keyed pseudonyms.
+    OUT/extract/summary.json (every line counted), OUT/quarantine.ndjson (every rejected line,
+    with its reason, never its content) and OUT/run.json. Patient ids are replaced by keyed pseudonyms.
+    OUT is replaced only when the extraction succeeds (see `qis-fhir run`); a failed one stays in OUT.partial.
     Exits with NOTHING_EXTRACTED (6) when no resource at all was accepted.
     """
-    from qis_fhir.fhir.extract import extract_export
+    from qis_fhir.fhir.extract import QUARANTINE_FILE, extract_export
     from qis_fhir.privacy.secrets import load_or_create_secret
+    from qis_fhir.runfolder import EXTRACT, start_run
 
     secret = load_or_create_secret(site_secret)
     if progress is None:
         progress = sys.stderr.isatty()
-    summary = extract_export(
-        export_dir, out_dir, secret=secret, validate=validate, sample_rate=sample_rate, progress=progress
-    )
+    with start_run(out_dir, command="extract", planned=[EXTRACT]) as run:
+        summary = extract_export(
+            export_dir, run.path, secret=secret, validate=validate, sample_rate=sample_rate, progress=progress
+        )
+        _print_summary(summary)
+        summary.raise_if_nothing_extracted(run.path / QUARANTINE_FILE)
+        run.mark(EXTRACT, summary.totals)
+    click.echo(f"wrote {out_dir / 'extract'} and {out_dir / QUARANTINE_FILE}")
+
+
+def _print_summary(summary) -> None:
     t = summary.totals
     click.echo(
         f"read {t['read']:,}  accepted {t['accepted']:,}  quarantined {t['quarantined']:,}  "
@@ -74,6 +83,3 @@ def extract(
     if summary.validate == "sample":
         validated += f", rate {summary.validation_sample_rate:g}"
     click.echo(validated + ")")
-    click.echo(f"wrote {out_dir / 'extract'} and {out_dir / 'quarantine.ndjson'}")
-    if t["accepted"] == 0:
-        raise NothingExtractedError(f"no usable resource in {export_dir}: see {out_dir / 'quarantine.ndjson'}")

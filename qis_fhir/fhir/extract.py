@@ -513,9 +513,15 @@ def _progress_bar(total: int):
 
 
 def load_extract(out_dir: Path | str) -> dict[str, "pd.DataFrame"]:  # noqa: F821
-    """The four extract tables of ``out_dir`` as DataFrames (Arrow-typed columns kept as pandas types)."""
+    """The four extract tables of ``out_dir`` as DataFrames (Arrow-typed columns kept as pandas types).
+
+    A run folder must hold a complete run that finished its extract (``require_run``): the tables of a
+    crashed or failed run are refused with RUN_INCOMPLETE, never read beside another run's files."""
     import pyarrow.parquet as pq
 
+    from qis_fhir.runfolder import EXTRACT, require_run
+
+    require_run(out_dir, EXTRACT)
     base = Path(out_dir) / EXTRACT_DIR
     missing = [name for name in TABLES if not (base / f"{name}.parquet").is_file()]
     if missing:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from qis_fhir.errors import NothingExtractedError
 
 
 @dataclass
@@ -25,6 +28,15 @@ class ExtractSummary:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def raise_if_nothing_extracted(self, quarantine: Path) -> None:
+        """The one rule for an export that yielded nothing, for ``qis-fhir extract`` and ``qis-fhir run``
+        alike: no resource accepted at all is ``NothingExtractedError`` (exit 6), never a run on zero rows."""
+        if self.totals["accepted"] == 0:
+            raise NothingExtractedError(
+                f"no usable resource in {self.export_dir} ({self.totals['read']} read, all quarantined or skipped): "
+                f"see {quarantine}"
+            )
 
     def check_invariants(self) -> None:
         """Raise AssertionError if a count does not add up (a bug, never bad input).

@@ -62,6 +62,7 @@ REQUIRED_COLUMNS = (
 )
 _CELL = ["bucket", "age_band", "sex", "treatment_code", "measure", "period"]
 RELEASE_STATE = "released_packets.ndjson"
+PACKETS_FILE = "packets.ndjson"  # a run folder's packets (``qis-fhir run``; ``publish``/``verify`` of a run folder)
 SITE_RELEASE_STATE = object()  # sentinel: the site directory's release state file
 
 
@@ -250,6 +251,7 @@ def write_disclosure_report(path: Path | str, report: dict) -> None:
 
 __all__ = [
     "MAX_WIRE_BYTES",
+    "PACKETS_FILE",
     "PacketBuild",
     "PacketFormatError",
     "build_packets",

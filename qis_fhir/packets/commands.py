@@ -114,7 +114,7 @@ def keys_new(site_id: str, out: Path) -> None:
 
 
 @click.command()
-@click.argument("packets", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("packets", type=click.Path(path_type=Path))
 @click.option("--network", "manifest", required=True, type=click.Path(exists=True, path_type=Path), help="Network manifest (file or NET_DIR).")
 @_pin_option
 @click.option(
@@ -127,16 +127,19 @@ def keys_new(site_id: str, out: Path) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as one JSON object.")
 def verify(packets: Path, manifest: Path, pins: Path | None, state: Path | None, as_json: bool) -> None:
-    """Verify every packet in PACKETS (NDJSON) against the network manifest; print counts by reason.
+    """Verify every packet in PACKETS (NDJSON, or a run folder's packets.ndjson) against the network
+    manifest; print counts by reason.
 
-    Exits with PACKETS_REJECTED (10) if any packet was rejected."""
-    from qis_fhir.packets.build import read_packets
+    Exits with PACKETS_REJECTED (10) if any packet was rejected, RUN_INCOMPLETE (13) if the run folder
+    holding them did not complete."""
+    from qis_fhir.packets.build import PACKETS_FILE, read_packets
     from qis_fhir.packets.manifest import default_pin_path, load_manifest
     from qis_fhir.packets.replay import MemoryReplayState
     from qis_fhir.packets.verifier import ACCEPTED, Verifier
+    from qis_fhir.runfolder import PACKETS, run_file
 
     m = load_manifest(manifest, pinned_state=pins or default_pin_path())
-    lines = read_packets(packets)
+    lines = read_packets(run_file(packets, PACKETS_FILE, PACKETS))
     replay = MemoryReplayState.load(state) if state is not None else MemoryReplayState()
     verifier = Verifier(m, replay)
     reasons = Counter(verifier.verify(line).reason for line in lines)

@@ -69,7 +69,7 @@ def test_publish_and_query_commands(trio, dht_network, tmp_path):
     bad.write_bytes(wires[0] + b"\n" + wires[1].replace(b'"n":20', b'"n":99') + b"\n")
     r = _cli("publish", str(bad), "--bootstrap", boot, "--bind", LOOPBACK, "--network", str(dht_network.manifest), "--ksize", "3")
     assert r.returncode == ExitCode.PACKETS_REJECTED
-    assert b"1 packets failed verification" in r.stderr
+    assert b"1 of 2 packets failed verification here and were not published (bad_signature 1)" in r.stderr
 
 
 def test_publish_fails_clearly_when_no_peer_answers(dht_network, tmp_path):

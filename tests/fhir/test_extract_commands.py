@@ -69,7 +69,8 @@ def test_nothing_accepted_exits_nothing_extracted_but_keeps_the_quarantine(tmp_p
     code, out, err = run_cli(["extract", str(tmp_path / "e"), "--out", str(tmp_path / "out"),
                               "--site-secret", str(tmp_path / "s")], capsys)
     assert code == ExitCode.NOTHING_EXTRACTED
-    assert len((tmp_path / "out" / "quarantine.ndjson").read_text().splitlines()) == 2
+    # a failed extraction never replaces a complete one: its files stay in the staging folder
+    assert len((tmp_path / "out.partial" / "quarantine.ndjson").read_text().splitlines()) == 2
 
 
 def test_missing_export_dir_exits_input_not_found(tmp_path, capsys):

@@ -73,6 +73,17 @@ def test_all_assets_materialise_on_synthea_fixture(fixtures_dir, tmp_path, insta
     record = instance.get_latest_materialization_event(AssetKey("outcome_events"))
     assert record is not None and record.dagster_event.partition == PARTITION
 
+    # the partition folder is a run folder: complete, with every asset's stage
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "complete" and manifest["stages"] == ["extract", "outcomes", "quality"]
+    # a re-materialisation that fails (its export folder is gone) leaves the partition as it was
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    gone = _site(tmp_path / "no-such-export", tmp_path)
+    failed = materialize(ALL_ASSETS, partition_key=PARTITION, resources={"site": gone}, instance=instance, raise_on_error=False)
+    assert not failed.success
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    assert json.loads((tmp_path / "out" / f"{PARTITION}.partial" / "run.json").read_text())["status"] == "failed"
+
 
 def test_failing_quality_check_blocks_downstream_asset(fixtures_dir, tmp_path, instance):
     mapping_dir = tmp_path / "mappings" / "v1"  # the loader insists the folder is named after the version
