@@ -27,10 +27,10 @@ DOMINANT_SHARE = 0.5
 OLDER_DATA_DAYS = 31
 #: a cohort "contradicts" its condition when Fisher's exact test of its responders against those of the
 #: condition's other cohorts (same treatment, measure, period) gives p < CONTRADICTION_ALPHA AND the two
-#: shares differ by at least CONTRADICTION_MIN_DIFF (15 percentage points): clear enough to act on,
+#: shares differ by at least CONTRADICTION_MIN_DIFF (20 percentage points): clear enough to act on,
 #: large enough that a few points' drift between cohorts is not flagged
 CONTRADICTION_ALPHA = 0.01
-CONTRADICTION_MIN_DIFF = 0.15
+CONTRADICTION_MIN_DIFF = 0.20
 
 FLAG_ORDER = [
     "one_site", "under_30_patients", "under_3_sites", "heterogeneous", "dominant_site", "site_disagrees",
@@ -76,8 +76,8 @@ def contradiction_test(pooled: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"rest_share": rest_share, "p_value": p_value, "flagged": flagged}, index=pooled.index)
 
 
-def _as_date(yyyymmdd) -> pd.Series:
-    return pd.to_datetime(pd.Series(yyyymmdd).astype("int64").astype(str), format="%Y%m%d")
+def _as_date(yyyymmdd: pd.Series) -> pd.Series:
+    return pd.to_datetime(yyyymmdd.astype("int64").astype(str), format="%Y%m%d")
 
 
 def rank_and_flag(pooled: pd.DataFrame, per_site: pd.DataFrame) -> pd.DataFrame:
@@ -107,8 +107,8 @@ def rank_and_flag(pooled: pd.DataFrame, per_site: pd.DataFrame) -> pd.DataFrame:
     def any_outside(col):
         return table[col].fillna(0).to_numpy(dtype=float) > 0
 
-    newest = _as_date([per_site["as_of"].max()]).iloc[0] if len(per_site) else None
-    oldest = _as_date(table["as_of_min"]).to_numpy() if len(table) else np.array([], dtype="datetime64[ns]")
+    newest = _as_date(per_site["as_of"]).max()
+    age_days = (newest - _as_date(table["as_of_min"])).dt.days.to_numpy()
     checks = {
         "one_site": sites == 1,
         "under_30_patients": table["patients"].to_numpy() < MIN_PATIENTS,
@@ -120,12 +120,10 @@ def rank_and_flag(pooled: pd.DataFrame, per_site: pd.DataFrame) -> pd.DataFrame:
         "contradicts_condition": contradiction_test(table)["flagged"].to_numpy(),
         "all_responded": table["responders"].to_numpy() == table["patients"].to_numpy(),
         "none_responded": table["responders"].to_numpy() == 0,
-        "older_data": (newest - oldest) > pd.Timedelta(days=OLDER_DATA_DAYS) if newest is not None
-                      else np.zeros(len(table), dtype=bool),
+        "older_data": age_days > OLDER_DATA_DAYS,
         "observational": np.ones(len(table), dtype=bool),
     }
-    assert list(checks) == FLAG_ORDER
     codes = np.array(FLAG_ORDER, dtype=object)
-    mask = np.column_stack([np.asarray(checks[c], dtype=bool) for c in FLAG_ORDER]) if len(table) else np.zeros((0, len(codes)), bool)
+    mask = np.column_stack([np.asarray(checks[c], dtype=bool) for c in FLAG_ORDER]).reshape(len(table), len(codes))
     table["flags"] = [";".join(codes[row]) for row in mask]
     return table

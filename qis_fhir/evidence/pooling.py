@@ -74,6 +74,11 @@ def t_interval(mean, sd, n, level: float = 0.95) -> tuple[np.ndarray, np.ndarray
 # inverse-variance random effects, every group at once
 
 
+def _group_sum(groups: np.ndarray, x, n_groups: int) -> np.ndarray:
+    """Sum of x per group code 0..n_groups-1 (float even when empty: bincount of nothing is int)."""
+    return np.bincount(groups, weights=x, minlength=n_groups).astype(float)
+
+
 @dataclass(frozen=True)
 class IVResult:
     """Per group (index = group code): k, estimate, interval, prediction interval, tau^2, Q, ...;
@@ -116,7 +121,7 @@ def inverse_variance_re(effects, variances, groups=None, level: float = 0.95, n_
     m = int(n_groups if n_groups is not None else (g.max() + 1 if len(g) else 0))
 
     def total(x):
-        return np.bincount(g, weights=x, minlength=m)
+        return _group_sum(g, x, m)
 
     k = np.bincount(g, minlength=m)
     w = 1.0 / v
@@ -290,24 +295,27 @@ def binomial_normal_re(r, n, level: float = 0.95, start: tuple[float, float] | N
 # cells
 
 
-def _check_rows(site_rows: pd.DataFrame) -> None:
+def _typed_rows(site_rows: pd.DataFrame) -> pd.DataFrame:
+    """The site rows with numeric columns typed, sorted by cell and site; refuses impossible rows."""
     missing = [c for c in CELL_KEYS + SITE_COLUMNS if c not in site_rows.columns]
     if missing:
         raise ValueError(f"site rows lack columns {missing}")
-    n, r, sd = site_rows["patients"], site_rows["responders"], site_rows["sd"]
-    bad = (n < 1) | (r < 0) | (r > n) | ~np.isfinite(site_rows["mean"]) | ~np.isfinite(sd) | (sd < 0)
+    rows = site_rows.astype({"patients": "int64", "responders": "int64", "mean": "float64", "sd": "float64",
+                             "as_of": "int64"})
+    n, r, sd = rows["patients"], rows["responders"], rows["sd"]
+    bad = (n < 1) | (r < 0) | (r > n) | ~np.isfinite(rows["mean"]) | ~np.isfinite(sd) | (sd < 0)
     if bad.any():
         raise ValueError(f"{int(bad.sum())} site rows have patients < 1, responders outside 0..patients, "
                          "or a missing, infinite or negative mean/SD")
-    dup = site_rows.duplicated(CELL_KEYS + ["site"])
+    dup = rows.duplicated(CELL_KEYS + ["site"])
     if dup.any():
         raise ValueError(f"{int(dup.sum())} site rows repeat a site within a cell (keep the newest packet per site)")
+    return rows.sort_values(CELL_KEYS + ["site"], kind="stable").reset_index(drop=True)
 
 
 def pool(site_rows: pd.DataFrame, level: float = 0.95) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(pool_cells(...), site_estimates(...))`` from one fit: callers needing both pay once."""
-    _check_rows(site_rows)
-    rows = site_rows.sort_values(CELL_KEYS + ["site"], kind="stable").reset_index(drop=True)
+    rows = _typed_rows(site_rows)
     g = rows.groupby(CELL_KEYS, sort=False, dropna=False).ngroup().to_numpy()
     grouped = rows.groupby(g, sort=True)
     cells = grouped[CELL_KEYS].first().reset_index(drop=True)
@@ -318,7 +326,7 @@ def pool(site_rows: pd.DataFrame, level: float = 0.95) -> tuple[pd.DataFrame, pd
     sd = rows["sd"].to_numpy(dtype=float)
 
     def total(x):
-        return np.bincount(g, weights=x, minlength=m)
+        return _group_sum(g, x, m)
 
     k = np.bincount(g, minlength=m)
     big_n, big_r = total(n), total(r)
