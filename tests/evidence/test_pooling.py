@@ -115,15 +115,18 @@ def test_binary_pooled_proportion_has_the_wilson_interval():
     assert (b["resp"], b["resp_lo"], b["resp_hi"]) == pytest.approx((0.0, 0.0, ci_b.high))
 
 
-def test_single_patient_sites_count_as_one_hospital_but_stay_out_of_the_between_hospital_mean():
+def test_sites_without_a_spread_count_as_one_hospital_but_stay_out_of_the_between_hospital_mean():
     raw = _raw_sites(5)  # Hospital C has one patient: no SD
+    raw.append(np.full(6, -3.0))  # Hospital F: six identical changes, SD 0: a variance of 0
     rows = frame([site_row(c, c < -5, f"Hospital {chr(65 + i)}") for i, c in enumerate(raw)])
     cells, per_site = pool(rows)
     cell = cells.iloc[0]
-    assert cell["sites"] == 5 and cell["mean_re_sites"] == 4
-    c = per_site.set_index("site").loc["Hospital C"]
-    assert np.isnan(c["mean_weight"]) and np.isnan(c["mean_lo"]) and c["resp_weight"] > 0
-    others = per_site[per_site["site"] != "Hospital C"]
+    assert cell["sites"] == 6 and cell["mean_re_sites"] == 4
+    for site in ("Hospital C", "Hospital F"):
+        c = per_site.set_index("site").loc[site]
+        assert np.isnan(c["mean_weight"]) and c["resp_weight"] > 0
+    assert np.isnan(per_site.set_index("site").loc["Hospital C", "mean_lo"])
+    others = per_site[~per_site["site"].isin(["Hospital C", "Hospital F"])]
     alone = inverse_variance_re(others["mean"], others["sd"] ** 2 / others["patients"])
     assert cell["mean_re"] == pytest.approx(alone.estimate[0])
     assert others["mean_weight"].sum() == pytest.approx(1.0)
