@@ -70,8 +70,8 @@ def test_no_point_of_a_grid_beats_the_fit():
 
 def test_re_interval_covers_the_true_typical_proportion_about_95_percent_of_the_time():
     # 10 hospitals of 20-199 patients, typical proportion 30 %, tau 0.5 on the logit scale; 400 seeded
-    # replications: measured 96.2 % (a z interval in place of t(k-1): 91.8 %).
-    # The binomial SE of 400 replications is 1.1 points: the bounds reject a broken SE, not noise.
+    # replications: measured 96.2 % (a z interval in place of t(k-1): 91.8 %, which the lower bound rejects).
+    # The binomial SE of 400 replications is 1.1 points.
     rng = np.random.default_rng(20241201)
     true_mu, covered, taus = special.logit(0.3), 0, []
     for _ in range(400):
@@ -79,7 +79,7 @@ def test_re_interval_covers_the_true_typical_proportion_about_95_percent_of_the_
         fit = binomial_normal_re(r, n)
         covered += fit.lo <= special.expit(true_mu) <= fit.hi
         taus.append(fit.tau)
-    assert 0.91 <= covered / 400 <= 0.98
+    assert 0.93 <= covered / 400 <= 0.98
     assert np.mean(taus) == pytest.approx(0.5, abs=0.1)
 
 
