@@ -38,8 +38,9 @@ SITE_COLUMNS = ["site", "patients", "responders", "mean", "sd", "as_of"]
 GH_NODES = 21
 _GH_X, _GH_W = np.polynomial.hermite.hermgauss(GH_NODES)
 _GH_LOGW = np.log(_GH_W) + _GH_X**2  # weights for integrating g(x) (not g(x) e^{-x^2})
-#: search box of the binomial-normal fit (logit scale): |mu| <= 20 is a proportion within 2e-9 of 0 or
-#: 1; tau = 10 already spreads hospitals' typical proportions over 1e-9 .. 1 - 1e-9
+#: limits of the binomial-normal fit (logit scale). tau = 10 already spreads hospitals' proportions over
+#: 1e-9 .. 1 - 1e-9; only cells where every site is at 0 % or 100 % reach it (their likelihood rises with
+#: tau without end), and mu is then fitted with tau held there, within |mu| <= 20
 MU_BOUND, TAU_BOUND = 20.0, 10.0
 #: continuity correction added to r and n - r of a site at 0 % or 100 %, used ONLY for the descriptive
 #: Q and I^2 of the proportion (never for its estimate, interval or tau)
@@ -287,6 +288,10 @@ def binomial_normal_re(r, n, level: float = 0.95, start: tuple[float, float] | N
     # Nelder-Mead polish from such stops gained < 5e-7 in log-likelihood), so the stop is accepted
     fit = optimize.minimize(nll, x0, jac=grad, hess=hess, method="trust-exact", options={"gtol": 1e-6, "maxiter": 200})
     mu, tau = float(fit.x[0]), abs(float(fit.x[1]))
+    if tau > TAU_BOUND:  # every site at 0 % or 100 %: the likelihood rises with tau for ever
+        tau = TAU_BOUND
+        mu = float(optimize.minimize_scalar(lambda m: -_site_logliks([m], [tau], r, n, log_comb).sum(),
+                                            bounds=(-MU_BOUND, MU_BOUND), method="bounded").x)
     f = stencil((mu, tau))
     h = _HESS_STEP
     (d_mumu, d_mut), (_, d_tt) = _hessian(f)
@@ -294,7 +299,7 @@ def binomial_normal_re(r, n, level: float = 0.95, start: tuple[float, float] | N
     if tau > 1e-3 and d_tt > 0 and det > 0:
         var_mu = d_tt / det
     else:  # tau at (or next to) its boundary 0: its curvature says nothing about mu's spread
-        var_mu = 1.0 / d_mumu
+        var_mu = 1.0 / d_mumu if d_mumu > 0 else np.inf  # flat in mu (tau at its limit): no precision
     se = float(np.sqrt(var_mu))
     crit = stats.t.ppf(0.5 + level / 2, k - 1)
     # each site's observed information about mu: its share of the fit's weight

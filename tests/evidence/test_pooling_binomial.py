@@ -7,7 +7,7 @@ import pytest
 from scipy import integrate, special, stats
 
 from pooling_sim import binomial_sites, counts_row, frame
-from qis_fhir.evidence.pooling import _site_logliks, binomial_normal_re, pool_cells
+from qis_fhir.evidence.pooling import TAU_BOUND, _site_logliks, binomial_normal_re, pool_cells
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -106,6 +106,13 @@ def test_cells_where_nobody_or_everybody_responded_need_no_continuity_correction
     assert none["resp_re_hi"] == pytest.approx(none["resp_pooled_hi"])
     assert np.isnan(none["resp_pi_lo"])
     assert (every["resp_re"], every["resp_re_hi"]) == (1.0, 1.0)
+
+
+def test_sites_all_at_0_or_100_percent_but_split_stop_at_the_tau_limit():
+    # the likelihood rises with tau for ever here; the fit holds tau at its limit and says nothing precise
+    fit = binomial_normal_re([0, 10, 0], [10, 10, 30])
+    assert fit.tau == TAU_BOUND
+    assert fit.lo < 1e-6 and fit.hi > 1 - 1e-6 and np.isfinite(fit.mu)
 
 
 def test_one_site_at_0_percent_pulls_the_estimate_without_a_correction():
