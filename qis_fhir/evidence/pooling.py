@@ -59,7 +59,10 @@ def wilson_interval(r, n, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
         p = r / n
         centre = (p + z * z / (2 * n)) / (1 + z * z / n)
         half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
+    # exact bounds at 0 % and 100 %: the formula gives 1 - 1e-16 there, an interval missing its own estimate
+    lo = np.where(r == 0, 0.0, np.clip(centre - half, 0.0, 1.0))
+    hi = np.where(r == n, 1.0, np.clip(centre + half, 0.0, 1.0))
+    return lo, hi
 
 
 def t_interval(mean, sd, n, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
@@ -145,6 +148,7 @@ def inverse_variance_re(effects, variances, groups=None, level: float = 0.95, n_
         i2 = np.maximum(0.0, np.divide(q - df, q, out=np.zeros(m), where=q > df))
         q_p = stats.chi2.sf(q, df)
         weight = ws / sws[g]
+        fixed_se = 1.0 / np.sqrt(s1)
     few = k < 2
     for a in (est, se, se_hk, q, q_p, i2, fixed):
         a[few] = np.nan
@@ -152,7 +156,7 @@ def inverse_variance_re(effects, variances, groups=None, level: float = 0.95, n_
     return IVResult(
         k=k, estimate=est, lo=est - tcrit * se_hk, hi=est + tcrit * se_hk, se=se, se_hksj=se_hk,
         pi_lo=est - pi_half, pi_hi=est + pi_half, tau2=tau2, q=q, q_p=q_p, i2=i2,
-        fixed=fixed, fixed_se=np.where(few, np.nan, 1.0 / np.sqrt(s1)), weight=weight,
+        fixed=fixed, fixed_se=np.where(few, np.nan, fixed_se), weight=weight,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
@@ -185,3 +185,31 @@ def test_impossible_site_rows_are_refused(bad):
 def test_a_site_twice_in_one_cell_is_refused():
     with pytest.raises(ValueError, match="repeat a site"):
         pool_cells(frame([counts_row(40, 12, "Hospital A"), counts_row(30, 3, "Hospital A")]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["TX_A", "TX_B", "TX_C"]), st.integers(1, 400), st.floats(0, 1),
+                          st.floats(-50, 50), st.floats(0, 30)), min_size=1, max_size=25))
+@example([("TX_A", 34, 1.0, 0.0, 0.0)])  # the Wilson upper bound at 100 % came out as 1 - 1e-16
+def test_every_site_row_lands_in_exactly_one_cell_and_every_interval_holds_its_estimate(sites):
+    rows = frame([counts_row(n, int(round(share * n)), f"Hospital {i:02d}", mean=round(m, 4), sd=round(sd, 4), treatment=tx)
+                  for i, (tx, n, share, m, sd) in enumerate(sites)])
+    cells, per_site = pool(rows)
+    assert cells["sites"].sum() == len(rows) == len(per_site)
+    assert cells["patients"].sum() == rows["patients"].sum() and cells["responders"].sum() == rows["responders"].sum()
+    for _, cell in cells.iterrows():
+        assert cell["resp_pooled_lo"] <= cell["resp_pooled"] <= cell["resp_pooled_hi"]
+        if cell["sites"] >= 2:
+            assert cell["resp_re_lo"] <= cell["resp_re"] <= cell["resp_re_hi"]
+            assert 0 <= cell["resp_max_weight"] <= 1 and 0 <= cell["resp_i2"] <= 1
+        if cell["sites"] >= 3 and not np.isnan(cell["resp_pi_lo"]):
+            assert cell["resp_pi_lo"] <= cell["resp_re_lo"] and cell["resp_pi_hi"] >= cell["resp_re_hi"]
+        if cell["mean_re_sites"] >= 2:
+            assert cell["mean_re_lo"] <= cell["mean_re"] <= cell["mean_re_hi"] and cell["mean_tau"] >= 0
+    shares = per_site.groupby("treatment")[["resp_weight", "mean_weight"]].sum(min_count=1)
+    multi = cells.set_index("treatment")
+    for tx, row in shares.iterrows():
+        if multi.loc[tx, "sites"] >= 2:
+            assert row["resp_weight"] == pytest.approx(1.0)
+        if multi.loc[tx, "mean_re_sites"] >= 2:
+            assert row["mean_weight"] == pytest.approx(1.0)
