@@ -15,7 +15,7 @@ Methods):
 
 The inverse-variance parts are vectorised over all cells at once (``inverse_variance_re``); the
 binomial-normal fit runs once per cell with two or more sites and some but not all responders
-(6.7 ms CPU per 50-site cell, ``tests/benchmarks/pool_bench.py``).
+(6.2 ms CPU per 50-site cell, ``tests/benchmarks/pool_bench.py``).
 """
 
 from __future__ import annotations
