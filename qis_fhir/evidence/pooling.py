@@ -183,7 +183,8 @@ class BinomialRE:
         return float(special.expit(self.mu))
 
 
-def _site_logliks(mu, tau, r: np.ndarray, n: np.ndarray, log_comb: np.ndarray, mode: np.ndarray | None = None) -> np.ndarray:
+def _site_logliks(mu, tau, r: np.ndarray, n: np.ndarray, log_comb: np.ndarray,
+                  mode: np.ndarray | None = None) -> np.ndarray:
     """Each site's marginal log-likelihood log integral Bin(r | n, expit(mu + tau z)) phi(z) dz.
 
     ``mu`` and ``tau`` are arrays of P parameter points (the result is P x k), so a finite-difference
@@ -403,7 +404,8 @@ def pool(site_rows: pd.DataFrame, level: float = 0.95) -> tuple[pd.DataFrame, pd
     mean_weight = np.full(len(rows), np.nan)
     mean_weight[usable] = iv.weight
     per_site["mean_weight"] = mean_weight
-    outside = usable & ((per_site["mean_lo"].to_numpy() > iv.estimate[g]) | (per_site["mean_hi"].to_numpy() < iv.estimate[g]))
+    est = iv.estimate[g]
+    outside = usable & ((per_site["mean_lo"].to_numpy() > est) | (per_site["mean_hi"].to_numpy() < est))
     _weight_summary(out, "mean", g, m, mean_weight, outside, iv.k >= 2)
     return out, per_site
 
@@ -411,7 +413,8 @@ def pool(site_rows: pd.DataFrame, level: float = 0.95) -> tuple[pd.DataFrame, pd
 def _binomial_columns(out, per_site, g, k, r, n, iv_logit: IVResult, level: float) -> None:
     """resp_re ... resp_sites_outside and the per-site resp_weight: one binomial-normal fit per cell."""
     m = len(out)
-    cols = {c: np.full(m, np.nan) for c in ("resp_re", "resp_re_lo", "resp_re_hi", "resp_pi_lo", "resp_pi_hi", "resp_tau")}
+    names = ("resp_re", "resp_re_lo", "resp_re_hi", "resp_pi_lo", "resp_pi_hi", "resp_tau")
+    cols = {c: np.full(m, np.nan) for c in names}
     weight = np.full(len(r), np.nan)
     starts = np.searchsorted(g, np.arange(m + 1))
     big_r, big_n = out["responders"].to_numpy(), out["patients"].to_numpy()

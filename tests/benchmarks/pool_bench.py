@@ -56,7 +56,8 @@ def main() -> None:
     rank_and_flag(pooled, per_site)
     flag_wall, flag_cpu = time.perf_counter() - wall, time.process_time() - cpu
     print(f"{args.cells} cells x {args.sites} sites ({len(rows):,} site rows)")
-    print(f"pool:          {pool_wall:6.2f} s wall  {pool_cpu:6.2f} s CPU  ({1000 * pool_cpu / args.cells:.1f} ms CPU per cell)")
+    per_cell = 1000 * pool_cpu / args.cells
+    print(f"pool:          {pool_wall:6.2f} s wall  {pool_cpu:6.2f} s CPU  ({per_cell:.1f} ms CPU per cell)")
     print(f"rank_and_flag: {flag_wall:6.2f} s wall  {flag_cpu:6.2f} s CPU")
 
 

@@ -109,7 +109,8 @@ def test_binary_pooled_proportion_has_the_wilson_interval():
     cell, per_site = pool(rows)
     cell = cell.iloc[0]
     ci = stats.binomtest(45, 125).proportion_ci(0.95, method="wilson")
-    assert (cell["resp_pooled"], cell["resp_pooled_lo"], cell["resp_pooled_hi"]) == pytest.approx((45 / 125, ci.low, ci.high))
+    pooled = (cell["resp_pooled"], cell["resp_pooled_lo"], cell["resp_pooled_hi"])
+    assert pooled == pytest.approx((45 / 125, ci.low, ci.high))
     b = per_site.set_index("site").loc["Hospital B"]
     ci_b = stats.binomtest(0, 25).proportion_ci(0.95, method="wilson")
     assert (b["resp"], b["resp_lo"], b["resp_hi"]) == pytest.approx((0.0, 0.0, ci_b.high))
@@ -192,7 +193,8 @@ def test_a_site_twice_in_one_cell_is_refused():
                           st.floats(-50, 50), st.floats(0, 30)), min_size=1, max_size=25))
 @example([("TX_A", 34, 1.0, 0.0, 0.0)])  # the Wilson upper bound at 100 % came out as 1 - 1e-16
 def test_every_site_row_lands_in_exactly_one_cell_and_every_interval_holds_its_estimate(sites):
-    rows = frame([counts_row(n, int(round(share * n)), f"Hospital {i:02d}", mean=round(m, 4), sd=round(sd, 4), treatment=tx)
+    rows = frame([counts_row(n, int(round(share * n)), f"Hospital {i:02d}", mean=round(m, 4), sd=round(sd, 4),
+                             treatment=tx)
                   for i, (tx, n, share, m, sd) in enumerate(sites)])
     cells, per_site = pool(rows)
     assert cells["sites"].sum() == len(rows) == len(per_site)

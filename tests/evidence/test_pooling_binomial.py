@@ -97,9 +97,8 @@ def test_with_no_between_hospital_spread_it_agrees_with_the_pooled_proportion():
 
 
 def test_cells_where_nobody_or_everybody_responded_need_no_continuity_correction():
-    rows = frame([counts_row(30, 0, "Hospital A", treatment="TX_NONE"), counts_row(45, 0, "Hospital B", treatment="TX_NONE"),
-                  counts_row(20, 0, "Hospital C", treatment="TX_NONE"),
-                  counts_row(30, 30, "Hospital A", treatment="TX_ALL"), counts_row(45, 45, "Hospital B", treatment="TX_ALL")])
+    rows = frame([counts_row(n, 0, f"Hospital {s}", treatment="TX_NONE") for s, n in (("A", 30), ("B", 45), ("C", 20))]
+                 + [counts_row(n, n, f"Hospital {s}", treatment="TX_ALL") for s, n in (("A", 30), ("B", 45))])
     cells = pool_cells(rows).set_index("treatment")
     none, every = cells.loc["TX_NONE"], cells.loc["TX_ALL"]
     assert (none["resp_re"], none["resp_tau"], none["resp_re_lo"]) == (0.0, 0.0, 0.0)
