@@ -24,6 +24,7 @@ class ExitCode(enum.IntEnum):
     PACKETS_REJECTED = 10  # `verify` rejected at least one packet
     NO_PEERS = 11  # no DHT peer reachable
     PUBLISH_INCOMPLETE = 12  # some packets were confirmed by no replica
+    EVIDENCE_INVALID = 13  # an evidence table lacks what the report reads, or says what it cannot explain
 
 
 class QisError(Exception):
@@ -75,3 +76,7 @@ class NoPeersError(QisError):
 
 class PublishIncompleteError(QisError):
     exit_code = ExitCode.PUBLISH_INCOMPLETE
+
+
+class EvidenceInvalidError(QisError):
+    exit_code = ExitCode.EVIDENCE_INVALID
