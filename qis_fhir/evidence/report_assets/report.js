@@ -83,8 +83,10 @@
     group.treatments.forEach(function (t) {
       body.appendChild(el("tr", { "data-treatment": t.id },
         el("td", { class: "rank", text: t.rank || "\u2013" }),
-        el("td", { class: "name" }, el("span", { text: t.name }),
-          t.flags.length ? el("span", { class: "caution-count", text: t.flags.length + (t.flags.length === 1 ? " caution" : " cautions") }) : null),
+        el("td", { class: "name" }, el("span", { class: "tname", text: t.name }),
+          t.flags.length ? el("span", { class: "caution-count", title: t.flags.map(function (f) { return f.text; }).join("\n"),
+            text: t.flags.length + (t.flags.length === 1 ? " caution" : " cautions") }) : null,
+          t.rank ? el("span", { class: "basis", text: "ranked by the " + t.rank_basis }) : null),
         el("td", { class: "num patients", text: t.patients }),
         el("td", { class: "num sites", text: t.sites }),
         el("td", { class: "resp-pooled" }, figure(t.resp_pooled, t.resp_pooled_ci)),
