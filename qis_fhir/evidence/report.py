@@ -312,7 +312,7 @@ def _group(key: tuple, rows: list[dict], sites_by_cell: dict, measure: dict, fla
                 "mean": num(r["local_mean"]),
             },
             "flags": [{"code": c, "text": flag_text[c]} for c in _codes(r["flags"]) if c != "observational"],
-            "plot": _plot(r, site_rows, local_site),
+            "plot": _plot(r, site_rows, local_site, num, unit),
         })  # fmt: skip
     patients = sum(int(r["patients"]) for r in rows)
     return {
@@ -329,15 +329,22 @@ def _group(key: tuple, rows: list[dict], sites_by_cell: dict, measure: dict, fla
     }
 
 
-def _plot(r: dict, site_rows: list[dict], local_site: str) -> dict:
-    """The numbers a forest plot is drawn from (None where not computed)."""
+def _plot(r: dict, site_rows: list[dict], local_site: str, num, unit: str) -> dict:
+    """The numbers a forest plot is drawn from (None where not computed), and each hospital's figures as text."""
 
     def val(x):
         return None if _missing(x) else float(x)
 
+    def site_text(s: dict) -> str:
+        resp_ci = fmt_range(s["resp_lo"], s["resp_hi"], fmt_pct)
+        mean_ci = fmt_range(s["mean_lo"], s["mean_hi"], num)
+        return (f"{s['site']}: {fmt_count(s['patients'])} patients; {fmt_pct(s['resp'])} responded"
+                + (f" ({resp_ci})" if resp_ci else "") + f"; mean change {num(s['mean'])}{unit}"
+                + (f" ({mean_ci})" if mean_ci else ""))  # fmt: skip
+
     sites = [
         {
-            "site": str(s["site"]), "local": str(s["site"]) == local_site, "patients": int(s["patients"]),
+            "site": str(s["site"]), "local": str(s["site"]) == local_site, "patients": int(s["patients"]), "text": site_text(s),
             "resp": val(s["resp"]), "resp_lo": val(s["resp_lo"]), "resp_hi": val(s["resp_hi"]), "resp_w": val(s["resp_weight"]),
             "mean": val(s["mean"]), "mean_lo": val(s["mean_lo"]), "mean_hi": val(s["mean_hi"]), "mean_w": val(s["mean_weight"]),
         }

@@ -193,6 +193,9 @@
     var unit = measure.unit ? " (" + measure.unit + ")" : "";
     var lower = measure.direction === "lower", higher = measure.direction === "higher";
     var x1 = LABEL_W, x2 = LABEL_W + PANEL_W + GAP;
+    p.sites.forEach(function (s, i) { // zebra bands first, so the grid and the points sit on top
+      if (i % 2 === 0) root.appendChild(svg("rect", { x: 0, y: TOP + i * ROW, width: W, height: ROW, class: "band" }));
+    });
     var sResp = panel(root, x1, [0, 1], rows, {
       title: "Responded (%)", zero: false, tick: function (v) { return Math.round(v * 100) + "%"; },
       left: "fewer responded", right: "more responded \u2192 better"
@@ -206,14 +209,16 @@
 
     p.sites.forEach(function (s, i) {
       var y = TOP + i * ROW + ROW / 2;
-      if (i % 2 === 0) root.appendChild(svg("rect", { x: 0, y: y - ROW / 2, width: W, height: ROW, class: "band" }));
-      root.appendChild(svg("text", { x: 8, y: y + 5, class: s.local ? "site local" : "site" },
+      var row = root.appendChild(svg("g", { class: "row" }));
+      row.appendChild(svg("title", {}, s.text)); // the hospital's own figures, on hover
+      row.appendChild(svg("rect", { x: 0, y: y - ROW / 2, width: W, height: ROW, class: "hit" }));
+      row.appendChild(svg("text", { x: 8, y: y + 5, class: s.local ? "site local" : "site" },
         s.site + " (" + s.patients + ")" + (s.local ? " \u2014 yours" : "")));
       [[sResp, s.resp, s.resp_lo, s.resp_hi, s.resp_w], [sMean, s.mean, s.mean_lo, s.mean_hi, s.mean_w]].forEach(function (f) {
         if (f[1] === null) return;
-        whisker(root, f[0], y, f[2], f[3], "ci");
+        whisker(row, f[0], y, f[2], f[3], "ci");
         var size = 5 + 11 * Math.sqrt(f[4] === null ? 0.05 : f[4]);
-        root.appendChild(svg("rect", { x: f[0](f[1]) - size / 2, y: y - size / 2, width: size, height: size, class: s.local ? "pt local" : "pt" }));
+        row.appendChild(svg("rect", { x: f[0](f[1]) - size / 2, y: y - size / 2, width: size, height: size, class: s.local ? "pt local" : "pt" }));
       });
     });
 
