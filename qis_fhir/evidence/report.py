@@ -401,6 +401,8 @@ GLOSSARY = [
                                              "one place. Precise, but it ignores real differences between hospitals."),
     ("Between hospitals", "Each hospital's result weighed as its own estimate, allowing hospitals to differ. "
                           "Its interval is wider and more honest when hospitals disagree."),
+    ("Pooled proportion", "The share of all the group's patients who responded, counted as if from one hospital: "
+                          "what ranks a treatment that fewer than three hospitals reported."),
     ("Interval", "The range of values compatible with the data at the stated level. Narrow means precise, "
                  "not necessarily correct."),
     ("Expected range at another hospital", "Where a further, similar hospital's result would be expected to "

@@ -187,3 +187,19 @@ def test_a_clinician_picks_cohorts_and_sees_the_tables_figures(browser, tmp_path
         shutil.copy(tmp_path / shot, ARTIFACTS / shot)
     assert watch.refused == [] and watch.dialogs == [] and watch.errors == []
     assert [m.group(0) for text in seen_text for m in PROTOCOL_WORDS.finditer(text)] == []
+
+
+def test_a_network_with_no_results_yet_says_so(browser, tmp_path, monkeypatch):
+    install_flag_text(monkeypatch)
+    tables = write_evidence_tables(tmp_path)
+    tables["pooled"].iloc[0:0].to_parquet(tmp_path / "pooled_outcomes.parquet", index=False)
+    tables["per_site"].iloc[0:0].to_parquet(tmp_path / "site_estimates.parquet", index=False)
+    url = write_report(tmp_path).resolve().as_uri()
+    watch = Watch(browser, allowed=url)
+    try:
+        watch.page.goto(url)
+        assert watch.page.text_content("#cohort-empty") == "No hospital has reported any results yet."
+        assert watch.page.is_hidden("#controls") and watch.page.is_visible("#provenance-sites")
+    finally:
+        watch.page.close()
+    assert watch.refused == [] and watch.errors == []
