@@ -3,7 +3,8 @@
 Two conditions, three age bands, both sexes, three or four treatments each, one to five hospitals per
 cell (so between-hospital figures are missing where fewer than 2 or 3 hospitals reported), one cohort
 no hospital reported, one with fewer than 30 patients, a cell where everyone responded and one where
-nobody did, and one hospital whose data are two months older than the rest.
+nobody did, one hospital whose data are two months older than the rest, and one condition and age
+band reported for an earlier period too.
 
 The tables are pooled with the stage's own ``pool_cells`` / ``site_estimates`` / ``rank_and_flag`` when
 those modules are installed; until then with the thin stand-in below, which follows the contract's
@@ -46,6 +47,7 @@ CONDITIONS = {
 }  # fmt: skip
 EMPTY_COHORT = ("type2_diabetes", "18-39", "female")  # no hospital reported it
 SMALL_COHORT = ("type2_diabetes", "18-39", "male")  # one treatment at one hospital, 12 patients
+EARLIER_PERIOD = ("hypertension", "40-64", "2023")  # this condition and band also reported for 2023
 DESIGN = "change from the last reading before a new treatment to the first reading after it"
 
 FLAG_ORDER = ["one_site", "under_30_patients", "under_3_sites", "heterogeneous", "dominant_site", "site_disagrees",
@@ -116,7 +118,11 @@ def site_rows(seed: int = 7) -> pd.DataFrame:
     df.loc[everyone, "responders"] = df.loc[everyone, "patients"]
     nobody = (df["condition"] == "type2_diabetes") & (df["age_band"] == "65+") & (df["treatment"] == "TX_0009")
     df.loc[nobody, "responders"] = 0
-    return df
+    # one earlier period, for one age band of one condition: the report offers a choice of period there
+    earlier = df[(df["condition"] == EARLIER_PERIOD[0]) & (df["age_band"] == EARLIER_PERIOD[1])].assign(period="2023")
+    earlier["responders"] = (earlier["responders"] * 0.8).astype(int)
+    earlier["mean"] = (earlier["mean"] * 0.9).round(4)
+    return pd.concat([df, earlier], ignore_index=True)
 
 
 # ------------------------------------------------------------------ stand-in pooling (tests only)

@@ -57,8 +57,10 @@ def strings(value):
             yield from strings(v)
 
 
-def group_for(data: dict, condition: str, band: str, sex: str) -> dict | None:
-    cohort = next(c for c in data["cohorts"] if (c["condition"], c["age_band"], c["sex"]) == (condition, band, sex))
+def group_for(data: dict, condition: str, band: str, sex: str, period: str = "2024") -> tuple[dict, dict | None]:
+    """The page's entry for a choice of condition, age band, sex and period (as the period select labels it)."""
+    period_id = next(p["id"] for p in data["choices"][condition]["periods"] if p["label"] == period)
+    cohort = next(c for c in data["cohorts"] if (c["condition"], c["age_band"], c["sex"], c["period"]) == (condition, band, sex, period_id))
     return cohort, (None if cohort["group"] is None else data["groups"][cohort["group"]])
 
 
@@ -99,8 +101,8 @@ def test_figures_are_the_tables_numbers_formatted(evidence):
     tables, html, _ = evidence
     data = embedded_data(html)
     pooled = tables["pooled"]
-    for (cond, band, sex), rows in pooled.groupby(["condition", "age_band", "sex"]):
-        _, group = group_for(data, cond, band, sex)
+    for (cond, band, sex, period), rows in pooled.groupby(["condition", "age_band", "sex", "period"]):
+        _, group = group_for(data, cond, band, sex, period)
         rows = rows.sort_values("rank")
         assert [t["id"] for t in group["treatments"]] == list(rows["treatment"])
         for t, row in zip(group["treatments"], rows.itertuples()):
@@ -149,6 +151,15 @@ def test_near_matches_only_below_30_patients_and_only_groups_with_results(eviden
 
     cohort, group = group_for(data, "hypertension", "40-64", "female")
     assert group["patients_n"] >= 30 and cohort["near"] == []
+
+
+def test_periods_are_offered_newest_first_where_a_condition_has_several(evidence):
+    _, html, _ = evidence
+    choices = embedded_data(html)["choices"]
+    assert [p["label"] for p in choices["hypertension"]["periods"]] == ["2024", "2023"]
+    assert [p["label"] for p in choices["type2_diabetes"]["periods"]] == ["2024"]
+    # 2023 was reported for one age band only: the others are empty for that period, not borrowed from 2024
+    assert group_for(embedded_data(html), "hypertension", "65+", "male", "2023")[1] is None
 
 
 def test_provenance_counts_and_plain_reasons(evidence):

@@ -104,8 +104,8 @@ def figures(page) -> list[dict]:
     )
 
 
-def expected(pooled: pd.DataFrame, cohort: tuple[str, str, str]) -> list[dict]:
-    rows = pooled[(pooled[["condition", "age_band", "sex"]] == list(cohort)).all(axis=1)].sort_values("rank")
+def expected(pooled: pd.DataFrame, cohort: tuple[str, str, str], period: str = "2024") -> list[dict]:
+    rows = pooled[(pooled[["condition", "age_band", "sex", "period"]] == [*cohort, period]).all(axis=1)].sort_values("rank")
     return [
         {
             "id": r.treatment, "rank": str(r.rank), "name": r.treatment_display, "patients": f"{r.patients:,}",
@@ -146,15 +146,21 @@ def test_a_clinician_picks_cohorts_and_sees_the_tables_figures(browser, tmp_path
         shown_first = figures(page)
         assert shown_first == expected(pooled, first)
         assert EVIL in [row["name"] for row in shown_first]  # shown as text, not run
+        # this condition and band were also reported for 2023: a period choice appears, newest first
+        assert page.is_visible("#period") and page.eval_on_selector("#period", "s => s.options[s.selectedIndex].text") == "2024"
+        page.select_option("#period", label="2023")
+        assert figures(page) == expected(pooled, first, "2023") != shown_first
+        page.select_option("#period", label="2024")
         choose(page, second)
         shown_second = figures(page)
         assert shown_second == expected(pooled, second) and shown_second != shown_first
+        assert page.is_hidden("#period-field")  # one period only: no choice to make
         seen_text.append(page.inner_text("body"))
 
         # the forest plot of the first-ranked treatment: one line per hospital that reported it
-        top = pooled[(pooled[["condition", "age_band", "sex"]] == list(second)).all(axis=1)].sort_values("rank").iloc[0]
+        top = pooled[(pooled[["condition", "age_band", "sex", "period"]] == [*second, "2024"]).all(axis=1)].sort_values("rank").iloc[0]
         card = f"#treatment-{top['treatment']}"
-        cell = per_site[(per_site[["condition", "age_band", "sex", "treatment"]] == [*second, top["treatment"]]).all(axis=1)]
+        cell = per_site[(per_site[["condition", "age_band", "sex", "period", "treatment"]] == [*second, "2024", top["treatment"]]).all(axis=1)]
         labels = page.eval_on_selector_all(f"{card} svg.forest text.site", "ts => ts.map(t => t.textContent)")
         assert [label.split(" (")[0] for label in labels] == sorted(cell["site"])
         flags = page.eval_on_selector_all(f"{card} li[data-flag]", "ls => ls.map(l => l.textContent)")
