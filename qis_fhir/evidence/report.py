@@ -205,7 +205,7 @@ def report_data(pooled: pd.DataFrame, per_site: pd.DataFrame, provenance: dict, 
     for mid, rows in pooled.groupby("measure", sort=True):
         first = rows.iloc[0]
         measures[str(mid)] = {
-            "label": str(first["measure_display"]),
+            "label": _name(first["measure_display"], mid),
             "design": str(first["design"]),
             "unit": unit_label(first.get("measure_unit")),
             "direction": str(first["measure_direction"]) if "measure_direction" in rows and not _missing(first["measure_direction"]) else "",
@@ -250,7 +250,7 @@ def report_data(pooled: pd.DataFrame, per_site: pd.DataFrame, provenance: dict, 
         "near_below": NEAR_MATCH_BELOW,
         "observational": flag_text["observational"],
         "local_site": local_site,
-        "conditions": [{"id": str(c), "label": str(d)} for c, d in zip(conditions["condition"], conditions["condition_display"])],
+        "conditions": [{"id": str(c), "label": _name(d, c)} for c, d in zip(conditions["condition"], conditions["condition_display"])],
         "age_bands": [{"id": b, "label": age_label(b)} for b in bands],
         "sexes": [{"id": s, "label": sex_label(s)} for s in sexes],
         "measures": measures,
@@ -260,6 +260,11 @@ def report_data(pooled: pd.DataFrame, per_site: pd.DataFrame, provenance: dict, 
         "glossary": GLOSSARY,
         "provenance": _provenance(provenance),
     }
+
+
+def _name(display: Any, code: Any) -> str:
+    """A display name, or the shared code when this site's definitions have no name for it."""
+    return f"{code} (no local name)" if _missing(display) or not str(display).strip() else str(display)
 
 
 def _codes(flags: Any) -> list[str]:
@@ -289,7 +294,7 @@ def _group(key: tuple, rows: list[dict], sites_by_cell: dict, measure: dict, fla
         k = 0 if _missing(r["sites"]) else int(r["sites"])
         treatments.append({
             "id": str(r["treatment"]),
-            "name": str(r["treatment_display"]),
+            "name": _name(r["treatment_display"], r["treatment"]),
             "rank": "" if _missing(r["rank"]) else str(int(r["rank"])),
             "rank_basis": "" if _missing(r["rank_basis"]) else str(r["rank_basis"]),
             "patients": fmt_count(r["patients"]),

@@ -229,3 +229,13 @@ def test_decimals_follow_the_measures_spread():
     assert report.mean_decimals(pd.Series([11.0, 13.0, 12.0])) == 1  # systolic pressure, mmHg
     assert report.mean_decimals(pd.Series([0.8, 0.7, 0.9])) == 2  # HbA1c, percentage points
     assert report.mean_decimals(pd.Series([0.0, float("nan")])) == 1
+
+
+def test_a_treatment_without_a_local_name_shows_its_shared_code(tmp_path, flag_text):
+    tables = write_evidence_tables(tmp_path)
+    pooled = tables["pooled"]
+    pooled.loc[pooled["treatment"] == "TX_0009", "treatment_display"] = None
+    pooled.to_parquet(tmp_path / "pooled_outcomes.parquet", index=False)
+    data = embedded_data(report.write_report(tmp_path).read_text(encoding="utf-8"))
+    names = {t["id"]: t["name"] for g in data["groups"] for t in g["treatments"]}
+    assert names["TX_0009"] == "TX_0009 (no local name)" and names["TX_0005"] == "Metformin extended-release oral tablet"
