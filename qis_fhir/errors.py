@@ -25,6 +25,7 @@ class ExitCode(enum.IntEnum):
     NO_PEERS = 11  # no DHT peer reachable
     PUBLISH_INCOMPLETE = 12  # some packets were confirmed by no replica
     RUN_INCOMPLETE = 13  # a run folder whose run.json says it did not complete (crashed, failed, being written)
+    EVIDENCE_INVALID = 14  # an evidence table lacks what the report reads, or says what it cannot explain
 
 
 class QisError(Exception):
@@ -80,3 +81,7 @@ class PublishIncompleteError(QisError):
 
 class RunIncompleteError(QisError):
     exit_code = ExitCode.RUN_INCOMPLETE
+
+
+class EvidenceInvalidError(QisError):
+    exit_code = ExitCode.EVIDENCE_INVALID

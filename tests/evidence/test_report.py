@@ -1,0 +1,241 @@
+"""write_report on realistic evidence tables, without a browser: what the file holds and what it refuses."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+
+import pandas as pd
+import pytest
+from report_tables import (
+    EMPTY_COHORT,
+    REAL_SITE_IDS,
+    SMALL_COHORT,
+    install_flag_text,
+    write_evidence_tables,
+)
+
+from qis_fhir.errors import EvidenceInvalidError, ExitCode, InputNotFoundError
+from qis_fhir.evidence import report
+from qis_fhir.packets.verifier import REJECTED
+
+EVIL = "</script><script>alert(1)</script>"
+PROTOCOL_WORDS = re.compile(r"\b(dht|packets?|fingerprints?|nodes?|seq|kademlia)\b", re.IGNORECASE)
+
+
+@pytest.fixture
+def flag_text(monkeypatch):
+    return install_flag_text(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def evidence(tmp_path_factory):
+    """One report, read by the tests that only look at it (building it costs ~0.5 s)."""
+    with pytest.MonkeyPatch.context() as mp:
+        flag_text = install_flag_text(mp)
+        out = tmp_path_factory.mktemp("evidence")
+        tables = write_evidence_tables(out, treatment_names={"TX_0002": EVIL})
+        html = report.write_report(out).read_text(encoding="utf-8")
+    return tables, html, flag_text
+
+
+def embedded_data(html: str) -> dict:
+    text = re.search(r'<script type="application/json" id="evidence-data">(.*?)</script>', html, re.S).group(1)
+    return json.loads(text)
+
+
+def strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from strings(v)
+
+
+def group_for(data: dict, condition: str, band: str, sex: str, period: str = "2024") -> tuple[dict, dict | None]:
+    """The page's entry for a choice of condition, age band, sex and period (as the period select labels it)."""
+    period_id = next(p["id"] for p in data["choices"][condition]["periods"] if p["label"] == period)
+    cohort = next(c for c in data["cohorts"] if (c["condition"], c["age_band"], c["sex"], c["period"]) == (condition, band, sex, period_id))
+    return cohort, (None if cohort["group"] is None else data["groups"][cohort["group"]])
+
+
+def test_a_display_name_cannot_break_out_of_the_data_element(evidence):
+    tables, html, _ = evidence
+    assert EVIL not in html and "alert(1)</script>" not in html
+    # two script elements, the data and the page's own code: nothing a name holds adds a third
+    assert len(re.findall(r"<script\b", html, re.I)) == 2
+    names = {t["name"] for g in embedded_data(html)["groups"] for t in g["treatments"]}
+    assert EVIL in names  # carried intact, as text, to be shown as text
+
+
+def test_the_page_is_self_contained(evidence):
+    _, html, _ = evidence
+    assert not re.search(r"""(?:src|href|action)\s*=\s*["']?\s*(?:https?:|//)""", html, re.I)
+    assert not re.search(r"url\(\s*['\"]?\s*(?:https?:|//)", html, re.I)
+    assert "@import" not in html and "fetch(" not in html and "XMLHttpRequest" not in html
+    csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', html).group(1)
+    assert "default-src 'none'" in csp
+    # the policy allows exactly the page's own script, by its hash
+    code = re.findall(r"<script>(.*?)</script>", html, re.S)
+    assert len(code) == 1
+    digest = base64.b64encode(hashlib.sha256(code[0].encode("utf-8")).digest()).decode()
+    assert f"script-src 'sha256-{digest}'" in csp
+
+
+def test_no_protocol_word_and_no_real_site_id_reaches_the_page(evidence):
+    _, html, _ = evidence
+    data = embedded_data(html)
+    shown = list(strings(data))
+    template_text = re.sub(r"<(script|style)\b.*?</\1>", "", html, flags=re.S)
+    assert [s for s in [*shown, template_text] if PROTOCOL_WORDS.search(s)] == []
+    for site_id in REAL_SITE_IDS.values():
+        assert site_id not in html
+
+
+def test_figures_are_the_tables_numbers_formatted(evidence):
+    tables, html, _ = evidence
+    data = embedded_data(html)
+    pooled = tables["pooled"]
+    for (cond, band, sex, period), rows in pooled.groupby(["condition", "age_band", "sex", "period"]):
+        _, group = group_for(data, cond, band, sex, period)
+        rows = rows.sort_values("rank")
+        assert [t["id"] for t in group["treatments"]] == list(rows["treatment"])
+        for t, row in zip(group["treatments"], rows.itertuples()):
+            assert t["patients"] == f"{row.patients:,}" and t["sites"] == str(row.sites)
+            assert t["resp_pooled"] == f"{row.resp_pooled * 100:.1f}%"
+            assert t["resp_pooled_ci"] == f"{row.resp_pooled_lo * 100:.1f}% to {row.resp_pooled_hi * 100:.1f}%"
+            if row.sites < 2:
+                assert (t["resp_re"], t["resp_re_ci"], t["re_note"]) == ("", "", "needs 2 or more hospitals")
+            else:
+                assert t["resp_re"] == f"{row.resp_re * 100:.1f}%"
+            if row.sites < 3:
+                assert (t["resp_pi"], t["pi_note"]) == ("", "needs 3 or more hospitals")
+            else:
+                assert t["resp_pi"] == f"{row.resp_pi_lo * 100:.1f}% to {row.resp_pi_hi * 100:.1f}%"
+            assert t["rank_basis"] == row.rank_basis
+            assert (t["local"] is None) == pd.isna(row.local_patients)
+
+
+def test_flags_are_shown_in_plain_words_in_the_tables_order(evidence):
+    tables, html, flag_text = evidence
+    data = embedded_data(html)
+    assert data["observational"] == flag_text["observational"]
+    row = tables["pooled"].loc[tables["pooled"]["flags"].str.count(";") >= 2].iloc[0]
+    _, group = group_for(data, row["condition"], row["age_band"], row["sex"])
+    shown = next(t for t in group["treatments"] if t["id"] == row["treatment"])["flags"]
+    codes = [c for c in row["flags"].split(";") if c != "observational"]
+    assert [f["code"] for f in shown] == codes and [f["text"] for f in shown] == [flag_text[c] for c in codes]
+
+
+def test_near_matches_only_below_30_patients_and_only_groups_with_results(evidence):
+    _, html, _ = evidence
+    data = embedded_data(html)
+    bands = [b["id"] for b in data["age_bands"]]
+    assert bands == ["18-39", "40-64", "65+"]  # the mapping's order, not the alphabet's
+
+    cohort, group = group_for(data, *SMALL_COHORT)
+    assert group["patients_n"] == 12
+    near = [(data["groups"][n["group"]]["age_band"], data["groups"][n["group"]]["sex"], n["relation"]) for n in cohort["near"]]
+    # the other sex in this band is the cohort nobody reported: it is not offered
+    assert near == [("40-64", "male", "the next older age group")]
+
+    cohort, group = group_for(data, *EMPTY_COHORT)
+    assert group is None
+    near = [(data["groups"][n["group"]]["age_band"], data["groups"][n["group"]]["sex"]) for n in cohort["near"]]
+    assert near == [("40-64", "female"), ("18-39", "male")]
+
+    cohort, group = group_for(data, "hypertension", "40-64", "female")
+    assert group["patients_n"] >= 30 and cohort["near"] == []
+
+
+def test_periods_are_offered_newest_first_where_a_condition_has_several(evidence):
+    _, html, _ = evidence
+    choices = embedded_data(html)["choices"]
+    assert [p["label"] for p in choices["hypertension"]["periods"]] == ["2024", "2023"]
+    assert [p["label"] for p in choices["type2_diabetes"]["periods"]] == ["2024"]
+    # 2023 was reported for one age band only: the others are empty for that period, not borrowed from 2024
+    assert group_for(embedded_data(html), "hypertension", "65+", "male", "2023")[1] is None
+
+
+def test_provenance_counts_and_plain_reasons(evidence):
+    tables, html, _ = evidence
+    prov = embedded_data(html)["provenance"]
+    assert prov["used"] == f"{tables['provenance']['packets_used']:,}" and prov["withheld"] == "8"
+    assert prov["withheld_reasons"][0] == {"count": "5", "text": report.WITHHELD_TEXT["replay"]}
+    assert [s["as_of"] for s in prov["sites"]] == ["1 Dec 2024"] * 4 + ["30 Sep 2024"]
+    assert prov["run_date"] == "5 Dec 2024"
+
+
+def test_every_reason_the_verifier_can_give_has_plain_words():
+    assert set(REJECTED) <= set(report.WITHHELD_TEXT)
+    assert not [t for t in report.WITHHELD_TEXT.values() if PROTOCOL_WORDS.search(t)]
+
+
+def test_an_empty_network_builds_a_page_that_says_so(tmp_path, flag_text):
+    tables = write_evidence_tables(tmp_path)
+    tables["pooled"].iloc[0:0].to_parquet(tmp_path / "pooled_outcomes.parquet", index=False)
+    tables["per_site"].iloc[0:0].to_parquet(tmp_path / "site_estimates.parquet", index=False)
+    data = embedded_data(report.write_report(tmp_path).read_text(encoding="utf-8"))
+    assert data["groups"] == [] and data["cohorts"] == [] and data["conditions"] == []
+
+
+def test_a_missing_table_is_named(tmp_path, flag_text):
+    write_evidence_tables(tmp_path)
+    (tmp_path / "site_estimates.parquet").unlink()
+    with pytest.raises(InputNotFoundError, match="site_estimates.parquet") as err:
+        report.write_report(tmp_path)
+    assert err.value.exit_code == ExitCode.INPUT_NOT_FOUND
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_a_table_without_a_column_the_report_reads_is_refused(tmp_path, flag_text):
+    tables = write_evidence_tables(tmp_path)
+    tables["pooled"].drop(columns=["resp_re_lo"]).to_parquet(tmp_path / "pooled_outcomes.parquet", index=False)
+    with pytest.raises(EvidenceInvalidError, match="pooled_outcomes.parquet lacks resp_re_lo") as err:
+        report.write_report(tmp_path)
+    assert err.value.exit_code == ExitCode.EVIDENCE_INVALID
+
+
+def test_a_flag_the_report_cannot_explain_is_refused(tmp_path, flag_text):
+    tables = write_evidence_tables(tmp_path)
+    pooled = tables["pooled"]
+    pooled.loc[0, "flags"] = "made_up_flag;observational"
+    pooled.to_parquet(tmp_path / "pooled_outcomes.parquet", index=False)
+    with pytest.raises(EvidenceInvalidError, match="made_up_flag"):
+        report.write_report(tmp_path)
+
+
+def test_a_malformed_provenance_file_is_refused(tmp_path, flag_text):
+    write_evidence_tables(tmp_path)
+    (tmp_path / "provenance.json").write_text('{"run_date": ', encoding="utf-8")
+    with pytest.raises(EvidenceInvalidError, match="provenance.json is not valid JSON"):
+        report.write_report(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("value", "decimals", "text"),
+    [(-12.34, 1, "\u221212.3"), (-0.04, 1, "0.0"), (0.456, 2, "0.46"), (float("nan"), 1, ""), (3.0, 1, "3.0")],
+)
+def test_signed_figures(value, decimals, text):
+    assert report.fmt_num(value, decimals) == text
+
+
+def test_decimals_follow_the_measures_spread():
+    assert report.mean_decimals(pd.Series([11.0, 13.0, 12.0])) == 1  # systolic pressure, mmHg
+    assert report.mean_decimals(pd.Series([0.8, 0.7, 0.9])) == 2  # HbA1c, percentage points
+    assert report.mean_decimals(pd.Series([0.0, float("nan")])) == 1
+
+
+def test_a_treatment_without_a_local_name_shows_its_shared_code(tmp_path, flag_text):
+    tables = write_evidence_tables(tmp_path)
+    pooled = tables["pooled"]
+    pooled.loc[pooled["treatment"] == "TX_0009", "treatment_display"] = None
+    pooled.to_parquet(tmp_path / "pooled_outcomes.parquet", index=False)
+    data = embedded_data(report.write_report(tmp_path).read_text(encoding="utf-8"))
+    names = {t["id"]: t["name"] for g in data["groups"] for t in g["treatments"]}
+    assert names["TX_0009"] == "TX_0009 (no local name)" and names["TX_0005"] == "Metformin extended-release oral tablet"
