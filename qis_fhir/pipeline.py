@@ -48,6 +48,7 @@ class RunResult:
     quality: dict = field(default_factory=dict)
     packets: dict | None = None
     publish: dict | None = None
+    evidence: dict | None = None  # provenance and file paths of the evidence stage (after a publish)
 
     def outputs(self) -> dict[str, Path]:
         """The files this run wrote that a user looks at, by name."""
@@ -58,11 +59,13 @@ class RunResult:
             names += [PACKETS, DISCLOSURE_REPORT]
         if self.publish is not None:
             names.append(PUBLISH_REPORT)
+        if self.evidence is not None:
+            names += [f"evidence/{Path(p).name}" for p in self.evidence["paths"].values()]
         return {n: self.out_dir / n for n in names if (self.out_dir / n).exists()}
 
 
 def run_pipeline(config: RunConfig) -> RunResult:
-    """Extract -> quality -> outcomes -> quality -> [packets] -> [publish]. Returns what each stage reported."""
+    """Extract -> quality -> outcomes -> quality -> [packets] -> [publish -> evidence]. Returns what each stage reported."""
     from qis_fhir.fhir import extract_export, load_extract
     from qis_fhir.mapping import load_mapping
     from qis_fhir.outcomes import derive_outcome_events
@@ -137,4 +140,14 @@ def run_pipeline(config: RunConfig) -> RunResult:
                     f"{len(report.unconfirmed)} of {len(report.receipts)} packets were confirmed by no DHT "
                     f"replica; see {out_dir / PUBLISH_REPORT}"
                 )
+            result.evidence = run_evidence_stage(config, out_dir)
     return result
+
+
+def run_evidence_stage(config: RunConfig, out_dir: Path) -> dict:
+    """The evidence stage after a successful publish: the network's pooled figures beside this run's own."""
+    from qis_fhir.evidence.stage import EvidenceConfig, run_evidence
+
+    evidence = run_evidence(EvidenceConfig(site_dir=config.site_dir, network_dir=config.network_dir, bootstrap=config.bootstrap,
+                                           out_dir=out_dir, run_dir=out_dir, mapping_dir=config.mapping_dir))
+    return {"provenance": evidence.provenance, "paths": {k: str(v) for k, v in evidence.paths.items()}}
