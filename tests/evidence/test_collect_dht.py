@@ -130,3 +130,34 @@ def test_evidence_through_real_nodes_uses_the_newest_and_counts_forged_and_revok
     assert report_double == [evidence, evidence]
     assert _cli("report", evidence) == 0
     assert _cli("report", tmp_path / "run") == 3  # no tables there: INPUT_NOT_FOUND
+
+
+def test_run_with_bootstrap_ends_with_the_evidence_stage(pooling, report_double, tmp_path):
+    """``qis-fhir run --bootstrap``: after a confirmed publish the run folder holds the network's pooled
+    table with this site's own figures beside it; with one site they are the same cells and counts."""
+    from qis_fhir.packets import add_site, create_network, create_site
+    from qis_fhir.pipeline import RunConfig, run_pipeline
+    from qis_fhir.synth import generate_export
+
+    create_network(tmp_path / "net", network_id="run-net", min_cell_size=11)
+    create_site("st-mary", tmp_path / "site")
+    add_site(tmp_path / "net", tmp_path / "site")
+    generate_export(tmp_path / "export", patients=1200, seed=11, truth_path=tmp_path / "truth.json")
+    cluster = Cluster(tmp_path / "nodes", tmp_path / "net" / "manifest.json", ksize=3)
+    try:
+        cluster.start(3)
+        cluster.wait_joined()
+        result = run_pipeline(RunConfig(export_dir=tmp_path / "export", out_dir=tmp_path / "out", site_dir=tmp_path / "site",
+                                        network_dir=tmp_path / "net", bootstrap=(cluster.nodes[0].address,), seq=20241201))
+    finally:
+        cluster.stop_all()
+    prov = result.evidence["provenance"]
+    assert prov["local_site"] == "Hospital A" and prov["packets_used"] == result.packets["packets"] > 0
+    assert prov["sites"] == [{"site": "Hospital A", "site_id": "st-mary", "packets": result.packets["packets"],
+                              "as_of": 20241201, "oldest_as_of": 20241201}]
+    pooled = pd.read_parquet(tmp_path / "out" / "evidence" / "pooled_outcomes.parquet")
+    assert len(pooled) == result.packets["packets"]
+    assert (pooled["local_patients"] == pooled["patients"]).all()
+    assert ((pooled["local_mean"] - pooled["mean_pooled"]).abs() <= 1e-4).all()
+    assert report_double == [tmp_path / "out" / "evidence"]
+    assert "evidence/pooled_outcomes.csv" in result.outputs()
