@@ -37,6 +37,7 @@ class RunConfig:
     validate: str = DEFAULT_VALIDATE
     sample_rate: float = DEFAULT_SAMPLE_RATE
     seq: int | None = None  # packet sequence number; None: today's UTC date as YYYYMMDD (pass the partition date)
+    evidence: bool = True  # with bootstrap: pool the network's evidence after publishing (the demo runs it once all have published)
     progress: bool = False
 
 
@@ -140,7 +141,8 @@ def run_pipeline(config: RunConfig) -> RunResult:
                     f"{len(report.unconfirmed)} of {len(report.receipts)} packets were confirmed by no DHT "
                     f"replica; see {out_dir / PUBLISH_REPORT}"
                 )
-            result.evidence = run_evidence_stage(config, out_dir)
+            if config.evidence:
+                result.evidence = run_evidence_stage(config, out_dir)
     return result
 
 
