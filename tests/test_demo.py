@@ -32,7 +32,6 @@ def test_demo_every_site_finds_every_sites_packets(tmp_path):
         assert evidence["packets_used"] == sum(s["packets"] for s in sites.values())
         assert evidence["sites"] == ["Hospital A", "Hospital B"] and evidence["packets_rejected"] == {}
         assert Path(evidence["pooled_table"]).is_file() and Path(evidence["report"]).is_file()
-        assert not any(site_id in evidence["pooled_table"].split("evidence")[1] for site_id in sites)
     assert "evidence each hospital got back" in proc.stdout
     # running the README's command again replaces the previous demo instead of failing
     again = subprocess.run(
