@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from qis_fhir.errors import InputNotFoundError
 
@@ -25,6 +26,7 @@ class EvidenceConfig:
     run_dir: Path | None = None  # a pipeline run folder: its outcome_events.parquet gives the site's own figures
     mapping_dir: Path | None = None
     run_date: str | None = None  # YYYY-MM-DD recorded in provenance.json (default: today, UTC)
+    bind: Any = None  # the DHT client's local address ("HOST[:PORT]"); None: the client's default
     report: bool = True
 
 
@@ -73,7 +75,8 @@ def run_evidence(config: EvidenceConfig) -> EvidenceResult:
         if not path.exists():
             raise InputNotFoundError(f"{path} does not exist: pass the folder of a finished `qis-fhir run` as --run")
         events = pd.read_parquet(path)
-    collection = collect(network, mapping, list(config.bootstrap), local_site_id=site.site_id)
+    options = {} if config.bind is None else {"bind": config.bind}
+    collection = collect(network, mapping, list(config.bootstrap), local_site_id=site.site_id, **options)
     log.info(
         "evidence: %d packets from %d sites used, %d rejected, over %d cohorts",
         len(collection.packets), len(collection.sites()), sum(collection.rejected.values()), len(collection.grid),
