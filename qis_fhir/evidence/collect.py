@@ -57,6 +57,7 @@ class Collection:
     rejected: Counter = field(default_factory=Counter)  # reason -> packets
     rejected_by_cohort: Counter = field(default_factory=Counter)  # fingerprint -> packets rejected
     superseded: int = 0  # verified copies not used: older seqs, equal-seq losers, repeats
+    received: int = 0  # distinct packets received (and refused by the client): used + rejected + superseded
     answered: int = 0  # fingerprints that returned at least one packet (used or rejected)
 
     @property
@@ -154,8 +155,11 @@ def collect_answers(
             out.rejected[reason] += 1
             out.rejected_by_cohort[fp] += 1
         out.answered += got > 0
+        out.received += got
     kept, out.superseded = newest_per_packet(verified)
     out.packets = [p for p, _ in kept]
+    if out.received != len(out.packets) + out.superseded + sum(out.rejected.values()):
+        raise AssertionError("collection lost packets: received != used + superseded + rejected")
     return out
 
 

@@ -144,6 +144,7 @@ def build_tables(
         "run_date": run_date or datetime.now(UTC).strftime("%Y-%m-%d"),
         "local_site": labels.get(collection.local_site_id) if collection.local_site_id else None,
         "sites": collection.sites(),
+        "packets_received": collection.received,
         "packets_used": len(collection.packets),
         "packets_rejected": dict(sorted(collection.rejected.items())),
         "packets_superseded": collection.superseded,

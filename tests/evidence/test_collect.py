@@ -60,6 +60,7 @@ def test_forged_tampered_revoked_and_misfiled_packets_are_counted_by_reason(enet
         [("site-a", enet.fp(*HTN_F)), ("site-b", enet.fp(*HTN_M))]
     )
     assert c.answered == 2  # the empty cohort answered nothing
+    assert c.received == 7 == len(c.packets) + sum(c.rejected.values())  # the second copy of good is the same packet
     # with the manifest before the revocation, the same site-r packet is data
     before = _collect(enet, {enet.fp(*HTN_F): [revoked]})
     assert [p.site_id for p in before.packets] == ["site-r"] and not before.rejected

@@ -109,6 +109,7 @@ def test_evidence_through_real_nodes_uses_the_newest_and_counts_forged_and_revok
     evidence = out / "evidence"
     prov = json.loads((evidence / "provenance.json").read_text())
     assert prov["packets_rejected"] == {"bad_signature": 1, "revoked_key": 1}
+    assert (prov["packets_received"], prov["packets_used"], prov["packets_superseded"]) == (5, 3, 0)
     assert prov["local_site"] == "Hospital A"
     assert [(s["site_id"], s["site"], s["packets"], s["as_of"]) for s in prov["sites"]] == [
         ("site-a", "Hospital A", 1, 20241201), ("site-b", "Hospital B", 1, 20241130), ("site-c", "Hospital C", 1, 20241125)]

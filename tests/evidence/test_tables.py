@@ -79,7 +79,7 @@ def test_provenance_names_sites_only_there_and_counts_what_was_refused(enet, poo
         {"site": "Hospital A", "site_id": "site-a", "packets": 2, "as_of": 20241201, "oldest_as_of": 20241201},
         {"site": "Hospital C", "site_id": "site-c", "packets": 2, "as_of": 20241201, "oldest_as_of": 20241115},
     ]
-    assert (p["packets_used"], p["packets_rejected"], p["cells"]) == (4, {"malformed": 1}, 3)
+    assert (p["packets_received"], p["packets_used"], p["packets_rejected"], p["cells"]) == (5, 4, {"malformed": 1}, 3)
     assert (p["mapping_version"], p["manifest_version"], p["min_cell_size"]) == ("v1", enet.context.manifest.version, 11)
     assert (p["cohorts_queried"], p["cohorts_answered"]) == (80, 2)
     assert set(t.per_site["site"]) == {"Hospital A", "Hospital C"}
