@@ -162,3 +162,18 @@ def test_run_with_bootstrap_ends_with_the_evidence_stage(pooling, report_double,
     assert ((pooled["local_mean"] - pooled["mean_pooled"]).abs() <= 1e-4).all()
     assert report_double == [tmp_path / "out" / "evidence"]
     assert "evidence/pooled_outcomes.csv" in result.outputs()
+
+
+def test_evidence_says_what_is_missing_before_writing_anything(enet, tmp_path):
+    """A run folder without outcome events is refused before the network is asked (exit 3); a
+    bootstrap address where no node answers is NO_PEERS (exit 11); neither leaves tables behind."""
+    import socket
+
+    site = enet.net.sites["site-b"].site_dir
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        silent = "127.0.0.1:{}".format(sock.getsockname()[1])  # bound, never answers
+        common = ["--site", site, "--network", enet.net.net_dir, "--bootstrap", silent, "--out", tmp_path / "out"]
+        assert _cli("evidence", *common, "--run", tmp_path / "no-run") == 3
+        assert _cli("evidence", *common) == 11
+    assert not (tmp_path / "out" / "evidence").exists()
