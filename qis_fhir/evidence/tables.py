@@ -35,11 +35,6 @@ POOLED_CSV = "pooled_outcomes.csv"
 SITE_ESTIMATES = "site_estimates.parquet"
 PROVENANCE = "provenance.json"
 LEVEL = 0.95
-#: columns this module adds to the rank_and_flag table
-ADDED_COLUMNS = [
-    "condition_display", "treatment_display", "measure_display", "design", "age_band_order", "manifest_version",
-    "packets_used", "packets_rejected", "local_patients", "local_responders", "local_mean",
-]
 
 
 @dataclass

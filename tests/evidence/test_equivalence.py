@@ -24,7 +24,7 @@ import pytest
 from qis_fhir.evidence.collect import CELL_KEYS, cohort_grid, collect_answers
 from qis_fhir.evidence.tables import build_tables
 from qis_fhir.mapping import load_mapping
-from qis_fhir.packets import build_packets, create_network, create_site, add_site, load_network
+from qis_fhir.packets import add_site, build_packets, create_network, create_site, load_network
 from qis_fhir.packets.build import cell_aggregates
 from qis_fhir.packets.codec import encode_packet
 
@@ -90,16 +90,13 @@ def _pooled(root: Path, mapping, events: dict, sites: list[str], min_cell: int, 
     """Every site in ``sites`` signs its packets under a network of ``min_cell``; the collect layer pools them."""
     net_dir = root / name
     create_network(net_dir, network_id=name, min_cell_size=min_cell)
-    wires = []
-    for site_id in sites:
-        site = create_site(site_id, root / f"{name}-keys" / site_id)
+    identities = [create_site(site_id, root / f"{name}-keys" / site_id) for site_id in sites]
+    for site in identities:
         add_site(net_dir, site.site_dir)
     network = load_network(net_dir)
-    for site_id in sites:
-        from qis_fhir.packets import load_site
-
-        site = load_site(root / f"{name}-keys" / site_id)
-        built = build_packets(events[site_id], mapping, site, network, seq=SEQ, release_state=None)
+    wires = []
+    for site in identities:
+        built = build_packets(events[site.site_id], mapping, site, network, seq=SEQ, release_state=None)
         wires += [(p.fingerprint, encode_packet(p)) for p in built.packets]
     grid = cohort_grid(network, mapping)
     answers = {fp: [] for fp in grid}
