@@ -29,6 +29,8 @@ COMMANDS: dict[str, str] = {
     "node": "qis_fhir.dht.commands:node",
     "publish": "qis_fhir.dht.commands:publish",
     "query": "qis_fhir.dht.commands:query",
+    "evidence": "qis_fhir.evidence.commands:evidence",
+    "report": "qis_fhir.evidence.commands:report",
 }
 
 

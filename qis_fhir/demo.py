@@ -6,7 +6,9 @@ What it does, with embedded defaults (every step is the same library call a real
 3. starts DHT node processes on 127.0.0.1 (free ports); hospitals publish through any of them;
 4. runs every hospital's nightly pipeline: extract, outcomes, quality, signed packets, publish;
 5. has every hospital look up its own cohorts' fingerprints and reports what came back from whom;
-6. stops every node it started, by process id, whatever happened.
+6. once every hospital has published, runs each hospital's evidence stage: the whole cohort grid
+   queried, verified and pooled into ``sites/<id>/run/evidence/`` (tables and report);
+7. stops every node it started, by process id, whatever happened.
 
 Everything is written under ``--out``; ``demo_summary.json`` holds the figures printed at the end.
 """
@@ -62,7 +64,7 @@ def _site_run(site_id: str, profile: str, index: int, config: DemoConfig, net_di
                     truth_path=root / "planted_effects.json", overwrite=True)
     result = run_pipeline(
         RunConfig(export_dir=export, out_dir=root / "run", site_dir=site_dir, network_dir=net_dir, bootstrap=tuple(bootstrap),
-                  bind=(LOOPBACK, 0))
+                  bind=(LOOPBACK, 0), evidence=False)  # evidence once every hospital has published (run_demo)
     )
     return {
         "site_id": site_id,
@@ -73,7 +75,45 @@ def _site_run(site_id: str, profile: str, index: int, config: DemoConfig, net_di
         "packets": result.packets["packets"] if result.packets else 0,
         "publish": result.publish,
         "packets_path": str(result.out_dir / PACKETS),
+        "site_dir": str(site_dir),
+        "run_dir": str(result.out_dir),
     }
+
+
+def _site_evidence(site: dict, net_dir: Path, bootstrap) -> dict:
+    """One hospital's evidence stage, and the few biggest rows of its pooled table to print."""
+    from qis_fhir.dht.cluster import LOOPBACK
+    from qis_fhir.evidence.stage import EvidenceConfig, run_evidence
+
+    run_dir = Path(site["run_dir"])
+    result = run_evidence(EvidenceConfig(site_dir=Path(site["site_dir"]), network_dir=net_dir, bootstrap=tuple(bootstrap),
+                                         out_dir=run_dir, run_dir=run_dir, bind=(LOOPBACK, 0)))
+    prov = result.provenance
+    return {
+        "site_id": site["site_id"],
+        "label": prov["local_site"],
+        "cells": prov["cells"],
+        "packets_used": prov["packets_used"],
+        "packets_rejected": prov["packets_rejected"],
+        "sites": [s["site"] for s in prov["sites"]],
+        "pooled_table": str(result.paths["pooled_outcomes_csv"]),
+        "report": str(result.paths.get("report", "")),
+        "top_rows": _top_rows(result.paths["pooled_outcomes"]),
+    }
+
+
+def _top_rows(path: Path, n: int = 3) -> list[str]:
+    """The ``n`` cells with the most pooled patients, one line each (figures per cell, never summed)."""
+    import pandas as pd
+
+    df = pd.read_parquet(path)
+    df = df.sort_values(["patients", "condition", "treatment", "period"], ascending=[False, True, True, True]).head(n)
+    return [
+        f"{r.condition_display} {r.age_band} {r.sex}, {r.treatment_display}, {r.period}: {r.patients} patients at "
+        f"{r.sites} hospitals, {r.responders / r.patients:.0%} responded"
+        + (f" (here: {int(r.local_patients)} patients)" if pd.notna(r.local_patients) else " (none here)")
+        for r in df.itertuples()
+    ]
 
 
 def run_demo(config: DemoConfig) -> dict:
@@ -99,7 +139,7 @@ def run_demo(config: DemoConfig) -> dict:
     manifest = net_dir / MANIFEST
     hospitals = HOSPITALS[: config.sites]
 
-    summary: dict = {"sites": [], "lookups": []}
+    summary: dict = {"sites": [], "lookups": [], "evidence": []}
     cluster = LocalCluster(out / "nodes", manifest, ksize=config.ksize)
     try:
         # Sites join the manifest as they go; nodes re-read it on an unknown key, so start them first.
@@ -132,6 +172,11 @@ def run_demo(config: DemoConfig) -> dict:
                     "max_hops": max((r.hops for r in results.values()), default=0),
                 }
             )
+
+        # Every hospital has published: each one's evidence stage now sees the whole network.
+        for site in summary["sites"]:
+            click.echo(f"{site['site_id']}: evidence (every cohort of the mapping, verified and pooled)", err=True)
+            summary["evidence"].append(_site_evidence(site, net_dir, [cluster.live()[0].address]))
     finally:
         cluster.stop_all()
     summary["elapsed_s"] = round(time.monotonic() - started, 1)
@@ -148,6 +193,15 @@ def _print_summary(summary: dict) -> None:
     for q in summary["lookups"]:
         by_site = ", ".join(f"{k} {v}" for k, v in q["packets_returned_by_site"].items())
         click.echo(f"  {q['site_id']}: {q['fingerprints']} fingerprints -> {by_site}; own missing {q['own_packets_missing']}, max hops {q['max_hops']}")
+    click.echo("\nevidence each hospital got back (pooled over the network, its own figures beside them):")
+    for e in summary["evidence"]:
+        rejected = ", ".join(f"{k} {v}" for k, v in e["packets_rejected"].items()) or "none rejected"
+        click.echo(f"  {e['site_id']} (labelled {e['label']} in its report): {e['cells']} cells from {e['packets_used']} packets "
+                   f"of {', '.join(e['sites'])}; {rejected}")
+        click.echo(f"    table:  {e['pooled_table']}")
+        click.echo(f"    report: {e['report']}")
+        for line in e["top_rows"]:
+            click.echo(f"      {line}")
     click.echo(f"\ndone in {summary['elapsed_s']} s")
 
 
@@ -159,7 +213,7 @@ def _print_summary(summary: dict) -> None:
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--ksize", type=click.IntRange(min=2), default=5, show_default=True, help="DHT replication factor.")
 def demo(out_dir: Path, sites: int, nodes: int, patients: int, seed: int, ksize: int) -> None:
-    """Multi-hospital demo on 127.0.0.1: synthetic exports -> packets -> DHT -> lookups."""
+    """Multi-hospital demo on 127.0.0.1: synthetic exports -> packets -> DHT -> pooled evidence per hospital."""
     summary = run_demo(DemoConfig(out_dir=out_dir, sites=sites, patients=patients, seed=seed, nodes=nodes, ksize=ksize))
     _print_summary(summary)
     if any(q["own_packets_missing"] for q in summary["lookups"]):

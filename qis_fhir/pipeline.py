@@ -22,7 +22,17 @@ from qis_fhir.files import write_json
 from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, DEFAULT_VALIDATE
 from qis_fhir.outcomes.events import OUTCOME_EVENTS, OUTCOME_SUMMARY
 from qis_fhir.packets.build import PACKETS_FILE as PACKETS
-from qis_fhir.runfolder import EXTRACT, OUTCOMES, PACKETS as PACKETS_STAGE, PUBLISH, QUALITY, RUN_JSON, amend_run, start_run
+from qis_fhir.runfolder import (
+    EVIDENCE,
+    EXTRACT,
+    OUTCOMES,
+    PUBLISH,
+    QUALITY,
+    RUN_JSON,
+    amend_run,
+    start_run,
+)
+from qis_fhir.runfolder import PACKETS as PACKETS_STAGE
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +54,7 @@ class RunConfig:
     validate: str = DEFAULT_VALIDATE
     sample_rate: float = DEFAULT_SAMPLE_RATE
     seq: int | None = None  # packet sequence number; None: today's UTC date as YYYYMMDD (pass the partition date)
+    evidence: bool = True  # with bootstrap: pool the network's evidence after publishing (the demo runs it once all have published)
     progress: bool = False
 
 
@@ -55,6 +66,7 @@ class RunResult:
     quality: dict = field(default_factory=dict)
     packets: dict | None = None
     publish: dict | None = None
+    evidence: dict | None = None  # provenance and file paths of the evidence stage (after a publish)
 
     def outputs(self) -> dict[str, Path]:
         """The files this run wrote that a user looks at, by name."""
@@ -65,11 +77,13 @@ class RunResult:
             names += [PACKETS, DISCLOSURE_REPORT]
         if self.publish is not None:
             names.append(PUBLISH_REPORT)
+        if self.evidence is not None:
+            names += [f"evidence/{Path(p).name}" for p in self.evidence["paths"].values()]
         return {n: self.out_dir / n for n in names if (self.out_dir / n).exists()}
 
 
 def run_pipeline(config: RunConfig) -> RunResult:
-    """Extract -> quality -> outcomes -> quality -> [packets] -> [publish]. Returns what each stage reported."""
+    """Extract -> quality -> outcomes -> quality -> [packets] -> [publish -> evidence]. Returns what each stage reported."""
     from qis_fhir.fhir import extract_export, load_extract
     from qis_fhir.fhir.extract import QUARANTINE_FILE
     from qis_fhir.mapping import load_mapping
@@ -151,4 +165,17 @@ def run_pipeline(config: RunConfig) -> RunResult:
             run.record(PUBLISH, result.publish)
             report.raise_for_failure(out_dir / PUBLISH_REPORT)  # the policy `qis-fhir publish` applies
             run.mark(PUBLISH)
+        if config.evidence:
+            with amend_run(out_dir, needs=(PUBLISH,), clears=(EVIDENCE,)) as run:
+                result.evidence = run_evidence_stage(config, out_dir)
+                run.mark(EVIDENCE)
     return result
+
+
+def run_evidence_stage(config: RunConfig, out_dir: Path) -> dict:
+    """The evidence stage after a successful publish: the network's pooled figures beside this run's own."""
+    from qis_fhir.evidence.stage import EvidenceConfig, run_evidence
+
+    evidence = run_evidence(EvidenceConfig(site_dir=config.site_dir, network_dir=config.network_dir, bootstrap=config.bootstrap,
+                                           out_dir=out_dir, run_dir=out_dir, mapping_dir=config.mapping_dir, bind=config.bind))
+    return {"provenance": evidence.provenance, "paths": {k: str(v) for k, v in evidence.paths.items()}}

@@ -17,7 +17,7 @@ from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, DEFAULT_VALIDATE, MODE
 @click.option("--mapping", "mapping_dir", type=click.Path(path_type=Path), default=None, help="Mapping set directory (default: mappings/v1).")
 @click.option("--site", "site_dir", type=click.Path(path_type=Path), default=None, help="Site directory from `qis-fhir keys new`: sign packets with its key.")
 @click.option("--network", "network_dir", type=click.Path(path_type=Path), default=None, help="Network manifest (or its directory) from `qis-fhir network new`.")
-@click.option("--bootstrap", default=None, help="HOST:PORT[,HOST:PORT] of DHT nodes: publish the run's packets as the last stage.")
+@click.option("--bootstrap", default=None, help="HOST:PORT[,HOST:PORT] of DHT nodes: publish the run's packets, then pool the network's evidence as the last stage.")
 @bind_option
 @click.option("--site-secret", "site_secret_path", type=click.Path(path_type=Path), default=None, help="Patient-key secret when no --site is given (default: $QIS_FHIR_HOME/site.secret).")
 @click.option("--validate", type=click.Choice(MODES), default=DEFAULT_VALIDATE, show_default=True, help="pydantic model validation of resources.")
@@ -57,5 +57,9 @@ def run(export_dir: Path, out_dir: Path, mapping_dir, site_dir, network_dir, boo
         click.echo(f"packets: {result.packets['packets']} signed")
     if result.publish is not None:
         click.echo(f"publish: {json.dumps(result.publish.get('totals', result.publish), sort_keys=True)[:300]}")
+    if result.evidence is not None:
+        from qis_fhir.evidence.commands import echo_summary
+
+        echo_summary(result.evidence["provenance"], {})
     for name, path in result.outputs().items():
         click.echo(f"  {name}: {path}")

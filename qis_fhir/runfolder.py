@@ -52,7 +52,7 @@ PREVIOUS_SUFFIX = ".previous"
 FORMAT = 1
 RUNNING, COMPLETE, FAILED, REMOVING = "running", "complete", "failed", "removing"
 # stage names in run.json, in the order a run finishes them; a reader names the ones it needs
-EXTRACT, QUALITY, OUTCOMES, PACKETS, PUBLISH = "extract", "quality", "outcomes", "packets", "publish"
+EXTRACT, QUALITY, OUTCOMES, PACKETS, PUBLISH, EVIDENCE = "extract", "quality", "outcomes", "packets", "publish", "evidence"
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2

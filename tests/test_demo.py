@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from qis_fhir.errors import ExitCode
 
@@ -25,6 +26,13 @@ def test_demo_every_site_finds_every_sites_packets(tmp_path):
         assert lookup["own_packets_missing"] == 0
         # the same cohorts exist at both hospitals: each sees the other's evidence
         assert set(lookup["packets_returned_by_site"]) == set(sites)
+    # after both published, each hospital's evidence pools every packet of both, under pseudonyms
+    assert [e["site_id"] for e in summary["evidence"]] == list(sites)
+    for evidence in summary["evidence"]:
+        assert evidence["packets_used"] == sum(s["packets"] for s in sites.values())
+        assert evidence["sites"] == ["Hospital A", "Hospital B"] and evidence["packets_rejected"] == {}
+        assert Path(evidence["pooled_table"]).is_file() and Path(evidence["report"]).is_file()
+    assert "evidence each hospital got back" in proc.stdout
     # running the README's command again replaces the previous demo instead of failing
     again = subprocess.run(
         [sys.executable, "-m", "qis_fhir", "demo", "--out", str(out), "--sites", "1", "--patients", "300",

@@ -20,8 +20,9 @@ SECTIONS: dict[str, str] = {
     "packets": "qis_fhir.bench.packets",
     "dht": "qis_fhir.bench.dht",
     "quality": "qis_fhir.bench.quality",
+    "evidence": "qis_fhir.bench.evidence",
 }
-DEFAULT_SECTIONS = ("extract", "packets")  # dht starts dozens of processes: ask for it with --only
+DEFAULT_SECTIONS = ("extract", "packets")  # dht and evidence start dozens of processes: ask for them with --only
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def run_sections(sections: list[str], options: BenchOptions) -> dict:
     default=None,
     help="extract: time your own export's Observation lines (repeated up to --observations) instead of a synthetic export.",
 )
-@click.option("--nodes", type=str, default=None, help="dht: comma-separated network sizes, e.g. 10,30,100.")
+@click.option("--nodes", type=str, default=None, help="dht: comma-separated network sizes, e.g. 10,30,100; evidence: the first is its network size (default 30).")
 @click.option("--seed", type=int, default=7, show_default=True)
 def bench(as_json: bool, only: tuple[str, ...], observations: int | None, export: Path | None, nodes: str | None,
           seed: int) -> None:

@@ -17,7 +17,6 @@ again (a node's word is never trusted) and keeps the highest sequence per (site,
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections import Counter
@@ -34,6 +33,7 @@ from qis_fhir.dht.node import DhtNode, NodeConfig
 from qis_fhir.dht.protocol import valid_cursor
 from qis_fhir.dht.storage import CONFIRMED, PacketStore
 from qis_fhir.errors import NoPeersError, PacketsRejectedError, PublishIncompleteError, QisError
+from qis_fhir.packets.newest import newest_per_packet
 
 log = logging.getLogger("qis_fhir.dht.client")
 
@@ -300,24 +300,18 @@ class DhtClient:
         started = time.perf_counter()
         sent0, failed0 = self.protocol.rpc_sent, self.protocol.rpc_failed
         rejected: Counter[str] = Counter()
-        best: dict[tuple[str, str], tuple[bytes, Any]] = {}
-        superseded = 0
+        verified = []
         for packet in packets:
             wire = _wire_of(packet)
             verdict = self._verifier.check(wire)
             if not verdict.ok:
                 rejected[verdict.reason] += 1
                 continue
-            p = verdict.packet
-            ident = (p.site_id, p.packet_id)
-            if ident in best:
-                superseded += 1
-                if best[ident][1].seq >= p.seq:
-                    continue
-            best[ident] = (wire, p)
+            verified.append((verdict.packet, wire))
+        kept, superseded = newest_per_packet(verified)
         by_key: dict[bytes, list[tuple[PacketReceipt, bytes]]] = {}
         receipts = []
-        for wire, p in best.values():
+        for p, wire in kept:
             receipt = PacketReceipt(p.site_id, p.packet_id, p.fingerprint, p.seq)
             receipts.append(receipt)
             by_key.setdefault(dht_key(p.fingerprint), []).append((receipt, wire))
@@ -421,27 +415,21 @@ class DhtClient:
         started = time.perf_counter()
         wires, fig = await self.fetch(fingerprint)
         rejected: Counter[str] = Counter()
-        best: dict[tuple[str, str], tuple[int, bytes, bytes, Any]] = {}
+        verified = []
         for wire in wires:
             verdict = self._verifier.check(wire)
             if not verdict.ok:
                 rejected[verdict.reason] += 1
                 continue
-            p = verdict.packet
-            if p.fingerprint != fingerprint:
+            if verdict.packet.fingerprint != fingerprint:
                 rejected["wrong_fingerprint"] += 1
                 continue
-            ident = (p.site_id, p.packet_id)
-            rank = hashlib.sha256(wire).digest()
-            held = best.get(ident)
-            # highest seq wins; two different packets under one seq (equivocation): lowest hash, as nodes do
-            if held is None or p.seq > held[0] or (p.seq == held[0] and rank < held[1]):
-                best[ident] = (p.seq, rank, wire, p)
-        chosen = [best[k] for k in sorted(best)]
+            verified.append((verdict.packet, wire))
+        chosen, _ = newest_per_packet(verified)  # the rule every node applies, so replicas converge
         return QueryResult(
             fingerprint=fingerprint,
-            packets=[c[3] for c in chosen],
-            wires=[c[2] for c in chosen],
+            packets=[p for p, _ in chosen],
+            wires=[w for _, w in chosen],
             rejected=dict(rejected),
             hops=fig["hops"],
             nodes_asked=fig["asked"],

@@ -25,6 +25,7 @@ from typing import Any
 from kademlia.storage import IStorage
 
 from qis_fhir.dht.keys import dht_key
+from qis_fhir.packets.newest import supersedes, wire_rank
 
 SCHEMA = """
 PRAGMA journal_mode = WAL;
@@ -114,23 +115,22 @@ class PacketStore(IStorage):
         """
         now = time.time() if now is None else now
         expires = now + max(0.0, float(ttl))
-        wire_hash = hashlib.sha256(wire).digest()
+        wire_hash = wire_rank(wire)
         row = self.db.execute(
             "SELECT seq, wire_hash, expires_at FROM packets WHERE key=? AND site_id=? AND packet_id=?",
             (key, packet.site_id, packet.packet_id),
         ).fetchone()
         if row is not None:
             old_seq, old_hash, old_expires = row
-            if packet.seq < old_seq:
-                return STALE
-            if packet.seq == old_seq:
-                if wire_hash == old_hash or wire_hash > old_hash:
-                    # identical (or the losing side of a same-seq conflict): keep, extend, mark republished
-                    self.db.execute(
-                        "UPDATE packets SET expires_at=?, last_republished=? WHERE key=? AND site_id=? AND packet_id=?",
-                        (max(old_expires, expires), now, key, packet.site_id, packet.packet_id),
-                    )
-                    return HELD if wire_hash == old_hash else CONFLICT
+            if not supersedes(packet.seq, wire_hash, old_seq, old_hash):
+                if packet.seq < old_seq:
+                    return STALE
+                # identical (or the losing side of a same-seq conflict): keep, extend, mark republished
+                self.db.execute(
+                    "UPDATE packets SET expires_at=?, last_republished=? WHERE key=? AND site_id=? AND packet_id=?",
+                    (max(old_expires, expires), now, key, packet.site_id, packet.packet_id),
+                )
+                return HELD if wire_hash == old_hash else CONFLICT
         elif self.rows_of_site(packet.site_id) >= self.max_rows_per_site:
             return QUOTA
         else:
@@ -145,13 +145,14 @@ class PacketStore(IStorage):
         return STORED
 
     def note_seen(self, site_id: str, packet_id: str, seq: int, digest: str | None = None) -> None:
-        """Remember the highest seq (and its content digest) accepted for (site, packet id); never moves back."""
-        self.db.execute(
-            "INSERT INTO seen (site_id, packet_id, seq, digest) VALUES (?,?,?,?)"
-            " ON CONFLICT (site_id, packet_id) DO UPDATE SET seq = excluded.seq, digest = excluded.digest"
-            " WHERE excluded.seq > seen.seq OR (excluded.seq = seen.seq AND seen.digest IS NULL)",
-            (site_id, packet_id, int(seq), digest),
-        )
+        """Remember the highest seq (and its content digest) accepted for (site, packet id); never moves
+        back. Equal seqs follow the shared rule: a known digest replaces an unknown one, the lower of two wins."""
+        held = self.seen(site_id, packet_id)
+        if held is None or supersedes(int(seq), digest, held[0], held[1]):
+            self.db.execute(
+                "INSERT OR REPLACE INTO seen (site_id, packet_id, seq, digest) VALUES (?,?,?,?)",
+                (site_id, packet_id, int(seq), digest),
+            )
 
     def seen(self, site_id: str, packet_id: str) -> tuple[int, str | None] | None:
         row = self.db.execute("SELECT seq, digest FROM seen WHERE site_id=? AND packet_id=?", (site_id, packet_id)).fetchone()

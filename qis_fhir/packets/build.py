@@ -60,7 +60,7 @@ REQUIRED_COLUMNS = (
     "responded",
     "mapping_version",
 )
-_CELL = ["bucket", "age_band", "sex", "treatment_code", "measure", "period"]
+CELL_COLUMNS = ["bucket", "age_band", "sex", "treatment_code", "measure", "period"]
 RELEASE_STATE = "released_packets.ndjson"
 PACKETS_FILE = "packets.ndjson"  # a run folder's packets (``qis-fhir run``; ``publish``/``verify`` of a run folder)
 SITE_RELEASE_STATE = object()  # sentinel: the site directory's release state file
@@ -107,14 +107,9 @@ def build_packets(
     packet is re-emitted unchanged (a duplicate to every consumer), so two releases of one cell never
     differ by fewer than ``min_cell_size`` patients and cannot be differenced to single patients.
     """
-    import pandas as pd
-
     seq = default_seq() if seq is None else seq
     if type(seq) is not int or not 0 <= seq <= SEQ_MAX:
         raise ValueError(f"seq must be an integer in 0..{SEQ_MAX}")
-    missing = [c for c in REQUIRED_COLUMNS if c not in events.columns]
-    if missing:
-        raise ValueError(f"outcome events lack columns: {', '.join(missing)}")
     granularity = mapping.cohorts.period  # month | quarter | year: checked by the mapping schema
     manifest = network.manifest
     if mapping.version not in manifest.accepted_mapping_versions:
@@ -122,23 +117,8 @@ def build_packets(
             f"mapping version {mapping.version} is not accepted by network {manifest.network_id} "
             f"(accepted: {', '.join(manifest.accepted_mapping_versions) or 'none'})"
         )
-    wrong_version = events["mapping_version"] != mapping.version
-    if bool(wrong_version.any()):
-        raise MappingError(f"{int(wrong_version.sum())} outcome events were derived with another mapping version than {mapping.version}")
     min_cell = manifest.min_cell_size
-
-    order = [c for c in ("start", "event_id") if c in events.columns]
-    columns = [c for c in REQUIRED_COLUMNS if c != "mapping_version"] + order
-    df = events.loc[:, columns].reset_index(drop=True)  # any index the caller had (concat may repeat labels)
-    df["change"] = pd.to_numeric(df["change"], errors="coerce").astype("float64")
-    df = df[df["change"].map(math.isfinite).astype(bool)].copy()
-    for col in ("age_band", "sex"):
-        df[col] = df[col].fillna(UNKNOWN).astype(str)
-    df["period"] = [_period_of(str(s), granularity) for s in df["start_period"]]
-    # one event per patient per cell: the earliest (ties broken by event id, for determinism)
-    if order:
-        df = df.sort_values(order, kind="mergesort")
-    df = df.drop_duplicates(subset=_CELL + ["patient_key"], keep="first")
+    grouped = cell_aggregates(events, mapping)
 
     fingerprint = Fingerprinter(network.secret, mapping.version)
     signer = PacketSigner(site.private_key, site.site_id, site.key_id)
@@ -149,13 +129,7 @@ def build_packets(
     suppressed_buckets: list[str] = []
     cells: list[tuple[str, ...]] = []
     packets: list[Packet] = []
-    if len(df):
-        grouped = df.groupby(_CELL, sort=True, observed=True).agg(
-            patients=("patient_key", "size"),
-            responders=("responded", "sum"),
-            mean_change=("change", "mean"),
-            sd_change=("change", "std"),
-        )
+    if len(grouped):
         for (bucket, age_band, sex, treatment, measure, period), row in grouped.iterrows():
             n = int(row["patients"])
             if not is_publishable(n, min_cell):
@@ -203,6 +177,43 @@ def build_packets(
         len(packets), len(held_buckets), len(suppressed_buckets), min_cell, seq,
     )
     return PacketBuild(packets, report)
+
+
+def cell_aggregates(events: pd.DataFrame, mapping: MappingSet) -> pd.DataFrame:
+    """Every cell's unsuppressed figures: what a packet would carry before disclosure control.
+
+    Index ``CELL_COLUMNS`` (bucket, age band, sex, treatment code, measure, period at the mapping's
+    granularity), sorted; columns ``patients``, ``responders``, ``mean_change``, ``sd_change`` (NaN
+    for one patient), unrounded. One event per patient per cell, the earliest. The packet builder
+    publishes from this, and the evidence stage shows it beside the network's figures as the site's
+    own (they stay on site).
+    """
+    import pandas as pd
+
+    missing = [c for c in REQUIRED_COLUMNS if c not in events.columns]
+    if missing:
+        raise ValueError(f"outcome events lack columns: {', '.join(missing)}")
+    wrong_version = events["mapping_version"] != mapping.version
+    if bool(wrong_version.any()):
+        raise MappingError(f"{int(wrong_version.sum())} outcome events were derived with another mapping version than {mapping.version}")
+    order = [c for c in ("start", "event_id") if c in events.columns]
+    columns = [c for c in REQUIRED_COLUMNS if c != "mapping_version"] + order
+    df = events.loc[:, columns].reset_index(drop=True)  # any index the caller had (concat may repeat labels)
+    df["change"] = pd.to_numeric(df["change"], errors="coerce").astype("float64")
+    df = df[df["change"].map(math.isfinite).astype(bool)].copy()
+    for col in ("age_band", "sex"):
+        df[col] = df[col].fillna(UNKNOWN).astype(str)
+    df["period"] = [_period_of(str(s), mapping.cohorts.period) for s in df["start_period"]]
+    # one event per patient per cell: the earliest (ties broken by event id, for determinism)
+    if order:
+        df = df.sort_values(order, kind="mergesort")
+    df = df.drop_duplicates(subset=CELL_COLUMNS + ["patient_key"], keep="first")
+    return df.groupby(CELL_COLUMNS, sort=True, observed=True).agg(
+        patients=("patient_key", "size"),
+        responders=("responded", "sum"),
+        mean_change=("change", "mean"),
+        sd_change=("change", "std"),
+    )
 
 
 def load_release_state(path: Path | str, site: SiteIdentity) -> dict[str, Packet]:
@@ -255,6 +266,7 @@ __all__ = [
     "PacketBuild",
     "PacketFormatError",
     "build_packets",
+    "cell_aggregates",
     "default_seq",
     "load_release_state",
     "read_packets",

@@ -60,7 +60,7 @@ class Packet:
 
     @property
     def cell(self) -> tuple[str, str, str, str, str]:
-        """The cell across sites (without the site): what synthesis pools over."""
+        """The cell across sites (without the site): what the evidence stage pools over."""
         return (self.fingerprint, self.treatment, self.measure, self.period, self.mapping_version)
 
 

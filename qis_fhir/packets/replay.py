@@ -20,6 +20,7 @@ from typing import Protocol, runtime_checkable
 import orjson
 
 from qis_fhir.files import atomic_write
+from qis_fhir.packets.newest import supersedes
 
 
 @runtime_checkable
@@ -45,7 +46,7 @@ class MemoryReplayState:
 
     def put(self, site_id: str, packet_id: str, seq: int, digest: str | None = None) -> None:
         current = self._seen.get((site_id, packet_id))
-        if current is None or seq >= current[0]:  # never move backwards
+        if current is None or supersedes(seq, digest, current[0], current[1]):  # never moves backwards
             self._seen[(site_id, packet_id)] = (seq, digest)
 
     def __len__(self) -> int:

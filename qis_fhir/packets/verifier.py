@@ -1,4 +1,4 @@
-"""The one packet verifier: the ``verify`` command, the DHT's store hook and synthesis all use it.
+"""The one packet verifier: the ``verify`` command, the DHT's store hook and the evidence stage all use it.
 
 ``Verifier(manifest).verify(wire)`` never raises on bad input; it returns a ``Verdict`` whose
 ``reason`` is one of ``REASONS``. Checks run cheapest-first and the first failure is the reason:

@@ -1,4 +1,4 @@
-"""Planted treatment effects and site profiles: the answer key a synthesis must recover.
+"""Planted treatment effects and site profiles: the answer key the evidence stage must recover.
 
 A cohort is bucket x treatment x age band (at treatment start) x sex. Its planted change
 (follow-up minus baseline of the bucket's outcome measure) is normal with the mean and SD below.

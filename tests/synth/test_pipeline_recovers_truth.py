@@ -1,6 +1,6 @@
 """The real extract + outcome stages find exactly what the answer key says was planted.
 
-This is the contract the demo and the synthesis rely on: per cohort (bucket x treatment x age band x
+This is the contract the demo and the evidence stage rely on: per cohort (bucket x treatment x age band x
 sex) the pipeline's event count and mean change equal the key's ``generated`` figures.
 """
 

@@ -1,0 +1,91 @@
+"""The evidence stage's one entry: collect the network's packets, pool them, write tables and report.
+
+``qis-fhir evidence``, ``qis-fhir run --bootstrap`` (as its last stage) and the demo call
+``run_evidence``; the stage's pieces are ``collect`` (query and verify), ``tables`` (pool and write)
+and ``report`` (the HTML a clinician reads, rebuilt from the tables alone by ``qis-fhir report``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qis_fhir.errors import InputNotFoundError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvidenceConfig:
+    site_dir: Path  # the site's keys directory: its id (to label its own figures) and manifest pins
+    network_dir: Path  # manifest.json and network.secret (the secret computes the cohort grid)
+    bootstrap: tuple[tuple[str, int], ...]
+    out_dir: Path  # tables and report go to OUT_DIR/evidence/
+    run_dir: Path | None = None  # a pipeline run folder: its outcome_events.parquet gives the site's own figures
+    mapping_dir: Path | None = None
+    run_date: str | None = None  # YYYY-MM-DD recorded in provenance.json (default: today, UTC)
+    bind: Any = None  # the DHT client's local address ("HOST[:PORT]"); None: the client's default
+    report: bool = True
+
+
+@dataclass
+class EvidenceResult:
+    evidence_dir: Path
+    paths: dict[str, Path]
+    provenance: dict
+
+
+def evidence_dir_of(path: Path | str) -> Path:
+    """The folder holding the tables: ``DIR/evidence`` (an ``--out`` folder) or ``DIR`` itself."""
+    from qis_fhir.evidence.tables import EVIDENCE_DIR, PROVENANCE
+
+    path = Path(path)
+    for candidate in (path / EVIDENCE_DIR, path):
+        if (candidate / PROVENANCE).exists():
+            return candidate
+    raise InputNotFoundError(f"no {PROVENANCE} in {path} or {path / EVIDENCE_DIR}: run `qis-fhir evidence` first")
+
+
+def write_report(evidence_dir: Path) -> Path:
+    """The report helper's ``write_report``, imported only when a report is wanted."""
+    from qis_fhir.evidence.report import write_report as write
+
+    return write(evidence_dir)
+
+
+def run_evidence(config: EvidenceConfig) -> EvidenceResult:
+    """Collect -> pool -> write tables -> report. Raises NoPeersError when no DHT peer answers."""
+    import pandas as pd
+
+    from qis_fhir.evidence.collect import collect
+    from qis_fhir.evidence.tables import EVIDENCE_DIR, build_tables, write_tables
+    from qis_fhir.mapping import load_mapping
+    from qis_fhir.outcomes.events import OUTCOME_EVENTS
+    from qis_fhir.packets import load_network, load_site
+    from qis_fhir.packets.manifest import PINS
+    from qis_fhir.runfolder import OUTCOMES, require_run
+
+    site = load_site(config.site_dir)
+    network = load_network(config.network_dir, pinned_state=Path(config.site_dir) / PINS)
+    mapping = load_mapping(config.mapping_dir)
+    events = None
+    if config.run_dir is not None:
+        require_run(config.run_dir, OUTCOMES)  # never the events of a run that did not complete
+        path = Path(config.run_dir) / OUTCOME_EVENTS
+        if not path.exists():
+            raise InputNotFoundError(f"{path} does not exist: pass the folder of a finished `qis-fhir run` as --run")
+        events = pd.read_parquet(path)
+    options = {} if config.bind is None else {"bind": config.bind}
+    collection = collect(network, mapping, list(config.bootstrap), local_site_id=site.site_id, **options)
+    log.info(
+        "evidence: %d packets from %d sites used, %d rejected, over %d cohorts",
+        len(collection.packets), len(collection.sites()), sum(collection.rejected.values()), len(collection.grid),
+    )
+    tables = build_tables(collection, mapping, local_events=events, run_date=config.run_date)
+    evidence_dir = Path(config.out_dir) / EVIDENCE_DIR
+    paths = write_tables(tables, evidence_dir)
+    if config.report:
+        paths["report"] = write_report(evidence_dir)
+    return EvidenceResult(evidence_dir, paths, tables.provenance)
