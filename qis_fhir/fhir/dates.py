@@ -3,9 +3,22 @@
 ``datetime.fromisoformat`` does the work (it is C and fast); this module only admits the FHIR
 shapes (``YYYY``, ``YYYY-MM``, ``YYYY-MM-DD``, ``YYYY-MM-DDThh:mm:ss[.fff][Z|+hh:mm]``) and
 rejects the extra ISO forms fromisoformat would also accept (``20200101``, a space separator).
-Partial dates map to their first day; a dateTime without an offset is read as UTC. Results are
-cached per string because a bulk export repeats the same timestamps (all Observations of one
-encounter share one).
+Partial dates map to their first day; a dateTime without an offset is read as UTC; a leap second
+(``23:59:60``, valid FHIR, refused by fromisoformat) is the first instant of the next minute.
+Results are cached per string because a bulk export repeats the same timestamps (all Observations
+of one encounter share one).
+
+Only instants in ``[EARLIEST, END)`` UTC are returned; any other valid date raises
+``DateOutOfRange``. FHIR allows years 0001-9999 with offsets up to +-14:00, so ``9999-12-31T23:59:59-12:00``
+is year 10000 in UTC and ``0001-01-01T00:00:00+14:00`` year 0: neither is a Python ``datetime``,
+and great-expectations dies on such a pandas Timestamp (``NotImplementedError`` from ``isoformat``),
+losing the whole run for one line. The window is narrower than that on purpose: no patient record
+is dated before 1850 (the oldest date in the Synthea fixtures is a 1910 birthDate; no verified
+human was born before 1875) or after 2200, a 2000-year-old patient would be counted in the oldest
+age band of the pooled evidence, and every accepted instant then also fits a nanosecond pandas
+Timestamp (1677-09-21..2262-04-11), with decades to spare for the outcome windows' day arithmetic.
+The check costs nothing on a cache hit: only parsed values are compared, and only in-range ones
+are cached.
 """
 
 from __future__ import annotations
@@ -14,8 +27,24 @@ from datetime import datetime, timedelta, timezone
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _US = timedelta(microseconds=1)
+EARLIEST = datetime(1850, 1, 1, tzinfo=timezone.utc)  # the first instant accepted
+END = datetime(2200, 1, 1, tzinfo=timezone.utc)  # the first instant refused after it
+RANGE_TEXT = f"{EARLIEST:%Y-%m-%d}..{END - _US:%Y-%m-%d} UTC"  # for reasons' details and docs
+_LO = (EARLIEST - _EPOCH) // _US
+_HI = (END - _EPOCH) // _US
 _CACHE_MAX = 65_536  # timestamps repeat within an encounter, close together: a small cache catches them
 _cache: dict[str, int] = {}
+
+
+class DateOutOfRange(ValueError):
+    """A well-formed FHIR date whose UTC instant lies outside ``[EARLIEST, END)``."""
+
+
+def _leap_second(text: str, _fromiso=datetime.fromisoformat) -> datetime:
+    """``hh:mm:60`` read as the next minute's first instant; anything else re-raises fromisoformat's error."""
+    if text[16:19] != ":60":
+        return _fromiso(text)
+    return _fromiso(text[:17] + "59" + text[19:]) + timedelta(seconds=1)
 
 
 def _parse(text: str, _fromiso=datetime.fromisoformat, _utc=timezone.utc) -> int:
@@ -24,7 +53,10 @@ def _parse(text: str, _fromiso=datetime.fromisoformat, _utc=timezone.utc) -> int
         # a dateTime, by far the most common shape: tested first, names bound at definition. A
         # timestamp repeats within an encounter, but a real export has many more of them than the
         # cache can hold, so this runs for a good share of the lines (docs/extract.md)
-        dt = _fromiso(text)
+        try:
+            dt = _fromiso(text)
+        except ValueError:
+            dt = _leap_second(text)
         if dt.tzinfo is None:
             dt = dt.replace(tzinfo=_utc)
     elif n == 4:
@@ -41,11 +73,15 @@ def _parse(text: str, _fromiso=datetime.fromisoformat, _utc=timezone.utc) -> int
         dt = _fromiso(text).replace(tzinfo=_utc)
     else:
         raise ValueError("not a FHIR date or dateTime")
-    return (dt - _EPOCH) // _US
+    us = (dt - _EPOCH) // _US  # aware datetimes subtract exactly, even when the UTC instant is year 0 or 10000
+    if not _LO <= us < _HI:
+        raise DateOutOfRange("outside the accepted range")
+    return us
 
 
 def instant_us(text: str) -> int:
-    """Microseconds since 1970-01-01 UTC; raises ValueError (never quoting ``text``) when unparseable."""
+    """Microseconds since 1970-01-01 UTC; raises ValueError (never quoting ``text``) when unparseable,
+    its subclass ``DateOutOfRange`` when the instant lies outside ``[EARLIEST, END)``."""
     value = _cache.get(text)
     if value is None:
         value = _parse(text)
