@@ -9,16 +9,12 @@ Results are cached per string because a bulk export repeats the same timestamps 
 of one encounter share one).
 
 Only instants in ``[EARLIEST, END)`` UTC are returned; any other valid date raises
-``DateOutOfRange``. FHIR allows years 0001-9999 with offsets up to +-14:00, so ``9999-12-31T23:59:59-12:00``
-is year 10000 in UTC and ``0001-01-01T00:00:00+14:00`` year 0: neither is a Python ``datetime``,
-and great-expectations dies on such a pandas Timestamp (``NotImplementedError`` from ``isoformat``),
-losing the whole run for one line. The window is narrower than that on purpose: no patient record
-is dated before 1850 (the oldest date in the Synthea fixtures is a 1910 birthDate; no verified
-human was born before 1875) or after 2200, a 2000-year-old patient would be counted in the oldest
-age band of the pooled evidence, and every accepted instant then also fits a nanosecond pandas
-Timestamp (1677-09-21..2262-04-11), with decades to spare for the outcome windows' day arithmetic.
-The check costs nothing on a cache hit: only parsed values are compared, and only in-range ones
-are cached.
+``DateOutOfRange``. FHIR allows years 0001-9999 with offsets up to +-14:00, so
+``9999-12-31T23:59:59-12:00`` is year 10000 in UTC: no Python ``datetime``, and great-expectations
+died on it (``NotImplementedError``), losing the night's run for one line. The window is narrower on
+purpose: no patient record is dated before 1850 or after 2200 (the fixtures span 1910-2023), and
+every accepted instant then fits a nanosecond pandas Timestamp (1677..2262) too (docs/extract.md).
+Only parsed values are compared and only in-range ones cached: a cache hit costs nothing more.
 """
 
 from __future__ import annotations
@@ -47,7 +43,7 @@ def _leap_second(text: str, _fromiso=datetime.fromisoformat) -> datetime:
     return _fromiso(text[:17] + "59" + text[19:]) + timedelta(seconds=1)
 
 
-def _parse(text: str, _fromiso=datetime.fromisoformat, _utc=timezone.utc) -> int:
+def _parse(text: str, _fromiso=datetime.fromisoformat, _utc=timezone.utc, _lo=_LO, _hi=_HI) -> int:
     n = len(text)
     if n > 10 and text[10] == "T" and text[4] == "-" and text[7] == "-":
         # a dateTime, by far the most common shape: tested first, names bound at definition. A
@@ -74,7 +70,7 @@ def _parse(text: str, _fromiso=datetime.fromisoformat, _utc=timezone.utc) -> int
     else:
         raise ValueError("not a FHIR date or dateTime")
     us = (dt - _EPOCH) // _US  # aware datetimes subtract exactly, even when the UTC instant is year 0 or 10000
-    if not _LO <= us < _HI:
+    if not _lo <= us < _hi:
         raise DateOutOfRange("outside the accepted range")
     return us
 
