@@ -124,6 +124,10 @@ def assert_counts_add_up(summary: dict) -> None:
     assert t["read"] == sum(c["read"] for c in summary["by_file"].values())
     assert t["quarantined"] == sum(summary["quarantine_reasons"].values())
 
+# the accepted window's edges (qis_fhir.fhir.dates), written out: 1850-01-01T00:00:00Z, 2199-12-31T23:59:59.999999Z
+FIRST_US = -3_786_825_600_000_000
+LAST_US = 7_258_118_399_999_999
+
 
 def fhir_date_strategy():
     """Hypothesis: (text, UTC microseconds since the epoch) for any valid FHIR date or dateTime.

@@ -7,7 +7,16 @@ from __future__ import annotations
 import copy
 
 import pytest
-from extract_helpers import BASE_CONDITION, BASE_OBSERVATION, BASE_PATIENT, BASE_REQUEST, SECRET, fhir_date_strategy
+from extract_helpers import (
+    BASE_CONDITION,
+    BASE_OBSERVATION,
+    BASE_PATIENT,
+    BASE_REQUEST,
+    FIRST_US,
+    LAST_US,
+    SECRET,
+    fhir_date_strategy,
+)
 from hypothesis import given, settings
 
 from qis_fhir.fhir.dates import EARLIEST, END, DateOutOfRange, instant_us
@@ -16,10 +25,6 @@ from qis_fhir.fhir.keys import OwnKeys
 from qis_fhir.fhir.reasons import DATE_OUT_OF_RANGE, Reject
 from qis_fhir.fhir.schema import TABLE_OF_TYPE, TABLES
 from qis_fhir.privacy.pseudonym import Pseudonymizer
-
-FIRST_US = -3_786_825_600_000_000  # 1850-01-01T00:00:00Z
-LAST_US = 7_258_118_399_999_999  # 2199-12-31T23:59:59.999999Z
-
 
 def test_the_window_is_1850_to_2199():
     assert EARLIEST.isoformat() == "1850-01-01T00:00:00+00:00" and END.isoformat() == "2200-01-01T00:00:00+00:00"

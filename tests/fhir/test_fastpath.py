@@ -12,11 +12,10 @@ import json
 
 import orjson
 import pytest
-from extract_helpers import BASE_OBSERVATION, BP_PANEL, SECRET, fhir_date_strategy
+from extract_helpers import BASE_OBSERVATION, BP_PANEL, FIRST_US, LAST_US, SECRET, fhir_date_strategy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qis_fhir.fhir.dates import EARLIEST, END
 from qis_fhir.fhir.fastpath import observation_blocks
 from qis_fhir.fhir.fields import make_handlers
 from qis_fhir.fhir.keys import OwnKeys
@@ -212,31 +211,27 @@ def test_rows_carry_the_values_the_checked_path_reads():
     assert _agree(duplicate) and FAST(duplicate, 1)[0][7] == "amended"  # the last key wins, as in orjson
 
 
-_FIRST_US, _END_US = int(EARLIEST.timestamp() * 1e6), int(END.timestamp() * 1e6)
-
-
-def _date_paths(text: str, expected: int) -> tuple[object, object]:
-    """(fast, checked) on the base Observation and on the BP panel dated ``text``; both paths must
-    give the instant ``expected`` inside the window, and outside it the fast path must decline and
-    the checked path quarantine the line as date_out_of_range."""
+def _date_paths(text: str, expected: int) -> None:
+    """The base Observation and the BP panel dated ``text``: inside the window both paths give the
+    instant ``expected``; outside it the fast path declines and the checked path says date_out_of_range."""
     for base in (BASE_OBSERVATION, BP_PANEL):
         line = _line(base, _set(["effectiveDateTime"], text))
         fast, checked = FAST(line, 3), CHECKED(line, 3)
-        if _FIRST_US <= expected < _END_US:
+        if FIRST_US <= expected <= LAST_US:
             assert fast == checked and {row[6] for row in fast} == {expected}, text
         else:
             assert fast is None and checked == "date_out_of_range", text
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("1850-01-01T14:00:00+14:00", _FIRST_US),
-    ("1849-12-31T10:00:00-14:00", _FIRST_US),
-    ("1850-01-01T13:59:59.999999+14:00", _FIRST_US - 1),
-    ("1849-12-31T09:59:59.999999-14:00", _FIRST_US - 1),
-    ("2199-12-31T09:59:59.999999-14:00", _END_US - 1),
-    ("2200-01-01T13:59:59.999999+14:00", _END_US - 1),
-    ("2199-12-31T10:00:00-14:00", _END_US),
-    ("2200-01-01T14:00:00+14:00", _END_US),
+    ("1850-01-01T14:00:00+14:00", FIRST_US),
+    ("1849-12-31T10:00:00-14:00", FIRST_US),
+    ("1850-01-01T13:59:59.999999+14:00", FIRST_US - 1),
+    ("1849-12-31T09:59:59.999999-14:00", FIRST_US - 1),
+    ("2199-12-31T09:59:59.999999-14:00", LAST_US),
+    ("2200-01-01T13:59:59.999999+14:00", LAST_US),
+    ("2199-12-31T10:00:00-14:00", LAST_US + 1),
+    ("2200-01-01T14:00:00+14:00", LAST_US + 1),
     ("9999-12-31T23:59:59-12:00", 253_402_343_999_000_000),  # year 10000 in UTC
     ("9999-12-31T23:59:59+14:00", 253_402_250_399_000_000),
     ("0001-01-01T00:00:00+14:00", -62_135_647_200_000_000),  # year 0 in UTC
