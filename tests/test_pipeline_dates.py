@@ -88,7 +88,7 @@ def test_valid_fhir_dates_beyond_the_window_are_quarantined_and_the_night_runs(f
 
 def test_dates_at_the_edges_of_the_window_pass_every_stage_to_the_packets(fixtures_dir, tmp_path):
     """The oldest accepted birthDate, onset, prescription and observation: outcomes, quality and
-    packets read them without a crash (the patient counts in the oldest age band)."""
+    packets read them without a crash."""
     from qis_fhir.packets import add_site, create_network, create_site
     from qis_fhir.pipeline import RunConfig, run_pipeline
 

@@ -26,6 +26,7 @@ from qis_fhir.fhir.reasons import DATE_OUT_OF_RANGE, Reject
 from qis_fhir.fhir.schema import TABLE_OF_TYPE, TABLES
 from qis_fhir.privacy.pseudonym import Pseudonymizer
 
+
 def test_the_window_is_1850_to_2199():
     assert EARLIEST.isoformat() == "1850-01-01T00:00:00+00:00" and END.isoformat() == "2200-01-01T00:00:00+00:00"
     assert instant_us("1850-01-01T00:00:00Z") == FIRST_US
