@@ -2,9 +2,9 @@
 
 ``9999-12-31T23:59:59-12:00`` (year 10000 in UTC) once killed the quality stage with a
 NotImplementedError, losing the whole night for one line, and ``0001-01-01T00:00:00+14:00`` was
-stored as year 0. Now both lines are quarantined as ``date_out_of_range`` and the run succeeds;
-dates at the edges of the accepted window (1850-01-01..2199-12-31 UTC) go through every stage
-without a crash.
+stored as year 0. Now both lines are quarantined as ``date_out_of_range`` and the run succeeds, as it
+does with a date in the future (which the quality suites used to refuse for the whole run); dates at
+the edges of the accepted window (1850-01-01 UTC to the time of extraction) go through every stage.
 """
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ import json
 import re
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
 from itertools import islice
 from pathlib import Path
 
 import pandas as pd
-import pytest
 
-from qis_fhir.errors import ExitCode, QualityError
+from qis_fhir.errors import ExitCode
 
 PATIENTS = 12
 FLOOR = "1850-01-01T14:00:00+14:00"  # 1850-01-01T00:00:00Z, the first instant accepted
-CEILING = "2199-12-31T09:59:59.999999-14:00"  # 2199-12-31T23:59:59.999999Z, the last
+FUTURE = "is in the future (later than the time of extraction)"
 _EFFECTIVE = re.compile(rb'"effectiveDateTime":"[^"]*"')
 
 
@@ -78,26 +78,33 @@ def test_valid_fhir_dates_beyond_the_window_are_quarantined_and_the_night_runs(f
     assert summary["quarantine_reasons"]["date_out_of_range"] == 2
     records = [json.loads(r) for r in (out / "quarantine.ndjson").read_text().splitlines()]
     dates = [(r["file"], r["line"], r["resource_type"], r["detail"]) for r in records if r["reason"] == "date_out_of_range"]
-    detail = "effective is outside 1850-01-01..2199-12-31 UTC"
-    assert dates == [("Observation.000.ndjson", late, "Observation", detail),
-                     ("Observation.000.ndjson", early, "Observation", detail)]
+    assert dates == [("Observation.000.ndjson", late, "Observation", f"effective {FUTURE}"),
+                     ("Observation.000.ndjson", early, "Observation", "effective is before 1850-01-01 UTC")]
     rows = pd.read_parquet(out / "extract" / "observations.parquet")
     assert not rows["source_line"].isin([late, early]).any()
     assert json.loads((out / "quality_report.json").read_text())["success"] is True
 
 
+def _set_date(line: bytes, field: str, text: str) -> bytes:
+    out, n = re.subn(b'"' + field.encode() + b'":"[^"]*"', b'"' + field.encode() + b'":"' + text.encode() + b'"', line)
+    assert n == 1
+    return out
+
+
 def test_dates_at_the_edges_of_the_window_pass_every_stage_to_the_packets(fixtures_dir, tmp_path):
-    """The oldest accepted birthDate, onset, prescription and observation: outcomes, quality and
-    packets read them without a crash."""
+    """The oldest accepted birthDate, onset, prescription and observation, and an observation of a
+    minute ago written at +14:00: outcomes, quality (not_in_future included) and packets take them."""
     from qis_fhir.packets import add_site, create_network, create_site
     from qis_fhir.pipeline import RunConfig, run_pipeline
 
     files = small_export(fixtures_dir)
-    files["Patient.000.ndjson"][0] = re.sub(rb'"birthDate":"[^"]*"', b'"birthDate":"1850"', files["Patient.000.ndjson"][0])
+    files["Patient.000.ndjson"][0] = _set_date(files["Patient.000.ndjson"][0], "birthDate", "1850")
+    files["Condition.000.ndjson"][0] = _set_date(files["Condition.000.ndjson"][0], "onsetDateTime", FLOOR)
+    files["MedicationRequest.000.ndjson"][0] = _set_date(files["MedicationRequest.000.ndjson"][0], "authoredOn", FLOOR)
     obs = files["Observation.000.ndjson"]
     obs[0] = dated(obs[0], FLOOR)
-    for name, field in (("Condition.000.ndjson", b"onsetDateTime"), ("MedicationRequest.000.ndjson", b"authoredOn")):
-        files[name][0] = re.sub(b'"' + field + b'":"[^"]*"', b'"' + field + b'":"' + FLOOR.encode() + b'"', files[name][0])
+    recent = (datetime.now(timezone(timedelta(hours=14))) - timedelta(minutes=1)).replace(microsecond=0)
+    obs[1] = dated(obs[1], recent.isoformat(timespec="seconds"))
     write(files, tmp_path / "export")
     create_network(tmp_path / "net", network_id="ours", min_cell_size=11)
     create_site("st-mary", tmp_path / "site")
@@ -106,7 +113,7 @@ def test_dates_at_the_edges_of_the_window_pass_every_stage_to_the_packets(fixtur
     result = run_pipeline(RunConfig(export_dir=tmp_path / "export", out_dir=tmp_path / "out",
                                     site_dir=tmp_path / "site", network_dir=tmp_path / "net"))
 
-    assert result.extract["quarantine_reasons"].get("date_out_of_range", 0) == 0
+    assert "date_out_of_range" not in result.extract["quarantine_reasons"]
     assert result.quality["success"] is True and result.packets is not None
     tables = {n: pd.read_parquet(tmp_path / "out" / "extract" / f"{n}.parquet")
               for n in ("patients", "conditions", "medication_requests", "observations")}
@@ -114,24 +121,35 @@ def test_dates_at_the_edges_of_the_window_pass_every_stage_to_the_packets(fixtur
     assert tables["patients"]["birth_date"].min() == floor
     assert tables["conditions"]["onset"].min() == floor
     assert tables["medication_requests"]["authored_on"].min() == floor
-    assert tables["observations"]["effective"].min() == floor
+    effective = tables["observations"]["effective"]
+    assert effective.min() == floor and effective.max() == pd.Timestamp(recent).tz_convert("UTC")
 
 
-def test_a_date_at_the_top_of_the_window_stops_the_run_at_quality_not_with_a_crash(fixtures_dir, tmp_path):
-    """2199 is inside the window (extraction keeps it) but in the future: the quality suite's
-    not_in_future refuses the table, a QualityError (exit 5) naming the rule, never a crash."""
+def test_a_date_in_the_future_costs_its_line_not_the_night(fixtures_dir, tmp_path):
+    """A future date in any table (a typo, a clock or time-zone fault at the source) is quarantined;
+    the quality suites, whose not_in_future refuses a whole table for one row, then pass."""
     from qis_fhir.pipeline import RunConfig, run_pipeline
 
     files = small_export(fixtures_dir)
-    files["Observation.000.ndjson"][0] = dated(files["Observation.000.ndjson"][0], CEILING)
+    next_year = str(datetime.now(timezone.utc).year + 1)
+    tomorrow = (datetime.now(timezone(timedelta(hours=-14))) + timedelta(days=1)).isoformat(timespec="seconds")
+    files["Patient.000.ndjson"][0] = _set_date(files["Patient.000.ndjson"][0], "birthDate", next_year)
+    files["Condition.000.ndjson"][0] = _set_date(files["Condition.000.ndjson"][0], "onsetDateTime", tomorrow)
+    files["MedicationRequest.000.ndjson"][0] = _set_date(files["MedicationRequest.000.ndjson"][0], "authoredOn",
+                                                         "2199-12-31T09:59:59.999999-14:00")
+    files["Observation.000.ndjson"][0] = dated(files["Observation.000.ndjson"][0], tomorrow)
     write(files, tmp_path / "export")
 
-    with pytest.raises(QualityError) as info:
-        run_pipeline(RunConfig(export_dir=tmp_path / "export", out_dir=tmp_path / "out",
-                               site_secret_path=tmp_path / "site.secret"))
+    result = run_pipeline(RunConfig(export_dir=tmp_path / "export", out_dir=tmp_path / "out",
+                                    site_secret_path=tmp_path / "site.secret"))
 
-    assert info.value.exit_code == ExitCode.QUALITY_FAILED
-    report = json.loads((tmp_path / "out" / "quality_report.json").read_text())
-    failed = [(r["table"], r["expectation"], r["columns"], r["unexpected_count"])
-              for t in report["tables"].values() for r in t["results"] if not r["success"]]
-    assert failed == [("observations", "not_in_future", ["effective"], 1)]
+    assert result.quality["success"] is True
+    records = [json.loads(r) for r in (tmp_path / "out" / "quarantine.ndjson").read_text().splitlines()]
+    assert sorted((r["file"], r["line"], r["detail"]) for r in records if r["reason"] == "date_out_of_range") == [
+        ("Condition.000.ndjson", 1, f"onset {FUTURE}"),
+        ("MedicationRequest.000.ndjson", 1, f"authoredOn {FUTURE}"),
+        ("Observation.000.ndjson", 1, f"effective {FUTURE}"),
+        ("Patient.000.ndjson", 1, f"birthDate {FUTURE}"),
+    ]
+    totals = result.extract["totals"]
+    assert totals["read"] == totals["accepted"] + totals["quarantined"] + totals["skipped"]

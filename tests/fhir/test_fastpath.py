@@ -12,7 +12,7 @@ import json
 
 import orjson
 import pytest
-from extract_helpers import BASE_OBSERVATION, BP_PANEL, FIRST_US, LAST_US, SECRET, fhir_date_strategy
+from extract_helpers import BASE_OBSERVATION, BP_PANEL, FIRST_US, NOW_US, SECRET, fhir_date_strategy, fixed_clock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -212,15 +212,17 @@ def test_rows_carry_the_values_the_checked_path_reads():
 
 
 def _date_paths(text: str, expected: int) -> None:
-    """The base Observation and the BP panel dated ``text``: inside the window both paths give the
-    instant ``expected``; outside it the fast path declines and the checked path says date_out_of_range."""
-    for base in (BASE_OBSERVATION, BP_PANEL):
-        line = _line(base, _set(["effectiveDateTime"], text))
-        fast, checked = FAST(line, 3), CHECKED(line, 3)
-        if FIRST_US <= expected <= LAST_US:
-            assert fast == checked and {row[6] for row in fast} == {expected}, text
-        else:
-            assert fast is None and checked == "date_out_of_range", text
+    """The base Observation and the BP panel dated ``text``, the clock at NOW_US: inside the window
+    both paths give the instant ``expected``; outside it the fast path declines and the checked path
+    says date_out_of_range."""
+    with fixed_clock():
+        for base in (BASE_OBSERVATION, BP_PANEL):
+            line = _line(base, _set(["effectiveDateTime"], text))
+            fast, checked = FAST(line, 3), CHECKED(line, 3)
+            if FIRST_US <= expected <= NOW_US:
+                assert fast == checked and {row[6] for row in fast} == {expected}, text
+            else:
+                assert fast is None and checked == "date_out_of_range", text
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -228,10 +230,10 @@ def _date_paths(text: str, expected: int) -> None:
     ("1849-12-31T10:00:00-14:00", FIRST_US),
     ("1850-01-01T13:59:59.999999+14:00", FIRST_US - 1),
     ("1849-12-31T09:59:59.999999-14:00", FIRST_US - 1),
-    ("2199-12-31T09:59:59.999999-14:00", LAST_US),
-    ("2200-01-01T13:59:59.999999+14:00", LAST_US),
-    ("2199-12-31T10:00:00-14:00", LAST_US + 1),
-    ("2200-01-01T14:00:00+14:00", LAST_US + 1),
+    ("2026-07-01T02:00:00+14:00", NOW_US),  # the clock, 2026-06-30T12:00:00Z
+    ("2026-06-29T22:00:00-14:00", NOW_US),
+    ("2026-07-01T02:00:00.000001+14:00", NOW_US + 1),
+    ("2026-06-29T22:00:00.000001-14:00", NOW_US + 1),
     ("9999-12-31T23:59:59-12:00", 253_402_343_999_000_000),  # year 10000 in UTC
     ("9999-12-31T23:59:59+14:00", 253_402_250_399_000_000),
     ("0001-01-01T00:00:00+14:00", -62_135_647_200_000_000),  # year 0 in UTC
