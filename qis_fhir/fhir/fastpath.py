@@ -11,7 +11,8 @@ The fast path is *sound, not complete*: it takes a line only when the checked pa
 ``fields.py``'s ``observation``) would accept it with identical rows, and declines anything else:
 any decode or validation error, a non-ASCII line (msgspec does not check the UTF-8 of fields it skips,
 orjson does), a reference that is not a plain ``Patient/<id>``, a code with several codings, a value
-with a comparator, an unlisted unit, a malformed component. Those lines go the checked way, which alone
+with a comparator, an unlisted unit, a malformed component, a date that does not parse or lies
+outside the accepted range (``dates.py``). Those lines go the checked way, which alone
 decides whether a line is quarantined and why. A test holds the two paths to identical rows on the
 Synthea fixtures and on lines built to probe every rule above. The one known difference: a number
 beyond the float range (1e400) in a field not read, which orjson refuses and msgspec skips unread
@@ -137,7 +138,7 @@ def observation_blocks(patient_key: Callable[[str], str], stride: int, first: in
                 try:
                     ts = instant_us(eff)
                 except (ValueError, OverflowError):
-                    decline(lineno)  # the checked path quarantines it as unparseable_date
+                    decline(lineno)  # the checked path quarantines it: unparseable_date or date_out_of_range
                     continue
             coding = o.code.coding[0]
             vq = o.valueQuantity

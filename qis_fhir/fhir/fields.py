@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from qis_fhir.fhir import reasons as R
 from qis_fhir.fhir.dates import _cache as _date_cache
-from qis_fhir.fhir.dates import instant_us
+from qis_fhir.fhir.dates import DateOutOfRange, instant_us
 from qis_fhir.fhir.reasons import Reject
 from qis_fhir.fhir.systems import ICD10CM, LOINC, RXNORM, SNOMED
 from qis_fhir.fhir.systems import UCUM as UCUM_SYSTEM
@@ -132,6 +132,8 @@ def make_handlers(
         if value is None:
             try:
                 value = instant_us(text)
+            except DateOutOfRange as out:
+                raise Reject(R.DATE_OUT_OF_RANGE, f"{field} {out}") from None
             except (ValueError, OverflowError):
                 raise Reject(R.UNPARSEABLE_DATE, f"{field} is not a FHIR date or dateTime") from None
         return value

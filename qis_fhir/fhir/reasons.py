@@ -21,6 +21,7 @@ INVALID_REFERENCE = "invalid_reference"
 MISSING_CODE = "missing_code"
 MISSING_DATE = "missing_date"
 UNPARSEABLE_DATE = "unparseable_date"
+DATE_OUT_OF_RANGE = "date_out_of_range"  # a valid FHIR date before 1850 or in the future (dates.py)
 MISSING_UNIT = "missing_unit"
 UNKNOWN_UNIT = "unknown_unit"
 MISSING_VALUE = "missing_value"
@@ -43,6 +44,7 @@ ALL_REASONS: tuple[str, ...] = (
     MISSING_CODE,
     MISSING_DATE,
     UNPARSEABLE_DATE,
+    DATE_OUT_OF_RANGE,
     MISSING_UNIT,
     UNKNOWN_UNIT,
     MISSING_VALUE,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gzip
 import json
@@ -123,3 +124,67 @@ def assert_counts_add_up(summary: dict) -> None:
     assert t["read"] == t["accepted"] + t["quarantined"] + t["skipped"]
     assert t["read"] == sum(c["read"] for c in summary["by_file"].values())
     assert t["quarantined"] == sum(summary["quarantine_reasons"].values())
+
+# the accepted window (qis_fhir.fhir.dates), written out: from 1850-01-01T00:00:00Z to the clock, which
+# tests that need a fixed top edge set to NOW_US (2026-06-30T12:00:00Z) with ``fixed_clock``
+FIRST_US = -3_786_825_600_000_000
+NOW_US = 1_782_820_800_000_000
+
+
+@contextlib.contextmanager
+def fixed_clock(us: int = NOW_US):
+    """Extraction's clock reads ``us`` (microseconds since the epoch) until the block ends; the date
+    cache is emptied before and after, so no value checked against another clock is reused."""
+    from qis_fhir.fhir import dates
+
+    saved = dates._clock, dates._now_us
+    dates._cache.clear()
+    dates._clock, dates._now_us = (lambda: us * 1000), dates._LO - 1
+    try:
+        yield
+    finally:
+        dates._clock, dates._now_us = saved
+        dates._cache.clear()
+
+
+def fhir_date_strategy():
+    """Hypothesis: (text, UTC microseconds since the epoch) for any valid FHIR date or dateTime.
+
+    Years 0001-9999 (around the accepted window's edges, 1850 and NOW_US, drawn often), the partial shapes
+    ``YYYY`` and ``YYYY-MM``, leap seconds (``:60``), 1-9 fraction digits (read to the microsecond)
+    and offsets -14:00..+14:00, ``Z`` or none (read as UTC). The expected instant comes from numpy's
+    datetime64, which spans years 0 and 10000 too, not from the code under test.
+    """
+    import calendar
+
+    import numpy as np
+    from hypothesis import strategies as st
+
+    @st.composite
+    def dates(draw):
+        year = draw(st.integers(1, 9999) | st.integers(1848, 1851) | st.integers(2025, 2027))
+        month = draw(st.integers(1, 12))
+        shape = draw(st.sampled_from(["YYYY", "YYYY-MM", "YYYY-MM-DD", "dateTime"]))
+        if shape == "YYYY":
+            return f"{year:04d}", int(np.datetime64(f"{year:04d}-01-01", "us").astype(np.int64))
+        if shape == "YYYY-MM":
+            return f"{year:04d}-{month:02d}", int(np.datetime64(f"{year:04d}-{month:02d}-01", "us").astype(np.int64))
+        day = draw(st.integers(1, calendar.monthrange(year, month)[1]))
+        date = f"{year:04d}-{month:02d}-{day:02d}"
+        if shape == "YYYY-MM-DD":
+            return date, int(np.datetime64(date, "us").astype(np.int64))
+        hh, mm, ss = draw(st.integers(0, 23)), draw(st.integers(0, 59)), draw(st.integers(0, 60))
+        digits = draw(st.text("0123456789", min_size=1, max_size=9) | st.just(""))
+        offset = draw(st.integers(-14 * 60, 14 * 60) | st.sampled_from([-14 * 60, 14 * 60]))
+        zone = draw(st.sampled_from(["offset", "Z", ""]))
+        text = f"{date}T{hh:02d}:{mm:02d}:{ss:02d}" + (f".{digits}" if digits else "")
+        if zone == "offset":
+            text += f"{'-' if offset < 0 else '+'}{abs(offset) // 60:02d}:{abs(offset) % 60:02d}"
+        else:
+            text += zone
+            offset = 0
+        minute = np.datetime64(f"{date}T{hh:02d}:{mm:02d}", "us")
+        expected = minute + np.timedelta64(ss, "s") + np.timedelta64(int((digits + "000000")[:6]), "us")
+        return text, int((expected - np.timedelta64(offset, "m")).astype(np.int64))
+
+    return dates()

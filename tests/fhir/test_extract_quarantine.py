@@ -36,6 +36,7 @@ BAD_OBSERVATION_LINES: dict[str, bytes | dict] = {
     "missing_code": resource(OBS, code={"text": CANARY}),
     "missing_date": resource(OBS, effectiveDateTime=None, issued=None),
     "unparseable_date": resource(OBS, effectiveDateTime=f"{CANARY} last tuesday"),
+    "date_out_of_range": resource(OBS, effectiveDateTime="9999-12-31T23:59:59-12:00"),  # valid FHIR, year 10000 in UTC
     "missing_unit": resource(OBS, valueQuantity={"value": 1.0, "system": UCUM}),
     "unknown_unit": resource(OBS, valueQuantity={"value": 1.0, "unit": "(score)", "system": UCUM, "code": "(score)"}),
     "missing_value": resource(OBS, valueQuantity={"unit": "mg/dL", "system": UCUM, "code": "mg/dL"}),

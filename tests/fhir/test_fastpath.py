@@ -12,7 +12,7 @@ import json
 
 import orjson
 import pytest
-from extract_helpers import BASE_OBSERVATION, BP_PANEL, SECRET
+from extract_helpers import BASE_OBSERVATION, BP_PANEL, FIRST_US, NOW_US, SECRET, fhir_date_strategy, fixed_clock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -209,6 +209,46 @@ def test_rows_carry_the_values_the_checked_path_reads():
     assert type(rows[0][4]) is float  # a JSON integer becomes the table's float
     duplicate = orjson.dumps(BASE_OBSERVATION)[:-1] + b',"status":"amended"}'
     assert _agree(duplicate) and FAST(duplicate, 1)[0][7] == "amended"  # the last key wins, as in orjson
+
+
+def _date_paths(text: str, expected: int) -> None:
+    """The base Observation and the BP panel dated ``text``, the clock at NOW_US: inside the window
+    both paths give the instant ``expected``; outside it the fast path declines and the checked path
+    says date_out_of_range."""
+    with fixed_clock():
+        for base in (BASE_OBSERVATION, BP_PANEL):
+            line = _line(base, _set(["effectiveDateTime"], text))
+            fast, checked = FAST(line, 3), CHECKED(line, 3)
+            if FIRST_US <= expected <= NOW_US:
+                assert fast == checked and {row[6] for row in fast} == {expected}, text
+            else:
+                assert fast is None and checked == "date_out_of_range", text
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1850-01-01T14:00:00+14:00", FIRST_US),
+    ("1849-12-31T10:00:00-14:00", FIRST_US),
+    ("1850-01-01T13:59:59.999999+14:00", FIRST_US - 1),
+    ("1849-12-31T09:59:59.999999-14:00", FIRST_US - 1),
+    ("2026-07-01T02:00:00+14:00", NOW_US),  # the clock, 2026-06-30T12:00:00Z
+    ("2026-06-29T22:00:00-14:00", NOW_US),
+    ("2026-07-01T02:00:00.000001+14:00", NOW_US + 1),
+    ("2026-06-29T22:00:00.000001-14:00", NOW_US + 1),
+    ("9999-12-31T23:59:59-12:00", 253_402_343_999_000_000),  # year 10000 in UTC
+    ("9999-12-31T23:59:59+14:00", 253_402_250_399_000_000),
+    ("0001-01-01T00:00:00+14:00", -62_135_647_200_000_000),  # year 0 in UTC
+    ("0001-01-01T00:00:00-14:00", -62_135_546_400_000_000),
+    ("0001", -62_135_596_800_000_000),
+    ("9999-12", 253_399_622_400_000_000),
+])
+def test_dates_at_the_edges_take_the_same_way_on_both_paths(text, expected):
+    _date_paths(text, expected)
+
+
+@settings(max_examples=600, deadline=None)
+@given(fhir_date_strategy())
+def test_any_valid_fhir_date_takes_the_same_way_on_both_paths(case):
+    _date_paths(*case)
 
 
 _JSON = st.recursive(
