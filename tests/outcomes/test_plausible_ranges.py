@@ -200,7 +200,8 @@ def test_a_night_with_an_implausible_baseline_completes_and_counts_the_episode(t
     result = run_pipeline(RunConfig(export_dir=export, out_dir=tmp_path / "out", site_secret_path=tmp_path / "s"))
     s = result.outcomes
     assert result.quality["success"] is True and result.quality["warnings"] == 1
-    assert s["observations"]["implausible"] == 1
+    obs = s["observations"]
+    assert obs["implausible"] == 1 and obs["candidates"] == sum(n for k, n in obs.items() if k != "candidates")
     assert s["totals"]["episodes"] == clean["totals"]["episodes"]
     assert s["totals"]["events"] == clean["totals"]["events"] - 1
     assert s["exclusion_reasons"] == {**clean["exclusion_reasons"], "baseline_implausible": 1}
