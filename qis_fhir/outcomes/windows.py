@@ -14,9 +14,11 @@ from qis_fhir.mapping import LOINC, MappingSet
 #: Observation statuses whose values must not be used.
 IGNORED_OBSERVATION_STATUS = frozenset({"entered-in-error", "cancelled"})
 
-#: What a kept reading is: usable, or only an explanation of why a window holds no usable one
-#: (``reading`` column of ``measure_observations``; the prefix of its columns in ``find_values``).
-USABLE, UNIT_MISMATCH, IMPLAUSIBLE = "usable", "unit_mismatch", "implausible"
+#: What a kept reading is (``reading`` column of ``measure_observations``, one int8 a row): usable,
+#: or only an explanation of why a window holds no usable one. Names: its count in the summary's
+#: ``observations`` and, for the explanations, the prefix of its columns in ``find_values``.
+USABLE, UNIT_MISMATCH, IMPLAUSIBLE = 0, 1, 2
+READING_NAMES = {UNIT_MISMATCH: "unit_mismatch", IMPLAUSIBLE: "implausible", USABLE: "used"}
 
 
 def one_of(series: pd.Series, values) -> np.ndarray:
@@ -62,7 +64,7 @@ def measure_observations(observations: pd.DataFrame, mapping: MappingSet) -> tup
     wanted = one_of(observations["code"], mt["code"].unique()) & one_of(observations["code_system"], [LOINC])
     obs = observations[wanted]
     obs = obs[["patient_key", "code", "panel_code", "value", "unit", "effective", "status"]].merge(
-        mt[["measure", "measure_idx", "code", "measure_unit", "plausible_min", "plausible_max"]], on="code", how="inner"
+        mt[["measure", "measure_idx", "code", "measure_unit"]], on="code", how="inner"
     )
     panels = pd.DataFrame(
         [(m.id, p) for m in mapping.measures.values() for p in m.panels], columns=["measure", "panel_code"]
@@ -77,10 +79,12 @@ def measure_observations(observations: pd.DataFrame, mapping: MappingSet) -> tup
     counts["missing_value_or_date"] = int((no_value & ~bad_status).sum())
     obs = obs[~bad_status & ~no_value]
     unit_ok = (obs["unit"] == obs["measure_unit"]).fillna(False).to_numpy(dtype=bool)
-    in_range = obs["value"].between(obs["plausible_min"], obs["plausible_max"]).to_numpy(dtype=bool)
-    reading = np.select([~unit_ok, ~in_range], [UNIT_MISMATCH, IMPLAUSIBLE], default=USABLE)
-    for kind in (UNIT_MISMATCH, IMPLAUSIBLE, USABLE):
-        counts["used" if kind == USABLE else kind] = int((reading == kind).sum())
+    idx, value = obs["measure_idx"].to_numpy(), obs["value"].to_numpy(dtype="float64")
+    in_range = (value >= mt["plausible_min"].to_numpy(dtype="float64")[idx]) & (
+        value <= mt["plausible_max"].to_numpy(dtype="float64")[idx]
+    )
+    reading = np.select([~unit_ok, ~in_range], [UNIT_MISMATCH, IMPLAUSIBLE], default=USABLE).astype("int8")
+    counts.update({name: int((reading == kind).sum()) for kind, name in READING_NAMES.items()})
     obs = obs.assign(reading=reading, obs_day=day_number(obs["effective"]).to_numpy())
     return obs[["patient_key", "measure", "measure_idx", "value", "effective", "obs_day", "reading"]], counts
 
@@ -128,7 +132,7 @@ def find_values(episodes: pd.DataFrame, obs: pd.DataFrame) -> pd.DataFrame:
     obs = obs.assign(series=codes[len(episodes):] * n_measures + obs["measure_idx"].to_numpy())
     out = ep
     for kind in (USABLE, UNIT_MISMATCH, IMPLAUSIBLE):
-        src, tag = obs[obs["reading"] == kind], "" if kind == USABLE else f"{kind}_"
+        src, tag = obs[obs["reading"].to_numpy() == kind], "" if kind == USABLE else f"{READING_NAMES[kind]}_"
         base = _asof(ep, src, "start_day", "backward", f"{tag}baseline")
         fu = _asof(ep, src, "fu_from", "forward", f"{tag}followup")
         out = out.merge(base, on="episode_id", how="left").merge(fu, on="episode_id", how="left")
@@ -139,6 +143,7 @@ def find_values(episodes: pd.DataFrame, obs: pd.DataFrame) -> pd.DataFrame:
     drop = ["series", "fu_from"]
     for kind, flag in ((UNIT_MISMATCH, "mismatch"), (IMPLAUSIBLE, "implausible")):
         for window in ("baseline", "followup"):
-            out[f"{window}_{flag}"] = out[f"{window}_value"].isna() & out[f"{kind}_{window}_day"].notna()
-            drop += [f"{kind}_{window}_day", f"{kind}_{window}_value"]
+            found = f"{READING_NAMES[kind]}_{window}"
+            out[f"{window}_{flag}"] = out[f"{window}_value"].isna() & out[f"{found}_day"].notna()
+            drop += [f"{found}_day", f"{found}_value"]
     return out.drop(columns=drop)
