@@ -137,6 +137,9 @@ def _build_measures(doc: YamlDoc, errors: list[str]) -> dict[str, OutcomeMeasure
         lo, hi = m["followup_days"]
         if lo > hi:
             errors.append(doc.error(("measures", mid, "followup_days"), f"follow-up window [{lo}, {hi}] is empty"))
+        low, high = m["plausible_range"]
+        if low > high:
+            errors.append(doc.error(("measures", mid, "plausible_range"), f"plausible range [{low}, {high}] is empty"))
         measures[mid] = OutcomeMeasure(
             id=mid,
             loinc=m["loinc"],
@@ -147,6 +150,8 @@ def _build_measures(doc: YamlDoc, errors: list[str]) -> dict[str, OutcomeMeasure
             followup_min_days=lo,
             followup_max_days=hi,
             threshold=float(m["threshold"]),
+            plausible_min=low,  # as written (25, not 25.0), so quality reports quote the YAML
+            plausible_max=high,
             episode_gap_days=m["episode_gap_days"],
             description=m.get("description", ""),
         )

@@ -77,6 +77,8 @@ class OutcomeMeasure:
     followup_min_days: int  # follow-up window: [start + min, start + max]
     followup_max_days: int
     threshold: float  # response: change of at least this much in the good direction
+    plausible_min: float  # physiologically possible range, both ends inclusive, in ``unit``: readings
+    plausible_max: float  # outside it are never a baseline or follow-up (quality.yaml reads it too)
     episode_gap_days: int  # requests closer than this continue one episode
     description: str = ""
 

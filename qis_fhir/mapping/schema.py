@@ -112,6 +112,13 @@ OUTCOMES_SCHEMA = {
                             "maxItems": 2,
                         },
                         "threshold": {"type": "number", "exclusiveMinimum": 0},
+                        # [min, max] in the measure's unit: readings outside it are never used
+                        "plausible_range": {
+                            "type": "array",
+                            "items": {"type": "number"},
+                            "minItems": 2,
+                            "maxItems": 2,
+                        },
                         "episode_gap_days": {"type": "integer", "minimum": 1, "maximum": 36500},
                     },
                     "required": [
@@ -121,6 +128,7 @@ OUTCOMES_SCHEMA = {
                         "baseline_days",
                         "followup_days",
                         "threshold",
+                        "plausible_range",
                         "episode_gap_days",
                     ],
                     "additionalProperties": False,

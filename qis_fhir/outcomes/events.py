@@ -48,8 +48,10 @@ EVENT_COLUMNS = [
 EXCLUSION_REASONS = [
     "patient_unknown",  # the request's patient is not in the patients table
     "baseline_unit_mismatch",  # no baseline in the measure's unit, but one in another unit
+    "baseline_implausible",  # no baseline in the measure's plausible range, but one outside it
     "no_baseline",  # no value at all in the baseline window
     "followup_unit_mismatch",
+    "followup_implausible",
     "followup_pending",  # no follow-up yet and the window ends after the newest observation in the data
     "no_followup",
 ]
@@ -159,7 +161,8 @@ def derive_outcome_events(tables: dict[str, pd.DataFrame], mapping: MappingSet) 
     episodes = _episodes(links, mapping)
     obs, obs_counts = measure_observations(observations, mapping)
 
-    episodes = episodes.merge(measure_table(mapping).drop(columns=["code", "measure_unit"]), on="measure")
+    episodes = episodes.merge(measure_table(mapping)[["measure", "measure_idx", "baseline_window", "followup_min",
+                                                      "followup_max"]], on="measure")
     episodes["patient_key"] = episodes["patient_key"].astype(obs["patient_key"].dtype)
     ep = find_values(episodes, obs)
     pat = patients[["patient_key", "sex", "birth_date"]].drop_duplicates("patient_key")
@@ -169,9 +172,11 @@ def derive_outcome_events(tables: dict[str, pd.DataFrame], mapping: MappingSet) 
     reason = np.select(
         [
             ep["_known"].isna().to_numpy(),
-            (ep["baseline_value"].isna() & ep["baseline_mismatch"]).to_numpy(),
+            ep["baseline_mismatch"].to_numpy(),
+            ep["baseline_implausible"].to_numpy(),
             ep["baseline_value"].isna().to_numpy(),
-            (ep["followup_value"].isna() & ep["followup_mismatch"]).to_numpy(),
+            ep["followup_mismatch"].to_numpy(),
+            ep["followup_implausible"].to_numpy(),
             (ep["followup_value"].isna() & (ep["start_day"] + ep["followup_max"] > data_end)).to_numpy(),
             ep["followup_value"].isna().to_numpy(),
         ],

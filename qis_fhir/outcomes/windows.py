@@ -14,6 +14,12 @@ from qis_fhir.mapping import LOINC, MappingSet
 #: Observation statuses whose values must not be used.
 IGNORED_OBSERVATION_STATUS = frozenset({"entered-in-error", "cancelled"})
 
+#: What a kept reading is (``reading`` column of ``measure_observations``, one int8 a row): usable,
+#: or only an explanation of why a window holds no usable one. Names: its count in the summary's
+#: ``observations`` and, for the explanations, the prefix of its columns in ``find_values``.
+USABLE, UNIT_MISMATCH, IMPLAUSIBLE = 0, 1, 2
+READING_NAMES = {UNIT_MISMATCH: "unit_mismatch", IMPLAUSIBLE: "implausible", USABLE: "used"}
+
 
 def one_of(series: pd.Series, values) -> np.ndarray:
     """``series.isin(values)`` for a handful of values, as boolean numpy (nulls False).
@@ -35,20 +41,24 @@ def day_number(ts: pd.Series) -> pd.Series:
 
 def measure_table(mapping: MappingSet) -> pd.DataFrame:
     rows = [
-        (m.id, i, m.loinc, m.unit, m.baseline_days, m.followup_min_days, m.followup_max_days)
+        (m.id, i, m.loinc, m.unit, m.plausible_min, m.plausible_max, m.baseline_days, m.followup_min_days,
+         m.followup_max_days)
         for i, m in enumerate(mapping.measures.values())
     ]
-    cols = ["measure", "measure_idx", "code", "measure_unit", "baseline_window", "followup_min", "followup_max"]
+    cols = ["measure", "measure_idx", "code", "measure_unit", "plausible_min", "plausible_max", "baseline_window",
+            "followup_min", "followup_max"]
     return pd.DataFrame(rows, columns=cols).astype({"measure": "object", "code": "object", "measure_unit": "object"})
 
 
 def measure_observations(observations: pd.DataFrame, mapping: MappingSet) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Observation values of the mapped measures, with ``unit_ok`` and ``obs_day``; counts of what was dropped.
+    """Observation values of the mapped measures, with ``reading`` and ``obs_day``; counts of what was dropped.
 
     A row belongs to a measure when its LOINC code is the measure's and it stands alone or sits in
     one of the measure's panels. Values without a number or with an ignored status are dropped and
-    counted; values in another unit are kept with ``unit_ok`` False so the episodes they would have
-    served can be excluded as ``*_unit_mismatch`` rather than ``no_*``.
+    counted. Values in another unit (``reading`` UNIT_MISMATCH) or outside the measure's
+    ``plausible_range`` (IMPLAUSIBLE: an HbA1c of 26 %, a typo or another scale) are counted and kept
+    only so the episodes they would have served are excluded as ``*_unit_mismatch`` or
+    ``*_implausible`` rather than ``no_*``: they are never a baseline or follow-up.
     """
     mt = measure_table(mapping)
     wanted = one_of(observations["code"], mt["code"].unique()) & one_of(observations["code_system"], [LOINC])
@@ -68,11 +78,15 @@ def measure_observations(observations: pd.DataFrame, mapping: MappingSet) -> tup
     counts["ignored_status"] = int(bad_status.sum())
     counts["missing_value_or_date"] = int((no_value & ~bad_status).sum())
     obs = obs[~bad_status & ~no_value]
-    unit_ok = (obs["unit"] == obs["measure_unit"]).fillna(False).astype(bool)
-    counts["unit_mismatch"] = int((~unit_ok).sum())
-    counts["used"] = int(unit_ok.sum())
-    obs = obs.assign(unit_ok=unit_ok.to_numpy(), obs_day=day_number(obs["effective"]).to_numpy())
-    return obs[["patient_key", "measure", "measure_idx", "value", "effective", "obs_day", "unit_ok"]], counts
+    unit_ok = (obs["unit"] == obs["measure_unit"]).fillna(False).to_numpy(dtype=bool)
+    idx, value = obs["measure_idx"].to_numpy(), obs["value"].to_numpy(dtype="float64")
+    in_range = (value >= mt["plausible_min"].to_numpy(dtype="float64")[idx]) & (
+        value <= mt["plausible_max"].to_numpy(dtype="float64")[idx]
+    )
+    reading = np.select([~unit_ok, ~in_range], [UNIT_MISMATCH, IMPLAUSIBLE], default=USABLE).astype("int8")
+    counts.update({name: int((reading == kind).sum()) for kind, name in READING_NAMES.items()})
+    obs = obs.assign(reading=reading, obs_day=day_number(obs["effective"]).to_numpy())
+    return obs[["patient_key", "measure", "measure_idx", "value", "effective", "obs_day", "reading"]], counts
 
 
 def _asof(episodes: pd.DataFrame, obs: pd.DataFrame, left_day: str, direction: str, prefix: str) -> pd.DataFrame:
@@ -98,11 +112,15 @@ def _asof(episodes: pd.DataFrame, obs: pd.DataFrame, left_day: str, direction: s
 
 
 def find_values(episodes: pd.DataFrame, obs: pd.DataFrame) -> pd.DataFrame:
-    """Add baseline / follow-up values and days (NaN when none) and ``*_mismatch`` flags to ``episodes``.
+    """Add baseline / follow-up values and days (NaN when none) to ``episodes``, from usable readings
+    only, and for a window without one whether it holds a reading in another unit
+    (``baseline_mismatch``, ``followup_mismatch``) or outside the plausible range
+    (``baseline_implausible``, ``followup_implausible``).
 
     ``episodes`` needs episode_id, patient_key, measure_idx, start_day, baseline_window, followup_min,
     followup_max. Baseline: latest value on days [start - baseline_window, start]. Follow-up: first
-    value on days [start + followup_min, start + followup_max].
+    value on days [start + followup_min, start + followup_max]. Each kind of reading is looked up on its
+    own, so an implausible reading nearer the start never hides a usable one further off.
     """
     codes, _ = pd.factorize(pd.concat([episodes["patient_key"], obs["patient_key"]], ignore_index=True))
     n_measures = int(max(episodes["measure_idx"].max() if len(episodes) else 0,
@@ -113,8 +131,8 @@ def find_values(episodes: pd.DataFrame, obs: pd.DataFrame) -> pd.DataFrame:
     )
     obs = obs.assign(series=codes[len(episodes):] * n_measures + obs["measure_idx"].to_numpy())
     out = ep
-    unit_ok = obs["unit_ok"].to_numpy(dtype=bool)
-    for src, tag in ((obs[unit_ok], ""), (obs[~unit_ok], "bad_")):
+    for kind in (USABLE, UNIT_MISMATCH, IMPLAUSIBLE):
+        src, tag = obs[obs["reading"].to_numpy() == kind], "" if kind == USABLE else f"{READING_NAMES[kind]}_"
         base = _asof(ep, src, "start_day", "backward", f"{tag}baseline")
         fu = _asof(ep, src, "fu_from", "forward", f"{tag}followup")
         out = out.merge(base, on="episode_id", how="left").merge(fu, on="episode_id", how="left")
@@ -122,7 +140,10 @@ def find_values(episodes: pd.DataFrame, obs: pd.DataFrame) -> pd.DataFrame:
         f_ok = (out[f"{tag}followup_day"] - out["start_day"]) <= out["followup_max"]
         out.loc[~b_ok.fillna(False).astype(bool), [f"{tag}baseline_day", f"{tag}baseline_value"]] = np.nan
         out.loc[~f_ok.fillna(False).astype(bool), [f"{tag}followup_day", f"{tag}followup_value"]] = np.nan
-    out["baseline_mismatch"] = out["baseline_value"].isna() & out["bad_baseline_day"].notna()
-    out["followup_mismatch"] = out["followup_value"].isna() & out["bad_followup_day"].notna()
-    drop = ["series", "fu_from", "bad_baseline_day", "bad_baseline_value", "bad_followup_day", "bad_followup_value"]
+    drop = ["series", "fu_from"]
+    for kind, flag in ((UNIT_MISMATCH, "mismatch"), (IMPLAUSIBLE, "implausible")):
+        for window in ("baseline", "followup"):
+            found = f"{READING_NAMES[kind]}_{window}"
+            out[f"{window}_{flag}"] = out[f"{window}_value"].isna() & out[f"{found}_day"].notna()
+            drop += [f"{found}_day", f"{found}_value"]
     return out.drop(columns=drop)

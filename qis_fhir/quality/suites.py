@@ -17,7 +17,10 @@ Each entry names one expectation of the small vocabulary in ``vocabulary.py``. A
 column (or a list of columns, one rule each) for column-only expectations, else a mapping. Values
 may refer to the loaded mapping set: ``$mapping.version``, ``$mapping.content_hash``,
 ``$mapping.buckets``, ``$mapping.treatments``, ``$mapping.measures``, ``$mapping.age_bands`` and
-``$mapping.sexes`` (the last two include ``unknown``, which the outcome stage uses for missing data).
+``$mapping.sexes`` (the last two include ``unknown``, which the outcome stage uses for missing data),
+and ``$mapping.measures.<id>.plausible_min`` / ``plausible_max`` (a measure's ``plausible_range`` in
+``outcomes.yaml``, the one definition of it: a range rule on a measure's readings with other figures is
+refused at load, see ``_check_measure_ranges``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from qis_fhir.errors import MappingError
-from qis_fhir.mapping.yamldoc import compose_yaml, read_yaml_text
+from qis_fhir.mapping.yamldoc import compose_yaml, mapping_error, read_yaml_text
 from qis_fhir.quality.vocabulary import VOCABULARY, RuleArgumentError, set_text
 
 SUITES_FILE = "quality.yaml"
@@ -92,7 +95,7 @@ def suites_path(mapping: Any) -> Path:
 
 
 def _mapping_refs(mapping: Any) -> dict[str, Any]:
-    return {
+    refs = {
         "version": mapping.version,
         "content_hash": mapping.content_hash,
         "buckets": tuple(sorted(mapping.buckets)),
@@ -101,6 +104,48 @@ def _mapping_refs(mapping: Any) -> dict[str, Any]:
         "age_bands": mapping.cohorts.band_values,
         "sexes": mapping.cohorts.sex_values,
     }
+    for m in mapping.measures.values():
+        refs[f"measures.{m.id}.plausible_min"] = m.plausible_min
+        refs[f"measures.{m.id}.plausible_max"] = m.plausible_max
+    return refs
+
+
+#: Columns holding a measure's readings, per table. A rule reads one measure's rows when its ``where``
+#: names the measure's code (and its unit, or no unit) on observations, the measure's id on events.
+_MEASURE_VALUES: dict[str, tuple[str, ...]] = {
+    "observations": ("value",),
+    "outcome_events": ("baseline_value", "followup_value"),
+}
+
+
+def _ranges_one_measure(rule: Rule, m: Any) -> bool:
+    if rule.name not in {"between", "plausible_range"} or rule.column not in _MEASURE_VALUES.get(rule.table, ()):
+        return False
+    if rule.table == "outcome_events":
+        return rule.where == {"measure": (m.id,)}
+    where = rule.where or {}
+    return where.get("code") == (m.loinc,) and where.get("unit", (m.unit,)) == (m.unit,)
+
+
+def _check_measure_ranges(tables: dict[str, tuple[Rule, ...]], mapping: Any) -> None:
+    """Every range rule on one measure's readings uses that measure's ``plausible_range``.
+
+    The outcome stage drops readings outside ``outcomes.yaml``'s range; a quality rule with other
+    figures would warn about values the stage uses, or block the night on values it never reads.
+    Writing ``$mapping.measures.<id>.plausible_min`` keeps them equal; this refuses a literal that is not.
+    """
+    errors = []
+    for m in mapping.measures.values():
+        for rule in (r for rules in tables.values() for r in rules if _ranges_one_measure(r, m)):
+            if (rule.args["min"], rule.args["max"]) != (m.plausible_min, m.plausible_max):
+                errors.append(
+                    f"{rule.source}: {rule.name} on {rule.column} of measure {m.id} is "
+                    f"[{rule.args['min']}, {rule.args['max']}], but outcomes.yaml gives plausible_range "
+                    f"[{m.plausible_min}, {m.plausible_max}] (write min: $mapping.measures.{m.id}.plausible_min, "
+                    f"max: $mapping.measures.{m.id}.plausible_max)"
+                )
+    if errors:
+        raise mapping_error(errors)
 
 
 def _resolve(value: Any, refs: dict[str, Any], where: str) -> Any:
@@ -201,6 +246,7 @@ def parse_suites(text: str, mapping: Any, *, path: Path | str = SUITES_FILE) -> 
                     Rule(table=str(table), name=name, source=where_txt, columns=columns, args=rule_args, where=where)
                 )
         tables[str(table)] = tuple(rules)
+    _check_measure_ranges(tables, mapping)
     return SuiteSet(path=path, sha256=hashlib.sha256(text.encode()).hexdigest(), tables=tables)
 
 

@@ -244,3 +244,8 @@ def test_bad_period(v1):
 def test_empty_followup_window(v1):
     line = edit(v1 / "outcomes.yaml", "followup_days: [84, 400]", "followup_days: [400, 84]")
     assert error_of(v1) == f"outcomes.yaml:{line}: measures.hba1c.followup_days: follow-up window [400, 84] is empty"
+
+
+def test_empty_plausible_range(v1):
+    line = edit(v1 / "outcomes.yaml", "plausible_range: [2, 25]", "plausible_range: [25, 2]")
+    assert error_of(v1) == f"outcomes.yaml:{line}: measures.hba1c.plausible_range: plausible range [25, 2] is empty"

@@ -187,13 +187,15 @@ def test_sex_outside_the_cohort_list_becomes_unknown(tb):
 # --- accounting and contract ---------------------------------------------------------------------
 
 def mixed(tb):
-    """Six episodes, each with a different fate."""
+    """Eight episodes, each with a different fate."""
     tb.obs(patient="x", when=3000, value=1.0)  # data runs long past every window
     fates = {
         "ok": lambda p: with_bp(tb, p),
         "nobase": lambda p: tb.obs(patient=p, when=60, value=140.0),
         "nofu": lambda p: tb.obs(patient=p, when=-1, value=140.0),
         "unit": lambda p: (tb.obs(patient=p, when=-1, value=20.0, unit="kPa"), tb.obs(patient=p, when=60, value=1.0)),
+        "typo-base": lambda p: (tb.obs(patient=p, when=-1, value=900.0), tb.obs(patient=p, when=60, value=140.0)),
+        "typo-fu": lambda p: (tb.obs(patient=p, when=-1, value=160.0), tb.obs(patient=p, when=60, value=14.0)),
         "ghost": lambda p: with_bp(tb, p),
     }
     for name, fate in fates.items():
@@ -214,13 +216,15 @@ def mixed(tb):
 def test_every_episode_is_an_event_or_has_one_reason(tb):
     mixed(tb)
     s = derive_outcome_events(tb.tables(), MAPPING).summary
-    assert s["totals"]["episodes"] == 6 and s["totals"]["events"] == 2
+    assert s["totals"]["episodes"] == 8 and s["totals"]["events"] == 2
     assert s["totals"]["events"] + s["totals"]["excluded"] == s["totals"]["episodes"]
     assert s["exclusion_reasons"] == {
         "patient_unknown": 1,
         "baseline_unit_mismatch": 1,
+        "baseline_implausible": 1,
         "no_baseline": 1,
         "followup_unit_mismatch": 0,
+        "followup_implausible": 1,
         "followup_pending": 0,
         "no_followup": 1,
     }

@@ -17,7 +17,7 @@ OFFSETS = [-181, -180, -179, -1, 0, 1, 27, 28, 29, 100, 399, 400, 401]
 obs_st = st.tuples(
     st.builds(lambda a, b: a + b, st.sampled_from(REQUEST_DAYS), st.sampled_from(OFFSETS)),  # day
     st.integers(0, 23),  # hour
-    st.sampled_from([120.0, 135.0, 150.0, 165.0, 180.0]),
+    st.sampled_from([120.0, 135.0, 150.0, 165.0, 180.0, 20.0, 900.0]),  # the last two: outside [40, 300]
     st.sampled_from(["mm[Hg]", "mm[Hg]", "mm[Hg]", "kPa"]),
 )
 patient_st = st.tuples(
@@ -30,8 +30,10 @@ def reference(request_days, observations):
     """Per-episode loop straight from docs/outcomes.md."""
     days = sorted(request_days)
     starts = [d for i, d in enumerate(days) if i == 0 or d - days[i - 1] >= SBP.episode_gap_days]
-    ok = [(d, h, v) for d, h, v, u in observations if u == SBP.unit]
+    plausible = [SBP.plausible_min <= v <= SBP.plausible_max for _, _, v, _ in observations]
+    ok = [(d, h, v) for (d, h, v, u), p in zip(observations, plausible) if u == SBP.unit and p]
     bad = [(d, h, v) for d, h, v, u in observations if u != SBP.unit]
+    wild = [(d, h, v) for (d, h, v, u), p in zip(observations, plausible) if u == SBP.unit and not p]
     events, reasons = [], []
     for s in starts:
         def base(rows):
@@ -44,9 +46,9 @@ def reference(request_days, observations):
 
         b, f = base(ok), follow(ok)
         if b is None:
-            reasons.append("baseline_unit_mismatch" if base(bad) else "no_baseline")
+            reasons.append("baseline_unit_mismatch" if base(bad) else "baseline_implausible" if base(wild) else "no_baseline")
         elif f is None:
-            reasons.append("followup_unit_mismatch" if follow(bad) else "no_followup")
+            reasons.append("followup_unit_mismatch" if follow(bad) else "followup_implausible" if follow(wild) else "no_followup")
         else:
             events.append((s, b[2], f[2], f[2] - b[2] <= -SBP.threshold))
     return events, reasons

@@ -79,9 +79,9 @@ def test_same_day_values_resolve_by_time_not_input_order(tb):
     c = tb.condition(onset=-400)
     tb.request(when=0, reasons=[c])
     tb.obs(when=-3, value=171.0, hour=15)  # later that day: the baseline
-    tb.obs(when=-3, value=999.0, hour=8)
+    tb.obs(when=-3, value=199.0, hour=8)  # plausible: it loses on time alone
     tb.obs(when=40, value=150.0, hour=8)  # earlier that day: the follow-up
-    tb.obs(when=40, value=999.0, hour=17)
+    tb.obs(when=40, value=199.0, hour=17)
     ev = derive_outcome_events(tb.tables(), MAPPING).events.iloc[0]
     assert (ev.baseline_value, ev.followup_value) == (171.0, 150.0)
 

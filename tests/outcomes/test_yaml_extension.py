@@ -44,6 +44,7 @@ NEW_MEASURES = """
     baseline_days: 90
     followup_days: [14, 180]
     threshold: 0.2
+    plausible_range: [0.1, 8]
     episode_gap_days: 120
 """
 
