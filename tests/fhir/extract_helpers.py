@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from qis_fhir.fhir import extract_export
+from qis_fhir.fhir.sources import Labeller
 
 SECRET = b"test-secret-for-extract-tests-32"
 CANARY = "CANARY-PID-7f3a"  # a patient id that must never appear in any output
@@ -64,6 +65,11 @@ BASE_REQUEST = {
     "authoredOn": "2019-05-02T10:00:00Z",
     "reasonReference": [{"reference": "Condition/cond-1"}],
 }
+
+
+def label(name: str) -> str:
+    """How the outputs of ``extract`` name the export file ``name``."""
+    return Labeller(SECRET).label(name, "json" if name.endswith((".json", ".json.gz")) else "ndjson")
 
 
 def resource(base: dict, **changes) -> dict:

@@ -14,6 +14,7 @@ from extract_helpers import (
     all_output_bytes,
     assert_counts_add_up,
     extract,
+    label,
     resource,
     write_ndjson,
 )
@@ -182,7 +183,7 @@ def test_unresolved_urn_in_a_bundle_is_invalid_reference(tmp_path):
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "b.json").write_text(json.dumps(bundle))
     summary, records, _ = extract(tmp_path / "e", tmp_path / "out")
-    assert [(r["file"], r["line"], r["reason"]) for r in records] == [("json-file-0001", 1, "invalid_reference")]
+    assert [(r["file"], r["line"], r["reason"]) for r in records] == [(label("b.json"), 1, "invalid_reference")]
 
 
 def test_every_declared_reason_is_covered_by_a_test():
@@ -230,6 +231,6 @@ def test_oversized_json_file_is_refused_unparsed(tmp_path):
     (tmp_path / "e" / "big.json").write_text(json.dumps(bundle))
     write_ndjson(tmp_path / "e", "Observation.ndjson", [OBS])
     summary, records, tables = extract(tmp_path / "e", tmp_path / "out", max_json_bytes=2048)
-    assert [(r["file"], r["line"], r["reason"]) for r in records] == [("json-file-0001", 0, "line_too_long")]
+    assert [(r["file"], r["line"], r["reason"]) for r in records] == [(label("big.json"), 0, "line_too_long")]
     assert len(tables["observations"]) == 1
     assert_counts_add_up(summary)
