@@ -30,6 +30,9 @@ from qis_fhir.fhir.sources import CORRUPT, BrokenStream, SourceFile
 PARSE_BUFFER = 1 << 16  # bytes ijson reads at a time: also the precision of an entry's measured size
 _STARTS = frozenset({"start_map", "start_array", "null", "boolean", "number", "string"})
 _ENTRY = "entry.item"
+# the only places ``scan`` looks at
+_WATCHED = frozenset({"", "resourceType", "entry", _ENTRY, "entry.item.fullUrl", "entry.item.resource.resourceType",
+                      "entry.item.resource.id"})
 TOO_LONG = object()  # ``entries`` yields it for an entry over the size cap (never built)
 
 
@@ -105,6 +108,8 @@ def scan(src: SourceFile, max_bytes: int, max_entry_bytes: int, max_entries: int
     start = n = 0
     try:
         for prefix, event, value in _events(counted):
+            if prefix not in _WATCHED:  # most events: one set lookup
+                continue
             if prefix == _ENTRY:
                 if event in _STARTS:
                     n += 1
@@ -117,21 +122,21 @@ def scan(src: SourceFile, max_bytes: int, max_entry_bytes: int, max_entries: int
                         shape.too_long.add(n)
                     elif event == "end_map" and n <= max_entries:
                         _remember(shape, n, url, rtype, rid)
-            elif prefix.startswith("entry.item."):
-                if prefix == "entry.item.fullUrl":
-                    url = value if event == "string" else None
-                elif prefix == "entry.item.resource.resourceType":
-                    rtype = value if event == "string" else None
-                elif prefix == "entry.item.resource.id":
-                    rid = value if event == "string" else (None if event == "null" else False)
+            elif prefix == "entry.item.fullUrl":
+                url = value if event == "string" else None
+            elif prefix == "entry.item.resource.resourceType":
+                rtype = value if event == "string" else None
+            elif prefix == "entry.item.resource.id":
+                rid = value if event == "string" else (None if event == "null" else False)
             elif prefix == "":
                 if event == "start_map":
                     top_map = True
                 elif event == "map_key" and value in ("output", "transactionTime"):
                     keys.add(value)
-            elif prefix == "resourceType" and event == "string":
-                top_type = value
-            elif prefix == "entry" and shape.entry_list is None and event != "map_key":
+            elif prefix == "resourceType":
+                if event == "string":
+                    top_type = value
+            elif shape.entry_list is None and event != "map_key":  # prefix "entry"
                 shape.entry_list = event == "start_array"
     except ijson.JSONError:
         raise BadJson(_bad_json_reason(counted)) from None
@@ -174,10 +179,9 @@ def entries(src: SourceFile, shape: JsonShape, max_bytes: int, max_entries: int)
     ``urn:uuid:`` fullUrl is given the uuid as its id (``_remember``)."""
     counted, reader, raw = _opened(src, max_bytes)
     try:
-        events = _events(counted)
-        if shape.too_long:
-            events = _without(events, shape.too_long)
-        for n, entry in enumerate(ijson.items(events, _ENTRY), 1):
+        # ijson builds from the file in C; from a filtered event stream (an entry to leave out) in Python
+        source = _without(_events(counted), shape.too_long) if shape.too_long else counted
+        for n, entry in enumerate(ijson.items(source, _ENTRY, buf_size=PARSE_BUFFER, use_float=True), 1):
             if n > max_entries:
                 return
             if n in shape.too_long:
