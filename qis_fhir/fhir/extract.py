@@ -26,7 +26,7 @@ import orjson
 from qis_fhir.errors import InputNotFoundError
 from qis_fhir.files import write_json
 from qis_fhir.fhir import reasons as R
-from qis_fhir.fhir.bundles import TOO_LONG, BadJson, TooLarge, entries, read_small, scan
+from qis_fhir.fhir.bundles import TOO_LONG, BadJson, JsonShape, TooLarge, entries, read_small, scan
 from qis_fhir.fhir.fastpath import observation_blocks
 from qis_fhir.fhir.fields import make_handlers
 from qis_fhir.fhir.keys import OwnKeys
@@ -164,10 +164,11 @@ class _Extraction:
         counts[0] += lines
         counts[2] += lines
 
-    def _file_fault(self, fc: _FileCounts, label: str, rtype: str, reason: str, detail: str) -> None:
-        """The file as one unit (line 0) could not be read: one line read, quarantined."""
+    def _fault(self, fc: _FileCounts, label: str, line: int, rtype: str, reason: str, detail: str) -> None:
+        """A line no loop counted (the file as one unit is line 0; where a damaged stream stopped, the
+        next line): one line read, quarantined."""
         fc.read += 1
-        self.reject(fc, label, 0, rtype, reason, detail)
+        self.reject(fc, label, line, rtype, reason, detail)
 
     def resource(self, obj: object, fc: _FileCounts, label: str, line: int, urns: dict | None, raw: bytes | None) -> None:
         """Take one parsed resource from a Bundle entry, a JSON file or an untyped NDJSON line (the
@@ -202,7 +203,8 @@ class _Extraction:
                     raw = orjson.dumps(obj)
                 except orjson.JSONEncodeError:  # a Bundle entry orjson cannot write back
                     self.dropped.clear()
-                    self.reject(fc, label, line, rtype, R.INVALID_JSON, "resource cannot be re-encoded for validation (nested too deeply, or an integer over 64 bits)")
+                    self.reject(fc, label, line, rtype, R.INVALID_JSON,
+                                "resource cannot be re-encoded for validation (nested too deeply, or an integer over 64 bits)")
                     return
             self._validate_later(fc, label, line, rtype, raw, rows)
         else:
@@ -273,15 +275,14 @@ class _Extraction:
             else:
                 self._untyped_ndjson(src, fc)
         except UnreadableFile:  # raised on opening, before any line of the file was counted
-            self._file_fault(fc, src.label, src.resource_type or UNKNOWN_TYPE, R.UNREADABLE_FILE, _UNREADABLE_DETAIL)
+            self._fault(fc, src.label, 0, src.resource_type or UNKNOWN_TYPE, R.UNREADABLE_FILE, _UNREADABLE_DETAIL)
         self._settle()  # every file's counts are complete when it is done
 
     def _blocks(self, src: SourceFile):
         return line_blocks(src, self.max_line_bytes, self.progress)
 
     def _corrupt(self, fc: _FileCounts, label: str, lineno: int, rtype: str) -> None:
-        fc.read += 1
-        self.reject(fc, label, lineno, rtype, R.CORRUPT_FILE, _CORRUPT_DETAIL)
+        self._fault(fc, label, lineno, rtype, R.CORRUPT_FILE, _CORRUPT_DETAIL)
 
     def _skip_file(self, src: SourceFile, fc: _FileCounts) -> None:
         """A bulk file of a type the pipeline does not extract: count its lines, do not parse them."""
@@ -373,14 +374,14 @@ class _Extraction:
         try:
             shape = scan(src, self.max_json_bytes, self.max_line_bytes, self.max_bundle_entries)
         except TooLarge:
-            self._file_fault(fc, label, UNKNOWN_TYPE, R.LINE_TOO_LONG,
-                             f"JSON file larger than {self.max_json_bytes} bytes decompressed (read no further)")
+            self._fault(fc, label, 0, UNKNOWN_TYPE, R.LINE_TOO_LONG,
+                        f"JSON file larger than {self.max_json_bytes} bytes decompressed (read no further)")
             return
         except BadJson as bad:
-            self._file_fault(fc, label, UNKNOWN_TYPE, bad.reason, _BAD_DETAIL[bad.reason].replace("line", "file"))
+            self._fault(fc, label, 0, UNKNOWN_TYPE, bad.reason, _BAD_DETAIL[bad.reason].replace("line", "file"))
             return
         except BrokenStream:
-            self._file_fault(fc, label, UNKNOWN_TYPE, R.CORRUPT_FILE, "compressed file is damaged or truncated")
+            self._fault(fc, label, 0, UNKNOWN_TYPE, R.CORRUPT_FILE, "compressed file is damaged or truncated")
             return
         finally:
             if self.progress is not None:
@@ -391,22 +392,21 @@ class _Extraction:
         elif shape.kind == "bundle":
             self._bundle(src, fc, shape)
         elif shape.size > self.max_line_bytes:
-            fc.read += 1
-            self.reject(fc, label, 1, UNKNOWN_TYPE, R.LINE_TOO_LONG,
+            self._fault(fc, label, 1, UNKNOWN_TYPE, R.LINE_TOO_LONG,
                         f"a single resource longer than {self.max_line_bytes} bytes (not parsed)")
         else:
             try:
                 doc = orjson.loads(read_small(src, shape.size))
             except BrokenStream:
-                self._file_fault(fc, label, UNKNOWN_TYPE, R.CORRUPT_FILE, _CORRUPT_DETAIL)
+                self._corrupt(fc, label, 0, UNKNOWN_TYPE)
                 return
             except orjson.JSONDecodeError:  # JSON to yajl, not to orjson (an integer over 64 bits)
-                self._file_fault(fc, label, UNKNOWN_TYPE, R.INVALID_JSON, _BAD_DETAIL[R.INVALID_JSON])
+                self._fault(fc, label, 0, UNKNOWN_TYPE, R.INVALID_JSON, _BAD_DETAIL[R.INVALID_JSON])
                 return
             fc.read += 1
             self.resource(doc, fc, label, 1, None, None)
 
-    def _bundle(self, src: SourceFile, fc: _FileCounts, shape) -> None:
+    def _bundle(self, src: SourceFile, fc: _FileCounts, shape: JsonShape) -> None:
         """A Bundle's entries, Medications first (so requests that reference them resolve whatever the
         entry order: a pass that stops after the last one), then the rest; those beyond the entry
         cap are counted, in one quarantine record."""
@@ -414,7 +414,7 @@ class _Extraction:
         if shape.entry_list is None:
             return  # an empty Bundle: nothing to read
         if not shape.entry_list:
-            self._file_fault(fc, label, "Bundle", R.INVALID_FIELD, "Bundle.entry is not a list")
+            self._fault(fc, label, 0, "Bundle", R.INVALID_FIELD, "Bundle.entry is not a list")
             return
         cap = self.max_bundle_entries
         medications = set(shape.medications)

@@ -96,21 +96,22 @@ class SourceFile:
         return raw, raw
 
 
+def bulk_type(name: str) -> str | None:
+    """The R4B resource type a bulk-export NDJSON file name announces, or None."""
+    m = BULK_NAME.match(name)
+    return m.group("type") if m and m.group("type") in resource_types() else None
+
+
 class Labeller:
     """How outputs name a file of the export: the one place that decides (module docstring)."""
 
     def __init__(self, secret: bytes) -> None:
         self._mac = hmac.new(secret, b"qis-fhir export file name\0", hashlib.sha256)
 
-    def bulk_type(self, name: str) -> str | None:
-        """The R4B resource type a bulk-export NDJSON file name announces, or None."""
-        m = BULK_NAME.match(name)
-        return m.group("type") if m and m.group("type") in resource_types() else None
-
     def label(self, name: str, kind: str) -> str:
         """``name`` when it is a bulk-export name, else ``<kind>-file-<keyed hash of the name>``:
         the same name gives the same label every night under the same site secret."""
-        if kind == "ndjson" and self.bulk_type(name) is not None:
+        if kind == "ndjson" and bulk_type(name) is not None:
             return name
         mac = self._mac.copy()
         mac.update(os.fsencode(name))
@@ -148,7 +149,7 @@ def discover(export_dir: Path, labeller: Labeller) -> tuple[list[SourceFile], Co
             skipped[HIDDEN] += 1
         elif name.endswith((".ndjson", ".ndjson.gz")):
             label = labeller.label(name, "ndjson")
-            sources.append(SourceFile(path, root, "ndjson", labeller.bulk_type(name), label, st.st_size))
+            sources.append(SourceFile(path, root, "ndjson", bulk_type(name), label, st.st_size))
         elif name.endswith((".json", ".json.gz")):
             sources.append(SourceFile(path, root, "json", None, labeller.label(name, "json"), st.st_size))
         else:
