@@ -201,10 +201,9 @@ class _Extraction:
             if raw is None:
                 try:
                     raw = orjson.dumps(obj)
-                except orjson.JSONEncodeError:  # a Bundle entry orjson cannot write back
+                except orjson.JSONEncodeError:  # a Bundle entry nested deeper than orjson writes
                     self.dropped.clear()
-                    self.reject(fc, label, line, rtype, R.INVALID_JSON,
-                                "resource cannot be re-encoded for validation (nested too deeply, or an integer over 64 bits)")
+                    self.reject(fc, label, line, rtype, R.INVALID_JSON, "resource is nested too deeply to validate")
                     return
             self._validate_later(fc, label, line, rtype, raw, rows)
         else:
@@ -400,7 +399,7 @@ class _Extraction:
             except BrokenStream:
                 self._corrupt(fc, label, 0, UNKNOWN_TYPE)
                 return
-            except orjson.JSONDecodeError:  # JSON to yajl, not to orjson (an integer over 64 bits)
+            except orjson.JSONDecodeError:  # JSON to yajl, too deep for orjson (over 1,024 levels)
                 self._fault(fc, label, 0, UNKNOWN_TYPE, R.INVALID_JSON, _BAD_DETAIL[R.INVALID_JSON])
                 return
             fc.read += 1

@@ -174,6 +174,22 @@ def test_deep_nesting_is_read_as_orjson_reads_it(tmp_path):
     assert_counts_add_up(summary)
 
 
+def test_deep_nesting_in_a_bundle_entry_is_read_and_refused_only_by_validation(tmp_path):
+    """ijson builds any depth; a 5,000-deep field the pipeline does not read leaves the entry usable,
+    but a validated entry must be written back as JSON, which orjson refuses past 255 levels: that
+    entry is quarantined, and nothing raises."""
+    deep = json.dumps(OBS)[:-1] + ', "extension": ' + "[" * 5000 + "]" * 5000 + "}"
+    doc = '{"resourceType": "Bundle", "entry": [{"resource": ' + deep + '}, {"resource": ' + json.dumps(OBS) + "}]}"
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "b.json").write_text(doc)
+    summary, records, tables = extract(tmp_path / "e", tmp_path / "full", validate="full")
+    assert [(r["line"], r["reason"]) for r in records] == [(1, "invalid_json")]
+    assert list(tables["observations"]["source_line"]) == [2]
+    summary_off, records_off, tables_off = extract(tmp_path / "e", tmp_path / "off", validate="off")
+    assert records_off == [] and len(tables_off["observations"]) == 2
+    assert_counts_add_up(summary)
+
+
 def test_unresolved_urn_in_a_bundle_is_invalid_reference(tmp_path):
     import json
 
