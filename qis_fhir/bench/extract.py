@@ -230,13 +230,16 @@ def _repeat_observations(source: Path, export: Path, target: int, per_file: int)
     """Write ``source``'s Observation lines, repeated in order until ``target``, as part files of at
     most ``per_file`` lines: the bench on a real export's shapes (panels, codings, non-ASCII text).
     Repeats are kinder to the date and patient-key caches than a real export of that size would be."""
-    from qis_fhir.fhir.sources import BULK_NAME, line_blocks
+    import secrets
 
+    from qis_fhir.fhir.sources import Labeller, discover, line_blocks
+
+    sources, _ = discover(source, Labeller(secrets.token_bytes(32)))  # labels are not used here
     lines = [
         line
-        for path in sorted(source.iterdir())
-        if (m := BULK_NAME.match(path.name)) and m.group("type") == "Observation"
-        for block in line_blocks(path, 1 << 20)
+        for src in sources
+        if src.resource_type == "Observation"
+        for block in line_blocks(src, 1 << 20)
         for line in block
         if line
     ]

@@ -79,6 +79,10 @@ def _print_summary(summary) -> None:
     if summary.quarantine_reasons:
         top = sorted(summary.quarantine_reasons.items(), key=lambda kv: -kv[1])
         click.echo("quarantined by reason: " + ", ".join(f"{r} {n:,}" for r, n in top))
+    if summary.skipped_paths:
+        click.echo("paths not read: " + ", ".join(f"{r} {n:,}" for r, n in summary.skipped_paths.items()))
+    if summary.caps_hit:
+        click.echo(f"limits reached in {len(summary.caps_hit):,} file(s): see caps_hit in summary.json")
     validated = f"model-validated: {summary.validated:,} ({summary.validate}"
     if summary.validate == "sample":
         validated += f", rate {summary.validation_sample_rate:g}"

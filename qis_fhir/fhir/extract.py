@@ -2,7 +2,14 @@
 
 Every line (NDJSON) or Bundle entry (JSON) is read once and ends in exactly one of: accepted (its
 rows are written), quarantined (a record with file, line, type and reason), or skipped (a resource
-type the pipeline does not extract). ``summary.json`` counts all three per type and per file.
+type the pipeline does not extract). ``summary.json`` counts all three per type and per file, and
+every path of the folder that is not read, by reason.
+
+The work and memory one file can cost are bounded (docs/extract.md, "Bounds"): lines over
+``max_line_bytes`` are read past unparsed, JSON files are streamed (``bundles.py``) and read no
+further than ``max_json_bytes`` decompressed, a Bundle's entries beyond ``max_bundle_entries`` are
+counted without being read, and at most ``max_quarantine_lines`` records are written per file and
+reason. ``summary.json`` says, per file, which cap was hit and what it left out.
 """
 
 from __future__ import annotations
@@ -19,12 +26,22 @@ import orjson
 from qis_fhir.errors import InputNotFoundError
 from qis_fhir.files import write_json
 from qis_fhir.fhir import reasons as R
+from qis_fhir.fhir.bundles import TOO_LONG, BadJson, JsonShape, TooLarge, entries, read_small, scan
 from qis_fhir.fhir.fastpath import observation_blocks
 from qis_fhir.fhir.fields import make_handlers
 from qis_fhir.fhir.keys import OwnKeys
+from qis_fhir.fhir.r4b import type_word
 from qis_fhir.fhir.schema import TABLE_OF_TYPE, TABLES
 from qis_fhir.fhir.sinks import DEFAULT_CHUNK_ROWS, QuarantineSink, TableSink
-from qis_fhir.fhir.sources import CORRUPT, BrokenStream, SourceFile, discover, line_blocks, open_binary
+from qis_fhir.fhir.sources import (
+    BULK_MANIFEST,
+    BrokenStream,
+    Labeller,
+    SourceFile,
+    UnreadableFile,
+    discover,
+    line_blocks,
+)
 from qis_fhir.fhir.summary import ExtractSummary
 from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, DEFAULT_VALIDATE, ModelValidator, effective_rate, sample_stride
 from qis_fhir.privacy.pseudonym import Pseudonymizer
@@ -32,12 +49,22 @@ from qis_fhir.privacy.pseudonym import Pseudonymizer
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LINE_BYTES = 1 << 20  # 1 MiB: no real Observation comes near; a runaway line is not parsed
-DEFAULT_MAX_JSON_BYTES = 256 << 20  # a JSON file (a Bundle) is parsed whole: one patient is a few MiB
+# A JSON file is read no further than this, decompressed: the bound on the work one file costs (a
+# Synthea patient Bundle is a few MiB; the fixtures' are 0.45 MB)
+DEFAULT_MAX_JSON_BYTES = 256 << 20
+# Entries read from one Bundle. Memory holds one small item per entry (its fullUrl and Type/id, ~250
+# bytes) while the Bundle is read, so this bounds it to ~50 MB. Real entries are larger than the
+# 1.3 KB that would fit 200,000 of them in max_json_bytes (Synthea's average 3.6 KB), so only a
+# Bundle of near-empty entries (a gzip of 20 million "{}" is 58 KB) meets the cap.
+DEFAULT_MAX_BUNDLE_ENTRIES = 200_000
+# Records written to the quarantine per file and reason; every line beyond is still counted
+DEFAULT_MAX_QUARANTINE_LINES = 1_000
 EXTRACT_DIR = "extract"
 SUMMARY_FILE = "summary.json"
 QUARANTINE_FILE = "quarantine.ndjson"
 UNKNOWN_TYPE = "unknown"
 _CORRUPT_DETAIL = "compressed stream is damaged or truncated: the rest of the file is unreadable"
+_UNREADABLE_DETAIL = "the file could not be opened (permissions, or it changed while read)"
 
 
 def _bad_bytes_reason(line: bytes) -> str:
@@ -82,9 +109,12 @@ class _Extraction:
         max_line_bytes: int,
         chunk_rows: int,
         max_json_bytes: int,
+        max_bundle_entries: int,
+        max_quarantine_lines: int,
     ) -> None:
         self.max_line_bytes = max_line_bytes
         self.max_json_bytes = max_json_bytes
+        self.max_bundle_entries = max_bundle_entries
         self.dropped: list[str] = []
         patient_key = Pseudonymizer(secret).key
         self.handlers = make_handlers(patient_key, OwnKeys(secret).for_type, self.dropped)
@@ -100,7 +130,8 @@ class _Extraction:
         self.without_rows: Counter = Counter()
         self.by_file: dict[str, _FileCounts] = {}
         self.pending: list[tuple] = []  # sampled resources awaiting model validation
-        self.ignored_files = 0
+        self.skipped_paths: Counter = Counter()
+        self.entries_beyond_cap: dict[str, int] = {}  # file label -> Bundle entries not read
         extract_dir = out / EXTRACT_DIR
         extract_dir.mkdir(parents=True, exist_ok=True)
         self.sinks: dict[str, TableSink] = {}
@@ -108,7 +139,7 @@ class _Extraction:
         try:
             for name, schema in TABLES.items():
                 self.sinks[name] = TableSink(name, schema, extract_dir / f"{name}.parquet", chunk_rows)
-            self.quarantine = QuarantineSink(out / QUARANTINE_FILE)
+            self.quarantine = QuarantineSink(out / QUARANTINE_FILE, max_quarantine_lines)
         except BaseException:
             self.abort()
             raise
@@ -123,13 +154,21 @@ class _Extraction:
             counts = self.by_type[rtype] = [0, 0, 0]
         return counts
 
-    def reject(self, fc: _FileCounts, label: str, line: int, rtype: str, reason: str, detail: str) -> None:
-        self.quarantine.add(label, line, rtype, reason, detail)
-        self.reasons[reason] += 1
-        fc.quarantined += 1
+    def reject(self, fc: _FileCounts, label: str, line: int, rtype: str, reason: str, detail: str,
+               lines: int = 1) -> None:
+        """Quarantine ``lines`` lines (one record) from ``line`` on; the caller counts them as read."""
+        self.quarantine.add(label, line, rtype, reason, detail, lines)
+        self.reasons[reason] += lines
+        fc.quarantined += lines
         counts = self._type_counts(rtype)
-        counts[0] += 1
-        counts[2] += 1
+        counts[0] += lines
+        counts[2] += lines
+
+    def _fault(self, fc: _FileCounts, label: str, line: int, rtype: str, reason: str, detail: str) -> None:
+        """A line no loop counted (the file as one unit is line 0; where a damaged stream stopped, the
+        next line): one line read, quarantined."""
+        fc.read += 1
+        self.reject(fc, label, line, rtype, reason, detail)
 
     def resource(self, obj: object, fc: _FileCounts, label: str, line: int, urns: dict | None, raw: bytes | None) -> None:
         """Take one parsed resource from a Bundle entry, a JSON file or an untyped NDJSON line (the
@@ -144,7 +183,7 @@ class _Extraction:
         handler = self.handlers.get(rtype)
         if handler is None:
             fc.skipped += 1
-            self.skipped_types[rtype] += 1
+            self.skipped_types[type_word(rtype)] += 1  # an R4B type name, or one fixed word
             return
         self._handle(obj, fc, label, line, rtype, handler, urns, raw)
 
@@ -159,7 +198,14 @@ class _Extraction:
             self.reject(fc, label, line, rtype, rej.reason, rej.detail)
             return
         if line % self._stride == self._first:
-            self._validate_later(fc, label, line, rtype, raw if raw is not None else orjson.dumps(obj), rows)
+            if raw is None:
+                try:
+                    raw = orjson.dumps(obj)
+                except orjson.JSONEncodeError:  # a Bundle entry nested deeper than orjson writes
+                    self.dropped.clear()
+                    self.reject(fc, label, line, rtype, R.INVALID_JSON, "resource is nested too deeply to validate")
+                    return
+            self._validate_later(fc, label, line, rtype, raw, rows)
         else:
             self._accept(rtype, rows, fc)
 
@@ -218,22 +264,24 @@ class _Extraction:
         fc = self.by_file.setdefault(src.label, _FileCounts())
         for sink in self.sinks.values():
             sink.begin_file(src.label)
-        if src.kind == "json":
-            self._json_file(src, fc)
-        elif src.resource_type is not None and src.resource_type not in self.handlers:
-            self._skip_file(src, fc)
-        elif src.resource_type is not None:
-            self._typed_ndjson(src, fc)
-        else:
-            self._untyped_ndjson(src, fc)
+        try:
+            if src.kind == "json":
+                self._json_file(src, fc)
+            elif src.resource_type is not None and src.resource_type not in self.handlers:
+                self._skip_file(src, fc)
+            elif src.resource_type is not None:
+                self._typed_ndjson(src, fc)
+            else:
+                self._untyped_ndjson(src, fc)
+        except UnreadableFile:  # raised on opening, before any line of the file was counted
+            self._fault(fc, src.label, 0, src.resource_type or UNKNOWN_TYPE, R.UNREADABLE_FILE, _UNREADABLE_DETAIL)
         self._settle()  # every file's counts are complete when it is done
 
     def _blocks(self, src: SourceFile):
-        return line_blocks(src.path, self.max_line_bytes, self.progress)
+        return line_blocks(src, self.max_line_bytes, self.progress)
 
     def _corrupt(self, fc: _FileCounts, label: str, lineno: int, rtype: str) -> None:
-        fc.read += 1
-        self.reject(fc, label, lineno, rtype, R.CORRUPT_FILE, _CORRUPT_DETAIL)
+        self._fault(fc, label, lineno, rtype, R.CORRUPT_FILE, _CORRUPT_DETAIL)
 
     def _skip_file(self, src: SourceFile, fc: _FileCounts) -> None:
         """A bulk file of a type the pipeline does not extract: count its lines, do not parse them."""
@@ -319,56 +367,88 @@ class _Extraction:
             fc.read += lineno
 
     def _json_file(self, src: SourceFile, fc: _FileCounts) -> None:
-        """A Bundle (entries are the "lines", numbered from 1) or a single resource (line 1)."""
+        """A Bundle (entries are the "lines", numbered from 1) or a single resource (line 1), streamed
+        (``bundles.py``); a file that is not JSON, too large or damaged is one quarantined line 0."""
         label = src.label
-        reader, raw = open_binary(src.path)
         try:
-            data = reader.read(self.max_json_bytes + 1)
-        except CORRUPT:
-            fc.read += 1
-            self.reject(fc, label, 0, UNKNOWN_TYPE, R.CORRUPT_FILE, "compressed file is damaged or truncated")
+            shape = scan(src, self.max_json_bytes, self.max_line_bytes, self.max_bundle_entries)
+        except TooLarge:
+            self._fault(fc, label, 0, UNKNOWN_TYPE, R.LINE_TOO_LONG,
+                        f"JSON file larger than {self.max_json_bytes} bytes decompressed (read no further)")
+            return
+        except BadJson as bad:
+            self._fault(fc, label, 0, UNKNOWN_TYPE, bad.reason, _BAD_DETAIL[bad.reason].replace("line", "file"))
+            return
+        except BrokenStream:
+            self._fault(fc, label, 0, UNKNOWN_TYPE, R.CORRUPT_FILE, "compressed file is damaged or truncated")
             return
         finally:
-            reader.close()
-            raw.close()
             if self.progress is not None:
-                self.progress(src.path.stat().st_size)
-        if len(data) > self.max_json_bytes:
-            fc.read += 1
-            self.reject(fc, label, 0, UNKNOWN_TYPE, R.LINE_TOO_LONG,
-                        f"JSON file larger than {self.max_json_bytes} bytes (JSON files are parsed whole; not parsed)")
-            return
-        try:
-            doc = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            fc.read += 1
-            reason = _bad_bytes_reason(data)
-            self.reject(fc, label, 0, UNKNOWN_TYPE, reason, _BAD_DETAIL[reason].replace("line", "file"))
-            return
-        del data
-        if type(doc) is dict and doc.get("resourceType") == "Bundle":
-            entries = doc.get("entry")
-            if entries is None:
-                return  # an empty Bundle: nothing to read
-            if type(entries) is not list:
-                fc.read += 1
-                self.reject(fc, label, 0, "Bundle", R.INVALID_FIELD, "Bundle.entry is not a list")
-                return
-            urns = _bundle_urns(entries)
-            fc.read += len(entries)
-            # Medications first, so requests that reference them resolve whatever the entry order
-            medication_first = sorted(range(len(entries)), key=lambda i: _entry_type(entries[i]) != "Medication")
-            for i in medication_first:
-                entry = entries[i]
-                resource = entry.get("resource") if type(entry) is dict else None
-                self.resource(resource, fc, label, i + 1, urns, None)
-        elif type(doc) is dict and "resourceType" not in doc and "output" in doc and "transactionTime" in doc:
-            # a bulk-data $export manifest saved beside the data: not a resource
+                self.progress(src.size)
+        if shape.kind == "manifest":  # a bulk-data $export manifest saved beside the data: not a resource
             del self.by_file[label]
-            self.ignored_files += 1
+            self.skipped_paths[BULK_MANIFEST] += 1
+        elif shape.kind == "bundle":
+            self._bundle(src, fc, shape)
+        elif shape.size > self.max_line_bytes:
+            self._fault(fc, label, 1, UNKNOWN_TYPE, R.LINE_TOO_LONG,
+                        f"a single resource longer than {self.max_line_bytes} bytes (not parsed)")
         else:
+            try:
+                doc = orjson.loads(read_small(src, shape.size))
+            except BrokenStream:
+                self._corrupt(fc, label, 0, UNKNOWN_TYPE)
+                return
+            except orjson.JSONDecodeError:  # JSON to yajl, too deep for orjson (over 1,024 levels)
+                self._fault(fc, label, 0, UNKNOWN_TYPE, R.INVALID_JSON, _BAD_DETAIL[R.INVALID_JSON])
+                return
             fc.read += 1
             self.resource(doc, fc, label, 1, None, None)
+
+    def _bundle(self, src: SourceFile, fc: _FileCounts, shape: JsonShape) -> None:
+        """A Bundle's entries, Medications first (so requests that reference them resolve whatever the
+        entry order: a pass that stops after the last one), then the rest; those beyond the entry
+        cap are counted, in one quarantine record."""
+        label = src.label
+        if shape.entry_list is None:
+            return  # an empty Bundle: nothing to read
+        if not shape.entry_list:
+            self._fault(fc, label, 0, "Bundle", R.INVALID_FIELD, "Bundle.entry is not a list")
+            return
+        cap = self.max_bundle_entries
+        medications = set(shape.medications)
+        last = 0
+        try:
+            if medications:
+                final = shape.medications[-1]
+                for n, entry in _closing(entries(src, shape, self.max_json_bytes, cap)):
+                    if n in medications:
+                        fc.read += 1
+                        self._entry(fc, label, n, entry, shape.urns)
+                    if n >= final:
+                        break
+            for n, entry in _closing(entries(src, shape, self.max_json_bytes, cap)):
+                last = n
+                if n not in medications:
+                    fc.read += 1
+                    self._entry(fc, label, n, entry, shape.urns)
+        except BrokenStream:  # the file changed or broke since the scan: the rest is unreadable
+            self._corrupt(fc, label, last + 1, UNKNOWN_TYPE)
+            return
+        beyond = shape.entries - cap
+        if beyond > 0:
+            fc.read += beyond
+            self.entries_beyond_cap[label] = beyond
+            self.reject(fc, label, cap + 1, UNKNOWN_TYPE, R.TOO_MANY_ENTRIES,
+                        f"entries beyond the first {cap} of a Bundle are counted, not read", beyond)
+
+    def _entry(self, fc: _FileCounts, label: str, n: int, entry: object, urns: dict) -> None:
+        if entry is TOO_LONG:
+            self.reject(fc, label, n, UNKNOWN_TYPE, R.LINE_TOO_LONG,
+                        f"Bundle entry longer than {self.max_line_bytes} bytes (not parsed)")
+            return
+        resource = entry.get("resource") if type(entry) is dict else None
+        self.resource(resource, fc, label, n, urns, None)
 
     # --- the end ----------------------------------------------------------------------------------
 
@@ -387,32 +467,13 @@ class _Extraction:
             self.quarantine.abort()
 
 
-def _entry_type(entry: object) -> object:
-    resource = entry.get("resource") if type(entry) is dict else None
-    return resource.get("resourceType") if type(resource) is dict else None
-
-
-def _bundle_urns(entries: list) -> dict[str, str]:
-    """fullUrl -> ``Type/id`` for every entry, so ``urn:uuid:`` references resolve to table keys.
-
-    An entry without an id but with a ``urn:uuid:`` fullUrl (a transaction Bundle before the server
-    assigns ids) is given the uuid as its id, so it and the references to it agree.
-    """
-    urns: dict[str, str] = {}
-    for entry in entries:
-        if type(entry) is not dict:
-            continue
-        full_url = entry.get("fullUrl")
-        resource = entry.get("resource")
-        if type(full_url) is not str or type(resource) is not dict:
-            continue
-        rtype = resource.get("resourceType")
-        rid = resource.get("id")
-        if rid is None and full_url.startswith("urn:uuid:"):
-            rid = resource["id"] = full_url[len("urn:uuid:"):]
-        if type(rtype) is str and type(rid) is str and rtype and rid:
-            urns[full_url] = f"{rtype}/{rid}"
-    return urns
+def _closing(gen):
+    """Iterate ``gen`` and close it however the loop ends (its file with it), without waiting for
+    the garbage collector, which is paused during the run."""
+    try:
+        yield from gen
+    finally:
+        gen.close()
 
 
 def extract_export(
@@ -426,6 +487,8 @@ def extract_export(
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
+    max_bundle_entries: int = DEFAULT_MAX_BUNDLE_ENTRIES,
+    max_quarantine_lines: int = DEFAULT_MAX_QUARANTINE_LINES,
 ) -> ExtractSummary:
     """Extract an export directory into ``out_dir/extract/*.parquet``, its summary and the quarantine.
 
@@ -435,7 +498,7 @@ def extract_export(
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     if not export_dir.is_dir():
         raise InputNotFoundError(f"export directory {export_dir} does not exist")
-    sources, ignored = discover(export_dir)
+    sources, skipped_paths = discover(export_dir, Labeller(secret))
     if not sources:
         raise InputNotFoundError(
             f"no FHIR files in {export_dir} (looked for *.ndjson, *.ndjson.gz, *.json, *.json.gz)"
@@ -443,8 +506,9 @@ def extract_export(
     stride = sample_stride(validate, sample_rate)  # fails on a bad mode before any file is created
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = _Extraction(out_dir, secret, stride, max_line_bytes, chunk_rows, max_json_bytes)
-    run.ignored_files = ignored
+    run = _Extraction(out_dir, secret, stride, max_line_bytes, chunk_rows, max_json_bytes, max_bundle_entries,
+                      max_quarantine_lines)
+    run.skipped_paths.update(skipped_paths)
     bar = None
     # The loop allocates millions of short-lived, acyclic objects (parsed JSON) while holding a chunk
     # of row tuples alive; the cyclic GC then rescans those rows again and again (~15% of the run).
@@ -453,7 +517,7 @@ def extract_export(
     gc.disable()
     try:
         if progress:
-            bar = _progress_bar(sum(s.path.stat().st_size for s in sources))
+            bar = _progress_bar(sum(s.size for s in sources))
             run.progress = bar[1]
         for src in sources:
             log.info("extract: reading %s", src.label)
@@ -467,15 +531,22 @@ def extract_export(
             gc.enable()
         if bar is not None:
             bar[0].stop()
-    summary = _summarise(run, export_dir, validate, rows, max_line_bytes)
+    limits = {"max_line_bytes": max_line_bytes, "max_json_bytes": max_json_bytes,
+              "max_bundle_entries": max_bundle_entries, "max_quarantine_lines": max_quarantine_lines}
+    summary = _summarise(run, export_dir, validate, rows, limits)
     summary.seconds = round(time.perf_counter() - started, 3)
     summary.check_invariants()
     write_json(out_dir / EXTRACT_DIR / SUMMARY_FILE, summary.to_dict())
     return summary
 
 
-def _summarise(run: _Extraction, export_dir: Path, validate: str, rows: dict, cap: int) -> ExtractSummary:
+def _summarise(run: _Extraction, export_dir: Path, validate: str, rows: dict, limits: dict) -> ExtractSummary:
     by_file = {label: fc.as_dict() for label, fc in run.by_file.items()}
+    caps_hit: dict[str, dict] = {}
+    for label, counts in run.quarantine.not_written.items():
+        caps_hit.setdefault(label, {})["max_quarantine_lines"] = dict(sorted(counts.items()))
+    for label, beyond in run.entries_beyond_cap.items():
+        caps_hit.setdefault(label, {})["max_bundle_entries"] = beyond
     totals = {k: sum(f[k] for f in by_file.values()) for k in ("read", "accepted", "quarantined", "skipped")}
     return ExtractSummary(
         export_dir=str(export_dir),
@@ -490,8 +561,10 @@ def _summarise(run: _Extraction, export_dir: Path, validate: str, rows: dict, ca
         rows=rows,
         dropped_components=dict(sorted(run.dropped_components.items())),
         accepted_without_rows=dict(sorted(run.without_rows.items())),
-        ignored_files=run.ignored_files,
-        max_line_bytes=cap,
+        skipped_paths=dict(sorted(run.skipped_paths.items())),
+        limits=limits,
+        caps_hit=dict(sorted(caps_hit.items())),
+        quarantine_written=run.quarantine.written,
     )
 
 

@@ -29,6 +29,9 @@ INVALID_VALUE = "invalid_value"
 INVALID_FIELD = "invalid_field"
 # model-level: fhir.resources R4B rejected a resource the strict checks accepted
 MODEL_VALIDATION_FAILED = "model_validation_failed"
+# file-level: bounds and access (docs/extract.md, "Bounds")
+UNREADABLE_FILE = "unreadable_file"  # the file could not be opened: counted as one line 0
+TOO_MANY_ENTRIES = "too_many_entries"  # a Bundle entry beyond the per-Bundle entry cap: counted, not read
 
 ALL_REASONS: tuple[str, ...] = (
     CORRUPT_FILE,
@@ -51,6 +54,8 @@ ALL_REASONS: tuple[str, ...] = (
     INVALID_VALUE,
     INVALID_FIELD,
     MODEL_VALIDATION_FAILED,
+    UNREADABLE_FILE,
+    TOO_MANY_ENTRIES,
 )
 
 

@@ -22,8 +22,10 @@ class ExtractSummary:
     rows: dict[str, int] = field(default_factory=dict)
     dropped_components: dict[str, int] = field(default_factory=dict)  # component values of accepted Observations
     accepted_without_rows: dict[str, int] = field(default_factory=dict)  # accepted, but no numeric value
-    ignored_files: int = 0  # files in the export dir that are not FHIR data (LICENSE, a bulk manifest...)
-    max_line_bytes: int = 0
+    skipped_paths: dict[str, int] = field(default_factory=dict)  # paths not read, by reason (sources.py)
+    limits: dict[str, int] = field(default_factory=dict)  # the bounds in force (docs/extract.md, "Bounds")
+    caps_hit: dict[str, dict] = field(default_factory=dict)  # file label -> what a limit left out
+    quarantine_written: int = 0  # quarantined lines with a record in quarantine.ndjson
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -57,5 +59,8 @@ class ExtractSummary:
             problems.append("quarantined != sum of quarantine_reasons")
         if t["skipped"] != sum(self.skipped_types.values()):
             problems.append("skipped != sum of skipped_types")
+        not_written = sum(sum(c.get("max_quarantine_lines", {}).values()) for c in self.caps_hit.values())
+        if t["quarantined"] != self.quarantine_written + not_written:
+            problems.append("quarantined != lines with a quarantine record + lines over the record cap")
         if problems:
             raise AssertionError("; ".join(problems))

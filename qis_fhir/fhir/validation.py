@@ -8,13 +8,17 @@ least its first line checked, and choosing a line costs one integer test, where 
 decide cost ~15 % of a parse), ``off`` none.
 
 Errors are reported by *location* only (``valueQuantity.value``): pydantic's messages and inputs can
-quote the resource, which may hold identifiers.
+quote the resource, which may hold identifiers. A location names an element only where the R4B model
+defines it (``r4b.element_path``): an unknown key is the input's own text (a name, an id) and is
+reported as "an element not in the R4B specification".
 """
 
 from __future__ import annotations
 
 import importlib
 import re
+
+from qis_fhir.fhir.r4b import element_path
 
 MODES = ("full", "sample", "off")
 DEFAULT_VALIDATE = "sample"  # every command, the pipeline and the Dagster resource default to it
@@ -24,8 +28,8 @@ DEFAULT_VALIDATE = "sample"  # every command, the pipeline and the Dagster resou
 # (wrong FHIR version, a server bug), which is what sampling is for. Every value the pipeline reads
 # is strictly checked on every line regardless.
 DEFAULT_SAMPLE_RATE = 0.002
-# a location part is shown only if it looks like a field name or an index (an unknown key could be anything)
-_SAFE_PART = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,40}|[0-9]{1,6}")
+# pydantic's error types are its own snake_case words; anything else is shown as "invalid"
+_ERROR_TYPE = re.compile(r"[a-z_]{1,40}")
 
 _MODEL_MODULES = {
     "Patient": "fhir.resources.R4B.patient",
@@ -86,9 +90,9 @@ class ModelValidator:
         except ValidationError as exc:
             locations = []
             for err in exc.errors(include_url=False, include_context=False, include_input=False):
-                parts = [str(p) for p in err.get("loc", ()) if p != "__root__"]
-                loc = ".".join(p if _SAFE_PART.fullmatch(p) else "?" for p in parts) or "resource"
-                locations.append(f"{loc} ({err.get('type', 'invalid')})")
+                loc = element_path(model, tuple(p for p in err.get("loc", ()) if p != "__root__"))
+                kind = err.get("type", "")
+                locations.append(f"{loc} ({kind if _ERROR_TYPE.fullmatch(kind) else 'invalid'})")
                 if len(locations) == 3:
                     break
             more = exc.error_count() - len(locations)

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from qis_fhir.fhir import extract_export
+from qis_fhir.fhir.sources import Labeller
 
 SECRET = b"test-secret-for-extract-tests-32"
 CANARY = "CANARY-PID-7f3a"  # a patient id that must never appear in any output
@@ -65,6 +66,11 @@ BASE_REQUEST = {
     "authoredOn": "2019-05-02T10:00:00Z",
     "reasonReference": [{"reference": "Condition/cond-1"}],
 }
+
+
+def label(name: str) -> str:
+    """How the outputs of ``extract`` name the export file ``name``."""
+    return Labeller(SECRET).label(name, "json" if name.endswith((".json", ".json.gz")) else "ndjson")
 
 
 def resource(base: dict, **changes) -> dict:
@@ -188,3 +194,34 @@ def fhir_date_strategy():
         return text, int((expected - np.timedelta64(offset, "m")).astype(np.int64))
 
     return dates()
+
+
+_CHILD = """
+import json, resource, sys
+from qis_fhir.fhir import extract_export
+a = json.loads(sys.argv[1])
+s = extract_export(a["export"], a["out"], secret=bytes.fromhex(a["secret"]), **a["kwargs"])
+print(json.dumps({"summary": s.to_dict(), "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def extract_in_child(export: Path, out: Path, **kwargs) -> tuple[dict, float]:
+    """Extract in a fresh Python process: (summary dict, that process's peak RSS in MiB)."""
+    import subprocess
+    import sys
+
+    kwargs.setdefault("validate", "off")
+    arg = json.dumps({"export": str(export), "out": str(out), "secret": SECRET.hex(), "kwargs": kwargs})
+    proc = subprocess.run([sys.executable, "-c", _CHILD, arg], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    return result["summary"], result["peak_mib"]
+
+
+def peak_mib_without_the_bomb(tmp: Path, name: str, data: bytes, **kwargs) -> float:
+    """Peak RSS of a child extracting ``data`` as the file ``name``: the bomb's file without the bomb,
+    so the difference is what the bomb's size adds."""
+    export = tmp / "small-export"
+    export.mkdir()
+    (export / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    return extract_in_child(export, tmp / "small-out", **kwargs)[1]

@@ -23,10 +23,12 @@ def run_cli(argv, capsys):
 
 def test_extract_writes_outputs_prints_counts_and_creates_a_0600_secret(tmp_path, capsys):
     write_ndjson(tmp_path / "e", "Observation.ndjson", [BASE_OBSERVATION, b"{broken"])
+    (tmp_path / "e" / "LICENSE").write_text("Apache-2.0")
     secret = tmp_path / "keys" / "site.secret"
     code, out, err = run_cli(["extract", str(tmp_path / "e"), "--out", str(tmp_path / "out"), "--site-secret", str(secret)], capsys)
     assert code == ExitCode.OK, err
     assert "read 2" in out and "accepted 1" in out and "quarantined 1" in out and "invalid_json 1" in out
+    assert "paths not read: not_fhir_data 1" in out and "limits reached" not in out
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
     assert (tmp_path / "out" / "extract" / "observations.parquet").is_file()
     summary = json.loads((tmp_path / "out" / "extract" / "summary.json").read_text())
@@ -62,6 +64,15 @@ def test_group_readable_secret_is_refused(tmp_path, capsys):
     code, _, err = run_cli(["extract", str(tmp_path / "e"), "--out", str(tmp_path / "out"), "--site-secret", str(secret)], capsys)
     assert code == ExitCode.SECRET_INVALID
     assert not (tmp_path / "out").exists()
+
+
+def test_a_limit_reached_is_said_on_the_console(tmp_path, capsys):
+    write_ndjson(tmp_path / "e", "Observation.ndjson", [BASE_OBSERVATION] + [b"{bad"] * 1001)
+    code, out, err = run_cli(["extract", str(tmp_path / "e"), "--out", str(tmp_path / "out"),
+                              "--site-secret", str(tmp_path / "s")], capsys)
+    assert code == ExitCode.OK, err
+    assert "limits reached in 1 file(s): see caps_hit in summary.json" in out
+    assert len((tmp_path / "out" / "quarantine.ndjson").read_text().splitlines()) == 1000
 
 
 def test_nothing_accepted_exits_nothing_extracted_but_keeps_the_quarantine(tmp_path, capsys):

@@ -100,6 +100,7 @@ def test_check_invariants_names_what_does_not_add_up():
     s.totals = {"read": 3, "accepted": 1, "quarantined": 1, "skipped": 1}
     s.quarantine_reasons = {"invalid_json": 1}
     s.skipped_types = {"Encounter": 1}
+    s.quarantine_written = 1
     with pytest.raises(AssertionError, match="type Observation"):
         s.check_invariants()
     s.by_type["Observation"]["read"] = 2

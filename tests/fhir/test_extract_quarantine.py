@@ -14,6 +14,7 @@ from extract_helpers import (
     all_output_bytes,
     assert_counts_add_up,
     extract,
+    label,
     resource,
     write_ndjson,
 )
@@ -174,6 +175,22 @@ def test_deep_nesting_is_read_as_orjson_reads_it(tmp_path):
     assert_counts_add_up(summary)
 
 
+def test_deep_nesting_in_a_bundle_entry_is_read_and_refused_only_by_validation(tmp_path):
+    """ijson builds any depth; a 5,000-deep field the pipeline does not read leaves the entry usable,
+    but a validated entry must be written back as JSON, which orjson refuses past 255 levels: that
+    entry is quarantined, and nothing raises."""
+    deep = json.dumps(OBS)[:-1] + ', "extension": ' + "[" * 5000 + "]" * 5000 + "}"
+    doc = '{"resourceType": "Bundle", "entry": [{"resource": ' + deep + '}, {"resource": ' + json.dumps(OBS) + "}]}"
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "b.json").write_text(doc)
+    summary, records, tables = extract(tmp_path / "e", tmp_path / "full", validate="full")
+    assert [(r["line"], r["reason"]) for r in records] == [(1, "invalid_json")]
+    assert list(tables["observations"]["source_line"]) == [2]
+    summary_off, records_off, tables_off = extract(tmp_path / "e", tmp_path / "off", validate="off")
+    assert records_off == [] and len(tables_off["observations"]) == 2
+    assert_counts_add_up(summary)
+
+
 def test_unresolved_urn_in_a_bundle_is_invalid_reference(tmp_path):
     import json
 
@@ -183,11 +200,13 @@ def test_unresolved_urn_in_a_bundle_is_invalid_reference(tmp_path):
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "b.json").write_text(json.dumps(bundle))
     summary, records, _ = extract(tmp_path / "e", tmp_path / "out")
-    assert [(r["file"], r["line"], r["reason"]) for r in records] == [("json-file-0001", 1, "invalid_reference")]
+    assert [(r["file"], r["line"], r["reason"]) for r in records] == [(label("b.json"), 1, "invalid_reference")]
 
 
 def test_every_declared_reason_is_covered_by_a_test():
-    covered = set(BAD_OBSERVATION_LINES) | {"line_too_long", "corrupt_file", "model_validation_failed"}
+    # the last two: test_extract_privacy.py (an unreadable Bundle), test_extract_bounds.py (the entry cap)
+    covered = set(BAD_OBSERVATION_LINES) | {"line_too_long", "corrupt_file", "model_validation_failed",
+                                            "unreadable_file", "too_many_entries"}
     assert covered == set(ALL_REASONS)
 
 
@@ -231,6 +250,6 @@ def test_oversized_json_file_is_refused_unparsed(tmp_path):
     (tmp_path / "e" / "big.json").write_text(json.dumps(bundle))
     write_ndjson(tmp_path / "e", "Observation.ndjson", [OBS])
     summary, records, tables = extract(tmp_path / "e", tmp_path / "out", max_json_bytes=2048)
-    assert [(r["file"], r["line"], r["reason"]) for r in records] == [("json-file-0001", 0, "line_too_long")]
+    assert [(r["file"], r["line"], r["reason"]) for r in records] == [(label("big.json"), 0, "line_too_long")]
     assert len(tables["observations"]) == 1
     assert_counts_add_up(summary)

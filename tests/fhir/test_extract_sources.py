@@ -18,12 +18,13 @@ from extract_helpers import (
     SECRET,
     assert_counts_add_up,
     extract,
+    label,
     resource,
     write_ndjson,
 )
 
 from qis_fhir.errors import InputNotFoundError
-from qis_fhir.fhir.sources import line_blocks
+from qis_fhir.fhir.sources import Labeller, discover, line_blocks
 from qis_fhir.fhir import TABLES, extract_export
 from qis_fhir.privacy.pseudonym import Pseudonymizer
 
@@ -91,7 +92,8 @@ def test_untyped_ndjson_uses_each_lines_resource_type_and_hides_the_file_name(tm
     e = tmp_path / "e"
     write_ndjson(e, f"{CANARY}-export.ndjson", [BASE_PATIENT, BASE_OBSERVATION, {"resourceType": "Encounter", "id": "e1"}])
     summary, records, t = extract(e, tmp_path / "out")
-    assert list(summary["by_file"]) == ["ndjson-file-0001"]
+    assert list(summary["by_file"]) == [label(f"{CANARY}-export.ndjson")]
+    assert CANARY not in label(f"{CANARY}-export.ndjson")
     assert summary["skipped_types"] == {"Encounter": 1}
     assert len(t["patients"]) == 1 and len(t["observations"]) == 1
     assert_counts_add_up(summary)
@@ -105,7 +107,7 @@ def test_files_of_other_types_are_counted_as_skipped_without_parsing(tmp_path):
     summary, records, _ = extract(e, tmp_path / "out")
     assert summary["by_file"]["Encounter.000.ndjson"] == {"read": 2, "accepted": 0, "quarantined": 0, "skipped": 2}
     assert summary["skipped_types"] == {"Encounter": 2}
-    assert summary["ignored_files"] == 1
+    assert summary["skipped_paths"] == {"not_fhir_data": 1}
     assert "Encounter" not in summary["by_type"]
     assert_counts_add_up(summary)
 
@@ -115,7 +117,7 @@ def test_bulk_manifest_json_is_ignored(tmp_path):
     write_ndjson(e, "Observation.ndjson", [BASE_OBSERVATION])
     (e / "manifest.json").write_text(json.dumps({"transactionTime": "2020-01-01T00:00:00Z", "request": "x", "output": []}))
     summary, records, _ = extract(e, tmp_path / "out")
-    assert records == [] and summary["ignored_files"] == 1
+    assert records == [] and summary["skipped_paths"] == {"bulk_manifest": 1}
     assert list(summary["by_file"]) == ["Observation.ndjson"]
 
 
@@ -136,7 +138,7 @@ def test_bundle_resolves_urn_uuid_references_to_the_same_keys_as_ndjson(tmp_path
     (e / f"Jane_Doe_{CANARY}.json").write_text(json.dumps(bundle))
     summary, records, t = extract(e, tmp_path / "out")
     assert records == []
-    assert summary["by_file"] == {"json-file-0001": {"read": 5, "accepted": 4, "quarantined": 0, "skipped": 1}}
+    assert summary["by_file"] == {label(f"Jane_Doe_{CANARY}.json"): {"read": 5, "accepted": 4, "quarantined": 0, "skipped": 1}}
     pk = KEY(f"Patient/{CANARY}")
     assert set(t["patients"]["patient_key"]) == {pk}
     assert set(t["observations"]["patient_key"]) == {pk}
@@ -151,7 +153,7 @@ def test_single_resource_json_file_and_broken_json_file(tmp_path):
     (e / "b.json").write_bytes(b'{"resourceType": "Bundle", "entry": [')
     summary, records, t = extract(e, tmp_path / "out")
     assert len(t["observations"]) == 1
-    assert [(r["file"], r["line"], r["reason"]) for r in records] == [("json-file-0002", 0, "invalid_json")]
+    assert [(r["file"], r["line"], r["reason"]) for r in records] == [(label("b.json"), 0, "invalid_json")]
     assert_counts_add_up(summary)
 
 
@@ -238,7 +240,8 @@ def test_line_blocks_give_every_line_once_and_mark_overlong_ones(tmp_path_factor
         lines.pop()  # text after the last newline is a line; nothing after it is not
     seen = []
     reported = []
-    for block in line_blocks(path, cap, reported.append):
+    (src,), _ = discover(path.parent, Labeller(SECRET))
+    for block in line_blocks(src, cap, reported.append):
         assert block
         seen.extend(block)
     assert seen == [line if len(line) <= cap else None for line in lines]

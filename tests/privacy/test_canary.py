@@ -1,8 +1,11 @@
-"""Privacy canary (issue 3, "Done when"): a patient with a unique id, name, birth date and free-text
-strings runs through the whole pipeline (`qis-fhir -vv run EXPORT --site --network --out`); none of
-those strings, nor the raw patient id, may appear in the packets, the logs, the disclosure report or
-any other file the run writes. The canary's episode must land in a *published* packet, or the test
-would prove nothing."""
+"""Privacy canary: a patient with a unique id, name, birth date and free-text strings runs through the
+whole pipeline (`qis-fhir -vv run EXPORT --site --network --out`); none of those strings, nor the raw
+patient id, may appear in the packets, the logs, the disclosure report or any other file the run
+writes. The canary's episode must land in a *published* packet, or the test would prove nothing.
+
+Input text also sits where extraction used to copy it into its outputs: a key name (model validation
+named it), a ``resourceType`` (``skipped_types`` listed it), and file names (a Bundle file named after
+the patient, as Synthea names them, and an NDJSON file named like a bulk file of a type R4B lacks)."""
 
 from __future__ import annotations
 
@@ -36,6 +39,9 @@ CANARY = {
     "dosage": "CANARY-FREETEXT-take-with-grapefruit-juice",
     "med_note": "CANARY-FREETEXT-pharmacist-called-twice",
     "obs_note": "CANARY-FREETEXT-cuff-too-small-left-arm",
+    "key_name": "Zzyzxcanarykeyname",
+    "resource_type": "ZzyzxcanaryResourceType",
+    "file_name": "Zzyzxcanaryfile",
 }
 PATIENTS = 14  # >= 11: the cohort is published
 
@@ -109,6 +115,15 @@ def _write_export(export: Path) -> None:
             })
     for rtype, resources in lines.items():
         (export / f"{rtype}.000.ndjson").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in resources))
+    # input text where outputs used to copy it: a key name (quarantined by --validate full, so the
+    # canary's own episode is untouched), a resourceType, and the file names
+    extra_key = dict(lines["Observation"][0], id="obs-extra", **{CANARY["key_name"]: CANARY["obs_note"]})
+    other_type = {"resourceType": CANARY["resource_type"], "id": CANARY_ID, "note": CANARY["narrative"]}
+    bundle = {"resourceType": "Bundle", "type": "collection",
+              "entry": [{"fullUrl": f"urn:uuid:{CANARY_ID}-x", "resource": extra_key}, {"resource": other_type}]}
+    (export / f"{CANARY['family']}_{CANARY['given']}_{CANARY_ID}.json").write_bytes(orjson.dumps(bundle))
+    (export / f"{CANARY['file_name'].capitalize()}.000.ndjson").write_bytes(
+        orjson.dumps(other_type) + b"\n" + orjson.dumps(extra_key) + b"\n")
 
 
 @pytest.fixture(scope="module")
@@ -164,13 +179,28 @@ def test_no_canary_string_leaves_the_site(canary_run):
 
 
 def test_no_identifying_canary_string_in_any_output_file(canary_run):
-    """Stricter: the raw id, name, contact details and free text reach no file the run wrote at all
-    (tables hold pseudonymous keys; birth dates are typed timestamps, never strings)."""
+    """Stricter: the raw id, name, contact details, free text, key names, resource types and file
+    names reach no file the run wrote at all, Parquet tables read back as values as well as their
+    compressed bytes (tables hold pseudonymous keys; birth dates are typed timestamps, never strings)."""
     root, proc = canary_run
     assert proc.returncode == 0
     files = [p for p in (root / "out").rglob("*") if p.is_file()]
-    assert files
+    assert any(p.suffix == ".parquet" for p in files)
     for path in files:
-        data = path.read_bytes()
-        for what, needle in _needles().items():
-            assert needle not in data, f"canary {what} found in {path.relative_to(root)}"
+        blobs = [(path.read_bytes(), _needles())]
+        if path.suffix == ".parquet":  # read back, the birth date is the patients table's typed value
+            values = {k: v for k, v in _needles().items() if k != "birth"}
+            blobs.append((pd.read_parquet(path).to_csv(index=False).encode(), values))
+        for data, needles in blobs:
+            for what, needle in needles.items():
+                assert needle.lower() not in data.lower(), f"canary {what} found in {path.relative_to(root)}"
+
+
+def test_the_planted_input_was_read_and_counted(canary_run):
+    """The planted files were read, not skipped: the key name was quarantined by model validation,
+    the resource type counted as not an R4B type, both files named by keyed labels."""
+    root, proc = canary_run
+    summary = orjson.loads((root / "out" / "extract" / "summary.json").read_bytes())
+    assert summary["quarantine_reasons"].get("model_validation_failed") == 2
+    assert summary["skipped_types"].get("not_an_r4b_type") == 2
+    assert sum(name.startswith(("json-file-", "ndjson-file-")) for name in summary["by_file"]) == 2
