@@ -108,7 +108,7 @@ def _stage(root: Path, nodes: int, seed: int) -> dict:
     from qis_fhir.dht.client import publish_async
     from qis_fhir.dht.cluster import LOOPBACK, stop_processes
     from qis_fhir.evidence.collect import cohort_grid, collect
-    from qis_fhir.evidence.stage import write_report
+    from qis_fhir.evidence.report import write_report
     from qis_fhir.evidence.tables import build_tables, write_tables
     from qis_fhir.mapping import load_mapping
 
@@ -128,7 +128,7 @@ def _stage(root: Path, nodes: int, seed: int) -> dict:
         stop_processes(procs, STOP_GRACE)
     tables, pool_s, _ = _timed(lambda: build_tables(collection, mapping))
     _, write_s, _ = _timed(lambda: write_tables(tables, root / "out" / "evidence"))
-    _, report_s, _ = _timed(lambda: write_report(root / "out" / "evidence"))
+    page, report_s, _ = _timed(lambda: write_report(root / "out" / "evidence"))
     return {
         "nodes": len(addresses),
         "ksize": KSIZE,
@@ -142,6 +142,7 @@ def _stage(root: Path, nodes: int, seed: int) -> dict:
         "pool_s": pool_s,
         "write_tables_s": write_s,
         "report_s": report_s,
+        "report_mb": round(page.stat().st_size / 1e6, 2),
         "total_s": round(query_s + pool_s + write_s + report_s, 3),
     }
 

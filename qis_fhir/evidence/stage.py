@@ -48,18 +48,12 @@ def evidence_dir_of(path: Path | str) -> Path:
     raise InputNotFoundError(f"no {PROVENANCE} in {path} or {path / EVIDENCE_DIR}: run `qis-fhir evidence` first")
 
 
-def write_report(evidence_dir: Path) -> Path:
-    """The report helper's ``write_report``, imported only when a report is wanted."""
-    from qis_fhir.evidence.report import write_report as write
-
-    return write(evidence_dir)
-
-
 def run_evidence(config: EvidenceConfig) -> EvidenceResult:
     """Collect -> pool -> write tables -> report. Raises NoPeersError when no DHT peer answers."""
     import pandas as pd
 
     from qis_fhir.evidence.collect import collect
+    from qis_fhir.evidence.report import write_report
     from qis_fhir.evidence.tables import EVIDENCE_DIR, build_tables, write_tables
     from qis_fhir.mapping import load_mapping
     from qis_fhir.outcomes.events import OUTCOME_EVENTS
