@@ -176,6 +176,13 @@ def test_age_bands_follow_the_mappings_order_not_the_labels_text(tmp_path):
     assert group["patients_n"] == 12 and near == [("40-64", "the next older age group")]
 
 
+def test_each_measure_carries_its_unit_in_clinical_words_and_its_better_direction(evidence):
+    _, html = evidence
+    measures = embedded_data(html)["measures"]
+    assert {m: (v["unit"], v["direction"]) for m, v in measures.items()} == {
+        "systolic_bp": ("mmHg", "lower"), "hba1c": ("percentage points", "lower")}
+
+
 def test_periods_are_offered_newest_first_where_a_condition_has_several(evidence):
     _, html = evidence
     choices = embedded_data(html)["choices"]

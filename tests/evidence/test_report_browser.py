@@ -163,6 +163,9 @@ def test_a_clinician_picks_cohorts_and_sees_the_tables_figures(browser, tmp_path
         cell = per_site[(per_site[["condition", "age_band", "sex", "period", "treatment"]] == [*second, "2024", top["treatment"]]).all(axis=1)]
         labels = page.eval_on_selector_all(f"{card} svg.forest text.site", "ts => ts.map(t => t.textContent)")
         assert [label.split(" (")[0] for label in labels] == sorted(cell["site"])
+        # the mean change's axis says which way is better (lower HbA1c), from the table's measure_direction
+        axis = page.eval_on_selector_all(f"{card} svg.forest text.dir", "ts => ts.map(t => t.textContent)")
+        assert axis[2:] == ["\u2190 better: reading fell", "reading rose \u2192"]
         flags = page.eval_on_selector_all(f"{card} li[data-flag]", "ls => ls.map(l => l.textContent)")
         assert flags == [FLAG_TEXT[c] for c in top["flags"].split(";") if c != "observational"]
         assert page.inner_text("#observational").startswith(FLAG_TEXT["observational"])
