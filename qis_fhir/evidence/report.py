@@ -49,7 +49,7 @@ POOLED_COLUMNS = [
     "mean_pooled", "mean_pooled_lo", "mean_pooled_hi", "mean_re", "mean_re_lo", "mean_re_hi", "mean_pi_lo", "mean_pi_hi",
     "sd_pooled", "mean_re_sites", "resp_i2", "mean_i2", "local_patients", "local_responders", "local_mean",
 ]  # fmt: skip
-SITE_COLUMNS = [*CELL_KEYS, "site", "patients", "mean", "resp", "resp_lo", "resp_hi", "mean_lo", "mean_hi", "resp_weight", "mean_weight"]
+SITE_ESTIMATE_COLUMNS = [*CELL_KEYS, "site", "patients", "mean", "resp", "resp_lo", "resp_hi", "mean_lo", "mean_hi", "resp_weight", "mean_weight"]
 PROVENANCE_KEYS = ["run_date", "local_site", "sites", "packets_used", "packets_rejected", "mapping_version", "manifest_version", "cells", "min_cell_size"]
 
 #: near-match cohorts are shown when the chosen cohort has fewer pooled patients than this
@@ -105,7 +105,7 @@ def read_tables(evidence_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         raise EvidenceInvalidError(f"{PROVENANCE_NAME} is not valid JSON ({type(exc).__name__})") from None
     for name, have, need in (
         (POOLED_NAME, pooled.columns, POOLED_COLUMNS),
-        (SITES_NAME, per_site.columns, SITE_COLUMNS),
+        (SITES_NAME, per_site.columns, SITE_ESTIMATE_COLUMNS),
         (PROVENANCE_NAME, provenance if isinstance(provenance, dict) else {}, PROVENANCE_KEYS),
     ):
         missing = [c for c in need if c not in have]

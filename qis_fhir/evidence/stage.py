@@ -39,13 +39,14 @@ class EvidenceResult:
 
 def evidence_dir_of(path: Path | str) -> Path:
     """The folder holding the tables: ``DIR/evidence`` (an ``--out`` folder) or ``DIR`` itself."""
-    from qis_fhir.evidence.tables import EVIDENCE_DIR, PROVENANCE
+    from qis_fhir.evidence.report import PROVENANCE_NAME
+    from qis_fhir.evidence.tables import EVIDENCE_DIR
 
     path = Path(path)
     for candidate in (path / EVIDENCE_DIR, path):
-        if (candidate / PROVENANCE).exists():
+        if (candidate / PROVENANCE_NAME).exists():
             return candidate
-    raise InputNotFoundError(f"no {PROVENANCE} in {path} or {path / EVIDENCE_DIR}: run `qis-fhir evidence` first")
+    raise InputNotFoundError(f"no {PROVENANCE_NAME} in {path} or {path / EVIDENCE_DIR}: run `qis-fhir evidence` first")
 
 
 def run_evidence(config: EvidenceConfig) -> EvidenceResult:

@@ -27,17 +27,15 @@ import pandas as pd
 from qis_fhir.evidence.collect import Collection
 from qis_fhir.evidence.flags import rank_and_flag
 from qis_fhir.evidence.pooling import CELL_KEYS, pool
-from qis_fhir.evidence.report import unit_label
+# the file names the report reads, and its words for a unit: one definition each, in the reader
+from qis_fhir.evidence.report import POOLED_NAME, PROVENANCE_NAME, SITES_NAME, unit_label
 from qis_fhir.files import atomic_write, write_json
 
 if TYPE_CHECKING:
     from qis_fhir.mapping.model import MappingSet, OutcomeMeasure
 
 EVIDENCE_DIR = "evidence"
-POOLED_PARQUET = "pooled_outcomes.parquet"
 POOLED_CSV = "pooled_outcomes.csv"
-SITE_ESTIMATES = "site_estimates.parquet"
-PROVENANCE = "provenance.json"
 LEVEL = 0.95
 
 
@@ -157,10 +155,10 @@ def write_tables(tables: EvidenceTables, evidence_dir: Path | str) -> dict[str, 
     """Write the three table files atomically (a report rebuilt mid-write sees old or new, never half)."""
     evidence_dir = Path(evidence_dir)
     paths = {
-        "pooled_outcomes": evidence_dir / POOLED_PARQUET,
+        "pooled_outcomes": evidence_dir / POOLED_NAME,
         "pooled_outcomes_csv": evidence_dir / POOLED_CSV,
-        "site_estimates": evidence_dir / SITE_ESTIMATES,
-        "provenance": evidence_dir / PROVENANCE,
+        "site_estimates": evidence_dir / SITES_NAME,
+        "provenance": evidence_dir / PROVENANCE_NAME,
     }
     for key, frame in (("pooled_outcomes", tables.pooled), ("site_estimates", tables.per_site)):
         buffer = io.BytesIO()
