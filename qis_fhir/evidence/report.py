@@ -442,6 +442,9 @@ GLOSSARY = [
                  "not necessarily correct."),
     ("Expected range at another hospital", "Where a further, similar hospital's result would be expected to "
                                            "fall. Needs at least three hospitals."),
+    ("How much hospitals differ (I\u00b2)", "The part of the differences between hospitals' results that is more "
+                                          "than chance would give, from 0% (they agree as well as chance allows) "
+                                          "to 100%. Above 50% the treatment carries a caution."),
     ("Mean change", "The average difference between the reading after starting the treatment and the reading "
                     "before it."),
     ("Rank", "The order of the treatments in this group by how many patients responded. A rank is not proof "
