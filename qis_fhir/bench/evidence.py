@@ -4,11 +4,12 @@ Two measurements, with a network, sites and signed packets made for the run:
 
 * **pooling**: 1,000 cells from 50 sites (50,000 real signed packets for cohorts of the shipped
   mapping): the collect layer (verify every packet, keep the newest per site and packet id, decode
-  cohorts) and the pooling (``build_tables``: pool, per-site estimates, rank and flag, dress) timed
-  apart, so a change in one is not hidden by the other.
+  cohorts) and the pooling (``build_tables``: one fit per cell for the pooled and per-site tables,
+  rank and flag, dress) timed apart, so a change in one is not hidden by the other.
 * **stage**: the whole stage against N DHT nodes on 127.0.0.1 (default 30; worker processes as in
   ``qis-fhir bench --only dht``) holding 5 sites' packets for every cell: query of the full cohort
-  grid through one client, collect, pooling, writing the tables and the report, each timed.
+  grid through one client, collect, pooling, writing the tables and the report (and its size), each
+  timed.
 
 Seconds are wall-clock (the DHT part waits on other processes); the machines are shared, so read
 them as orders of magnitude and compare parts measured in the same run.
