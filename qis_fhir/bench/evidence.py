@@ -4,11 +4,12 @@ Two measurements, with a network, sites and signed packets made for the run:
 
 * **pooling**: 1,000 cells from 50 sites (50,000 real signed packets for cohorts of the shipped
   mapping): the collect layer (verify every packet, keep the newest per site and packet id, decode
-  cohorts) and the pooling (``build_tables``: pool, per-site estimates, rank and flag, dress) timed
-  apart, so a change in one is not hidden by the other.
+  cohorts) and the pooling (``build_tables``: one fit per cell for the pooled and per-site tables,
+  rank and flag, dress) timed apart, so a change in one is not hidden by the other.
 * **stage**: the whole stage against N DHT nodes on 127.0.0.1 (default 30; worker processes as in
   ``qis-fhir bench --only dht``) holding 5 sites' packets for every cell: query of the full cohort
-  grid through one client, collect, pooling, writing the tables and the report, each timed.
+  grid through one client, collect, pooling, writing the tables and the report (and its size), each
+  timed.
 
 Seconds are wall-clock (the DHT part waits on other processes); the machines are shared, so read
 them as orders of magnitude and compare parts measured in the same run.
@@ -108,7 +109,7 @@ def _stage(root: Path, nodes: int, seed: int) -> dict:
     from qis_fhir.dht.client import publish_async
     from qis_fhir.dht.cluster import LOOPBACK, stop_processes
     from qis_fhir.evidence.collect import cohort_grid, collect
-    from qis_fhir.evidence.stage import write_report
+    from qis_fhir.evidence.report import write_report
     from qis_fhir.evidence.tables import build_tables, write_tables
     from qis_fhir.mapping import load_mapping
 
@@ -128,7 +129,7 @@ def _stage(root: Path, nodes: int, seed: int) -> dict:
         stop_processes(procs, STOP_GRACE)
     tables, pool_s, _ = _timed(lambda: build_tables(collection, mapping))
     _, write_s, _ = _timed(lambda: write_tables(tables, root / "out" / "evidence"))
-    _, report_s, _ = _timed(lambda: write_report(root / "out" / "evidence"))
+    page, report_s, _ = _timed(lambda: write_report(root / "out" / "evidence"))
     return {
         "nodes": len(addresses),
         "ksize": KSIZE,
@@ -142,6 +143,7 @@ def _stage(root: Path, nodes: int, seed: int) -> dict:
         "pool_s": pool_s,
         "write_tables_s": write_s,
         "report_s": report_s,
+        "report_mb": round(page.stat().st_size / 1e6, 2),
         "total_s": round(query_s + pool_s + write_s + report_s, 3),
     }
 

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from qis_fhir.evidence.pooling import CELL_KEYS, SITE_COLUMNS
 from qis_fhir.packets.newest import newest_per_packet
 from qis_fhir.privacy.fingerprint import cohort_table
 
@@ -36,8 +37,7 @@ if TYPE_CHECKING:
     from qis_fhir.packets.manifest import NetworkContext, NetworkManifest
     from qis_fhir.packets.model import Packet
 
-CELL_KEYS = ["condition", "age_band", "sex", "treatment", "measure", "period", "mapping_version"]
-SITE_ROW_COLUMNS = CELL_KEYS + ["site", "patients", "responders", "mean", "sd", "as_of"]
+SITE_ROW_COLUMNS = CELL_KEYS + SITE_COLUMNS  # the input of pooling
 
 #: collection's own reasons, beside the verifier's (``qis_fhir.packets.verifier.REJECTED``)
 WRONG_FINGERPRINT = "wrong_fingerprint"  # a verified packet for another cohort than the one asked

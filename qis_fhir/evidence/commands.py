@@ -45,6 +45,7 @@ def echo_summary(provenance: dict, paths: dict[str, Path]) -> None:
 @click.argument("evidence_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def report(evidence_dir: Path) -> None:
     """Rebuild the HTML report from the tables in EVIDENCE_DIR (or EVIDENCE_DIR/evidence) alone."""
-    from qis_fhir.evidence.stage import evidence_dir_of, write_report
+    from qis_fhir.evidence.report import write_report
+    from qis_fhir.evidence.stage import evidence_dir_of
 
     click.echo(f"report: {write_report(evidence_dir_of(evidence_dir))}")

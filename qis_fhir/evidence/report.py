@@ -28,6 +28,8 @@ from typing import Any
 import pandas as pd
 
 from qis_fhir.errors import EvidenceInvalidError, InputNotFoundError
+from qis_fhir.evidence.flags import FLAG_TEXT
+from qis_fhir.evidence.pooling import CELL_KEYS
 from qis_fhir.files import atomic_write
 from qis_fhir.mapping.model import UNKNOWN
 
@@ -36,7 +38,6 @@ POOLED_NAME = "pooled_outcomes.parquet"
 SITES_NAME = "site_estimates.parquet"
 PROVENANCE_NAME = "provenance.json"
 
-CELL_KEYS = ["condition", "age_band", "sex", "treatment", "measure", "period", "mapping_version"]
 COHORT_KEYS = ["condition", "age_band", "sex"]
 # one result group: a cohort, one measure, one period under one mapping version; treatments are ranked in it
 GROUP_KEYS = [*COHORT_KEYS, "measure", "period", "mapping_version"]
@@ -46,9 +47,9 @@ POOLED_COLUMNS = [
     "condition_display", "treatment_display", "measure_display", "design",
     "resp_pooled", "resp_pooled_lo", "resp_pooled_hi", "resp_re", "resp_re_lo", "resp_re_hi", "resp_pi_lo", "resp_pi_hi",
     "mean_pooled", "mean_pooled_lo", "mean_pooled_hi", "mean_re", "mean_re_lo", "mean_re_hi", "mean_pi_lo", "mean_pi_hi",
-    "sd_pooled", "local_patients", "local_responders", "local_mean",
+    "sd_pooled", "mean_re_sites", "resp_i2", "mean_i2", "local_patients", "local_responders", "local_mean",
 ]  # fmt: skip
-SITE_COLUMNS = [*CELL_KEYS, "site", "patients", "mean", "resp", "resp_lo", "resp_hi", "mean_lo", "mean_hi", "resp_weight", "mean_weight"]
+SITE_ESTIMATE_COLUMNS = [*CELL_KEYS, "site", "patients", "mean", "resp", "resp_lo", "resp_hi", "mean_lo", "mean_hi", "resp_weight", "mean_weight"]
 PROVENANCE_KEYS = ["run_date", "local_site", "sites", "packets_used", "packets_rejected", "mapping_version", "manifest_version", "cells", "min_cell_size"]
 
 #: near-match cohorts are shown when the chosen cohort has fewer pooled patients than this
@@ -84,8 +85,6 @@ def write_report(evidence_dir: str | Path) -> Path:
     never its content). 1,332 result rows from 3,888 hospital rows: 1.2 s, a 3.2 MB page."""
     evidence_dir = Path(evidence_dir)
     pooled, per_site, provenance = read_tables(evidence_dir)
-    from qis_fhir.evidence.flags import FLAG_TEXT  # owned by the statistics side of the stage
-
     data = report_data(pooled, per_site, provenance, FLAG_TEXT)
     path = evidence_dir / REPORT_NAME
     atomic_write(path, render_html(data).encode("utf-8"))
@@ -106,7 +105,7 @@ def read_tables(evidence_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         raise EvidenceInvalidError(f"{PROVENANCE_NAME} is not valid JSON ({type(exc).__name__})") from None
     for name, have, need in (
         (POOLED_NAME, pooled.columns, POOLED_COLUMNS),
-        (SITES_NAME, per_site.columns, SITE_COLUMNS),
+        (SITES_NAME, per_site.columns, SITE_ESTIMATE_COLUMNS),
         (PROVENANCE_NAME, provenance if isinstance(provenance, dict) else {}, PROVENANCE_KEYS),
     ):
         missing = [c for c in need if c not in have]
@@ -140,6 +139,11 @@ def fmt_num(x: Any, decimals: int) -> str:
     if float(text) == 0:  # "-0.0" reads as a direction; it is no change at this precision
         text = text.lstrip("-")
     return text.replace("-", "\u2212")
+
+
+def fmt_i2(i2: Any) -> str:
+    """I^2, a fraction 0..1 in the tables, as the whole percentage meta-analyses print: 0.624 -> "62%"."""
+    return "" if _missing(i2) else f"{float(i2) * 100:.0f}%"
 
 
 def fmt_range(lo: Any, hi: Any, fmt) -> str:
@@ -309,8 +313,9 @@ def _group(key: tuple, rows: list[dict], sites_by_cell: dict, measure: dict, fla
             "mean_re": num(r["mean_re"]),
             "mean_re_ci": fmt_range(r["mean_re_lo"], r["mean_re_hi"], num),
             "mean_pi": fmt_range(r["mean_pi_lo"], r["mean_pi_hi"], num),
-            "re_note": "needs 2 or more hospitals" if k < 2 else "could not be estimated",
-            "pi_note": "needs 3 or more hospitals" if k < 3 else "could not be estimated",
+            "resp_i2": fmt_i2(r["resp_i2"]),
+            "mean_i2": fmt_i2(r["mean_i2"]),
+            **_notes(r, k),
             "unit": unit.strip(),
             "local": None if _missing(local_n) or int(local_n) == 0 else {
                 "patients": fmt_count(local_n),
@@ -331,6 +336,31 @@ def _group(key: tuple, rows: list[dict], sites_by_cell: dict, measure: dict, fla
         "patients_n": patients,
         "patients": fmt_count(patients),
         "treatments": treatments,
+    }
+
+
+def _notes(r: dict, k: int) -> dict[str, str]:
+    """Why a between-hospital figure is blank, in words: too few hospitals, or a result no model can spread."""
+    def needs(sites: int, fit_sites: int) -> str:
+        if k < sites:
+            return f"needs {sites} or more hospitals"
+        if fit_sites < sites:
+            return f"needs {sites} or more hospitals whose patients' changes vary"
+        return "could not be estimated"
+
+    if int(r["responders"]) == int(r["patients"]):
+        uniform = "not estimated: every patient responded"
+    elif int(r["responders"]) == 0:
+        uniform = "not estimated: no patient responded"
+    else:
+        uniform = "could not be estimated"
+    # the mean change's model leaves out hospitals whose patients' changes are all identical (or one patient)
+    mean_sites = 0 if _missing(r["mean_re_sites"]) else int(r["mean_re_sites"])
+    return {
+        "resp_re_note": needs(2, k),
+        "resp_pi_note": needs(3, k) if k < 3 else uniform,
+        "mean_re_note": needs(2, mean_sites),
+        "mean_pi_note": needs(3, mean_sites),
     }
 
 
@@ -412,6 +442,9 @@ GLOSSARY = [
                  "not necessarily correct."),
     ("Expected range at another hospital", "Where a further, similar hospital's result would be expected to "
                                            "fall. Needs at least three hospitals."),
+    ("How much hospitals differ (I\u00b2)", "The part of the differences between hospitals' results that is more "
+                                          "than chance would give, from 0% (they agree as well as chance allows) "
+                                          "to 100%. Above 50% the treatment carries a caution."),
     ("Mean change", "The average difference between the reading after starting the treatment and the reading "
                     "before it."),
     ("Rank", "The order of the treatments in this group by how many patients responded. A rank is not proof "

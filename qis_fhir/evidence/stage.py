@@ -39,20 +39,14 @@ class EvidenceResult:
 
 def evidence_dir_of(path: Path | str) -> Path:
     """The folder holding the tables: ``DIR/evidence`` (an ``--out`` folder) or ``DIR`` itself."""
-    from qis_fhir.evidence.tables import EVIDENCE_DIR, PROVENANCE
+    from qis_fhir.evidence.report import PROVENANCE_NAME
+    from qis_fhir.evidence.tables import EVIDENCE_DIR
 
     path = Path(path)
     for candidate in (path / EVIDENCE_DIR, path):
-        if (candidate / PROVENANCE).exists():
+        if (candidate / PROVENANCE_NAME).exists():
             return candidate
-    raise InputNotFoundError(f"no {PROVENANCE} in {path} or {path / EVIDENCE_DIR}: run `qis-fhir evidence` first")
-
-
-def write_report(evidence_dir: Path) -> Path:
-    """The report helper's ``write_report``, imported only when a report is wanted."""
-    from qis_fhir.evidence.report import write_report as write
-
-    return write(evidence_dir)
+    raise InputNotFoundError(f"no {PROVENANCE_NAME} in {path} or {path / EVIDENCE_DIR}: run `qis-fhir evidence` first")
 
 
 def run_evidence(config: EvidenceConfig) -> EvidenceResult:
@@ -60,6 +54,7 @@ def run_evidence(config: EvidenceConfig) -> EvidenceResult:
     import pandas as pd
 
     from qis_fhir.evidence.collect import collect
+    from qis_fhir.evidence.report import write_report
     from qis_fhir.evidence.tables import EVIDENCE_DIR, build_tables, write_tables
     from qis_fhir.mapping import load_mapping
     from qis_fhir.outcomes.events import OUTCOME_EVENTS

@@ -1,9 +1,10 @@
 """Build and write the evidence tables a clinician's report is made from (``DIR/evidence/``).
 
 * ``pooled_outcomes.parquet`` and ``.csv``: one row per cohort x treatment x measure x period: the
-  pooled and between-hospital figures (``pooling.pool_cells``, ranked and flagged by
-  ``flags.rank_and_flag``), the local mapping's display names, the study design in plain words, the
-  packets used and rejected, and this site's own figures for the same cell beside the network's.
+  pooled and between-hospital figures (``pooling.pool``, ranked and flagged by
+  ``flags.rank_and_flag``), the local mapping's display names, the measure's unit and better
+  direction, the study design in plain words, the age band's place in the mapping, the packets used
+  and rejected, and this site's own figures for the same cell beside the network's.
 * ``site_estimates.parquet``: each hospital's own estimate per cell, under pseudonymous labels.
 * ``provenance.json``: where the figures came from: which sites (real ids only here), their data
   dates, packets used and rejected by reason, mapping and manifest versions, minimum cell size.
@@ -21,19 +22,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qis_fhir.evidence.collect import CELL_KEYS, Collection
+import pandas as pd
+
+from qis_fhir.evidence.collect import Collection
+from qis_fhir.evidence.flags import rank_and_flag
+from qis_fhir.evidence.pooling import CELL_KEYS, pool
+# the file names the report reads, and its words for a unit: one definition each, in the reader
+from qis_fhir.evidence.report import POOLED_NAME, PROVENANCE_NAME, SITES_NAME, unit_label
 from qis_fhir.files import atomic_write, write_json
 
 if TYPE_CHECKING:
-    import pandas as pd
-
     from qis_fhir.mapping.model import MappingSet, OutcomeMeasure
 
 EVIDENCE_DIR = "evidence"
-POOLED_PARQUET = "pooled_outcomes.parquet"
 POOLED_CSV = "pooled_outcomes.csv"
-SITE_ESTIMATES = "site_estimates.parquet"
-PROVENANCE = "provenance.json"
 LEVEL = 0.95
 
 
@@ -45,13 +47,15 @@ class EvidenceTables:
 
 
 def design_text(measure: OutcomeMeasure) -> str:
-    """The study design of one measure's cells, in plain words, from the mapping's own windows."""
+    """The study design of one measure's cells, in plain words, from the mapping's own windows.
+
+    The measure's name is beside it (``measure_display``) and every row is flagged ``observational``,
+    so neither is repeated here; the unit is the one a clinician writes (mmHg, not UCUM's mm[Hg])."""
     moved = "fell" if measure.direction == "lower" else "rose"
     return (
-        f"change in {measure.description or measure.id} from the last reading in the {measure.baseline_days} days "
-        f"up to the start of a new treatment to the first reading {measure.followup_min_days}-"
-        f"{measure.followup_max_days} days after it; a patient responded when it {moved} by at least "
-        f"{measure.threshold:g} {measure.unit}. Observational: patients were not assigned to treatments at random."
+        f"change from the last reading in the {measure.baseline_days} days up to the start of a new treatment "
+        f"to the first reading {measure.followup_min_days}-{measure.followup_max_days} days after it; a patient "
+        f"responded when it {moved} by at least {measure.threshold:g} {unit_label(measure.unit)}"
     )
 
 
@@ -62,8 +66,6 @@ def local_figures(events: pd.DataFrame | None, mapping: MappingSet) -> pd.DataFr
     per cell, the period at the mapping's granularity. Columns CELL_KEYS + local_patients,
     local_responders, local_mean (rounded as packets are).
     """
-    import pandas as pd
-
     from qis_fhir.packets.build import cell_aggregates
     from qis_fhir.packets.model import STAT_DECIMALS
 
@@ -95,27 +97,21 @@ def build_tables(
     level: float = LEVEL,
 ) -> EvidenceTables:
     """Pool the collection's site rows and dress the result for the report (see the module docstring)."""
-    import pandas as pd
-
     if collection.mapping_version != mapping.version:
         raise ValueError("the collection was made with another mapping version than the one given")
     site_rows = collection.site_rows()
-    if len(site_rows):
-        from qis_fhir.evidence.flags import rank_and_flag
-        from qis_fhir.evidence.pooling import pool_cells, site_estimates
-
-        per_site = site_estimates(site_rows, level=level)
-        pooled = rank_and_flag(pool_cells(site_rows, level=level), per_site)
-    else:  # nothing came back: empty tables with the columns this module knows, never a crash
-        per_site = site_rows.copy()
-        pooled = pd.DataFrame({c: pd.Series(dtype="object") for c in CELL_KEYS})
-    pooled = pooled.reset_index(drop=True)
+    # one fit per cell gives both tables; nothing from the network gives both, empty, with every column
+    pooled, per_site = pool(site_rows, level=level)
+    pooled = rank_and_flag(pooled, per_site).reset_index(drop=True)
 
     buckets, treatments, measures = mapping.buckets, mapping.treatments, mapping.measures
     bands = {band: i for i, band in enumerate(mapping.cohorts.band_values)}
     pooled["condition_display"] = [buckets[c].description if c in buckets else c for c in pooled["condition"]]
     pooled["treatment_display"] = [treatments[t].display if t in treatments else t for t in pooled["treatment"]]
     pooled["measure_display"] = [(measures[m].description or m) if m in measures else m for m in pooled["measure"]]
+    # the report's forest plot says which way is better for the mean change from these two
+    pooled["measure_unit"] = [measures[m].unit if m in measures else None for m in pooled["measure"]]
+    pooled["measure_direction"] = [measures[m].direction if m in measures else None for m in pooled["measure"]]
     pooled["design"] = [design_text(measures[m]) if m in measures else "" for m in pooled["measure"]]
     pooled["age_band_order"] = [bands.get(b, len(bands)) for b in pooled["age_band"]]
     pooled["manifest_version"] = collection.manifest_version
@@ -159,10 +155,10 @@ def write_tables(tables: EvidenceTables, evidence_dir: Path | str) -> dict[str, 
     """Write the three table files atomically (a report rebuilt mid-write sees old or new, never half)."""
     evidence_dir = Path(evidence_dir)
     paths = {
-        "pooled_outcomes": evidence_dir / POOLED_PARQUET,
+        "pooled_outcomes": evidence_dir / POOLED_NAME,
         "pooled_outcomes_csv": evidence_dir / POOLED_CSV,
-        "site_estimates": evidence_dir / SITE_ESTIMATES,
-        "provenance": evidence_dir / PROVENANCE,
+        "site_estimates": evidence_dir / SITES_NAME,
+        "provenance": evidence_dir / PROVENANCE_NAME,
     }
     for key, frame in (("pooled_outcomes", tables.pooled), ("site_estimates", tables.per_site)):
         buffer = io.BytesIO()

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from qis_fhir.evidence.flags import rank_and_flag
-from qis_fhir.evidence.pooling import CELL_KEYS, pool
+from qis_fhir.evidence.pooling import CELL_KEYS, SITE_COLUMNS, pool
 from qis_fhir.packets.model import STAT_DECIMALS
 
 
@@ -39,7 +39,7 @@ def site_rows(cells: int, sites: int, seed: int) -> pd.DataFrame:
         "patients": n, "responders": r,
         "mean": mean.round(STAT_DECIMALS), "sd": rng.uniform(5, 15, cells * sites).round(STAT_DECIMALS),
         "as_of": 20241201,
-    }, columns=CELL_KEYS + ["site", "patients", "responders", "mean", "sd", "as_of"])
+    }, columns=CELL_KEYS + SITE_COLUMNS)
 
 
 def main() -> None:

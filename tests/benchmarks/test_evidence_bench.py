@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 from qis_fhir.bench import evidence
@@ -13,20 +10,7 @@ from qis_fhir.bench.commands import BenchOptions
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-def test_evidence_bench_pools_every_cell_and_finds_every_packet(monkeypatch, tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evidence"))
-    import types
-
-    import _pooling_stub
-
-    _pooling_stub.install(monkeypatch)  # the pooling test double, until the real module is in the tree
-    def write_report(evidence_dir):
-        (Path(evidence_dir) / "report.html").write_text("test double")
-        return Path(evidence_dir) / "report.html"
-
-    report = types.ModuleType("qis_fhir.evidence.report")  # TEST DOUBLE of the report helper's module
-    report.write_report = write_report
-    monkeypatch.setitem(sys.modules, "qis_fhir.evidence.report", report)
+def test_evidence_bench_pools_every_cell_and_finds_every_packet(monkeypatch):
     monkeypatch.setattr(evidence, "POOL_SITES", 4)
     monkeypatch.setattr(evidence, "POOL_CELLS", 120)
     result = evidence.run(BenchOptions(nodes=(8,)))

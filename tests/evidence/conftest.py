@@ -58,10 +58,3 @@ class EvidenceNet:
 def enet(tmp_path_factory) -> EvidenceNet:
     return EvidenceNet(make_network(tmp_path_factory.mktemp("evnet"), SITES), load_mapping())
 
-
-@pytest.fixture
-def pooling(monkeypatch):
-    """The pooling and flags modules (the test double until the real ones are in the tree)."""
-    import _pooling_stub
-
-    _pooling_stub.install(monkeypatch)

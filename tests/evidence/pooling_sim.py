@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from qis_fhir.evidence.pooling import CELL_KEYS
+from qis_fhir.evidence.pooling import CELL_KEYS, SITE_COLUMNS
 from qis_fhir.packets.model import STAT_DECIMALS
 
 CELL = {"condition": "hypertension", "age_band": "40-64", "sex": "female", "treatment": "TX_ACE",
@@ -30,7 +30,7 @@ def counts_row(n: int, r: int, site: str, mean: float = -5.0, sd: float = 10.0, 
 
 
 def frame(rows: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=CELL_KEYS + ["site", "patients", "responders", "mean", "sd", "as_of"])
+    return pd.DataFrame(rows, columns=CELL_KEYS + SITE_COLUMNS)
 
 
 def binomial_sites(rng: np.random.Generator, k: int, p: float, tau: float, n_low: int = 20, n_high: int = 200):

@@ -6,24 +6,23 @@ no hospital reported, one with fewer than 30 patients, a cell where everyone res
 nobody did, one hospital whose data are two months older than the rest, and one condition and age
 band reported for an earlier period too.
 
-The tables are pooled with the stage's own ``pool_cells`` / ``site_estimates`` / ``rank_and_flag`` when
-those modules are installed; until then with the thin stand-in below, which follows the contract's
-columns and flag rules (its numbers need only be realistic: the report is tested against whatever the
-tables say, read back from the files).
+The tables are pooled, ranked and flagged by the stage's own ``pooling.pool`` and ``flags.rank_and_flag``;
+the report is tested against whatever the tables say, read back from the files.
 """
 
 from __future__ import annotations
 
 import json
-import sys
-import types
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
-CELL_KEYS = ["condition", "age_band", "sex", "treatment", "measure", "period", "mapping_version"]
+from qis_fhir.evidence import pooling
+from qis_fhir.evidence.flags import rank_and_flag
+from qis_fhir.evidence.pooling import CELL_KEYS
+
 SITES = ["Hospital A", "Hospital B", "Hospital C", "Hospital D", "Hospital E"]
 LOCAL_SITE = "Hospital B"
 REAL_SITE_IDS = {s: f"site-{s[-1].lower()}-infirmary-0{i}" for i, s in enumerate(SITES, 1)}
@@ -49,43 +48,6 @@ EMPTY_COHORT = ("type2_diabetes", "18-39", "female")  # no hospital reported it
 SMALL_COHORT = ("type2_diabetes", "18-39", "male")  # one treatment at one hospital, 12 patients
 EARLIER_PERIOD = ("hypertension", "40-64", "2023")  # this condition and band also reported for 2023
 DESIGN = "change from the last reading before a new treatment to the first reading after it"
-
-FLAG_ORDER = ["one_site", "under_30_patients", "under_3_sites", "heterogeneous", "dominant_site", "site_disagrees",
-              "contradicts_condition", "all_responded", "none_responded", "older_data", "observational"]  # fmt: skip
-#: stand-in for qis_fhir.evidence.flags.FLAG_TEXT while that module is not installed
-FALLBACK_FLAG_TEXT = {
-    "one_site": "Only one hospital reported this treatment for this group.",
-    "under_30_patients": "Fewer than 30 patients: the figures are imprecise.",
-    "under_3_sites": "Fewer than 3 hospitals: the range expected at another hospital cannot be estimated.",
-    "heterogeneous": "Hospitals' results differ more than chance alone would explain.",
-    "dominant_site": "One hospital contributes more than half of the weight.",
-    "site_disagrees": "At least one hospital's own result is clearly different from the combined result.",
-    "contradicts_condition": "This result points the other way from the same treatment in other groups with this condition.",
-    "all_responded": "Every patient responded: unusual, check before relying on it.",
-    "none_responded": "No patient responded: unusual, check before relying on it.",
-    "older_data": "Some hospitals' data are more than a month older than the newest.",
-    "observational": "Observational data from routine care: not a randomised trial.",
-}  # fmt: skip
-
-
-def flag_text() -> dict[str, str]:
-    try:
-        from qis_fhir.evidence.flags import FLAG_TEXT
-    except ImportError:
-        return FALLBACK_FLAG_TEXT
-    return FLAG_TEXT
-
-
-def install_flag_text(monkeypatch) -> dict[str, str]:
-    """Make ``qis_fhir.evidence.flags`` importable for write_report (the stand-in only when it is absent)."""
-    try:
-        import qis_fhir.evidence.flags  # noqa: F401
-    except ImportError:
-        module = types.ModuleType("qis_fhir.evidence.flags")
-        module.FLAG_TEXT = FALLBACK_FLAG_TEXT
-        monkeypatch.setitem(sys.modules, "qis_fhir.evidence.flags", module)
-    return flag_text()
-
 
 def site_rows(seed: int = 7) -> pd.DataFrame:
     """One row per hospital x cell, as the collect step builds them from verified summaries."""
@@ -125,127 +87,10 @@ def site_rows(seed: int = 7) -> pd.DataFrame:
     return pd.concat([df, earlier], ignore_index=True)
 
 
-# ------------------------------------------------------------------ stand-in pooling (tests only)
-
-
-def _wilson(r, n, z):
-    r, n = np.asarray(r, float), np.asarray(n, float)
-    p = r / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return p, centre - half, centre + half
-
-
-def _dl(y, v, level):
-    """DerSimonian-Laird: estimate, interval, prediction interval, tau, I2, Q, Q p, weight shares."""
-    k = len(y)
-    w = 1 / v
-    fixed = np.sum(w * y) / np.sum(w)
-    q = float(np.sum(w * (y - fixed) ** 2))
-    tau2 = max(0.0, (q - (k - 1)) / (np.sum(w) - np.sum(w**2) / np.sum(w))) if k > 1 else 0.0
-    wr = 1 / (v + tau2)
-    mu = float(np.sum(wr * y) / np.sum(wr))
-    se = float(np.sqrt(1 / np.sum(wr)))
-    z = stats.norm.ppf(0.5 + level / 2)
-    pi = (np.nan, np.nan)
-    if k >= 3:
-        t = stats.t.ppf(0.5 + level / 2, k - 2)
-        pi = (mu - t * np.sqrt(tau2 + se**2), mu + t * np.sqrt(tau2 + se**2))
-    i2 = max(0.0, (q - (k - 1)) / q) if q > 0 else 0.0
-    return mu, mu - z * se, mu + z * se, pi, float(np.sqrt(tau2)), i2, q, float(stats.chi2.sf(q, k - 1)), wr / wr.sum()
-
-
-def _stand_in_pool(rows: pd.DataFrame, level: float = 0.95) -> tuple[pd.DataFrame, pd.DataFrame]:
-    z = stats.norm.ppf(0.5 + level / 2)
-    expit = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
-    pooled, per_site = [], []
-    for key, g in rows.groupby(CELL_KEYS, sort=True):
-        g = g.sort_values("site")
-        n, r = g["patients"].to_numpy(float), g["responders"].to_numpy(float)
-        m, sd = g["mean"].to_numpy(float), g["sd"].to_numpy(float)
-        k, big_n = len(g), n.sum()
-        out = dict(zip(CELL_KEYS, key)) | {"sites": k, "patients": int(big_n), "responders": int(r.sum()),
-                                           "as_of_min": int(g["as_of"].min()), "as_of_max": int(g["as_of"].max())}  # fmt: skip
-        p, lo, hi = _wilson(r.sum(), big_n, z)
-        out |= {"resp_pooled": float(p), "resp_pooled_lo": float(lo), "resp_pooled_hi": float(hi)}
-        grand = float(np.sum(n * m) / big_n)
-        sdp = float(np.sqrt((np.sum((n - 1) * sd**2) + np.sum(n * (m - grand) ** 2)) / (big_n - 1))) if big_n > 1 else 0.0
-        tq = stats.t.ppf(0.5 + level / 2, big_n - 1) if big_n > 1 else np.nan
-        out |= {"mean_pooled": grand, "sd_pooled": sdp, "mean_pooled_lo": grand - tq * sdp / np.sqrt(big_n),
-                "mean_pooled_hi": grand + tq * sdp / np.sqrt(big_n), "mean_tolerance": 0.00005}  # fmt: skip
-        sp, slo, shi = _wilson(r, n, z)
-        resp_w = mean_w = np.full(k, np.nan)
-        for kind, y, v in (("resp", np.log((r + 0.5) / (n - r + 0.5)), 1 / (r + 0.5) + 1 / (n - r + 0.5)),
-                           ("mean", m, np.where(n > 1, sd**2 / n, np.nan))):  # fmt: skip
-            ok = np.isfinite(v) & (v > 0)
-            back = expit if kind == "resp" else (lambda x: x)
-            if ok.sum() >= 2:
-                mu, lo, hi, pi, tau, i2, q, qp, w = _dl(y[ok], v[ok], level)
-                weights = np.full(k, np.nan)
-                weights[ok] = w
-                centre = float(back(mu))
-                own_lo, own_hi = (slo, shi) if kind == "resp" else (m - z * np.sqrt(v), m + z * np.sqrt(v))
-                outside = int(np.sum(ok & ((own_lo > centre) | (own_hi < centre))))
-                out |= {f"{kind}_re": centre, f"{kind}_re_lo": float(back(lo)), f"{kind}_re_hi": float(back(hi)),
-                        f"{kind}_pi_lo": float(back(pi[0])), f"{kind}_pi_hi": float(back(pi[1])), f"{kind}_tau": tau,
-                        f"{kind}_i2": i2, f"{kind}_q": q, f"{kind}_q_p": qp, f"{kind}_max_weight": float(np.nanmax(weights)),
-                        f"{kind}_sites_outside": outside}  # fmt: skip
-            else:
-                weights = np.where(ok, 1.0, np.nan) if k == 1 else np.full(k, np.nan)
-                out |= {f"{kind}_{s}": np.nan for s in ("re", "re_lo", "re_hi", "pi_lo", "pi_hi", "tau", "i2", "q", "q_p")}
-                out |= {f"{kind}_max_weight": 1.0, f"{kind}_sites_outside": 0}
-            if kind == "resp":
-                resp_w = weights
-            else:
-                mean_w = weights
-        pooled.append(out)
-        tq_site = np.where(n > 1, stats.t.ppf(0.5 + level / 2, np.maximum(n - 1, 1)), np.nan)
-        per_site.append(g.assign(resp=sp, resp_lo=slo, resp_hi=shi, mean_lo=np.where(n > 1, m - tq_site * sd / np.sqrt(n), np.nan),
-                                 mean_hi=np.where(n > 1, m + tq_site * sd / np.sqrt(n), np.nan),
-                                 resp_weight=resp_w if k > 1 else 1.0, mean_weight=mean_w if k > 1 else 1.0))  # fmt: skip
-    return pd.DataFrame(pooled), pd.concat(per_site, ignore_index=True)
-
-
-def _stand_in_rank_and_flag(pooled: pd.DataFrame) -> pd.DataFrame:
-    df = pooled.copy()
-    use_re = (df["sites"] >= 3) & df["resp_re"].notna()
-    basis = np.where(use_re, df["resp_re"], df["resp_pooled"])
-    df["rank_basis"] = np.where(use_re, "between-hospital estimate", "pooled proportion")
-    df["_basis"] = basis
-    group = ["condition", "age_band", "sex", "measure", "period", "mapping_version"]
-    df["rank"] = df.groupby(group)["_basis"].rank(ascending=False, method="first").astype(int)
-    newest = df["as_of_max"].max()
-    newest_date = pd.to_datetime(str(newest))
-    flags = []
-    for row in df.itertuples(index=False):
-        codes = {
-            "one_site": row.sites == 1,
-            "under_30_patients": row.patients < 30,
-            "under_3_sites": row.sites < 3,
-            "heterogeneous": (row.resp_i2 > 0.5) or (row.resp_q_p < 0.10),
-            "dominant_site": row.sites > 1 and row.resp_max_weight > 0.5,
-            "site_disagrees": row.resp_sites_outside > 0,
-            "contradicts_condition": False,
-            "all_responded": row.responders == row.patients,
-            "none_responded": row.responders == 0,
-            "older_data": (newest_date - pd.to_datetime(str(row.as_of_min))).days > 31,
-            "observational": True,
-        }
-        flags.append(";".join(c for c in FLAG_ORDER if codes[c]))
-    df["flags"] = flags
-    return df.drop(columns="_basis")
-
-
 def pool(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(ranked and flagged pooled table, per-site table): the stage's functions when installed."""
-    try:
-        from qis_fhir.evidence.flags import rank_and_flag
-        from qis_fhir.evidence.pooling import pool_cells, site_estimates
-    except ImportError:
-        pooled, per_site = _stand_in_pool(rows)
-        return _stand_in_rank_and_flag(pooled), per_site
-    per_site = site_estimates(rows, level=0.95)
-    return rank_and_flag(pool_cells(rows, level=0.95), per_site), per_site
+    """(ranked and flagged pooled table, per-site table), as the stage's tables module makes them."""
+    pooled, per_site = pooling.pool(rows, level=0.95)
+    return rank_and_flag(pooled, per_site), per_site
 
 
 def write_evidence_tables(evidence_dir: Path, *, seed: int = 7, treatment_names: dict[str, str] | None = None) -> dict:
@@ -289,3 +134,9 @@ def write_evidence_tables(evidence_dir: Path, *, seed: int = 7, treatment_names:
     }
     (evidence_dir / "provenance.json").write_text(json.dumps(provenance, indent=2), encoding="utf-8")
     return {"pooled": pooled, "per_site": per_site, "provenance": provenance, "rows": rows}
+
+
+def embedded_data(html: str) -> dict:
+    """The figures a report page carries (the JSON its script places), parsed."""
+    text = re.search(r'<script type="application/json" id="evidence-data">(.*?)</script>', html, re.S).group(1)
+    return json.loads(text)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import sys
 import time
-import types
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from dht_cluster import Cluster
+from report_tables import embedded_data
 
 from qis_fhir.cli import main
 from qis_fhir.dht.client import publish
@@ -47,21 +46,10 @@ def _plant(data_dir: Path, wire: bytes) -> None:
     db.close()
 
 
-@pytest.fixture
-def report_double(monkeypatch):
-    """TEST DOUBLE of qis_fhir.evidence.report (the report helper's module): records the folder it is given."""
-    calls: list[Path] = []
-
-    def write_report(evidence_dir):
-        calls.append(Path(evidence_dir))
-        out = Path(evidence_dir) / "report.html"
-        out.write_text("test double")
-        return out
-
-    module = types.ModuleType("qis_fhir.evidence.report")
-    module.write_report = write_report
-    monkeypatch.setitem(sys.modules, "qis_fhir.evidence.report", module)
-    return calls
+def _report_cells(evidence_dir: Path) -> list[tuple]:
+    """(sex, age band, treatment, patients as shown) for every row the report page shows."""
+    data = embedded_data((evidence_dir / "report.html").read_text(encoding="utf-8"))
+    return sorted((g["sex"], g["age_band"], t["id"], t["patients"]) for g in data["groups"] for t in g["treatments"])
 
 
 def _cli(*args: str) -> int:
@@ -70,7 +58,7 @@ def _cli(*args: str) -> int:
     return exit_info.value.code
 
 
-def test_evidence_through_real_nodes_uses_the_newest_and_counts_forged_and_revoked(enet, pooling, report_double, tmp_path, capsys):
+def test_evidence_through_real_nodes_uses_the_newest_and_counts_forged_and_revoked(enet, tmp_path, capsys):
     import dataclasses
 
     older = enet.wire("site-a", HTN_F, patients=20, responders=8, seq=20241101)
@@ -122,18 +110,21 @@ def test_evidence_through_real_nodes_uses_the_newest_and_counts_forged_and_revok
     assert female["packets_rejected"] == 2  # forged and revoked were both under this cohort
     male = pooled.loc[("male", "TX_0001")]
     assert (male["patients"], male["packets_rejected"]) == (25, 0) and pd.isna(male["local_patients"])
-    assert report_double == [evidence]
+    # the clinician's page shows exactly the table's cells, with the pooled counts
+    assert _report_cells(evidence) == [("female", "40-64", "TX_0001", "71"), ("male", "40-64", "TX_0001", "25")]
     printed = capsys.readouterr().out
     assert "Hospital A (1 packets, data of 20241201)" in printed and "site-" not in printed.split("you are")[0]
 
-    # the report is rebuilt from the tables alone: no network, no site keys
-    assert _cli("report", out) == 0
-    assert report_double == [evidence, evidence]
-    assert _cli("report", evidence) == 0
+    # the report is rebuilt from the tables alone: no network, no site keys; the same tables, the same page
+    written = (evidence / "report.html").read_bytes()
+    for folder in (out, evidence):
+        (evidence / "report.html").unlink()
+        assert _cli("report", folder) == 0
+        assert (evidence / "report.html").read_bytes() == written
     assert _cli("report", tmp_path / "run") == 3  # no tables there: INPUT_NOT_FOUND
 
 
-def test_run_with_bootstrap_ends_with_the_evidence_stage(pooling, report_double, tmp_path):
+def test_run_with_bootstrap_ends_with_the_evidence_stage(tmp_path):
     """``qis-fhir run --bootstrap``: after a confirmed publish the run folder holds the network's pooled
     table with this site's own figures beside it; with one site they are the same cells and counts."""
     from qis_fhir.packets import add_site, create_network, create_site
@@ -160,7 +151,8 @@ def test_run_with_bootstrap_ends_with_the_evidence_stage(pooling, report_double,
     assert len(pooled) == result.packets["packets"]
     assert (pooled["local_patients"] == pooled["patients"]).all()
     assert ((pooled["local_mean"] - pooled["mean_pooled"]).abs() <= 1e-4).all()
-    assert report_double == [tmp_path / "out" / "evidence"]
+    shown = _report_cells(tmp_path / "out" / "evidence")
+    assert shown == sorted((r.sex, r.age_band, r.treatment, f"{r.patients:,}") for r in pooled.itertuples())
     assert "evidence/pooled_outcomes.csv" in result.outputs()
 
 

@@ -21,7 +21,8 @@ import orjson
 import pandas as pd
 import pytest
 
-from qis_fhir.evidence.collect import CELL_KEYS, cohort_grid, collect_answers
+from qis_fhir.evidence.collect import cohort_grid, collect_answers
+from qis_fhir.evidence.pooling import CELL_KEYS
 from qis_fhir.evidence.tables import build_tables
 from qis_fhir.mapping import load_mapping
 from qis_fhir.packets import add_site, build_packets, create_network, create_site, load_network
@@ -113,7 +114,7 @@ def _truth(events: pd.DataFrame, mapping) -> pd.DataFrame:
     return cells.set_index(CELL_KEYS).sort_index()
 
 
-def test_three_hospitals_pool_to_the_central_figures_with_no_suppression(study, pooling):
+def test_three_hospitals_pool_to_the_central_figures_with_no_suppression(study):
     root, mapping, events = study
     three = _pooled(root, mapping, events, HOSPITALS, 1, "net-min1-sites")
     central = _pooled(root, mapping, events, [CENTRAL], 1, "net-min1-central")
@@ -128,7 +129,7 @@ def test_three_hospitals_pool_to_the_central_figures_with_no_suppression(study, 
         assert (error <= pooled["mean_tolerance"] + 1e-9).all(), error.max()
 
 
-def test_with_the_default_minimum_the_shortfall_is_exactly_the_suppressed_cells(study, pooling):
+def test_with_the_default_minimum_the_shortfall_is_exactly_the_suppressed_cells(study):
     root, mapping, events = study
     three = _pooled(root, mapping, events, HOSPITALS, 11, "net-min11-sites")
     truth = _truth(events[CENTRAL], mapping)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from report_tables import EMPTY_COHORT, SMALL_COHORT, install_flag_text, write_evidence_tables
+from report_tables import EMPTY_COHORT, SMALL_COHORT, write_evidence_tables
 
+from qis_fhir.evidence.flags import FLAG_TEXT
 from qis_fhir.evidence.report import write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -125,8 +126,7 @@ def choose(page, cohort: tuple[str, str, str]) -> None:
     page.select_option("#sex", cohort[2])
 
 
-def test_a_clinician_picks_cohorts_and_sees_the_tables_figures(browser, tmp_path, monkeypatch):
-    flag_text = install_flag_text(monkeypatch)
+def test_a_clinician_picks_cohorts_and_sees_the_tables_figures(browser, tmp_path):
     evidence_dir = tmp_path / "evidence"
     write_evidence_tables(evidence_dir, treatment_names={"TX_0002": EVIL})
     url = write_report(evidence_dir).resolve().as_uri()
@@ -163,9 +163,12 @@ def test_a_clinician_picks_cohorts_and_sees_the_tables_figures(browser, tmp_path
         cell = per_site[(per_site[["condition", "age_band", "sex", "period", "treatment"]] == [*second, "2024", top["treatment"]]).all(axis=1)]
         labels = page.eval_on_selector_all(f"{card} svg.forest text.site", "ts => ts.map(t => t.textContent)")
         assert [label.split(" (")[0] for label in labels] == sorted(cell["site"])
+        # the mean change's axis says which way is better (lower HbA1c), from the table's measure_direction
+        axis = page.eval_on_selector_all(f"{card} svg.forest text.dir", "ts => ts.map(t => t.textContent)")
+        assert axis[2:] == ["\u2190 better: reading fell", "reading rose \u2192"]
         flags = page.eval_on_selector_all(f"{card} li[data-flag]", "ls => ls.map(l => l.textContent)")
-        assert flags == [flag_text[c] for c in top["flags"].split(";") if c != "observational"]
-        assert page.inner_text("#observational").startswith(flag_text["observational"])
+        assert flags == [FLAG_TEXT[c] for c in top["flags"].split(";") if c != "observational"]
+        assert page.inner_text("#observational").startswith(FLAG_TEXT["observational"])
         assert page.inner_text("#wider") == ""  # enough patients: no wider evidence
 
         # fewer than 30 patients: the nearby groups, clearly labelled as wider evidence
@@ -195,8 +198,7 @@ def test_a_clinician_picks_cohorts_and_sees_the_tables_figures(browser, tmp_path
     assert [m.group(0) for text in seen_text for m in PROTOCOL_WORDS.finditer(text)] == []
 
 
-def test_a_network_with_no_results_yet_says_so(browser, tmp_path, monkeypatch):
-    install_flag_text(monkeypatch)
+def test_a_network_with_no_results_yet_says_so(browser, tmp_path):
     tables = write_evidence_tables(tmp_path)
     tables["pooled"].iloc[0:0].to_parquet(tmp_path / "pooled_outcomes.parquet", index=False)
     tables["per_site"].iloc[0:0].to_parquet(tmp_path / "site_estimates.parquet", index=False)

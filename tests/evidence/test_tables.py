@@ -7,8 +7,11 @@ import math
 
 import pandas as pd
 import pytest
+from report_tables import embedded_data
 
-from qis_fhir.evidence.collect import CELL_KEYS, cohort_grid, collect_answers
+from qis_fhir.evidence.collect import cohort_grid, collect_answers
+from qis_fhir.evidence.pooling import CELL_KEYS
+from qis_fhir.evidence.report import write_report
 from qis_fhir.evidence.tables import build_tables, write_tables
 
 HTN_F = ("hypertension", "40-64", "female")
@@ -47,7 +50,7 @@ def _local_events(mapping) -> pd.DataFrame:
     })
 
 
-def test_pooled_rows_carry_names_design_counts_and_the_sites_own_figures(enet, pooling):
+def test_pooled_rows_carry_names_design_counts_and_the_sites_own_figures(enet):
     c = _collection(enet)
     t = build_tables(c, enet.mapping, local_events=_local_events(enet.mapping), run_date="2024-12-02")
     pooled = t.pooled.set_index(["age_band", "treatment", "period"])
@@ -59,18 +62,21 @@ def test_pooled_rows_carry_names_design_counts_and_the_sites_own_figures(enet, p
     assert main["condition_display"] == "Essential (primary) hypertension"
     assert main["treatment_display"] == "Hydrochlorothiazide oral tablet"
     assert main["measure_display"].startswith("Systolic blood pressure")
-    assert "180 days" in main["design"] and "28-400 days" in main["design"] and "at least 10 mm[Hg]" in main["design"]
+    assert "180 days" in main["design"] and "28-400 days" in main["design"] and "fell by at least 10 mmHg" in main["design"]
+    # which way is better for the mean change, and its unit, from the mapping's measure definition
+    assert (main["measure_unit"], main["measure_direction"]) == ("mm[Hg]", "lower")
     assert (main["packets_used"], main["packets_rejected"]) == (2, 1)  # the broken copy was under this cohort
     assert pooled.loc[("18-39", "TX_0002", "2024"), "packets_rejected"] == 0
     assert (main["local_patients"], main["local_responders"], main["local_mean"]) == (3, 1, round((-12.0 - 4.0 + 2.0) / 3, 4))
     other_year = pooled.loc[("40-64", "TX_0001", "2023")]
     assert other_year["patients"] == 14 and pd.isna(other_year["local_patients"]) and math.isnan(other_year["local_mean"])
-    # age bands sort in the mapping's order, not as text
-    assert pooled.loc[("18-39", "TX_0002", "2024"), "age_band_order"] < main["age_band_order"]
+    # age bands carry their place in the mapping, which the report orders them by (not the label's text)
+    bands = list(enet.mapping.cohorts.band_values)
+    assert [bands[i] for i in t.pooled["age_band_order"]] == list(t.pooled["age_band"])
     assert (t.pooled["manifest_version"] == enet.context.manifest.version).all()
 
 
-def test_provenance_names_sites_only_there_and_counts_what_was_refused(enet, pooling):
+def test_provenance_names_sites_only_there_and_counts_what_was_refused(enet):
     t = build_tables(_collection(enet), enet.mapping, run_date="2024-12-02")
     p = t.provenance
     assert p["run_date"] == "2024-12-02"
@@ -85,7 +91,7 @@ def test_provenance_names_sites_only_there_and_counts_what_was_refused(enet, poo
     assert set(t.per_site["site"]) == {"Hospital A", "Hospital C"}
 
 
-def test_written_files_round_trip_and_hold_no_real_site_id(enet, pooling, tmp_path):
+def test_written_files_round_trip_and_hold_no_real_site_id(enet, tmp_path):
     t = build_tables(_collection(enet), enet.mapping, local_events=_local_events(enet.mapping), run_date="2024-12-02")
     paths = write_tables(t, tmp_path / "evidence")
     assert sorted(p.name for p in paths.values()) == [
@@ -110,3 +116,20 @@ def test_nothing_from_the_network_still_writes_tables_that_say_so(enet, tmp_path
     assert len(pd.read_parquet(paths["pooled_outcomes"])) == 0
     prov = json.loads(paths["provenance"].read_text())
     assert (prov["packets_used"], prov["sites"], prov["local_site"], prov["cohorts_answered"]) == (0, [], "Hospital A", 0)
+    # the report is still built from them: a page with no results rather than a refusal
+    page = embedded_data(write_report(tmp_path / "evidence").read_text(encoding="utf-8"))
+    assert (page["groups"], page["provenance"]["used"]) == ([], "0")
+
+
+def test_each_cell_is_fitted_once(enet, monkeypatch):
+    """The between-hospital fit is the stage's cost (6 ms a 50-site cell): the pooled and per-site tables
+    come from one fit, not one each."""
+    from qis_fhir.evidence import pooling
+
+    fits = []
+    real = pooling.binomial_normal_re
+    monkeypatch.setattr(pooling, "binomial_normal_re", lambda *a, **kw: fits.append(a) or real(*a, **kw))
+    t = build_tables(_collection(enet), enet.mapping)
+    p = t.pooled
+    mixed = (p["sites"] >= 2) & (p["responders"] > 0) & (p["responders"] < p["patients"])
+    assert len(fits) == mixed.sum() == 1

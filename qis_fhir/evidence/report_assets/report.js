@@ -90,7 +90,7 @@
         el("td", { class: "num patients", text: t.patients }),
         el("td", { class: "num sites", text: t.sites }),
         el("td", { class: "resp-pooled" }, figure(t.resp_pooled, t.resp_pooled_ci)),
-        el("td", { class: "resp-re" }, figure(t.resp_re, t.resp_re_ci, t.re_note),
+        el("td", { class: "resp-re" }, figure(t.resp_re, t.resp_re_ci, t.resp_re_note),
           t.resp_pi ? el("span", { class: "pi", text: "another hospital: " + t.resp_pi }) : null),
         el("td", { class: "mean-change" }, figure(t.mean_re || t.mean_pooled, t.mean_re ? t.mean_re_ci : t.mean_pooled_ci),
           el("span", { class: "basis", text: t.mean_re ? "between hospitals" : "all as one hospital" })),
@@ -117,11 +117,13 @@
         el("p", { class: "sub", text: t.patients + " patients at " + t.sites + (t.sites === "1" ? " hospital. " : " hospitals. ") + rankLine })),
       el("dl", { class: "details" },
         detail("Responded, all patients as if from one hospital", t.resp_pooled, t.resp_pooled_ci),
-        detail("Responded, between hospitals", t.resp_re, t.resp_re_ci, t.re_note),
-        detail("Expected range at another hospital", t.resp_pi, "", t.pi_note),
+        detail("Responded, between hospitals", t.resp_re, t.resp_re_ci, t.resp_re_note),
+        detail("Expected range at another hospital", t.resp_pi, "", t.resp_pi_note),
+        detail("How much hospitals differ in who responded (I\u00b2)", t.resp_i2, "", t.resp_re_note),
         detail("Mean change" + unit + ", all as one hospital", t.mean_pooled, t.mean_pooled_ci),
-        detail("Mean change" + unit + ", between hospitals", t.mean_re, t.mean_re_ci, t.re_note),
-        detail("Mean change, expected range at another hospital", t.mean_pi, "", t.pi_note),
+        detail("Mean change" + unit + ", between hospitals", t.mean_re, t.mean_re_ci, t.mean_re_note),
+        detail("Mean change, expected range at another hospital", t.mean_pi, "", t.mean_pi_note),
+        detail("How much hospitals differ in mean change (I\u00b2)", t.mean_i2, "", t.mean_re_note),
         el("div", { class: "detail local-detail" }, el("dt", { text: "Your hospital (" + DATA.local_site + ")" }),
           el("dd", { class: "local", text: localText(t) }))),
       el("div", { class: "cautions-box" }, el("h4", { text: "Cautions" }), cautions),
@@ -226,12 +228,12 @@
     root.appendChild(svg("line", { x1: 0, x2: W, y1: yOne - ROW / 2 - 2, y2: yOne - ROW / 2 - 2, class: "sep" }));
     root.appendChild(svg("text", { x: 8, y: yOne + 5, class: "pooled-label" }, "All as one hospital"));
     root.appendChild(svg("text", { x: 8, y: yRe + 5, class: "pooled-label" }, "Between hospitals"));
-    [[sResp, "resp"], [sMean, "mean"]].forEach(function (f) {
+    [[sResp, "resp", t.resp_re_note], [sMean, "mean", t.mean_re_note]].forEach(function (f) {
       var s = f[0], k = f[1];
       diamond(root, s, yOne, p[k + "_pooled"], p[k + "_pooled_lo"], p[k + "_pooled_hi"], "diamond-one");
       whisker(root, s, yRe, p[k + "_pi_lo"], p[k + "_pi_hi"], "pi");
       if (!diamond(root, s, yRe, p[k + "_re"], p[k + "_re_lo"], p[k + "_re_hi"], "diamond-re")) {
-        root.appendChild(svg("text", { x: s === sResp ? x1 + 4 : x2 + 4, y: yRe + 5, class: "na-svg" }, t.re_note || "not estimated"));
+        root.appendChild(svg("text", { x: s === sResp ? x1 + 4 : x2 + 4, y: yRe + 5, class: "na-svg" }, f[2] || "not estimated"));
       }
     });
     var legend = el("p", { class: "legend" },
