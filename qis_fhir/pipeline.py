@@ -12,7 +12,6 @@ it amends the complete run with ``publish_report.json`` and its stage mark.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +22,6 @@ from qis_fhir.packets.build import PACKETS_FILE as PACKETS
 from qis_fhir.runfolder import EXTRACT, OUTCOMES, QUALITY, RUN_JSON, start_run
 from qis_fhir.runfolder import PACKETS as PACKETS_STAGE
 from qis_fhir.stages import DISCLOSURE_REPORT, PUBLISH_REPORT, QUALITY_PARTS, quality_report_path
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -248,3 +248,14 @@ def test_run_and_extract_both_stop_when_nothing_is_extracted(tmp_path):
         assert len((partial / "quarantine.ndjson").read_text().splitlines()) == 2
         manifest = json.loads((partial / "run.json").read_text())
         assert manifest["status"] == "failed" and manifest["error"]["exit_code"] == ExitCode.NOTHING_EXTRACTED
+
+
+def test_run_refuses_a_site_directory_with_a_secret_file(signing_site, tmp_path):
+    """The site directory holds the patient-key secret; a second one would give the site's patients a
+    second pseudonym set, so the two together are refused before anything is written."""
+    root = signing_site
+    proc = qis("run", root / "export", "--out", tmp_path / "out", "--site", root / "member", "--network", root / "net",
+               "--site-secret", tmp_path / "s")
+    assert proc.returncode == ExitCode.USAGE, proc.stderr[-2000:]
+    assert "give a site directory or a patient-key secret file, not both" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
