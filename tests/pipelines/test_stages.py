@@ -152,6 +152,19 @@ def test_a_failed_suite_or_a_bad_mapping_publishes_nothing(site_world, tmp_path,
     assert "the extract tables failed their quality suites" in _failure(alone, "outcome_events")
     assert not (out / "outcome_events.parquet").exists()
 
+    # `qis-fhir run` stops at the same point: the failed extract's report is kept, nothing is derived from it
+    from qis_fhir.errors import QualityError
+    from qis_fhir.pipeline import RunConfig, run_pipeline
+
+    with pytest.raises(QualityError, match="table patients"):
+        run_pipeline(RunConfig(export_dir=world / "export", out_dir=tmp_path / "cli", mapping_dir=mapping_dir,
+                               site_dir=tmp_path / "site", network_dir=world / "net"))
+    partial = tmp_path / "cli.partial"
+    error = _json(partial / "run.json")["error"]
+    assert (error["stage"], error["exit_code"]) == ("quality", 5)
+    assert _files(partial) == _files(out)  # the same files as the failed partition: no events
+    assert not (tmp_path / "cli").exists()
+
     (mapping_dir / "conditions.yaml").write_text("buckets: [not, a, mapping\n")
     bad = materialize(ALL_ASSETS, partition_key="2026-11-28", resources={"site": site, "dht": dht}, instance=instance, raise_on_error=False)
     assert not bad.success and _materialized(bad) == {}
@@ -208,3 +221,21 @@ def test_an_unreachable_dht_fails_publish_under_its_retry_policy_and_keeps_the_p
     assert manifest["status"] == "complete" and manifest["stages"] == ["extract", "outcomes", "quality", "packets"]
     assert manifest["error"]["stage"] == "publish" and manifest["error"]["exit_code"] == 11
     assert len((out / "packets.ndjson").read_text().splitlines()) == _materialized(result)["outcome_packets"]["dagster/row_count"].value
+
+
+def test_rederiving_the_events_unmarks_the_packets_built_from_the_old_ones(site_world, tmp_path, instance):
+    """Packets (and anything published from them) of events that were since rewritten are not current:
+    a reader of the packets is refused until they are built again."""
+    from qis_fhir.errors import RunIncompleteError
+    from qis_fhir.runfolder import require_run
+
+    site = _site(site_world, tmp_path, _site_copy(site_world, tmp_path / "site"))
+    assert materialize(UP_TO_PACKETS, partition_key=PARTITION, resources={"site": site}, instance=instance).success
+    out = tmp_path / "dagster" / PARTITION
+    assert require_run(out, "packets")["stages"] == ["extract", "outcomes", "quality", "packets"]
+    assert materialize([outcome_events], partition_key=PARTITION, resources={"site": site}, instance=instance).success
+    assert _json(out / "run.json")["stages"] == ["extract", "outcomes", "quality"]
+    with pytest.raises(RunIncompleteError, match="has not finished stage packets"):
+        require_run(out, "packets")
+    assert materialize([outcome_packets], partition_key=PARTITION, resources={"site": site}, instance=instance).success
+    assert require_run(out, "packets")["stages"] == ["extract", "outcomes", "quality", "packets"]
