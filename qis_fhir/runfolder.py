@@ -189,7 +189,6 @@ class Run:
         self.manifest = manifest
         self.current: str | None = None  # the stage being written, named by a failure
 
-
     @property
     def run_id(self) -> str:
         return self.manifest["run_id"]
