@@ -8,6 +8,7 @@ a bad mapping or a failed quality suite publishes nothing.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -239,3 +240,24 @@ def test_rederiving_the_events_unmarks_the_packets_built_from_the_old_ones(site_
         require_run(out, "packets")
     assert materialize([outcome_packets], partition_key=PARTITION, resources={"site": site}, instance=instance).success
     assert require_run(out, "packets")["stages"] == ["extract", "outcomes", "quality", "packets"]
+
+
+def test_an_export_with_nothing_usable_stops_both_alike(tmp_path, instance):
+    """The nothing-extracted rule is the extract step's: Dagster stops where `qis-fhir run` does, with the
+    same message, and keeps the same quarantine for inspection."""
+    from qis_fhir.errors import NothingExtractedError
+    from qis_fhir.pipeline import RunConfig, run_pipeline
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "Observation.000.ndjson").write_text('{"resourceType": "Observation"\n[1]\n')
+    expected = f"no usable resource in {export} (2 read, all quarantined or skipped)"
+    with pytest.raises(NothingExtractedError, match=re.escape(expected)):
+        run_pipeline(RunConfig(export_dir=export, out_dir=tmp_path / "cli", site_secret_path=tmp_path / "s"))
+    site = SiteConfig(export_dir=str(export), out_root=str(tmp_path / "dagster"), site_secret_path=str(tmp_path / "s"))
+    result = materialize(UP_TO_PACKETS[:3], partition_key=PARTITION, resources={"site": site}, instance=instance, raise_on_error=False)
+    assert not result.success and expected in _failure(result, "fhir_extract")
+    cli, dag = tmp_path / "cli.partial", tmp_path / "dagster" / f"{PARTITION}.partial"
+    assert (cli / "quarantine.ndjson").read_bytes() == (dag / "quarantine.ndjson").read_bytes()
+    assert _json(cli / "run.json")["error"]["exit_code"] == _json(dag / "run.json")["error"]["exit_code"] == 6
+    assert not (tmp_path / "cli").exists() and not (tmp_path / "dagster" / PARTITION).exists()
