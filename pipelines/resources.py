@@ -78,11 +78,11 @@ class DhtConfig(ConfigurableResource):
 
     def addresses(self) -> tuple[tuple[str, int], ...]:
         from qis_fhir.dht.address import parse_addresses
-        from qis_fhir.errors import NoPeersError
+        from qis_fhir.errors import UsageError
 
         addresses = tuple(parse_addresses(self.bootstrap))
         if not addresses:
-            raise NoPeersError("no DHT node configured to publish to: set QIS_BOOTSTRAP (DhtConfig.bootstrap) to HOST:PORT[,HOST:PORT]")
+            raise UsageError("no DHT node configured to publish to: set QIS_BOOTSTRAP (DhtConfig.bootstrap) to HOST:PORT[,HOST:PORT]")
         return addresses
 
 

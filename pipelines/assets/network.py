@@ -1,14 +1,18 @@
 """The partition's packets on the DHT, and the network's pooled evidence seen from this site."""
 
-from dagster import AssetExecutionContext, AssetsDefinition, Backoff, Jitter, MaterializeResult, MetadataValue, RetryPolicy, asset
+from dagster import AssetExecutionContext, AssetsDefinition, Backoff, Failure, Jitter, MaterializeResult, MetadataValue, RetryPolicy, asset
 
 from pipelines.assets.packets import outcome_packets
 from pipelines.partitions import daily_exports
 from pipelines.resources import DhtConfig, SiteConfig
+from qis_fhir.errors import ExitCode, QisError
 
 #: a node restarting or a network blip heals within minutes: 1, 2 then 4 minutes (with jitter) before
 #: the run fails; the signed packets stay in the partition folder, and a re-run sends the same ones
 PUBLISH_RETRY = RetryPolicy(max_retries=3, delay=60, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
+#: the failures another attempt can cure (no peer answered, a replica missing, another run writing
+#: the folder); a refused key, a bad manifest or a missing setting fails at once, without retries
+RETRIED = {ExitCode.NO_PEERS, ExitCode.PUBLISH_INCOMPLETE, ExitCode.RUN_INCOMPLETE}
 
 
 def publish_asset(retry_policy: RetryPolicy = PUBLISH_RETRY) -> AssetsDefinition:
@@ -30,7 +34,12 @@ def publish_asset(retry_policy: RetryPolicy = PUBLISH_RETRY) -> AssetsDefinition
         from qis_fhir.stages import PUBLISH_REPORT, publish_step
 
         out_dir = site.out_path(context.partition_key)
-        summary = publish_step(out_dir, site.setup(), dht.addresses(), dht.bind).to_dict()
+        try:
+            summary = publish_step(out_dir, site.setup(), dht.addresses(), dht.bind).to_dict()
+        except QisError as exc:
+            if exc.exit_code in RETRIED:
+                raise
+            raise Failure(description=str(exc), allow_retries=False) from exc
         return MaterializeResult(
             metadata={
                 "dagster/row_count": summary["packets"],

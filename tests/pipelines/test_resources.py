@@ -7,7 +7,7 @@ from dagster import asset, materialize
 import pytest
 
 from pipelines.resources import DhtConfig, SiteConfig, dht_config_from_env, site_config_from_env
-from qis_fhir.errors import NoPeersError
+from qis_fhir.errors import UsageError
 
 
 def test_defaults_work_from_the_repository_root():
@@ -54,5 +54,5 @@ def test_the_dht_resource_reads_its_nodes_from_the_environment(monkeypatch, inst
 
     assert materialize([probe], resources={"dht": dht}, instance=instance).success
     assert seen == {"addresses": (("127.0.0.1", 4000), ("::1", 4001)), "bind": "127.0.0.1"}
-    with pytest.raises(NoPeersError, match="set QIS_BOOTSTRAP"):
+    with pytest.raises(UsageError, match="set QIS_BOOTSTRAP"):
         dht_config_from_env({}).addresses()

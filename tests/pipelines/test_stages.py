@@ -223,6 +223,12 @@ def test_an_unreachable_dht_fails_publish_under_its_retry_policy_and_keeps_the_p
     assert manifest["error"]["stage"] == "publish" and manifest["error"]["exit_code"] == 11
     assert len((out / "packets.ndjson").read_text().splitlines()) == _materialized(result)["outcome_packets"]["dagster/row_count"].value
 
+    # a setting missing is not cured by waiting: no retry, and the message says what to set
+    unset = materialize([publish_asset(RetryPolicy(max_retries=1, delay=0))], partition_key=PARTITION,
+                        resources={"site": site, "dht": DhtConfig()}, instance=instance, raise_on_error=False)
+    assert not unset.success and _events(unset, "STEP_UP_FOR_RETRY") == []
+    assert "no DHT node configured to publish to: set QIS_BOOTSTRAP" in _failure(unset, "published_packets")
+
 
 def test_rederiving_the_events_unmarks_the_packets_built_from_the_old_ones(site_world, tmp_path, instance):
     """Packets (and anything published from them) of events that were since rewritten are not current:
