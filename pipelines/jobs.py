@@ -1,4 +1,4 @@
-"""The partitioned job the schedule and the sensor launch: every asset of one day's export."""
+"""The partitioned job the schedule and the sensor launch: every asset of one day's export, export to evidence."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from pipelines.partitions import daily_exports
 #: and one process keeps the great-expectations context (3-4 s to import) warm for every check.
 daily_outcomes_job = define_asset_job(
     "daily_outcomes",
-    selection=AssetSelection.groups("mapping", "extract", "outcomes"),
+    selection=AssetSelection.groups("mapping", "extract", "outcomes", "packets", "network"),
     partitions_def=daily_exports,
     executor_def=in_process_executor,
-    description="Extract one nightly export, check it, derive and check its treatment-outcome events.",
+    description="Extract one nightly export, check it, derive and check its treatment-outcome events, sign and publish "
+    "their packets, and pool the network's evidence.",
 )

@@ -83,11 +83,10 @@ def _site_run(site_id: str, profile: str, index: int, config: DemoConfig, net_di
 def _site_evidence(site: dict, net_dir: Path, bootstrap) -> dict:
     """One hospital's evidence stage, and the few biggest rows of its pooled table to print."""
     from qis_fhir.dht.cluster import LOOPBACK
-    from qis_fhir.evidence.stage import EvidenceConfig, run_evidence
+    from qis_fhir.stages import evidence_step, open_site
 
-    run_dir = Path(site["run_dir"])
-    result = run_evidence(EvidenceConfig(site_dir=Path(site["site_dir"]), network_dir=net_dir, bootstrap=tuple(bootstrap),
-                                         out_dir=run_dir, run_dir=run_dir, bind=(LOOPBACK, 0)))
+    setup = open_site(site_dir=Path(site["site_dir"]), network_dir=net_dir)
+    result = evidence_step(Path(site["run_dir"]), setup, tuple(bootstrap), (LOOPBACK, 0))
     prov = result.provenance
     return {
         "site_id": site["site_id"],

@@ -39,6 +39,12 @@ class QisError(Exception):
             self.exit_code = exit_code
 
 
+class UsageError(QisError):
+    """Options that contradict each other (on the command line or in a Dagster resource)."""
+
+    exit_code = ExitCode.USAGE
+
+
 class InputNotFoundError(QisError):
     exit_code = ExitCode.INPUT_NOT_FOUND
 

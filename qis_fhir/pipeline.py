@@ -1,9 +1,8 @@
-"""Run every stage built so far, in order, on one export.
+"""Run every stage, in order, on one export: ``qis-fhir run``, ``qis-fhir demo`` and the tests.
 
-This is the one place that chains the stage APIs; ``qis-fhir run``, ``qis-fhir demo`` and the tests
-call it. The Dagster assets call the same stage functions one per asset. Each stage's logic lives in
-its own subpackage; this module only decides order, paths and what blocks what: a failed quality
-suite stops the run before anything could be published.
+This module only decides which stage steps run (``qis_fhir.stages``, the steps the Dagster assets
+call too) and in which run folder; order, blocking, report paths and the secret source are the
+steps' policy, not this module's.
 
 ``out_dir`` is a run folder (``qis_fhir.runfolder``): the stages write into ``out_dir.partial``,
 which replaces ``out_dir`` only once every file is written, so ``out_dir`` holds the previous
@@ -13,32 +12,16 @@ it amends the complete run with ``publish_report.json`` and its stage mark.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qis_fhir.errors import InputNotFoundError
-from qis_fhir.files import write_json
 from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, DEFAULT_VALIDATE
 from qis_fhir.outcomes.events import OUTCOME_EVENTS, OUTCOME_SUMMARY
 from qis_fhir.packets.build import PACKETS_FILE as PACKETS
-from qis_fhir.runfolder import (
-    EVIDENCE,
-    EXTRACT,
-    OUTCOMES,
-    PUBLISH,
-    QUALITY,
-    RUN_JSON,
-    amend_run,
-    start_run,
-)
+from qis_fhir.runfolder import EXTRACT, OUTCOMES, QUALITY, RUN_JSON, start_run
 from qis_fhir.runfolder import PACKETS as PACKETS_STAGE
-
-log = logging.getLogger(__name__)
-
-QUALITY_REPORT = "quality_report.json"
-DISCLOSURE_REPORT = "disclosure_report.json"
-PUBLISH_REPORT = "publish_report.json"
+from qis_fhir.stages import DISCLOSURE_REPORT, PUBLISH_REPORT, QUALITY_PARTS, quality_report_path
 
 
 @dataclass(frozen=True)
@@ -72,7 +55,8 @@ class RunResult:
         """The files this run wrote that a user looks at, by name."""
         from qis_fhir.fhir.extract import EXTRACT_DIR, QUARANTINE_FILE, SUMMARY_FILE
 
-        names = [RUN_JSON, OUTCOME_EVENTS, OUTCOME_SUMMARY, QUALITY_REPORT, f"{EXTRACT_DIR}/{SUMMARY_FILE}", QUARANTINE_FILE]
+        quality = [str(quality_report_path(".", part)) for part in QUALITY_PARTS]
+        names = [RUN_JSON, OUTCOME_EVENTS, OUTCOME_SUMMARY, *quality, f"{EXTRACT_DIR}/{SUMMARY_FILE}", QUARANTINE_FILE]
         if self.packets is not None:
             names += [PACKETS, DISCLOSURE_REPORT]
         if self.publish is not None:
@@ -84,98 +68,35 @@ class RunResult:
 
 def run_pipeline(config: RunConfig) -> RunResult:
     """Extract -> quality -> outcomes -> quality -> [packets] -> [publish -> evidence]. Returns what each stage reported."""
-    from qis_fhir.fhir import extract_export, load_extract
-    from qis_fhir.fhir.extract import QUARANTINE_FILE
-    from qis_fhir.mapping import load_mapping
-    from qis_fhir.outcomes import derive_outcome_events
-    from qis_fhir.quality import check_tables
+    from qis_fhir import stages
 
-    export_dir, out_dir = Path(config.export_dir), Path(config.out_dir)
-    if not export_dir.is_dir():
-        raise InputNotFoundError(f"export directory {export_dir} does not exist")
-    if (config.site_dir is None) != (config.network_dir is None):
-        raise InputNotFoundError("--site and --network go together: packets need both a site key and a network")
     if config.bootstrap and config.site_dir is None:
         raise InputNotFoundError("--bootstrap publishes packets, which need --site and --network")
+    out_dir = Path(config.out_dir)
     result = RunResult(out_dir=out_dir)
+    # everything that can fail on configuration, before the long extraction starts
+    setup = stages.open_site(mapping_dir=config.mapping_dir, site_dir=config.site_dir, network_dir=config.network_dir,
+                             site_secret_path=config.site_secret_path)
 
-    # Load what can fail on configuration before the long extraction starts.
-    mapping = load_mapping(config.mapping_dir)
-    site = network = None
-    if config.site_dir is not None:
-        from qis_fhir.packets import load_network, load_site
-        from qis_fhir.packets.manifest import PINS
-
-        site = load_site(config.site_dir)  # holds the site's patient-key secret too
-        secret = site.patient_secret
-        # pin the governance key and refuse a manifest older than one this site has seen
-        network = load_network(config.network_dir, pinned_state=Path(config.site_dir) / PINS)
-    else:
-        from qis_fhir.privacy.secrets import load_or_create_secret
-
-        secret = load_or_create_secret(config.site_secret_path)
-
-    planned = [EXTRACT, QUALITY, OUTCOMES] + ([PACKETS_STAGE] if site is not None else [])
+    planned = [EXTRACT, OUTCOMES, QUALITY] + ([PACKETS_STAGE] if setup.site is not None else [])
     with start_run(out_dir, command="run", planned=planned) as run:
-        work = run.path
-        log.info("extract: reading %s", export_dir.name)
-        summary = extract_export(
-            export_dir,
-            work,
-            secret=secret,
-            validate=config.validate,
-            sample_rate=config.sample_rate,
-            progress=config.progress,
-        )
+        summary = stages.extract_step(run, config.export_dir, setup, validate=config.validate, sample_rate=config.sample_rate,
+                                      progress=config.progress)
         result.extract = summary.to_dict()
-        summary.raise_if_nothing_extracted(work / QUARANTINE_FILE)  # the rule `qis-fhir extract` applies
-        run.mark(EXTRACT, summary.totals)
-        tables = load_extract(work)
-
-        log.info("outcomes: mapping %s (%s)", mapping.version, mapping.content_hash[:12])
-        outcome = derive_outcome_events(tables, mapping)
-        tables["outcome_events"] = outcome.events
-        result.outcomes = outcome.summary
-
-        quality = check_tables(tables, mapping)
-        result.quality = quality.to_dict()
-        quality.write(work / QUALITY_REPORT)
-        quality.raise_for_failure()  # nothing below runs on failed data
-        run.mark(QUALITY, {"success": True})
-
-        outcome.write(work)
-        run.mark(OUTCOMES, outcome.summary.get("totals", {}))
-
-        if site is not None:
-            from qis_fhir.packets import build_packets, write_disclosure_report, write_packets
-
-            built = build_packets(outcome.events, mapping, site, network, seq=config.seq)
-            write_packets(work / PACKETS, built.packets)
-            write_disclosure_report(work / DISCLOSURE_REPORT, built.disclosure_report)
+        extract = stages.quality_step(run, setup.mapping, "extract")
+        extract.raise_for_failure()  # nothing below runs on failed data
+        result.outcomes = stages.outcomes_step(run, setup.mapping).summary
+        events = stages.quality_step(run, setup.mapping, "outcome_events")
+        result.quality = {"success": events.success, "warnings": extract.warnings + events.warnings,
+                          "reports": {"extract": extract.to_dict(), "outcome_events": events.to_dict()}}
+        events.raise_for_failure()
+        if setup.site is not None:
+            built = stages.packets_step(run, setup, config.seq)
             result.packets = {"packets": len(built.packets), "disclosure": built.disclosure_report}
-            run.mark(PACKETS_STAGE, {"packets": len(built.packets)})
 
     if config.bootstrap:
-        from qis_fhir.dht.client import publish
-
-        with amend_run(out_dir, needs=(PACKETS_STAGE,), clears=(PUBLISH,)) as run:
-            report = publish(built.packets, list(config.bootstrap), network.manifest, bind=config.bind)
-            result.publish = report.to_dict()
-            write_json(out_dir / PUBLISH_REPORT, result.publish)
-            run.record(PUBLISH, result.publish)
-            report.raise_for_failure(out_dir / PUBLISH_REPORT)  # the policy `qis-fhir publish` applies
-            run.mark(PUBLISH)
+        result.publish = stages.publish_step(out_dir, setup, config.bootstrap, config.bind).to_dict()
         if config.evidence:
-            with amend_run(out_dir, needs=(PUBLISH,), clears=(EVIDENCE,)) as run:
-                result.evidence = run_evidence_stage(config, out_dir)
-                run.mark(EVIDENCE)
+            evidence = stages.evidence_step(out_dir, setup, config.bootstrap, config.bind)
+            result.evidence = {"provenance": evidence.provenance, "paths": {k: str(v) for k, v in evidence.paths.items()}}
     return result
-
-
-def run_evidence_stage(config: RunConfig, out_dir: Path) -> dict:
-    """The evidence stage after a successful publish: the network's pooled figures beside this run's own."""
-    from qis_fhir.evidence.stage import EvidenceConfig, run_evidence
-
-    evidence = run_evidence(EvidenceConfig(site_dir=config.site_dir, network_dir=config.network_dir, bootstrap=config.bootstrap,
-                                           out_dir=out_dir, run_dir=out_dir, mapping_dir=config.mapping_dir, bind=config.bind))
-    return {"provenance": evidence.provenance, "paths": {k: str(v) for k, v in evidence.paths.items()}}

@@ -51,8 +51,8 @@ STAGING_SUFFIX = ".partial"
 PREVIOUS_SUFFIX = ".previous"
 FORMAT = 1
 RUNNING, COMPLETE, FAILED, REMOVING = "running", "complete", "failed", "removing"
-# stage names in run.json, in the order a run finishes them; a reader names the ones it needs
-EXTRACT, QUALITY, OUTCOMES, PACKETS, PUBLISH, EVIDENCE = "extract", "quality", "outcomes", "packets", "publish", "evidence"
+# stage names in run.json (their order and dependencies: ``qis_fhir.stages.ORDER``); a reader names the ones it needs
+EXTRACT, OUTCOMES, QUALITY, PACKETS, PUBLISH, EVIDENCE = "extract", "outcomes", "quality", "packets", "publish", "evidence"
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -187,6 +187,7 @@ class Run:
     def __init__(self, path: Path, manifest: dict) -> None:
         self.path = path
         self.manifest = manifest
+        self.current: str | None = None  # the stage being written, named by a failure
 
     @property
     def run_id(self) -> str:
@@ -194,6 +195,10 @@ class Run:
 
     def _save(self) -> None:
         write_json(self.path / RUN_JSON, self.manifest)
+
+    def begin(self, stage: str) -> None:
+        """``stage`` starts writing: a failure from here on is recorded as that stage's."""
+        self.current = stage
 
     def record(self, stage: str, counts: dict) -> None:
         """Keep ``stage``'s counts in ``run.json`` (written with the next mark or failure), done or not."""
@@ -217,6 +222,8 @@ class Run:
             self.manifest["status"] = status
             self.manifest["finished"] = _now()
         planned = [s for s in self.manifest.get("planned", []) if s not in self.manifest["stages"]]
+        if self.current is not None and self.current not in self.manifest["stages"]:
+            planned = [self.current]
         code = int(exc.exit_code) if isinstance(exc, QisError) else 1
         message = str(exc) if isinstance(exc, QisError) else f"{type(exc).__name__} (see the log)"
         self.manifest["error"] = {"stage": planned[0] if planned else "?", "exit_code": code, "message": message}

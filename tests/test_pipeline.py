@@ -44,8 +44,8 @@ def test_run_writes_outcome_events_and_summary(r4_run):
     assert len(events) > 0
     assert (events["change"] - (events["followup_value"] - events["baseline_value"])).abs().max() < 1e-9
     assert summary  # counts by bucket, treatment and exclusion reason
-    quality = json.loads((out / "quality_report.json").read_text())
-    assert quality["success"] is True
+    for part in ("extract", "outcome_events"):
+        assert json.loads((out / "quality" / f"{part}.json").read_text())["success"] is True
     assert "outcome_events.parquet" in proc.stdout
 
 
@@ -194,7 +194,7 @@ def test_a_run_killed_mid_way_leaves_the_previous_run_whole_and_is_refused(signi
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == ["out"]
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["status"] == "complete"
-    assert manifest["stages"] == ["extract", "quality", "outcomes", "packets"]
+    assert manifest["stages"] == ["extract", "outcomes", "quality", "packets"]
     assert manifest["run_id"] != json.loads(before_manifest)["run_id"]
     assert json.loads((out / "disclosure_report.json").read_text())["seq"] == 20260102  # this run's packets
 
@@ -248,3 +248,14 @@ def test_run_and_extract_both_stop_when_nothing_is_extracted(tmp_path):
         assert len((partial / "quarantine.ndjson").read_text().splitlines()) == 2
         manifest = json.loads((partial / "run.json").read_text())
         assert manifest["status"] == "failed" and manifest["error"]["exit_code"] == ExitCode.NOTHING_EXTRACTED
+
+
+def test_run_refuses_a_site_directory_with_a_secret_file(signing_site, tmp_path):
+    """The site directory holds the patient-key secret; a second one would give the site's patients a
+    second pseudonym set, so the two together are refused before anything is written."""
+    root = signing_site
+    proc = qis("run", root / "export", "--out", tmp_path / "out", "--site", root / "member", "--network", root / "net",
+               "--site-secret", tmp_path / "s")
+    assert proc.returncode == ExitCode.USAGE, proc.stderr[-2000:]
+    assert "give a site directory or a patient-key secret file, not both" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

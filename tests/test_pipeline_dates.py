@@ -82,7 +82,7 @@ def test_valid_fhir_dates_beyond_the_window_are_quarantined_and_the_night_runs(f
                      ("Observation.000.ndjson", early, "Observation", "effective is before 1850-01-01 UTC")]
     rows = pd.read_parquet(out / "extract" / "observations.parquet")
     assert not rows["source_line"].isin([late, early]).any()
-    assert json.loads((out / "quality_report.json").read_text())["success"] is True
+    assert json.loads((out / "quality" / "extract.json").read_text())["success"] is True
 
 
 def _set_date(line: bytes, field: str, text: str) -> bytes:

@@ -1,9 +1,11 @@
-"""Dagster assets by stage group; each asset is a thin call of the ``qis_fhir`` library."""
+"""Dagster assets by stage group; each asset is a thin call of a ``qis_fhir.stages`` step."""
 
 from pipelines.assets.extract import fhir_extract
 from pipelines.assets.mapping import mapping_set
+from pipelines.assets.network import evidence_tables, published_packets
 from pipelines.assets.outcomes import outcome_events
+from pipelines.assets.packets import outcome_packets
 
-ALL_ASSETS = [mapping_set, fhir_extract, outcome_events]
+ALL_ASSETS = [mapping_set, fhir_extract, outcome_events, outcome_packets, published_packets, evidence_tables]
 
-__all__ = ["ALL_ASSETS", "fhir_extract", "mapping_set", "outcome_events"]
+__all__ = ["ALL_ASSETS", "evidence_tables", "fhir_extract", "mapping_set", "outcome_events", "outcome_packets", "published_packets"]

@@ -8,18 +8,12 @@ asset of the run, just as ``QualityReport.raise_for_failure`` stops ``qis-fhir r
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, MetadataValue
 
 if TYPE_CHECKING:
     from qis_fhir.quality import QualityReport
-
-
-def quality_report_path(out_dir: Path, asset: str) -> Path:
-    """``<partition folder>/quality/<asset>.json``: one quality report per asset (the run writes one file)."""
-    return Path(out_dir) / "quality" / f"{asset}.json"
 
 
 def check_name(table: str) -> str:

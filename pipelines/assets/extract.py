@@ -10,7 +10,7 @@ from dagster import (
     asset,
 )
 
-from pipelines.assets.checks import quality_check_results, quality_check_specs, quality_report_path
+from pipelines.assets.checks import quality_check_results, quality_check_specs
 from pipelines.partitions import daily_exports
 from pipelines.resources import SiteConfig
 from qis_fhir.fhir import TABLE_NAMES
@@ -37,28 +37,17 @@ COUNTS_CHECK = "every_line_accounted_for"
     ),
 )
 def fhir_extract(context: AssetExecutionContext, site: SiteConfig) -> MaterializeResult:
-    from qis_fhir.fhir import extract_export, load_extract
-    from qis_fhir.fhir.extract import EXTRACT_DIR, QUARANTINE_FILE, SUMMARY_FILE
-    from qis_fhir.quality import check_tables
+    from qis_fhir.fhir.extract import EXTRACT_DIR, SUMMARY_FILE
     from qis_fhir.runfolder import EXTRACT, start_run
+    from qis_fhir.stages import extract_step, quality_report_path, quality_step
 
     out_dir = site.out_path(context.partition_key)
-    mapping = site.load_mapping()  # before the long extraction: a bad mapping fails fast
-    secret = site.secret()
+    setup = site.setup()  # before the long extraction: a bad mapping or key fails fast
     # a fresh run folder for the partition: the previous materialisation (its extract and everything
     # derived from it) stays readable until this one is complete, then is replaced whole
     with start_run(out_dir, command="dagster", planned=[EXTRACT]) as run:
-        summary = extract_export(
-            site.export_path(context.partition_key),
-            run.path,
-            secret=secret,
-            validate=site.validation,
-            sample_rate=site.sample_rate,
-        )
-        summary.raise_if_nothing_extracted(run.path / QUARANTINE_FILE)
-        run.mark(EXTRACT, summary.totals)
-        report = check_tables(load_extract(run.path), mapping)
-        report.write(quality_report_path(run.path, "extract"))  # swapped in with the tables, pass or fail
+        summary = extract_step(run, site.export_path(context.partition_key), setup, validate=site.validation, sample_rate=site.sample_rate)
+        report = quality_step(run, setup.mapping, "extract")  # swapped in with the tables, pass or fail
 
     return MaterializeResult(
         metadata={
@@ -70,6 +59,7 @@ def fhir_extract(context: AssetExecutionContext, site: SiteConfig) -> Materializ
             "validated": summary.validated,
             "seconds": round(summary.seconds, 2),
             "summary": MetadataValue.path(str(out_dir / EXTRACT_DIR / SUMMARY_FILE)),
+            "quality_report": MetadataValue.path(str(quality_report_path(out_dir, "extract"))),
         },
         check_results=[
             # extract_export checks these counts itself (summary.check_invariants) and raises before it

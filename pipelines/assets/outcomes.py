@@ -1,10 +1,8 @@
 """Treatment-outcome events of one partition, from its extract tables and the mapping set."""
 
-import json
-
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
-from pipelines.assets.checks import quality_check_results, quality_check_specs, quality_report_path
+from pipelines.assets.checks import quality_check_results, quality_check_specs
 from pipelines.assets.extract import fhir_extract
 from pipelines.assets.mapping import mapping_set
 from pipelines.partitions import daily_exports
@@ -23,25 +21,17 @@ from pipelines.resources import SiteConfig
     ),
 )
 def outcome_events(context: AssetExecutionContext, site: SiteConfig) -> MaterializeResult:
-    from qis_fhir.fhir import load_extract
-    from qis_fhir.outcomes import derive_outcome_events
-    from qis_fhir.quality import check_tables
-    from qis_fhir.runfolder import EXTRACT, OUTCOMES, QUALITY, amend_run
+    from qis_fhir.outcomes.events import OUTCOME_EVENTS
+    from qis_fhir.runfolder import OUTCOMES
+    from qis_fhir.stages import amend_stage, outcomes_step, quality_report_path, quality_step
 
     out_dir = site.out_path(context.partition_key)
-    mapping = site.load_mapping()
+    mapping = site.setup().mapping
     # the partition's run folder gains the outcomes stage; until it is marked again no reader takes
-    # the events for finished (a crash here leaves them unmarked, never mixed with earlier ones)
-    with amend_run(out_dir, needs=(EXTRACT,), clears=(OUTCOMES, QUALITY)) as run:
-        result = derive_outcome_events(load_extract(out_dir), mapping)
-        report = check_tables({"outcome_events": result.events}, mapping)
-        report.write(quality_report_path(out_dir, "outcome_events"))
-        events_path, _ = result.write(out_dir)
-        run.mark(OUTCOMES, result.summary["totals"])
-        # "quality" means every suite passed, the extract's too (it may have been materialised in another run)
-        extract_report = json.loads(quality_report_path(out_dir, "extract").read_text())
-        if report.success and extract_report["success"]:
-            run.mark(QUALITY, {"success": True})
+    # the events (or anything derived from them) for finished
+    with amend_stage(out_dir, OUTCOMES) as run:
+        result = outcomes_step(run, mapping)
+        report = quality_step(run, mapping, "outcome_events")
 
     totals = result.summary["totals"]
     return MaterializeResult(
@@ -54,7 +44,8 @@ def outcome_events(context: AssetExecutionContext, site: SiteConfig) -> Material
             "exclusion_reasons": MetadataValue.json(result.summary["exclusion_reasons"]),
             "mapping_version": mapping.version,
             "mapping_hash": mapping.content_hash,
-            "events_file": MetadataValue.path(str(events_path)),
+            "events_file": MetadataValue.path(str(out_dir / OUTCOME_EVENTS)),
+            "quality_report": MetadataValue.path(str(quality_report_path(out_dir, "outcome_events"))),
         },
         check_results=quality_check_results(report),
     )

@@ -77,6 +77,11 @@ def default_seq(now: datetime | None = None) -> int:
     return int((now or datetime.now(UTC)).strftime("%Y%m%d"))
 
 
+def seq_of_day(day: str) -> int:
+    """The seq of the packets standing for one day (``YYYY-MM-DD``, a Dagster partition key): ``YYYYMMDD``."""
+    return default_seq(datetime.fromisoformat(day).replace(tzinfo=UTC))
+
+
 def _period_of(start_period: str, granularity: str) -> str:
     year, month = start_period[:4], start_period[5:7]
     if granularity == "month":

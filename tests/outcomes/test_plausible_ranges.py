@@ -188,7 +188,8 @@ def test_a_night_with_an_implausible_baseline_completes_and_counts_the_episode(t
     """One HbA1c of 26 % as an event's only baseline, end to end: the night publishes, the episode is
     excluded as baseline_implausible and it is the only episode the value costs."""
     from qis_fhir.fhir import extract_export, load_extract
-    from qis_fhir.pipeline import QUALITY_REPORT, RunConfig, run_pipeline
+    from qis_fhir.pipeline import RunConfig, run_pipeline
+    from qis_fhir.stages import quality_report_path
     from qis_fhir.synth import generate_export
 
     export = tmp_path / "export"
@@ -211,6 +212,6 @@ def test_a_night_with_an_implausible_baseline_completes_and_counts_the_episode(t
     assert summary["exclusion_reasons"]["baseline_implausible"] == 1
     events = pd.read_parquet(tmp_path / "out" / "outcome_events.parquet")
     assert len(events) == s["totals"]["events"] and 26.0 not in set(events["baseline_value"])
-    report = json.loads((tmp_path / "out" / QUALITY_REPORT).read_text())
+    report = json.loads(quality_report_path(tmp_path / "out", "extract").read_text())
     (warned,) = [r for r in report["tables"]["observations"]["results"] if r["warning"]]
     assert warned["expectation"] == "plausible_range" and warned["unexpected_count"] == 1

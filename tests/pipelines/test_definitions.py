@@ -11,7 +11,7 @@ from qis_fhir.mapping.yamldoc import read_yaml
 
 REPO = Path(__file__).resolve().parents[2]  # not "from conftest": several test folders have one
 
-ASSETS = {"mapping_set", "fhir_extract", "outcome_events"}
+ASSETS = {"mapping_set", "fhir_extract", "outcome_events", "outcome_packets", "published_packets", "evidence_tables"}
 
 
 def test_every_definition_loads():
@@ -21,7 +21,7 @@ def test_every_definition_loads():
     assert repo.get_job("daily_outcomes") is not None
     assert {s.name for s in repo.schedule_defs} == {"nightly_outcomes"}
     assert {s.name for s in repo.sensor_defs} == {"new_export_sensor"}
-    assert "site" in repo.get_top_level_resources()
+    assert {"site", "dht"} <= set(repo.get_top_level_resources())
 
 
 def test_assets_share_daily_partitions_and_lineage():
@@ -29,6 +29,18 @@ def test_assets_share_daily_partitions_and_lineage():
     for name in ASSETS:
         assert isinstance(graph.get(AssetKey(name)).partitions_def, DailyPartitionsDefinition)
     assert graph.get(AssetKey("outcome_events")).parent_keys == {AssetKey("fhir_extract"), AssetKey("mapping_set")}
+    chain = ["outcome_events", "outcome_packets", "published_packets", "evidence_tables"]
+    for parent, child in zip(chain, chain[1:]):
+        assert graph.get(AssetKey(child)).parent_keys == {AssetKey(parent)}
+
+
+def test_publish_is_retried_and_the_nightly_job_runs_the_whole_chain():
+    from pipelines.assets.network import PUBLISH_RETRY
+
+    repo = defs.get_repository_def()
+    assert repo.assets_defs_by_key[AssetKey("published_packets")].op.retry_policy == PUBLISH_RETRY
+    job = repo.get_job("daily_outcomes")
+    assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == ASSETS
 
 
 def test_quality_suites_are_blocking_checks_on_their_assets():

@@ -1,4 +1,5 @@
-"""Materialise every asset in process on a real Synthea export; a failed quality check blocks downstream."""
+"""Materialise the assets up to the events in process on a real Synthea export; a failed quality check
+blocks downstream. (Packets, publishing and evidence: tests/pipelines/test_stages.py.)"""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from pathlib import Path
 import pandas as pd
 from dagster import AssetKey, materialize
 
-from pipelines.assets import ALL_ASSETS
+from pipelines.assets import fhir_extract, mapping_set, outcome_events
 from pipelines.resources import SiteConfig
 
 REPO = Path(__file__).resolve().parents[2]  # not "from conftest": several test folders have one
 
 PARTITION = "2026-11-27"
+THROUGH_EVENTS = [mapping_set, fhir_extract, outcome_events]  # what a site without keys for a network can run
 
 
 def _site(export_dir: Path, tmp_path: Path, mapping_dir: Path | None = None) -> SiteConfig:
@@ -45,7 +47,7 @@ def _materialized_assets(result) -> dict[str, dict]:
 
 def test_all_assets_materialise_on_synthea_fixture(fixtures_dir, tmp_path, instance):
     site = _site(fixtures_dir / "synthea-r4-105", tmp_path)
-    result = materialize(ALL_ASSETS, partition_key=PARTITION, resources={"site": site}, instance=instance)
+    result = materialize(THROUGH_EVENTS, partition_key=PARTITION, resources={"site": site}, instance=instance)
     assert result.success
 
     mats = _materialized_assets(result)
@@ -79,7 +81,7 @@ def test_all_assets_materialise_on_synthea_fixture(fixtures_dir, tmp_path, insta
     # a re-materialisation that fails (its export folder is gone) leaves the partition as it was
     files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     gone = _site(tmp_path / "no-such-export", tmp_path)
-    failed = materialize(ALL_ASSETS, partition_key=PARTITION, resources={"site": gone}, instance=instance, raise_on_error=False)
+    failed = materialize(THROUGH_EVENTS, partition_key=PARTITION, resources={"site": gone}, instance=instance, raise_on_error=False)
     assert not failed.success
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
     assert json.loads((tmp_path / "out" / f"{PARTITION}.partial" / "run.json").read_text())["status"] == "failed"
@@ -98,7 +100,7 @@ def test_failing_quality_check_blocks_downstream_asset(fixtures_dir, tmp_path, i
     )
     site = _site(fixtures_dir / "synthea-r4-105", tmp_path, mapping_dir)
     result = materialize(
-        ALL_ASSETS, partition_key=PARTITION, resources={"site": site}, instance=instance, raise_on_error=False
+        THROUGH_EVENTS, partition_key=PARTITION, resources={"site": site}, instance=instance, raise_on_error=False
     )
     assert not result.success
     checks = _checks(result)
@@ -116,21 +118,7 @@ def test_missing_export_folder_fails_the_extract(tmp_path, instance):
     site = SiteConfig(export_root=str(tmp_path / "exports"), out_root=str(tmp_path / "out"),
                       site_secret_path=str(tmp_path / "site.secret"))
     result = materialize(
-        ALL_ASSETS, partition_key=PARTITION, resources={"site": site}, instance=instance, raise_on_error=False
+        THROUGH_EVENTS, partition_key=PARTITION, resources={"site": site}, instance=instance, raise_on_error=False
     )
     assert not result.success
     assert "outcome_events" not in _materialized_assets(result)
-
-
-def test_the_scheduled_job_runs_assets_and_their_checks(fixtures_dir, tmp_path, instance):
-    """`daily_outcomes` (what the schedule and the sensor launch) selects every asset and check."""
-    from dagster import Definitions
-
-    from pipelines.jobs import daily_outcomes_job
-
-    site = _site(fixtures_dir / "synthea-bundles", tmp_path)
-    defs = Definitions(assets=ALL_ASSETS, jobs=[daily_outcomes_job], resources={"site": site})
-    result = defs.resolve_job_def("daily_outcomes").execute_in_process(partition_key=PARTITION, instance=instance)
-    assert result.success
-    assert set(_materialized_assets(result)) == {"mapping_set", "fhir_extract", "outcome_events"}
-    assert len(_checks(result)) == 6 and all(_checks(result).values())

@@ -4,7 +4,10 @@
 
 from dagster import asset, materialize
 
-from pipelines.resources import SiteConfig, site_config_from_env
+import pytest
+
+from pipelines.resources import DhtConfig, SiteConfig, dht_config_from_env, site_config_from_env
+from qis_fhir.errors import UsageError
 
 
 def test_defaults_work_from_the_repository_root():
@@ -37,3 +40,19 @@ def test_environment_variables_choose_values(monkeypatch, tmp_path, instance):
 
 def test_fixed_export_dir_overrides_the_dated_folders(tmp_path):
     assert SiteConfig(export_dir=str(tmp_path / "demo")).export_path("2026-01-02") == tmp_path / "demo"
+
+
+def test_the_dht_resource_reads_its_nodes_from_the_environment(monkeypatch, instance):
+    monkeypatch.setenv("QIS_BOOTSTRAP", "127.0.0.1:4000,[::1]:4001")
+    monkeypatch.setenv("QIS_BIND", "127.0.0.1")
+    dht = dht_config_from_env()
+    seen = {}
+
+    @asset
+    def probe(dht: DhtConfig) -> None:
+        seen["addresses"], seen["bind"] = dht.addresses(), dht.bind
+
+    assert materialize([probe], resources={"dht": dht}, instance=instance).success
+    assert seen == {"addresses": (("127.0.0.1", 4000), ("::1", 4001)), "bind": "127.0.0.1"}
+    with pytest.raises(UsageError, match="set QIS_BOOTSTRAP"):
+        dht_config_from_env({}).addresses()

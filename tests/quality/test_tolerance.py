@@ -93,7 +93,8 @@ def test_a_share_above_mostly_blocks(observations, mapping, values, observed):
 def test_a_night_with_one_implausible_hba1c_publishes_and_reports_it(tmp_path):
     """The nightly run end to end: one HbA1c of 26 % in a synthetic export (of a patient with no
     treatment, so no outcome event reads it) no longer stops the run; its report carries the warning."""
-    from qis_fhir.pipeline import QUALITY_REPORT, RunConfig, run_pipeline
+    from qis_fhir.pipeline import RunConfig, run_pipeline
+    from qis_fhir.stages import quality_report_path
     from qis_fhir.synth import generate_export
 
     export = tmp_path / "export"
@@ -114,6 +115,6 @@ def test_a_night_with_one_implausible_hba1c_publishes_and_reports_it(tmp_path):
     result = run_pipeline(RunConfig(export_dir=export, out_dir=tmp_path / "out", site_secret_path=tmp_path / "s"))
     assert result.quality["success"] is True and result.quality["warnings"] == 1
     assert result.outcomes["totals"]["events"] > 0
-    report = json.loads((tmp_path / "out" / QUALITY_REPORT).read_text())
+    report = json.loads(quality_report_path(tmp_path / "out", "extract").read_text())
     (warned,) = [r for r in report["tables"]["observations"]["results"] if r["warning"]]
     assert warned["expectation"] == "plausible_range" and warned["unexpected_count"] == 1

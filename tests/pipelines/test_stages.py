@@ -1,0 +1,269 @@
+"""`qis-fhir run` and the Dagster assets run the same stage steps: same files, same events, same packets.
+
+Also: the whole graph for one site against DHT node processes on 127.0.0.1, ending with the pooled
+table; a DHT that does not answer fails the publish asset under its retry policy and loses nothing;
+a bad mapping or a failed quality suite publishes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from dagster import RetryPolicy, materialize
+
+from pipelines.assets import ALL_ASSETS, evidence_tables, fhir_extract, mapping_set, outcome_events, outcome_packets
+from pipelines.assets.network import publish_asset
+from pipelines.resources import DhtConfig, SiteConfig
+from qis_fhir.dht.cluster import LOOPBACK, LocalCluster
+
+REPO = Path(__file__).resolve().parents[2]  # not "from conftest": several test folders have one
+PARTITION = "2026-11-27"
+SEQ = 20261127
+UP_TO_PACKETS = [mapping_set, fhir_extract, outcome_events, outcome_packets]
+
+
+@pytest.fixture(scope="module")
+def site_world(tmp_path_factory):
+    """A network, one member site, and a synthetic export big enough for publishable cells."""
+    from qis_fhir.packets import add_site, create_network, create_site
+    from qis_fhir.synth import generate_export
+
+    root = tmp_path_factory.mktemp("world")
+    create_network(root / "net", network_id="ours", min_cell_size=11)
+    create_site("st-mary", root / "site")
+    add_site(root / "net", root / "site")
+    generate_export(root / "export", patients=1500, seed=3, truth_path=root / "truth.json")
+    return root
+
+
+def _site_copy(world: Path, dest: Path) -> Path:
+    """The site's keys (same signing key, same patient-key secret) with its own release state."""
+    shutil.copytree(world / "site", dest)
+    return dest
+
+
+def _site(world: Path, tmp_path: Path, site_dir: Path, **extra) -> SiteConfig:
+    return SiteConfig(export_dir=str(world / "export"), out_root=str(tmp_path / "dagster"), site_dir=str(site_dir),
+                      network_dir=str(world / "net"), **extra)
+
+
+def _events(result, kind: str) -> list:
+    return [e for e in result.all_events if e.event_type_value == kind]
+
+
+def _materialized(result) -> dict[str, dict]:
+    return {e.event_specific_data.materialization.asset_key.to_user_string(): e.event_specific_data.materialization.metadata
+            for e in _events(result, "ASSET_MATERIALIZATION")}
+
+
+def _failure(result, step: str) -> str:
+    """The one failure of ``step``: its error and the library's error under it, as the UI shows them."""
+    (failure,) = [e for e in _events(result, "STEP_FAILURE") if e.step_key == step]
+    error, text = failure.event_specific_data.error, []
+    while error is not None:
+        text.append(error.message)
+        error = error.cause
+    return "\n".join(text)
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _timeless(value):
+    """A report without its timings (``seconds``), which two runs never share."""
+    if isinstance(value, dict):
+        return {k: _timeless(v) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, list):
+        return [_timeless(v) for v in value]
+    return value
+
+
+def test_run_and_dagster_write_the_same_run(site_world, tmp_path, instance):
+    from qis_fhir.pipeline import RunConfig, run_pipeline
+
+    world = site_world
+    cli = tmp_path / "cli"
+    run_pipeline(RunConfig(export_dir=world / "export", out_dir=cli, site_dir=_site_copy(world, tmp_path / "site-cli"),
+                           network_dir=world / "net", seq=SEQ))
+    site = _site(world, tmp_path, _site_copy(world, tmp_path / "site-dagster"))
+    result = materialize(UP_TO_PACKETS, partition_key=PARTITION, resources={"site": site}, instance=instance)
+    assert result.success
+    dag = tmp_path / "dagster" / PARTITION
+
+    assert _files(cli) == _files(dag)  # one layout
+    assert "quality/extract.json" in _files(cli) and "quality/outcome_events.json" in _files(cli)
+    # same pseudonyms (one secret source: the site directory), same events
+    cli_events, dag_events = pd.read_parquet(cli / "outcome_events.parquet"), pd.read_parquet(dag / "outcome_events.parquet")
+    assert len(cli_events) > 0
+    pd.testing.assert_frame_equal(cli_events, dag_events)
+    for table in ("patients", "conditions", "medication_requests", "observations"):
+        pd.testing.assert_frame_equal(pd.read_parquet(cli / "extract" / f"{table}.parquet"), pd.read_parquet(dag / "extract" / f"{table}.parquet"))
+    # byte-identical packets: same events, same seq (the partition date), same key
+    packets = (cli / "packets.ndjson").read_bytes()
+    assert packets.count(b"\n") > 0 and packets == (dag / "packets.ndjson").read_bytes()
+    assert _json(dag / "disclosure_report.json")["seq"] == SEQ
+    for name in ("disclosure_report.json", "outcome_summary.json", "quality/extract.json", "quality/outcome_events.json"):
+        assert _timeless(_json(cli / name)) == _timeless(_json(dag / name)), name
+    assert (cli / "quarantine.ndjson").read_bytes() == (dag / "quarantine.ndjson").read_bytes()
+    assert _timeless(_json(cli / "extract" / "summary.json")) == _timeless(_json(dag / "extract" / "summary.json"))
+    cli_run, dag_run = _json(cli / "run.json"), _json(dag / "run.json")
+    assert cli_run["stages"] == dag_run["stages"] == ["extract", "outcomes", "quality", "packets"]
+    assert cli_run["counts"] == dag_run["counts"]
+    assert _materialized(result)["outcome_packets"]["dagster/row_count"].value == packets.count(b"\n")
+
+
+def test_a_site_directory_and_a_secret_file_together_are_refused(site_world, tmp_path, instance):
+    """Two secret sources would give one site's patients two pseudonym sets: refused before any file is written."""
+    site = _site(site_world, tmp_path, site_world / "site", site_secret_path=str(tmp_path / "other.secret"))
+    result = materialize(UP_TO_PACKETS, partition_key=PARTITION, resources={"site": site}, instance=instance, raise_on_error=False)
+    assert not result.success
+    assert "two secrets would give its patients two pseudonym sets" in _failure(result, "fhir_extract")
+    assert not (tmp_path / "dagster").exists() and not (tmp_path / "other.secret").exists()
+
+
+def test_a_failed_suite_or_a_bad_mapping_publishes_nothing(site_world, tmp_path, instance):
+    world = site_world
+    mapping_dir = tmp_path / "mappings" / "v1"  # the loader insists the folder is named after the version
+    shutil.copytree(REPO / "mappings" / "v1", mapping_dir)
+    suites = mapping_dir / "quality.yaml"
+    suites.write_text(suites.read_text().replace("- in_set: {column: sex, values: [female, male, other, unknown]}",
+                                                 "- in_set: {column: sex, values: [female]}"))
+    dht = DhtConfig(bootstrap=f"{LOOPBACK}:9", bind=LOOPBACK)  # never reached: nothing may get that far
+    site = _site(world, tmp_path, _site_copy(world, tmp_path / "site"), mapping_dir=str(mapping_dir))
+    failed = materialize(ALL_ASSETS, partition_key=PARTITION, resources={"site": site, "dht": dht}, instance=instance, raise_on_error=False)
+    assert not failed.success
+    assert set(_materialized(failed)) == {"mapping_set", "fhir_extract"}  # the extract is kept, for inspection
+    out = tmp_path / "dagster" / PARTITION
+    assert _json(out / "run.json")["stages"] == ["extract"]
+    assert not (out / "packets.ndjson").exists() and not (out / "publish_report.json").exists()
+
+    # materialising a later asset on its own does not get round the failed suite
+    alone = materialize([outcome_events], partition_key=PARTITION, resources={"site": site}, instance=instance, raise_on_error=False)
+    assert not alone.success
+    assert "the extract tables failed their quality suites" in _failure(alone, "outcome_events")
+    assert not (out / "outcome_events.parquet").exists()
+
+    # `qis-fhir run` stops at the same point: the failed extract's report is kept, nothing is derived from it
+    from qis_fhir.errors import QualityError
+    from qis_fhir.pipeline import RunConfig, run_pipeline
+
+    with pytest.raises(QualityError, match="table patients"):
+        run_pipeline(RunConfig(export_dir=world / "export", out_dir=tmp_path / "cli", mapping_dir=mapping_dir,
+                               site_dir=tmp_path / "site", network_dir=world / "net"))
+    partial = tmp_path / "cli.partial"
+    error = _json(partial / "run.json")["error"]
+    assert (error["stage"], error["exit_code"]) == ("quality", 5)
+    assert _files(partial) == _files(out)  # the same files as the failed partition: no events
+    assert not (tmp_path / "cli").exists()
+
+    (mapping_dir / "conditions.yaml").write_text("buckets: [not, a, mapping\n")
+    bad = materialize(ALL_ASSETS, partition_key="2026-11-28", resources={"site": site, "dht": dht}, instance=instance, raise_on_error=False)
+    assert not bad.success and _materialized(bad) == {}
+    assert not (tmp_path / "dagster" / "2026-11-28").exists()
+
+
+def test_the_whole_graph_for_one_site_against_a_local_dht(site_world, tmp_path, instance):
+    """The nightly job (what the schedule and the sensor launch) from the export to the pooled table."""
+    from dagster import Definitions
+
+    from pipelines.jobs import daily_outcomes_job
+
+    world = site_world
+    cluster = LocalCluster(tmp_path / "nodes", world / "net" / "manifest.json", ksize=3)
+    try:
+        cluster.start(4)
+        cluster.wait_joined()
+        dht = DhtConfig(bootstrap=",".join(f"{h}:{p}" for h, p in (n.address for n in cluster.live()[:2])), bind=LOOPBACK)
+        site = _site(world, tmp_path, _site_copy(world, tmp_path / "site"))
+        defs = Definitions(assets=ALL_ASSETS, jobs=[daily_outcomes_job], resources={"site": site, "dht": dht})
+        result = defs.resolve_job_def("daily_outcomes").execute_in_process(partition_key=PARTITION, instance=instance)
+    finally:
+        cluster.stop_all()
+    assert result.success
+    mats = _materialized(result)
+    assert set(mats) == {a.key.to_user_string() for a in ALL_ASSETS}
+    out = tmp_path / "dagster" / PARTITION
+    packets = len((out / "packets.ndjson").read_text().splitlines())
+    assert packets > 0
+    assert mats["published_packets"]["packets_published"].value == packets and mats["published_packets"]["replicas_min"].value >= 1
+    assert _json(out / "publish_report.json")["confirmed"] == packets
+    assert _json(out / "run.json")["stages"] == ["extract", "outcomes", "quality", "packets", "publish", "evidence"]
+
+    # the pooled table: with one site in the network, every pooled cell is this site's own cell
+    pooled = pd.read_parquet(out / "evidence" / "pooled_outcomes.parquet")
+    assert mats["evidence_tables"]["dagster/row_count"].value == len(pooled) == mats["outcome_packets"]["cells_published"].value
+    assert (pooled["sites"] == 1).all() and (pooled["patients"] == pooled["local_patients"]).all()
+    assert (out / "evidence" / "report.html").exists()
+    assert _json(out / "evidence" / "provenance.json")["run_date"] == PARTITION
+
+
+def test_an_unreachable_dht_fails_publish_under_its_retry_policy_and_keeps_the_packets(site_world, tmp_path, instance):
+    world = site_world
+    site = _site(world, tmp_path, _site_copy(world, tmp_path / "site"))
+    dht = DhtConfig(bootstrap=f"{LOOPBACK}:9", bind=LOOPBACK)  # the discard port: no DHT node answers there
+    assets = [*UP_TO_PACKETS, publish_asset(RetryPolicy(max_retries=1, delay=0)), evidence_tables]
+    result = materialize(assets, partition_key=PARTITION, resources={"site": site, "dht": dht}, instance=instance, raise_on_error=False)
+    assert not result.success
+    assert len(_events(result, "STEP_UP_FOR_RETRY")) == 1  # retried once, as its policy says, then failed
+    assert f"no DHT peer answered at {LOOPBACK}:9" in _failure(result, "published_packets")
+    assert "evidence_tables" not in _materialized(result)
+    out = tmp_path / "dagster" / PARTITION
+    manifest = _json(out / "run.json")
+    assert manifest["status"] == "complete" and manifest["stages"] == ["extract", "outcomes", "quality", "packets"]
+    assert manifest["error"]["stage"] == "publish" and manifest["error"]["exit_code"] == 11
+    assert len((out / "packets.ndjson").read_text().splitlines()) == _materialized(result)["outcome_packets"]["dagster/row_count"].value
+
+    # a setting missing is not cured by waiting: no retry, and the message says what to set
+    unset = materialize([publish_asset(RetryPolicy(max_retries=1, delay=0))], partition_key=PARTITION,
+                        resources={"site": site, "dht": DhtConfig()}, instance=instance, raise_on_error=False)
+    assert not unset.success and _events(unset, "STEP_UP_FOR_RETRY") == []
+    assert "no DHT node configured to publish to: set QIS_BOOTSTRAP" in _failure(unset, "published_packets")
+
+
+def test_rederiving_the_events_unmarks_the_packets_built_from_the_old_ones(site_world, tmp_path, instance):
+    """Packets (and anything published from them) of events that were since rewritten are not current:
+    a reader of the packets is refused until they are built again."""
+    from qis_fhir.errors import RunIncompleteError
+    from qis_fhir.runfolder import require_run
+
+    site = _site(site_world, tmp_path, _site_copy(site_world, tmp_path / "site"))
+    assert materialize(UP_TO_PACKETS, partition_key=PARTITION, resources={"site": site}, instance=instance).success
+    out = tmp_path / "dagster" / PARTITION
+    assert require_run(out, "packets")["stages"] == ["extract", "outcomes", "quality", "packets"]
+    assert materialize([outcome_events], partition_key=PARTITION, resources={"site": site}, instance=instance).success
+    assert _json(out / "run.json")["stages"] == ["extract", "outcomes", "quality"]
+    with pytest.raises(RunIncompleteError, match="has not finished stage packets"):
+        require_run(out, "packets")
+    assert materialize([outcome_packets], partition_key=PARTITION, resources={"site": site}, instance=instance).success
+    assert require_run(out, "packets")["stages"] == ["extract", "outcomes", "quality", "packets"]
+
+
+def test_an_export_with_nothing_usable_stops_both_alike(tmp_path, instance):
+    """The nothing-extracted rule is the extract step's: Dagster stops where `qis-fhir run` does, with the
+    same message, and keeps the same quarantine for inspection."""
+    from qis_fhir.errors import NothingExtractedError
+    from qis_fhir.pipeline import RunConfig, run_pipeline
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "Observation.000.ndjson").write_text('{"resourceType": "Observation"\n[1]\n')
+    expected = f"no usable resource in {export} (2 read, all quarantined or skipped)"
+    with pytest.raises(NothingExtractedError, match=re.escape(expected)):
+        run_pipeline(RunConfig(export_dir=export, out_dir=tmp_path / "cli", site_secret_path=tmp_path / "s"))
+    site = SiteConfig(export_dir=str(export), out_root=str(tmp_path / "dagster"), site_secret_path=str(tmp_path / "s"))
+    result = materialize(UP_TO_PACKETS[:3], partition_key=PARTITION, resources={"site": site}, instance=instance, raise_on_error=False)
+    assert not result.success and expected in _failure(result, "fhir_extract")
+    cli, dag = tmp_path / "cli.partial", tmp_path / "dagster" / f"{PARTITION}.partial"
+    assert (cli / "quarantine.ndjson").read_bytes() == (dag / "quarantine.ndjson").read_bytes()
+    assert _json(cli / "run.json")["error"]["exit_code"] == _json(dag / "run.json")["error"]["exit_code"] == 6
+    assert not (tmp_path / "cli").exists() and not (tmp_path / "dagster" / PARTITION).exists()
