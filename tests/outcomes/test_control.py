@@ -314,3 +314,91 @@ def test_v1_has_no_control_measures_and_writes_no_units(tb, tmp_path):
     assert result.units is None and "control" not in result.summary
     result.write(tmp_path)
     assert not (tmp_path / "control_units.parquet").exists()
+
+
+NEW_CONTROL_MEASURE = """
+  weight_control:
+    kind: control
+    source: "a site's own: BMI under 30 at the last weight visit of the year"
+    buckets: [hypertension]
+    readings:
+      - {loinc: "39156-5", unit: "kg/m2", below: 30, plausible_range: [10, 100]}
+    age_range: [18, 75]
+    onset_by_month: 12
+    lookback_days: 180
+    untreated_code: TX_NONE
+    exclusions:
+      pregnancy:
+        snomed: ["72892002"]
+"""
+
+
+def test_a_new_control_measure_is_a_yaml_change_only(tb, v2, tmp_path):
+    import shutil
+
+    d = shutil.copytree(v2.path, tmp_path / "v2")
+    with (d / "outcomes.yaml").open("a") as f:
+        f.write(NEW_CONTROL_MEASURE)
+    mapping = load_mapping(d)
+    patient(tb, "slim", onset="2022-11-01")  # onset by the year's end is enough for this measure
+    tb.obs("slim", when=T("2022-05-10T10:00Z"), value=29.9, code="39156-5", unit="kg/m2", panel=None)
+    patient(tb, "heavy")
+    tb.obs("heavy", when=T("2022-05-10T10:00Z"), value=31.0, code="39156-5", unit="kg/m2", panel=None)
+    tb.request("heavy", code=LISINOPRIL, when=T("2021-12-01"), status="stopped")  # 160 days before
+    units, s = run(tb, mapping, "weight_control")
+    got = {u.patient_key: (u.treatment_code, bool(u.numerator)) for u in units.itertuples()}
+    assert got == {"slim": ("TX_NONE", True), "heavy": ("TX_0002", False)}
+    assert s["source"].startswith("a site's own") and s["denominator"] == 2
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (("below: 140,", "above: 140,"), "a control reading takes a threshold 'below'"),
+        (("buckets: [hypertension]\n    readings", "buckets: [hypertensoin]\n    readings"), "unknown bucket 'hypertensoin'"),
+        (("untreated_code: TX_NONE", "untreated_code: TX_0001"), "TX_0001 is a treatment of treatments.yaml"),
+        (("age_range: [18, 85]", "age_range: [85, 18]"), "age range [85, 18] is empty"),
+        (("onset_by_month: 6", "onset_by_month: 13"), "13 is greater than the maximum of 12"),
+        (("    lookback_days: 365\n", ""), "'lookback_days' is a required property"),
+    ],
+)
+def test_control_measure_mistakes_name_file_and_line(v2, tmp_path, change, message):
+    import shutil
+
+    from qis_fhir.errors import MappingError
+
+    d = shutil.copytree(v2.path, tmp_path / "v2")
+    text = (d / "outcomes.yaml").read_text()
+    assert change[0] in text
+    (d / "outcomes.yaml").write_text(text.replace(change[0], change[1], 1))
+    with pytest.raises(MappingError) as info:
+        load_mapping(d)
+    assert message in str(info.value) and "outcomes.yaml:" in str(info.value)
+
+
+def test_synthea_fixture_gives_units_for_all_three_conditions_and_the_summary_adds_up(fixtures_dir, v2, tmp_path):
+    import json
+
+    from qis_fhir.fhir import extract_export, load_extract
+
+    extract_export(fixtures_dir / "synthea-r4-105", tmp_path / "x", secret=b"control-fixture-secret-012345678",
+                   validate="off")
+    result = derive_outcome_events(load_extract(tmp_path / "x"), v2)
+    result.write(tmp_path)
+    written = json.loads((tmp_path / "outcome_summary.json").read_text())
+    units = pd.read_parquet(tmp_path / "control_units.parquet")
+    measures = written["control"]["measures"]
+    assert set(measures) == {"bp_control", "lipid_control", "hba1c_poor_control"}
+    for mid, s in measures.items():
+        check_control_summary(s)
+        part = units[units["measure"] == mid]
+        assert s["denominator"] > 0 and len(part) == s["units"], mid
+        assert part.drop_duplicates(["patient_key", "bucket", "period"]).shape[0] == s["denominator"], mid
+        assert int(part.drop_duplicates(["patient_key", "bucket", "period"])["numerator"].sum()) == s["numerator"], mid
+    assert set(units["bucket"]) == {"hypertension", "hyperlipidemia", "type2_diabetes"}
+    # Synthea: pregnancies in women with hypertension are excluded; its statin users are controlled at times
+    assert measures["bp_control"]["excluded"]["pregnancy"] > 0
+    assert measures["lipid_control"]["by_treatment"]["TX_0003"]["numerator"] > 0
+    # the change design's events are unchanged by the control measures beside them
+    v1 = derive_outcome_events(load_extract(tmp_path / "x"), load_mapping())
+    assert v1.summary["totals"]["episodes"] == written["totals"]["episodes"] - written["by_treatment"]["TX_0007"]["episodes"]
