@@ -402,3 +402,19 @@ def test_synthea_fixture_gives_units_for_all_three_conditions_and_the_summary_ad
     # the change design's events are unchanged by the control measures beside them
     v1 = derive_outcome_events(load_extract(tmp_path / "x"), load_mapping())
     assert v1.summary["totals"]["episodes"] == written["totals"]["episodes"] - written["by_treatment"]["TX_0007"]["episodes"]
+
+
+def test_v2_quality_suite_passes_real_units_and_blocks_a_broken_one(tb, v2):
+    from qis_fhir.quality import check_tables
+
+    patient(tb, "p1")
+    bp(tb, "p1", "2022-05-10T10:00Z", 128, 78)
+    tb.request("p1", code=HCTZ, when=T("2022-01-15"))
+    units, _ = run(tb, v2)
+    key = "0" * 32
+    units = units.assign(patient_key=key)
+    assert check_tables({"control_units": units}, v2).success
+    broken = units.assign(treatment_code="TX_9999")
+    report = check_tables({"control_units": broken}, v2)
+    assert not report.success
+    assert [f.rule.column for f in report.suite("control_units").failures] == ["treatment_code"]
