@@ -15,14 +15,13 @@ The summary's counts add up at every step and are checked before anything is ret
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import pandas as pd
 
 from qis_fhir.mapping import UNKNOWN, ControlMeasure, MappingSet
 from qis_fhir.mapping.model import match_code, match_codes
 from qis_fhir.outcomes.ages import age_bands, age_years
+from qis_fhir.outcomes.events import row_ids
 from qis_fhir.outcomes.linkage import mapped_conditions
 from qis_fhir.outcomes.windows import USABLE, day_number, one_of, select_readings
 
@@ -75,11 +74,6 @@ def _days(ts: pd.Series) -> np.ndarray:
     if known.any():
         out[known] = day_number(ts[known]).to_numpy()
     return out
-
-
-def _unit_ids(df: pd.DataFrame) -> list[str]:
-    parts = zip(df["patient_key"], df["bucket"], df["measure"], df["treatment_code"], df["period"])
-    return [hashlib.sha256("|".join(p).encode()).hexdigest()[:32] for p in parts]
 
 
 def empty_units() -> pd.DataFrame:
@@ -224,7 +218,7 @@ def _measure_units(m: ControlMeasure, visit_years: pd.DataFrame, cond: pd.DataFr
     units["values"] = [v if isinstance(v, np.ndarray) else [] for v in units["values"]]
     units["mapping_version"] = mapping.version
     units["mapping_hash"] = mapping.content_hash
-    units["unit_id"] = _unit_ids(units) if len(units) else []
+    units["unit_id"] = row_ids(*(units[c] for c in ("patient_key", "bucket", "measure", "treatment_code", "period")))
 
     n_tx = tx.groupby(["patient_key", "bucket", "year"]).size()
     with_reading = den["index_day_n"].notna()

@@ -100,11 +100,15 @@ def _episodes(links: pd.DataFrame, mapping: MappingSet) -> pd.DataFrame:
     ].reset_index(drop=True)
 
 
+def row_ids(*columns: pd.Series) -> list[str]:
+    """32 hex of sha256 over the row's values joined by ``|``: an id stable across runs and input order.
+    Events and units, not observations: a comprehension over a few thousand rows is fine."""
+    return [hashlib.sha256("|".join(p).encode()).hexdigest()[:32] for p in zip(*columns)]
+
+
 def _event_ids(df: pd.DataFrame) -> list[str]:
-    # events, not observations: a comprehension over a few thousand rows is fine
     starts = df["start"].dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    parts = zip(df["patient_key"], df["treatment_code"], df["bucket"], df["measure"], starts)
-    return [hashlib.sha256("|".join(p).encode()).hexdigest()[:32] for p in parts]
+    return row_ids(df["patient_key"], df["treatment_code"], df["bucket"], df["measure"], starts)
 
 
 def _ensure_utc(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
