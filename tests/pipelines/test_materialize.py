@@ -61,7 +61,7 @@ def test_all_assets_materialise_on_synthea_fixture(fixtures_dir, tmp_path, insta
     assert events > 0
 
     checks = _checks(result)
-    assert len(checks) == 6 and all(checks.values()), checks
+    assert len(checks) == 7 and all(checks.values()), checks
 
     out = tmp_path / "out" / PARTITION
     for name in ["extract/summary.json", "quarantine.ndjson", "outcome_events.parquet", "outcome_summary.json",
@@ -133,4 +133,4 @@ def test_the_scheduled_job_runs_assets_and_their_checks(fixtures_dir, tmp_path, 
     result = defs.resolve_job_def("daily_outcomes").execute_in_process(partition_key=PARTITION, instance=instance)
     assert result.success
     assert set(_materialized_assets(result)) == {"mapping_set", "fhir_extract", "outcome_events"}
-    assert len(_checks(result)) == 6 and all(_checks(result).values())
+    assert len(_checks(result)) == 7 and all(_checks(result).values())
