@@ -6,7 +6,7 @@ Public API (see docs/extract.md and docs/architecture.md)::
         -> ExtractSummary
     load_extract(out_dir) -> dict[str, pd.DataFrame]
     TABLES: dict[str, pyarrow.Schema]
-    TABLE_NAMES: the four table names, without importing pyarrow
+    TABLE_NAMES: the five table names, without importing pyarrow
 
 Names load lazily so ``qis-fhir extract --help`` does not import pyarrow.
 """
@@ -19,7 +19,7 @@ __all__ = ["extract_export", "load_extract", "ExtractSummary", "TABLES", "TABLE_
 
 # the tables in schema order; schema.TABLES is checked against it at import (for callers, such as the
 # Dagster check specs, that need the names without loading pyarrow)
-TABLE_NAMES = ("patients", "conditions", "medication_requests", "observations")
+TABLE_NAMES = ("patients", "conditions", "medication_requests", "observations", "encounters")
 
 _WHERE = {
     "extract_export": "qis_fhir.fhir.extract",

@@ -1,4 +1,4 @@
-"""``extract_export``: a FHIR export directory -> four Parquet tables, a summary and a quarantine.
+"""``extract_export``: a FHIR export directory -> five Parquet tables, a summary and a quarantine.
 
 Every line (NDJSON) or Bundle entry (JSON) is read once and ends in exactly one of: accepted (its
 rows are written), quarantined (a record with file, line, type and reason), or skipped (a resource
@@ -586,7 +586,7 @@ def _progress_bar(total: int):
 
 
 def load_extract(out_dir: Path | str) -> dict[str, "pd.DataFrame"]:  # noqa: F821
-    """The four extract tables of ``out_dir`` as DataFrames (Arrow-typed columns kept as pandas types).
+    """The five extract tables of ``out_dir`` as DataFrames (Arrow-typed columns kept as pandas types).
 
     A run folder must hold a complete run that finished its extract (``require_run``): the tables of a
     crashed or failed run are refused with RUN_INCOMPLETE, never read beside another run's files."""

@@ -351,6 +351,35 @@ def make_handlers(
         medications["Medication/" + rid] = pick_coding(o.get("code"), RXNORM, "code")
         return []
 
+    def encounter(o: dict, urns: dict[str, str] | None, line: int) -> list:
+        """A visit: who, when, what kind (``class``), and its status; nothing else is read (no type,
+        reason, location or participant: a denominator needs only that a visit took place)."""
+        resource_id(o)
+        pk = subject_key(o, urns)
+        status = status_of(o)
+        cls = o.get("class")
+        if cls is None:
+            raise Reject(R.MISSING_CODE, "class is missing")
+        if type(cls) is not dict:
+            raise Reject(R.INVALID_FIELD, "class is not a Coding")
+        cls_code = cls.get("code")
+        if type(cls_code) is not str or not cls_code:
+            raise Reject(R.MISSING_CODE, "class has no code")
+        period = o.get("period")
+        if period is None:
+            raise Reject(R.MISSING_DATE, "period is missing")
+        if type(period) is not dict:
+            raise Reject(R.INVALID_FIELD, "period is not a Period")
+        start = period.get("start")
+        if start is None:
+            raise Reject(R.MISSING_DATE, "period.start is missing")
+        start_ts = when(start, "period.start")
+        end = period.get("end")
+        end_ts = None if end is None else when(end, "period.end")
+        if end_ts is not None and end_ts < start_ts:
+            raise Reject(R.INVALID_FIELD, "period.end is before period.start")
+        return [(pk, start_ts, end_ts, cls_code, status)]
+
     def patient(o: dict, urns: dict[str, str] | None, line: int) -> list:
         rid = resource_id(o)
         gender = o.get("gender")
@@ -370,4 +399,5 @@ def make_handlers(
         "MedicationRequest": medication_request,
         "Patient": patient,
         "Medication": medication,
+        "Encounter": encounter,
     }

@@ -1,4 +1,4 @@
-"""The four extract tables: their Arrow schemas, in the column order of docs/architecture.md.
+"""The five extract tables: their Arrow schemas, in the column order of docs/architecture.md.
 
 Row tuples built by ``fields.py`` follow exactly this column order; ``TABLES`` is the one place the
 order is written down.
@@ -60,6 +60,16 @@ TABLES: dict[str, pa.Schema] = {
             ("source_line", pa.int64()),
         ]
     ),
+    # visits: only what a measure's denominator needs (who, when, what kind); no type, reason or text
+    "encounters": pa.schema(
+        [
+            ("patient_key", pa.string()),
+            ("period_start", TS),
+            ("period_end", TS),
+            ("class_code", pa.string()),
+            ("status", pa.string()),
+        ]
+    ),
 }
 
 if tuple(TABLES) != TABLE_NAMES:
@@ -71,4 +81,5 @@ TABLE_OF_TYPE: dict[str, str] = {
     "Condition": "conditions",
     "MedicationRequest": "medication_requests",
     "Observation": "observations",
+    "Encounter": "encounters",
 }

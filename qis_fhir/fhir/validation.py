@@ -37,6 +37,7 @@ _MODEL_MODULES = {
     "MedicationRequest": "fhir.resources.R4B.medicationrequest",
     "Observation": "fhir.resources.R4B.observation",
     "Medication": "fhir.resources.R4B.medication",
+    "Encounter": "fhir.resources.R4B.encounter",
 }
 
 

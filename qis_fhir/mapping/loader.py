@@ -19,6 +19,8 @@ from qis_fhir.mapping.model import (
     AgeBand,
     CohortSpec,
     ConditionBucket,
+    ControlMeasure,
+    ControlReading,
     MappingSet,
     OutcomeMeasure,
     Treatment,
@@ -114,6 +116,7 @@ def load_mapping(path: str | Path | None = None) -> MappingSet:
     buckets, condition_index = _build_buckets(docs["conditions.yaml"], measures, errors)
     treatments, treatment_index = _build_treatments(docs["treatments.yaml"], buckets, errors)
     cohorts = _build_cohorts(docs["cohorts.yaml"], errors)
+    control = _build_control_measures(docs["outcomes.yaml"], buckets, treatments, errors)
     if errors:
         raise mapping_error(errors)
 
@@ -126,6 +129,7 @@ def load_mapping(path: str | Path | None = None) -> MappingSet:
         treatments=treatments,
         measures=measures,
         cohorts=cohorts,
+        control_measures=control,
         _condition_index=condition_index,
         _treatment_index=treatment_index,
     )
@@ -134,6 +138,8 @@ def load_mapping(path: str | Path | None = None) -> MappingSet:
 def _build_measures(doc: YamlDoc, errors: list[str]) -> dict[str, OutcomeMeasure]:
     measures = {}
     for mid, m in doc.data["measures"].items():
+        if m.get("kind", "change") != "change":
+            continue
         lo, hi = m["followup_days"]
         if lo > hi:
             errors.append(doc.error(("measures", mid, "followup_days"), f"follow-up window [{lo}, {hi}] is empty"))
@@ -156,6 +162,46 @@ def _build_measures(doc: YamlDoc, errors: list[str]) -> dict[str, OutcomeMeasure
             description=m.get("description", ""),
         )
     return measures
+
+
+def _build_control_measures(
+    doc: YamlDoc, buckets: dict[str, ConditionBucket], treatments: dict[str, Treatment], errors: list[str]
+) -> dict[str, ControlMeasure]:
+    out = {}
+    for mid, m in doc.data["measures"].items():
+        kind = m.get("kind", "change")
+        if kind == "change":
+            continue
+        where = ("measures", mid)
+        for i, bid in enumerate(m["buckets"]):
+            if bid not in buckets:
+                errors.append(doc.error(where + ("buckets", i), f"unknown bucket {bid!r} (conditions.yaml has {', '.join(sorted(buckets))})"))
+        if m["untreated_code"] in treatments:
+            errors.append(doc.error(where + ("untreated_code",), f"{m['untreated_code']} is a treatment of treatments.yaml"))
+        lo, hi = m["age_range"]
+        if lo > hi:
+            errors.append(doc.error(where + ("age_range",), f"age range [{lo}, {hi}] is empty"))
+        readings = []
+        for i, r in enumerate(m["readings"]):
+            at = where + ("readings", i)
+            want = "below" if kind == "control" else "above"
+            if want not in r or ({"below", "above"} - {want}) & set(r):
+                errors.append(doc.error(at, f"a {kind} reading takes a threshold '{want}' (and not the other)"))
+            low, high = r["plausible_range"]
+            if low > high:
+                errors.append(doc.error(at + ("plausible_range",), f"plausible range [{low}, {high}] is empty"))
+            readings.append(ControlReading(r["loinc"], tuple(r.get("panels", ())), r["unit"], r.get("below"),
+                                           r.get("above"), low, high))
+        exclusions = {
+            reason: {CONDITION_SYSTEMS[key]: tuple(codes) for key, codes in lists.items()}
+            for reason, lists in m["exclusions"].items()
+        }
+        out[mid] = ControlMeasure(
+            id=mid, kind=kind, source=m["source"], buckets=tuple(m["buckets"]), readings=tuple(readings),
+            age_min=lo, age_max=hi, onset_by_month=m["onset_by_month"], lookback_days=m["lookback_days"],
+            untreated_code=m["untreated_code"], exclusions=exclusions, description=m.get("description", ""),
+        )
+    return out
 
 
 def _build_buckets(

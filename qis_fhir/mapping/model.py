@@ -35,7 +35,7 @@ def match_code(system: str, code: str) -> str:
     return code
 
 
-def _match_codes(systems: pd.Series, codes: pd.Series) -> pd.Series:
+def match_codes(systems: pd.Series, codes: pd.Series) -> pd.Series:
     """``match_code`` over two columns, vectorised for the ICD-10-CM rows only."""
     out = codes.astype(object).copy()
     icd = (systems == ICD10CM).to_numpy()
@@ -81,6 +81,43 @@ class OutcomeMeasure:
     plausible_max: float  # outside it are never a baseline or follow-up (quality.yaml reads it too)
     episode_gap_days: int  # requests closer than this continue one episode
     description: str = ""
+
+
+@dataclass(frozen=True)
+class ControlReading:
+    """One reading a control measure judges: a LOINC code alone or in a panel, and its threshold."""
+
+    loinc: str
+    panels: tuple[str, ...]
+    unit: str  # UCUM; readings in another unit are never used
+    below: float | None  # control: the reading is controlled when strictly under this
+    above: float | None  # poor_control: the reading is poor control when strictly over this
+    plausible_min: float
+    plausible_max: float
+
+
+@dataclass(frozen=True)
+class ControlMeasure:
+    """A per-year control measure (kind ``control``, modelled on CMS165, or ``poor_control``, on
+    CMS122): one unit per patient x measurement year x treatment (docs/outcomes.md)."""
+
+    id: str
+    kind: str  # "control" (higher share is better) or "poor_control" (lower share is better)
+    source: str  # the published measure it is modelled on
+    buckets: tuple[str, ...]
+    readings: tuple[ControlReading, ...]  # the first is the index value the mean and SD describe
+    age_min: int  # age in whole years on the last day of the year, both ends inclusive
+    age_max: int
+    onset_by_month: int  # the condition's onset is on or before the last day of this month
+    lookback_days: int  # a treatment request counts when authored this many days before the index day
+    untreated_code: str
+    exclusions: dict[str, dict[str, tuple[str, ...]]]  # reason -> FHIR system URI -> codes, in order
+    description: str = ""
+
+    @property
+    def direction(self) -> str:
+        """Which way the numerator share is better: ``higher`` for control, ``lower`` for poor control."""
+        return "higher" if self.kind == "control" else "lower"
 
 
 @dataclass(frozen=True)
@@ -131,8 +168,9 @@ class MappingSet:
     path: Path
     buckets: dict[str, ConditionBucket]
     treatments: dict[str, Treatment]
-    measures: dict[str, OutcomeMeasure]
+    measures: dict[str, OutcomeMeasure]  # the change measures (outcome events, packets)
     cohorts: CohortSpec
+    control_measures: dict[str, ControlMeasure] = field(default_factory=dict)  # per-year control units
     _condition_index: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
     _treatment_index: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
 
@@ -152,7 +190,7 @@ class MappingSet:
     def with_buckets(self, df: pd.DataFrame) -> pd.DataFrame:
         """The rows of ``df`` (with ``code_system`` and ``code`` columns) whose coding the mapping covers,
         with their ``bucket`` (a row per bucket); codes are compared in ``match_code`` form."""
-        keyed = df.assign(_match=_match_codes(df["code_system"], df["code"]))
+        keyed = df.assign(_match=match_codes(df["code_system"], df["code"]))
         table = _index_table(self._condition_index, ["code_system", "_match", "bucket"])
         return keyed.merge(table, on=["code_system", "_match"], how="inner").drop(columns="_match")
 

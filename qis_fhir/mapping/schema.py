@@ -88,6 +88,98 @@ TREATMENTS_SCHEMA = {
 
 DAYS = {"type": "integer", "minimum": 0, "maximum": 36500}
 
+CHANGE_MEASURE = {
+    "type": "object",
+    "properties": {
+        "kind": {"const": "change"},
+        "description": {"type": "string"},
+        "loinc": CODE,
+        "panels": {"type": "array", "items": CODE, "uniqueItems": True},
+        "unit": {"type": "string", "minLength": 1},
+        "direction": {"enum": ["lower", "higher"]},
+        "baseline_days": DAYS,
+        # follow-up starts at day 1 or later: the start day itself belongs to the baseline
+        "followup_days": {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 1, "maximum": 36500},
+            "minItems": 2,
+            "maxItems": 2,
+        },
+        "threshold": {"type": "number", "exclusiveMinimum": 0},
+        # [min, max] in the measure's unit: readings outside it are never used
+        "plausible_range": {
+            "type": "array",
+            "items": {"type": "number"},
+            "minItems": 2,
+            "maxItems": 2,
+        },
+        "episode_gap_days": {"type": "integer", "minimum": 1, "maximum": 36500},
+    },
+    "required": [
+        "loinc",
+        "unit",
+        "direction",
+        "baseline_days",
+        "followup_days",
+        "threshold",
+        "plausible_range",
+        "episode_gap_days",
+    ],
+    "additionalProperties": False,
+}
+
+CONTROL_KINDS = ("control", "poor_control")
+RANGE = {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}
+
+# one reading of a control measure: a LOINC code (alone or in one of the panels) and its threshold;
+# `below` for control (every reading of the index day under it), `above` for poor_control (a reading
+# over it, or none, is poor control)
+CONTROL_READING = {
+    "type": "object",
+    "properties": {
+        "loinc": CODE,
+        "panels": {"type": "array", "items": CODE, "uniqueItems": True},
+        "unit": {"type": "string", "minLength": 1},
+        "below": {"type": "number"},
+        "above": {"type": "number"},
+        "plausible_range": RANGE,
+    },
+    "required": ["loinc", "unit", "plausible_range"],
+    "additionalProperties": False,
+}
+
+CONTROL_MEASURE = {
+    "type": "object",
+    "properties": {
+        "kind": {"enum": list(CONTROL_KINDS)},
+        "description": {"type": "string"},
+        "source": {"type": "string", "minLength": 1},  # the published measure it is modelled on
+        "buckets": {"type": "array", "items": {"type": "string", "pattern": ID}, "minItems": 1, "uniqueItems": True},
+        "readings": {"type": "array", "items": CONTROL_READING, "minItems": 1},
+        "age_range": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 150},
+                      "minItems": 2, "maxItems": 2},
+        # the condition counts when its onset is on or before the last day of this month of the year
+        "onset_by_month": {"type": "integer", "minimum": 1, "maximum": 12},
+        "lookback_days": DAYS,
+        "untreated_code": {"type": "string", "pattern": TX_ID},
+        "exclusions": {
+            "type": "object",
+            "patternProperties": {
+                ID: {
+                    "type": "object",
+                    "properties": {"snomed": CODE_LIST, "icd10cm": CODE_LIST},
+                    "additionalProperties": False,
+                    "minProperties": 1,
+                }
+            },
+            "additionalProperties": False,
+        },
+    },
+    "required": ["kind", "source", "buckets", "readings", "age_range", "onset_by_month", "lookback_days",
+                 "untreated_code", "exclusions"],
+    "additionalProperties": False,
+}
+
 OUTCOMES_SCHEMA = {
     "type": "object",
     "properties": {
@@ -95,43 +187,12 @@ OUTCOMES_SCHEMA = {
             "type": "object",
             "minProperties": 1,
             "patternProperties": {
+                # `kind` says which design: change (the default, mapping v1) or a control kind
                 ID: {
-                    "type": "object",
-                    "properties": {
-                        "description": {"type": "string"},
-                        "loinc": CODE,
-                        "panels": {"type": "array", "items": CODE, "uniqueItems": True},
-                        "unit": {"type": "string", "minLength": 1},
-                        "direction": {"enum": ["lower", "higher"]},
-                        "baseline_days": DAYS,
-                        # follow-up starts at day 1 or later: the start day itself belongs to the baseline
-                        "followup_days": {
-                            "type": "array",
-                            "items": {"type": "integer", "minimum": 1, "maximum": 36500},
-                            "minItems": 2,
-                            "maxItems": 2,
-                        },
-                        "threshold": {"type": "number", "exclusiveMinimum": 0},
-                        # [min, max] in the measure's unit: readings outside it are never used
-                        "plausible_range": {
-                            "type": "array",
-                            "items": {"type": "number"},
-                            "minItems": 2,
-                            "maxItems": 2,
-                        },
-                        "episode_gap_days": {"type": "integer", "minimum": 1, "maximum": 36500},
-                    },
-                    "required": [
-                        "loinc",
-                        "unit",
-                        "direction",
-                        "baseline_days",
-                        "followup_days",
-                        "threshold",
-                        "plausible_range",
-                        "episode_gap_days",
-                    ],
-                    "additionalProperties": False,
+                    "if": {"type": "object", "required": ["kind"],
+                           "properties": {"kind": {"enum": list(CONTROL_KINDS)}}},
+                    "then": CONTROL_MEASURE,
+                    "else": CHANGE_MEASURE,
                 }
             },
             "additionalProperties": False,

@@ -17,6 +17,7 @@ import pandas as pd
 
 from qis_fhir.files import write_json
 from qis_fhir.mapping import UNKNOWN, MappingSet
+from qis_fhir.outcomes.ages import age_bands, age_years
 from qis_fhir.outcomes.linkage import link_requests
 from qis_fhir.outcomes.windows import day_number, find_values, measure_observations, measure_table
 
@@ -61,12 +62,18 @@ EXCLUSION_REASONS = [
 class OutcomeResult:
     events: pd.DataFrame
     summary: dict = field(default_factory=dict)
+    units: pd.DataFrame | None = None  # control units, when the mapping declares control measures
 
     def write(self, out_dir: Path) -> tuple[Path, Path]:
-        """Write ``outcome_events.parquet`` and ``outcome_summary.json`` (the run's and the asset's files)."""
+        """Write ``outcome_events.parquet`` and ``outcome_summary.json`` (the run's and the asset's files),
+        and ``control_units.parquet`` when the mapping has control measures."""
+        from qis_fhir.outcomes.control import CONTROL_UNITS
+
         out_dir = Path(out_dir)
         events_path, summary_path = out_dir / OUTCOME_EVENTS, out_dir / OUTCOME_SUMMARY
         self.events.to_parquet(events_path, index=False)
+        if self.units is not None:
+            self.units.to_parquet(out_dir / CONTROL_UNITS, index=False)
         write_json(summary_path, self.summary)
         return events_path, summary_path
 
@@ -93,30 +100,15 @@ def _episodes(links: pd.DataFrame, mapping: MappingSet) -> pd.DataFrame:
     ].reset_index(drop=True)
 
 
-def _age_years(start: pd.Series, birth: pd.Series) -> pd.Series:
-    """Whole years completed at ``start`` (birthday reached or not), NaN when birth is unknown."""
-    s, b = start.dt.tz_convert("UTC"), birth.dt.tz_convert("UTC")
-    years = s.dt.year - b.dt.year
-    before_birthday = (s.dt.month * 100 + s.dt.day) < (b.dt.month * 100 + b.dt.day)
-    return (years - before_birthday.astype("float64")).astype("float64")
-
-
-def _age_bands(age: pd.Series, mapping: MappingSet) -> np.ndarray:
-    conds, labels = [], []
-    for band in mapping.cohorts.age_bands:
-        c = age >= band.min_years
-        if band.max_years is not None:
-            c &= age <= band.max_years
-        conds.append(c.fillna(False).to_numpy(bool))
-        labels.append(band.label)
-    return np.select(conds, labels, default=UNKNOWN) if conds else np.full(len(age), UNKNOWN)
+def row_ids(*columns: pd.Series) -> list[str]:
+    """32 hex of sha256 over the row's values joined by ``|``: an id stable across runs and input order.
+    Events and units, not observations: a comprehension over a few thousand rows is fine."""
+    return [hashlib.sha256("|".join(p).encode()).hexdigest()[:32] for p in zip(*columns)]
 
 
 def _event_ids(df: pd.DataFrame) -> list[str]:
-    # events, not observations: a comprehension over a few thousand rows is fine
     starts = df["start"].dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    parts = zip(df["patient_key"], df["treatment_code"], df["bucket"], df["measure"], starts)
-    return [hashlib.sha256("|".join(p).encode()).hexdigest()[:32] for p in parts]
+    return row_ids(df["patient_key"], df["treatment_code"], df["bucket"], df["measure"], starts)
 
 
 def _ensure_utc(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
@@ -151,7 +143,9 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
 def derive_outcome_events(tables: dict[str, pd.DataFrame], mapping: MappingSet) -> OutcomeResult:
     """Treatment-outcome events from the extract tables (``patients``, ``conditions``,
     ``medication_requests``, ``observations``), one per treatment episode with a baseline and a
-    follow-up value; every other episode is counted under one exclusion reason in ``summary``."""
+    follow-up value; every other episode is counted under one exclusion reason in ``summary``.
+    A mapping with control measures also gives ``units`` (``control.py``, which reads ``encounters``
+    too) and ``summary["control"]``."""
     patients = _ensure_utc(tables["patients"], ["birth_date"])
     conditions = _ensure_utc(tables["conditions"], ["onset", "abatement"])
     requests = _ensure_utc(tables["medication_requests"], ["authored_on"])
@@ -193,7 +187,7 @@ def derive_outcome_events(tables: dict[str, pd.DataFrame], mapping: MappingSet) 
     ev["baseline_days"] = ev["start_day"] - ev["baseline_day"]
     ev["followup_days"] = ev["followup_day"] - ev["start_day"]
     ev["start_period"] = ev["start"].dt.strftime("%Y-%m")
-    ev["age_band"] = _age_bands(_age_years(ev["start"], ev["birth_date"]), mapping)
+    ev["age_band"] = age_bands(age_years(ev["start"], ev["birth_date"]), mapping)
     ev["sex"] = ev["sex"].where(ev["sex"].isin(mapping.cohorts.sexes), UNKNOWN).fillna(UNKNOWN)
     ev["mapping_version"] = mapping.version
     ev["mapping_hash"] = mapping.content_hash
@@ -202,7 +196,14 @@ def derive_outcome_events(tables: dict[str, pd.DataFrame], mapping: MappingSet) 
     events = events.sort_values(["bucket", "treatment_code", "start", "event_id"], kind="stable").reset_index(drop=True)
 
     summary = _summary(ep, events, mapping, link_counts, obs_counts)
-    return OutcomeResult(events=events, summary=summary)
+    units = None
+    if mapping.control_measures:
+        from qis_fhir.outcomes.control import derive_control_units
+
+        ctables = {"patients": patients, "conditions": conditions, "observations": observations,
+                   "encounters": _ensure_utc(tables["encounters"], ["period_start", "period_end"])}
+        units, summary["control"] = derive_control_units(ctables, links, mapping)
+    return OutcomeResult(events=events, summary=summary, units=units)
 
 
 def _counts(ep: pd.DataFrame, key: str, ids: list[str]) -> dict[str, dict]:

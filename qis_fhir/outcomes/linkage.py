@@ -26,7 +26,7 @@ def _member(series: pd.Series, keys: pd.Index) -> pd.Series:
     return pd.Series(pd.Index(keys.unique()).astype(object).get_indexer(series.astype(object)) >= 0, index=series.index)
 
 
-LINK_COLUMNS = ["request_key", "patient_key", "treatment_code", "bucket", "authored_on", "link"]
+LINK_COLUMNS = ["request_key", "patient_key", "treatment_code", "bucket", "authored_on", "status", "link"]
 
 
 def mapped_conditions(conditions: pd.DataFrame, mapping: MappingSet) -> pd.DataFrame:
@@ -82,7 +82,7 @@ def link_requests(
         [ref_buckets[["request_key", "bucket"]], code_buckets[["request_key", "bucket"]]], ignore_index=True
     ).drop_duplicates()
 
-    base = req[["request_key", "patient_key", "treatment_code", "authored_on"]]
+    base = req[["request_key", "patient_key", "treatment_code", "authored_on", "status"]]
     stated = base[_member(base["request_key"], stated_keys)]
     by_ref = stated.merge(stated_buckets, on="request_key").merge(treats, on=["treatment_code", "bucket"])
     by_ref = by_ref.assign(link="reference")

@@ -60,15 +60,23 @@ def measure_observations(observations: pd.DataFrame, mapping: MappingSet) -> tup
     only so the episodes they would have served are excluded as ``*_unit_mismatch`` or
     ``*_implausible`` rather than ``no_*``: they are never a baseline or follow-up.
     """
-    mt = measure_table(mapping)
+    panels = [(m.id, p) for m in mapping.measures.values() for p in m.panels]
+    return select_readings(observations, measure_table(mapping), panels)
+
+
+def select_readings(
+    observations: pd.DataFrame, mt: pd.DataFrame, panel_pairs: list[tuple[str, str]]
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The rules of ``measure_observations`` for any series of readings: ``mt`` has a row per series
+    (measure, measure_idx = its row number, code, measure_unit, plausible_min, plausible_max) and
+    ``panel_pairs`` the (measure, panel code) pairs a component may sit in. The change measures and
+    the readings of the control measures (``control.py``) are both selected here."""
     wanted = one_of(observations["code"], mt["code"].unique()) & one_of(observations["code_system"], [LOINC])
     obs = observations[wanted]
     obs = obs[["patient_key", "code", "panel_code", "value", "unit", "effective", "status"]].merge(
         mt[["measure", "measure_idx", "code", "measure_unit"]], on="code", how="inner"
     )
-    panels = pd.DataFrame(
-        [(m.id, p) for m in mapping.measures.values() for p in m.panels], columns=["measure", "panel_code"]
-    ).astype("object")
+    panels = pd.DataFrame(panel_pairs, columns=["measure", "panel_code"]).astype("object")
     in_panel = obs[["measure", "panel_code"]].merge(panels.assign(_ok=True), on=["measure", "panel_code"], how="left")
     panel_ok = obs["panel_code"].isna().to_numpy() | in_panel["_ok"].notna().to_numpy()
     counts = {"candidates": int(len(obs)), "other_panel": int((~panel_ok).sum())}

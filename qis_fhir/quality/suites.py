@@ -16,7 +16,8 @@ File shape::
 Each entry names one expectation of the small vocabulary in ``vocabulary.py``. Arguments are a
 column (or a list of columns, one rule each) for column-only expectations, else a mapping. Values
 may refer to the loaded mapping set: ``$mapping.version``, ``$mapping.content_hash``,
-``$mapping.buckets``, ``$mapping.treatments``, ``$mapping.measures``, ``$mapping.age_bands`` and
+``$mapping.buckets``, ``$mapping.treatments``, ``$mapping.measures``, ``$mapping.control_measures``,
+``$mapping.age_bands`` and
 ``$mapping.sexes`` (the last two include ``unknown``, which the outcome stage uses for missing data),
 and ``$mapping.measures.<id>.plausible_min`` / ``plausible_max`` (a measure's ``plausible_range`` in
 ``outcomes.yaml``, the one definition of it: a range rule on a measure's readings with other figures is
@@ -101,6 +102,7 @@ def _mapping_refs(mapping: Any) -> dict[str, Any]:
         "buckets": tuple(sorted(mapping.buckets)),
         "treatments": tuple(sorted(mapping.treatments)),
         "measures": tuple(sorted(mapping.measures)),
+        "control_measures": tuple(sorted(mapping.control_measures)),
         "age_bands": mapping.cohorts.band_values,
         "sexes": mapping.cohorts.sex_values,
     }

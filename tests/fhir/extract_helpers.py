@@ -225,3 +225,14 @@ def peak_mib_without_the_bomb(tmp: Path, name: str, data: bytes, **kwargs) -> fl
     export.mkdir()
     (export / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
     return extract_in_child(export, tmp / "small-out", **kwargs)[1]
+
+BASE_ENCOUNTER = {
+    "resourceType": "Encounter",
+    "id": "enc-1",
+    "status": "finished",
+    "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+    "type": [{"coding": [{"system": "http://snomed.info/sct", "code": "185349003"}], "text": f"check up {CANARY}"}],
+    "subject": {"reference": f"Patient/{CANARY}"},
+    "period": {"start": "2020-03-04T09:00:00+01:00", "end": "2020-03-04T09:20:00+01:00"},
+    "reasonCode": [{"text": f"worried about {CANARY}"}],
+}

@@ -32,7 +32,8 @@ def test_r4_105_counts_match_the_fixture_and_add_up(r4_105):
     assert summary["by_type"]["Condition"] == {"read": 783, "accepted": 783, "quarantined": 0}
     assert summary["by_type"]["MedicationRequest"] == {"read": 957, "accepted": 957, "quarantined": 0}
     assert summary["by_type"]["Patient"] == {"read": 105, "accepted": 105, "quarantined": 0}
-    assert summary["skipped_types"] == {"Encounter": 3391}
+    assert summary["by_type"]["Encounter"] == {"read": 3391, "accepted": 3391, "quarantined": 0}
+    assert summary["skipped_types"] == {}
     # 64 BP panels whose components carry no unit at all, 30 MMSE totals in "(score)" (not UCUM)
     assert summary["quarantine_reasons"] == {"missing_unit": 64, "unknown_unit": 30}
     assert len(records) == 94

@@ -59,12 +59,12 @@ def test_model_validation_still_names_the_r4b_element_that_failed(tmp_path):
 
 def test_only_r4b_resource_types_are_named_in_skipped_types(tmp_path):
     e = tmp_path / "e"
-    write_ndjson(e, "export.ndjson", [{"resourceType": KEY, "id": "1"}, {"resourceType": "Encounter", "id": "2"},
+    write_ndjson(e, "export.ndjson", [{"resourceType": KEY, "id": "1"}, {"resourceType": "Procedure", "id": "2"},
                                       {"resourceType": "Zzyzx Canary <b>", "id": "3"}])
     (e / "b.json").write_text(json.dumps({"resourceType": "Bundle", "entry": [
         {"resource": {"resourceType": KEY}}, {"resource": {"resourceType": "Claim"}}]}))
     summary, records, _ = extract(e, tmp_path / "out")
-    assert summary["skipped_types"] == {"Claim": 1, "Encounter": 1, "not_an_r4b_type": 3}
+    assert summary["skipped_types"] == {"Claim": 1, "Procedure": 1, "not_an_r4b_type": 3}
     assert KEY.encode() not in all_output_bytes(tmp_path / "out")
     assert_counts_add_up(summary)
 

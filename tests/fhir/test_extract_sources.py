@@ -90,25 +90,25 @@ def test_timezone_offsets_become_utc(tmp_path):
 
 def test_untyped_ndjson_uses_each_lines_resource_type_and_hides_the_file_name(tmp_path):
     e = tmp_path / "e"
-    write_ndjson(e, f"{CANARY}-export.ndjson", [BASE_PATIENT, BASE_OBSERVATION, {"resourceType": "Encounter", "id": "e1"}])
+    write_ndjson(e, f"{CANARY}-export.ndjson", [BASE_PATIENT, BASE_OBSERVATION, {"resourceType": "Procedure", "id": "e1"}])
     summary, records, t = extract(e, tmp_path / "out")
     assert list(summary["by_file"]) == [label(f"{CANARY}-export.ndjson")]
     assert CANARY not in label(f"{CANARY}-export.ndjson")
-    assert summary["skipped_types"] == {"Encounter": 1}
+    assert summary["skipped_types"] == {"Procedure": 1}
     assert len(t["patients"]) == 1 and len(t["observations"]) == 1
     assert_counts_add_up(summary)
 
 
 def test_files_of_other_types_are_counted_as_skipped_without_parsing(tmp_path):
     e = tmp_path / "e"
-    write_ndjson(e, "Encounter.000.ndjson", [{"resourceType": "Encounter", "id": "1"}, b"not even json"])
+    write_ndjson(e, "Procedure.000.ndjson", [{"resourceType": "Procedure", "id": "1"}, b"not even json"])
     write_ndjson(e, "Observation.ndjson", [BASE_OBSERVATION])
     (e / "LICENSE").write_text("Apache-2.0")
     summary, records, _ = extract(e, tmp_path / "out")
-    assert summary["by_file"]["Encounter.000.ndjson"] == {"read": 2, "accepted": 0, "quarantined": 0, "skipped": 2}
-    assert summary["skipped_types"] == {"Encounter": 2}
+    assert summary["by_file"]["Procedure.000.ndjson"] == {"read": 2, "accepted": 0, "quarantined": 0, "skipped": 2}
+    assert summary["skipped_types"] == {"Procedure": 2}
     assert summary["skipped_paths"] == {"not_fhir_data": 1}
-    assert "Encounter" not in summary["by_type"]
+    assert "Procedure" not in summary["by_type"]
     assert_counts_add_up(summary)
 
 

@@ -18,7 +18,7 @@ def test_check_prints_version_hash_and_coverage():
     assert res.exit_code == 0, res.output
     assert res.output.splitlines()[0] == f"v1 {load_mapping().content_hash}"
     assert "hypertension: measures systolic_bp; treatments TX_0001, TX_0002" in res.output
-    assert re.fullmatch(r"quality.yaml: \d+ rules on 5 tables, 5 plausibility ranges that warn .*", res.output.splitlines()[-1])
+    assert re.fullmatch(r"quality.yaml: \d+ rules on 6 tables, 5 plausibility ranges that warn .*", res.output.splitlines()[-1])
 
 
 def test_check_raises_mapping_error_with_line(tmp_path):

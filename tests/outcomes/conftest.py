@@ -85,6 +85,13 @@ class Tables:
             }
         )
 
+    def visit(self, patient="p1", when=0, status="finished", cls="AMB") -> None:
+        start = day(when) if isinstance(when, int) else when
+        self.rows["encounters"].append(
+            {"patient_key": patient, "period_start": start, "period_end": start + pd.Timedelta(minutes=20),
+             "class_code": cls, "status": status}
+        )
+
     def tables(self) -> dict[str, pd.DataFrame]:
         out = {}
         for name, schema in SCHEMAS.items():

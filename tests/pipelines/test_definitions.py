@@ -49,7 +49,7 @@ def test_quality_suites_are_blocking_checks_on_their_assets():
     expected = {
         AssetCheckKey(AssetKey("fhir_extract"), n)
         for n in ["every_line_accounted_for", "patients_quality", "conditions_quality",
-                  "medication_requests_quality", "observations_quality"]
+                  "medication_requests_quality", "observations_quality", "encounters_quality"]
     } | {AssetCheckKey(AssetKey("outcome_events"), "outcome_events_quality")}
     assert set(checks) == expected
     assert all(spec.blocking for spec in checks.values())

@@ -63,7 +63,7 @@ def test_all_assets_materialise_on_synthea_fixture(fixtures_dir, tmp_path, insta
     assert events > 0
 
     checks = _checks(result)
-    assert len(checks) == 6 and all(checks.values()), checks
+    assert len(checks) == 7 and all(checks.values()), checks
 
     out = tmp_path / "out" / PARTITION
     for name in ["extract/summary.json", "quarantine.ndjson", "outcome_events.parquet", "outcome_summary.json",

@@ -68,6 +68,15 @@ def good_tables(mapping) -> dict[str, pd.DataFrame]:
             "source_line": [1, 1, 2, 3],
         }
     )
+    encounters = pd.DataFrame(
+        {
+            "patient_key": [p1, p2, p2],
+            "period_start": _ts_col(["2015-01-20T09:00", "2016-05-20T10:00", "2016-07-01T08:00"]),
+            "period_end": _ts_col(["2015-01-20T09:30", "2016-05-20T10:20", None]),
+            "class_code": ["AMB", "AMB", "EMER"],
+            "status": ["finished", "finished", "in-progress"],
+        }
+    )
     tx = sorted(mapping.treatments)
     outcome_events = pd.DataFrame(
         {
@@ -95,5 +104,6 @@ def good_tables(mapping) -> dict[str, pd.DataFrame]:
         "conditions": conditions,
         "medication_requests": medication_requests,
         "observations": observations,
+        "encounters": encounters,
         "outcome_events": outcome_events,
     }

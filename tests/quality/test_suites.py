@@ -10,7 +10,7 @@ from quality_tables import good_tables
 from qis_fhir.errors import ExitCode, MappingError
 from qis_fhir.quality import check_tables, load_suites, parse_suites
 
-TABLES = {"patients", "conditions", "medication_requests", "observations", "outcome_events"}
+TABLES = {"patients", "conditions", "medication_requests", "observations", "encounters", "outcome_events"}
 
 
 def parse(text: str, mapping):
