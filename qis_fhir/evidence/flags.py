@@ -67,11 +67,13 @@ def contradiction_test(pooled: pd.DataFrame) -> pd.DataFrame:
     to 50 %, and 8.9 % of the cohorts within 10 points of their condition's usual response were flagged
     (``tests/evidence/test_planted_effects.py``; 2.2 % with this reference). So the contradicting cohorts
     are deleted from the reference one at a time, each condition's most significant first (smallest p,
-    then largest difference), every cohort retested after each, until none outside contradicts or
-    fewer than half of the condition's cohorts would be left out: the usual response is what most
-    cohorts show (of two cohorts that differ both are flagged, neither is usual). Deletions are never
-    undone, so the loop ends. A cohort left out is judged against the final reference like any other;
-    rows without other cohorts get NaN and are not flagged.
+    then largest difference), every cohort retested after each, until none still in the reference
+    contradicts or one more would leave out half of the condition's cohorts: the usual response is what
+    most cohorts show (of two cohorts that differ both are flagged, neither is usual). Deletions are never
+    undone, so the loop ends. A cohort left out is judged against the final reference like any other.
+    ``p_value`` is NaN where the shares differ by less than ``CONTRADICTION_MIN_DIFF`` (the test would
+    not change the verdict; most of the time it would take); rows without other cohorts get NaN in both
+    and are not flagged.
     """
     n, r = pooled["patients"].to_numpy(dtype=float), pooled["responders"].to_numpy(dtype=float)
     group = pooled.groupby(CONDITION_GROUP, sort=False, dropna=False).ngroup().to_numpy()
@@ -86,12 +88,13 @@ def contradiction_test(pooled: pd.DataFrame) -> pd.DataFrame:
         rest_r = np.bincount(group, weights=kept_r, minlength=groups)[group] - kept_r
         with np.errstate(invalid="ignore", divide="ignore"):
             rest_share = np.where(rest_n > 0, rest_r / rest_n, np.nan)
+        diff = r / n - rest_share
+        far = np.abs(diff) >= CONTRADICTION_MIN_DIFF  # False where NaN: no other cohort
         p_value[retest] = np.nan
-        for i in np.flatnonzero(retest & (rest_n > 0)):
+        for i in np.flatnonzero(retest & far):  # Fisher only where its verdict matters
             table = [[r[i], n[i] - r[i]], [rest_r[i], rest_n[i] - rest_r[i]]]
             p_value[i] = stats.fisher_exact(table).pvalue
-        diff = r / n - rest_share
-        flagged = (p_value < CONTRADICTION_ALPHA) & (np.abs(diff) >= CONTRADICTION_MIN_DIFF)
+        flagged = far & (p_value < CONTRADICTION_ALPHA)
         room = may_leave_out - np.bincount(group, weights=left_out, minlength=groups)
         candidates = np.flatnonzero(flagged & ~left_out & (room[group] > 0))
         if not len(candidates):
