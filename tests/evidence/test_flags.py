@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from pooling_sim import CELL, counts_row, frame
 from qis_fhir.evidence.flags import FLAG_ORDER, FLAG_TEXT, contradiction_test, rank_and_flag
@@ -54,6 +55,46 @@ def test_small_shifts_and_no_shift_are_not_flagged():
     assert shifted <= 0.02
     null_rare, null_others = rare_flag_rate(3, 300, rare_share=0.6, rare_patients=200)
     assert null_rare <= 0.02 and null_others <= 0.02
+
+
+def _cohort_table(counts: dict[tuple[str, str], tuple[int, int]]) -> pd.DataFrame:
+    """One condition x treatment x measure x period, (age band, sex) -> (patients, responders)."""
+    return pd.DataFrame([{**CELL, "age_band": band, "sex": sex, "patients": n, "responders": r}
+                         for (band, sex), (n, r) in counts.items()])
+
+
+def _flagged(cells: pd.DataFrame) -> set[tuple[str, str]]:
+    hit = cells[contradiction_test(cells)["flagged"].to_numpy()]
+    return set(zip(hit["age_band"], hit["sex"]))
+
+
+def test_a_cohort_the_treatment_fails_does_not_make_ordinary_cohorts_look_different():
+    # a rare cohort (84 patients, 5 % responding) among cohorts at 60-72 %: against every other cohort, its
+    # own included, women 65+ (72 %) are compared with 51 % (202/393) and flagged beside it; the usual
+    # response of the others is 64 % (198/309, the rare cohort left out), 8 points off
+    cells = _cohort_table({
+        ("18-39", "female"): (84, 4), ("18-39", "male"): (60, 36), ("40-64", "female"): (70, 46),
+        ("40-64", "male"): (90, 54), ("65+", "female"): (93, 67), ("65+", "male"): (89, 62),
+    })
+    assert _flagged(cells) == {("18-39", "female")}
+    result = contradiction_test(cells)
+    assert result["rest_share"].iloc[4] == pytest.approx(198 / 309)
+    assert result["rest_share"].iloc[0] == pytest.approx((36 + 46 + 54 + 67 + 62) / (60 + 70 + 90 + 93 + 89))
+
+
+def test_two_cohorts_the_treatment_fails_are_both_flagged_and_only_they():
+    # the two failing cohorts drag every other cohort's reference down: against everything else the
+    # ordinary cohorts at 64-72 % are compared with 43-46 %
+    cells = _cohort_table({
+        ("18-39", "female"): (80, 4), ("18-39", "male"): (75, 5), ("40-64", "female"): (70, 45),
+        ("40-64", "male"): (90, 58), ("65+", "female"): (93, 67), ("65+", "male"): (89, 62),
+    })
+    assert _flagged(cells) == {("18-39", "female"), ("18-39", "male")}
+
+
+def test_of_two_cohorts_that_differ_neither_is_the_usual_response():
+    cells = _cohort_table({("40-64", "female"): (100, 80), ("65+", "female"): (100, 30)})
+    assert _flagged(cells) == {("40-64", "female"), ("65+", "female")}
 
 
 def test_a_cohort_alone_in_its_condition_is_not_tested():
