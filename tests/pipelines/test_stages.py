@@ -23,7 +23,7 @@ from qis_fhir.dht.cluster import LOOPBACK, LocalCluster
 
 REPO = Path(__file__).resolve().parents[2]  # not "from conftest": several test folders have one
 PARTITION = "2026-11-27"
-SEQ = 20261127
+SEQ = 20261127  # `run --seq`: the day of the partition; its packets carry 2026112700 (revision 0)
 UP_TO_PACKETS = [mapping_set, fhir_extract, outcome_events, outcome_packets]
 
 
@@ -111,7 +111,7 @@ def test_run_and_dagster_write_the_same_run(site_world, tmp_path, instance):
     # byte-identical packets: same events, same seq (the partition date), same key
     packets = (cli / "packets.ndjson").read_bytes()
     assert packets.count(b"\n") > 0 and packets == (dag / "packets.ndjson").read_bytes()
-    assert _json(dag / "disclosure_report.json")["seq"] == SEQ
+    assert _json(dag / "disclosure_report.json")["seq"] == SEQ * 100
     for name in ("disclosure_report.json", "outcome_summary.json", "quality/extract.json", "quality/outcome_events.json"):
         assert _timeless(_json(cli / name)) == _timeless(_json(dag / name)), name
     assert (cli / "quarantine.ndjson").read_bytes() == (dag / "quarantine.ndjson").read_bytes()
