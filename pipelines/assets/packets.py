@@ -20,6 +20,7 @@ from pipelines.resources import SiteConfig
 )
 def outcome_packets(context: AssetExecutionContext, site: SiteConfig) -> MaterializeResult:
     from qis_fhir.packets.build import PACKETS_FILE
+    from qis_fhir.packets.release import release_line
     from qis_fhir.runfolder import PACKETS
     from qis_fhir.stages import DISCLOSURE_REPORT, amend_stage, packets_step
 
@@ -37,6 +38,7 @@ def outcome_packets(context: AssetExecutionContext, site: SiteConfig) -> Materia
             "cells_suppressed": report["cells"]["suppressed"],
             "min_cell_size": report["min_cell_size"],
             "seq": report["seq"],
+            "release": release_line(report["release"]),
             "disclosure_report": MetadataValue.json(report),
             "packets_file": MetadataValue.path(str(out_dir / PACKETS_FILE)),
             "disclosure_report_path": MetadataValue.path(str(out_dir / DISCLOSURE_REPORT)),

@@ -156,6 +156,14 @@ class Release:
             write_json(self.path.with_name(RELEASE_MARK), {"newest_seq": mark, "newest_day": _iso(day_of_seq(mark))})
 
 
+def release_line(summary: dict) -> str:
+    """One line saying what a build released (``Release.summary()``): for logs and Dagster metadata."""
+    if summary["status"] == "stale":
+        return (f"nothing released: {summary['day']} is older than the newest day this site released "
+                f"({summary['newest_released_day']}); the release state is left as it was")
+    return f"released {summary['day']} as seq {summary['seq']} (revision {summary['revision']})"
+
+
 def _read_state(path: Path, site: SiteIdentity) -> tuple[dict[str, Packet], int | None]:
     """The current key's newest packet per id, and the newest seq the site used (packets and mark)."""
     released: dict[str, Packet] = {}
@@ -215,8 +223,7 @@ def open_release(site: SiteIdentity, day: str | date | int | None = None, *, pat
         previous, newest = _read_state(path, site)
         release = Release(path, site.site_id, day_number(day), previous, newest)
         if release.stale:
-            log.warning("release: %s is older than the newest day this site released (%s): this run releases no packets "
-                        "and the release state is left as it was", _iso(release.day), release.summary()["newest_released_day"])
+            log.warning("release: %s", release_line(release.summary()))
         yield release
         release._commit()
 

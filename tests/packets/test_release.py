@@ -45,7 +45,7 @@ def test_a_backfill_of_an_older_day_releases_nothing_and_leaves_the_state(tmp_pa
                                                   "newest_released_day": "2024-03-05", "withheld": 2}
     assert older.disclosure_report["cells"]["published"] == 0
     assert _state(site) == before  # byte for byte: the state never moves backwards
-    assert "2024-03-02 is older than the newest day this site released (2024-03-05)" in caplog.text
+    assert "nothing released: 2024-03-02 is older than the newest day this site released (2024-03-05)" in caplog.text
     assert "2 cells withheld, none released" in caplog.text
 
     # the next day after the newest still releases, measured against the newest release
