@@ -6,7 +6,7 @@ Quality suites are asset checks declared with ``check_specs`` on the assets them
 
 from __future__ import annotations
 
-from dagster import Definitions
+from dagster import Definitions, in_process_executor
 
 from pipelines.assets import ALL_ASSETS
 from pipelines.jobs import daily_outcomes_job
@@ -21,4 +21,7 @@ defs = Definitions(
     schedules=[nightly_outcomes_schedule],
     sensors=[new_export_sensor],
     resources=RESOURCES,
+    # the default of every job without its own executor, the implicit all-assets job ("Materialize all"
+    # in the UI) included: one process for one site's export, not one per step (16 s vs 3 s for two assets)
+    executor=in_process_executor,
 )

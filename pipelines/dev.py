@@ -31,6 +31,12 @@ def prepare_home(home: Path) -> Path:
     return home
 
 
+def dev_command(host: str, port: int) -> list[str]:
+    """``dagster dev`` without -m: run from the checkout, it reads ``[tool.dagster]`` in pyproject.toml,
+    which names the code location ``qis_fhir`` (with -m it would be named after the module)."""
+    return [str(Path(sys.executable).with_name("dagster")), "dev", "-h", host, "-p", str(port)]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipelines.dev", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -41,8 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["DAGSTER_HOME"] = str(home)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
-    dagster = Path(sys.executable).with_name("dagster")
-    cmd = [str(dagster), "dev", "-m", "pipelines.definitions", "-h", args.host, "-p", str(args.port)]
+    cmd = dev_command(args.host, args.port)
     os.chdir(REPO)
     os.execv(cmd[0], cmd)
 

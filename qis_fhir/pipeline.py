@@ -36,7 +36,7 @@ class RunConfig:
     site_secret_path: Path | None = None  # patient-key secret when no site_dir is given
     validate: str = DEFAULT_VALIDATE
     sample_rate: float = DEFAULT_SAMPLE_RATE
-    seq: int | None = None  # packet sequence number; None: today's UTC date as YYYYMMDD (pass the partition date)
+    seq: int | None = None  # the export's day as YYYYMMDD, from which the release policy picks the seq; None: today (UTC)
     evidence: bool = True  # with bootstrap: pool the network's evidence after publishing (the demo runs it once all have published)
     progress: bool = False
 

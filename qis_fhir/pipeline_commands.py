@@ -22,7 +22,7 @@ from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, DEFAULT_VALIDATE, MODE
 @click.option("--site-secret", "site_secret_path", type=click.Path(path_type=Path), default=None, help="Patient-key secret when no --site is given (default: $QIS_FHIR_HOME/site.secret).")
 @click.option("--validate", type=click.Choice(MODES), default=DEFAULT_VALIDATE, show_default=True, help="pydantic model validation of resources.")
 @click.option("--sample-rate", type=click.FloatRange(0.0, 1.0), default=DEFAULT_SAMPLE_RATE, show_default=True, help="Share of resources model-validated with --validate sample.")
-@click.option("--seq", type=click.IntRange(min=0), default=None, help="Packet sequence number (default: today's UTC date as YYYYMMDD; pass the export partition's date so a re-run repeats the same packets).")
+@click.option("--seq", type=click.IntRange(min=0), default=None, help="The day the export stands for, as YYYYMMDD (default: today, UTC): packets carry seq = day x 100 + revision, and a day older than the newest released one releases nothing (docs/packets.md).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
 def run(export_dir: Path, out_dir: Path, mapping_dir, site_dir, network_dir, bootstrap, bind, site_secret_path, validate, sample_rate, seq, progress) -> None:
     """Run extract, outcomes and quality (and packets / publish when asked) on EXPORT_DIR."""

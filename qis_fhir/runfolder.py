@@ -188,6 +188,14 @@ class Run:
         self.path = path
         self.manifest = manifest
         self.current: str | None = None  # the stage being written, named by a failure
+        self._held = contextlib.ExitStack()
+
+    def hold(self, context):
+        """Enter ``context`` and keep it open until this run commits (``start_run``: after the swap;
+        ``amend_run``: after the amendment), exiting it with the run's error if the run fails or with
+        none once committed. The packets step holds the site's release state this way, so a release
+        is recorded only for a run that committed."""
+        return self._held.enter_context(context)
 
     @property
     def run_id(self) -> str:
@@ -266,19 +274,20 @@ def start_run(out: Path | str, *, command: str, planned: list[str]) -> Iterator[
         run = Run(staging, _new_manifest(command, planned))
         run._save()
         _OWN.add(run.run_id)
-        try:
-            yield run
-        except BaseException as exc:
-            run._failed(exc, status=FAILED)
-            log.warning("run failed; its files are in %s, and %s still holds the previous complete run, if any", staging, out)
-            raise
-        finally:
-            _OWN.discard(run.run_id)
-        run.manifest["status"] = COMPLETE
-        run.manifest["finished"] = _now()
-        run._save()
-        _swap(staging, out)
-        run.path = out
+        with run._held:
+            try:
+                yield run
+            except BaseException as exc:
+                run._failed(exc, status=FAILED)
+                log.warning("run failed; its files are in %s, and %s still holds the previous complete run, if any", staging, out)
+                raise
+            finally:
+                _OWN.discard(run.run_id)
+            run.manifest["status"] = COMPLETE
+            run.manifest["finished"] = _now()
+            run._save()
+            _swap(staging, out)
+            run.path = out
 
 
 @contextlib.contextmanager
@@ -295,11 +304,12 @@ def amend_run(folder: Path | str, *, needs: tuple[str, ...], clears: tuple[str, 
         manifest["planned"] += [s for s in clears if s not in manifest["planned"]]
         run = Run(folder, manifest)
         run._clear(clears)
-        try:
-            yield run
-        except BaseException as exc:
-            run._failed(exc, status=None)
-            raise
+        with run._held:
+            try:
+                yield run
+            except BaseException as exc:
+                run._failed(exc, status=None)
+                raise
 
 
 def _is_run_folder(path: Path) -> bool:

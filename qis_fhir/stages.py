@@ -207,22 +207,27 @@ def outcomes_step(run: Run, mapping: MappingSet) -> OutcomeResult:
     return result
 
 
-def packets_step(run: Run, setup: SiteSetup, seq: int | None) -> PacketBuild:
-    """Signed packets of the run's events, under disclosure control, once every suite passed.
+def packets_step(run: Run, setup: SiteSetup, day: str | int | None) -> PacketBuild:
+    """Signed packets of the run's events for ``day`` (the export's date; None: today, UTC), under
+    disclosure control and the release policy (``qis_fhir.packets.release``), once every suite passed.
 
-    The events are read back from the run folder, as every caller has them, so the packets are the
-    same bytes whoever built them (same events, same seq, same key: Ed25519 is deterministic). The
-    read costs 2.2 ms for the 956 events of a 3,000-patient synthetic export."""
+    The site's release state stays locked until ``run`` commits and is recorded only then, so a run
+    that fails or is killed after this step holds nothing back the next night, and two runs of one
+    site release one after the other. The events are read back from the run folder, as every caller
+    has them, so the packets are the same bytes whoever built them (same events, same seq, same key:
+    Ed25519 is deterministic). The read costs 2.2 ms for the 956 events of a 3,000-patient synthetic export."""
     import pandas as pd
 
     from qis_fhir.outcomes.events import OUTCOME_EVENTS
     from qis_fhir.packets import build_packets, write_disclosure_report, write_packets
     from qis_fhir.packets.build import PACKETS_FILE
+    from qis_fhir.packets.release import open_release
 
     setup.require_site("signing packets")
     _require_marked(run, QUALITY, "packets are built only from events whose every quality suite passed")
     run.begin(PACKETS)
-    built = build_packets(pd.read_parquet(run.path / OUTCOME_EVENTS), setup.mapping, setup.site, setup.network, seq=seq)
+    release = run.hold(open_release(setup.site, day))
+    built = build_packets(pd.read_parquet(run.path / OUTCOME_EVENTS), setup.mapping, setup.site, setup.network, release_state=release)
     write_packets(run.path / PACKETS_FILE, built.packets)
     write_disclosure_report(run.path / DISCLOSURE_REPORT, built.disclosure_report)
     run.mark(PACKETS, {"packets": len(built.packets), **built.disclosure_report["cells"]})

@@ -196,7 +196,7 @@ def test_a_run_killed_mid_way_leaves_the_previous_run_whole_and_is_refused(signi
     assert manifest["status"] == "complete"
     assert manifest["stages"] == ["extract", "outcomes", "quality", "packets"]
     assert manifest["run_id"] != json.loads(before_manifest)["run_id"]
-    assert json.loads((out / "disclosure_report.json").read_text())["seq"] == 20260102  # this run's packets
+    assert json.loads((out / "disclosure_report.json").read_text())["seq"] == 2026010200  # this run's packets: the day, revision 0
 
 
 @pytest.mark.parametrize(

@@ -14,11 +14,13 @@ from pipelines.resources import SiteConfig
     deps=[outcome_events],
     description=(
         "One signed packet per cell of at least the network's minimum cell size (packets.ndjson), seq = the "
-        "partition date; disclosure_report.json counts cells published, held unchanged and suppressed."
+        "partition date as YYYYMMDD x 100 + revision, nothing for a day older than the newest released one (the "
+        "release policy, docs/packets.md); disclosure_report.json counts cells published, held unchanged and suppressed."
     ),
 )
 def outcome_packets(context: AssetExecutionContext, site: SiteConfig) -> MaterializeResult:
-    from qis_fhir.packets.build import PACKETS_FILE, seq_of_day
+    from qis_fhir.packets.build import PACKETS_FILE
+    from qis_fhir.packets.release import release_line
     from qis_fhir.runfolder import PACKETS
     from qis_fhir.stages import DISCLOSURE_REPORT, amend_stage, packets_step
 
@@ -26,7 +28,7 @@ def outcome_packets(context: AssetExecutionContext, site: SiteConfig) -> Materia
     setup = site.setup()
     setup.require_site("signing packets")  # before the run folder is touched
     with amend_stage(out_dir, PACKETS) as run:
-        built = packets_step(run, setup, seq_of_day(context.partition_key))
+        built = packets_step(run, setup, context.partition_key)
     report = built.disclosure_report
     return MaterializeResult(
         metadata={
@@ -36,6 +38,7 @@ def outcome_packets(context: AssetExecutionContext, site: SiteConfig) -> Materia
             "cells_suppressed": report["cells"]["suppressed"],
             "min_cell_size": report["min_cell_size"],
             "seq": report["seq"],
+            "release": release_line(report["release"]),
             "disclosure_report": MetadataValue.json(report),
             "packets_file": MetadataValue.path(str(out_dir / PACKETS_FILE)),
             "disclosure_report_path": MetadataValue.path(str(out_dir / DISCLOSURE_REPORT)),

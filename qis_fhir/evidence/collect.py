@@ -10,7 +10,7 @@ copy per (site, packet id) is kept by the one rule in ``qis_fhir.packets.newest`
 What came back is recorded, never silently dropped: packets used, packets rejected by reason
 (counted per cohort asked, because a rejected packet's own treatment or measure field cannot be
 trusted), older or duplicate copies superseded, and per site its packets and its data date. A
-site's ``as_of`` is its packets' seq (YYYYMMDD of the run that released them). Held cells are
+site's ``as_of`` is the day its packets' seq stands for (``release.day_of_seq``: YYYYMMDD of the run that released them). Held cells are
 re-sent unchanged on purpose (disclosure control, ``docs/packets.md``), so one site's packets carry
 several dates and an old seq is data, not an error.
 
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from qis_fhir.evidence.pooling import CELL_KEYS, SITE_COLUMNS
 from qis_fhir.packets.newest import newest_per_packet
+from qis_fhir.packets.release import day_of_seq
 from qis_fhir.privacy.fingerprint import cohort_table
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ class Collection:
         """Per contributing site: label, real id, packets used, newest and oldest data date (seq)."""
         by_site: dict[str, list[int]] = {}
         for p in self.packets:
-            by_site.setdefault(p.site_id, []).append(p.seq)
+            by_site.setdefault(p.site_id, []).append(day_of_seq(p.seq))
         labels = self.labels
         return [
             {"site": labels[sid], "site_id": sid, "packets": len(seqs), "as_of": max(seqs), "oldest_as_of": min(seqs)}
@@ -86,7 +87,7 @@ class Collection:
         for p in self.packets:
             condition, age_band, sex = self.grid[p.fingerprint]
             rows.append((condition, age_band, sex, p.treatment, p.measure, p.period, p.mapping_version,
-                         labels[p.site_id], p.patients, p.responders, p.mean_change, p.sd_change, p.seq))
+                         labels[p.site_id], p.patients, p.responders, p.mean_change, p.sd_change, day_of_seq(p.seq)))
         df = pd.DataFrame(rows, columns=SITE_ROW_COLUMNS)
         df = df.astype({"patients": "int64", "responders": "int64", "mean": "float64", "sd": "float64", "as_of": "int64"})
         return df.sort_values(CELL_KEYS + ["site"], kind="mergesort").reset_index(drop=True)

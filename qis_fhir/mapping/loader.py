@@ -29,7 +29,9 @@ from qis_fhir.mapping.model import (
 from qis_fhir.mapping.schema import AGE_BAND_PATTERN, SCHEMAS
 from qis_fhir.mapping.yamldoc import YamlDoc, mapping_error, read_yaml
 
-DEFAULT_MAPPING_DIR = Path(__file__).resolve().parents[2] / "mappings" / "v1"
+#: the mapping sets a wheel ships (pyproject force-include) or, in a checkout, its top-level mappings/
+_PACKAGED_MAPPINGS = Path(__file__).resolve().parents[1] / "mappings"
+DEFAULT_MAPPING_DIR = (_PACKAGED_MAPPINGS if _PACKAGED_MAPPINGS.is_dir() else Path(__file__).resolve().parents[2] / "mappings") / "v1"
 
 
 def _parse(path: Path) -> YamlDoc:
@@ -87,7 +89,7 @@ def _parse_band(text: str) -> AgeBand:
 
 
 def load_mapping(path: str | Path | None = None) -> MappingSet:
-    """Load, validate and hash the mapping set in ``path`` (default: ``mappings/v1`` of this checkout).
+    """Load, validate and hash the mapping set in ``path`` (default: ``mappings/v1``, shipped in the wheel as ``qis_fhir/mappings/v1``).
 
     Raises ``MappingError`` listing every problem found, each as ``file:line: where: what``.
     """

@@ -37,6 +37,8 @@ _EXPORTS = {
     "write_packets": "build",
     "read_packets": "build",
     "write_disclosure_report": "build",
+    "Release": "release",
+    "open_release": "release",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -6,11 +6,14 @@ default). Each patient counts once per cell: when a patient has several events i
 treatment episodes in a year), the earliest one is used, so ``patients`` is the number of distinct
 patient keys and the mean and SD are over patients, not episodes.
 
-Sequence number: the caller (the pipeline) passes the partition date as ``YYYYMMDD``; without one the
-current UTC date is used. A nightly run therefore gets a higher seq than the night before (its cells
-supersede yesterday's), and re-running the same night's partition yields byte-identical packets
-(Ed25519 signatures are deterministic), which consumers accept as duplicates, never counting them
-twice. The seq is never derived from patient data, so it reveals no patient's date.
+Sequence number and release state: ``qis_fhir.packets.release`` (the one release policy). With an
+open :class:`~qis_fhir.packets.release.Release` the policy picks the seq (``YYYYMMDD * 100 +
+revision`` of the day the export stands for), holds cells that changed too little since their last
+release, and releases nothing for a day older than the newest released one. Without one (tests,
+tools) every publishable cell is signed at the ``seq`` given. Re-building the same events under the
+same seq yields byte-identical packets (Ed25519 signatures are deterministic), which consumers accept
+as duplicates, never counting them twice. The seq is never derived from patient data, so it reveals
+no patient's date.
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qis_fhir.errors import InputNotFoundError, MappingError, QisError
-from qis_fhir.packets.codec import PacketSigner, decode_packet, encode_packet
+from qis_fhir.errors import InputNotFoundError, MappingError
+from qis_fhir.packets.codec import PacketSigner, encode_packet
 from qis_fhir.packets.keys import SiteIdentity
 from qis_fhir.mapping import UNKNOWN
 from qis_fhir.files import atomic_write, write_json
@@ -38,6 +41,7 @@ from qis_fhir.packets.model import (
     PacketFormatError,
     packet_id_of,
 )
+from qis_fhir.packets.release import Release, day_number, first_seq
 from qis_fhir.privacy.disclosure import check_single_granularity, disclosure_report, is_publishable
 from qis_fhir.privacy.fingerprint import Fingerprinter
 
@@ -61,9 +65,7 @@ REQUIRED_COLUMNS = (
     "mapping_version",
 )
 CELL_COLUMNS = ["bucket", "age_band", "sex", "treatment_code", "measure", "period"]
-RELEASE_STATE = "released_packets.ndjson"
 PACKETS_FILE = "packets.ndjson"  # a run folder's packets (``qis-fhir run``; ``publish``/``verify`` of a run folder)
-SITE_RELEASE_STATE = object()  # sentinel: the site directory's release state file
 
 
 @dataclass
@@ -73,13 +75,8 @@ class PacketBuild:
 
 
 def default_seq(now: datetime | None = None) -> int:
-    """Today's UTC date as YYYYMMDD: the partition a manual run stands for."""
-    return int((now or datetime.now(UTC)).strftime("%Y%m%d"))
-
-
-def seq_of_day(day: str) -> int:
-    """The seq of the packets standing for one day (``YYYY-MM-DD``, a Dagster partition key): ``YYYYMMDD``."""
-    return default_seq(datetime.fromisoformat(day).replace(tzinfo=UTC))
+    """The seq of the first release of today (UTC): what a build without release state signs with."""
+    return first_seq(day_number(now))
 
 
 def _period_of(start_period: str, granularity: str) -> str:
@@ -102,16 +99,22 @@ def build_packets(
     network: NetworkContext,
     seq: int | None = None,
     *,
-    release_state: Path | str | None | object = SITE_RELEASE_STATE,
+    release_state: Release | None = None,
 ) -> PacketBuild:
     """Aggregate outcome events into signed packets; cells under the minimum size are not published.
 
-    ``release_state``: the file recording what this site released before (default
-    ``SITE_DIR/released_packets.ndjson``; ``None``: no memory, e.g. in tests). A cell whose patient
-    count moved by fewer than the minimum cell size since its last release is held: its earlier
-    packet is re-emitted unchanged (a duplicate to every consumer), so two releases of one cell never
-    differ by fewer than ``min_cell_size`` patients and cannot be differenced to single patients.
+    ``release_state``: the site's open release (``qis_fhir.packets.release.open_release``), which
+    chooses the seq, holds cells that changed by fewer than ``min_cell_size`` patients since their
+    last release (their earlier packet is re-emitted unchanged: a duplicate to every consumer, so two
+    releases of one cell cannot be differenced to single patients), and withholds every cell of a day
+    older than the newest released one. The packets are staged in it and recorded when its block
+    exits cleanly. ``None``: no memory; every publishable cell is signed at ``seq`` (default: today's
+    first seq), as tests and tools that sign one-off packets want.
     """
+    if release_state is not None:
+        if seq is not None:
+            raise ValueError("the release policy chooses the seq of a build with release state; open the release for the day instead")
+        seq = release_state.seq
     seq = default_seq() if seq is None else seq
     if type(seq) is not int or not 0 <= seq <= SEQ_MAX:
         raise ValueError(f"seq must be an integer in 0..{SEQ_MAX}")
@@ -127,11 +130,11 @@ def build_packets(
 
     fingerprint = Fingerprinter(network.secret, mapping.version)
     signer = PacketSigner(site.private_key, site.site_id, site.key_id)
-    state_path = site.site_dir / RELEASE_STATE if release_state is SITE_RELEASE_STATE else release_state
-    previous = load_release_state(state_path, site) if state_path is not None else {}
+    stale = release_state is not None and release_state.stale
     held_buckets: list[str] = []
     published_buckets: list[str] = []
     suppressed_buckets: list[str] = []
+    withheld = 0
     cells: list[tuple[str, ...]] = []
     packets: list[Packet] = []
     if len(grouped):
@@ -143,10 +146,15 @@ def build_packets(
             if not TREATMENT_RE.fullmatch(treatment) or not MEASURE_RE.fullmatch(measure):
                 raise MappingError(f"treatment {treatment!r} or measure {measure!r} is not a valid packet code")
             cells.append((bucket, age_band, sex, treatment, measure, period))
+            if stale:
+                withheld += 1  # a newer day is released: this day's figures are not
+                continue
             published_buckets.append(bucket)
             fp = fingerprint(bucket, age_band, sex)
-            before = previous.get(packet_id_of(site.site_id, fp, treatment, measure, period, mapping.version))
-            if before is not None and abs(n - before.patients) < min_cell:
+            before = None
+            if release_state is not None:
+                before = release_state.held(packet_id_of(site.site_id, fp, treatment, measure, period, mapping.version), n, min_cell)
+            if before is not None:
                 packets.append(before)  # too few patients changed to release a new version of this cell
                 held_buckets.append(bucket)
                 continue
@@ -166,21 +174,24 @@ def build_packets(
             )
     check_single_granularity(cells)
     packets.sort(key=lambda p: (p.fingerprint, p.treatment, p.measure, p.period))
-    if state_path is not None:
-        save_release_state(state_path, previous, packets)
     report = disclosure_report(
         published_buckets,
         suppressed_buckets,
         min_cell_size=min_cell,
         mapping_version=mapping.version,
         period=granularity,
-        seq=seq,
+        seq=None if stale else seq,
         held_buckets=held_buckets,
     )
-    log.info(
-        "packets: %d cells published (%d held unchanged), %d suppressed under min cell size %d; seq %d",
-        len(packets), len(held_buckets), len(suppressed_buckets), min_cell, seq,
-    )
+    if release_state is not None:
+        release_state.stage(packets)
+        report["release"] = {**release_state.summary(), "withheld": withheld}
+    if stale:
+        log.warning("packets: %d cells withheld, none released: %s is older than the newest released day %s",
+                    withheld, report["release"]["day"], report["release"]["newest_released_day"])
+    else:
+        log.info("packets: %d cells published (%d held unchanged), %d suppressed under min cell size %d; seq %d",
+                 len(packets), len(held_buckets), len(suppressed_buckets), min_cell, seq)
     return PacketBuild(packets, report)
 
 
@@ -221,31 +232,6 @@ def cell_aggregates(events: pd.DataFrame, mapping: MappingSet) -> pd.DataFrame:
     )
 
 
-def load_release_state(path: Path | str, site: SiteIdentity) -> dict[str, Packet]:
-    """Packets this site released before, by packet id (only those signed with its current key)."""
-    path = Path(path)
-    if not path.exists():
-        return {}
-    released: dict[str, Packet] = {}
-    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            p = decode_packet(line)
-        except PacketFormatError as exc:
-            raise QisError(f"{path}:{number}: release state is corrupt ({exc}); move the file away to start afresh") from None
-        if p.site_id == site.site_id and p.key_id == site.key_id:  # a rotated key re-signs everything
-            released[p.packet_id] = p
-    return released
-
-
-def save_release_state(path: Path | str, previous: dict[str, Packet], packets: list[Packet]) -> None:
-    """Remember every packet ever released, the newest per packet id (cells that vanish stay remembered)."""
-    merged = dict(previous)
-    merged.update({p.packet_id: p for p in packets})
-    atomic_write(Path(path), b"".join(encode_packet(p) + b"\n" for _, p in sorted(merged.items())))
-
-
 def write_packets(path: Path | str, packets: list[Packet]) -> None:
     """NDJSON: one packet's wire encoding (itself one JSON object) per line."""
     atomic_write(Path(path), b"".join(encode_packet(p) + b"\n" for p in packets))
@@ -273,7 +259,6 @@ __all__ = [
     "build_packets",
     "cell_aggregates",
     "default_seq",
-    "load_release_state",
     "read_packets",
     "write_disclosure_report",
     "write_packets",

@@ -17,6 +17,7 @@ from qis_fhir.packets.build import build_packets, read_packets, write_disclosure
 from qis_fhir.packets.codec import decode_packet, encode_packet
 from qis_fhir.packets.keys import create_site
 from qis_fhir.packets.manifest import add_site, create_network, load_network
+from qis_fhir.packets.release import open_release
 from qis_fhir.packets.verifier import Verifier
 from qis_fhir.privacy.fingerprint import Fingerprinter
 
@@ -182,39 +183,45 @@ def test_no_published_number_includes_a_suppressed_patient(net, mapping, cells):
     assert sum(p.patients for p in b.packets) == len(events) - suppressed_patients
 
 
+def released(events, mapping, site, network, day):
+    """One committed release of ``events`` for ``day`` under the site's release state."""
+    with open_release(site, day) as release:
+        return build_packets(events, mapping, site, network, release_state=release)
+
+
 def test_small_changes_between_releases_are_held_back(tmp_path, mapping):
     """Differencing over time: night 1 publishes 12 patients; night 2 has 13 (one new patient). Publishing
     both would reveal the new patient's change (13*mean2 - 12*mean1). The builder re-emits night 1's packet
     until at least min_cell_size patients changed."""
     site, network = _fresh_site(tmp_path)
     events = make_events({BIG: 30}, seed=5)
-    night1 = build_packets(events.iloc[:12], mapping, site, network, seq=20240101)
+    night1 = released(events.iloc[:12], mapping, site, network, "2024-01-01")
     assert (site.site_dir / "released_packets.ndjson").exists()
-    night2 = build_packets(events.iloc[:13], mapping, site, network, seq=20240102)
+    night2 = released(events.iloc[:13], mapping, site, network, "2024-01-02")
     assert night2.packets == night1.packets  # byte-identical: consumers see a duplicate
     assert night2.disclosure_report["cells"] == {"published": 1, "suppressed": 0, "held": 1}
-    night3 = build_packets(events.iloc[:22], mapping, site, network, seq=20240103)  # 10 changed since release
+    night3 = released(events.iloc[:22], mapping, site, network, "2024-01-03")  # 10 changed since release
     assert night3.packets == night1.packets
-    night4 = build_packets(events.iloc[:23], mapping, site, network, seq=20240104)  # 11 changed: release
+    night4 = released(events.iloc[:23], mapping, site, network, "2024-01-04")  # 11 changed: release
     (p,) = night4.packets
-    assert (p.patients, p.seq) == (23, 20240104)
+    assert (p.patients, p.seq) == (23, 2024010400)
     assert p.packet_id == night1.packets[0].packet_id
-    night5 = build_packets(events.iloc[:24], mapping, site, network, seq=20240105)  # measured from night 4
+    night5 = released(events.iloc[:24], mapping, site, network, "2024-01-05")  # measured from night 4
     assert night5.packets == night4.packets
 
 
 def test_a_cell_that_reaches_the_threshold_is_released_at_once(tmp_path, mapping):
     site, network = _fresh_site(tmp_path)
     events = make_events({BIG: 12}, seed=6)
-    assert build_packets(events.iloc[:10], mapping, site, network, seq=1).packets == []
-    assert [p.patients for p in build_packets(events, mapping, site, network, seq=2).packets] == [12]
+    assert released(events.iloc[:10], mapping, site, network, "2024-01-01").packets == []
+    assert [p.patients for p in released(events, mapping, site, network, "2024-01-02").packets] == [12]
 
 
 def test_rerun_with_release_state_is_still_identical(tmp_path, mapping):
     site, network = _fresh_site(tmp_path)
     events = make_events({BIG: 20, SMALL: 15}, seed=7)
-    one = build_packets(events, mapping, site, network, seq=3)
-    two = build_packets(events, mapping, site, network, seq=3)
+    one = released(events, mapping, site, network, "2024-01-03")
+    two = released(events, mapping, site, network, "2024-01-03")
     assert one.packets == two.packets
     assert two.disclosure_report["cells"]["held"] == 2
 
@@ -225,4 +232,4 @@ def test_corrupt_release_state_is_a_clear_error(tmp_path, mapping):
     site, network = _fresh_site(tmp_path)
     (site.site_dir / "released_packets.ndjson").write_text("garbage\n")
     with pytest.raises(QisError, match="released_packets.ndjson:1"):
-        build_packets(make_events({BIG: 12}), mapping, site, network, seq=1)
+        released(make_events({BIG: 12}), mapping, site, network, "2024-01-01")

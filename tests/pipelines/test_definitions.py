@@ -85,3 +85,50 @@ def test_no_dagster_import_in_the_library():
     ]
     assert offenders == []
 
+
+
+def _instance_settings(home: Path) -> tuple[bool, bool]:
+    from dagster import DagsterInstance
+
+    with DagsterInstance.from_config(str(home)) as instance:
+        return instance.telemetry_enabled, instance.nux_enabled
+
+
+def test_the_shipped_instance_settings_turn_telemetry_and_the_signup_prompt_off(tmp_path):
+    """Both the dagster.yaml an operator copies (and `python -m pipelines.dev` installs) and the one `.ci/run`
+    writes: Dagster's defaults are on for both, so an instance without them reports to the vendor."""
+    import subprocess
+
+    from pipelines.dev import prepare_home
+
+    assert _instance_settings(prepare_home(tmp_path / "shipped")) == (False, False)
+    (tmp_path / "default").mkdir()
+    assert _instance_settings(tmp_path / "default") == (True, True)  # what the files change
+    (line,) = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line.startswith("printf") and "dagster.yaml" in line]
+    ci = tmp_path / "ci"
+    ci.mkdir()
+    subprocess.run(["bash", "-c", line], env={"DAGSTER_HOME": str(ci), "PATH": "/usr/bin:/bin"}, check=True)
+    assert _instance_settings(ci) == (False, False)
+
+
+def test_every_job_runs_in_process_by_default_including_materialize_all():
+    repo = defs.get_repository_def()
+    implicit = defs.resolve_implicit_global_asset_job_def()
+    assert implicit.executor_def.name == "in_process"  # the UI's "Materialize all" runs this job
+    assert {job.name: job.executor_def.name for job in repo.get_all_jobs()} == {job.name: "in_process" for job in repo.get_all_jobs()}
+
+
+def test_the_code_location_is_named_qis_fhir():
+    """`python -m pipelines.dev` starts `dagster dev` in the checkout without -m, so the location comes
+    from [tool.dagster] in pyproject.toml."""
+    from dagster._core.workspace.load_target import PyProjectFileTarget
+
+    (origin,) = PyProjectFileTarget(str(REPO / "pyproject.toml")).create_origins()
+    assert origin.location_name == "qis_fhir"
+    from dagster._cli.utils import has_pyproject_dagster_block
+
+    from pipelines.dev import dev_command
+
+    # no target given, in the checkout: dagster loads the location from pyproject.toml
+    assert not {"-m", "-f", "-w", "--module-name"} & set(dev_command("127.0.0.1", 3000))
+    assert has_pyproject_dagster_block(str(REPO / "pyproject.toml"))

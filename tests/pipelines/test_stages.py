@@ -23,7 +23,7 @@ from qis_fhir.dht.cluster import LOOPBACK, LocalCluster
 
 REPO = Path(__file__).resolve().parents[2]  # not "from conftest": several test folders have one
 PARTITION = "2026-11-27"
-SEQ = 20261127
+SEQ = 20261127  # `run --seq`: the day of the partition; its packets carry 2026112700 (revision 0)
 UP_TO_PACKETS = [mapping_set, fhir_extract, outcome_events, outcome_packets]
 
 
@@ -111,7 +111,7 @@ def test_run_and_dagster_write_the_same_run(site_world, tmp_path, instance):
     # byte-identical packets: same events, same seq (the partition date), same key
     packets = (cli / "packets.ndjson").read_bytes()
     assert packets.count(b"\n") > 0 and packets == (dag / "packets.ndjson").read_bytes()
-    assert _json(dag / "disclosure_report.json")["seq"] == SEQ
+    assert _json(dag / "disclosure_report.json")["seq"] == SEQ * 100
     for name in ("disclosure_report.json", "outcome_summary.json", "quality/extract.json", "quality/outcome_events.json"):
         assert _timeless(_json(cli / name)) == _timeless(_json(dag / name)), name
     assert (cli / "quarantine.ndjson").read_bytes() == (dag / "quarantine.ndjson").read_bytes()
@@ -267,3 +267,33 @@ def test_an_export_with_nothing_usable_stops_both_alike(tmp_path, instance):
     assert (cli / "quarantine.ndjson").read_bytes() == (dag / "quarantine.ndjson").read_bytes()
     assert _json(cli / "run.json")["error"]["exit_code"] == _json(dag / "run.json")["error"]["exit_code"] == 6
     assert not (tmp_path / "cli").exists() and not (tmp_path / "dagster" / PARTITION).exists()
+
+
+def test_a_backfill_of_an_older_day_after_a_newer_one_releases_nothing(site_world, tmp_path, instance):
+    """The nightly job ran 2026-11-28; a backfill of 2026-11-27 then builds and checks its partition but
+    releases no packet (each would be older than the newest release), says so in its metadata, and leaves
+    the release state as it was. A re-run of 2026-11-28 on the same data releases the same bytes."""
+    from qis_fhir.packets.release import RELEASE_MARK, RELEASE_STATE
+
+    site_dir = _site_copy(site_world, tmp_path / "site")
+    site = _site(site_world, tmp_path, site_dir)
+    newer = materialize(UP_TO_PACKETS, partition_key="2026-11-28", resources={"site": site}, instance=instance)
+    assert _materialized(newer)["outcome_packets"]["release"].value == "released 2026-11-28 as seq 2026112800 (revision 0)"
+    state = {name: (site_dir / name).read_bytes() for name in (RELEASE_STATE, RELEASE_MARK)}
+    released = (tmp_path / "dagster" / "2026-11-28" / "packets.ndjson").read_bytes()
+    assert released.count(b"\n") > 0
+
+    older = materialize(UP_TO_PACKETS, partition_key=PARTITION, resources={"site": site}, instance=instance)
+    assert older.success
+    meta = _materialized(older)["outcome_packets"]
+    assert meta["release"].value == ("nothing released: 2026-11-27 is older than the newest day this site released "
+                                     "(2026-11-28); the release state is left as it was")
+    assert meta["dagster/row_count"].value == 0
+    assert (tmp_path / "dagster" / PARTITION / "packets.ndjson").read_bytes() == b""
+    report = _json(tmp_path / "dagster" / PARTITION / "disclosure_report.json")
+    assert report["release"]["withheld"] == released.count(b"\n")  # built and counted, not released
+    assert {name: (site_dir / name).read_bytes() for name in (RELEASE_STATE, RELEASE_MARK)} == state
+
+    again = materialize(UP_TO_PACKETS, partition_key="2026-11-28", resources={"site": site}, instance=instance)
+    assert (tmp_path / "dagster" / "2026-11-28" / "packets.ndjson").read_bytes() == released
+    assert _materialized(again)["outcome_packets"]["cells_held"].value == released.count(b"\n")
