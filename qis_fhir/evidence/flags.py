@@ -65,7 +65,7 @@ def contradiction_test(pooled: pd.DataFrame) -> pd.DataFrame:
     a cohort the treatment fails drags their share down and ordinary cohorts share its flag: in 20
     synthetic networks it pulled the rest of hydrochlorothiazide for women 65+ (74 % responding) from 65 %
     to 50 %, and 8.9 % of the cohorts within 10 points of their condition's usual response were flagged
-    (``tests/evidence/test_planted_effects.py``; 2.2 % with this reference). So the contradicting cohorts
+    (``tests/evidence/test_pooled_planted_effects.py``; 2.2 % with this reference). So the contradicting cohorts
     are deleted from the reference one at a time, each condition's most significant first (smallest p,
     then largest difference), every cohort retested after each, until none still in the reference
     contradicts or one more would leave out half of the condition's cohorts: the usual response is what

@@ -21,7 +21,7 @@ hospitals published it, the Wilson interval of the pooled patients where fewer d
   response is the patient-weighted planted share of the same condition and treatment's other
   cohorts, the rare cohort left out: it is the planted contradiction, not the usual response.
 
-Measured (``uv run --frozen pytest -q tests/evidence/test_planted_effects.py``, 60-90 s on the
+Measured (``uv run --frozen pytest -q tests/evidence/test_pooled_planted_effects.py``, 60-90 s on the
 shared 2-core machine, almost all of it the 100 hospitals' extract and outcome stages): 389 cells,
 296 with 3 or more hospitals (64 with one, 29 with two); the planted share inside the interval in
 98.97% of cells (random effects 100%, Wilson 95.7%); median width 0.31; the wrong share inside
