@@ -6,6 +6,12 @@ default). Each patient counts once per cell: when a patient has several events i
 treatment episodes in a year), the earliest one is used, so ``patients`` is the number of distinct
 patient keys and the mean and SD are over patients, not episodes.
 
+Control units (``outcomes/control.py``, mapping v2) give cells of their own, under the same
+fingerprints, disclosure control and release state: ``patients`` is the denominator, ``responders``
+the numerator, the period is always the measurement year (never coarsened: one period meaning per
+measure), and the mean and SD are of the index value over the units with a reading, whose number the
+packet carries (wire v2, ``measured``); a mean over fewer than the minimum cell size is withheld.
+
 Sequence number: the caller (the pipeline) passes the partition date as ``YYYYMMDD``; without one the
 current UTC date is used. A nightly run therefore gets a higher seq than the night before (its cells
 supersede yesterday's), and re-running the same night's partition yields byte-identical packets
@@ -61,6 +67,8 @@ REQUIRED_COLUMNS = (
     "mapping_version",
 )
 CELL_COLUMNS = ["bucket", "age_band", "sex", "treatment_code", "measure", "period"]
+UNIT_REQUIRED_COLUMNS = ("patient_key", "bucket", "treatment_code", "measure", "period", "age_band", "sex", "index_value",
+                         "numerator", "mapping_version")
 RELEASE_STATE = "released_packets.ndjson"
 PACKETS_FILE = "packets.ndjson"  # a run folder's packets (``qis-fhir run``; ``publish``/``verify`` of a run folder)
 SITE_RELEASE_STATE = object()  # sentinel: the site directory's release state file
@@ -103,8 +111,9 @@ def build_packets(
     seq: int | None = None,
     *,
     release_state: Path | str | None | object = SITE_RELEASE_STATE,
+    units: pd.DataFrame | None = None,
 ) -> PacketBuild:
-    """Aggregate outcome events into signed packets; cells under the minimum size are not published.
+    """Aggregate outcome events (and control ``units``) into signed packets; cells under the minimum size are not published.
 
     ``release_state``: the file recording what this site released before (default
     ``SITE_DIR/released_packets.ndjson``; ``None``: no memory, e.g. in tests). A cell whose patient
@@ -123,7 +132,7 @@ def build_packets(
             f"(accepted: {', '.join(manifest.accepted_mapping_versions) or 'none'})"
         )
     min_cell = manifest.min_cell_size
-    grouped = cell_aggregates(events, mapping)
+    grouped = site_cells(events, units, mapping)
 
     fingerprint = Fingerprinter(network.secret, mapping.version)
     signer = PacketSigner(site.private_key, site.site_id, site.key_id)
@@ -156,12 +165,10 @@ def build_packets(
                     treatment=treatment,
                     measure=measure,
                     period=period,
-                    patients=n,
                     responders=int(row["responders"]),
-                    mean_change=_clean_stat(row["mean_change"]),
-                    sd_change=_clean_stat(row["sd_change"] if n > 1 else 0.0),
                     mapping_version=mapping.version,
                     seq=seq,
+                    **_figures(n, row, min_cell),
                 )
             )
     check_single_granularity(cells)
@@ -182,6 +189,74 @@ def build_packets(
         len(packets), len(held_buckets), len(suppressed_buckets), min_cell, seq,
     )
     return PacketBuild(packets, report)
+
+
+def _figures(n: int, row: pd.Series, min_cell: int) -> dict:
+    """A cell's patients, mean and SD as signed: a change cell's over all ``n``; a control cell's over
+    its ``measured`` units, withheld (0, 0.0, 0.0) when fewer than ``min_cell`` have a reading, since a
+    mean of a few patients comes close to one patient's own value (the verifier refuses it too)."""
+    measured = row["measured"]
+    if math.isnan(measured):
+        return {"patients": n, "mean_change": _clean_stat(row["mean_change"]),
+                "sd_change": _clean_stat(row["sd_change"] if n > 1 else 0.0)}
+    measured = int(measured)
+    if not is_publishable(measured, min_cell):
+        return {"patients": n, "measured": 0, "mean_change": 0.0, "sd_change": 0.0}
+    return {"patients": n, "measured": measured, "mean_change": _clean_stat(row["mean_change"]),
+            "sd_change": _clean_stat(row["sd_change"] if measured > 1 else 0.0)}
+
+
+def site_cells(events: pd.DataFrame, units: pd.DataFrame | None, mapping: MappingSet) -> pd.DataFrame:
+    """Every cell of the site, change (``cell_aggregates``) and control (``control_cell_aggregates``),
+    with ``measured`` NaN for change cells: what the packets are built from and what the evidence
+    stage shows as the site's own figures."""
+    import pandas as pd
+
+    change = cell_aggregates(events, mapping).assign(measured=float("nan"))
+    if units is None:
+        if mapping.control_measures:
+            raise ValueError(f"mapping {mapping.version} declares control measures: pass its control units")
+        return change
+    control = control_cell_aggregates(units, mapping)
+    if not len(control):
+        return change
+    if not len(change):
+        return control
+    return pd.concat([change, control]).sort_index()
+
+
+def control_cell_aggregates(units: pd.DataFrame, mapping: MappingSet) -> pd.DataFrame:
+    """Control cells from ``control_units.parquet``, indexed like ``cell_aggregates``.
+
+    ``patients`` is the denominator (units), ``responders`` the numerator, ``measured`` the units with
+    an index value, ``mean_change`` and ``sd_change`` the mean and SD (ddof 1, NaN under 2) of that
+    index value over them. The period is the unit's measurement year as it is: a control measure has
+    no other granularity. One unit per patient per cell (the units are unique by construction; a
+    repeat is refused rather than counted twice)."""
+    missing = [c for c in UNIT_REQUIRED_COLUMNS if c not in units.columns]
+    if missing:
+        raise ValueError(f"control units lack columns: {', '.join(missing)}")
+    wrong_version = units["mapping_version"] != mapping.version
+    if bool(wrong_version.any()):
+        raise MappingError(f"{int(wrong_version.sum())} control units were derived with another mapping version than {mapping.version}")
+    unknown = sorted(set(units["measure"].astype(str)) - set(mapping.control_measures))
+    if unknown:
+        raise MappingError(f"control units of measures that mapping {mapping.version} does not declare as control measures: {', '.join(unknown)}")
+    df = units.loc[:, ["patient_key", *CELL_COLUMNS[:-1], "period", "index_value", "numerator"]].reset_index(drop=True)
+    for col in ("age_band", "sex"):
+        df[col] = df[col].fillna(UNKNOWN).astype(str)
+    df["period"] = df["period"].astype(str)
+    if bool(df.duplicated(CELL_COLUMNS + ["patient_key"]).any()):
+        raise ValueError("a patient has two control units in one cell")
+    df["index_value"] = df["index_value"].astype("float64")
+    df["numerator"] = df["numerator"].astype(bool)
+    return df.groupby(CELL_COLUMNS, sort=True, observed=True).agg(
+        patients=("patient_key", "size"),
+        responders=("numerator", "sum"),
+        measured=("index_value", "count"),
+        mean_change=("index_value", "mean"),
+        sd_change=("index_value", "std"),
+    ).astype({"measured": "float64"})
 
 
 def cell_aggregates(events: pd.DataFrame, mapping: MappingSet) -> pd.DataFrame:
@@ -272,9 +347,11 @@ __all__ = [
     "PacketFormatError",
     "build_packets",
     "cell_aggregates",
+    "control_cell_aggregates",
     "default_seq",
     "load_release_state",
     "read_packets",
+    "site_cells",
     "write_disclosure_report",
     "write_packets",
 ]

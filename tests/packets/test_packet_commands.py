@@ -103,12 +103,20 @@ def test_verify_state_file_refuses_replays_across_runs(tmp_path, capsys):
     assert code == 0 and json.loads(out)["by_reason"] == {"duplicate": 1}
 
 
+def test_network_new_accepts_only_the_versions_named(tmp_path, capsys):
+    net = tmp_path / "net"
+    run(["network", "new", "--out", str(net), "--network-id", "only", "--mapping-version", "v1"], capsys)
+    assert json.loads(run(["network", "show", str(net)], capsys)[1])["accepted_mapping_versions"] == ["v1"]
+
+
 def test_network_show_and_accept_mapping(tmp_path, capsys):
     net = tmp_path / "net"
     run(["network", "new", "--out", str(net), "--network-id", "show", "--min-cell-size", "20"], capsys)
-    assert run(["network", "accept-mapping", str(net), "v2"], capsys)[0] == 0
+    code, out, _ = run(["network", "show", str(net)], capsys)
+    assert json.loads(out)["accepted_mapping_versions"] == ["v1", "v2"]  # by default every shipped mapping version
+    assert run(["network", "accept-mapping", str(net), "v3"], capsys)[0] == 0
     code, out, _ = run(["network", "show", str(net)], capsys)
     body = json.loads(out)
     assert code == 0 and body["version"] == 2 and body["min_cell_size"] == 20
-    assert body["accepted_mapping_versions"] == ["v1", "v2"] and body["revoked_sites"] == []
+    assert body["accepted_mapping_versions"] == ["v1", "v2", "v3"] and body["revoked_sites"] == []
     assert (tmp_path / "home" / "trust" / "manifest_pins.json").exists()  # the CLI pins by default
