@@ -225,6 +225,22 @@ def site_cells(events: pd.DataFrame, units: pd.DataFrame | None, mapping: Mappin
     return pd.concat([change, control]).sort_index()
 
 
+def _check_rows(rows: pd.DataFrame, required: tuple[str, ...], what: str, mapping: MappingSet) -> None:
+    """Refuse rows without the columns a cell needs, or derived under another mapping version."""
+    missing = [c for c in required if c not in rows.columns]
+    if missing:
+        raise ValueError(f"{what} lack columns: {', '.join(missing)}")
+    wrong_version = rows["mapping_version"] != mapping.version
+    if bool(wrong_version.any()):
+        raise MappingError(f"{int(wrong_version.sum())} {what} were derived with another mapping version than {mapping.version}")
+
+
+def _known_cohort(df: pd.DataFrame) -> None:
+    """A missing age band or sex is the cohort ``unknown``, as the fingerprints have it."""
+    for col in ("age_band", "sex"):
+        df[col] = df[col].fillna(UNKNOWN).astype(str)
+
+
 def control_cell_aggregates(units: pd.DataFrame, mapping: MappingSet) -> pd.DataFrame:
     """Control cells from ``control_units.parquet``, indexed like ``cell_aggregates``.
 
@@ -233,18 +249,12 @@ def control_cell_aggregates(units: pd.DataFrame, mapping: MappingSet) -> pd.Data
     index value over them. The period is the unit's measurement year as it is: a control measure has
     no other granularity. One unit per patient per cell (the units are unique by construction; a
     repeat is refused rather than counted twice)."""
-    missing = [c for c in UNIT_REQUIRED_COLUMNS if c not in units.columns]
-    if missing:
-        raise ValueError(f"control units lack columns: {', '.join(missing)}")
-    wrong_version = units["mapping_version"] != mapping.version
-    if bool(wrong_version.any()):
-        raise MappingError(f"{int(wrong_version.sum())} control units were derived with another mapping version than {mapping.version}")
+    _check_rows(units, UNIT_REQUIRED_COLUMNS, "control units", mapping)
     unknown = sorted(set(units["measure"].astype(str)) - set(mapping.control_measures))
     if unknown:
         raise MappingError(f"control units of measures that mapping {mapping.version} does not declare as control measures: {', '.join(unknown)}")
     df = units.loc[:, ["patient_key", *CELL_COLUMNS[:-1], "period", "index_value", "numerator"]].reset_index(drop=True)
-    for col in ("age_band", "sex"):
-        df[col] = df[col].fillna(UNKNOWN).astype(str)
+    _known_cohort(df)
     df["period"] = df["period"].astype(str)
     if bool(df.duplicated(CELL_COLUMNS + ["patient_key"]).any()):
         raise ValueError("a patient has two control units in one cell")
@@ -270,19 +280,13 @@ def cell_aggregates(events: pd.DataFrame, mapping: MappingSet) -> pd.DataFrame:
     """
     import pandas as pd
 
-    missing = [c for c in REQUIRED_COLUMNS if c not in events.columns]
-    if missing:
-        raise ValueError(f"outcome events lack columns: {', '.join(missing)}")
-    wrong_version = events["mapping_version"] != mapping.version
-    if bool(wrong_version.any()):
-        raise MappingError(f"{int(wrong_version.sum())} outcome events were derived with another mapping version than {mapping.version}")
+    _check_rows(events, REQUIRED_COLUMNS, "outcome events", mapping)
     order = [c for c in ("start", "event_id") if c in events.columns]
     columns = [c for c in REQUIRED_COLUMNS if c != "mapping_version"] + order
     df = events.loc[:, columns].reset_index(drop=True)  # any index the caller had (concat may repeat labels)
     df["change"] = pd.to_numeric(df["change"], errors="coerce").astype("float64")
     df = df[df["change"].map(math.isfinite).astype(bool)].copy()
-    for col in ("age_band", "sex"):
-        df[col] = df[col].fillna(UNKNOWN).astype(str)
+    _known_cohort(df)
     df["period"] = [_period_of(str(s), mapping.cohorts.period) for s in df["start_period"]]
     # one event per patient per cell: the earliest (ties broken by event id, for determinism)
     if order:

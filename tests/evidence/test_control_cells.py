@@ -59,12 +59,16 @@ def _tables(v2net, wires):
     return build_tables(v2net.collect(wires), v2net.mapping, run_date="2024-01-15")
 
 
-def test_a_pooled_control_cell_weighs_the_mean_by_the_patients_with_a_reading(v2net):
-    t = _tables(v2net, [
-        (HTN, v2net.wire("site-a", HTN, patients=20, responders=8, measured=15, mean=142.0, sd=10.0)),
-        (HTN, v2net.wire("site-c", HTN, patients=30, responders=18, measured=25, mean=136.0, sd=12.0)),
-    ])
+def _two_sites(v2net, a: dict, c: dict):
+    """The one pooled row (and the tables) of a bp_control cell reported by site A and site C."""
+    t = _tables(v2net, [(HTN, v2net.wire("site-a", HTN, **a)), (HTN, v2net.wire("site-c", HTN, **c))])
     (row,) = t.pooled.to_dict("records")
+    return row, t
+
+
+def test_a_pooled_control_cell_weighs_the_mean_by_the_patients_with_a_reading(v2net):
+    row, _ = _two_sites(v2net, dict(patients=20, responders=8, measured=15, mean=142.0, sd=10.0),
+                        dict(patients=30, responders=18, measured=25, mean=136.0, sd=12.0))
     assert (row["patients"], row["responders"], row["measured"]) == (50, 26, 40)
     assert row["resp_pooled"] == pytest.approx(26 / 50)  # the controlled share of the whole denominator
     # by hand: (15 x 142 + 25 x 136) / 40; weighing by the denominators (20, 30) would give 138.4
@@ -77,11 +81,8 @@ def test_a_pooled_control_cell_weighs_the_mean_by_the_patients_with_a_reading(v2
 
 
 def test_a_site_that_withheld_its_mean_counts_in_the_share_only(v2net):
-    t = _tables(v2net, [
-        (HTN, v2net.wire("site-a", HTN, patients=20, responders=8, measured=0, mean=0.0, sd=0.0)),
-        (HTN, v2net.wire("site-c", HTN, patients=30, responders=18, measured=25, mean=136.0, sd=12.0)),
-    ])
-    (row,) = t.pooled.to_dict("records")
+    row, t = _two_sites(v2net, dict(patients=20, responders=8, measured=0, mean=0.0, sd=0.0),
+                        dict(patients=30, responders=18, measured=25, mean=136.0, sd=12.0))
     assert (row["patients"], row["responders"], row["measured"]) == (50, 26, 25)
     assert row["mean_pooled"] == pytest.approx(136.0)  # not pulled towards the withheld 0.0
     withheld = t.per_site[t.per_site["measured"] == 0]
