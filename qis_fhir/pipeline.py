@@ -17,6 +17,7 @@ from pathlib import Path
 
 from qis_fhir.errors import InputNotFoundError
 from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, DEFAULT_VALIDATE
+from qis_fhir.outcomes.control import CONTROL_UNITS
 from qis_fhir.outcomes.events import OUTCOME_EVENTS, OUTCOME_SUMMARY
 from qis_fhir.packets.build import PACKETS_FILE as PACKETS
 from qis_fhir.runfolder import EXTRACT, OUTCOMES, QUALITY, RUN_JSON, start_run
@@ -56,7 +57,7 @@ class RunResult:
         from qis_fhir.fhir.extract import EXTRACT_DIR, QUARANTINE_FILE, SUMMARY_FILE
 
         quality = [str(quality_report_path(".", part)) for part in QUALITY_PARTS]
-        names = [RUN_JSON, OUTCOME_EVENTS, OUTCOME_SUMMARY, *quality, f"{EXTRACT_DIR}/{SUMMARY_FILE}", QUARANTINE_FILE]
+        names = [RUN_JSON, OUTCOME_EVENTS, CONTROL_UNITS, OUTCOME_SUMMARY, *quality, f"{EXTRACT_DIR}/{SUMMARY_FILE}", QUARANTINE_FILE]
         if self.packets is not None:
             names += [PACKETS, DISCLOSURE_REPORT]
         if self.publish is not None:

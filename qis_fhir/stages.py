@@ -171,18 +171,16 @@ def quality_step(run: Run, mapping: MappingSet, part: str) -> QualityReport:
 
     Does not raise on a failed suite: the caller reports it (``run`` raises, Dagster fails a blocking
     check), and the next step refuses to build on it. Marks ``quality`` once every part has passed."""
-    import pandas as pd
-
     from qis_fhir.fhir import load_extract
-    from qis_fhir.outcomes.events import OUTCOME_EVENTS
+    from qis_fhir.outcomes.events import read_outcome_tables
     from qis_fhir.quality import check_tables
 
     run.begin(QUALITY)
     if part == "extract":
         tables = load_extract(run.path)
-    elif part == "outcome_events":
+    elif part == "outcome_events":  # the events and, under a mapping with control measures, the control units
         _require_marked(run, OUTCOMES, "there are no outcome events to check")
-        tables = {"outcome_events": pd.read_parquet(run.path / OUTCOME_EVENTS)}
+        tables = read_outcome_tables(run.path, mapping)
     else:
         raise ValueError(f"no quality part {part!r}; expected one of {QUALITY_PARTS}")
     report = check_tables(tables, mapping)
@@ -208,7 +206,7 @@ def outcomes_step(run: Run, mapping: MappingSet) -> OutcomeResult:
 
 
 def packets_step(run: Run, setup: SiteSetup, day: str | int | None) -> PacketBuild:
-    """Signed packets of the run's events for ``day`` (the export's date; None: today, UTC), under
+    """Signed packets of the run's events (and control units, mapping v2) for ``day`` (the export's date; None: today, UTC), under
     disclosure control and the release policy (``qis_fhir.packets.release``), once every suite passed.
 
     The site's release state stays locked until ``run`` commits and is recorded only then, so a run
@@ -216,9 +214,7 @@ def packets_step(run: Run, setup: SiteSetup, day: str | int | None) -> PacketBui
     site release one after the other. The events are read back from the run folder, as every caller
     has them, so the packets are the same bytes whoever built them (same events, same seq, same key:
     Ed25519 is deterministic). The read costs 2.2 ms for the 956 events of a 3,000-patient synthetic export."""
-    import pandas as pd
-
-    from qis_fhir.outcomes.events import OUTCOME_EVENTS
+    from qis_fhir.outcomes.events import read_outcome_tables
     from qis_fhir.packets import build_packets, write_disclosure_report, write_packets
     from qis_fhir.packets.build import PACKETS_FILE
     from qis_fhir.packets.release import open_release
@@ -227,7 +223,9 @@ def packets_step(run: Run, setup: SiteSetup, day: str | int | None) -> PacketBui
     _require_marked(run, QUALITY, "packets are built only from events whose every quality suite passed")
     run.begin(PACKETS)
     release = run.hold(open_release(setup.site, day))
-    built = build_packets(pd.read_parquet(run.path / OUTCOME_EVENTS), setup.mapping, setup.site, setup.network, release_state=release)
+    tables = read_outcome_tables(run.path, setup.mapping)
+    built = build_packets(tables["outcome_events"], setup.mapping, setup.site, setup.network, release_state=release,
+                          units=tables.get("control_units"))
     write_packets(run.path / PACKETS_FILE, built.packets)
     write_disclosure_report(run.path / DISCLOSURE_REPORT, built.disclosure_report)
     run.mark(PACKETS, {"packets": len(built.packets), **built.disclosure_report["cells"]})

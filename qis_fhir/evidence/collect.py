@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from qis_fhir.evidence.pooling import CELL_KEYS, SITE_COLUMNS
+from qis_fhir.evidence.pooling import CELL_KEYS, MEASURED, SITE_COLUMNS
 from qis_fhir.packets.newest import newest_per_packet
 from qis_fhir.packets.release import day_of_seq
 from qis_fhir.privacy.fingerprint import cohort_table
@@ -38,11 +38,14 @@ if TYPE_CHECKING:
     from qis_fhir.packets.manifest import NetworkContext, NetworkManifest
     from qis_fhir.packets.model import Packet
 
-SITE_ROW_COLUMNS = CELL_KEYS + SITE_COLUMNS  # the input of pooling
+SITE_ROW_COLUMNS = CELL_KEYS + SITE_COLUMNS + [MEASURED]  # the input of pooling
 
 #: collection's own reasons, beside the verifier's (``qis_fhir.packets.verifier.REJECTED``)
 WRONG_FINGERPRINT = "wrong_fingerprint"  # a verified packet for another cohort than the one asked
 OTHER_MAPPING = "other_mapping_version"  # verified, but cut by another mapping version than ours
+#: verified, but its wire version is not its measure's design: a control measure's packet without the
+#: patients its mean covers (v1), or a change measure's with them (v2); pooling it would mix the designs
+WRONG_DESIGN = "wrong_design"
 
 
 @dataclass
@@ -87,9 +90,11 @@ class Collection:
         for p in self.packets:
             condition, age_band, sex = self.grid[p.fingerprint]
             rows.append((condition, age_band, sex, p.treatment, p.measure, p.period, p.mapping_version,
-                         labels[p.site_id], p.patients, p.responders, p.mean_change, p.sd_change, day_of_seq(p.seq)))
+                         labels[p.site_id], p.patients, p.responders, p.mean_change, p.sd_change, day_of_seq(p.seq),
+                         p.patients if p.measured is None else p.measured))
         df = pd.DataFrame(rows, columns=SITE_ROW_COLUMNS)
-        df = df.astype({"patients": "int64", "responders": "int64", "mean": "float64", "sd": "float64", "as_of": "int64"})
+        df = df.astype({"patients": "int64", "responders": "int64", "mean": "float64", "sd": "float64", "as_of": "int64",
+                        MEASURED: "int64"})
         return df.sort_values(CELL_KEYS + ["site"], kind="mergesort").reset_index(drop=True)
 
     def rejected_per_cohort(self) -> dict[tuple[str, str, str], int]:
@@ -120,8 +125,12 @@ def collect_answers(
     *,
     local_site_id: str | None = None,
     rejected_before: Mapping[str, Mapping[str, int]] | None = None,
+    control_measures: Iterable[str] = (),
 ) -> Collection:
     """Verify the wires returned per asked fingerprint and keep the newest copy per (site, packet id).
+
+    ``control_measures``: the mapping's control measure ids; their packets must be wire version 2 and
+    every other measure's version 1 (``WRONG_DESIGN`` otherwise).
 
     ``answers``: fingerprint asked -> wire bytes received (from the DHT, or fed directly in tests).
     ``rejected_before``: fingerprint -> reason -> count, for packets a DHT client already refused
@@ -130,6 +139,7 @@ def collect_answers(
     from qis_fhir.packets.verifier import Verifier
 
     verifier = Verifier(manifest)
+    control = frozenset(control_measures)
     out = Collection(dict(grid), mapping_version, manifest.version, manifest.min_cell_size, local_site_id)
     verified: list[tuple[Packet, bytes]] = []
     for fp, wires in answers.items():
@@ -150,6 +160,8 @@ def collect_answers(
                     reason = WRONG_FINGERPRINT
                 elif p.mapping_version != mapping_version:
                     reason = OTHER_MAPPING
+                elif (p.measured is not None) != (p.measure in control):
+                    reason = WRONG_DESIGN
                 else:
                     verified.append((p, wire))
                     continue
@@ -188,4 +200,5 @@ def collect(
         mapping.version,
         local_site_id=local_site_id,
         rejected_before={fp: r.rejected for fp, r in results.items()},
+        control_measures=mapping.control_measures,
     )

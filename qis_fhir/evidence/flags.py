@@ -1,7 +1,8 @@
 """Rank treatments within a cohort and flag what a clinician should know before trusting a figure.
 
-``rank_and_flag(pooled, per_site)`` adds ``rank`` (1 = the highest share of responders among the
-treatments of the same cohort, measure and period), ``rank_basis`` and ``flags``: codes joined with
+``rank_and_flag(pooled, per_site)`` adds ``rank`` (1 = the best share among the treatments of the
+same cohort, measure and period: the highest share of responders or controlled patients, the lowest
+share poorly controlled where the row's ``response_direction`` is ``lower``), ``rank_basis`` and ``flags``: codes joined with
 ";" in the order of ``FLAG_ORDER``, each explained by one plain sentence in ``FLAG_TEXT``.
 Thresholds and the cross-cohort test are in ``docs/evidence.md`` (Methods).
 """
@@ -36,8 +37,10 @@ CONTRADICTION_MIN_DIFF = 0.20
 
 FLAG_ORDER = [
     "one_site", "under_30_patients", "under_3_sites", "heterogeneous", "dominant_site", "site_disagrees",
-    "contradicts_condition", "all_responded", "none_responded", "older_data", "observational",
+    "contradicts_condition", "all_responded", "none_responded", "older_data", "prevalent_users", "observational",
 ]
+#: measure kinds whose cells compare prevalent users (``prevalent_users``)
+CONTROL_KINDS = ("control", "poor_control")
 FLAG_TEXT = {
     "one_site": "Only one hospital reported this: its result may reflect that hospital's patients and practice.",
     "under_30_patients": "Fewer than 30 patients in total: the figures can move a lot with a few more patients.",
@@ -50,6 +53,8 @@ FLAG_TEXT = {
     "all_responded": "Every patient responded: with so uniform a result, check how the response is defined.",
     "none_responded": "No patient responded.",
     "older_data": "Some hospitals' figures are more than a month older than the newest figures.",
+    "prevalent_users": "Compares patients already on treatment, not new starts; who gets which treatment depends "
+                       "on how ill they are, so differences are not effects of the treatments.",
     "observational": "Routine care records, not a randomised trial: patients were not assigned treatments "
                      "at random, so differences between treatments may reflect who received them.",
 }
@@ -114,7 +119,9 @@ def rank_and_flag(pooled: pd.DataFrame, per_site: pd.DataFrame) -> pd.DataFrame:
     """``pooled`` (from ``pool_cells``) plus ``rank``, ``rank_basis`` and ``flags``.
 
     The rank uses the between-hospital estimate where at least three hospitals reported (a typical
-    hospital's result), else the pooled proportion; ties share the better rank. ``older_data`` compares
+    hospital's result), else the pooled proportion; ties share the better rank. Higher is better unless
+    the row's ``response_direction`` is ``lower`` (a poor-control share); without that column (or
+    ``measure_kind``, which sets ``prevalent_users``) every row is a change cell. ``older_data`` compares
     each cell's oldest site figure with the newest ``as_of`` of any site in ``per_site``.
     """
     missing = [c for c in CELL_KEYS if c not in pooled.columns or c not in per_site.columns]
@@ -124,7 +131,8 @@ def rank_and_flag(pooled: pd.DataFrame, per_site: pd.DataFrame) -> pd.DataFrame:
     sites = table["sites"].to_numpy()
     use_re = sites >= MIN_SITES
     basis = np.where(use_re, table["resp_re"].to_numpy(dtype=float), table["resp_pooled"].to_numpy(dtype=float))
-    table["rank"] = (pd.Series(-basis, index=table.index).groupby([table[c] for c in RANK_GROUP], dropna=False)
+    lower = (table["response_direction"] == "lower").to_numpy() if "response_direction" in table else np.zeros(len(table), bool)
+    table["rank"] = (pd.Series(np.where(lower, basis, -basis), index=table.index).groupby([table[c] for c in RANK_GROUP], dropna=False)
                      .rank(method="min", na_option="bottom").astype("int64"))
     table["rank_basis"] = np.where(use_re, RANK_BASIS_RE, RANK_BASIS_POOLED)
 
@@ -151,6 +159,8 @@ def rank_and_flag(pooled: pd.DataFrame, per_site: pd.DataFrame) -> pd.DataFrame:
         "all_responded": table["responders"].to_numpy() == table["patients"].to_numpy(),
         "none_responded": table["responders"].to_numpy() == 0,
         "older_data": age_days > OLDER_DATA_DAYS,
+        "prevalent_users": table["measure_kind"].isin(CONTROL_KINDS).to_numpy() if "measure_kind" in table
+                           else np.zeros(len(table), dtype=bool),
         "observational": np.ones(len(table), dtype=bool),
     }
     codes = np.array(FLAG_ORDER, dtype=object)

@@ -1,7 +1,10 @@
 """Pool the sites' outcome figures per cell (cohort x treatment x measure x period).
 
 Each site sends, per cell, patients ``n``, responders ``r`` and the mean and SD of the change, rounded
-to ``STAT_DECIMALS``. Two views of the same figures are given side by side (``docs/evidence.md``,
+to ``STAT_DECIMALS``. In a control cell ``n`` is the denominator, ``r`` the numerator (controlled, or
+poorly controlled) and the mean and SD are of the index reading over ``measured`` patients only (those
+with a reading in the year; 0 when the site withheld the mean): every figure about the mean below
+weighs a site by ``measured``, never by ``n``. A change cell's ``measured`` is its ``n``. Two views of the same figures are given side by side (``docs/evidence.md``,
 Methods):
 
 - *all patients as if from one hospital*: sum(r)/sum(n) with a Wilson interval, and the combined
@@ -30,6 +33,8 @@ from qis_fhir.packets.model import STAT_DECIMALS
 
 CELL_KEYS = ["condition", "age_band", "sex", "treatment", "measure", "period", "mapping_version"]
 SITE_COLUMNS = ["site", "patients", "responders", "mean", "sd", "as_of"]
+#: optional site-row column: the patients the mean and SD cover (control cells); absent = ``patients``
+MEASURED = "measured"
 
 #: Gauss-Hermite nodes per site in the adaptive quadrature. Against scipy.integrate.quad a site's marginal
 #: log-likelihood agrees to < 1e-9 for 5..5,000 patients and tau <= 1, and to 1e-5 at the hardest case
@@ -332,10 +337,14 @@ def _typed_rows(site_rows: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(f"site rows lack columns {missing}")
     rows = site_rows.astype({"patients": "int64", "responders": "int64", "mean": "float64", "sd": "float64",
                              "as_of": "int64"})
-    n, r, sd = rows["patients"], rows["responders"], rows["sd"]
-    bad = (n < 1) | (r < 0) | (r > n) | ~np.isfinite(rows["mean"]) | ~np.isfinite(sd) | (sd < 0)
+    if MEASURED not in rows.columns:
+        rows[MEASURED] = rows["patients"]
+    rows[MEASURED] = rows[MEASURED].astype("int64")
+    n, r, sd, nm = rows["patients"], rows["responders"], rows["sd"], rows[MEASURED]
+    bad = ((n < 1) | (r < 0) | (r > n) | (nm < 0) | (nm > n) | ~np.isfinite(rows["mean"]) | ~np.isfinite(sd)
+           | (sd < 0))
     if bad.any():
-        raise ValueError(f"{int(bad.sum())} site rows have patients < 1, responders outside 0..patients, "
+        raise ValueError(f"{int(bad.sum())} site rows have patients < 1, responders or measured outside 0..patients, "
                          "or a missing, infinite or negative mean/SD")
     dup = rows.duplicated(CELL_KEYS + ["site"])
     if dup.any():
@@ -354,6 +363,7 @@ def pool(site_rows: pd.DataFrame, level: float = 0.95) -> tuple[pd.DataFrame, pd
     m = len(cells)
     n = rows["patients"].to_numpy(dtype=float)
     r = rows["responders"].to_numpy(dtype=float)
+    nm = rows[MEASURED].to_numpy(dtype=float)  # the patients behind each site's mean and SD
     mean = rows["mean"].to_numpy(dtype=float)
     sd = rows["sd"].to_numpy(dtype=float)
 
@@ -361,12 +371,13 @@ def pool(site_rows: pd.DataFrame, level: float = 0.95) -> tuple[pd.DataFrame, pd
         return _group_sum(g, x, m)
 
     k = np.bincount(g, minlength=m)
-    big_n, big_r = total(n), total(r)
+    big_n, big_r, big_nm = total(n), total(r), total(nm)
     out = cells.assign(
-        sites=k, patients=big_n.astype(np.int64), responders=big_r.astype(np.int64),
+        sites=k, patients=big_n.astype(np.int64), responders=big_r.astype(np.int64), measured=big_nm.astype(np.int64),
         as_of_min=grouped["as_of"].min().to_numpy(), as_of_max=grouped["as_of"].max().to_numpy(),
     )
     per_site = rows.copy()
+    per_site.loc[per_site[MEASURED] == 0, ["mean", "sd"]] = np.nan  # withheld: no mean to show, not a mean of 0
 
     # binary, as one hospital
     out["resp_pooled"] = big_r / big_n
@@ -380,22 +391,24 @@ def pool(site_rows: pd.DataFrame, level: float = 0.95) -> tuple[pd.DataFrame, pd
     out["resp_q"], out["resp_q_p"], out["resp_i2"] = iv_logit.q, iv_logit.q_p, iv_logit.i2
     _binomial_columns(out, per_site, g, k, r, n, iv_logit, level)
 
-    # continuous, as one hospital: the combined sample's mean and SD (ddof 1, as the packets' SD)
-    mean_all = total(n * mean) / big_n
-    ss = total((n - 1) * sd * sd + n * (mean - mean_all[g]) ** 2)
+    # continuous, as one hospital: the combined sample's mean and SD (ddof 1, as the packets' SD), over
+    # the patients each mean covers (a site that withheld its mean, measured 0, adds nothing)
     with np.errstate(invalid="ignore", divide="ignore"):
-        sd_all = np.where(big_n >= 2, np.sqrt(ss / (big_n - 1)), np.nan)
+        mean_all = total(nm * mean) / big_nm
+        ss = total(np.maximum(nm - 1, 0) * sd * sd + nm * (mean - mean_all[g]) ** 2)
+        sd_all = np.where(big_nm >= 2, np.sqrt(ss / (big_nm - 1)), np.nan)
     out["mean_pooled"], out["sd_pooled"] = mean_all, sd_all
-    out["mean_pooled_lo"], out["mean_pooled_hi"] = t_interval(mean_all, sd_all, big_n, level)
+    out["mean_pooled_lo"], out["mean_pooled_hi"] = t_interval(mean_all, sd_all, big_nm, level)
     # each packet mean is within half a unit of its last decimal of the exact mean, so their n-weighted
     # average is too; the second term bounds the float error of summing k products and dividing
     eps = np.finfo(float).eps
-    out["mean_tolerance"] = 0.5 * 10.0**-STAT_DECIMALS + (k + 2) * eps * total(n * np.abs(mean)) / big_n
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["mean_tolerance"] = 0.5 * 10.0**-STAT_DECIMALS + (k + 2) * eps * total(nm * np.abs(mean)) / big_nm
 
     # continuous, between hospitals: sites with n >= 2 and SD > 0 (a site's mean needs a variance)
-    per_site["mean_lo"], per_site["mean_hi"] = t_interval(mean, sd, n, level)
-    usable = (n >= 2) & (sd > 0)
-    iv = inverse_variance_re(mean[usable], (sd * sd / n)[usable], g[usable], level, m)
+    per_site["mean_lo"], per_site["mean_hi"] = t_interval(mean, sd, nm, level)
+    usable = (nm >= 2) & (sd > 0)
+    iv = inverse_variance_re(mean[usable], (sd * sd / np.maximum(nm, 1))[usable], g[usable], level, m)
     out["mean_re_sites"] = iv.k
     for col, a in (("mean_re", iv.estimate), ("mean_re_lo", iv.lo), ("mean_re_hi", iv.hi), ("mean_pi_lo", iv.pi_lo),
                    ("mean_pi_hi", iv.pi_hi), ("mean_tau", np.sqrt(iv.tau2)), ("mean_i2", iv.i2), ("mean_q", iv.q),

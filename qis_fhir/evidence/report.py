@@ -68,11 +68,26 @@ WITHHELD_TEXT = {
     "revoked_key": "signed with a key the network has withdrawn",
     "bad_signature": "its signature did not check out (altered or damaged on the way)",
     "mapping_version": "coded with a version of the shared definitions the network does not accept",
+    "wrong_design": "its form does not match how the shared definitions measure this outcome",
     "out_of_range": "impossible figures, or fewer patients than the network's minimum group size",
     "replay": "older than a summary already received from the same hospital",
     "equivocation": "contradicted another summary the same hospital sent for the same date",
 }
 _WITHHELD_OTHER = "withheld for another reason"
+#: the page's words for a measure's share and mean, by measure kind (``pooled_outcomes``' ``measure_kind``;
+#: a table without that column holds change cells only)
+MEASURE_WORDS = {
+    "change": {"response": "Responded", "response_lc": "responded", "was": "responded", "mean_name": "Mean change",
+               "mean_zero": True, "mean_low": "reading fell", "mean_high": "reading rose",
+               "ranked": "ranked by how many responded", "two_treatments": "a patient who started two treatments counts under both"},
+    "control": {"response": "Controlled", "response_lc": "controlled", "was": "was controlled", "mean_name": "Mean reading",
+                "mean_zero": False, "mean_low": "lower reading", "mean_high": "higher reading",
+                "ranked": "ranked by how many were controlled", "two_treatments": "a patient on two treatments counts under both"},
+    "poor_control": {"response": "Poorly controlled", "response_lc": "poorly controlled", "was": "was poorly controlled",
+                     "mean_name": "Mean reading", "mean_zero": False, "mean_low": "lower reading", "mean_high": "higher reading",
+                     "ranked": "ranked by how few were poorly controlled",
+                     "two_treatments": "a patient on two treatments counts under both"},
+}  # fmt: skip
 _UNIT_LABEL = {"mm[Hg]": "mmHg", "%": "percentage points"}
 _PLACEHOLDER = re.compile(r"@@(CSP|CSS|JS|DATA)@@")
 
@@ -208,11 +223,15 @@ def report_data(pooled: pd.DataFrame, per_site: pd.DataFrame, provenance: dict, 
     measures = {}
     for mid, rows in pooled.groupby("measure", sort=True):
         first = rows.iloc[0]
+        kind = _optional(first, "measure_kind") or "change"
         measures[str(mid)] = {
             "label": _name(first["measure_display"], mid),
             "design": str(first["design"]),
             "unit": unit_label(first.get("measure_unit")),
-            "direction": str(first["measure_direction"]) if "measure_direction" in rows and not _missing(first["measure_direction"]) else "",
+            "direction": _optional(first, "measure_direction"),
+            # which way the share counted in "responders" is better: lower for a poor-control measure
+            "response_direction": _optional(first, "response_direction") or "higher",
+            "words": MEASURE_WORDS.get(kind, MEASURE_WORDS["change"]),
             "decimals": mean_decimals(rows["sd_pooled"]),
         }
 
@@ -264,6 +283,11 @@ def report_data(pooled: pd.DataFrame, per_site: pd.DataFrame, provenance: dict, 
         "glossary": GLOSSARY,
         "provenance": _provenance(provenance),
     }
+
+
+def _optional(row: pd.Series, column: str) -> str:
+    """A text column tables from before it existed lack: "" when absent or missing."""
+    return str(row[column]) if column in row.index and not _missing(row[column]) else ""
 
 
 def _name(display: Any, code: Any) -> str:
@@ -323,7 +347,7 @@ def _group(key: tuple, rows: list[dict], sites_by_cell: dict, measure: dict, fla
                 "mean": num(r["local_mean"]),
             },
             "flags": [{"code": c, "text": flag_text[c]} for c in _codes(r["flags"]) if c != "observational"],
-            "plot": _plot(r, site_rows, local_site, num, unit),
+            "plot": _plot(r, site_rows, local_site, num, unit, measure["words"]),
         })  # fmt: skip
     patients = sum(int(r["patients"]) for r in rows)
     return {
@@ -364,7 +388,7 @@ def _notes(r: dict, k: int) -> dict[str, str]:
     }
 
 
-def _plot(r: dict, site_rows: list[dict], local_site: str, num, unit: str) -> dict:
+def _plot(r: dict, site_rows: list[dict], local_site: str, num, unit: str, words: dict) -> dict:
     """The numbers a forest plot is drawn from (None where not computed), and each hospital's figures as text."""
 
     def val(x):
@@ -373,9 +397,9 @@ def _plot(r: dict, site_rows: list[dict], local_site: str, num, unit: str) -> di
     def site_text(s: dict) -> str:
         resp_ci = fmt_range(s["resp_lo"], s["resp_hi"], fmt_pct)
         mean_ci = fmt_range(s["mean_lo"], s["mean_hi"], num)
-        return (f"{s['site']}: {fmt_count(s['patients'])} patients; {fmt_pct(s['resp'])} responded"
-                + (f" ({resp_ci})" if resp_ci else "") + f"; mean change {num(s['mean'])}{unit}"
-                + (f" ({mean_ci})" if mean_ci else ""))  # fmt: skip
+        mean = "" if _missing(s["mean"]) else f"; {words['mean_name'].lower()} {num(s['mean'])}{unit}" + (f" ({mean_ci})" if mean_ci else "")
+        return (f"{s['site']}: {fmt_count(s['patients'])} patients; {fmt_pct(s['resp'])} {words['response_lc']}"
+                + (f" ({resp_ci})" if resp_ci else "") + mean)  # fmt: skip
 
     sites = [
         {

@@ -23,7 +23,7 @@ class EvidenceConfig:
     network_dir: Path  # manifest.json and network.secret (the secret computes the cohort grid)
     bootstrap: tuple[tuple[str, int], ...]
     out_dir: Path  # tables and report go to OUT_DIR/evidence/
-    run_dir: Path | None = None  # a pipeline run folder: its outcome_events.parquet gives the site's own figures
+    run_dir: Path | None = None  # a pipeline run folder: its outcome events (and control units) give the site's own figures
     mapping_dir: Path | None = None
     run_date: str | None = None  # YYYY-MM-DD recorded in provenance.json (default: today, UTC)
     bind: Any = None  # the DHT client's local address ("HOST[:PORT]"); None: the client's default
@@ -51,13 +51,11 @@ def evidence_dir_of(path: Path | str) -> Path:
 
 def run_evidence(config: EvidenceConfig) -> EvidenceResult:
     """Collect -> pool -> write tables -> report. Raises NoPeersError when no DHT peer answers."""
-    import pandas as pd
-
     from qis_fhir.evidence.collect import collect
     from qis_fhir.evidence.report import write_report
     from qis_fhir.evidence.tables import EVIDENCE_DIR, build_tables, write_tables
     from qis_fhir.mapping import load_mapping
-    from qis_fhir.outcomes.events import OUTCOME_EVENTS
+    from qis_fhir.outcomes.events import read_outcome_tables
     from qis_fhir.packets import load_network, load_site
     from qis_fhir.packets.manifest import PINS
     from qis_fhir.runfolder import OUTCOMES, require_run
@@ -65,20 +63,18 @@ def run_evidence(config: EvidenceConfig) -> EvidenceResult:
     site = load_site(config.site_dir)
     network = load_network(config.network_dir, pinned_state=Path(config.site_dir) / PINS)
     mapping = load_mapping(config.mapping_dir)
-    events = None
+    local: dict = {}
     if config.run_dir is not None:
         require_run(config.run_dir, OUTCOMES)  # never the events of a run that did not complete
-        path = Path(config.run_dir) / OUTCOME_EVENTS
-        if not path.exists():
-            raise InputNotFoundError(f"{path} does not exist: pass the folder of a finished `qis-fhir run` as --run")
-        events = pd.read_parquet(path)
+        local = read_outcome_tables(config.run_dir, mapping)
     options = {} if config.bind is None else {"bind": config.bind}
     collection = collect(network, mapping, list(config.bootstrap), local_site_id=site.site_id, **options)
     log.info(
         "evidence: %d packets from %d sites used, %d rejected, over %d cohorts",
         len(collection.packets), len(collection.sites()), sum(collection.rejected.values()), len(collection.grid),
     )
-    tables = build_tables(collection, mapping, local_events=events, run_date=config.run_date)
+    tables = build_tables(collection, mapping, local_events=local.get("outcome_events"), local_units=local.get("control_units"),
+                          run_date=config.run_date)
     evidence_dir = Path(config.out_dir) / EVIDENCE_DIR
     paths = write_tables(tables, evidence_dir)
     if config.report:

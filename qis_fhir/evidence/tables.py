@@ -2,9 +2,12 @@
 
 * ``pooled_outcomes.parquet`` and ``.csv``: one row per cohort x treatment x measure x period: the
   pooled and between-hospital figures (``pooling.pool``, ranked and flagged by
-  ``flags.rank_and_flag``), the local mapping's display names, the measure's unit and better
-  direction, the study design in plain words, the age band's place in the mapping, the packets used
-  and rejected, and this site's own figures for the same cell beside the network's.
+  ``flags.rank_and_flag``), the local mapping's display names, the measure's kind, unit and better
+  direction (of the mean, and of the share counted in ``responders``: ``response_direction`` is
+  ``lower`` for a poor-control measure), the study design in plain words (for control measures: that
+  they compare prevalent users and are confounded by indication), the age band's place in the
+  mapping, the packets used and rejected, and this site's own figures for the same cell beside the
+  network's.
 * ``site_estimates.parquet``: each hospital's own estimate per cell, under pseudonymous labels.
 * ``provenance.json``: where the figures came from: which sites (real ids only here), their data
   dates, packets used and rejected by reason, mapping and manifest versions, minimum cell size.
@@ -32,7 +35,7 @@ from qis_fhir.evidence.report import POOLED_NAME, PROVENANCE_NAME, SITES_NAME, u
 from qis_fhir.files import atomic_write, write_json
 
 if TYPE_CHECKING:
-    from qis_fhir.mapping.model import MappingSet, OutcomeMeasure
+    from qis_fhir.mapping.model import ControlMeasure, MappingSet, OutcomeMeasure
 
 EVIDENCE_DIR = "evidence"
 POOLED_CSV = "pooled_outcomes.csv"
@@ -59,20 +62,71 @@ def design_text(measure: OutcomeMeasure) -> str:
     )
 
 
-def local_figures(events: pd.DataFrame | None, mapping: MappingSet) -> pd.DataFrame:
-    """This site's own cell figures from its outcome events, unsuppressed (they never leave the site).
+#: a control measure's untreated code (``TX_NONE``), as the tables name it
+UNTREATED_DISPLAY = "None of the mapped treatments"
+#: said of every control cell, in the table's design column and on the report
+PREVALENT_USERS = (
+    "This compares prevalent users: patients on a treatment however long they have taken it, not new starts. "
+    "It is confounded by indication: who receives which treatment (or none) depends on how ill they are, "
+    "so differences between treatments are not effects of the treatments."
+)
 
-    The same cell definition as its packets (``packets.build.cell_aggregates``): one event per patient
-    per cell, the period at the mapping's granularity. Columns CELL_KEYS + local_patients,
-    local_responders, local_mean (rounded as packets are).
+
+def control_design_text(measure: ControlMeasure) -> str:
+    """The design of a control measure's cells in plain words, from the mapping's own definition."""
+    unit = unit_label(measure.readings[0].unit)
+    if measure.kind == "control":
+        limits = " and ".join(f"{r.below:g}" for r in measure.readings)
+        counted = (f"share of patients whose last reading day in the year was under {limits} {unit} "
+                   f"({'every reading' if len(measure.readings) > 1 else 'the reading'}); no reading counts as not controlled")
+    else:
+        limits = " or ".join(f"{r.above:g}" for r in measure.readings)
+        counted = (f"share of patients whose last reading in the year was over {limits} {unit} or who had no reading "
+                   "in the year (lower is better)")
+    return (
+        f"per measurement year (the period), patients aged {measure.age_min}-{measure.age_max} at the year's end with "
+        f"the condition and a visit in the year: the {counted}; modelled on {measure.source}. The mean is the last "
+        f"reading over the patients who had one. A treatment counts when requested in the {measure.lookback_days} "
+        f"days before that reading. {PREVALENT_USERS}"
+    )
+
+
+def measure_facts(mapping: MappingSet, measure: str) -> dict:
+    """What the tables say about one measure id: kind, name, unit, better directions, design in words.
+
+    ``mean_direction``: which way the mean is better (a control measure's thresholds are upper limits,
+    so a lower reading is better); ``response_direction``: which way the share counted in
+    ``responders`` is better (higher, except a poor-control share)."""
+    if measure in mapping.measures:
+        m = mapping.measures[measure]
+        return {"kind": "change", "display": m.description or measure, "unit": m.unit, "mean_direction": m.direction,
+                "response_direction": "higher", "design": design_text(m)}
+    if measure in mapping.control_measures:
+        c = mapping.control_measures[measure]
+        return {"kind": c.kind, "display": c.description or measure, "unit": c.readings[0].unit, "mean_direction": "lower",
+                "response_direction": c.direction, "design": control_design_text(c)}
+    return {"kind": None, "display": measure, "unit": None, "mean_direction": None, "response_direction": "higher", "design": ""}
+
+
+def local_figures(events: pd.DataFrame | None, mapping: MappingSet, units: pd.DataFrame | None = None) -> pd.DataFrame:
+    """This site's own cell figures from its outcome events and control units, unsuppressed (they never
+    leave the site).
+
+    The same cell definition as its packets (``packets.build.site_cells``): one event per patient
+    per cell, the period at the mapping's granularity (control: the measurement year). Columns
+    CELL_KEYS + local_patients, local_responders, local_mean (rounded as packets are; over the
+    patients with a reading in a control cell).
     """
-    from qis_fhir.packets.build import cell_aggregates
+    from qis_fhir.packets.build import site_cells
     from qis_fhir.packets.model import STAT_DECIMALS
 
     columns = CELL_KEYS + ["local_patients", "local_responders", "local_mean"]
-    if events is None or events.empty:
+    if (events is None or events.empty) and (units is None or units.empty):
         return pd.DataFrame({c: pd.Series(dtype="object") for c in columns})
-    cells = cell_aggregates(events, mapping).reset_index()
+    if events is None:
+        events = pd.DataFrame({c: pd.Series(dtype="object") for c in ("patient_key", "bucket", "treatment_code", "measure",
+                               "start_period", "age_band", "sex", "change", "responded", "mapping_version")})
+    cells = site_cells(events, units, mapping).reset_index()
     out = pd.DataFrame({
         "condition": cells["bucket"].astype(str),
         "age_band": cells["age_band"].astype(str),
@@ -93,6 +147,7 @@ def build_tables(
     mapping: MappingSet,
     *,
     local_events: pd.DataFrame | None = None,
+    local_units: pd.DataFrame | None = None,
     run_date: str | None = None,
     level: float = LEVEL,
 ) -> EvidenceTables:
@@ -102,17 +157,23 @@ def build_tables(
     site_rows = collection.site_rows()
     # one fit per cell gives both tables; nothing from the network gives both, empty, with every column
     pooled, per_site = pool(site_rows, level=level)
+    facts = [measure_facts(mapping, m) for m in pooled["measure"]]
+    # ranking and flags read these two: which way the share is better, and the design behind it
+    pooled["measure_kind"] = [f["kind"] for f in facts]
+    pooled["response_direction"] = [f["response_direction"] for f in facts]
     pooled = rank_and_flag(pooled, per_site).reset_index(drop=True)
 
-    buckets, treatments, measures = mapping.buckets, mapping.treatments, mapping.measures
+    buckets, treatments = mapping.buckets, mapping.treatments
     bands = {band: i for i, band in enumerate(mapping.cohorts.band_values)}
     pooled["condition_display"] = [buckets[c].description if c in buckets else c for c in pooled["condition"]]
-    pooled["treatment_display"] = [treatments[t].display if t in treatments else t for t in pooled["treatment"]]
-    pooled["measure_display"] = [(measures[m].description or m) if m in measures else m for m in pooled["measure"]]
-    # the report's forest plot says which way is better for the mean change from these two
-    pooled["measure_unit"] = [measures[m].unit if m in measures else None for m in pooled["measure"]]
-    pooled["measure_direction"] = [measures[m].direction if m in measures else None for m in pooled["measure"]]
-    pooled["design"] = [design_text(measures[m]) if m in measures else "" for m in pooled["measure"]]
+    untreated = {c.untreated_code for c in mapping.control_measures.values()}
+    pooled["treatment_display"] = [treatments[t].display if t in treatments else UNTREATED_DISPLAY if t in untreated else t
+                                   for t in pooled["treatment"]]
+    pooled["measure_display"] = [f["display"] for f in facts]
+    # the report's forest plot says which way is better for the mean from these two
+    pooled["measure_unit"] = [f["unit"] for f in facts]
+    pooled["measure_direction"] = [f["mean_direction"] for f in facts]
+    pooled["design"] = [f["design"] for f in facts]
     pooled["age_band_order"] = [bands.get(b, len(bands)) for b in pooled["age_band"]]
     pooled["manifest_version"] = collection.manifest_version
     used = site_rows.groupby(CELL_KEYS).size().rename("packets_used").reset_index()
@@ -122,7 +183,7 @@ def build_tables(
     pooled["packets_rejected"] = [
         rejected.get((c, a, s), 0) for c, a, s in zip(pooled["condition"], pooled["age_band"], pooled["sex"])
     ]
-    local = local_figures(local_events, mapping)
+    local = local_figures(local_events, mapping, local_units)
     pooled = pooled.merge(local, on=CELL_KEYS, how="left")
     pooled = pooled.astype({"packets_used": "int64", "packets_rejected": "int64", "age_band_order": "int64",
                             "manifest_version": "int64", "local_patients": "Int64", "local_responders": "Int64",

@@ -78,6 +78,23 @@ class OutcomeResult:
         return events_path, summary_path
 
 
+def read_outcome_tables(folder: Path | str, mapping: MappingSet) -> dict[str, pd.DataFrame]:
+    """The outcome tables ``OutcomeResult.write`` left in ``folder``: ``outcome_events``, and
+    ``control_units`` when ``mapping`` declares control measures (then a missing file is an error:
+    the control cells would silently vanish from the packets)."""
+    from qis_fhir.errors import InputNotFoundError
+    from qis_fhir.outcomes.control import CONTROL_UNITS
+
+    folder = Path(folder)
+    paths = {"outcome_events": folder / OUTCOME_EVENTS}
+    if mapping.control_measures:
+        paths["control_units"] = folder / CONTROL_UNITS
+    for path in paths.values():
+        if not path.exists():
+            raise InputNotFoundError(f"{path} does not exist: derive the outcomes with mapping {mapping.version} first")
+    return {name: pd.read_parquet(path) for name, path in paths.items()}
+
+
 def _episodes(links: pd.DataFrame, mapping: MappingSet) -> pd.DataFrame:
     """One row per episode: requests of one patient+treatment+bucket(+measure) less than the gap apart."""
     bm = pd.DataFrame(

@@ -14,6 +14,12 @@ tools) every publishable cell is signed at the ``seq`` given. Re-building the sa
 same seq yields byte-identical packets (Ed25519 signatures are deterministic), which consumers accept
 as duplicates, never counting them twice. The seq is never derived from patient data, so it reveals
 no patient's date.
+
+Control units (``outcomes/control.py``, mapping v2) give cells of their own, under the same
+fingerprints, disclosure control and release state: ``patients`` is the denominator, ``responders``
+the numerator, the period is always the measurement year (never coarsened: one period meaning per
+measure), and the mean and SD are of the index value over the units with a reading, whose number the
+packet carries (wire v2, ``measured``); a mean over fewer than the minimum cell size is withheld.
 """
 
 from __future__ import annotations
@@ -65,6 +71,8 @@ REQUIRED_COLUMNS = (
     "mapping_version",
 )
 CELL_COLUMNS = ["bucket", "age_band", "sex", "treatment_code", "measure", "period"]
+UNIT_REQUIRED_COLUMNS = ("patient_key", "bucket", "treatment_code", "measure", "period", "age_band", "sex", "index_value",
+                         "numerator", "mapping_version")
 PACKETS_FILE = "packets.ndjson"  # a run folder's packets (``qis-fhir run``; ``publish``/``verify`` of a run folder)
 
 
@@ -100,8 +108,9 @@ def build_packets(
     seq: int | None = None,
     *,
     release_state: Release | None = None,
+    units: pd.DataFrame | None = None,
 ) -> PacketBuild:
-    """Aggregate outcome events into signed packets; cells under the minimum size are not published.
+    """Aggregate outcome events (and control ``units``) into signed packets; cells under the minimum size are not published.
 
     ``release_state``: the site's open release (``qis_fhir.packets.release.open_release``), which
     chooses the seq, holds cells that changed by fewer than ``min_cell_size`` patients since their
@@ -126,7 +135,7 @@ def build_packets(
             f"(accepted: {', '.join(manifest.accepted_mapping_versions) or 'none'})"
         )
     min_cell = manifest.min_cell_size
-    grouped = cell_aggregates(events, mapping)
+    grouped = site_cells(events, units, mapping)
 
     fingerprint = Fingerprinter(network.secret, mapping.version)
     signer = PacketSigner(site.private_key, site.site_id, site.key_id)
@@ -151,9 +160,11 @@ def build_packets(
                 continue
             published_buckets.append(bucket)
             fp = fingerprint(bucket, age_band, sex)
+            figures = _figures(n, row, min_cell)
             before = None
             if release_state is not None:
-                before = release_state.held(packet_id_of(site.site_id, fp, treatment, measure, period, mapping.version), n, min_cell)
+                pid = packet_id_of(site.site_id, fp, treatment, measure, period, mapping.version)
+                before = release_state.held(pid, n, min_cell, figures.get("measured"))
             if before is not None:
                 packets.append(before)  # too few patients changed to release a new version of this cell
                 held_buckets.append(bucket)
@@ -164,12 +175,10 @@ def build_packets(
                     treatment=treatment,
                     measure=measure,
                     period=period,
-                    patients=n,
                     responders=int(row["responders"]),
-                    mean_change=_clean_stat(row["mean_change"]),
-                    sd_change=_clean_stat(row["sd_change"] if n > 1 else 0.0),
                     mapping_version=mapping.version,
                     seq=seq,
+                    **figures,
                 )
             )
     check_single_granularity(cells)
@@ -195,6 +204,84 @@ def build_packets(
     return PacketBuild(packets, report)
 
 
+def _figures(n: int, row: pd.Series, min_cell: int) -> dict:
+    """A cell's patients, mean and SD as signed: a change cell's over all ``n``; a control cell's over
+    its ``measured`` units, withheld (0, 0.0, 0.0) when fewer than ``min_cell`` have a reading, since a
+    mean of a few patients comes close to one patient's own value (the verifier refuses it too)."""
+    measured = row["measured"]
+    if math.isnan(measured):
+        return {"patients": n, "mean_change": _clean_stat(row["mean_change"]),
+                "sd_change": _clean_stat(row["sd_change"] if n > 1 else 0.0)}
+    measured = int(measured)
+    if not is_publishable(measured, min_cell):
+        return {"patients": n, "measured": 0, "mean_change": 0.0, "sd_change": 0.0}
+    return {"patients": n, "measured": measured, "mean_change": _clean_stat(row["mean_change"]),
+            "sd_change": _clean_stat(row["sd_change"] if measured > 1 else 0.0)}
+
+
+def site_cells(events: pd.DataFrame, units: pd.DataFrame | None, mapping: MappingSet) -> pd.DataFrame:
+    """Every cell of the site, change (``cell_aggregates``) and control (``control_cell_aggregates``),
+    with ``measured`` NaN for change cells: what the packets are built from and what the evidence
+    stage shows as the site's own figures."""
+    import pandas as pd
+
+    change = cell_aggregates(events, mapping).assign(measured=float("nan"))
+    if units is None:
+        if mapping.control_measures:
+            raise ValueError(f"mapping {mapping.version} declares control measures: pass its control units")
+        return change
+    control = control_cell_aggregates(units, mapping)
+    if not len(control):
+        return change
+    if not len(change):
+        return control
+    return pd.concat([change, control]).sort_index()
+
+
+def _check_rows(rows: pd.DataFrame, required: tuple[str, ...], what: str, mapping: MappingSet) -> None:
+    """Refuse rows without the columns a cell needs, or derived under another mapping version."""
+    missing = [c for c in required if c not in rows.columns]
+    if missing:
+        raise ValueError(f"{what} lack columns: {', '.join(missing)}")
+    wrong_version = rows["mapping_version"] != mapping.version
+    if bool(wrong_version.any()):
+        raise MappingError(f"{int(wrong_version.sum())} {what} were derived with another mapping version than {mapping.version}")
+
+
+def _known_cohort(df: pd.DataFrame) -> None:
+    """A missing age band or sex is the cohort ``unknown``, as the fingerprints have it."""
+    for col in ("age_band", "sex"):
+        df[col] = df[col].fillna(UNKNOWN).astype(str)
+
+
+def control_cell_aggregates(units: pd.DataFrame, mapping: MappingSet) -> pd.DataFrame:
+    """Control cells from ``control_units.parquet``, indexed like ``cell_aggregates``.
+
+    ``patients`` is the denominator (units), ``responders`` the numerator, ``measured`` the units with
+    an index value, ``mean_change`` and ``sd_change`` the mean and SD (ddof 1, NaN under 2) of that
+    index value over them. The period is the unit's measurement year as it is: a control measure has
+    no other granularity. One unit per patient per cell (the units are unique by construction; a
+    repeat is refused rather than counted twice)."""
+    _check_rows(units, UNIT_REQUIRED_COLUMNS, "control units", mapping)
+    unknown = sorted(set(units["measure"].astype(str)) - set(mapping.control_measures))
+    if unknown:
+        raise MappingError(f"control units of measures that mapping {mapping.version} does not declare as control measures: {', '.join(unknown)}")
+    df = units.loc[:, ["patient_key", *CELL_COLUMNS[:-1], "period", "index_value", "numerator"]].reset_index(drop=True)
+    _known_cohort(df)
+    df["period"] = df["period"].astype(str)
+    if bool(df.duplicated(CELL_COLUMNS + ["patient_key"]).any()):
+        raise ValueError("a patient has two control units in one cell")
+    df["index_value"] = df["index_value"].astype("float64")
+    df["numerator"] = df["numerator"].astype(bool)
+    return df.groupby(CELL_COLUMNS, sort=True, observed=True).agg(
+        patients=("patient_key", "size"),
+        responders=("numerator", "sum"),
+        measured=("index_value", "count"),
+        mean_change=("index_value", "mean"),
+        sd_change=("index_value", "std"),
+    ).astype({"measured": "float64"})
+
+
 def cell_aggregates(events: pd.DataFrame, mapping: MappingSet) -> pd.DataFrame:
     """Every cell's unsuppressed figures: what a packet would carry before disclosure control.
 
@@ -206,19 +293,13 @@ def cell_aggregates(events: pd.DataFrame, mapping: MappingSet) -> pd.DataFrame:
     """
     import pandas as pd
 
-    missing = [c for c in REQUIRED_COLUMNS if c not in events.columns]
-    if missing:
-        raise ValueError(f"outcome events lack columns: {', '.join(missing)}")
-    wrong_version = events["mapping_version"] != mapping.version
-    if bool(wrong_version.any()):
-        raise MappingError(f"{int(wrong_version.sum())} outcome events were derived with another mapping version than {mapping.version}")
+    _check_rows(events, REQUIRED_COLUMNS, "outcome events", mapping)
     order = [c for c in ("start", "event_id") if c in events.columns]
     columns = [c for c in REQUIRED_COLUMNS if c != "mapping_version"] + order
     df = events.loc[:, columns].reset_index(drop=True)  # any index the caller had (concat may repeat labels)
     df["change"] = pd.to_numeric(df["change"], errors="coerce").astype("float64")
     df = df[df["change"].map(math.isfinite).astype(bool)].copy()
-    for col in ("age_band", "sex"):
-        df[col] = df[col].fillna(UNKNOWN).astype(str)
+    _known_cohort(df)
     df["period"] = [_period_of(str(s), mapping.cohorts.period) for s in df["start_period"]]
     # one event per patient per cell: the earliest (ties broken by event id, for determinism)
     if order:
@@ -258,8 +339,10 @@ __all__ = [
     "PacketFormatError",
     "build_packets",
     "cell_aggregates",
+    "control_cell_aggregates",
     "default_seq",
     "read_packets",
+    "site_cells",
     "write_disclosure_report",
     "write_packets",
 ]

@@ -4,18 +4,28 @@ Wire encoding: one compact JSON object with short keys, sorted, no spaces (orjso
 UTF-8, at most ``MAX_WIRE_BYTES``. The signature is Ed25519 over ``SIGNING_DOMAIN`` followed by the
 same canonical JSON without the ``sig`` key. Decoding is strict: the bytes must be exactly the
 canonical encoding of the packet they decode to, so there is one and only one wire form of every
-packet and a flipped byte is either malformed or changes a signed field.
+packet and a flipped byte is either malformed or changes a signed field. Version 2 (control cells) is
+version 1 plus one key, ``nm`` (the patients the mean and SD cover); the version number is a signed
+field, so one signing domain serves both and a v1 packet's bytes and signature are what they were.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from qis_fhir.packets.model import MAX_WIRE_BYTES, WIRE_VERSION, Packet, PacketFormatError, check_packet
+from qis_fhir.packets.model import (
+    MAX_WIRE_BYTES,
+    WIRE_VERSION,
+    WIRE_VERSION_MEASURED,
+    Packet,
+    PacketFormatError,
+    check_packet,
+)
 
 SIGNING_DOMAIN = b"qis-fhir/packet/v1\n"
 
@@ -33,14 +43,16 @@ WIRE_KEYS: dict[str, str] = {
     "site_id": "s",
     "key_id": "k",
     "seq": "q",
+    "measured": "nm",  # version 2 only
 }
-_ALL_KEYS = frozenset(WIRE_KEYS.values()) | {"v", "sig"}
+_V1_KEYS = frozenset(WIRE_KEYS.values()) - {"nm"} | {"v", "sig"}
+_KEYS = {WIRE_VERSION: _V1_KEYS, WIRE_VERSION_MEASURED: _V1_KEYS | {"nm"}}
 _OPTS = orjson.OPT_SORT_KEYS
 
 
 def _unsigned_dict(p: Packet) -> dict:
-    return {
-        "v": WIRE_VERSION,
+    d = {
+        "v": p.wire_version,
         "fp": p.fingerprint,
         "tx": p.treatment,
         "m": p.measure,
@@ -54,6 +66,9 @@ def _unsigned_dict(p: Packet) -> dict:
         "k": p.key_id,
         "q": p.seq,
     }
+    if p.measured is not None:
+        d["nm"] = p.measured
+    return d
 
 
 def _b64(data: bytes) -> str:
@@ -114,10 +129,10 @@ def decode_packet(b: bytes | str) -> Packet:
         d = orjson.loads(b)
     except orjson.JSONDecodeError:
         raise PacketFormatError("packet is not valid JSON") from None
-    if type(d) is not dict or d.keys() != _ALL_KEYS:
-        raise PacketFormatError("packet does not have exactly the packet fields")
-    if d["v"] != WIRE_VERSION or type(d["v"]) is not int:
+    if type(d) is not dict or type(d.get("v")) is not int or d["v"] not in _KEYS:
         raise PacketFormatError("unsupported packet version")
+    if d.keys() != _KEYS[d["v"]]:
+        raise PacketFormatError("packet does not have exactly the packet fields")
     sig = d["sig"]
     if type(sig) is not str or len(sig) != 86:
         raise PacketFormatError("signature is not 64 bytes in unpadded base64url")
@@ -125,7 +140,10 @@ def decode_packet(b: bytes | str) -> Packet:
         signature = _unb64(sig)
     except (binascii.Error, ValueError):
         raise PacketFormatError("signature is not base64url") from None
-    p = Packet(d["fp"], d["tx"], d["m"], d["p"], d["n"], d["r"], d["mc"], d["sd"], d["mv"], d["s"], d["k"], d["q"], signature)
+    p = Packet(d["fp"], d["tx"], d["m"], d["p"], d["n"], d["r"], d["mc"], d["sd"], d["mv"], d["s"], d["k"], d["q"], signature,
+               d.get("nm"))
+    if p.wire_version != d["v"]:  # "nm":null would otherwise read as a version-1 packet in a v2 frame
+        raise PacketFormatError("field measured must be an integer in a version 2 packet")
     check_packet(p)
     # one wire form per packet: anything else (spacing, key order, 1e2 for 100.0, base64 slack) is refused
     # (equivalent to encode_packet(p) != b, without rebuilding the dict: p's fields are d's values)
@@ -150,21 +168,7 @@ def sign_packet(p: Packet, private_key: Ed25519PrivateKey) -> Packet:
     size = len(message) - len(SIGNING_DOMAIN) + _SIG_WIRE_BYTES  # == len(encode_packet(signed)), tested
     if size > MAX_WIRE_BYTES:
         raise PacketFormatError(f"packet would encode to {size} bytes, over the {MAX_WIRE_BYTES}-byte limit")
-    return Packet(
-        p.fingerprint,
-        p.treatment,
-        p.measure,
-        p.period,
-        p.patients,
-        p.responders,
-        p.mean_change,
-        p.sd_change,
-        p.mapping_version,
-        p.site_id,
-        p.key_id,
-        p.seq,
-        private_key.sign(message),
-    )
+    return dataclasses.replace(p, signature=private_key.sign(message))
 
 
 class PacketSigner:
@@ -188,6 +192,7 @@ class PacketSigner:
         sd_change: float,
         mapping_version: str,
         seq: int,
+        measured: int | None = None,
     ) -> Packet:
         p = Packet(
             fingerprint=fingerprint,
@@ -202,5 +207,6 @@ class PacketSigner:
             site_id=self.site_id,
             key_id=self.key_id,
             seq=seq,
+            measured=measured,
         )
         return sign_packet(p, self._key)

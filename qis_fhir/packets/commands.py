@@ -32,13 +32,14 @@ def network() -> None:
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Network directory to create.")
 @click.option("--min-cell-size", type=click.IntRange(1, 10**6), default=11, show_default=True, help="Cells with fewer patients are never published.")
 @click.option("--network-id", default=None, help="Network name (lower-case letters, digits, . _ -); default: random.")
-@click.option("--mapping-version", "mapping_versions", multiple=True, default=("v1",), show_default=True, help="Accepted mapping version (repeatable).")
+@click.option("--mapping-version", "mapping_versions", multiple=True,
+              help="Accepted mapping version (repeatable); default: every version this release ships (v1 and v2).")
 def network_new(out: Path, min_cell_size: int, network_id: str | None, mapping_versions: tuple[str, ...]) -> None:
     """Create NET_DIR with governance_key.pem (0600, keep it with governance), network.secret (0600,
     give it to member sites only) and manifest.json (public, signed, version 1)."""
-    from qis_fhir.packets.manifest import GOVERNANCE_KEY, MANIFEST, NETWORK_SECRET, create_network
+    from qis_fhir.packets.manifest import DEFAULT_MAPPING_VERSIONS, GOVERNANCE_KEY, MANIFEST, NETWORK_SECRET, create_network
 
-    m = create_network(out, network_id=network_id, min_cell_size=min_cell_size, mapping_versions=mapping_versions)
+    m = create_network(out, network_id=network_id, min_cell_size=min_cell_size, mapping_versions=mapping_versions or DEFAULT_MAPPING_VERSIONS)
     click.echo(f"network {m.network_id}: manifest version {m.version}, governance key {m.governance_key_id}, min cell size {m.min_cell_size}")
     click.echo(f"give members {out / MANIFEST} and {out / NETWORK_SECRET}; keep {out / GOVERNANCE_KEY} with governance")
 

@@ -51,6 +51,11 @@ PINS = "manifest_pins.json"
 MANIFEST_FORMAT = "qis-fhir/manifest/v1"
 MANIFEST_DOMAIN = b"qis-fhir/manifest/v1\n"
 DEFAULT_MIN_CELL_SIZE = 11
+#: the mapping versions a new network accepts unless governance names others: every version this
+#: release ships (``mappings/``). v1 stays the sites' default mapping; accepting v2 from the start lets a
+#: site move to the control designs without waiting for a re-signed manifest, and packets of the two
+#: versions never mix (the version is part of every fingerprint and cell)
+DEFAULT_MAPPING_VERSIONS = ("v1", "v2")
 NETWORK_ID_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,47}")
 _OPTS = orjson.OPT_SORT_KEYS
 
@@ -303,7 +308,7 @@ def create_network(
     *,
     network_id: str | None = None,
     min_cell_size: int = DEFAULT_MIN_CELL_SIZE,
-    mapping_versions: tuple[str, ...] = ("v1",),
+    mapping_versions: tuple[str, ...] = DEFAULT_MAPPING_VERSIONS,
 ) -> NetworkManifest:
     """Make a new network in ``out_dir``: governance key, network secret and a signed manifest (version 1)."""
     out_dir = Path(out_dir)

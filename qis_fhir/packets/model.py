@@ -1,7 +1,9 @@
 """The outcome packet: one site's aggregate for one fingerprint x treatment x measure x period.
 
 A packet carries counts and two rounded summary statistics, never a patient key, an exact date or
-display text. Field limits are enforced here (syntax) and in the verifier (ranges that depend on the
+display text. Wire version 1 is a change cell (every one of ``patients`` has a change); version 2 adds
+``measured``, the patients the mean and SD cover, for control cells, where some of the denominator
+have no reading in the year. Field limits are enforced here (syntax) and in the verifier (ranges that depend on the
 network manifest, such as the minimum cell size). See ``docs/packets.md``.
 """
 
@@ -13,7 +15,9 @@ from dataclasses import dataclass
 
 #: the QIS protocol's packet budget: a signed packet's wire encoding never exceeds this
 MAX_WIRE_BYTES = 512
-WIRE_VERSION = 1
+WIRE_VERSION = 1  # a change cell: the mean and SD cover every patient
+WIRE_VERSION_MEASURED = 2  # a control cell: the mean and SD cover ``measured`` of the patients
+WIRE_VERSIONS = (WIRE_VERSION, WIRE_VERSION_MEASURED)
 SEQ_MAX = 2**53 - 1  # exact in every JSON reader (IEEE double)
 COUNT_MAX = 10**9
 STAT_ABS_MAX = 1e9
@@ -38,16 +42,21 @@ class Packet:
     fingerprint: str  # 64 hex: HMAC-SHA256 of the cohort under the network secret
     treatment: str  # TX_...
     measure: str  # outcome measure id
-    period: str  # "2024", "2024-Q1" or "2024-03"
-    patients: int
-    responders: int
-    mean_change: float
+    period: str  # change: treatment start period ("2024", "2024-Q1", "2024-03"); control: measurement year
+    patients: int  # change: patients with a change; control: the denominator
+    responders: int  # change: responders; control: the numerator
+    mean_change: float  # change: mean change; control: mean index value over the ``measured`` patients
     sd_change: float
     mapping_version: str
     site_id: str
     key_id: str  # 32 hex: id of the site's signing key (see keys.key_id_of)
     seq: int
     signature: bytes = b""
+    measured: int | None = None  # control cells (wire v2): patients the mean and SD cover; None: all (v1)
+
+    @property
+    def wire_version(self) -> int:
+        return WIRE_VERSION if self.measured is None else WIRE_VERSION_MEASURED
 
     @property
     def packet_id(self) -> str:
@@ -98,5 +107,7 @@ def check_packet(p: Packet, *, signed: bool = True) -> None:
     _check_str("site_id", p.site_id, SITE_ID_RE)
     _check_str("key_id", p.key_id, KEY_ID_RE)
     _check_int("seq", p.seq, SEQ_MAX)
+    if p.measured is not None:
+        _check_int("measured", p.measured, COUNT_MAX)
     if signed and (type(p.signature) is not bytes or len(p.signature) != SIGNATURE_BYTES):
         raise PacketFormatError(f"signature must be {SIGNATURE_BYTES} bytes")

@@ -117,11 +117,21 @@ class Release:
         if not self.stale and (day_of_seq(self.seq) != self.day or self.seq > SEQ_MAX):
             raise QisError(f"{_iso(self.day)} was released {REVISIONS} times already; its data can be released again with the next day's export")
 
-    def held(self, packet_id: str, patients: int, min_cell_size: int) -> Packet | None:
+    def held(self, packet_id: str, patients: int, min_cell_size: int, measured: int | None = None) -> Packet | None:
         """The earlier release to re-send unchanged when fewer than ``min_cell_size`` patients changed
-        since it, so no two releases of a cell can be differenced down to fewer patients."""
+        since it, so no two releases of a cell can be differenced down to fewer patients.
+
+        A control cell's mean covers only its ``measured`` patients (wire v2), so it is held too when
+        that number moved by fewer than ``min_cell_size`` while both releases carry a mean: otherwise
+        ``mean2 * m2 - mean1 * m1`` would give the sum of the readings of the few patients who came or
+        went, even though the denominator moved by many."""
         before = self.previous.get(packet_id)
-        return before if before is not None and abs(patients - before.patients) < min_cell_size else None
+        if before is None:
+            return None
+        if abs(patients - before.patients) < min_cell_size:
+            return before
+        both_have_a_mean = measured is not None and measured > 0 and (before.measured or 0) > 0
+        return before if both_have_a_mean and abs(measured - before.measured) < min_cell_size else None
 
     def stage(self, packets: list[Packet]) -> None:
         """The packets this build releases (new ones at ``seq``, held ones as released before)."""

@@ -10,7 +10,9 @@
 5. ``revoked_key``    key id revoked by the manifest
 6. ``bad_signature``  Ed25519 signature does not verify under the site's key
 7. ``mapping_version`` mapping version not accepted by the manifest
-8. ``out_of_range``   patients under the manifest's minimum cell size, responders > patients, SD < 0
+8. ``out_of_range``   patients under the manifest's minimum cell size, responders > patients, SD < 0;
+                      version 2: ``measured`` over ``patients``, or a mean over fewer than the
+                      minimum cell size (0 < measured < min, or measured 0 with a mean or SD)
 9. ``replay``         seq older than one already accepted for this (site, packet id)
 10. ``equivocation``  same seq as an accepted packet but different content
 
@@ -125,9 +127,19 @@ class Verifier:
             self._verified[seen_wire] = None
         if p.mapping_version not in self._mapping_versions:
             return Verdict(False, "mapping_version", p)
-        if p.patients < self._min_cell or p.responders > p.patients or p.sd_change < 0:
+        if p.patients < self._min_cell or p.responders > p.patients or p.sd_change < 0 or self._bad_measured(p):
             return Verdict(False, "out_of_range", p)
         return p, message
+
+    def _bad_measured(self, p: Packet) -> bool:
+        """A v2 mean and SD cover 0 patients (withheld: both 0.0) or at least the minimum cell size,
+        never more than the denominator: a mean of fewer patients would come too near one patient's value."""
+        m = p.measured
+        if m is None:
+            return False
+        if m == 0:
+            return p.mean_change != 0.0 or p.sd_change != 0.0
+        return m > p.patients or m < self._min_cell
 
     def _check_replay(self, p: Packet, message: bytes, record: bool) -> Verdict:
         pid = p.packet_id

@@ -106,12 +106,12 @@ def test_site_rows_are_pseudonymous_and_decode_the_cohort(enet):
     assert rows.to_dict("records") == [
         {"condition": "hypertension", "age_band": "40-64", "sex": "female", "treatment": "TX_0001", "measure": "systolic_bp",
          "period": "2024", "mapping_version": "v1", "site": "Hospital A", "patients": 11, "responders": 2, "mean": 1.5,
-         "sd": 0.0, "as_of": 20241201},
+         "sd": 0.0, "as_of": 20241201, "measured": 11},
         {"condition": "hypertension", "age_band": "40-64", "sex": "female", "treatment": "TX_0001", "measure": "systolic_bp",
          "period": "2024", "mapping_version": "v1", "site": "Hospital C", "patients": 40, "responders": 30, "mean": -12.25,
-         "sd": 4.5, "as_of": 20241130},
+         "sd": 4.5, "as_of": 20241130, "measured": 40},
         {"condition": "type2_diabetes", "age_band": "65+", "sex": "unknown", "treatment": "TX_0005", "measure": "hba1c",
          "period": "2023", "mapping_version": "v1", "site": "Hospital C", "patients": 15, "responders": 9, "mean": -0.6,
-         "sd": 0.3, "as_of": 20241201},
+         "sd": 0.3, "as_of": 20241201, "measured": 15},
     ]
     assert not rows.astype(str).apply(lambda col: col.str.contains("site-")).any().any()

@@ -34,7 +34,7 @@ def test_new_network_files_and_modes(netdir):
     assert _mode(netdir / "governance_key.pem") == 0o600
     assert _mode(netdir / "network.secret") == 0o600
     m = load_manifest(netdir / "manifest.json")
-    assert (m.network_id, m.version, m.min_cell_size, m.accepted_mapping_versions, m.sites) == ("m-net", 1, 7, ("v1",), ())
+    assert (m.network_id, m.version, m.min_cell_size, m.accepted_mapping_versions, m.sites) == ("m-net", 1, 7, ("v1", "v2"), ())
     # the public manifest holds neither the secret nor the governance private key
     text = (netdir / "manifest.json").read_text()
     assert (netdir / "network.secret").read_text().strip() not in text
@@ -87,7 +87,7 @@ def test_add_site_and_revoke_grow_the_version(netdir, tmp_path):
         revoke(netdir, "nobody")
     with pytest.raises(ManifestError):  # a revoked key cannot come back
         add_site(netdir, tmp_path / "s1")
-    assert accept_mapping_version(netdir, "v2").accepted_mapping_versions == ("v1", "v2")
+    assert accept_mapping_version(netdir, "v3").accepted_mapping_versions == ("v1", "v2", "v3")
     assert load_manifest(netdir).version == 5
 
 

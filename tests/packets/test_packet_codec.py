@@ -128,6 +128,7 @@ worst = st.fixed_dictionaries(
         "sd_change": st.floats(0, 1e9).map(lambda x: round(x, 4) + 0.0),
         "seq": st.integers(2**52, 2**53 - 1),
         "period": st.sampled_from(["2024-Q4", "2024-12", "1999"]),
+        "measured": st.one_of(st.none(), st.integers(10**8, 10**9)),  # wire v1, or v2 with its extra count
     }
 )
 
@@ -142,6 +143,7 @@ def test_longest_possible_packets_fit_in_512_bytes(net, tmp_path_factory, fields
     p = Packet(fingerprint="f" * 64, site_id=long_site, key_id=net.site_a.key_id, **fields)
     wire = encode_packet(sign_packet(p, net.site_a.private_key))
     assert len(wire) <= MAX_WIRE_BYTES
+    assert decode_packet(wire).measured == fields["measured"]
     from qis_fhir.packets.codec import signing_bytes_from_wire
 
     assert signing_bytes_from_wire(wire) == signing_bytes(decode_packet(wire))

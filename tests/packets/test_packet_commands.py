@@ -103,12 +103,42 @@ def test_verify_state_file_refuses_replays_across_runs(tmp_path, capsys):
     assert code == 0 and json.loads(out)["by_reason"] == {"duplicate": 1}
 
 
+def test_network_new_accepts_only_the_versions_named(tmp_path, capsys):
+    net = tmp_path / "net"
+    run(["network", "new", "--out", str(net), "--network-id", "only", "--mapping-version", "v1"], capsys)
+    assert json.loads(run(["network", "show", str(net)], capsys)[1])["accepted_mapping_versions"] == ["v1"]
+
+
 def test_network_show_and_accept_mapping(tmp_path, capsys):
     net = tmp_path / "net"
     run(["network", "new", "--out", str(net), "--network-id", "show", "--min-cell-size", "20"], capsys)
-    assert run(["network", "accept-mapping", str(net), "v2"], capsys)[0] == 0
+    code, out, _ = run(["network", "show", str(net)], capsys)
+    assert json.loads(out)["accepted_mapping_versions"] == ["v1", "v2"]  # by default every shipped mapping version
+    assert run(["network", "accept-mapping", str(net), "v3"], capsys)[0] == 0
     code, out, _ = run(["network", "show", str(net)], capsys)
     body = json.loads(out)
     assert code == 0 and body["version"] == 2 and body["min_cell_size"] == 20
-    assert body["accepted_mapping_versions"] == ["v1", "v2"] and body["revoked_sites"] == []
+    assert body["accepted_mapping_versions"] == ["v1", "v2", "v3"] and body["revoked_sites"] == []
     assert (tmp_path / "home" / "trust" / "manifest_pins.json").exists()  # the CLI pins by default
+
+
+def test_verify_accepts_v2_control_packets_beside_v1(tmp_path, capsys):
+    net, a = tmp_path / "net", tmp_path / "a"
+    run(["network", "new", "--out", str(net), "--network-id", "v2-net", "--min-cell-size", "5"], capsys)
+    run(["keys", "new", "--site-id", "site-a", "--out", str(a)], capsys)
+    run(["network", "add-site", str(net), str(a)], capsys)
+
+    from qis_fhir.packets import PacketSigner, load_site, write_packets
+
+    site = load_site(a)
+    signer = PacketSigner(site.private_key, site.site_id, site.key_id)
+    common = dict(fingerprint="ab" * 32, treatment="TX_0002", period="2023", patients=12, responders=3, seq=1)
+    write_packets(tmp_path / "p.ndjson", [
+        signer.sign(measure="systolic_bp", mean_change=-8.0, sd_change=9.0, mapping_version="v1", **common),
+        signer.sign(measure="bp_control", mean_change=141.5, sd_change=11.0, mapping_version="v2", measured=9, **common),
+        signer.sign(measure="lipid_control", mean_change=0.0, sd_change=0.0, mapping_version="v2", measured=0, **common),
+        signer.sign(measure="hba1c_poor_control", mean_change=8.5, sd_change=1.0, mapping_version="v2", measured=4, **common),
+    ])
+    code, out, _ = run(["verify", str(tmp_path / "p.ndjson"), "--network", str(net), "--json"], capsys)
+    # the last one's mean covers 4 patients, under the minimum cell size of 5
+    assert code == ExitCode.PACKETS_REJECTED and json.loads(out)["by_reason"] == {"ok": 3, "out_of_range": 1}

@@ -3,6 +3,7 @@ recorded only at commit, and concurrent writers serialise."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from test_build import BIG, SMALL, _fresh_site, make_events, released
@@ -205,3 +207,23 @@ def test_two_concurrent_writers_leave_a_consistent_state(tmp_path):
     state = load_release_state(site.site_dir / RELEASE_STATE, site)
     assert {pid: p.seq for pid, p in state.items()} == newest
     assert json.loads((site.site_dir / RELEASE_MARK).read_bytes())["newest_seq"] == max(newest.values())
+
+
+def test_a_control_cell_is_held_when_the_patients_its_mean_covers_moved_by_too_few():
+    """Differencing the mean: a control cell's mean covers only ``measured`` of its ``n`` patients. If
+    ``n`` moves by many but ``measured`` by one, ``mean2 * m2 - mean1 * m1`` is that one patient's
+    reading; such a cell must be re-sent as released, exactly as when ``n`` moves by too few."""
+    from qis_fhir.packets.model import Packet
+    from qis_fhir.packets.release import Release
+
+    before = Packet(fingerprint="a" * 64, treatment="TX_0001", measure="bp_control", period="2024", patients=100,
+                    responders=40, mean_change=131.5, sd_change=12.25, mapping_version="v2", site_id="site-a",
+                    key_id="b" * 32, seq=2024030500, measured=30)
+    release = Release(path=Path("unused"), site_id="site-a", day=20240306, previous={"cell": before}, newest=2024030500)
+    assert release.held("cell", 150, 11, measured=31) is before  # 50 more patients, one more reading
+    assert release.held("cell", 150, 11, measured=20) is before  # ten fewer readings
+    assert release.held("cell", 150, 11, measured=41) is None  # 11 more readings: a new release
+    assert release.held("cell", 150, 11, measured=0) is None  # the new mean is withheld: nothing to difference
+    assert release.held("cell", 105, 11, measured=60) is before  # too few patients, as for every cell
+    release.previous["change"] = dataclasses.replace(before, measure="systolic_bp", measured=None)
+    assert release.held("change", 150, 11) is None  # a change cell's mean covers all n

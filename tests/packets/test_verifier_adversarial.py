@@ -97,7 +97,7 @@ def test_every_byte_position_flipped_is_rejected(net, mask):
 @pytest.mark.parametrize("field", sorted(set(WIRE_KEYS.values()) | {"sig"}))
 def test_changed_value_in_every_field_with_valid_syntax_is_rejected(net, field):
     """A well-formed but altered value in each field (what a careful forger would send)."""
-    p = net.packet()
+    p = net.packet(measured=20) if field == "nm" else net.packet()  # "nm" exists in version 2 only
     doc = orjson.loads(encode_packet(p))
     replacement = {
         "fp": "cd" * 32,
@@ -112,6 +112,7 @@ def test_changed_value_in_every_field_with_valid_syntax_is_rejected(net, field):
         "s": "site-b",
         "k": net.site_b.key_id,
         "q": 20240106,
+        "nm": 21,
         "sig": encode_packet(net.packet(seq=1)).split(b'"sig":"')[1].split(b'"')[0].decode(),
     }[field]
     if field == "mv":

@@ -62,11 +62,11 @@
       interval ? el("span", { class: "ci", text: interval }) : null);
   }
 
-  function localText(t) {
+  function localText(t, measure) {
     if (!t.local) return "no patients of your hospital in this group";
     var parts = [t.local.patients + " patients"];
-    if (t.local.resp) parts.push(t.local.resp + " responded");
-    if (t.local.mean) parts.push("mean change " + t.local.mean + (t.unit ? " " + t.unit : ""));
+    if (t.local.resp) parts.push(t.local.resp + " " + measure.words.response_lc);
+    if (t.local.mean) parts.push(measure.words.mean_name.toLowerCase() + " " + t.local.mean + (t.unit ? " " + t.unit : ""));
     return parts.join(" \u00b7 ");
   }
 
@@ -75,9 +75,9 @@
     var head = el("tr", {},
       el("th", { scope: "col", text: "Rank" }), el("th", { scope: "col", text: "Treatment" }),
       el("th", { scope: "col", class: "num", text: "Patients" }), el("th", { scope: "col", class: "num", text: "Hospitals" }),
-      el("th", { scope: "col", text: "Responded: all patients as if from one hospital" }),
-      el("th", { scope: "col", text: "Responded: between hospitals" }),
-      el("th", { scope: "col", text: "Mean change" + unit }),
+      el("th", { scope: "col", text: measure.words.response + ": all patients as if from one hospital" }),
+      el("th", { scope: "col", text: measure.words.response + ": between hospitals" }),
+      el("th", { scope: "col", text: measure.words.mean_name + unit }),
       el("th", { scope: "col", text: "Your hospital (" + DATA.local_site + ")" }));
     var body = el("tbody");
     group.treatments.forEach(function (t) {
@@ -94,7 +94,7 @@
           t.resp_pi ? el("span", { class: "pi", text: "another hospital: " + t.resp_pi }) : null),
         el("td", { class: "mean-change" }, figure(t.mean_re || t.mean_pooled, t.mean_re ? t.mean_re_ci : t.mean_pooled_ci),
           el("span", { class: "basis", text: t.mean_re ? "between hospitals" : "all as one hospital" })),
-        el("td", { class: "local", text: localText(t) })));
+        el("td", { class: "local", text: localText(t, measure) })));
     });
     return el("div", { class: "table-wrap" }, el("table", { class: "ranked" }, el("thead", {}, head), body));
   }
@@ -116,16 +116,16 @@
         el("h3", {}, el("span", { class: "badge", text: t.rank || "\u2013" }), el("span", { class: "tname", text: t.name })),
         el("p", { class: "sub", text: t.patients + " patients at " + t.sites + (t.sites === "1" ? " hospital. " : " hospitals. ") + rankLine })),
       el("dl", { class: "details" },
-        detail("Responded, all patients as if from one hospital", t.resp_pooled, t.resp_pooled_ci),
-        detail("Responded, between hospitals", t.resp_re, t.resp_re_ci, t.resp_re_note),
+        detail(measure.words.response + ", all patients as if from one hospital", t.resp_pooled, t.resp_pooled_ci),
+        detail(measure.words.response + ", between hospitals", t.resp_re, t.resp_re_ci, t.resp_re_note),
         detail("Expected range at another hospital", t.resp_pi, "", t.resp_pi_note),
-        detail("How much hospitals differ in who responded (I\u00b2)", t.resp_i2, "", t.resp_re_note),
-        detail("Mean change" + unit + ", all as one hospital", t.mean_pooled, t.mean_pooled_ci),
-        detail("Mean change" + unit + ", between hospitals", t.mean_re, t.mean_re_ci, t.mean_re_note),
-        detail("Mean change, expected range at another hospital", t.mean_pi, "", t.mean_pi_note),
-        detail("How much hospitals differ in mean change (I\u00b2)", t.mean_i2, "", t.mean_re_note),
+        detail("How much hospitals differ in who " + measure.words.was + " (I\u00b2)", t.resp_i2, "", t.resp_re_note),
+        detail(measure.words.mean_name + unit + ", all as one hospital", t.mean_pooled, t.mean_pooled_ci),
+        detail(measure.words.mean_name + unit + ", between hospitals", t.mean_re, t.mean_re_ci, t.mean_re_note),
+        detail(measure.words.mean_name + ", expected range at another hospital", t.mean_pi, "", t.mean_pi_note),
+        detail("How much hospitals differ in " + measure.words.mean_name.toLowerCase() + " (I\u00b2)", t.mean_i2, "", t.mean_re_note),
         el("div", { class: "detail local-detail" }, el("dt", { text: "Your hospital (" + DATA.local_site + ")" }),
-          el("dd", { class: "local", text: localText(t) }))),
+          el("dd", { class: "local", text: localText(t, measure) }))),
       el("div", { class: "cautions-box" }, el("h4", { text: "Cautions" }), cautions),
       forest(t, measure, domain));
   }
@@ -141,8 +141,8 @@
     return ticks;
   }
 
-  function meanDomain(group) {
-    var lo = 0, hi = 0;
+  function meanDomain(group, withZero) { // a change is read against 0; a reading (140 mmHg) is not
+    var lo = withZero ? 0 : Infinity, hi = withZero ? 0 : -Infinity;
     group.treatments.forEach(function (t) {
       var p = t.plot;
       [p.mean_pooled_lo, p.mean_pooled_hi, p.mean_re_lo, p.mean_re_hi, p.mean_pi_lo, p.mean_pi_hi].concat(
@@ -150,6 +150,7 @@
         p.sites.map(function (s) { return s.mean_hi === null ? s.mean : s.mean_hi; })
       ).forEach(function (v) { if (v !== null && isFinite(v)) { lo = Math.min(lo, v); hi = Math.max(hi, v); } });
     });
+    if (lo > hi) { lo = 0; hi = 0; } // no finite value at all
     var pad = (hi - lo || 1) * 0.06;
     return [lo - pad, hi + pad];
   }
@@ -194,18 +195,20 @@
     root.appendChild(svg("title", {}, "Results by hospital for " + t.name));
     var unit = measure.unit ? " (" + measure.unit + ")" : "";
     var lower = measure.direction === "lower", higher = measure.direction === "higher";
+    var fewerBetter = measure.response_direction === "lower", lc = measure.words.response_lc;
     var x1 = LABEL_W, x2 = LABEL_W + PANEL_W + GAP;
     p.sites.forEach(function (s, i) { // zebra bands first, so the grid and the points sit on top
       if (i % 2 === 0) root.appendChild(svg("rect", { x: 0, y: TOP + i * ROW, width: W, height: ROW, class: "band" }));
     });
     var sResp = panel(root, x1, [0, 1], rows, {
-      title: "Responded (%)", zero: false, tick: function (v) { return Math.round(v * 100) + "%"; },
-      left: "fewer responded", right: "more responded \u2192 better"
+      title: measure.words.response + " (%)", zero: false, tick: function (v) { return Math.round(v * 100) + "%"; },
+      left: fewerBetter ? "\u2190 better: fewer " + lc : "fewer " + lc,
+      right: fewerBetter ? "more " + lc : "more " + lc + " \u2192 better"
     });
     var sMean = panel(root, x2, meanDom, rows, {
-      title: "Mean change" + unit, zero: true, tick: function (v) { return String(+v.toFixed(3)).replace("-", "\u2212"); },
-      left: lower ? "\u2190 better: reading fell" : "\u2190 reading fell",
-      right: higher ? "reading rose: better \u2192" : "reading rose \u2192"
+      title: measure.words.mean_name + unit, zero: measure.words.mean_zero, tick: function (v) { return String(+v.toFixed(3)).replace("-", "\u2212"); },
+      left: lower ? "\u2190 better: " + measure.words.mean_low : "\u2190 " + measure.words.mean_low,
+      right: higher ? measure.words.mean_high + ": better \u2192" : measure.words.mean_high + " \u2192"
     });
     root.appendChild(svg("text", { x: 8, y: TOP - 14, class: "colhead" }, "Hospital (patients)"));
 
@@ -260,11 +263,11 @@
     if (!group) {
       out.appendChild(el("p", { class: "empty", id: "cohort-empty", text: "No hospital reported this group of patients for this measure and period." }));
     } else {
-      var dom = meanDomain(group);
+      var dom = meanDomain(group, measure.words.mean_zero);
       out.appendChild(el("p", { class: "summary", id: "cohort-summary",
         text: group.patients + " patients across " + group.treatments.length +
-          (group.treatments.length === 1 ? " treatment" : " treatments, ranked by how many responded") +
-          " (a patient who started two treatments counts under both)." +
+          (group.treatments.length === 1 ? " treatment" : " treatments, " + measure.words.ranked) +
+          " (" + measure.words.two_treatments + ")." +
           (group.patients_n < DATA.near_below ? " Fewer than " + DATA.near_below + " patients: see the wider evidence from nearby groups below." : "") }));
       out.appendChild(rankedTable(group, measure));
       out.appendChild(el("h2", { text: "Each treatment in detail" }));
