@@ -12,14 +12,14 @@ from pipelines.assets import ALL_ASSETS
 from pipelines.jobs import daily_outcomes_job
 from pipelines.resources import RESOURCES
 from pipelines.schedules import nightly_outcomes_schedule
-from pipelines.sensors import new_export_sensor
+from pipelines.sensors import new_export_sensor, run_failure_alert_sensor
 
 defs = Definitions(
     assets=ALL_ASSETS,
     asset_checks=[],
     jobs=[daily_outcomes_job],
     schedules=[nightly_outcomes_schedule],
-    sensors=[new_export_sensor],
+    sensors=[new_export_sensor, run_failure_alert_sensor],
     resources=RESOURCES,
     # the default of every job without its own executor, the implicit all-assets job ("Materialize all"
     # in the UI) included: one process for one site's export, not one per step (16 s vs 3 s for two assets)

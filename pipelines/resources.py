@@ -14,6 +14,7 @@ the environment ``dagster dev`` / the daemon runs with (see docs/dagster.md):
 | QIS_SITE_SECRET        | site_secret_path | unset: the library's default secret path (created 0600 on first use); only without QIS_SITE_DIR |
 | QIS_MAPPING_DIR        | mapping_dir      | unset: ``mappings/v1`` of this checkout |
 | QIS_VALIDATE           | validation       | ``sample`` (``full``, ``sample`` or ``off``) |
+| QIS_ALERT_WEBHOOK      | alert_webhook    | unset: failed runs are alerted by file and log line only (``qis_fhir.alerts``) |
 | QIS_BOOTSTRAP          | (DhtConfig) bootstrap | unset: ``HOST:PORT[,HOST:PORT]`` of DHT nodes to publish to and query |
 | QIS_BIND               | (DhtConfig) bind | unset: the client's local ``HOST[:PORT]`` (default any address, free port) |
 """
@@ -45,6 +46,7 @@ class SiteConfig(ConfigurableResource):
     mapping_dir: str | None = None
     validation: str = DEFAULT_VALIDATE  # full | sample | off (not `validate`: pydantic owns that name)
     sample_rate: float = DEFAULT_SAMPLE_RATE
+    alert_webhook: str | None = None  # http(s) URL the run-failure alert JSON is POSTed to
 
     def export_path(self, partition_key: str) -> Path:
         """The export folder of one daily partition (or the fixed ``export_dir``)."""
@@ -96,6 +98,7 @@ ENVIRONMENT: dict[str, str] = {
     "QIS_SITE_SECRET": "site_secret_path",
     "QIS_MAPPING_DIR": "mapping_dir",
     "QIS_VALIDATE": "validation",
+    "QIS_ALERT_WEBHOOK": "alert_webhook",
 }
 
 

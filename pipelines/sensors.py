@@ -14,7 +14,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dagster import DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
+from dagster import (
+    DefaultSensorStatus,
+    RunFailureSensorContext,
+    RunRequest,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    run_failure_sensor,
+    sensor,
+)
 
 from pipelines.jobs import daily_outcomes_job
 from pipelines.partitions import daily_exports
@@ -100,3 +109,33 @@ def new_export_sensor(context: SensorEvaluationContext, site: SiteConfig):
         run_requests=[RunRequest(run_key=name, partition_key=name) for name in scan.ready],
         cursor=scan.ready[-1],
     )
+
+
+def _root_error(error):
+    """The exception the step's code raised: Dagster wraps it, so follow the causes to the innermost."""
+    while error is not None and error.cause is not None:
+        error = error.cause
+    return error
+
+
+@run_failure_sensor(
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Writes <out_root>/alerts/<time>-<run_id>.json, logs one ERROR line and POSTs the JSON to "
+    "QIS_ALERT_WEBHOOK (if set) for every failed run of this code location.",
+)
+def run_failure_alert_sensor(context: RunFailureSensorContext, site: SiteConfig):
+    from qis_fhir.alerts import build_alert, raise_alert
+
+    run = context.dagster_run
+    steps = context.get_step_failure_events()
+    failure = steps[0] if steps else context.failure_event
+    error = _root_error(getattr(failure.event_specific_data, "error", None))
+    alert = build_alert(
+        job=run.job_name,
+        run_id=run.run_id,
+        partition=run.tags.get("dagster/partition"),
+        step=failure.step_key,
+        error_class=error.cls_name if error is not None else None,
+        error_message=error.message if error is not None else None,  # kept for a QisError only
+    )
+    raise_alert(alert, Path(site.out_root), webhook_url=site.alert_webhook, logger=context.log)

@@ -20,7 +20,7 @@ def test_every_definition_loads():
     assert {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()} == ASSETS
     assert repo.get_job("daily_outcomes") is not None
     assert {s.name for s in repo.schedule_defs} == {"nightly_outcomes"}
-    assert {s.name for s in repo.sensor_defs} == {"new_export_sensor"}
+    assert {s.name for s in repo.sensor_defs} == {"new_export_sensor", "run_failure_alert_sensor"}
     assert {"site", "dht"} <= set(repo.get_top_level_resources())
 
 

@@ -21,6 +21,7 @@ def test_environment_variables_choose_values(monkeypatch, tmp_path, instance):
     monkeypatch.setenv("QIS_EXPORT_ROOT", str(tmp_path / "exports"))
     monkeypatch.setenv("QIS_OUT_ROOT", str(tmp_path / "out"))
     monkeypatch.setenv("QIS_VALIDATE", "full")
+    monkeypatch.setenv("QIS_ALERT_WEBHOOK", "http://127.0.0.1:8080/qis")
     site = site_config_from_env()
     seen = {}
 
@@ -29,12 +30,14 @@ def test_environment_variables_choose_values(monkeypatch, tmp_path, instance):
         seen["export"] = site.export_path("2026-01-02")
         seen["out"] = site.out_path("2026-01-02")
         seen["validation"] = site.validation
+        seen["webhook"] = site.alert_webhook
 
     assert materialize([probe], resources={"site": site}, instance=instance).success
     assert seen == {
         "export": tmp_path / "exports" / "2026-01-02",
         "out": tmp_path / "out" / "2026-01-02",
         "validation": "full",
+        "webhook": "http://127.0.0.1:8080/qis",
     }
 
 
