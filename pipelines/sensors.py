@@ -1,17 +1,19 @@
-"""Notice new export folders under ``export_root`` and request their partitions.
+"""Notice new export folders under ``export_root`` and request their partitions; alert on failed runs.
 
 Bulk-export clients write a folder per night (``<export_root>/<YYYY-MM-DD>/``); the sensor requests
-each new folder's partition once (the run key is the folder name), remembers the newest folder it
-requested in its cursor, and waits until a folder has been quiet for a while so it never starts on
-a half-written export. Every tick is bounded: at most ``MAX_ENTRIES`` directory entries looked at
-and ``MAX_REQUESTS`` runs requested.
+each new folder's partition once (the run key is the folder name) and waits until a folder has been
+quiet for a while so it never starts on a half-written export. Its cursor remembers the newest folder
+requested and every folder requested in the ``LATE_DAYS`` before it, so a folder that arrives late,
+dated before one already requested, is still picked up (once) while it is within that window. Every
+tick is bounded: at most ``MAX_ENTRIES`` directory entries looked at and ``MAX_REQUESTS`` runs requested.
 """
 
-
+import json
 import os
 import re
 import time
 from dataclasses import dataclass
+from datetime import date, timedelta
 from pathlib import Path
 
 from dagster import (
@@ -33,6 +35,48 @@ DATE_FOLDER = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 MAX_ENTRIES = 10_000  # directory entries looked at per tick (folders and files)
 MAX_REQUESTS = 7  # runs requested per tick; a backlog drains over following ticks
 QUIET_SECONDS = 300  # a folder whose newest file changed more recently is still being written
+LATE_DAYS = 31  # a folder dated up to this many days before the newest requested one is still picked up
+
+
+@dataclass(frozen=True)
+class ExportCursor:
+    """What the sensor has requested: the newest folder, and every folder in the ``LATE_DAYS`` before it.
+
+    Stored as JSON; at most ``LATE_DAYS + 1`` names for daily folders. A cursor of the earlier format
+    (just the newest folder's name) becomes the ``floor``: nothing up to it is requested again.
+    """
+
+    newest: str | None = None
+    requested: frozenset[str] = frozenset()
+    floor: str | None = None  # folders up to here count as requested (a cursor of the earlier format)
+
+    @classmethod
+    def parse(cls, text: str | None) -> "ExportCursor":
+        if not text:
+            return cls()
+        if DATE_FOLDER.match(text):
+            return cls(newest=text, floor=text)
+        data = json.loads(text)
+        return cls(data["newest"], frozenset(data["requested"]), data.get("floor"))
+
+    def _window_start(self) -> str | None:
+        return None if self.newest is None else (date.fromisoformat(self.newest) - timedelta(days=LATE_DAYS)).isoformat()
+
+    def is_new(self, name: str) -> bool:
+        if self.floor is not None and name <= self.floor:
+            return False
+        start = self._window_start()
+        return name not in self.requested and (start is None or name >= start)
+
+    def advance(self, names: list[str]) -> "ExportCursor":
+        newest = max([n for n in [self.newest, *names] if n is not None])
+        moved = ExportCursor(newest, self.requested | set(names), self.floor)
+        start = moved._window_start()
+        floor = self.floor if self.floor is not None and self.floor >= start else None
+        return ExportCursor(newest, frozenset(n for n in moved.requested if n >= start), floor)
+
+    def dumps(self) -> str:
+        return json.dumps({"newest": self.newest, "requested": sorted(self.requested), "floor": self.floor}, sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -43,7 +87,7 @@ class ExportScan:
 
 def scan_exports(
     root: Path,
-    cursor: str | None,
+    cursor: ExportCursor | str | None,
     *,
     valid_keys: set[str] | None = None,
     now: float | None = None,
@@ -51,8 +95,10 @@ def scan_exports(
     limit: int = MAX_REQUESTS,
     max_entries: int = MAX_ENTRIES,
 ) -> ExportScan:
-    """New date folders under ``root`` after ``cursor`` that are complete enough to run."""
+    """Date folders under ``root`` not yet requested by ``cursor`` that are complete enough to run."""
     now = time.time() if now is None else now
+    if not isinstance(cursor, ExportCursor):
+        cursor = ExportCursor.parse(cursor)
     if not root.is_dir():
         return ExportScan([], [])
     names: list[str] = []
@@ -62,7 +108,7 @@ def scan_exports(
             seen += 1
             if seen > max_entries:
                 break
-            if entry.is_dir() and DATE_FOLDER.match(entry.name) and (cursor is None or entry.name > cursor):
+            if entry.is_dir() and DATE_FOLDER.match(entry.name) and cursor.is_new(entry.name):
                 if valid_keys is None or entry.name in valid_keys:
                     names.append(entry.name)
     ready: list[str] = []
@@ -101,13 +147,14 @@ def new_export_sensor(context: SensorEvaluationContext, site: SiteConfig):
         return SkipReason("export_dir is fixed (QIS_EXPORT_DIR): there are no dated folders to watch")
     root = Path(site.export_root)
     valid = set(daily_exports.get_partition_keys())
-    scan = scan_exports(root, context.cursor or None, valid_keys=valid)
+    cursor = ExportCursor.parse(context.cursor)
+    scan = scan_exports(root, cursor, valid_keys=valid)
     if not scan.ready:
         why = f"waiting for {scan.waiting[0]} to be complete" if scan.waiting else f"no new export folder in {root}"
         return SkipReason(why)
     return SensorResult(
         run_requests=[RunRequest(run_key=name, partition_key=name) for name in scan.ready],
-        cursor=scan.ready[-1],
+        cursor=cursor.advance(scan.ready).dumps(),
     )
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import date, timedelta
 
 from dagster import RunRequest, SkipReason, build_sensor_context
 
 from pipelines.resources import SiteConfig
-from pipelines.sensors import new_export_sensor, scan_exports
+from pipelines.sensors import LATE_DAYS, ExportCursor, new_export_sensor, scan_exports
 
 OLD = time.time() - 3600
 
@@ -56,11 +57,53 @@ def test_sensor_requests_partitions_and_advances_cursor(tmp_path):
     requests = result.run_requests
     assert [r.partition_key for r in requests] == ["2026-02-01", "2026-02-02"]
     assert all(isinstance(r, RunRequest) and r.run_key == r.partition_key for r in requests)
-    assert result.cursor == "2026-02-02"
 
-    with build_sensor_context(resources={"site": site}, cursor="2026-02-02") as ctx:
+    with build_sensor_context(resources={"site": site}, cursor=result.cursor) as ctx:
         again = new_export_sensor(ctx)
     assert isinstance(again, SkipReason)
+
+
+def _tick(site, cursor):
+    with build_sensor_context(resources={"site": site}, cursor=cursor) as ctx:
+        return new_export_sensor(ctx)
+
+
+def test_sensor_picks_up_a_late_folder_dated_before_its_cursor(tmp_path):
+    site = SiteConfig(export_root=str(tmp_path), out_root=str(tmp_path / "out"))
+    for name in ["2026-02-01", "2026-02-03"]:
+        _export(tmp_path, name)
+    first = _tick(site, None)
+    assert [r.partition_key for r in first.run_requests] == ["2026-02-01", "2026-02-03"]
+
+    late = _export(tmp_path, "2026-02-02", age=time.time())  # the copy of 02-02 arrives after 02-03's
+    assert isinstance(_tick(site, first.cursor), SkipReason)  # still being written: not yet
+    for f in late.iterdir():
+        os.utime(f, (OLD, OLD))
+    second = _tick(site, first.cursor)
+    assert [r.partition_key for r in second.run_requests] == ["2026-02-02"]
+    assert [r.run_key for r in second.run_requests] == ["2026-02-02"]
+    assert isinstance(_tick(site, second.cursor), SkipReason)  # and only once
+
+
+def test_cursor_of_the_earlier_format_requests_nothing_up_to_it(tmp_path):
+    for name in ["2026-01-30", "2026-02-01", "2026-02-02", "2026-02-03"]:
+        _export(tmp_path, name)
+    cursor = ExportCursor.parse("2026-02-02")  # what the sensor stored before it kept a window
+    assert scan_exports(tmp_path, cursor).ready == ["2026-02-03"]
+    after = ExportCursor.parse(cursor.advance(["2026-02-03"]).dumps())
+    assert scan_exports(tmp_path, after).ready == []
+
+
+def test_cursor_window_is_bounded_and_older_late_folders_are_left_to_a_backfill(tmp_path):
+    cursor = ExportCursor()
+    for day in range(100):
+        cursor = cursor.advance([(date(2026, 1, 1) + timedelta(days=day)).isoformat()])
+    assert cursor.newest == "2026-04-10"
+    assert len(cursor.requested) == LATE_DAYS + 1
+    _export(tmp_path, "2026-03-10")  # LATE_DAYS before the newest: still picked up
+    _export(tmp_path, "2026-03-09")  # older: a backfill's job (docs/dagster.md)
+    cursor = ExportCursor(cursor.newest, cursor.requested - {"2026-03-10"})
+    assert scan_exports(tmp_path, cursor.dumps()).ready == ["2026-03-10"]
 
 
 def test_sensor_skips_with_a_fixed_export_dir(tmp_path):
