@@ -165,6 +165,13 @@ def _root_error(error):
     return error
 
 
+def _message_text(error) -> str | None:
+    """The exception's own message: Dagster stores ``module.Class: message``."""
+    if error is None:
+        return None
+    return error.message.split(f"{error.cls_name}: ", 1)[-1]
+
+
 @run_failure_sensor(
     default_status=DefaultSensorStatus.RUNNING,
     description="Writes <out_root>/alerts/<time>-<run_id>.json, logs one ERROR line and POSTs the JSON to "
@@ -183,6 +190,6 @@ def run_failure_alert_sensor(context: RunFailureSensorContext, site: SiteConfig)
         partition=run.tags.get("dagster/partition"),
         step=failure.step_key,
         error_class=error.cls_name if error is not None else None,
-        error_message=error.message if error is not None else None,  # kept for a QisError only
+        error_message=_message_text(error),  # kept for a QisError only
     )
     raise_alert(alert, Path(site.out_root), webhook_url=site.alert_webhook, logger=context.log)

@@ -66,6 +66,7 @@ def test_a_missing_export_folder_raises_an_alert_file_and_webhook(tmp_path, inst
     alert = json.loads(files[0].read_text())
     assert (alert["partition"], alert["run_id"], alert["step"]) == (PARTITION, result.run_id, "fhir_extract")
     assert (alert["error_class"], alert["exit_name"]) == ("InputNotFoundError", "INPUT_NOT_FOUND")
+    assert alert["message"] == f"export directory {tmp_path / 'exports' / PARTITION} does not exist"
     assert received == [alert]
 
 
