@@ -38,6 +38,10 @@ QUIET_SECONDS = 300  # a folder whose newest file changed more recently is still
 LATE_DAYS = 31  # a folder dated up to this many days before the newest requested one is still picked up
 
 
+def _window_start(newest: str) -> str:
+    return (date.fromisoformat(newest) - timedelta(days=LATE_DAYS)).isoformat()
+
+
 @dataclass(frozen=True)
 class ExportCursor:
     """What the sensor has requested: the newest folder, and every folder in the ``LATE_DAYS`` before it.
@@ -59,21 +63,17 @@ class ExportCursor:
         data = json.loads(text)
         return cls(data["newest"], frozenset(data["requested"]), data.get("floor"))
 
-    def _window_start(self) -> str | None:
-        return None if self.newest is None else (date.fromisoformat(self.newest) - timedelta(days=LATE_DAYS)).isoformat()
-
     def is_new(self, name: str) -> bool:
         if self.floor is not None and name <= self.floor:
             return False
-        start = self._window_start()
-        return name not in self.requested and (start is None or name >= start)
+        return name not in self.requested and (self.newest is None or name >= _window_start(self.newest))
 
     def advance(self, names: list[str]) -> "ExportCursor":
-        newest = max([n for n in [self.newest, *names] if n is not None])
-        moved = ExportCursor(newest, self.requested | set(names), self.floor)
-        start = moved._window_start()
+        newest = max(n for n in [self.newest, *names] if n is not None)
+        start = _window_start(newest)
+        requested = frozenset(n for n in self.requested | set(names) if n >= start)
         floor = self.floor if self.floor is not None and self.floor >= start else None
-        return ExportCursor(newest, frozenset(n for n in moved.requested if n >= start), floor)
+        return ExportCursor(newest, requested, floor)
 
     def dumps(self) -> str:
         return json.dumps({"newest": self.newest, "requested": sorted(self.requested), "floor": self.floor}, sort_keys=True)
@@ -158,9 +158,11 @@ def new_export_sensor(context: SensorEvaluationContext, site: SiteConfig):
     )
 
 
-def _root_error(error):
-    """The exception the step's code raised: Dagster wraps it, so follow the causes to the innermost."""
-    while error is not None and error.cause is not None:
+def _raised_error(error):
+    """The exception the step's code raised: Dagster wraps it in its own errors (``Dagster...``), so
+    the first cause that is not one of those (a ``QisError`` raised ``from`` an ``OSError`` stays the
+    ``QisError``)."""
+    while error is not None and error.cls_name.startswith("Dagster") and error.cause is not None:
         error = error.cause
     return error
 
@@ -183,7 +185,7 @@ def run_failure_alert_sensor(context: RunFailureSensorContext, site: SiteConfig)
     run = context.dagster_run
     steps = context.get_step_failure_events()
     failure = steps[0] if steps else context.failure_event
-    error = _root_error(getattr(failure.event_specific_data, "error", None))
+    error = _raised_error(getattr(failure.event_specific_data, "error", None))
     alert = build_alert(
         job=run.job_name,
         run_id=run.run_id,

@@ -90,3 +90,28 @@ def test_a_bug_alerts_by_class_without_its_message(tmp_path, instance, monkeypat
     alert = json.loads(path.read_text())
     assert (alert["error_class"], alert["exit_code"], alert["message"]) == ("KeyError", None, None)
     assert "Maria" not in path.read_text()
+
+
+def test_a_qis_error_raised_from_another_keeps_its_exit_code(tmp_path, instance, monkeypatch):
+    import qis_fhir.stages
+    from qis_fhir.errors import SecretError
+
+    def unreadable(*args, **kwargs):
+        try:
+            raise PermissionError(13, "Permission denied")
+        except PermissionError as exc:
+            raise SecretError("the site secret is unreadable") from exc
+
+    monkeypatch.setattr(qis_fhir.stages, "extract_step", unreadable)
+    (tmp_path / "exports" / PARTITION).mkdir(parents=True)
+    site = SiteConfig(export_root=str(tmp_path / "exports"), out_root=str(tmp_path / "out"),
+                      site_secret_path=str(tmp_path / "site.secret"))
+    result = materialize([mapping_set, fhir_extract], partition_key=PARTITION, resources={"site": site},
+                         instance=instance, raise_on_error=False)
+
+    _evaluate(result, instance, site)
+
+    (path,) = (tmp_path / "out" / "alerts").glob("*.json")
+    alert = json.loads(path.read_text())
+    assert (alert["error_class"], alert["exit_name"], alert["message"]) == (
+        "SecretError", "SECRET_INVALID", "the site secret is unreadable")
