@@ -50,6 +50,23 @@ def _evaluate(result, instance, site):
     run_failure_alert_sensor(context)
 
 
+def _fail_extract_with(raiser, tmp_path, instance, monkeypatch):
+    """Run the extract of a present export folder with ``extract_step`` raising what ``raiser`` raises,
+    evaluate the sensor, and return the one alert written."""
+    import qis_fhir.stages
+
+    monkeypatch.setattr(qis_fhir.stages, "extract_step", raiser)
+    (tmp_path / "exports" / PARTITION).mkdir(parents=True)
+    site = SiteConfig(export_root=str(tmp_path / "exports"), out_root=str(tmp_path / "out"),
+                      site_secret_path=str(tmp_path / "site.secret"))
+    result = materialize([mapping_set, fhir_extract], partition_key=PARTITION, resources={"site": site},
+                         instance=instance, raise_on_error=False)
+    assert not result.success
+    _evaluate(result, instance, site)
+    (path,) = (tmp_path / "out" / "alerts").glob("*.json")
+    return path
+
+
 def test_a_missing_export_folder_raises_an_alert_file_and_webhook(tmp_path, instance, webhook):
     url, received = webhook
     (tmp_path / "exports").mkdir()  # the night's folder never arrived
@@ -71,29 +88,16 @@ def test_a_missing_export_folder_raises_an_alert_file_and_webhook(tmp_path, inst
 
 
 def test_a_bug_alerts_by_class_without_its_message(tmp_path, instance, monkeypatch):
-    import qis_fhir.stages
-
     def broken(*args, **kwargs):
         raise KeyError("Maria Jones")  # an arbitrary exception quoting what it found
 
-    monkeypatch.setattr(qis_fhir.stages, "extract_step", broken)
-    (tmp_path / "exports" / PARTITION).mkdir(parents=True)
-    site = SiteConfig(export_root=str(tmp_path / "exports"), out_root=str(tmp_path / "out"),
-                      site_secret_path=str(tmp_path / "site.secret"))
-    result = materialize([mapping_set, fhir_extract], partition_key=PARTITION, resources={"site": site},
-                         instance=instance, raise_on_error=False)
-    assert not result.success
-
-    _evaluate(result, instance, site)
-
-    (path,) = (tmp_path / "out" / "alerts").glob("*.json")
+    path = _fail_extract_with(broken, tmp_path, instance, monkeypatch)
     alert = json.loads(path.read_text())
     assert (alert["error_class"], alert["exit_code"], alert["message"]) == ("KeyError", None, None)
     assert "Maria" not in path.read_text()
 
 
 def test_a_qis_error_raised_from_another_keeps_its_exit_code(tmp_path, instance, monkeypatch):
-    import qis_fhir.stages
     from qis_fhir.errors import SecretError
 
     def unreadable(*args, **kwargs):
@@ -102,16 +106,6 @@ def test_a_qis_error_raised_from_another_keeps_its_exit_code(tmp_path, instance,
         except PermissionError as exc:
             raise SecretError("the site secret is unreadable") from exc
 
-    monkeypatch.setattr(qis_fhir.stages, "extract_step", unreadable)
-    (tmp_path / "exports" / PARTITION).mkdir(parents=True)
-    site = SiteConfig(export_root=str(tmp_path / "exports"), out_root=str(tmp_path / "out"),
-                      site_secret_path=str(tmp_path / "site.secret"))
-    result = materialize([mapping_set, fhir_extract], partition_key=PARTITION, resources={"site": site},
-                         instance=instance, raise_on_error=False)
-
-    _evaluate(result, instance, site)
-
-    (path,) = (tmp_path / "out" / "alerts").glob("*.json")
-    alert = json.loads(path.read_text())
+    alert = json.loads(_fail_extract_with(unreadable, tmp_path, instance, monkeypatch).read_text())
     assert (alert["error_class"], alert["exit_name"], alert["message"]) == (
         "SecretError", "SECRET_INVALID", "the site secret is unreadable")
