@@ -11,7 +11,7 @@ from dagster import materialize
 
 from pipelines.assets import fhir_extract, mapping_set, outcome_events, outcome_events_table
 from pipelines.resources import SiteConfig
-from pipelines.warehouse import DATABASE_FILE, SCHEMA, duckdb_warehouse
+from pipelines.warehouse import DATABASE_FILE, SCHEMA, duckdb_warehouse, warehouse_from_env
 
 DAY, NEXT_DAY = "2026-11-27", "2026-11-28"
 THROUGH_TABLE = [mapping_set, fhir_extract, outcome_events, outcome_events_table]  # no DHT, no site keys needed
@@ -35,7 +35,7 @@ def _parquet_figures(path) -> tuple:
 def test_outcome_events_are_queryable_with_sql_and_a_rerun_replaces_its_day(fixtures_dir, tmp_path, instance):
     out = tmp_path / "out"
     site = SiteConfig(export_dir=str(fixtures_dir / "synthea-r4-105"), out_root=str(out), site_secret_path=str(tmp_path / "site.secret"))
-    resources = {"site": site, "warehouse": duckdb_warehouse(out)}
+    resources = {"site": site, "warehouse": warehouse_from_env({"QIS_OUT_ROOT": str(out)})}  # as the code location binds it
     assert materialize(THROUGH_TABLE, partition_key=DAY, resources=resources, instance=instance).success
 
     database = out / DATABASE_FILE
