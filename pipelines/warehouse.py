@@ -15,6 +15,8 @@ from pathlib import Path
 
 from dagster_duckdb_pandas import DuckDBPandasIOManager
 
+from pipelines.resources import SiteConfig
+
 #: the resource key the warehouse assets write through; swap the IO manager bound to it, not the assets
 WAREHOUSE = "warehouse"
 SCHEMA = "qis_fhir"
@@ -30,8 +32,7 @@ def duckdb_warehouse(out_root: str | Path) -> DuckDBPandasIOManager:
 
 
 def warehouse_from_env(environ: dict[str, str] | None = None) -> DuckDBPandasIOManager:
-    """``duckdb_warehouse`` under ``QIS_OUT_ROOT`` (or ``SiteConfig``'s default), the root the site's outputs go to."""
-    from pipelines.resources import SiteConfig
-
+    """``duckdb_warehouse`` under ``QIS_OUT_ROOT`` (or ``SiteConfig``'s default), the root the site's outputs
+    go to; read when the code location loads (the file's path is not a secret to defer)."""
     env = os.environ if environ is None else environ
     return duckdb_warehouse(env.get("QIS_OUT_ROOT") or SiteConfig.model_fields["out_root"].default)

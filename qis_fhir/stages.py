@@ -64,8 +64,6 @@ QUALITY_DIR = "quality"
 QUALITY_PARTS = ("extract", "outcome_events")
 DISCLOSURE_REPORT = "disclosure_report.json"
 PUBLISH_REPORT = "publish_report.json"
-#: the run folder's tables a site also keeps in a database for its analysts (``table_step``)
-DATABASE_TABLES = ("outcome_events", "pooled_outcomes")
 
 
 def quality_report_path(folder: Path | str, part: str) -> Path:
@@ -272,7 +270,7 @@ def evidence_step(folder: Path | str, setup: SiteSetup, bootstrap: tuple[tuple[s
 
 
 def table_step(folder: Path | str, table: str) -> pd.DataFrame:
-    """One of ``DATABASE_TABLES`` read from a finished run folder, for the site's database.
+    """``outcome_events`` or ``pooled_outcomes`` read from a finished run folder, for the site's database.
 
     ``require_run`` refuses a folder whose stage is unmarked (being rewritten, failed, crashed), so a
     database never receives events that failed their suite or a pooled table half written.
