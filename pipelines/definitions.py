@@ -13,6 +13,7 @@ from pipelines.jobs import daily_outcomes_job
 from pipelines.resources import RESOURCES
 from pipelines.schedules import nightly_outcomes_schedule
 from pipelines.sensors import new_export_sensor, run_failure_alert_sensor
+from pipelines.warehouse import WAREHOUSE, warehouse_from_env
 
 defs = Definitions(
     assets=ALL_ASSETS,
@@ -20,7 +21,7 @@ defs = Definitions(
     jobs=[daily_outcomes_job],
     schedules=[nightly_outcomes_schedule],
     sensors=[new_export_sensor, run_failure_alert_sensor],
-    resources=RESOURCES,
+    resources={**RESOURCES, WAREHOUSE: warehouse_from_env()},
     # the default of every job without its own executor, the implicit all-assets job ("Materialize all"
     # in the UI) included: one process for one site's export, not one per step (16 s vs 3 s for two assets)
     executor=in_process_executor,

@@ -41,6 +41,8 @@ from qis_fhir.files import write_json
 from qis_fhir.runfolder import EVIDENCE, EXTRACT, OUTCOMES, PACKETS, PUBLISH, QUALITY, Run, amend_run
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from qis_fhir.dht.client import PublishReport
     from qis_fhir.evidence.stage import EvidenceResult
     from qis_fhir.fhir.extract import ExtractSummary
@@ -265,3 +267,25 @@ def evidence_step(folder: Path | str, setup: SiteSetup, bootstrap: tuple[tuple[s
                                              run_dir=folder, mapping_dir=setup.mapping_dir, run_date=run_date, bind=bind))
         run.mark(EVIDENCE, {k: result.provenance[k] for k in ("cells", "packets_used", "packets_rejected") if k in result.provenance})
     return result
+
+
+def table_step(folder: Path | str, table: str) -> pd.DataFrame:
+    """``outcome_events`` or ``pooled_outcomes`` read from a finished run folder, for the site's database.
+
+    ``require_run`` refuses a folder whose stage is unmarked (being rewritten, failed, crashed), so a
+    database never receives events that failed their suite or a pooled table half written.
+    """
+    import pandas as pd
+
+    from qis_fhir.evidence.report import POOLED_NAME
+    from qis_fhir.evidence.tables import EVIDENCE_DIR
+    from qis_fhir.outcomes.events import OUTCOME_EVENTS
+    from qis_fhir.runfolder import require_run
+
+    # the file, and the stages its run must have finished: only checked events, only a finished pooling
+    name, stages = {"outcome_events": (OUTCOME_EVENTS, (OUTCOMES, QUALITY)),
+                    "pooled_outcomes": (f"{EVIDENCE_DIR}/{POOLED_NAME}", (EVIDENCE,))}[table]
+    folder = Path(folder)
+    if require_run(folder, *stages) is None:
+        raise InputNotFoundError(f"{folder} is not a run folder: run the stages that write {name} first")
+    return pd.read_parquet(folder / name)

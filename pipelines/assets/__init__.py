@@ -5,7 +5,10 @@ from pipelines.assets.mapping import mapping_set
 from pipelines.assets.network import evidence_tables, published_packets
 from pipelines.assets.outcomes import outcome_events
 from pipelines.assets.packets import outcome_packets
+from pipelines.assets.warehouse import outcome_events_table, pooled_outcomes_table
 
-ALL_ASSETS = [mapping_set, fhir_extract, outcome_events, outcome_packets, published_packets, evidence_tables]
+ALL_ASSETS = [mapping_set, fhir_extract, outcome_events, outcome_packets, published_packets, evidence_tables,
+              outcome_events_table, pooled_outcomes_table]
 
-__all__ = ["ALL_ASSETS", "evidence_tables", "fhir_extract", "mapping_set", "outcome_events", "outcome_packets", "published_packets"]
+__all__ = ["ALL_ASSETS", "evidence_tables", "fhir_extract", "mapping_set", "outcome_events", "outcome_events_table", "outcome_packets",
+           "pooled_outcomes_table", "published_packets"]

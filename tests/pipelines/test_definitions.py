@@ -11,7 +11,8 @@ from qis_fhir.mapping.yamldoc import read_yaml
 
 REPO = Path(__file__).resolve().parents[2]  # not "from conftest": several test folders have one
 
-ASSETS = {"mapping_set", "fhir_extract", "outcome_events", "outcome_packets", "published_packets", "evidence_tables"}
+ASSETS = {"mapping_set", "fhir_extract", "outcome_events", "outcome_packets", "published_packets", "evidence_tables",
+          "outcome_events_table", "pooled_outcomes_table"}
 
 
 def test_every_definition_loads():
@@ -21,7 +22,7 @@ def test_every_definition_loads():
     assert repo.get_job("daily_outcomes") is not None
     assert {s.name for s in repo.schedule_defs} == {"nightly_outcomes"}
     assert {s.name for s in repo.sensor_defs} == {"new_export_sensor", "run_failure_alert_sensor"}
-    assert {"site", "dht"} <= set(repo.get_top_level_resources())
+    assert {"site", "dht", "warehouse"} <= set(repo.get_top_level_resources())
 
 
 def test_assets_share_daily_partitions_and_lineage():
@@ -32,6 +33,9 @@ def test_assets_share_daily_partitions_and_lineage():
     chain = ["outcome_events", "outcome_packets", "published_packets", "evidence_tables"]
     for parent, child in zip(chain, chain[1:]):
         assert graph.get(AssetKey(child)).parent_keys == {AssetKey(parent)}
+    # the database tables are drawn from the assets whose files they copy
+    assert graph.get(AssetKey("outcome_events_table")).parent_keys == {AssetKey("outcome_events")}
+    assert graph.get(AssetKey("pooled_outcomes_table")).parent_keys == {AssetKey("evidence_tables")}
 
 
 def test_publish_is_retried_and_the_nightly_job_runs_the_whole_chain():

@@ -19,6 +19,7 @@ from dagster import RetryPolicy, materialize
 from pipelines.assets import ALL_ASSETS, evidence_tables, fhir_extract, mapping_set, outcome_events, outcome_packets
 from pipelines.assets.network import publish_asset
 from pipelines.resources import DhtConfig, SiteConfig
+from pipelines.warehouse import DATABASE_FILE, SCHEMA, duckdb_warehouse
 from qis_fhir.dht.cluster import LOOPBACK, LocalCluster
 
 REPO = Path(__file__).resolve().parents[2]  # not "from conftest": several test folders have one
@@ -140,12 +141,14 @@ def test_a_failed_suite_or_a_bad_mapping_publishes_nothing(site_world, tmp_path,
                                                  "- in_set: {column: sex, values: [female]}"))
     dht = DhtConfig(bootstrap=f"{LOOPBACK}:9", bind=LOOPBACK)  # never reached: nothing may get that far
     site = _site(world, tmp_path, _site_copy(world, tmp_path / "site"), mapping_dir=str(mapping_dir))
-    failed = materialize(ALL_ASSETS, partition_key=PARTITION, resources={"site": site, "dht": dht}, instance=instance, raise_on_error=False)
+    resources = {"site": site, "dht": dht, "warehouse": duckdb_warehouse(tmp_path / "dagster")}
+    failed = materialize(ALL_ASSETS, partition_key=PARTITION, resources=resources, instance=instance, raise_on_error=False)
     assert not failed.success
     assert set(_materialized(failed)) == {"mapping_set", "fhir_extract"}  # the extract is kept, for inspection
     out = tmp_path / "dagster" / PARTITION
     assert _json(out / "run.json")["stages"] == ["extract"]
     assert not (out / "packets.ndjson").exists() and not (out / "publish_report.json").exists()
+    assert not (tmp_path / "dagster" / DATABASE_FILE).exists()  # nor does the site's database receive anything
 
     # materialising a later asset on its own does not get round the failed suite
     alone = materialize([outcome_events], partition_key=PARTITION, resources={"site": site}, instance=instance, raise_on_error=False)
@@ -167,7 +170,7 @@ def test_a_failed_suite_or_a_bad_mapping_publishes_nothing(site_world, tmp_path,
     assert not (tmp_path / "cli").exists()
 
     (mapping_dir / "conditions.yaml").write_text("buckets: [not, a, mapping\n")
-    bad = materialize(ALL_ASSETS, partition_key="2026-11-28", resources={"site": site, "dht": dht}, instance=instance, raise_on_error=False)
+    bad = materialize(ALL_ASSETS, partition_key="2026-11-28", resources=resources, instance=instance, raise_on_error=False)
     assert not bad.success and _materialized(bad) == {}
     assert not (tmp_path / "dagster" / "2026-11-28").exists()
 
@@ -185,7 +188,8 @@ def test_the_whole_graph_for_one_site_against_a_local_dht(site_world, tmp_path, 
         cluster.wait_joined()
         dht = DhtConfig(bootstrap=",".join(f"{h}:{p}" for h, p in (n.address for n in cluster.live()[:2])), bind=LOOPBACK)
         site = _site(world, tmp_path, _site_copy(world, tmp_path / "site"))
-        defs = Definitions(assets=ALL_ASSETS, jobs=[daily_outcomes_job], resources={"site": site, "dht": dht})
+        warehouse = duckdb_warehouse(tmp_path / "dagster")
+        defs = Definitions(assets=ALL_ASSETS, jobs=[daily_outcomes_job], resources={"site": site, "dht": dht, "warehouse": warehouse})
         result = defs.resolve_job_def("daily_outcomes").execute_in_process(partition_key=PARTITION, instance=instance)
     finally:
         cluster.stop_all()
@@ -205,6 +209,21 @@ def test_the_whole_graph_for_one_site_against_a_local_dht(site_world, tmp_path, 
     assert (pooled["sites"] == 1).all() and (pooled["patients"] == pooled["local_patients"]).all()
     assert (out / "evidence" / "report.html").exists()
     assert _json(out / "evidence" / "provenance.json")["run_date"] == PARTITION
+
+    # the same rows, queried with SQL from the site's database, as an analyst's dashboard reads them
+    import duckdb
+
+    with duckdb.connect(str(tmp_path / "dagster" / DATABASE_FILE), read_only=True) as con:
+        table = con.execute(f"select * exclude (partition_date) from {SCHEMA}.pooled_outcomes_table "
+                            f"where partition_date = '{PARTITION}' order by all").fetchdf()
+        (events,) = con.execute(f"select count(*) from {SCHEMA}.outcome_events_table where partition_date = '{PARTITION}'").fetchone()
+    from qis_fhir.evidence.pooling import CELL_KEYS
+
+    assert len(table) == len(pooled) and list(table.columns) == list(pooled.columns)
+    mine, theirs = table.set_index(CELL_KEYS).sort_index(), pooled.set_index(CELL_KEYS).sort_index()
+    assert (mine["patients"] == theirs["patients"]).all() and (mine["responders"] == theirs["responders"]).all()
+    assert mine["mean_pooled"].to_numpy() == pytest.approx(theirs["mean_pooled"].to_numpy(), nan_ok=True)
+    assert events == len(pd.read_parquet(out / "outcome_events.parquet")) > 0
 
 
 def test_an_unreachable_dht_fails_publish_under_its_retry_policy_and_keeps_the_packets(site_world, tmp_path, instance):
