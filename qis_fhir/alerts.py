@@ -19,7 +19,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from qis_fhir.errors import QisError
@@ -71,7 +71,7 @@ def build_alert(
 ) -> RunFailureAlert:
     """The alert record of one failed run. ``error_message`` is kept only when ``error_class`` names
     a ``QisError`` subclass; for anything else it is dropped, whatever it says."""
-    at = (at or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    at = (at or datetime.now(UTC)).astimezone(UTC)
     qis = _qis_error_classes().get(error_class or "")
     code = qis.exit_code if qis is not None else None
     return RunFailureAlert(

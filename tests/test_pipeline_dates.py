@@ -13,7 +13,7 @@ import json
 import re
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from itertools import islice
 from pathlib import Path
 
@@ -131,7 +131,7 @@ def test_a_date_in_the_future_costs_its_line_not_the_night(fixtures_dir, tmp_pat
     from qis_fhir.pipeline import RunConfig, run_pipeline
 
     files = small_export(fixtures_dir)
-    next_year = str(datetime.now(timezone.utc).year + 1)
+    next_year = str(datetime.now(UTC).year + 1)
     tomorrow = (datetime.now(timezone(timedelta(hours=-14))) + timedelta(days=1)).isoformat(timespec="seconds")
     files["Patient.000.ndjson"][0] = _set_date(files["Patient.000.ndjson"][0], "birthDate", next_year)
     files["Condition.000.ndjson"][0] = _set_date(files["Condition.000.ndjson"][0], "onsetDateTime", tomorrow)

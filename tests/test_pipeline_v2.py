@@ -14,7 +14,7 @@ import pytest
 from qis_fhir.errors import ExitCode
 from qis_fhir.mapping import load_mapping
 from qis_fhir.mapping.loader import DEFAULT_MAPPING_DIR
-from qis_fhir.packets import create_network, create_site, add_site, load_network
+from qis_fhir.packets import add_site, create_network, create_site, load_network
 from qis_fhir.packets.build import read_packets
 from qis_fhir.packets.verifier import Verifier
 from qis_fhir.privacy.fingerprint import cohort_table

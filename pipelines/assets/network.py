@@ -1,6 +1,16 @@
 """The partition's packets on the DHT, and the network's pooled evidence seen from this site."""
 
-from dagster import AssetExecutionContext, AssetsDefinition, Backoff, Failure, Jitter, MaterializeResult, MetadataValue, RetryPolicy, asset
+from dagster import (
+    AssetExecutionContext,
+    AssetsDefinition,
+    Backoff,
+    Failure,
+    Jitter,
+    MaterializeResult,
+    MetadataValue,
+    RetryPolicy,
+    asset,
+)
 
 from pipelines.assets.packets import outcome_packets
 from pipelines.partitions import daily_exports

@@ -124,7 +124,8 @@ class LocalCluster:
         """Until every live node's node.json says its join finished."""
         deadline = time.monotonic() + timeout
         for node in self.live():
-            self._wait_state(node, deadline, lambda d: bool(d.get("joined") and (d.get("neighbors") or node.index == 0)))
+            first = node.index == 0  # the first node has no one to join
+            self._wait_state(node, deadline, lambda d, first=first: bool(d.get("joined") and (d.get("neighbors") or first)))
 
     def live(self) -> list[NodeProc]:
         return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]

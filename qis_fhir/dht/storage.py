@@ -76,7 +76,7 @@ class StoredPacket:
 class ReplayView:
     """The verifier's ``ReplayState`` interface (with ``get_digest``) over the ``seen`` table."""
 
-    def __init__(self, store: "PacketStore") -> None:
+    def __init__(self, store: PacketStore) -> None:
         self._store = store
 
     def get(self, site_id: str, packet_id: str) -> int | None:
@@ -316,7 +316,7 @@ class PacketStore(IStorage):
         return iter([(k, bytes(w)) for k, w in self.db.execute("SELECT key, wire FROM packets ORDER BY key")])
 
     # ------------------------------------------------------------------ transactions
-    def transaction(self) -> "_Transaction":
+    def transaction(self) -> _Transaction:
         """``with store.transaction():`` groups the writes of one RPC into one commit."""
         return _Transaction(self.db)
 

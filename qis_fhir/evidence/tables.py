@@ -30,6 +30,7 @@ import pandas as pd
 from qis_fhir.evidence.collect import Collection
 from qis_fhir.evidence.flags import rank_and_flag
 from qis_fhir.evidence.pooling import CELL_KEYS, pool
+
 # the file names the report reads, and its words for a unit: one definition each, in the reader
 from qis_fhir.evidence.report import POOLED_NAME, PROVENANCE_NAME, SITES_NAME, unit_label
 from qis_fhir.files import atomic_write, write_json

@@ -26,12 +26,12 @@ takes records written since it started. The bound only grows, so a cached value 
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
-EARLIEST = datetime(1850, 1, 1, tzinfo=timezone.utc)  # the first instant accepted
-END = datetime(2200, 1, 1, tzinfo=timezone.utc)  # refused even if the clock were later
+EARLIEST = datetime(1850, 1, 1, tzinfo=UTC)  # the first instant accepted
+END = datetime(2200, 1, 1, tzinfo=UTC)  # refused even if the clock were later
 _LO = (EARLIEST - _EPOCH) // _US
 _HI = (END - _EPOCH) // _US
 _clock = time.time_ns
@@ -52,7 +52,7 @@ def _leap_second(text: str, _fromiso=datetime.fromisoformat) -> datetime:
     return _fromiso(text[:17] + "59" + text[19:]) + timedelta(seconds=1)
 
 
-def _parse(text: str, _fromiso=datetime.fromisoformat, _utc=timezone.utc, _lo=_LO) -> int:
+def _parse(text: str, _fromiso=datetime.fromisoformat, _utc=UTC, _lo=_LO) -> int:
     n = len(text)
     if n > 10 and text[10] == "T" and text[4] == "-" and text[7] == "-":
         # a dateTime, by far the most common shape: tested first, names bound at definition. A

@@ -24,7 +24,6 @@ from pathlib import Path
 import orjson
 
 from qis_fhir.errors import InputNotFoundError
-from qis_fhir.files import write_json
 from qis_fhir.fhir import reasons as R
 from qis_fhir.fhir.bundles import TOO_LONG, BadJson, JsonShape, TooLarge, entries, read_small, scan
 from qis_fhir.fhir.fastpath import observation_blocks
@@ -43,7 +42,14 @@ from qis_fhir.fhir.sources import (
     line_blocks,
 )
 from qis_fhir.fhir.summary import ExtractSummary
-from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, DEFAULT_VALIDATE, ModelValidator, effective_rate, sample_stride
+from qis_fhir.fhir.validation import (
+    DEFAULT_SAMPLE_RATE,
+    DEFAULT_VALIDATE,
+    ModelValidator,
+    effective_rate,
+    sample_stride,
+)
+from qis_fhir.files import write_json
 from qis_fhir.privacy.pseudonym import Pseudonymizer
 
 log = logging.getLogger(__name__)
@@ -585,7 +591,7 @@ def _progress_bar(total: int):
     return bar, lambda n: bar.advance(task, n)
 
 
-def load_extract(out_dir: Path | str) -> dict[str, "pd.DataFrame"]:  # noqa: F821
+def load_extract(out_dir: Path | str) -> dict[str, pd.DataFrame]:  # noqa: F821
     """The five extract tables of ``out_dir`` as DataFrames (Arrow-typed columns kept as pandas types).
 
     A run folder must hold a complete run that finished its extract (``require_run``): the tables of a

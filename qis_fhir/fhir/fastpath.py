@@ -22,7 +22,7 @@ beyond the float range (1e400) in a field not read, which orjson refuses and msg
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -62,7 +62,7 @@ class _Quantity(msgspec.Struct, gc=False):
 
 class _Component(msgspec.Struct, gc=False):
     code: _Concept
-    valueQuantity: Optional[_Quantity] = None  # noqa: N815 (FHIR's name)
+    valueQuantity: _Quantity | None = None  # noqa: N815 (FHIR's name)
 
 
 class _Observation(msgspec.Struct, gc=False):
@@ -72,8 +72,8 @@ class _Observation(msgspec.Struct, gc=False):
     code: _Concept
     subject: _Reference
     effectiveDateTime: str  # noqa: N815 (absent -> effectivePeriod / issued: the checked path)
-    valueQuantity: Optional[_Quantity] = None  # noqa: N815
-    component: Optional[list[_Component]] = None
+    valueQuantity: _Quantity | None = None  # noqa: N815
+    component: list[_Component] | None = None
 
 
 def observation_decoder() -> msgspec.json.Decoder:

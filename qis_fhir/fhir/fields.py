@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from qis_fhir.fhir import reasons as R
-from qis_fhir.fhir.dates import _cache as _date_cache
 from qis_fhir.fhir.dates import DateOutOfRange, instant_us
+from qis_fhir.fhir.dates import _cache as _date_cache
 from qis_fhir.fhir.reasons import Reject
 from qis_fhir.fhir.systems import ICD10CM, LOINC, RXNORM, SNOMED
 from qis_fhir.fhir.systems import UCUM as UCUM_SYSTEM

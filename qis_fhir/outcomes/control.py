@@ -198,10 +198,11 @@ def _measure_units(m: ControlMeasure, visit_years: pd.DataFrame, cond: pd.DataFr
     last_day = _first_day(den["year"].to_numpy(dtype="int64") + 1) - 1
     den["ref_day"] = np.where(den["index_day_n"].isna(), last_day, den["index_day_n"])
 
-    l = links[one_of(links["bucket"], m.buckets)]
-    l = l.assign(day=day_number(l["authored_on"]).to_numpy(), ongoing=one_of(l["status"], ONGOING_REQUEST_STATUS))
-    l = l[["patient_key", "bucket", "treatment_code", "day", "ongoing"]]
-    tx = den[["patient_key", "bucket", "year", "ref_day"]].merge(l, on=["patient_key", "bucket"], how="inner")
+    requests = links[one_of(links["bucket"], m.buckets)]
+    requests = requests.assign(day=day_number(requests["authored_on"]).to_numpy(),
+                               ongoing=one_of(requests["status"], ONGOING_REQUEST_STATUS))
+    requests = requests[["patient_key", "bucket", "treatment_code", "day", "ongoing"]]
+    tx = den[["patient_key", "bucket", "year", "ref_day"]].merge(requests, on=["patient_key", "bucket"], how="inner")
     on = (tx["day"] <= tx["ref_day"]) & ((tx["day"] >= tx["ref_day"] - m.lookback_days) | tx["ongoing"])
     tx = tx[on].drop_duplicates(["patient_key", "bucket", "year", "treatment_code"])
     units = den.merge(tx[["patient_key", "bucket", "year", "treatment_code"]], on=["patient_key", "bucket", "year"],

@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qis_fhir.errors import InputNotFoundError, MappingError
+from qis_fhir.files import atomic_write, write_json
+from qis_fhir.mapping import UNKNOWN
 from qis_fhir.packets.codec import PacketSigner, encode_packet
 from qis_fhir.packets.keys import SiteIdentity
-from qis_fhir.mapping import UNKNOWN
-from qis_fhir.files import atomic_write, write_json
 from qis_fhir.packets.manifest import NetworkContext
 from qis_fhir.packets.model import (
     MAX_WIRE_BYTES,

@@ -37,7 +37,13 @@ def network() -> None:
 def network_new(out: Path, min_cell_size: int, network_id: str | None, mapping_versions: tuple[str, ...]) -> None:
     """Create NET_DIR with governance_key.pem (0600, keep it with governance), network.secret (0600,
     give it to member sites only) and manifest.json (public, signed, version 1)."""
-    from qis_fhir.packets.manifest import DEFAULT_MAPPING_VERSIONS, GOVERNANCE_KEY, MANIFEST, NETWORK_SECRET, create_network
+    from qis_fhir.packets.manifest import (
+        DEFAULT_MAPPING_VERSIONS,
+        GOVERNANCE_KEY,
+        MANIFEST,
+        NETWORK_SECRET,
+        create_network,
+    )
 
     m = create_network(out, network_id=network_id, min_cell_size=min_cell_size, mapping_versions=mapping_versions or DEFAULT_MAPPING_VERSIONS)
     click.echo(f"network {m.network_id}: manifest version {m.version}, governance key {m.governance_key_id}, min cell size {m.min_cell_size}")

@@ -8,7 +8,7 @@ import logging
 import socket
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -16,7 +16,7 @@ from qis_fhir import alerts
 from qis_fhir.alerts import alert_path, build_alert, post_webhook, raise_alert
 from qis_fhir.errors import ExitCode
 
-AT = datetime(2026, 11, 28, 2, 5, 9, tzinfo=timezone.utc)
+AT = datetime(2026, 11, 28, 2, 5, 9, tzinfo=UTC)
 PATIENT_TEXT = "KeyError: 'Maria Jones 1961-04-02'"  # what an arbitrary exception might quote
 
 

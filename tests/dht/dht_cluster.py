@@ -10,16 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qis_fhir.dht.cluster import LOOPBACK, LocalCluster as Cluster  # noqa: F401  (re-exported for the tests)
+from qis_fhir.dht.cluster import LOOPBACK, LocalCluster
 from qis_fhir.packets.codec import PacketSigner, encode_packet
 from qis_fhir.packets.keys import SiteIdentity, create_site
 from qis_fhir.packets.manifest import add_site, create_network, revoke
+
+Cluster = LocalCluster  # the tests' name for it
+__all__ = ["LOOPBACK", "Cluster"]  # what the tests import from here besides the helpers below
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_SITES = ["site-a", "site-b", "site-c", "site-d", "site-e"]  # tests add (and revoke) more sites later
 
 
-def base_sites(net: "TestNetwork") -> list:
+def base_sites(net: TestNetwork) -> list:
     return [net.sites[s] for s in BASE_SITES]
 
 

@@ -11,7 +11,7 @@ import random
 import time
 
 import pytest
-from dht_cluster import BASE_SITES, LOOPBACK, Cluster, base_sites, forge, fingerprint, make_network, sign, tamper
+from dht_cluster import BASE_SITES, LOOPBACK, Cluster, base_sites, fingerprint, forge, make_network, sign, tamper
 
 from qis_fhir.dht.client import DhtClient, publish, query
 from qis_fhir.dht.keys import dht_key

@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 
 from dht_cluster import fingerprint, sign
+from test_protocol import _nodes, _stop
 
 from qis_fhir.dht.client import DhtClient
 from qis_fhir.dht.keys import dht_key
@@ -20,7 +21,6 @@ from qis_fhir.dht.storage import PacketStore
 from qis_fhir.packets.codec import decode_packet
 from qis_fhir.packets.newest import newest_per_packet, supersedes
 from qis_fhir.packets.replay import MemoryReplayState
-from test_protocol import _nodes, _stop
 
 
 def _pair(net, n: int) -> tuple[bytes, bytes]:

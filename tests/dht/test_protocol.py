@@ -7,7 +7,7 @@ import asyncio
 import time
 
 import umsgpack
-from dht_cluster import LOOPBACK, base_sites, forge, fingerprint, sign, tamper
+from dht_cluster import LOOPBACK, base_sites, fingerprint, forge, sign, tamper
 
 from qis_fhir.dht.client import DhtClient
 from qis_fhir.dht.keys import RPC_CAP, dht_key, pack_batches

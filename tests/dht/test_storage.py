@@ -9,8 +9,8 @@ from dht_cluster import base_sites, fingerprint, sign
 from qis_fhir.dht.keys import dht_key
 from qis_fhir.dht.storage import CONFLICT, HELD, QUOTA, STALE, STORED, PacketStore
 from qis_fhir.packets.codec import decode_packet
-from qis_fhir.packets.verifier import Verifier
 from qis_fhir.packets.manifest import load_manifest
+from qis_fhir.packets.verifier import Verifier
 
 
 def _put(store: PacketStore, wire: bytes, ttl: float = 3600.0, now: float | None = None) -> str:

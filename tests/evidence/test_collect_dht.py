@@ -164,7 +164,7 @@ def test_evidence_says_what_is_missing_before_writing_anything(enet, tmp_path):
     site = enet.net.sites["site-b"].site_dir
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        silent = "127.0.0.1:{}".format(sock.getsockname()[1])  # bound, never answers
+        silent = f"127.0.0.1:{sock.getsockname()[1]}"  # bound, never answers
         common = ["--site", site, "--network", enet.net.net_dir, "--bootstrap", silent, "--out", tmp_path / "out"]
         assert _cli("evidence", *common, "--run", tmp_path / "no-run") == 3
         assert _cli("evidence", *common) == 11

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 
-import pandas as pd
 import pytest
 from dht_cluster import make_network
 from report_tables import embedded_data

@@ -7,8 +7,8 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-
 from pooling_sim import CELL, counts_row, frame
+
 from qis_fhir.evidence.flags import FLAG_ORDER, FLAG_TEXT, contradiction_test, rank_and_flag
 from qis_fhir.evidence.pooling import CELL_KEYS, pool
 

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from pooling_sim import counts_row, frame, site_row
 from scipy import stats
 
-from pooling_sim import counts_row, frame, site_row
 from qis_fhir.evidence.pooling import CELL_KEYS, inverse_variance_re, pool, pool_cells, site_estimates
 
 # BCG vaccine trials (Colditz et al. 1994; metafor's dat.bcg): vaccinated TB+, TB-, control TB+, TB-

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pooling_sim import binomial_sites, counts_row, frame
 from scipy import integrate, special, stats
 
-from pooling_sim import binomial_sites, counts_row, frame
 from qis_fhir.evidence.pooling import TAU_BOUND, _site_logliks, binomial_normal_re, pool_cells
 
 pytestmark = pytest.mark.timeout(300)

@@ -10,7 +10,6 @@ import pytest
 from extract_helpers import all_output_bytes, assert_counts_add_up, extract
 
 
-
 @pytest.fixture(scope="module")
 def r4_105(fixtures_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("r4-105")

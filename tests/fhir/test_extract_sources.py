@@ -7,8 +7,6 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from extract_helpers import (
     BASE_CONDITION,
     BASE_OBSERVATION,
@@ -22,10 +20,12 @@ from extract_helpers import (
     resource,
     write_ndjson,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qis_fhir.errors import InputNotFoundError
-from qis_fhir.fhir.sources import Labeller, discover, line_blocks
 from qis_fhir.fhir import TABLES, extract_export
+from qis_fhir.fhir.sources import Labeller, discover, line_blocks
 from qis_fhir.privacy.pseudonym import Pseudonymizer
 
 KEY = Pseudonymizer(SECRET).key

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from qis_fhir.mapping import load_mapping
+from qis_fhir.mapping.loader import DEFAULT_MAPPING_DIR
 from qis_fhir.outcomes import derive_outcome_events
 from qis_fhir.outcomes.control import check_control_summary
-from qis_fhir.mapping.loader import DEFAULT_MAPPING_DIR
 
 HCTZ, LISINOPRIL, AMLODIPINE, SIMVASTATIN = "316049", "314076", "197361", "316672"
 

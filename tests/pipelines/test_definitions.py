@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC
 from pathlib import Path
 
 from dagster import AssetCheckKey, AssetKey, DailyPartitionsDefinition, Definitions
@@ -64,13 +65,13 @@ def test_quality_suites_are_blocking_checks_on_their_assets():
 
 
 def test_nightly_schedule_runs_yesterday_at_two():
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from dagster import build_schedule_context
 
     (schedule,) = defs.get_repository_def().schedule_defs
     assert schedule.cron_schedule == "0 2 * * *"
-    when = datetime(2026, 3, 5, 2, 0, tzinfo=timezone.utc)
+    when = datetime(2026, 3, 5, 2, 0, tzinfo=UTC)
     with build_schedule_context(scheduled_execution_time=when) as ctx:
         (request,) = schedule.evaluate_tick(ctx).run_requests
     assert request.partition_key == "2026-03-04"

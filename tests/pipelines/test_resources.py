@@ -2,9 +2,8 @@
 
 # no `from __future__ import annotations` here: Dagster reads the resource annotation of `probe`
 
-from dagster import asset, materialize
-
 import pytest
+from dagster import asset, materialize
 
 from pipelines.resources import DhtConfig, SiteConfig, dht_config_from_env, site_config_from_env
 from qis_fhir.errors import UsageError

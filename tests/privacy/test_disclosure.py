@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from qis_fhir.privacy.disclosure import CELL_DIMENSIONS, DisclosureError, check_single_granularity, disclosure_report, is_publishable
+from qis_fhir.privacy.disclosure import (
+    CELL_DIMENSIONS,
+    DisclosureError,
+    check_single_granularity,
+    disclosure_report,
+    is_publishable,
+)
 
 CELL = ("type2_diabetes", "40-64", "female", "TX_0001", "hba1c", "2024")
 

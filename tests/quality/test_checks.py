@@ -6,11 +6,10 @@ import json
 
 import pandas as pd
 import pytest
+from quality_tables import key, ts
 
 from qis_fhir.errors import ExitCode, MappingError, QualityError
 from qis_fhir.quality import check_table, check_tables
-
-from quality_tables import key, ts
 
 SECRET = "Patient/mrn-0042-SECRET"  # a raw id that must never show up in a report
 
