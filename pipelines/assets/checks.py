@@ -1,7 +1,7 @@
 """Quality suites as blocking asset checks: one check per table, declared on the asset that makes it.
 
 The checks are ``check_specs`` on the asset and their results travel in the asset's
-``MaterializeResult`` (the design notes: a separate unpartitioned ``@asset_check`` on a partitioned
+``MaterializeResult`` (measured: a separate unpartitioned ``@asset_check`` on a partitioned
 asset would load every partition). ``blocking=True`` means a failed suite stops every downstream
 asset of the run, just as ``QualityReport.raise_for_failure`` stops ``qis-fhir run``.
 """

@@ -27,9 +27,9 @@ per-call cost once per slice; that cost and its share of the extraction time are
 ``interleaved`` (``extract_call_overhead_ms``, ``extract_overhead_share``, ~1 % at the default size).
 
 Rates use CPU time (``time.process_time``), not wall time: these machines are shared, and CPU time is
-what the other helpers' load does not inflate. Module imports, pyarrow's one-off lazy pandas import,
+what other processes' load does not inflate. Module imports, pyarrow's one-off lazy pandas import,
 the first ``model_validate_json`` (reported as ``validation_warmup_s``, from the whole-export child)
-and one extraction happen before any clock starts. Targets (issue 2): at least 0.5x the orjson rate,
+and one extraction happen before any clock starts. Targets: at least 0.5x the orjson rate,
 at least 15x the pydantic rate, peak RSS under 1 GiB for 2 million Observations.
 """
 

@@ -6,7 +6,7 @@ uses) and, for comparison, with ``cryptography``'s OpenSSL backend, which verifi
 here. The ratios show what our encoding and checks cost on top of the cryptography
 (absolute rates swing with the load of a shared machine; the ratio does not). Rates are per second of
 this process's CPU time (``time.process_time``), i.e. per core, so time spent waiting for a core on a
-busy machine is not counted against us. Targets (issue 3):
+busy machine is not counted against us. Targets:
 sign >= 20,000/s and verify >= 10,000/s.
 """
 

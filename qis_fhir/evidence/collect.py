@@ -14,7 +14,7 @@ site's ``as_of`` is the day its packets' seq stands for (``release.day_of_seq``:
 re-sent unchanged on purpose (disclosure control, ``docs/packets.md``), so one site's packets carry
 several dates and an old seq is data, not an error.
 
-The output is the evidence contract's *site rows*: one row per site x cell with pseudonymous site
+The output is the pooling stage's input, *site rows* (``pooling.SITE_COLUMNS``): one row per site x cell with pseudonymous site
 labels ("Hospital A", sorted by site id); real site ids stay in ``Collection.sites`` and
 ``provenance.json`` only.
 """
@@ -82,7 +82,7 @@ class Collection:
         ]
 
     def site_rows(self) -> pd.DataFrame:
-        """The contract's site rows: one per site x cell, cohort decoded through the grid."""
+        """The site rows pooling reads: one per site x cell, cohort decoded through the grid."""
         import pandas as pd
 
         labels = self.labels

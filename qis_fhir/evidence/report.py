@@ -216,7 +216,7 @@ def report_data(pooled: pd.DataFrame, per_site: pd.DataFrame, provenance: dict, 
     if unknown:
         raise EvidenceInvalidError(f"{POOLED_NAME} carries flags the report cannot explain: {', '.join(unknown)}")
 
-    bands = [str(b) for b in dict.fromkeys(pooled["age_band"])]  # in the mapping's order (contract)
+    bands = [str(b) for b in dict.fromkeys(pooled["age_band"])]  # in the mapping's order (sorted by age_band_order above)
     known_sexes = list(_SEX_LABEL)
     sexes = sorted({str(s) for s in pooled["sex"]}, key=lambda s: (known_sexes.index(s) if s in known_sexes else len(known_sexes), s))
     conditions = pooled.drop_duplicates("condition").sort_values("condition_display")

@@ -1,4 +1,4 @@
-"""On demand, not in CI: run the extract bench several times and judge issue 2's targets on the median.
+"""On demand, not in CI: run the extract bench several times and judge the extract targets on the median.
 
     uv run --frozen python tests/benchmarks/extract_targets.py [--runs 5] [--observations 200000] [--export DIR]
 

@@ -1,5 +1,5 @@
 """Adversarial suite: every forged, tampered, replayed, unknown or malformed packet is rejected with
-the right reason, and every honest packet is accepted (issue 3, "Done when")."""
+the right reason, and every honest packet is accepted."""
 
 from __future__ import annotations
 
