@@ -162,6 +162,7 @@ def _build_measures(doc: YamlDoc, errors: list[str]) -> dict[str, OutcomeMeasure
             plausible_max=high,
             episode_gap_days=m["episode_gap_days"],
             description=m.get("description", ""),
+            washout_days=m.get("washout_days"),
         )
     return measures
 

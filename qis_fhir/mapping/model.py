@@ -81,6 +81,9 @@ class OutcomeMeasure:
     plausible_max: float  # outside it are never a baseline or follow-up (quality.yaml reads it too)
     episode_gap_days: int  # requests closer than this continue one episode
     description: str = ""
+    # new-user washout: no request of the treatment in the washout_days before the start and at least
+    # that much recorded history; None (mapping v1) = every episode start is a treatment start
+    washout_days: int | None = None
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,9 @@ CHANGE_MEASURE = {
             "maxItems": 2,
         },
         "episode_gap_days": {"type": "integer", "minimum": 1, "maximum": 36500},
+        # new-user design: no request of the treatment in the washout_days before the start, and at
+        # least washout_days of recorded history before it (absent = every episode start counts)
+        "washout_days": {"type": "integer", "minimum": 1, "maximum": 36500},
     },
     "required": [
         "loinc",

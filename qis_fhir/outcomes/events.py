@@ -48,6 +48,8 @@ EVENT_COLUMNS = [
 #: Why an episode yields no event, checked in this order (the first that applies is counted).
 EXCLUSION_REASONS = [
     "patient_unknown",  # the request's patient is not in the patients table
+    "not_new_user",  # washout: a request of the same treatment in the washout_days before the start
+    "short_history",  # washout: the patient's records begin less than washout_days before the start
     "baseline_unit_mismatch",  # no baseline in the measure's unit, but one in another unit
     "baseline_implausible",  # no baseline in the measure's plausible range, but one outside it
     "no_baseline",  # no value at all in the baseline window
@@ -178,11 +180,15 @@ def derive_outcome_events(tables: dict[str, pd.DataFrame], mapping: MappingSet) 
     ep = find_values(episodes, obs)
     pat = patients[["patient_key", "sex", "birth_date"]].drop_duplicates("patient_key")
     ep = ep.merge(pat.assign(_known=True), on="patient_key", how="left")
+    ep = _washout(ep, requests, mapping, {**tables, "conditions": conditions, "medication_requests": requests,
+                                          "observations": observations})
 
     data_end = obs["obs_day"].max() if len(obs) else -np.inf
     reason = np.select(
         [
             ep["_known"].isna().to_numpy(),
+            ep["prior_request"].to_numpy(),
+            ep["short_history"].to_numpy(),
             ep["baseline_mismatch"].to_numpy(),
             ep["baseline_implausible"].to_numpy(),
             ep["baseline_value"].isna().to_numpy(),
@@ -221,6 +227,57 @@ def derive_outcome_events(tables: dict[str, pd.DataFrame], mapping: MappingSet) 
                    "encounters": _ensure_utc(tables["encounters"], ["period_start", "period_end"])}
         units, summary["control"] = derive_control_units(ctables, links, mapping)
     return OutcomeResult(events=events, summary=summary, units=units)
+
+
+#: The dated records that show a patient is under observation, for the new-user washout: the
+#: patient's earliest one marks where the extract's history of that patient begins. A birth date is
+#: not a record (every patient has one), nor is an abatement or a deceased date.
+HISTORY_COLUMNS = {"conditions": "onset", "medication_requests": "authored_on", "observations": "effective",
+                   "encounters": "period_start"}
+
+
+def first_record_days(tables: dict[str, pd.DataFrame]) -> pd.Series:
+    """Per patient_key, the day number of the earliest dated record in ``HISTORY_COLUMNS``' tables
+    (a table absent from ``tables`` counts as empty)."""
+    parts = []
+    for name, col in HISTORY_COLUMNS.items():
+        table = tables.get(name)
+        if table is None:
+            continue
+        table = table.dropna(subset=[col])
+        parts.append(pd.DataFrame({"patient_key": table["patient_key"].astype("object").to_numpy(),
+                                   "day": day_number(pd.to_datetime(table[col], utc=True)).to_numpy()}))
+    if not parts:
+        return pd.Series(dtype="int64")
+    return pd.concat(parts, ignore_index=True).groupby("patient_key")["day"].min()
+
+
+def _washout(ep: pd.DataFrame, requests: pd.DataFrame, mapping: MappingSet, tables: dict) -> pd.DataFrame:
+    """Flag the episodes of washout measures that are not a new user's start: ``prior_request`` when
+    the patient has a request of the same treatment (any request of its RxNorm codes, linked to a
+    condition or not) on one of the ``washout_days`` days before the start day, ``short_history``
+    when the patient's first record (``first_record_days``) is less than ``washout_days`` before it.
+    Measures without ``washout_days`` (mapping v1) flag nothing."""
+    washout = {m.id: m.washout_days for m in mapping.measures.values() if m.washout_days is not None}
+    ep = ep.assign(prior_request=False, short_history=False)
+    if not washout or ep.empty:
+        return ep
+    w = ep["measure"].map(washout)
+    has = w.notna().to_numpy()
+    treated = requests.dropna(subset=["authored_on"]).merge(mapping.treatment_code_table(),
+                                                             on=["code_system", "code"])
+    treated = pd.DataFrame({"patient_key": treated["patient_key"].astype("object").to_numpy(),
+                            "treatment_code": treated["treatment_code"].to_numpy(),
+                            "req_day": day_number(treated["authored_on"]).to_numpy()})
+    cand = ep.loc[has, ["episode_id", "patient_key", "treatment_code", "start_day"]].assign(
+        w=w[has].to_numpy(), patient_key=lambda d: d["patient_key"].astype("object"))
+    pairs = cand.merge(treated, on=["patient_key", "treatment_code"])
+    before = pairs["start_day"] - pairs["req_day"]
+    prior = set(pairs.loc[(before >= 1) & (before <= pairs["w"]), "episode_id"])
+    first = cand["patient_key"].map(first_record_days(tables))
+    short = set(cand.loc[(cand["start_day"] - first < cand["w"]).fillna(True).to_numpy(), "episode_id"])
+    return ep.assign(prior_request=ep["episode_id"].isin(prior).to_numpy(),
+                     short_history=ep["episode_id"].isin(short).to_numpy())
 
 
 def _counts(ep: pd.DataFrame, key: str, ids: list[str]) -> dict[str, dict]:

@@ -220,6 +220,8 @@ def test_every_episode_is_an_event_or_has_one_reason(tb):
     assert s["totals"]["events"] + s["totals"]["excluded"] == s["totals"]["episodes"]
     assert s["exclusion_reasons"] == {
         "patient_unknown": 1,
+        "not_new_user": 0,  # mapping v1 declares no washout
+        "short_history": 0,
         "baseline_unit_mismatch": 1,
         "baseline_implausible": 1,
         "no_baseline": 1,

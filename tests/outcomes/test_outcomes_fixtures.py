@@ -69,3 +69,26 @@ def test_bulk10_links_lisinopril_metformin_and_insulin(fixtures_dir, tmp_path_fa
                                       for c in ("314076", "860975", "106892"))
     assert tx[lisinopril]["episodes"] >= 1 and tx[metformin]["episodes"] >= 1 and tx[insulin]["episodes"] >= 1
     assert s["totals"]["linked_by_reference"] >= 700
+
+
+def test_r4_v1_events_are_those_before_the_washout_existed(r4):
+    """Mapping v1 declares no washout: the same six events (ids and values) and exclusions as the
+    design had before washout_days existed, measured on this fixture with this test's secret."""
+    import hashlib
+
+    _, _, result = r4
+    ev, s = result.events, result.summary
+    ids = hashlib.sha256("\n".join(sorted(ev["event_id"])).encode()).hexdigest()
+    assert ids == "b46a9448b636c81edd53c206ea288ec19998fae54f761e58dc3d5034fb3fbd3a"
+    assert round(ev["baseline_value"].sum(), 6) == 1348.480894 and round(ev["followup_value"].sum(), 6) == 1047.930227
+    assert {k: v for k, v in s["exclusion_reasons"].items() if v} == {"no_baseline": 32, "followup_pending": 2,
+                                                                      "no_followup": 3}
+
+
+def test_r4_v2_washout_refuses_starts_without_a_year_of_history(r4):
+    from qis_fhir.mapping.loader import DEFAULT_MAPPING_DIR
+
+    _, tables, _ = r4
+    s = derive_outcome_events(tables, load_mapping(DEFAULT_MAPPING_DIR.parent / "v2")).summary
+    assert s["exclusion_reasons"]["short_history"] >= 10  # 14 of 45 episodes start within a year of the first record
+    assert s["totals"]["events"] + s["totals"]["excluded"] == s["totals"]["episodes"]
