@@ -132,6 +132,7 @@ def load_mapping(path: str | Path | None = None) -> MappingSet:
         measures=measures,
         cohorts=cohorts,
         control_measures=control,
+        treatment_classes={k: tuple(v) for k, v in docs["treatments.yaml"].data.get("treatment_classes", {}).items()},
         _condition_index=condition_index,
         _treatment_index=treatment_index,
     )

@@ -174,6 +174,8 @@ class MappingSet:
     measures: dict[str, OutcomeMeasure]  # the change measures (outcome events, packets)
     cohorts: CohortSpec
     control_measures: dict[str, ControlMeasure] = field(default_factory=dict)  # per-year control units
+    # class name -> RxNorm codes of that treatment class, mapped or not (unmapped ones are counted)
+    treatment_classes: dict[str, tuple[str, ...]] = field(default_factory=dict)
     _condition_index: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
     _treatment_index: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
 

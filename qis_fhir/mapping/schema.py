@@ -80,7 +80,14 @@ TREATMENTS_SCHEMA = {
                 }
             },
             "additionalProperties": False,
-        }
+        },
+        # class name -> RxNorm codes of a treatment class, mapped or not: the outcome summary counts
+        # how often the class's codes occur unmapped (docs/mappings.md)
+        "treatment_classes": {
+            "type": "object",
+            "patternProperties": {ID: CODE_LIST},
+            "additionalProperties": False,
+        },
     },
     "required": ["treatments"],
     "additionalProperties": False,

@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 
 from qis_fhir.files import write_json
-from qis_fhir.mapping import UNKNOWN, MappingSet
+from qis_fhir.mapping import RXNORM, UNKNOWN, MappingSet
 from qis_fhir.outcomes.ages import age_bands, age_years
 from qis_fhir.outcomes.linkage import link_requests
-from qis_fhir.outcomes.windows import day_number, find_values, measure_observations, measure_table
+from qis_fhir.outcomes.windows import day_number, find_values, measure_observations, measure_table, one_of
 
 OUTCOME_EVENTS = "outcome_events.parquet"
 OUTCOME_SUMMARY = "outcome_summary.json"
@@ -219,6 +219,8 @@ def derive_outcome_events(tables: dict[str, pd.DataFrame], mapping: MappingSet) 
     events = events.sort_values(["bucket", "treatment_code", "start", "event_id"], kind="stable").reset_index(drop=True)
 
     summary = _summary(ep, events, mapping, link_counts, obs_counts)
+    if mapping.treatment_classes:
+        summary["treatment_classes"] = class_coverage(requests, mapping)
     units = None
     if mapping.control_measures:
         from qis_fhir.outcomes.control import derive_control_units
@@ -227,6 +229,21 @@ def derive_outcome_events(tables: dict[str, pd.DataFrame], mapping: MappingSet) 
                    "encounters": _ensure_utc(tables["encounters"], ["period_start", "period_end"])}
         units, summary["control"] = derive_control_units(ctables, links, mapping)
     return OutcomeResult(events=events, summary=summary, units=units)
+
+
+def class_coverage(requests: pd.DataFrame, mapping: MappingSet) -> dict[str, dict]:
+    """Per class of ``treatment_classes``: how many requests carry one of its RxNorm codes, how many
+    of those the mapping leaves unmapped, and the unmapped count per code. Codes of the YAML list
+    and counts only: never a display text, key or date of the record. Every request counts,
+    whatever its status: the question is which prescriptions the mapping cannot see."""
+    rx = requests[one_of(requests["code_system"], [RXNORM])]
+    counts = rx["code"].astype("object").value_counts()
+    out = {}
+    for name, codes in mapping.treatment_classes.items():
+        seen = {c: int(counts.get(c, 0)) for c in codes}
+        unmapped = {c: n for c, n in sorted(seen.items()) if n and mapping.treatment_for(RXNORM, c) is None}
+        out[name] = {"requests": sum(seen.values()), "unmapped": sum(unmapped.values()), "unmapped_codes": unmapped}
+    return out
 
 
 #: The dated records that show a patient is under observation, for the new-user washout: the

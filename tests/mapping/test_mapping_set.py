@@ -249,3 +249,34 @@ def test_empty_followup_window(v1):
 def test_empty_plausible_range(v1):
     line = edit(v1 / "outcomes.yaml", "plausible_range: [2, 25]", "plausible_range: [25, 2]")
     assert error_of(v1) == f"outcomes.yaml:{line}: measures.hba1c.plausible_range: plausible range [25, 2] is empty"
+
+
+# --- new keys of mapping v2: washout and treatment classes ----------------------------------------
+@pytest.fixture
+def v2(tmp_path) -> Path:
+    """A private copy of mappings/v2 to break."""
+    return Path(shutil.copytree(DEFAULT_MAPPING_DIR.parent / "v2", tmp_path / "v2"))
+
+
+def test_v2_declares_a_year_of_washout_and_the_treatment_classes():
+    m = load_mapping(DEFAULT_MAPPING_DIR.parent / "v2")
+    assert {k: x.washout_days for k, x in m.measures.items()} == {"systolic_bp": 365, "total_cholesterol": 365,
+                                                                  "hba1c": 365}
+    assert set(m.treatment_classes) == {"antihypertensive", "statin", "glucose_lowering"}
+    assert "197361" in m.treatment_classes["antihypertensive"]  # amlodipine
+
+
+def test_v1_declares_neither():
+    m = load_mapping()
+    assert all(x.washout_days is None for x in m.measures.values()) and m.treatment_classes == {}
+
+
+def test_washout_of_zero_days_is_refused(v2):
+    line = edit(v2 / "outcomes.yaml", "    episode_gap_days: 400\n    washout_days: 365\n\n  total_cholesterol",
+                "    episode_gap_days: 400\n    washout_days: 0\n\n  total_cholesterol") + 1
+    assert error_of(v2).startswith(f"outcomes.yaml:{line}: measures.systolic_bp.washout_days: 0 is less than")
+
+
+def test_unquoted_class_code_is_refused_with_its_line(v2):
+    line = edit(v2 / "treatments.yaml", '    - "897718"   # Verapamil', "    - 897718   # Verapamil")
+    assert error_of(v2).startswith(f"treatments.yaml:{line}: treatment_classes.antihypertensive[9]:")

@@ -101,3 +101,24 @@ def test_a_request_of_another_treatment_does_not_refuse_the_start(tb):
     result = derive_outcome_events(tb.tables(), short_gap(V2))
     by_tx = result.summary["by_treatment"]
     assert by_tx["TX_0001"]["events"] == 1 and by_tx["TX_0001"]["excluded"]["not_new_user"] == 0
+
+
+def test_unmapped_codes_of_a_treatment_class_are_counted_by_code(tb):
+    tb.patient()
+    c = tb.condition(onset=-1000)
+    tb.request(code="316052", when=-50)  # HCTZ 6.25 MG: antihypertensive, mapped to no treatment
+    tb.request(code="316052", when=-20, status="stopped")  # every status counts
+    tb.request(code="897718", when=-10)  # verapamil: antihypertensive, unmapped
+    tb.request(code="316049", when=0, reasons=[c])  # HCTZ 25 MG: mapped (TX_0001)
+    tb.request(code="313782", when=0)  # acetaminophen: in no class
+    s = derive_outcome_events(tb.tables(), V2).summary
+    assert s["treatment_classes"] == {
+        "antihypertensive": {"requests": 4, "unmapped": 3, "unmapped_codes": {"316052": 2, "897718": 1}},
+        "statin": {"requests": 0, "unmapped": 0, "unmapped_codes": {}},
+        "glucose_lowering": {"requests": 0, "unmapped": 0, "unmapped_codes": {}},
+    }
+
+
+def test_mapping_v1_summary_has_no_treatment_classes(tb):
+    episode(tb)
+    assert "treatment_classes" not in derive_outcome_events(tb.tables(), load_mapping()).summary

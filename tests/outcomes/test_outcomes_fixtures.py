@@ -92,3 +92,6 @@ def test_r4_v2_washout_refuses_starts_without_a_year_of_history(r4):
     s = derive_outcome_events(tables, load_mapping(DEFAULT_MAPPING_DIR.parent / "v2")).summary
     assert s["exclusion_reasons"]["short_history"] >= 10  # 14 of 45 episodes start within a year of the first record
     assert s["totals"]["events"] + s["totals"]["excluded"] == s["totals"]["episodes"]
+    # HCTZ 6.25 MG, metoprolol and verapamil are antihypertensives v2 does not map
+    assert s["treatment_classes"]["antihypertensive"]["unmapped_codes"] == {"316052": 2, "866414": 9, "897718": 3}
+    assert s["treatment_classes"]["statin"]["unmapped"] == 0
