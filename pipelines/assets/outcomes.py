@@ -2,7 +2,6 @@
 
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
-from pipelines.assets.checks import quality_check_results, quality_check_specs
 from pipelines.assets.extract import fhir_extract
 from pipelines.assets.mapping import mapping_set
 from pipelines.partitions import daily_exports
@@ -14,7 +13,6 @@ from pipelines.resources import SiteConfig
     group_name="outcomes",
     kinds={"parquet"},
     deps=[fhir_extract, mapping_set],
-    check_specs=quality_check_specs("outcome_events", ("outcome_events",)),
     description=(
         "One row per treatment episode with a baseline and a follow-up value (outcome_events.parquet); "
         "outcome_summary.json counts events by bucket and treatment and every other episode by reason."
@@ -31,7 +29,7 @@ def outcome_events(context: AssetExecutionContext, site: SiteConfig) -> Material
     # the events (or anything derived from them) for finished
     with amend_stage(out_dir, OUTCOMES) as run:
         result = outcomes_step(run, mapping)
-        report = quality_step(run, mapping, "outcome_events")
+        quality_step(run, mapping, "outcome_events")  # its verdict is the outcome_events_quality check's
 
     totals = result.summary["totals"]
     return MaterializeResult(
@@ -47,5 +45,4 @@ def outcome_events(context: AssetExecutionContext, site: SiteConfig) -> Material
             "events_file": MetadataValue.path(str(out_dir / OUTCOME_EVENTS)),
             "quality_report": MetadataValue.path(str(quality_report_path(out_dir, "outcome_events"))),
         },
-        check_results=quality_check_results(report),
     )

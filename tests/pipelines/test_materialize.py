@@ -8,15 +8,29 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
-from dagster import AssetKey, materialize
+from dagster import AssetKey, AssetSelection, Definitions, define_asset_job, materialize
 
-from pipelines.assets import fhir_extract, mapping_set, outcome_events
+from pipelines.assets import ALL_CHECKS, fhir_extract, mapping_set, outcome_events
+from pipelines.assets.checks import check_name
+from pipelines.partitions import daily_exports
 from pipelines.resources import SiteConfig
 
 REPO = Path(__file__).resolve().parents[2]  # not "from conftest": several test folders have one
 
 PARTITION = "2026-11-27"
-THROUGH_EVENTS = [mapping_set, fhir_extract, outcome_events]  # what a site without keys for a network can run
+THROUGH_EVENTS = [mapping_set, fhir_extract, outcome_events, *ALL_CHECKS]  # what a site without keys for a network can run
+
+
+def _run_check_alone(table: str, site: SiteConfig, instance):
+    """Execute the one quality check of ``table`` for PARTITION, nothing else (the UI's "Execute")."""
+    check = next(c for c in ALL_CHECKS if c.check_key.name == check_name(table))
+    job = define_asset_job("one_check", selection=AssetSelection.checks(check), partitions_def=daily_exports)
+    defs = Definitions(assets=THROUGH_EVENTS[:3], asset_checks=ALL_CHECKS, jobs=[job], resources={"site": site})
+    # the partition as a run tag, as the UI launches it (execute_in_process(partition_key=...) wants a
+    # selected asset to take the partitions from; a check-only selection has none)
+    result = defs.resolve_job_def("one_check").execute_in_process(tags={"dagster/partition": PARTITION}, instance=instance, raise_on_error=False)
+    assert _materialized_assets(result) == {}  # no asset ran: the check read the partition's report
+    return _checks(result)
 
 
 def _site(export_dir: Path, tmp_path: Path, mapping_dir: Path | None = None) -> SiteConfig:
@@ -64,6 +78,8 @@ def test_all_assets_materialise_on_synthea_fixture(fixtures_dir, tmp_path, insta
 
     checks = _checks(result)
     assert len(checks) == 7 and all(checks.values()), checks
+    # one check on its own, for this partition, after the materialisation
+    assert _run_check_alone("observations", site, instance) == {"observations_quality": True}
 
     out = tmp_path / "out" / PARTITION
     for name in ["extract/summary.json", "quarantine.ndjson", "outcome_events.parquet", "outcome_summary.json",
@@ -112,6 +128,11 @@ def test_failing_quality_check_blocks_downstream_asset(fixtures_dir, tmp_path, i
     assert not (tmp_path / "out" / PARTITION / "outcome_events.parquet").exists()
     report = json.loads((tmp_path / "out" / PARTITION / "quality" / "extract.json").read_text())
     assert report["tables"]["patients"]["success"] is False
+    # blocking: Dagster never started the downstream step (the library would refuse it too)
+    assert "outcome_events" not in {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"}
+    # the failed check executed on its own for this partition fails again; a passing one passes
+    assert _run_check_alone("patients", site, instance) == {"patients_quality": False}
+    assert _run_check_alone("conditions", site, instance) == {"conditions_quality": True}
 
 
 def test_missing_export_folder_fails_the_extract(tmp_path, instance):
