@@ -10,9 +10,11 @@ from dagster import (
     asset,
 )
 
+from pipelines.assets.metadata import asset_info, column_schema
 from pipelines.partitions import daily_exports
 from pipelines.resources import SiteConfig
 from qis_fhir.fhir import TABLE_NAMES
+from qis_fhir.fhir.schema import TABLES
 
 COUNTS_CHECK = "every_line_accounted_for"
 
@@ -21,6 +23,9 @@ COUNTS_CHECK = "every_line_accounted_for"
     partitions_def=daily_exports,
     group_name="extract",
     kinds={"parquet"},
+    **asset_info("extract", phi=True, uses_mapping=True),  # the mapping's quality suites check it
+    # one asset, five tables: a column schema per table (``dagster/column_schema`` holds one)
+    metadata={f"column_schema/{t}": column_schema(TABLES[t]) for t in TABLE_NAMES},
     check_specs=[
         AssetCheckSpec(
             COUNTS_CHECK,

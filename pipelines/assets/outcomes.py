@@ -4,6 +4,7 @@ from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, ass
 
 from pipelines.assets.extract import fhir_extract
 from pipelines.assets.mapping import mapping_set
+from pipelines.assets.metadata import asset_info, column_schema
 from pipelines.partitions import daily_exports
 from pipelines.resources import SiteConfig
 
@@ -12,6 +13,7 @@ from pipelines.resources import SiteConfig
     partitions_def=daily_exports,
     group_name="outcomes",
     kinds={"parquet"},
+    **asset_info("outcomes", phi=True, uses_mapping=True),
     deps=[fhir_extract, mapping_set],
     description=(
         "One row per treatment episode with a baseline and a follow-up value (outcome_events.parquet); "
@@ -19,6 +21,8 @@ from pipelines.resources import SiteConfig
     ),
 )
 def outcome_events(context: AssetExecutionContext, site: SiteConfig) -> MaterializeResult:
+    import pyarrow.parquet as pq
+
     from qis_fhir.outcomes.events import OUTCOME_EVENTS
     from qis_fhir.runfolder import OUTCOMES
     from qis_fhir.stages import amend_stage, outcomes_step, quality_report_path, quality_step
@@ -35,6 +39,7 @@ def outcome_events(context: AssetExecutionContext, site: SiteConfig) -> Material
     return MaterializeResult(
         metadata={
             "dagster/row_count": len(result.events),
+            "dagster/column_schema": column_schema(pq.read_schema(out_dir / OUTCOME_EVENTS)),
             "events": len(result.events),
             "episodes": totals["episodes"],
             "responded": totals["responded"],

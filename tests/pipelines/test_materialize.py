@@ -8,12 +8,16 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 from dagster import AssetKey, AssetSelection, Definitions, define_asset_job, materialize
 
 from pipelines.assets import ALL_CHECKS, fhir_extract, mapping_set, outcome_events
 from pipelines.assets.checks import check_name
+from pipelines.assets.metadata import column_schema
 from pipelines.partitions import daily_exports
 from pipelines.resources import SiteConfig
+from qis_fhir.fhir import TABLE_NAMES
+from qis_fhir.outcomes.events import EVENT_COLUMNS
 
 REPO = Path(__file__).resolve().parents[2]  # not "from conftest": several test folders have one
 
@@ -82,6 +86,13 @@ def test_all_assets_materialise_on_synthea_fixture(fixtures_dir, tmp_path, insta
     assert _run_check_alone("observations", site, instance) == {"observations_quality": True}
 
     out = tmp_path / "out" / PARTITION
+    # the column schemas the UI shows are the Parquet files' columns, in order
+    extract_meta = fhir_extract.specs_by_key[AssetKey("fhir_extract")].metadata
+    for table in TABLE_NAMES:
+        written = column_schema(pq.read_schema(out / "extract" / f"{table}.parquet"))
+        assert [(c.name, c.type) for c in extract_meta[f"column_schema/{table}"].columns] == [(c.name, c.type) for c in written.columns]
+    events_schema = [c.name for c in mats["outcome_events"]["dagster/column_schema"].value.columns]
+    assert events_schema == list(pq.read_schema(out / "outcome_events.parquet").names) == EVENT_COLUMNS
     for name in ["extract/summary.json", "quarantine.ndjson", "outcome_events.parquet", "outcome_summary.json",
                  "quality/extract.json", "quality/outcome_events.json"]:
         assert (out / name).exists(), name
