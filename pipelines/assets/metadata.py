@@ -75,11 +75,14 @@ def pooled_preview(pooled: pd.DataFrame, rows: int = PREVIEW_ROWS) -> MetadataVa
     """The pooled table's largest cohorts as Markdown: cohort, treatment, patients, sites, response
     (pooled share of responders with its interval). Pooled cells only: nothing below the network's
     minimum cell size is in the table."""
+    from qis_fhir.evidence.report import age_label, fmt_pct, fmt_range, sex_label  # the clinician report's wording
+
     top = pooled.sort_values("patients", ascending=False, kind="stable").head(rows)
-    lines = ["| cohort | treatment | patients | sites | response |", "| --- | --- | ---: | ---: | --- |"]
+    lines = ["| cohort | treatment | patients | sites | response (95% CI) |", "| --- | --- | ---: | ---: | --- |"]
     for r in top.itertuples(index=False):
-        cohort = f"{r.condition_display}, {r.age_band}, {r.sex}"
-        response = "-" if pd.isna(r.resp_pooled) else f"{r.resp_pooled:.0%} ({r.resp_pooled_lo:.0%}-{r.resp_pooled_hi:.0%})"
+        cohort = f"{r.condition_display}, {sex_label(r.sex)}, {age_label(r.age_band)}"
+        share, interval = fmt_pct(r.resp_pooled), fmt_range(r.resp_pooled_lo, r.resp_pooled_hi, fmt_pct)
+        response = f"{share} ({interval})" if interval else share or "-"  # "-": a continuous measure without a share
         lines.append(f"| {cohort} | {r.treatment_display} | {r.patients} | {r.sites} | {response} |")
     return MetadataValue.md("\n".join(lines))
 

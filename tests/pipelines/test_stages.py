@@ -16,7 +16,15 @@ import pandas as pd
 import pytest
 from dagster import RetryPolicy, materialize
 
-from pipelines.assets import ALL_ASSETS, ALL_CHECKS, evidence_tables, fhir_extract, mapping_set, outcome_events, outcome_packets
+from pipelines.assets import (
+    ALL_ASSETS,
+    ALL_CHECKS,
+    evidence_tables,
+    fhir_extract,
+    mapping_set,
+    outcome_events,
+    outcome_packets,
+)
 from pipelines.assets.metadata import PREVIEW_ROWS
 from pipelines.assets.network import publish_asset
 from pipelines.resources import DhtConfig, SiteConfig
@@ -215,6 +223,9 @@ def test_the_whole_graph_for_one_site_against_a_local_dht(site_world, tmp_path, 
     assert len(rows) == min(PREVIEW_ROWS, len(pooled))
     assert [int(r[2]) for r in rows] == sorted(pooled["patients"], reverse=True)[: len(rows)]
     assert {int(r[3]) for r in rows} == {1}
+    # the response as the clinician report words it: the pooled share and its interval, for the top cohort too
+    top = pooled.sort_values("patients", ascending=False, kind="stable").iloc[0]
+    assert rows[0][4].rstrip(" |") == f"{top.resp_pooled * 100:.1f}% ({top.resp_pooled_lo * 100:.1f}% to {top.resp_pooled_hi * 100:.1f}%)"
     assert (out / "evidence" / "report.html").exists()
     assert _json(out / "evidence" / "provenance.json")["run_date"] == PARTITION
 
