@@ -5,7 +5,7 @@ Dagster takes the partition from the run, so a check reads one partition's folde
 them). The asset runs the suites (``qis_fhir.stages.quality_step``, which writes
 ``quality/<part>.json`` pass or fail); the check reads that report for its table. So a check in the
 asset's run costs a file read, and the same check launched alone for one partition (the UI's
-"Execute", or ``materialize(..., selection=AssetSelection.checks(...))``) reports the partition's
+"Execute", or a job selecting ``AssetSelection.checks(...)`` run with the ``dagster/partition`` tag) reports the partition's
 last materialisation without re-running great-expectations. ``blocking=True``: a failed suite stops
 every downstream asset of the run, as ``QualityReport.raise_for_failure`` stops ``qis-fhir run``; the
 library's ``require_quality`` refuses to build on a failed report either way.
@@ -42,6 +42,7 @@ def quality_check(asset: str, part: str, table: str) -> AssetChecksDefinition:
         f"as recorded in the partition's quality/{part}.json",
     )
     def _check(context: AssetCheckExecutionContext, site: SiteConfig) -> AssetCheckResult:
+        from qis_fhir.quality.report import format_expectation
         from qis_fhir.stages import read_quality_suite
 
         report, suite = read_quality_suite(site.out_path(context.partition_key), part, table)
@@ -56,8 +57,7 @@ def quality_check(asset: str, part: str, table: str) -> AssetChecksDefinition:
                 "warnings": suite["warnings"],
                 "mapping_version": report["mapping_version"],
                 "suites_sha256": report["suites_sha256"],
-                # the rule and what was observed (counts, never a cell value)
-                "failures": MetadataValue.md("\n".join(f"- {r['expectation']}: {r['observed']}" for r in failures) or "none"),
+                "failures": MetadataValue.md("\n".join(f"- {format_expectation(r)}" for r in failures) or "none"),
             },
         )
 

@@ -4,6 +4,7 @@ blocks downstream. (Packets, publishing and evidence: tests/pipelines/test_stage
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -143,6 +144,10 @@ def test_failing_quality_check_blocks_downstream_asset(fixtures_dir, tmp_path, i
     assert "outcome_events" not in {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"}
     # the failed check executed on its own for this partition fails again; a passing one passes
     assert _run_check_alone("patients", site, instance) == {"patients_quality": False}
+    # ...saying which rule failed, where it is written and what was counted (no cell value)
+    failures = next(e.asset_check_evaluation_data.metadata["failures"].value for e in result.all_events
+                    if e.event_type_value == "ASSET_CHECK_EVALUATION" and e.asset_check_evaluation_data.check_name == "patients_quality")
+    assert re.fullmatch(r"- quality\.yaml:\d+ in_set on sex: observed \d+ of \d+ rows unexpected.*; expected .*", failures)
     assert _run_check_alone("conditions", site, instance) == {"conditions_quality": True}
 
 
