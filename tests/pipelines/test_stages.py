@@ -205,6 +205,10 @@ def test_the_whole_graph_for_one_site_against_a_local_dht(site_world, tmp_path, 
     assert result.success
     mats = _materialized(result)
     assert set(mats) == {a.key.to_user_string() for a in ALL_ASSETS}
+    # the nightly job runs every quality check of the partition, each passing
+    evaluations = {e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data.passed
+                   for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
+    assert {c.check_key.name for c in ALL_CHECKS} <= set(evaluations) and all(evaluations.values()), evaluations
     out = tmp_path / "dagster" / PARTITION
     packets = len((out / "packets.ndjson").read_text().splitlines())
     assert packets > 0
