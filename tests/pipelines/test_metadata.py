@@ -3,7 +3,8 @@ the mapping, and per-partition blocking quality checks."""
 
 from __future__ import annotations
 
-import importlib
+import shutil
+from importlib.metadata import version
 from pathlib import Path
 
 from dagster import AssetKey
@@ -12,7 +13,7 @@ from pipelines.assets import ALL_ASSETS, ALL_CHECKS
 from qis_fhir.mapping import load_mapping
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGE_VERSION = importlib.metadata.version("qis-fhir")
+PACKAGE_VERSION = version("qis-fhir")
 #: the assets derived under the mapping set: their code version carries its content hash
 UNDER_MAPPING = {"mapping_set", "fhir_extract", "outcome_events", "outcome_packets"}
 
@@ -34,8 +35,6 @@ def test_every_asset_has_owners_tags_and_a_code_version_with_the_mapping_hash():
 
 
 def test_a_changed_mapping_changes_the_code_version(tmp_path, monkeypatch):
-    import shutil
-
     import pipelines.assets.metadata as metadata
 
     mapping_dir = tmp_path / "mappings" / "v1"
