@@ -159,3 +159,11 @@ def test_missing_export_folder_fails_the_extract(tmp_path, instance):
     )
     assert not result.success
     assert "outcome_events" not in _materialized_assets(result)
+
+
+def test_a_check_of_a_partition_never_materialised_fails_saying_so(tmp_path, instance):
+    site = _site(tmp_path / "export", tmp_path)
+    assert _run_check_alone("patients", site, instance) == {}  # no verdict: the check step itself failed
+    failure = next(e for e in instance.all_logs(instance.get_runs(limit=1)[0].run_id) if e.dagster_event and e.dagster_event.event_type_value == "STEP_FAILURE")
+    cause = failure.dagster_event.step_failure_data.error.cause
+    assert cause.cls_name == "QualityError" and "the extract tables of this partition were never checked" in cause.message
