@@ -1,14 +1,14 @@
 """The Dagster code location of qis-fhir (``[tool.dagster] module_name``): assembles, defines nothing.
 
-Quality suites are asset checks declared with ``check_specs`` on the assets themselves (see
-``pipelines/assets/checks.py``), so there are no separate ``@asset_check`` definitions to list.
+Quality suites are partitioned, blocking ``@asset_check`` definitions of their own
+(``pipelines/assets/checks.py``), so each can be executed alone for one partition.
 """
 
 from __future__ import annotations
 
 from dagster import Definitions, in_process_executor
 
-from pipelines.assets import ALL_ASSETS
+from pipelines.assets import ALL_ASSETS, ALL_CHECKS
 from pipelines.jobs import daily_outcomes_job
 from pipelines.resources import RESOURCES
 from pipelines.schedules import nightly_outcomes_schedule
@@ -17,7 +17,7 @@ from pipelines.warehouse import WAREHOUSE, warehouse_from_env
 
 defs = Definitions(
     assets=ALL_ASSETS,
-    asset_checks=[],
+    asset_checks=ALL_CHECKS,
     jobs=[daily_outcomes_job],
     schedules=[nightly_outcomes_schedule],
     sensors=[new_export_sensor, run_failure_alert_sensor],

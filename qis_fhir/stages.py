@@ -153,6 +153,20 @@ def require_quality(folder: Path | str, part: str) -> None:
         raise QualityError(f"the {part} tables failed their quality suites (see {path}); nothing is derived from failed data")
 
 
+def read_quality_suite(folder: Path | str, part: str, table: str) -> tuple[dict, dict]:
+    """The ``part`` report of ``folder`` and its suite for ``table``, as ``quality_step`` wrote them.
+
+    What a Dagster check executed on its own reads: the verdict of the partition's last
+    materialisation, without running great-expectations again. ``QualityError`` when there is none."""
+    report = _read_report(Path(folder), part)
+    if report is None:
+        raise QualityError(f"{quality_report_path(folder, part)} does not exist: the {part} tables of this partition were never checked")
+    try:
+        return report, report["tables"][table]
+    except KeyError:
+        raise QualityError(f"{quality_report_path(folder, part)} has no suite result for table {table}") from None
+
+
 # ---------------------------------------------------------------------- steps
 def extract_step(run: Run, export_dir: Path | str, setup: SiteSetup, *, validate: str, sample_rate: float, progress: bool = False) -> ExtractSummary:
     """The export into ``extract/`` and ``quarantine.ndjson``; an export with nothing usable stops here."""

@@ -1,5 +1,6 @@
 """Dagster assets by stage group; each asset is a thin call of a ``qis_fhir.stages`` step."""
 
+from pipelines.assets.checks import QUALITY_CHECKS
 from pipelines.assets.extract import fhir_extract
 from pipelines.assets.mapping import mapping_set
 from pipelines.assets.network import evidence_tables, published_packets
@@ -10,5 +11,8 @@ from pipelines.assets.warehouse import outcome_events_table, pooled_outcomes_tab
 ALL_ASSETS = [mapping_set, fhir_extract, outcome_events, outcome_packets, published_packets, evidence_tables,
               outcome_events_table, pooled_outcomes_table]
 
-__all__ = ["ALL_ASSETS", "evidence_tables", "fhir_extract", "mapping_set", "outcome_events", "outcome_events_table", "outcome_packets",
+#: the asset checks defined on their own (the extract's line-count check is part of its asset)
+ALL_CHECKS = [*QUALITY_CHECKS]
+
+__all__ = ["ALL_ASSETS", "ALL_CHECKS", "evidence_tables", "fhir_extract", "mapping_set", "outcome_events", "outcome_events_table", "outcome_packets",
            "pooled_outcomes_table", "published_packets"]

@@ -3,6 +3,7 @@
 
 from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
 
+from pipelines.assets.metadata import asset_info
 from pipelines.partitions import daily_exports
 from pipelines.resources import SiteConfig
 
@@ -11,6 +12,7 @@ from pipelines.resources import SiteConfig
     partitions_def=daily_exports,
     group_name="mapping",
     kinds={"yaml"},
+    **asset_info("mapping", phi=False, uses_mapping=True),
     description=(
         "The versioned mapping set (condition buckets, treatment codes, outcome measures, cohorts, "
         "quality suites) loaded and schema-checked; its content hash is recorded by every event."

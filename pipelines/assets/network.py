@@ -12,6 +12,7 @@ from dagster import (
     asset,
 )
 
+from pipelines.assets.metadata import asset_info, column_schema, pooled_preview
 from pipelines.assets.packets import outcome_packets
 from pipelines.partitions import daily_exports
 from pipelines.resources import DhtConfig, SiteConfig
@@ -33,6 +34,7 @@ def publish_asset(retry_policy: RetryPolicy = PUBLISH_RETRY) -> AssetsDefinition
         partitions_def=daily_exports,
         group_name="network",
         kinds={"dht"},
+        **asset_info("network", phi=False, uses_mapping=False),
         deps=[outcome_packets],
         retry_policy=retry_policy,
         description=(
@@ -72,6 +74,7 @@ published_packets = publish_asset()
     partitions_def=daily_exports,
     group_name="network",
     kinds={"parquet", "html"},
+    **asset_info("network", phi=False, uses_mapping=False),
     deps=["published_packets"],
     description=(
         "The network's packets for every cohort, verified and pooled (evidence/pooled_outcomes.parquet and "
@@ -80,17 +83,23 @@ published_packets = publish_asset()
     ),
 )
 def evidence_tables(context: AssetExecutionContext, site: SiteConfig, dht: DhtConfig) -> MaterializeResult:
+    import pandas as pd
+    import pyarrow.parquet as pq
+
     from qis_fhir.stages import evidence_step
 
     out_dir = site.out_path(context.partition_key)
     result = evidence_step(out_dir, site.setup(), dht.addresses(), dht.bind, run_date=context.partition_key)
     prov = result.provenance
+    pooled_path = result.paths["pooled_outcomes"]
     return MaterializeResult(
         metadata={
             "dagster/row_count": prov["cells"],
             "packets_used": prov["packets_used"],
             "packets_rejected": MetadataValue.json(prov["packets_rejected"]),
             "sites": len(prov["sites"]),
+            "dagster/column_schema": column_schema(pq.read_schema(pooled_path)),
+            "preview": pooled_preview(pd.read_parquet(pooled_path)),
             "pooled_table": MetadataValue.path(str(result.paths["pooled_outcomes_csv"])),
             **({"report": MetadataValue.path(str(result.paths["report"]))} if "report" in result.paths else {}),
         },

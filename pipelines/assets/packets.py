@@ -2,6 +2,7 @@
 
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
+from pipelines.assets.metadata import asset_info
 from pipelines.assets.outcomes import outcome_events
 from pipelines.partitions import daily_exports
 from pipelines.resources import SiteConfig
@@ -11,6 +12,7 @@ from pipelines.resources import SiteConfig
     partitions_def=daily_exports,
     group_name="packets",
     kinds={"ndjson"},
+    **asset_info("packets", phi=False, uses_mapping=True),
     deps=[outcome_events],
     description=(
         "One signed packet per cell of at least the network's minimum cell size (packets.ndjson), seq = the "

@@ -9,6 +9,7 @@ the database is a copy for analysts and dashboards, so lineage shows where each 
 import pandas as pd
 from dagster import AssetExecutionContext, asset
 
+from pipelines.assets.metadata import asset_info
 from pipelines.assets.network import evidence_tables
 from pipelines.assets.outcomes import outcome_events
 from pipelines.partitions import daily_exports
@@ -34,13 +35,15 @@ _COMMON = dict(
 
 @asset(deps=[outcome_events], description=(
     "outcome_events.parquet of the partition (checked) as the database table <schema>.outcome_events_table, one "
-    "row per event, with partition_date; pseudonymous patient keys, site-internal (docs/privacy.md)."), **_COMMON)
+    "row per event, with partition_date; pseudonymous patient keys, site-internal (docs/privacy.md)."), **_COMMON,
+    **asset_info("warehouse", phi=True, uses_mapping=False))
 def outcome_events_table(context: AssetExecutionContext, site: SiteConfig) -> pd.DataFrame:
     return _partition_table(context, site, "outcome_events")
 
 
 @asset(deps=[evidence_tables], description=(
     "evidence/pooled_outcomes.parquet of the partition as the database table <schema>.pooled_outcomes_table: "
-    "the network's pooled cells with this site's own figures beside them, with partition_date."), **_COMMON)
+    "the network's pooled cells with this site's own figures beside them, with partition_date."), **_COMMON,
+    **asset_info("warehouse", phi=False, uses_mapping=False))
 def pooled_outcomes_table(context: AssetExecutionContext, site: SiteConfig) -> pd.DataFrame:
     return _partition_table(context, site, "pooled_outcomes")

@@ -58,11 +58,14 @@ class ExpectationResult:
         }
 
     def format(self) -> str:
-        cols = ", ".join(self.rule.columns) if self.rule.columns else "(table)"
-        return (
-            f"{self.rule.source} {self.rule.name} on {cols}: "
-            f"observed {self.describe_observed()}; expected {self.rule.describe_expected()}"
-        )
+        return format_expectation(self.to_dict())
+
+
+def format_expectation(result: dict[str, Any]) -> str:
+    """One expectation's line from its ``to_dict()`` (also as read back from a written report):
+    where the rule is, what was observed (counts, never a cell value) and what was expected."""
+    cols = ", ".join(result["columns"]) if result["columns"] else "(table)"
+    return f"{result['source']} {result['expectation']} on {cols}: observed {result['observed']}; expected {result['expected']}"
 
 
 @dataclass(frozen=True)

@@ -4,19 +4,38 @@ blocks downstream. (Packets, publishing and evidence: tests/pipelines/test_stage
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pandas as pd
-from dagster import AssetKey, materialize
+import pyarrow.parquet as pq
+from dagster import AssetKey, AssetSelection, Definitions, define_asset_job, materialize
 
-from pipelines.assets import fhir_extract, mapping_set, outcome_events
+from pipelines.assets import ALL_CHECKS, fhir_extract, mapping_set, outcome_events
+from pipelines.assets.checks import check_name
+from pipelines.assets.metadata import column_schema
+from pipelines.partitions import daily_exports
 from pipelines.resources import SiteConfig
+from qis_fhir.fhir import TABLE_NAMES
+from qis_fhir.outcomes.events import EVENT_COLUMNS
 
 REPO = Path(__file__).resolve().parents[2]  # not "from conftest": several test folders have one
 
 PARTITION = "2026-11-27"
-THROUGH_EVENTS = [mapping_set, fhir_extract, outcome_events]  # what a site without keys for a network can run
+THROUGH_EVENTS = [mapping_set, fhir_extract, outcome_events, *ALL_CHECKS]  # what a site without keys for a network can run
+
+
+def _run_check_alone(table: str, site: SiteConfig, instance):
+    """Execute the one quality check of ``table`` for PARTITION, nothing else (the UI's "Execute")."""
+    check = next(c for c in ALL_CHECKS if c.check_key.name == check_name(table))
+    job = define_asset_job("one_check", selection=AssetSelection.checks(check), partitions_def=daily_exports)
+    defs = Definitions(assets=THROUGH_EVENTS[:3], asset_checks=ALL_CHECKS, jobs=[job], resources={"site": site})
+    # the partition as a run tag, as the UI launches it (execute_in_process(partition_key=...) wants a
+    # selected asset to take the partitions from; a check-only selection has none)
+    result = defs.resolve_job_def("one_check").execute_in_process(tags={"dagster/partition": PARTITION}, instance=instance, raise_on_error=False)
+    assert _materialized_assets(result) == {}  # no asset ran: the check read the partition's report
+    return _checks(result)
 
 
 def _site(export_dir: Path, tmp_path: Path, mapping_dir: Path | None = None) -> SiteConfig:
@@ -64,8 +83,17 @@ def test_all_assets_materialise_on_synthea_fixture(fixtures_dir, tmp_path, insta
 
     checks = _checks(result)
     assert len(checks) == 7 and all(checks.values()), checks
+    # one check on its own, for this partition, after the materialisation
+    assert _run_check_alone("observations", site, instance) == {"observations_quality": True}
 
     out = tmp_path / "out" / PARTITION
+    # the column schemas the UI shows are the Parquet files' columns, in order
+    extract_meta = fhir_extract.specs_by_key[AssetKey("fhir_extract")].metadata
+    for table in TABLE_NAMES:
+        written = column_schema(pq.read_schema(out / "extract" / f"{table}.parquet"))
+        assert [(c.name, c.type) for c in extract_meta[f"column_schema/{table}"].columns] == [(c.name, c.type) for c in written.columns]
+    events_schema = [c.name for c in mats["outcome_events"]["dagster/column_schema"].value.columns]
+    assert events_schema == list(pq.read_schema(out / "outcome_events.parquet").names) == EVENT_COLUMNS
     for name in ["extract/summary.json", "quarantine.ndjson", "outcome_events.parquet", "outcome_summary.json",
                  "quality/extract.json", "quality/outcome_events.json"]:
         assert (out / name).exists(), name
@@ -112,6 +140,15 @@ def test_failing_quality_check_blocks_downstream_asset(fixtures_dir, tmp_path, i
     assert not (tmp_path / "out" / PARTITION / "outcome_events.parquet").exists()
     report = json.loads((tmp_path / "out" / PARTITION / "quality" / "extract.json").read_text())
     assert report["tables"]["patients"]["success"] is False
+    # blocking: Dagster never started the downstream step (the library would refuse it too)
+    assert "outcome_events" not in {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"}
+    # the failed check executed on its own for this partition fails again; a passing one passes
+    assert _run_check_alone("patients", site, instance) == {"patients_quality": False}
+    # ...saying which rule failed, where it is written and what was counted (no cell value)
+    failures = next(e.asset_check_evaluation_data.metadata["failures"].value for e in result.all_events
+                    if e.event_type_value == "ASSET_CHECK_EVALUATION" and e.asset_check_evaluation_data.check_name == "patients_quality")
+    assert re.fullmatch(r"- quality\.yaml:\d+ in_set on sex: observed \d+ of \d+ rows unexpected.*; expected .*", failures)
+    assert _run_check_alone("conditions", site, instance) == {"conditions_quality": True}
 
 
 def test_missing_export_folder_fails_the_extract(tmp_path, instance):
@@ -122,3 +159,11 @@ def test_missing_export_folder_fails_the_extract(tmp_path, instance):
     )
     assert not result.success
     assert "outcome_events" not in _materialized_assets(result)
+
+
+def test_a_check_of_a_partition_never_materialised_fails_saying_so(tmp_path, instance):
+    site = _site(tmp_path / "export", tmp_path)
+    assert _run_check_alone("patients", site, instance) == {}  # no verdict: the check step itself failed
+    failure = next(e for e in instance.all_logs(instance.get_runs(limit=1)[0].run_id) if e.dagster_event and e.dagster_event.event_type_value == "STEP_FAILURE")
+    cause = failure.dagster_event.step_failure_data.error.cause
+    assert cause.cls_name == "QualityError" and "the extract tables of this partition were never checked" in cause.message

@@ -16,7 +16,16 @@ import pandas as pd
 import pytest
 from dagster import RetryPolicy, materialize
 
-from pipelines.assets import ALL_ASSETS, evidence_tables, fhir_extract, mapping_set, outcome_events, outcome_packets
+from pipelines.assets import (
+    ALL_ASSETS,
+    ALL_CHECKS,
+    evidence_tables,
+    fhir_extract,
+    mapping_set,
+    outcome_events,
+    outcome_packets,
+)
+from pipelines.assets.metadata import PREVIEW_ROWS
 from pipelines.assets.network import publish_asset
 from pipelines.resources import DhtConfig, SiteConfig
 from pipelines.warehouse import DATABASE_FILE, SCHEMA, duckdb_warehouse
@@ -189,13 +198,17 @@ def test_the_whole_graph_for_one_site_against_a_local_dht(site_world, tmp_path, 
         dht = DhtConfig(bootstrap=",".join(f"{h}:{p}" for h, p in (n.address for n in cluster.live()[:2])), bind=LOOPBACK)
         site = _site(world, tmp_path, _site_copy(world, tmp_path / "site"))
         warehouse = duckdb_warehouse(tmp_path / "dagster")
-        defs = Definitions(assets=ALL_ASSETS, jobs=[daily_outcomes_job], resources={"site": site, "dht": dht, "warehouse": warehouse})
+        defs = Definitions(assets=ALL_ASSETS, asset_checks=ALL_CHECKS, jobs=[daily_outcomes_job], resources={"site": site, "dht": dht, "warehouse": warehouse})
         result = defs.resolve_job_def("daily_outcomes").execute_in_process(partition_key=PARTITION, instance=instance)
     finally:
         cluster.stop_all()
     assert result.success
     mats = _materialized(result)
     assert set(mats) == {a.key.to_user_string() for a in ALL_ASSETS}
+    # the nightly job runs every quality check of the partition, each passing
+    evaluations = {e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data.passed
+                   for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
+    assert {c.check_key.name for c in ALL_CHECKS} <= set(evaluations) and all(evaluations.values()), evaluations
     out = tmp_path / "dagster" / PARTITION
     packets = len((out / "packets.ndjson").read_text().splitlines())
     assert packets > 0
@@ -207,6 +220,16 @@ def test_the_whole_graph_for_one_site_against_a_local_dht(site_world, tmp_path, 
     pooled = pd.read_parquet(out / "evidence" / "pooled_outcomes.parquet")
     assert mats["evidence_tables"]["dagster/row_count"].value == len(pooled) == mats["outcome_packets"]["cells_published"].value
     assert (pooled["sites"] == 1).all() and (pooled["patients"] == pooled["local_patients"]).all()
+    evidence = mats["evidence_tables"]
+    assert [c.name for c in evidence["dagster/column_schema"].value.columns] == list(pooled.columns)
+    # the preview: the largest cohorts first, at most PREVIEW_ROWS of them, with their patients and sites
+    rows = [line.split(" | ") for line in evidence["preview"].value.splitlines()[2:]]
+    assert len(rows) == min(PREVIEW_ROWS, len(pooled))
+    assert [int(r[2]) for r in rows] == sorted(pooled["patients"], reverse=True)[: len(rows)]
+    assert {int(r[3]) for r in rows} == {1}
+    # the response as the clinician report words it: the pooled share and its interval, for the top cohort too
+    top = pooled.sort_values("patients", ascending=False, kind="stable").iloc[0]
+    assert rows[0][4].rstrip(" |") == f"{top.resp_pooled * 100:.1f}% ({top.resp_pooled_lo * 100:.1f}% to {top.resp_pooled_hi * 100:.1f}%)"
     assert (out / "evidence" / "report.html").exists()
     assert _json(out / "evidence" / "provenance.json")["run_date"] == PARTITION
 
