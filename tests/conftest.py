@@ -37,3 +37,37 @@ def require():
         pytest.skip(reason)
 
     return check
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+# no update checks, metrics, translation, safe-browsing or other traffic of the browser's own
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--disable-default-apps", "--disable-domain-reliability", "--disable-client-side-phishing-detection",
+    "--no-first-run", "--no-default-browser-check", "--metrics-recording-only", "--disable-breakpad",
+    "--disable-features=Translate,OptimizationHints,MediaRouter,AutofillServerCommunication",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def browser(require):
+    """Debian's chromium (``/usr/bin/chromium``) driven by playwright, headless, one per test session.
+
+    Skips without chromium or playwright, except under CI (``require``), where it fails."""
+    require(CHROMIUM.exists(), f"{CHROMIUM} not installed (apt-get install -y chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        require(False, "playwright not installed (uv sync --extra dev)")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    """``test-artifacts/`` in the checkout (git-ignored): screenshots a reviewer looks at after a run."""
+    path = REPO_ROOT / "test-artifacts"
+    path.mkdir(exist_ok=True)
+    return path

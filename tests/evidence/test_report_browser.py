@@ -2,55 +2,24 @@
 
 Every request but the report file itself is refused and recorded; the test proves the recorder works
 (a control page that does ask for a remote image) before trusting that the report asked for nothing.
-Skips when chromium or playwright is missing, except under CI (CI=true), where it fails.
+Skips when chromium or playwright is missing, except under CI (CI=true), where it fails (the
+``browser`` fixture in tests/conftest.py).
 A full-page screenshot is kept in the test's tmp_path and copied to test-artifacts/ (git-ignored).
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-from pathlib import Path
 
 import pandas as pd
-import pytest
 from report_tables import EMPTY_COHORT, SMALL_COHORT, write_evidence_tables
 
 from qis_fhir.evidence.flags import FLAG_TEXT
 from qis_fhir.evidence.report import write_report
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 EVIL = "</script><script>alert(1)</script>"
 PROTOCOL_WORDS = re.compile(r"\b(dht|packets?|fingerprints?|nodes?|seq|kademlia)\b", re.IGNORECASE)
-# no update checks, metrics, translation, safe-browsing or other traffic of the browser's own
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--disable-default-apps", "--disable-domain-reliability", "--disable-client-side-phishing-detection",
-    "--no-first-run", "--no-default-browser-check", "--metrics-recording-only", "--disable-breakpad",
-    "--disable-features=Translate,OptimizationHints,MediaRouter,AutofillServerCommunication",
-]  # fmt: skip
-
-
-def _unavailable(reason: str):
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true: the browser test must run)")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        _unavailable(f"{CHROMIUM} not installed (apt-get install -y chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _unavailable("playwright not installed (uv sync --extra dev)")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
 
 
 class Watch:
@@ -126,7 +95,7 @@ def choose(page, cohort: tuple[str, str, str]) -> None:
     page.select_option("#sex", cohort[2])
 
 
-def test_a_clinician_picks_cohorts_and_sees_the_tables_figures(browser, tmp_path):
+def test_a_clinician_picks_cohorts_and_sees_the_tables_figures(browser, tmp_path, artifacts_dir):
     evidence_dir = tmp_path / "evidence"
     write_evidence_tables(evidence_dir, treatment_names={"TX_0002": EVIL})
     url = write_report(evidence_dir).resolve().as_uri()
@@ -191,9 +160,8 @@ def test_a_clinician_picks_cohorts_and_sees_the_tables_figures(browser, tmp_path
     finally:
         page.close()
 
-    ARTIFACTS.mkdir(exist_ok=True)
     for shot in ("evidence-report.png", "small-cohort.png"):
-        shutil.copy(tmp_path / shot, ARTIFACTS / shot)
+        shutil.copy(tmp_path / shot, artifacts_dir / shot)
     assert watch.refused == [] and watch.dialogs == [] and watch.errors == []
     assert [m.group(0) for text in seen_text for m in PROTOCOL_WORDS.finditer(text)] == []
 
