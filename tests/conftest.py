@@ -49,9 +49,12 @@ CHROMIUM_ARGS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(require):
-    """Debian's chromium (``/usr/bin/chromium``) driven by playwright, headless, one per test session.
+    """Debian's chromium (``/usr/bin/chromium``) driven by playwright, headless, one per test module.
+
+    Not one per session: playwright's sync API keeps an asyncio loop running in the main thread while it
+    is open, and every later ``asyncio.run`` there (the DHT client's publish and query) then fails.
 
     Skips without chromium or playwright, except under CI (``require``), where it fails."""
     require(CHROMIUM.exists(), f"{CHROMIUM} not installed (apt-get install -y chromium)")
