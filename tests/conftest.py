@@ -6,7 +6,10 @@ project; tests that need them skip with a reason when the folder is absent.
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -74,3 +77,32 @@ def artifacts_dir() -> Path:
     path = REPO_ROOT / "test-artifacts"
     path.mkdir(exist_ok=True)
     return path
+
+
+class _Receiver(http.server.BaseHTTPRequestHandler):
+    received: list = []  # (path, content type, JSON body) per POST
+    bodies: list = []  # the JSON bodies alone
+    status = 204
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).received.append((self.path, self.headers["Content-Type"], json.loads(body)))
+        type(self).bodies.append(json.loads(body))
+        self.send_response(self.status)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def receiver():
+    """A webhook receiver on 127.0.0.1, a free port, in a thread; shut down after the test."""
+    handler = type("Receiver", (_Receiver,), {"received": [], "bodies": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, handler
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)

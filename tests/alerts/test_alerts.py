@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import logging
 import socket
-import threading
 import time
 from datetime import UTC, datetime
 
@@ -66,33 +64,6 @@ def test_the_file_is_written_atomically_and_an_error_line_logged(tmp_path, caplo
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1
     assert "job daily_outcomes, partition 2026-11-27, run abc123, step fhir_extract: QualityError (exit 5 QUALITY_FAILED)" in errors[0].getMessage()
-
-
-class _Receiver(http.server.BaseHTTPRequestHandler):
-    received: list = []
-    status = 204
-
-    def do_POST(self):  # noqa: N802 (http.server's name)
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).received.append((self.path, self.headers["Content-Type"], json.loads(body)))
-        self.send_response(self.status)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def receiver():
-    """A webhook receiver on 127.0.0.1, a free port, in a thread; shut down after the test."""
-    handler = type("Receiver", (_Receiver,), {"received": []})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server, handler
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
 
 
 def test_the_same_json_is_posted_to_the_webhook(tmp_path, receiver):

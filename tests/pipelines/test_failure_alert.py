@@ -3,9 +3,7 @@ instance the run failed on, writes the alert file and POSTs it to the configured
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 
 import pytest
 from dagster import build_run_status_sensor_context, materialize
@@ -18,25 +16,9 @@ PARTITION = "2026-11-27"
 
 
 @pytest.fixture
-def webhook():
-    received: list[dict] = []
-
-    class Receiver(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 (http.server's name)
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/alert", received
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
+def webhook(receiver):
+    server, handler = receiver
+    return f"http://127.0.0.1:{server.server_port}/alert", handler.bodies
 
 
 def _evaluate(result, instance, site):
