@@ -34,7 +34,11 @@ def network() -> None:
 @click.option("--network-id", default=None, help="Network name (lower-case letters, digits, . _ -); default: random.")
 @click.option("--mapping-version", "mapping_versions", multiple=True,
               help="Accepted mapping version (repeatable); default: every version this release ships (v1 and v2).")
-def network_new(out: Path, min_cell_size: int, network_id: str | None, mapping_versions: tuple[str, ...]) -> None:
+@click.option("--min-sites", type=click.IntRange(3, 10**4), default=3, show_default=True,
+              help="Secure aggregation sums a cell only over at least this many sites with patients in it (c colluding members need c + 2).")
+@click.option("--max-nodes-per-site", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="DHT node certificates each member site may issue.")
+def network_new(out: Path, min_cell_size: int, network_id: str | None, mapping_versions: tuple[str, ...], min_sites: int, max_nodes_per_site: int) -> None:
     """Create NET_DIR with governance_key.pem (0600, keep it with governance), network.secret (0600,
     give it to member sites only) and manifest.json (public, signed, version 1)."""
     from qis_fhir.packets.manifest import (
@@ -45,7 +49,14 @@ def network_new(out: Path, min_cell_size: int, network_id: str | None, mapping_v
         create_network,
     )
 
-    m = create_network(out, network_id=network_id, min_cell_size=min_cell_size, mapping_versions=mapping_versions or DEFAULT_MAPPING_VERSIONS)
+    m = create_network(
+        out,
+        network_id=network_id,
+        min_cell_size=min_cell_size,
+        mapping_versions=mapping_versions or DEFAULT_MAPPING_VERSIONS,
+        min_sites=min_sites,
+        max_nodes_per_site=max_nodes_per_site,
+    )
     click.echo(f"network {m.network_id}: manifest version {m.version}, governance key {m.governance_key_id}, min cell size {m.min_cell_size}")
     click.echo(f"give members {out / MANIFEST} and {out / NETWORK_SECRET}; keep {out / GOVERNANCE_KEY} with governance")
 
@@ -84,6 +95,32 @@ def network_accept_mapping(net_dir: Path, version: str) -> None:
 
     m = accept_mapping_version(net_dir, version)
     click.echo(f"accepted mapping versions {', '.join(m.accepted_mapping_versions)}: manifest version {m.version}")
+
+
+@network.command("migrate")
+@click.argument("net_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--min-sites", type=click.IntRange(3, 10**4), default=3, show_default=True,
+              help="Secure aggregation sums a cell only over at least this many sites with patients in it.")
+@click.option("--max-nodes-per-site", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="DHT node certificates each member site may issue.")
+def network_migrate(net_dir: Path, min_sites: int, max_nodes_per_site: int) -> None:
+    """Re-sign a format-v1 manifest in the current format (version + 1), adding its policy. Upgrade every
+    member and node to this release first: older releases cannot read the new format."""
+    from qis_fhir.packets.manifest import migrate
+
+    m = migrate(net_dir, min_sites=min_sites, max_nodes_per_site=max_nodes_per_site)
+    click.echo(f"network {m.network_id}: manifest version {m.version} in format v{m.format_version} (min sites {m.min_sites}, {m.max_nodes_per_site} node certificates per site)")
+
+
+@network.command("revoke-node")
+@click.argument("net_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("node_key_id")
+def network_revoke_node(net_dir: Path, node_key_id: str) -> None:
+    """Revoke one DHT node's certificate key (NODE_KEY_ID) without revoking its site; re-sign (version + 1)."""
+    from qis_fhir.packets.manifest import revoke_node
+
+    m = revoke_node(net_dir, node_key_id)
+    click.echo(f"revoked node key {node_key_id}: manifest version {m.version}")
 
 
 @network.command("show")

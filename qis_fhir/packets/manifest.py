@@ -48,9 +48,24 @@ MANIFEST = "manifest.json"
 NETWORK_SECRET = "network.secret"
 GOVERNANCE_KEY = "governance_key.pem"
 PINS = "manifest_pins.json"
-MANIFEST_FORMAT = "qis-fhir/manifest/v1"
-MANIFEST_DOMAIN = b"qis-fhir/manifest/v1\n"
+#: the manifest formats this release reads, by format version; new networks are written in the newest.
+#: Version 2 adds the ``policy`` object (``min_cell_size``, ``min_sites``, ``max_nodes_per_site``) and
+#: ``revoked_node_key_ids``: what node certificates and secure-aggregation rounds are checked against.
+#: A version-1 document still verifies under its own domain (its bytes never change); ``migrate`` re-signs
+#: it as version 2.
+MANIFEST_FORMATS = {1: "qis-fhir/manifest/v1", 2: "qis-fhir/manifest/v2"}
+MANIFEST_FORMAT_VERSION = 2
+MANIFEST_FORMAT = MANIFEST_FORMATS[MANIFEST_FORMAT_VERSION]
+MANIFEST_DOMAIN = f"{MANIFEST_FORMAT}\n".encode()
 DEFAULT_MIN_CELL_SIZE = 11
+#: m: a pooled secure-aggregation cell is only ever summed over at least this many sites with patients
+#: in it. Against c colluding members m must be at least c + 2 (docs/privacy.md); 3 covers one.
+DEFAULT_MIN_SITES = 3
+MIN_MIN_SITES = 3
+#: how many DHT node certificates one member site may issue (certificate indexes 0..max-1), so a member
+#: cannot mint node ids without bound; 4 covers a site running a node per data centre with spares
+DEFAULT_MAX_NODES_PER_SITE = 4
+MAX_MAX_NODES_PER_SITE = 64
 #: the mapping versions a new network accepts unless governance names others: every version this
 #: release ships (``mappings/``). v1 stays the sites' default mapping; accepting v2 from the start lets a
 #: site move to the control designs without waiting for a re-signed manifest, and packets of the two
@@ -79,6 +94,11 @@ class NetworkManifest:
     governance_public_key: bytes  # 32 raw bytes
     issued: str
     signature: bytes = b""
+    format_version: int = MANIFEST_FORMAT_VERSION
+    min_sites: int = DEFAULT_MIN_SITES
+    max_nodes_per_site: int = DEFAULT_MAX_NODES_PER_SITE
+    #: node certificate keys revoked without revoking their site (a lost or retired node)
+    revoked_node_key_ids: frozenset[str] = frozenset()
     _by_key: dict[str, SiteEntry] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -94,13 +114,20 @@ class NetworkManifest:
     def site_ids(self) -> list[str]:
         return sorted({s.site_id for s in self.sites})
 
+    def require_format(self, version: int, feature: str) -> None:
+        """Refuse ``feature`` under an older manifest format, saying how to migrate."""
+        if self.format_version < version:
+            raise ManifestError(
+                f"{feature} needs a manifest of format v{version}; network {self.network_id} has format "
+                f"v{self.format_version}: its governance runs `qis-fhir network migrate NET_DIR`"
+            )
+
     def body(self) -> dict:
-        return {
-            "format": MANIFEST_FORMAT,
+        body = {
+            "format": MANIFEST_FORMATS[self.format_version],
             "network_id": self.network_id,
             "version": self.version,
             "issued": self.issued,
-            "min_cell_size": self.min_cell_size,
             "accepted_mapping_versions": sorted(self.accepted_mapping_versions),
             "governance": {"key_id": self.governance_key_id, "public_key": b64(self.governance_public_key)},
             "sites": [
@@ -109,9 +136,20 @@ class NetworkManifest:
             ],
             "revoked_key_ids": sorted(self.revoked_key_ids),
         }
+        if self.format_version == 1:
+            body["min_cell_size"] = self.min_cell_size
+        else:
+            body["policy"] = {
+                "min_cell_size": self.min_cell_size,
+                "min_sites": self.min_sites,
+                "max_nodes_per_site": self.max_nodes_per_site,
+            }
+            body["revoked_node_key_ids"] = sorted(self.revoked_node_key_ids)
+        return body
 
     def signed_bytes(self) -> bytes:
-        return MANIFEST_DOMAIN + orjson.dumps(self.body(), option=_OPTS)
+        domain = f"{MANIFEST_FORMATS[self.format_version]}\n".encode()
+        return domain + orjson.dumps(self.body(), option=_OPTS)
 
     def digest(self) -> str:
         return hashlib.sha256(self.signed_bytes()).hexdigest()
@@ -137,22 +175,49 @@ def _today() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d")
 
 
+_COMMON_FIELDS = {"format", "network_id", "version", "issued", "accepted_mapping_versions", "governance", "sites", "revoked_key_ids"}
+_V1_FIELDS = _COMMON_FIELDS | {"min_cell_size"}
+_V2_FIELDS = _COMMON_FIELDS | {"policy", "revoked_node_key_ids"}
+_POLICY_FIELDS = {"min_cell_size", "min_sites", "max_nodes_per_site"}
+
+
+def _check_policy(min_cell_size: object, min_sites: object, max_nodes_per_site: object, where: str = "") -> None:
+    if type(min_cell_size) is not int or not 1 <= min_cell_size <= 10**6:
+        raise ManifestError(f"{where}min_cell_size must be a positive integer")
+    if type(min_sites) is not int or not MIN_MIN_SITES <= min_sites <= 10**4:
+        raise ManifestError(f"{where}min_sites must be an integer of at least {MIN_MIN_SITES}")
+    if type(max_nodes_per_site) is not int or not 1 <= max_nodes_per_site <= MAX_MAX_NODES_PER_SITE:
+        raise ManifestError(f"{where}max_nodes_per_site must be an integer from 1 to {MAX_MAX_NODES_PER_SITE}")
+
+
 def _parse(doc: object, path: Path) -> NetworkManifest:
     """Structure of a manifest document -> NetworkManifest (signature not yet checked)."""
     try:
         body = doc["manifest"]  # type: ignore[index]
         signature = _unb64(doc["signature"], "signature", 64)  # type: ignore[index]
-        if body["format"] != MANIFEST_FORMAT:
-            raise ManifestError(f"{path}: unsupported manifest format")
+        formats = {name: v for v, name in MANIFEST_FORMATS.items()}
+        if body["format"] not in formats:
+            raise ManifestError(f"{path}: unsupported manifest format (this release reads {', '.join(formats)})")
+        format_version = formats[body["format"]]
+        expected = _V1_FIELDS if format_version == 1 else _V2_FIELDS
+        if set(body) != expected:
+            raise ManifestError(f"{path}: manifest fields do not match its format {body['format']}")
         network_id = body["network_id"]
         version = body["version"]
-        min_cell = body["min_cell_size"]
+        policy = {"min_cell_size": body["min_cell_size"]} if format_version == 1 else body["policy"]
+        min_cell = policy["min_cell_size"]
+        min_sites = policy.get("min_sites", DEFAULT_MIN_SITES)
+        max_nodes = policy.get("max_nodes_per_site", DEFAULT_MAX_NODES_PER_SITE)
+        revoked_nodes = body.get("revoked_node_key_ids", [])
+        _check_policy(min_cell, min_sites, max_nodes, f"{path}: ")
+        if format_version == 2 and set(policy) != _POLICY_FIELDS:
+            raise ManifestError(f"{path}: manifest policy must hold exactly {', '.join(sorted(_POLICY_FIELDS))}")
+        if not isinstance(revoked_nodes, list) or not all(isinstance(k, str) and KEY_ID_RE.fullmatch(k) for k in revoked_nodes):
+            raise ManifestError(f"{path}: bad revoked_node_key_ids")
         if not isinstance(network_id, str) or not NETWORK_ID_RE.fullmatch(network_id):
             raise ManifestError(f"{path}: bad network_id")
         if type(version) is not int or version < 1:
             raise ManifestError(f"{path}: version must be a positive integer")
-        if type(min_cell) is not int or not 1 <= min_cell <= 10**6:
-            raise ManifestError(f"{path}: min_cell_size must be a positive integer")
         mvs = tuple(body["accepted_mapping_versions"])
         if not all(isinstance(v, str) and MAPPING_VERSION_RE.fullmatch(v) for v in mvs):
             raise ManifestError(f"{path}: bad accepted_mapping_versions")
@@ -182,6 +247,10 @@ def _parse(doc: object, path: Path) -> NetworkManifest:
             governance_public_key=gov,
             issued=str(body["issued"]),
             signature=signature,
+            format_version=format_version,
+            min_sites=min_sites,
+            max_nodes_per_site=max_nodes,
+            revoked_node_key_ids=frozenset(revoked_nodes),
         )
     except (KeyError, TypeError, AttributeError):
         raise ManifestError(f"{path}: manifest is missing fields or has fields of the wrong type") from None
@@ -309,8 +378,11 @@ def create_network(
     network_id: str | None = None,
     min_cell_size: int = DEFAULT_MIN_CELL_SIZE,
     mapping_versions: tuple[str, ...] = DEFAULT_MAPPING_VERSIONS,
+    min_sites: int = DEFAULT_MIN_SITES,
+    max_nodes_per_site: int = DEFAULT_MAX_NODES_PER_SITE,
 ) -> NetworkManifest:
-    """Make a new network in ``out_dir``: governance key, network secret and a signed manifest (version 1)."""
+    """Make a new network in ``out_dir``: governance key, network secret and a signed manifest (version 1,
+    in the newest format)."""
     out_dir = Path(out_dir)
     for name in (MANIFEST, NETWORK_SECRET, GOVERNANCE_KEY):
         if (out_dir / name).exists():
@@ -318,8 +390,7 @@ def create_network(
     network_id = network_id or f"net-{_secrets.token_hex(6)}"
     if not NETWORK_ID_RE.fullmatch(network_id):
         raise ManifestError("network id must be 1-48 characters of lower-case letters, digits, '.', '_' or '-'")
-    if not 1 <= min_cell_size <= 10**6:
-        raise ManifestError("min cell size must be a positive integer")
+    _check_policy(min_cell_size, min_sites, max_nodes_per_site)
     for v in mapping_versions:
         if not MAPPING_VERSION_RE.fullmatch(v):
             raise ManifestError(f"bad mapping version {v!r}")
@@ -335,6 +406,8 @@ def create_network(
         revoked_key_ids=frozenset(),
         governance_public_key=raw_public(gov.public_key()),
         issued=_today(),
+        min_sites=min_sites,
+        max_nodes_per_site=max_nodes_per_site,
     )
     m = sign_manifest(m, gov)
     atomic_write(out_dir / MANIFEST, m.to_json())
@@ -385,6 +458,41 @@ def accept_mapping_version(net_dir: Path | str, version: str) -> NetworkManifest
 
     def change(current: NetworkManifest) -> dict:
         return {"accepted_mapping_versions": tuple(sorted(set(current.accepted_mapping_versions) | {version}))}
+
+    return _update(net_dir, change)
+
+
+def migrate(
+    net_dir: Path | str,
+    *,
+    min_sites: int = DEFAULT_MIN_SITES,
+    max_nodes_per_site: int = DEFAULT_MAX_NODES_PER_SITE,
+) -> NetworkManifest:
+    """Re-sign a format-1 manifest in the newest format with the given policy (version + 1).
+
+    Sites, keys, revocations, accepted mappings and the minimum cell size carry over unchanged, and
+    the version grows, so every reader's pin accepts the migrated manifest as the next version.
+    Readers of this release read both formats; an older release refuses format 2 with "unsupported
+    manifest format", so members upgrade before governance migrates.
+    """
+    _check_policy(DEFAULT_MIN_CELL_SIZE, min_sites, max_nodes_per_site)
+
+    def change(current: NetworkManifest) -> dict:
+        if current.format_version == MANIFEST_FORMAT_VERSION:
+            raise AlreadyExistsError(f"manifest of network {current.network_id} is already in format v{MANIFEST_FORMAT_VERSION}")
+        return {"format_version": MANIFEST_FORMAT_VERSION, "min_sites": min_sites, "max_nodes_per_site": max_nodes_per_site}
+
+    return _update(net_dir, change)
+
+
+def revoke_node(net_dir: Path | str, node_key_id: str) -> NetworkManifest:
+    """Revoke one DHT node certificate key (a lost or retired node) without revoking its site."""
+    if not KEY_ID_RE.fullmatch(node_key_id):
+        raise ManifestError("a node key id is 32 hex digits")
+
+    def change(current: NetworkManifest) -> dict:
+        current.require_format(2, "revoking a node certificate")
+        return {"revoked_node_key_ids": current.revoked_node_key_ids | {node_key_id}}
 
     return _update(net_dir, change)
 

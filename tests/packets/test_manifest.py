@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+from pathlib import Path
 
 import orjson
 import pytest
@@ -16,7 +18,9 @@ from qis_fhir.packets.manifest import (
     create_network,
     load_manifest,
     load_network,
+    migrate,
     revoke,
+    revoke_node,
 )
 
 
@@ -100,7 +104,10 @@ def _tamper(path, edit):
 @pytest.mark.parametrize(
     "edit",
     [
-        lambda d: d["manifest"].__setitem__("min_cell_size", 1),
+        lambda d: d["manifest"]["policy"].__setitem__("min_cell_size", 1),
+        lambda d: d["manifest"]["policy"].__setitem__("min_sites", 4),
+        lambda d: d["manifest"]["policy"].__setitem__("max_nodes_per_site", 64),
+        lambda d: d["manifest"]["revoked_node_key_ids"].append("0" * 32),
         lambda d: d["manifest"].__setitem__("version", 99),
         lambda d: d["manifest"]["accepted_mapping_versions"].append("v9"),
         lambda d: d["manifest"]["revoked_key_ids"].append("0" * 32),
@@ -246,3 +253,99 @@ def test_run_with_a_corrupt_site_pin_file_exits_9_without_a_traceback(netdir, tm
     assert exc.value.code == 9
     assert err.startswith(f"error: pin file {site / PINS} is corrupt: not JSON") and "Traceback" not in err
     assert _MARKER not in err
+
+
+# --- format v2 (policy, node revocations) and the migration of a format-v1 network -------------------
+
+LEGACY = Path(__file__).parent / "data" / "legacy_v1_net"  # written by the release before format v2
+
+
+def _legacy_net(tmp_path) -> Path:
+    net = tmp_path / "legacy"
+    net.mkdir()
+    shutil.copy(LEGACY / "manifest.json", net / "manifest.json")
+    shutil.copy(LEGACY / "governance_key.pem", net / "governance_key.pem")
+    os.chmod(net / "governance_key.pem", 0o600)
+    return net
+
+
+def test_new_network_is_format_v2_with_its_policy(tmp_path):
+    m = create_network(tmp_path / "n", network_id="p-net", min_cell_size=5, min_sites=4, max_nodes_per_site=2)
+    body = orjson.loads((tmp_path / "n" / "manifest.json").read_bytes())["manifest"]
+    assert body["format"] == "qis-fhir/manifest/v2" and "min_cell_size" not in body
+    assert body["policy"] == {"min_cell_size": 5, "min_sites": 4, "max_nodes_per_site": 2}
+    again = load_manifest(tmp_path / "n")
+    assert (again.format_version, again.min_cell_size, again.min_sites, again.max_nodes_per_site) == (2, 5, 4, 2)
+    assert again == m
+
+
+@pytest.mark.parametrize("policy", [{"min_sites": 2}, {"max_nodes_per_site": 0}, {"max_nodes_per_site": 65}, {"min_cell_size": 0}])
+def test_a_policy_outside_its_bounds_is_refused(tmp_path, policy):
+    """m below 3 would let two sites' values be summed: one member then reads the other's off the total."""
+    with pytest.raises(ManifestError):
+        create_network(tmp_path / "n", **policy)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda b: b.__setitem__("min_cell_size", 11),  # a v1 field in a v2 document
+        lambda b: b["policy"].__setitem__("extra", 1),
+        lambda b: b.pop("revoked_node_key_ids"),
+        lambda b: b.__setitem__("format", "qis-fhir/manifest/v3"),
+    ],
+)
+def test_a_document_whose_fields_do_not_match_its_format_is_refused(netdir, edit):
+    _tamper(netdir / "manifest.json", lambda d: edit(d["manifest"]))
+    with pytest.raises(ManifestError):
+        load_manifest(netdir)
+
+
+def test_a_format_v1_manifest_from_the_previous_release_still_verifies(tmp_path):
+    m = load_manifest(LEGACY)
+    assert (m.format_version, m.network_id, m.version, m.min_cell_size) == (1, "legacy-net", 4, 5)
+    assert sorted(s.site_id for s in m.sites) == ["site-a", "site-b"] and len(m.revoked_key_ids) == 1
+    assert m.to_json() == (LEGACY / "manifest.json").read_bytes()  # its bytes round-trip unchanged
+    with pytest.raises(ManifestError, match="network migrate"):
+        m.require_format(2, "node certificates")
+
+
+def test_migration_keeps_everything_and_pinned_readers_accept_it(tmp_path):
+    net = _legacy_net(tmp_path)
+    pins = tmp_path / "pins.json"
+    before = load_manifest(net, pinned_state=pins)
+    after = migrate(net, min_sites=5, max_nodes_per_site=3)
+    assert (after.format_version, after.version, after.min_sites, after.max_nodes_per_site) == (2, 5, 5, 3)
+    assert (after.sites, after.revoked_key_ids, after.min_cell_size, after.accepted_mapping_versions) == (
+        before.sites, before.revoked_key_ids, before.min_cell_size, before.accepted_mapping_versions)
+    assert load_manifest(net, pinned_state=pins) == after  # the next version for a pinned reader
+    with pytest.raises(AlreadyExistsError):
+        migrate(net)
+    # and the old v1 document is now a rollback for that reader
+    shutil.copy(LEGACY / "manifest.json", net / "manifest.json")
+    with pytest.raises(ManifestError, match="rollback"):
+        load_manifest(net, pinned_state=pins)
+
+
+def test_a_v1_signature_never_verifies_as_a_v2_document(tmp_path):
+    """The format is in the signed domain: relabelling a signed v1 body as v2 fails the signature."""
+    net = _legacy_net(tmp_path)
+
+    def relabel(d):
+        b = d["manifest"]
+        b["format"] = "qis-fhir/manifest/v2"
+        b["policy"] = {"min_cell_size": b.pop("min_cell_size"), "min_sites": 3, "max_nodes_per_site": 4}
+        b["revoked_node_key_ids"] = []
+
+    _tamper(net / "manifest.json", relabel)
+    with pytest.raises(ManifestError, match="signature"):
+        load_manifest(net)
+
+
+def test_revoke_node_needs_format_v2_and_grows_the_version(tmp_path, netdir):
+    m = revoke_node(netdir, "ab" * 16)
+    assert m.revoked_node_key_ids == {"ab" * 16} and m.version == 2
+    with pytest.raises(ManifestError, match="network migrate"):
+        revoke_node(_legacy_net(tmp_path), "ab" * 16)
+    with pytest.raises(ManifestError):
+        revoke_node(netdir, "not-a-key-id")

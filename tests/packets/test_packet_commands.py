@@ -117,7 +117,7 @@ def test_network_show_and_accept_mapping(tmp_path, capsys):
     assert run(["network", "accept-mapping", str(net), "v3"], capsys)[0] == 0
     code, out, _ = run(["network", "show", str(net)], capsys)
     body = json.loads(out)
-    assert code == 0 and body["version"] == 2 and body["min_cell_size"] == 20
+    assert code == 0 and body["version"] == 2 and body["policy"]["min_cell_size"] == 20
     assert body["accepted_mapping_versions"] == ["v1", "v2", "v3"] and body["revoked_sites"] == []
     assert (tmp_path / "home" / "trust" / "manifest_pins.json").exists()  # the CLI pins by default
 
@@ -142,3 +142,24 @@ def test_verify_accepts_v2_control_packets_beside_v1(tmp_path, capsys):
     code, out, _ = run(["verify", str(tmp_path / "p.ndjson"), "--network", str(net), "--json"], capsys)
     # the last one's mean covers 4 patients, under the minimum cell size of 5
     assert code == ExitCode.PACKETS_REJECTED and json.loads(out)["by_reason"] == {"ok": 3, "out_of_range": 1}
+
+
+def test_network_migrate_and_revoke_node_from_the_command_line(tmp_path, capsys):
+    import os
+    import shutil
+    from pathlib import Path
+
+    legacy = Path(__file__).parent / "data" / "legacy_v1_net"
+    net = tmp_path / "net"
+    net.mkdir()
+    for name in ("manifest.json", "governance_key.pem"):
+        shutil.copy(legacy / name, net / name)
+    os.chmod(net / "governance_key.pem", 0o600)
+    assert run(["network", "revoke-node", str(net), "ab" * 16], capsys)[0] == 9  # format v1: migrate first
+    code, out, _ = run(["network", "migrate", str(net), "--min-sites", "4"], capsys)
+    assert code == 0 and "format v2" in out
+    assert run(["network", "migrate", str(net)], capsys)[0] != 0  # already migrated
+    assert run(["network", "revoke-node", str(net), "ab" * 16], capsys)[0] == 0
+    body = json.loads(run(["network", "show", str(net)], capsys)[1])
+    assert body["policy"] == {"min_cell_size": 5, "min_sites": 4, "max_nodes_per_site": 4}
+    assert body["revoked_node_key_ids"] == ["ab" * 16] and body["version"] == 6
