@@ -2,7 +2,10 @@
 
 ``datetime.fromisoformat`` does the work (it is C and fast); this module only admits the FHIR
 shapes (``YYYY``, ``YYYY-MM``, ``YYYY-MM-DD``, ``YYYY-MM-DDThh:mm:ss[.fff][Z|+hh:mm]``) and
-rejects the extra ISO forms fromisoformat would also accept (``20200101``, a space separator).
+rejects the extra ISO forms fromisoformat would also accept (``20200101``, a space separator, an
+hour without minutes or seconds ``T10``, ``T10:00``, an offset without its colon ``+0530``, a comma
+before the fraction). The dateTime shape is checked by position, not by a regular expression: a
+regex ``fullmatch`` cost 300 ns per timestamp here, twice fromisoformat itself (140 ns).
 Partial dates map to their first day; a dateTime without an offset is read as UTC; a leap second
 (``23:59:60``, valid FHIR, refused by fromisoformat) is the first instant of the next minute.
 Results are cached per string because a bulk export repeats the same timestamps (all Observations
@@ -25,6 +28,7 @@ takes records written since it started. The bound only grows, so a cached value 
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -38,6 +42,7 @@ _clock = time.time_ns
 _now_us = _LO - 1  # the latest clock reading, in microseconds (capped below _HI); none yet
 _CACHE_MAX = 65_536  # timestamps repeat within an encounter, close together: a small cache catches them
 _cache: dict[str, int] = {}
+_FRACTION = re.compile(r"\.[0-9]{1,9}(?:Z|[+-][0-9][0-9]:[0-9][0-9])?", re.ASCII)  # the rare tail after seconds
 
 
 class DateOutOfRange(ValueError):
@@ -52,12 +57,29 @@ def _leap_second(text: str, _fromiso=datetime.fromisoformat) -> datetime:
     return _fromiso(text[:17] + "59" + text[19:]) + timedelta(seconds=1)
 
 
+def _fhir_datetime_shape(text: str, n: int) -> bool:
+    """``YYYY-MM-DDThh:mm:ss`` then nothing, ``Z``, ``+hh:mm``/``-hh:mm`` or a fraction of 1-9 digits with
+    one of those; fromisoformat checks the digits and ranges."""
+    if n < 19 or text[13] != ":" or text[16] != ":":
+        return False
+    if n == 19:
+        return True
+    tail = text[19]
+    if n == 20:
+        return tail == "Z"
+    if n == 25 and (tail == "+" or tail == "-"):
+        return text[22] == ":"
+    return tail == "." and _FRACTION.fullmatch(text, 19) is not None
+
+
 def _parse(text: str, _fromiso=datetime.fromisoformat, _utc=UTC, _lo=_LO) -> int:
     n = len(text)
     if n > 10 and text[10] == "T" and text[4] == "-" and text[7] == "-":
         # a dateTime, by far the most common shape: tested first, names bound at definition. A
         # timestamp repeats within an encounter, but a real export has many more of them than the
         # cache can hold, so this runs for a good share of the lines (docs/extract.md)
+        if not _fhir_datetime_shape(text, n):
+            raise ValueError("not a FHIR dateTime")
         try:
             dt = _fromiso(text)
         except ValueError:

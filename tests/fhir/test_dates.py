@@ -25,7 +25,7 @@ from qis_fhir.fhir import dates
 from qis_fhir.fhir.dates import EARLIEST, DateOutOfRange, instant_us
 from qis_fhir.fhir.fields import make_handlers
 from qis_fhir.fhir.keys import OwnKeys
-from qis_fhir.fhir.reasons import DATE_OUT_OF_RANGE, Reject
+from qis_fhir.fhir.reasons import DATE_OUT_OF_RANGE, UNPARSEABLE_DATE, Reject
 from qis_fhir.fhir.schema import TABLE_OF_TYPE, TABLES
 from qis_fhir.privacy.pseudonym import Pseudonymizer
 
@@ -179,3 +179,49 @@ def test_every_date_field_refuses_out_of_range_and_reads_the_edges(base, path, f
     for text, expected in (("1850-01-01T14:00:00+14:00", FIRST_US), ("2026-06-29T22:00:00-14:00", NOW_US)):
         rows = handle(_with_date(base, path, text), None, 1)
         assert rows and all(row[at] == expected for row in rows)
+
+
+# ISO forms datetime.fromisoformat accepts but FHIR does not: each is unparseable, never silently read
+NOT_FHIR = [
+    "2020-01-01T10",  # hour only
+    "2020-01-01T10:00",  # no seconds
+    "2020-01-01T10:00:00+0530",  # offset without its colon
+    "2020-01-01T10:00:00+05",  # offset without minutes
+    "2020-01-01T10:00:00,5Z",  # comma before the fraction
+    "2020-01-01T10:00:00.Z",  # a point without digits
+    "2020-01-01T10:00:00.1234567890Z",  # ten digits of fraction
+    "2020-01-01T100000Z",  # basic format time
+    "2020-01-01T10:00:00 ",  # trailing space
+]
+
+
+@pytest.mark.parametrize("text", NOT_FHIR)
+def test_iso_forms_that_are_not_fhir_are_unparseable(text):
+    with pytest.raises(ValueError) as info:
+        instant_us(text)
+    assert not isinstance(info.value, DateOutOfRange) and text not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("2020-01-01T10:00:00", "2020-01-01T10:00:00+00:00"),
+        ("2020-01-01T10:00:00Z", "2020-01-01T10:00:00+00:00"),
+        ("2020-01-01T10:00:00+05:30", "2020-01-01T04:30:00+00:00"),
+        ("2020-01-01T10:00:00.5-01:00", "2020-01-01T11:00:00.500000+00:00"),
+        ("2020-01-01T10:00:00.123456789Z", "2020-01-01T10:00:00.123456+00:00"),
+        ("2020-01-01T10:00:00.25", "2020-01-01T10:00:00.250000+00:00"),
+    ],
+)
+def test_every_fhir_datetime_shape_is_still_read(text, expected):
+    from datetime import datetime, timedelta
+
+    epoch = datetime.fromisoformat("1970-01-01T00:00:00+00:00")
+    assert instant_us(text) == (datetime.fromisoformat(expected) - epoch) // timedelta(microseconds=1)
+
+
+def test_a_line_with_an_hour_only_datetime_is_quarantined_as_unparseable():
+    handlers = make_handlers(Pseudonymizer(SECRET).key, OwnKeys(SECRET).for_type, [])
+    with pytest.raises(Reject) as info:
+        handlers["Observation"](_with_date(BASE_OBSERVATION, ["effectiveDateTime"], "2020-01-01T10"), None, 1)
+    assert info.value.reason == UNPARSEABLE_DATE
