@@ -10,7 +10,7 @@ from pipelines.partitions import daily_exports
 #: and one process keeps the great-expectations context (3-4 s to import) warm for every check.
 daily_outcomes_job = define_asset_job(
     "daily_outcomes",
-    selection=AssetSelection.groups("mapping", "extract", "outcomes", "packets", "network", "warehouse"),
+    selection=AssetSelection.groups("mapping", "extract", "outcomes", "packets", "network", "warehouse", include_sources=True),  # the export is observed first
     partitions_def=daily_exports,
     executor_def=in_process_executor,
     description="Extract one nightly export, check it, derive and check its treatment-outcome events, sign and publish "

@@ -25,6 +25,7 @@ from pipelines.assets import (
     outcome_events,
     outcome_packets,
 )
+from pipelines.assets.extract import TABLE_ASSETS
 from pipelines.assets.metadata import PREVIEW_ROWS
 from pipelines.assets.network import publish_asset
 from pipelines.resources import DhtConfig, SiteConfig
@@ -153,7 +154,7 @@ def test_a_failed_suite_or_a_bad_mapping_publishes_nothing(site_world, tmp_path,
     resources = {"site": site, "dht": dht, "warehouse": duckdb_warehouse(tmp_path / "dagster")}
     failed = materialize(ALL_ASSETS, partition_key=PARTITION, resources=resources, instance=instance, raise_on_error=False)
     assert not failed.success
-    assert set(_materialized(failed)) == {"mapping_set", "fhir_extract"}  # the extract is kept, for inspection
+    assert set(_materialized(failed)) == {"mapping_set", *TABLE_ASSETS}  # the extract is kept, for inspection
     out = tmp_path / "dagster" / PARTITION
     assert _json(out / "run.json")["stages"] == ["extract"]
     assert not (out / "packets.ndjson").exists() and not (out / "publish_report.json").exists()

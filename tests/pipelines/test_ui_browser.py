@@ -126,7 +126,7 @@ def expand_all_groups(page, item, deadline: float = 30.0) -> None:
 
 def test_the_asset_lineage_shows_every_asset(dagster_dev, browser, artifacts_dir):
     names, groups = lineage_of_definitions()
-    assert {"fhir_extract", "outcome_packets", "published_packets", "evidence_tables"} <= set(names)
+    assert {"fhir_export", "fhir_observations", "fhir_medication_requests", "outcome_packets", "published_packets", "evidence_tables"} <= set(names)
     page = browser.new_page(viewport={"width": 2560, "height": 1200})  # wide enough that the fitted graph draws full names
     outside: list[str] = []
     page.on("request", lambda r: None if r.url.startswith((dagster_dev, f"blob:{dagster_dev}/", "data:")) else outside.append(r.url))
