@@ -9,7 +9,14 @@ stale when a day's export is re-delivered.
 
 from datetime import UTC, datetime
 
-from dagster import AssetExecutionContext, AssetSpec, DataVersion, MetadataValue, ObserveResult, multi_observable_source_asset
+from dagster import (
+    AssetExecutionContext,
+    AssetSpec,
+    DataVersion,
+    MetadataValue,
+    ObserveResult,
+    multi_observable_source_asset,
+)
 
 from pipelines.assets.metadata import OWNERS, code_version, tags
 from pipelines.partitions import daily_exports

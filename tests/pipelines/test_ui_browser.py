@@ -9,90 +9,28 @@ webserver, daemon and code server), checking with psutil that none of them is le
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 
-import psutil
 import pytest
 
-from pipelines.dev import REPO
-
-START_DEADLINE = 120.0  # dagster dev loads the code location in a subprocess: ~15 s on a quiet 2-core machine
-STOP_DEADLINE = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_http(url: str, proc: subprocess.Popen, deadline: float) -> None:
-    """Poll ``url`` until it answers 200, ``proc`` exits (fail with its exit code) or the deadline passes."""
-
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            pytest.fail(f"dagster dev exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.25)  # poll interval, bounded by the deadline above
-    pytest.fail(f"{url} did not answer within {deadline:.0f} s")
-
-
-def stop_group(proc: subprocess.Popen) -> list[str]:
-    """SIGTERM the process group of ``proc`` (its own session), wait, and return what is still alive.
-
-    The descendants are listed before the signal, so a child that re-parented itself is still checked."""
-    try:
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=STOP_DEADLINE)
-    except subprocess.TimeoutExpired:
-        pass
-    _, alive = psutil.wait_procs(tree, timeout=STOP_DEADLINE)
-    left = [f"{p.pid} {p.name()}" for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    if left:  # do not leave them running on a shared machine, but still report them
-        for p in alive:
-            p.kill()
-        psutil.wait_procs(alive, timeout=5)
-    return left
+from pipelines.dev import START_DEADLINE, free_port, start_dev, stop_dev, wait_for_ui
 
 
 @pytest.fixture
 def dagster_dev(tmp_path):
     """``python -m pipelines.dev`` in its own session on 127.0.0.1; yields the UI's base URL."""
-    port = free_port()
     home = tmp_path / "dagster_home"
-    env = {**os.environ, "DAGSTER_HOME": str(home)}
-    log = (tmp_path / "dagster-dev.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.dev", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    port = free_port()
+    proc = start_dev(home, port, tmp_path / "dagster-dev.log")
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{base}/server_info", proc, START_DEADLINE)
+        try:
+            wait_for_ui(f"{base}/server_info", proc)
+        except (RuntimeError, TimeoutError) as exc:
+            pytest.fail(str(exc))
         yield base
     finally:
-        left = stop_group(proc)
-        log.close()
+        left = stop_dev(proc)
         assert left == [], f"dagster dev left processes running: {left}"
     assert (home / "dagster.yaml").exists()  # the wrapper prepared the throwaway home, not .dagster_home
 
