@@ -80,12 +80,8 @@ class DemoSite:
     dht: DhtConfig
     defs: Definitions
 
-    @property
-    def site_dir(self) -> Path:
-        return self.root / "keys"
-
     def run_dir(self, partition: str) -> Path:
-        return self.root / "out" / partition
+        return self.site.out_path(partition)
 
 
 def _create_site(site_id: str, profile: str, index: int, config: DemoConfig, net_dir: Path, bootstrap) -> DemoSite:
@@ -111,11 +107,12 @@ def _site_nightly(site: DemoSite, partition: str, instance) -> dict:
     """The hospital's own part of its nightly job, and what its run folder says about it."""
     from pipelines.nightly import SITE_TAG, run_nightly
     from qis_fhir.packets.build import PACKETS_FILE
+    from qis_fhir.runfolder import read_manifest
     from qis_fhir.stages import PUBLISH_REPORT
 
     run_nightly(site.defs, partition, instance, part="site", tags={SITE_TAG: site.site_id}, log_level=DAGSTER_LOG_LEVEL)
     folder = site.run_dir(partition)
-    counts = json.loads((folder / "run.json").read_text())["counts"]
+    counts = read_manifest(folder)["counts"]
     return {
         "site_id": site.site_id,
         "profile": site.profile,
@@ -125,7 +122,7 @@ def _site_nightly(site: DemoSite, partition: str, instance) -> dict:
         "packets": counts["packets"]["packets"],
         "publish": json.loads((folder / PUBLISH_REPORT).read_text()),
         "packets_path": str(folder / PACKETS_FILE),
-        "site_dir": str(site.site_dir),
+        "site_dir": site.site.site_dir,
         "run_dir": str(folder),
     }
 
@@ -148,7 +145,7 @@ def _site_evidence(site: DemoSite, partition: str, instance) -> dict:
         "sites": [s["site"] for s in prov["sites"]],
         "pooled_table": str(evidence / POOLED_CSV),
         "report": str(evidence / REPORT_NAME),
-        "database": str(site.root / "out" / DATABASE_FILE),
+        "database": str(Path(site.site.out_root) / DATABASE_FILE),
         "top_rows": _top_rows(evidence / POOLED_NAME),
     }
 
