@@ -2,7 +2,7 @@
 
 Bulk-export clients write a folder per night (``<export_root>/<YYYY-MM-DD>/``); the sensor requests
 each new folder's partition once (the run key is the folder name) and waits until a folder has been
-quiet for a while so it never starts on a half-written export. Its cursor remembers the newest folder
+quiet for a while (``qis_fhir.exportstate``, the rule the export's observation shows) so it never starts on a half-written export. Its cursor remembers the newest folder
 requested and every folder requested in the ``LATE_DAYS`` before it, so a folder that arrives late,
 dated before one already requested, is still picked up (once) while it is within that window. Every
 tick is bounded: at most ``MAX_ENTRIES`` directory entries looked at and ``MAX_REQUESTS`` runs requested.
@@ -30,11 +30,10 @@ from dagster import (
 from pipelines.jobs import daily_outcomes_job
 from pipelines.partitions import daily_exports
 from pipelines.resources import SiteConfig
+from qis_fhir.exportstate import COMPLETE, MAX_ENTRIES, QUIET_SECONDS, completion, newest_change
 
 DATE_FOLDER = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-MAX_ENTRIES = 10_000  # directory entries looked at per tick (folders and files)
 MAX_REQUESTS = 7  # runs requested per tick; a backlog drains over following ticks
-QUIET_SECONDS = 300  # a folder whose newest file changed more recently is still being written
 LATE_DAYS = 31  # a folder dated up to this many days before the newest requested one is still picked up
 
 
@@ -114,26 +113,13 @@ def scan_exports(
     ready: list[str] = []
     waiting: list[str] = []
     for name in sorted(names):
-        newest = _newest_file_mtime(root / name, max_entries)
-        if newest is None or now - newest < quiet_seconds:
+        if completion(newest_change(root / name, max_entries), now, quiet_seconds) != COMPLETE:
             waiting.append(name)
             break  # keep partitions in order: a later folder waits for an earlier one
         ready.append(name)
         if len(ready) >= limit:
             break
     return ExportScan(ready, waiting)
-
-
-def _newest_file_mtime(folder: Path, max_entries: int) -> float | None:
-    newest: float | None = None
-    with os.scandir(folder) as it:
-        for i, entry in enumerate(it):
-            if i >= max_entries:
-                break
-            if entry.is_file():
-                m = entry.stat().st_mtime
-                newest = m if newest is None else max(newest, m)
-    return newest
 
 
 @sensor(

@@ -21,7 +21,7 @@ COMMANDS: dict[str, str] = {
     "run": "qis_fhir.pipeline_commands:run",
     "synth": "qis_fhir.synth.commands:synth",
     "bench": "qis_fhir.bench.commands:bench",
-    "demo": "qis_fhir.demo:demo",
+    "demo": "pipelines.demo:demo",  # the demo runs the Dagster job: it lives beside it
     "mapping": "qis_fhir.mapping.commands:mapping",
     "network": "qis_fhir.packets.commands:network",
     "keys": "qis_fhir.packets.commands:keys",

@@ -249,18 +249,26 @@ def packets_step(run: Run, setup: SiteSetup, day: str | int | None) -> PacketBui
 
 
 def publish_step(folder: Path | str, setup: SiteSetup, bootstrap: tuple[tuple[str, int], ...], bind: Any = None) -> PublishReport:
-    """Publish a complete run's signed packets (as written on disk) and record ``publish_report.json``.
+    """Publish a complete run's signed packets (as written on disk) to the site's network: :func:`publish_run`."""
+    setup.require_site("publishing")
+    return publish_run(folder, setup.network.manifest, list(bootstrap), bind=bind)
+
+
+def publish_run(folder: Path | str, manifest: Any, bootstrap: Any, **options: Any) -> PublishReport:
+    """The publish stage of a complete run folder: its packets (as written on disk) to the DHT nodes
+    ``bootstrap`` under the network ``manifest`` (the object or its path), ``publish_report.json``
+    written and stage ``publish`` marked in ``run.json``. ``qis-fhir publish DIR`` calls it for a run
+    folder (it has a manifest, not a site); ``options`` go to ``qis_fhir.dht.client.publish``.
 
     Succeeds or fails by the one publish policy (``PublishReport.raise_for_failure``); a failed
     publish leaves the run complete with its packets, so the next attempt sends the same ones."""
     from qis_fhir.dht.client import publish
     from qis_fhir.packets.build import PACKETS_FILE, read_packets
 
-    setup.require_site("publishing")
     folder = Path(folder)
     with amend_stage(folder, PUBLISH) as run:
         run.begin(PUBLISH)
-        report = publish(read_packets(folder / PACKETS_FILE), list(bootstrap), setup.network.manifest, bind=bind)
+        report = publish(read_packets(folder / PACKETS_FILE), bootstrap, manifest, **options)
         summary = report.to_dict()
         write_json(folder / PUBLISH_REPORT, summary)
         run.record(PUBLISH, summary)

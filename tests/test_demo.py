@@ -53,3 +53,59 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == ExitCode.USAGE
     assert (tmp_path / "precious.txt").read_text() == "not a demo"
+
+
+def test_demo_ui_shows_the_demos_runs_and_ctrl_c_stops_everything_it_started(tmp_path):
+    """``--ui``: dagster dev on the demo's instance answers on 127.0.0.1 and lists the demo's Dagster runs;
+    one SIGINT to the demo stops it, the UI's processes and the DHT nodes, each checked by process id."""
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    import psutil
+
+    out = tmp_path / "demo"
+    log = (tmp_path / "demo.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qis_fhir", "demo", "--out", str(out), "--sites", "1", "--patients", "300", "--nodes", "2",
+         "--ksize", "2", "--ui"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # SIGINT goes to the demo only, as a test sends it
+    )
+    tree: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 600
+        summary = None
+        while summary is None and time.monotonic() < deadline:  # the summary is written once every run is done
+            assert proc.poll() is None, (tmp_path / "demo.log").read_text()[-3000:]
+            if (out / "demo_summary.json").exists():
+                summary = json.loads((out / "demo_summary.json").read_text())
+            else:
+                time.sleep(0.5)
+        assert summary is not None, "the demo did not finish within 600 s"
+        url = summary["ui"]
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(f"{url}/server_info", timeout=10) as resp:
+            assert resp.status == 200
+        query = json.dumps({"query": "{ runsOrError { ... on Runs { results { jobName status tags { key value } } } } }"}).encode()
+        request = urllib.request.Request(f"{url}/graphql", data=query, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            runs = json.loads(resp.read())["data"]["runsOrError"]["results"]
+        # the site's own part and its network view, both of the production job, both succeeded, on the UI's instance
+        assert [(r["jobName"], r["status"]) for r in runs] == [("daily_outcomes", "SUCCESS")] * 2
+        assert all({"key": "qis/site", "value": "st-mary"} in r["tags"] for r in runs)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        names = " ".join(" ".join(p.cmdline()) for p in tree)
+        assert "dagster" in names and "node" in names  # the UI's processes and the DHT nodes are its children
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == ExitCode.OK
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        log.close()
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    left = [f"{p.pid} {p.name()}" for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for p in alive:
+        p.kill()
+    assert left == []

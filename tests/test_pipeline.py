@@ -232,6 +232,44 @@ def test_run_and_publish_fail_alike_when_the_site_key_is_refused(signing_site, t
     assert "publish" not in manifest["stages"] and manifest["error"]["exit_code"] == ExitCode.PACKETS_REJECTED
 
 
+def test_publish_of_a_run_folder_is_the_runs_publish_stage_and_a_packets_file_stays_a_file(signing_site, tmp_path):
+    """`publish DIR` of a run built without --bootstrap records what `run --bootstrap` records (publish_report.json,
+    stage publish in run.json); a packets.ndjson given as a file, or a folder that is no run, is published as
+    before and gets nothing written beside it."""
+    import shutil
+
+    from qis_fhir.dht.cluster import LocalCluster
+
+    root = signing_site
+    out = tmp_path / "out"
+    run = qis("run", root / "export", "--out", out, "--site", root / "member", "--network", root / "net")
+    assert run.returncode == ExitCode.OK, run.stderr[-2000:]
+    assert json.loads((out / "run.json").read_text())["stages"][-1] == "packets" and not (out / "publish_report.json").exists()
+    packets = len((out / "packets.ndjson").read_text().splitlines())
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    shutil.copy(out / "packets.ndjson", plain / "packets.ndjson")
+    cluster = LocalCluster(tmp_path / "nodes", root / "net" / "manifest.json", ksize=2)
+    try:
+        cluster.start(2)
+        cluster.wait_joined()
+        boot = f"127.0.0.1:{cluster.nodes[0].port}"
+        published = qis("publish", out, "--network", root / "net", "--bootstrap", boot, "--bind", "127.0.0.1", "--ksize", "2", "--json")
+        as_file = qis("publish", plain / "packets.ndjson", "--network", root / "net", "--bootstrap", boot, "--bind", "127.0.0.1", "--json")
+        as_folder = qis("publish", plain, "--network", root / "net", "--bootstrap", boot, "--bind", "127.0.0.1", "--json")
+    finally:
+        cluster.stop_all()
+    assert published.returncode == ExitCode.OK, published.stderr[-2000:]
+    report = json.loads((out / "publish_report.json").read_text())
+    assert report == json.loads(published.stdout) and report["confirmed"] == packets > 0
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["stages"][-1] == "publish" and manifest["counts"]["publish"]["confirmed"] == packets
+    for proc in (as_file, as_folder):
+        assert proc.returncode == ExitCode.OK, proc.stderr[-2000:]
+        assert json.loads(proc.stdout)["confirmed"] == packets
+    assert sorted(p.name for p in plain.iterdir()) == ["packets.ndjson"]  # no report, no run.json made up
+
+
 def test_run_and_extract_both_stop_when_nothing_is_extracted(tmp_path):
     """An export whose every line is quarantined: `run` used to carry on with zero rows where `extract`
     exits 6; both now apply the one rule, and keep the quarantine of the failed run for inspection."""

@@ -21,6 +21,7 @@ from dagster import (
     asset_check,
 )
 
+from pipelines.assets.extract import table_asset
 from pipelines.partitions import daily_exports
 from pipelines.resources import SiteConfig
 from qis_fhir.fhir import TABLE_NAMES
@@ -65,8 +66,8 @@ def quality_check(asset: str, part: str, table: str) -> AssetChecksDefinition:
     return _check
 
 
-#: every quality check: the extract's tables on ``fhir_extract``, the events on ``outcome_events``
+#: every quality check: each extract table's on its own asset (``fhir_<table>``), the events' on ``outcome_events``
 QUALITY_CHECKS = [
-    *(quality_check("fhir_extract", "extract", t) for t in TABLE_NAMES),
+    *(quality_check(table_asset(t), "extract", t) for t in TABLE_NAMES),
     quality_check("outcome_events", "outcome_events", "outcome_events"),
 ]

@@ -2,7 +2,7 @@
 
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
-from pipelines.assets.extract import fhir_extract
+from pipelines.assets.extract import TABLE_ASSETS
 from pipelines.assets.mapping import mapping_set
 from pipelines.assets.metadata import asset_info, column_schema
 from pipelines.partitions import daily_exports
@@ -14,7 +14,7 @@ from pipelines.resources import SiteConfig
     group_name="outcomes",
     kinds={"parquet"},
     **asset_info("outcomes", phi=True, uses_mapping=True),
-    deps=[fhir_extract, mapping_set],
+    deps=[*TABLE_ASSETS, mapping_set],
     description=(
         "One row per treatment episode with a baseline and a follow-up value (outcome_events.parquet); "
         "outcome_summary.json counts events by bucket and treatment and every other episode by reason."

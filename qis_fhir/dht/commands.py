@@ -102,7 +102,8 @@ def _read_wires(path: Path) -> list[bytes]:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def publish(packets: Path, bootstrap: str, network: Path, ksize: int, alpha: int, bind: str | None, ttl_days: float, as_json: bool) -> None:
     """Publish PACKETS (a packets.ndjson file, or a run folder from `qis-fhir run`); reports how many
-    replicas confirmed each packet.
+    replicas confirmed each packet. A run folder's publish stage is recorded in it, as `run --bootstrap`
+    records it: publish_report.json, and stage `publish` in run.json once every packet was confirmed.
 
     Exits 13 when the run folder holding the packets did not complete, 11 when no peer answers, 12
     when some packet was confirmed by no replica, 10 when some packet failed verification here (those
@@ -112,10 +113,16 @@ def publish(packets: Path, bootstrap: str, network: Path, ksize: int, alpha: int
 
     from qis_fhir.dht.client import publish as do_publish
     from qis_fhir.packets.build import PACKETS_FILE
-    from qis_fhir.runfolder import PACKETS, run_file
+    from qis_fhir.runfolder import PACKETS, require_run, run_file
+    from qis_fhir.stages import PUBLISH_REPORT, publish_run
 
-    wires = _read_wires(run_file(packets, PACKETS_FILE, PACKETS))
-    report = do_publish(wires, bootstrap, network, ksize=ksize, alpha=alpha, ttl=ttl_days * 86400.0, bind=bind)
+    options = {"ksize": ksize, "alpha": alpha, "ttl": ttl_days * 86400.0, "bind": bind}
+    if packets.is_dir() and require_run(packets, PACKETS) is not None:  # a run folder: the run's publish stage
+        _read_wires(packets / PACKETS_FILE)  # none to publish is an error here too, before the run is touched
+        report = publish_run(packets, network, bootstrap, **options)  # raises, the report written, on a failure
+        click.echo(f"report: {packets / PUBLISH_REPORT}", err=True)
+    else:
+        report = do_publish(_read_wires(run_file(packets, PACKETS_FILE, PACKETS)), bootstrap, network, **options)
     summary = report.to_dict()
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True))

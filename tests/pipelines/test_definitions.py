@@ -12,7 +12,8 @@ from qis_fhir.mapping.yamldoc import read_yaml
 
 REPO = Path(__file__).resolve().parents[2]  # not "from conftest": several test folders have one
 
-ASSETS = {"mapping_set", "fhir_extract", "outcome_events", "outcome_packets", "published_packets", "evidence_tables",
+TABLES = {"fhir_patients", "fhir_conditions", "fhir_medication_requests", "fhir_observations", "fhir_encounters"}
+ASSETS = {"fhir_export", "mapping_set", *TABLES, "outcome_events", "outcome_packets", "published_packets", "evidence_tables",
           "outcome_events_table", "pooled_outcomes_table"}
 
 
@@ -30,7 +31,12 @@ def test_assets_share_daily_partitions_and_lineage():
     graph = defs.get_repository_def().asset_graph
     for name in ASSETS:
         assert isinstance(graph.get(AssetKey(name)).partitions_def, DailyPartitionsDefinition)
-    assert graph.get(AssetKey("outcome_events")).parent_keys == {AssetKey("fhir_extract"), AssetKey("mapping_set")}
+    # the export is a source the UI observes; each resource type's table is drawn from it and from the
+    # mapping set whose suites check it, and the events from every table and the mapping
+    assert graph.get(AssetKey("fhir_export")).is_observable and not graph.get(AssetKey("fhir_export")).is_materializable
+    for table in TABLES:
+        assert graph.get(AssetKey(table)).parent_keys == {AssetKey("fhir_export"), AssetKey("mapping_set")}
+    assert graph.get(AssetKey("outcome_events")).parent_keys == {*map(AssetKey, TABLES), AssetKey("mapping_set")}
     chain = ["outcome_events", "outcome_packets", "published_packets", "evidence_tables"]
     for parent, child in zip(chain, chain[1:]):
         assert graph.get(AssetKey(child)).parent_keys == {AssetKey(parent)}
@@ -52,9 +58,9 @@ def test_quality_suites_are_blocking_checks_on_their_assets():
     graph = defs.get_repository_def().asset_graph
     checks = {k: graph.get_check_spec(k) for k in graph.asset_check_keys}
     expected = {
-        AssetCheckKey(AssetKey("fhir_extract"), n)
-        for n in ["every_line_accounted_for", "patients_quality", "conditions_quality",
-                  "medication_requests_quality", "observations_quality", "encounters_quality"]
+        AssetCheckKey(AssetKey(f"fhir_{t}"), n)
+        for t in ["patients", "conditions", "medication_requests", "observations", "encounters"]
+        for n in ["every_line_accounted_for", f"{t}_quality"]
     } | {AssetCheckKey(AssetKey("outcome_events"), "outcome_events_quality")}
     assert set(checks) == expected
     assert all(spec.blocking for spec in checks.values())

@@ -15,7 +15,8 @@ from qis_fhir.mapping import load_mapping
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE_VERSION = version("qis-fhir")
 #: the assets derived under the mapping set: their code version carries its content hash
-UNDER_MAPPING = {"mapping_set", "fhir_extract", "outcome_events", "outcome_packets"}
+TABLES = {"fhir_patients", "fhir_conditions", "fhir_medication_requests", "fhir_observations", "fhir_encounters"}
+UNDER_MAPPING = {"mapping_set", *TABLES, "outcome_events", "outcome_packets"}
 
 
 def _specs():
@@ -31,7 +32,7 @@ def test_every_asset_has_owners_tags_and_a_code_version_with_the_mapping_hash():
         expected = f"{PACKAGE_VERSION}+mapping.{mapping_hash[:12]}" if name in UNDER_MAPPING else PACKAGE_VERSION
         assert spec.code_version == expected, name
     # patient-level (pseudonymous) tables are tagged so, the network's aggregates are not
-    assert {n for n, s in specs.items() if s.tags["patient_level"] == "true"} == {"fhir_extract", "outcome_events", "outcome_events_table"}
+    assert {n for n, s in specs.items() if s.tags["patient_level"] == "true"} == {"fhir_export", *TABLES, "outcome_events", "outcome_events_table"}
 
 
 def test_a_changed_mapping_changes_the_code_version(tmp_path, monkeypatch):
@@ -51,9 +52,10 @@ def test_a_changed_mapping_changes_the_code_version(tmp_path, monkeypatch):
 def test_quality_checks_are_per_partition_and_blocking():
     specs = [spec for c in ALL_CHECKS for spec in c.check_specs]
     assert {(s.asset_key, s.name) for s in specs} == {
-        *((AssetKey("fhir_extract"), f"{t}_quality") for t in ("patients", "conditions", "medication_requests", "observations", "encounters")),
+        *((AssetKey(f"fhir_{t}"), f"{t}_quality") for t in ("patients", "conditions", "medication_requests", "observations", "encounters")),
         (AssetKey("outcome_events"), "outcome_events_quality"),
     }
-    partitions = {a.key: a.partitions_def for a in ALL_ASSETS}
+    partitions = {key: spec.partitions_def for a in ALL_ASSETS for key, spec in a.specs_by_key.items()}
     for s in specs:
         assert s.blocking and s.partitions_def == partitions[s.asset_key], s.name
+

@@ -1,7 +1,7 @@
 """`qis-fhir run` and the Dagster assets run the same stage steps: same files, same events, same packets.
 
-Also: the whole graph for one site against DHT node processes on 127.0.0.1, ending with the pooled
-table; a DHT that does not answer fails the publish asset under its retry policy and loses nothing;
+Also: the whole graph for two sites against DHT node processes on 127.0.0.1, ending with each site's
+pooled table of both, in its run folder and its database; a DHT that does not answer fails the publish asset under its retry policy and loses nothing;
 a bad mapping or a failed quality suite publishes nothing.
 """
 
@@ -18,13 +18,13 @@ from dagster import RetryPolicy, materialize
 
 from pipelines.assets import (
     ALL_ASSETS,
-    ALL_CHECKS,
     evidence_tables,
     fhir_extract,
     mapping_set,
     outcome_events,
     outcome_packets,
 )
+from pipelines.assets.extract import TABLE_ASSETS
 from pipelines.assets.metadata import PREVIEW_ROWS
 from pipelines.assets.network import publish_asset
 from pipelines.resources import DhtConfig, SiteConfig
@@ -39,7 +39,8 @@ UP_TO_PACKETS = [mapping_set, fhir_extract, outcome_events, outcome_packets]
 
 @pytest.fixture(scope="module")
 def site_world(tmp_path_factory):
-    """A network, one member site, and a synthetic export big enough for publishable cells."""
+    """A network of two member sites, each with a synthetic export big enough for publishable cells
+    (the second, ``riverside``, only for the whole graph of two sites)."""
     from qis_fhir.packets import add_site, create_network, create_site
     from qis_fhir.synth import generate_export
 
@@ -48,12 +49,15 @@ def site_world(tmp_path_factory):
     create_site("st-mary", root / "site")
     add_site(root / "net", root / "site")
     generate_export(root / "export", patients=1500, seed=3, truth_path=root / "truth.json")
+    create_site("riverside", root / "riverside")
+    add_site(root / "net", root / "riverside")
+    generate_export(root / "export-riverside", patients=1500, seed=4, site_profile="urban", truth_path=root / "truth-riverside.json")
     return root
 
 
-def _site_copy(world: Path, dest: Path) -> Path:
+def _site_copy(world: Path, dest: Path, site: str = "site") -> Path:
     """The site's keys (same signing key, same patient-key secret) with its own release state."""
-    shutil.copytree(world / "site", dest)
+    shutil.copytree(world / site, dest)
     return dest
 
 
@@ -153,7 +157,7 @@ def test_a_failed_suite_or_a_bad_mapping_publishes_nothing(site_world, tmp_path,
     resources = {"site": site, "dht": dht, "warehouse": duckdb_warehouse(tmp_path / "dagster")}
     failed = materialize(ALL_ASSETS, partition_key=PARTITION, resources=resources, instance=instance, raise_on_error=False)
     assert not failed.success
-    assert set(_materialized(failed)) == {"mapping_set", "fhir_extract"}  # the extract is kept, for inspection
+    assert set(_materialized(failed)) == {"mapping_set", *TABLE_ASSETS}  # the extract is kept, for inspection
     out = tmp_path / "dagster" / PARTITION
     assert _json(out / "run.json")["stages"] == ["extract"]
     assert not (out / "packets.ndjson").exists() and not (out / "publish_report.json").exists()
@@ -184,69 +188,83 @@ def test_a_failed_suite_or_a_bad_mapping_publishes_nothing(site_world, tmp_path,
     assert not (tmp_path / "dagster" / "2026-11-28").exists()
 
 
-def test_the_whole_graph_for_one_site_against_a_local_dht(site_world, tmp_path, instance):
-    """The nightly job (what the schedule and the sensor launch) from the export to the pooled table."""
-    from dagster import Definitions
+def test_the_whole_graph_for_two_sites_against_a_local_dht(site_world, tmp_path, instance):
+    """Each site's nightly job (what the schedule and the sensor launch, bound to that site): its own part,
+    then, once both have published, its network view; each pooled table holds both sites, in the run folder
+    and, the same rows, in the site's DuckDB database."""
+    import duckdb
 
-    from pipelines.jobs import daily_outcomes_job
+    from pipelines.nightly import run_nightly, site_definitions
+    from qis_fhir.evidence.pooling import CELL_KEYS
 
     world = site_world
     cluster = LocalCluster(tmp_path / "nodes", world / "net" / "manifest.json", ksize=3)
+    sites = {}
+    for name, keys, export in (("st-mary", "site", "export"), ("riverside", "riverside", "export-riverside")):
+        site = SiteConfig(export_dir=str(world / export), out_root=str(tmp_path / name), site_dir=str(_site_copy(world, tmp_path / f"{name}-keys", keys)),
+                          network_dir=str(world / "net"))
+        sites[name] = site
+    results: dict[str, list] = {name: [] for name in sites}
     try:
         cluster.start(4)
         cluster.wait_joined()
         dht = DhtConfig(bootstrap=",".join(f"{h}:{p}" for h, p in (n.address for n in cluster.live()[:2])), bind=LOOPBACK)
-        site = _site(world, tmp_path, _site_copy(world, tmp_path / "site"))
-        warehouse = duckdb_warehouse(tmp_path / "dagster")
-        defs = Definitions(assets=ALL_ASSETS, asset_checks=ALL_CHECKS, jobs=[daily_outcomes_job], resources={"site": site, "dht": dht, "warehouse": warehouse})
-        result = defs.resolve_job_def("daily_outcomes").execute_in_process(partition_key=PARTITION, instance=instance)
+        defs = {name: site_definitions(site, dht) for name, site in sites.items()}
+        for part in ("site", "network"):
+            for name in sites:
+                results[name].append(run_nightly(defs[name], PARTITION, instance, part=part))
     finally:
         cluster.stop_all()
-    assert result.success
-    mats = _materialized(result)
-    assert set(mats) == {a.key.to_user_string() for a in ALL_ASSETS}
-    # the nightly job runs every quality check of the partition, each passing
-    evaluations = {e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data.passed
-                   for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
-    assert {c.check_key.name for c in ALL_CHECKS} <= set(evaluations) and all(evaluations.values()), evaluations
-    out = tmp_path / "dagster" / PARTITION
-    packets = len((out / "packets.ndjson").read_text().splitlines())
-    assert packets > 0
-    assert mats["published_packets"]["packets_published"].value == packets and mats["published_packets"]["replicas_min"].value >= 1
-    assert _json(out / "publish_report.json")["confirmed"] == packets
-    assert _json(out / "run.json")["stages"] == ["extract", "outcomes", "quality", "packets", "publish", "evidence"]
+    graph = defs["st-mary"].resolve_asset_graph()
+    pooled, packets = {}, {}
+    for name, runs in results.items():
+        assert all(r.success for r in runs)
+        mats = {k: v for r in runs for k, v in _materialized(r).items()}
+        assert set(mats) == {k.to_user_string() for k in graph.materializable_asset_keys}  # every asset, in two runs
+        assert [set(_materialized(r)) for r in runs][1] == {"evidence_tables", "pooled_outcomes_table"}
+        evaluations = {(e.asset_check_evaluation_data.asset_key.to_user_string(), e.asset_check_evaluation_data.check_name): e.asset_check_evaluation_data.passed
+                       for e in _events(runs[0], "ASSET_CHECK_EVALUATION")}
+        assert {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys} == set(evaluations) and all(evaluations.values())
+        out = tmp_path / name / PARTITION
+        packets[name] = len((out / "packets.ndjson").read_text().splitlines())
+        assert packets[name] > 0 and _json(out / "publish_report.json")["confirmed"] == packets[name]
+        assert _json(out / "run.json")["stages"] == ["extract", "outcomes", "quality", "packets", "publish", "evidence"]
+        pooled[name] = pd.read_parquet(out / "evidence" / "pooled_outcomes.parquet")
+        assert mats["evidence_tables"]["dagster/row_count"].value == len(pooled[name])
+        assert mats["evidence_tables"]["sites"].value == 2
 
-    # the pooled table: with one site in the network, every pooled cell is this site's own cell
-    pooled = pd.read_parquet(out / "evidence" / "pooled_outcomes.parquet")
-    assert mats["evidence_tables"]["dagster/row_count"].value == len(pooled) == mats["outcome_packets"]["cells_published"].value
-    assert (pooled["sites"] == 1).all() and (pooled["patients"] == pooled["local_patients"]).all()
-    evidence = mats["evidence_tables"]
-    assert [c.name for c in evidence["dagster/column_schema"].value.columns] == list(pooled.columns)
+        # the same rows, queried with SQL from the site's database, as an analyst's dashboard reads them
+        with duckdb.connect(str(tmp_path / name / DATABASE_FILE), read_only=True) as con:
+            table = con.execute(f"select * exclude (partition_date) from {SCHEMA}.pooled_outcomes_table "
+                                f"where partition_date = '{PARTITION}' order by all").fetchdf()
+            (events,) = con.execute(f"select count(*) from {SCHEMA}.outcome_events_table where partition_date = '{PARTITION}'").fetchone()
+        assert len(table) == len(pooled[name]) and list(table.columns) == list(pooled[name].columns)
+        mine, theirs = table.set_index(CELL_KEYS).sort_index(), pooled[name].set_index(CELL_KEYS).sort_index()
+        assert (mine["patients"] == theirs["patients"]).all() and (mine["sites"] == theirs["sites"]).all()
+        assert mine["mean_pooled"].to_numpy() == pytest.approx(theirs["mean_pooled"].to_numpy(), nan_ok=True)
+        assert events == len(pd.read_parquet(out / "outcome_events.parquet")) > 0
+    for name in sites:
+        assert _json(tmp_path / name / PARTITION / "evidence" / "provenance.json")["packets_used"] == sum(packets.values())
+
+    # both sites pooled the same network: the same cells with the same pooled figures, each beside its own
+    a, b = (pooled[n].set_index(CELL_KEYS).sort_index() for n in ("st-mary", "riverside"))
+    assert list(a.index) == list(b.index)
+    assert (a["patients"] == b["patients"]).all() and (a["sites"] == b["sites"]).all()
+    assert a["sites"].max() == 2
+    # a cell both published pools both sites' patients; a cell one published is that site's alone
+    both = a["sites"] == 2
+    assert (a.loc[both, "patients"] == a.loc[both, "local_patients"] + b.loc[both, "local_patients"]).all()
+    one = a.loc[~both, "patients"]
+    assert ((one == a.loc[~both, "local_patients"]) | (one == b.loc[~both, "local_patients"])).all()
     # the preview: the largest cohorts first, at most PREVIEW_ROWS of them, with their patients and sites
-    rows = [line.split(" | ") for line in evidence["preview"].value.splitlines()[2:]]
-    assert len(rows) == min(PREVIEW_ROWS, len(pooled))
-    assert [int(r[2]) for r in rows] == sorted(pooled["patients"], reverse=True)[: len(rows)]
-    assert {int(r[3]) for r in rows} == {1}
-    # the response as the clinician report words it: the pooled share and its interval, for the top cohort too
-    top = pooled.sort_values("patients", ascending=False, kind="stable").iloc[0]
+    preview = _materialized(results["st-mary"][1])["evidence_tables"]["preview"].value
+    rows = [line.split(" | ") for line in preview.splitlines()[2:]]
+    assert len(rows) == min(PREVIEW_ROWS, len(a))
+    assert [int(r[2]) for r in rows] == sorted(a["patients"], reverse=True)[: len(rows)]
+    top = pooled["st-mary"].sort_values("patients", ascending=False, kind="stable").iloc[0]
+    assert int(rows[0][3]) == top.sites
     assert rows[0][4].rstrip(" |") == f"{top.resp_pooled * 100:.1f}% ({top.resp_pooled_lo * 100:.1f}% to {top.resp_pooled_hi * 100:.1f}%)"
-    assert (out / "evidence" / "report.html").exists()
-    assert _json(out / "evidence" / "provenance.json")["run_date"] == PARTITION
-
-    # the same rows, queried with SQL from the site's database, as an analyst's dashboard reads them
-    import duckdb
-
-    with duckdb.connect(str(tmp_path / "dagster" / DATABASE_FILE), read_only=True) as con:
-        table = con.execute(f"select * exclude (partition_date) from {SCHEMA}.pooled_outcomes_table "
-                            f"where partition_date = '{PARTITION}' order by all").fetchdf()
-        (events,) = con.execute(f"select count(*) from {SCHEMA}.outcome_events_table where partition_date = '{PARTITION}'").fetchone()
-    from qis_fhir.evidence.pooling import CELL_KEYS
-
-    assert len(table) == len(pooled) and list(table.columns) == list(pooled.columns)
-    mine, theirs = table.set_index(CELL_KEYS).sort_index(), pooled.set_index(CELL_KEYS).sort_index()
-    assert (mine["patients"] == theirs["patients"]).all() and (mine["responders"] == theirs["responders"]).all()
-    assert mine["mean_pooled"].to_numpy() == pytest.approx(theirs["mean_pooled"].to_numpy(), nan_ok=True)
-    assert events == len(pd.read_parquet(out / "outcome_events.parquet")) > 0
+    assert (tmp_path / "st-mary" / PARTITION / "evidence" / "report.html").exists()
 
 
 def test_an_unreachable_dht_fails_publish_under_its_retry_policy_and_keeps_the_packets(site_world, tmp_path, instance):
