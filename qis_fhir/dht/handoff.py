@@ -8,7 +8,8 @@ in any RPC: 3,000 pings from fresh ids held a node at 100% CPU for 2.5 minutes.
 Here a newcomer only joins a bounded queue (``max_queue`` ids, deduplicated; more are dropped and
 counted: republish reaches a dropped newcomer within ``republish_interval``). One worker task walks
 the stored keys in slices of ``slice_keys`` (keyset pages from SQLite, never the whole list),
-checks each key against the contacts with one pass over their ids (no sort), sends what the
+skips a newcomer no longer in the routing table (an id minted and replaced at once costs one
+lookup), checks each key against the contacts with one pass over their ids (no sort), sends what the
 newcomer should hold, and after each slice sleeps in proportion to the CPU the slice took, so
 hand-off work takes at most ``duty`` of one core however many ids arrive.
 """
@@ -56,6 +57,7 @@ class HandOff:
         ksize: int,
         send: Callable[[Node, bytes, list], Awaitable[object]],
         *,
+        still_known: Callable[[Node], bool] = lambda node: True,
         max_queue: int = 64,
         slice_keys: int = 256,
         duty: float = 0.2,
@@ -65,6 +67,7 @@ class HandOff:
         self.contacts = contacts
         self.ksize = ksize
         self.send = send
+        self.still_known = still_known
         self.max_queue = max_queue
         self.slice_keys = slice_keys
         self.duty = duty
@@ -103,7 +106,7 @@ class HandOff:
 
     async def _hand_off(self, node: Node) -> None:
         after = b""
-        while True:
+        while self.still_known(node):  # an id replaced or dropped meanwhile gets nothing more
             started = time.process_time()
             keys = self.storage.keys_after(after, self.slice_keys)
             if not keys:

@@ -120,12 +120,12 @@ class Limits:
     peer_rate: float = 500.0  # requests per second from one (ip, port)
     peer_burst: float = 1000.0
     stranger_rate: float = 1000.0  # requests per second from all not-yet-answered, uncertified sources together
-    stranger_burst: float = 1000.0
+    stranger_burst: float = 2000.0
     max_peers: int = 4096  # buckets kept (per source address)
     answered_ttl: float = 600.0  # an address that answered our request counts as return-routable this long
     max_answered: int = 4096
-    replay_window: float = 120.0  # request message ids remembered this long ...
-    max_request_ids: int = 262_144  # ... at most this many (>= stranger and peer traffic over the window)
+    replay_window: float = 60.0  # request message ids remembered this long ...
+    max_request_ids: int = 65_536  # ... at most this many (about 10 MB; above 1,000 admitted requests a second the window shrinks)
 
 
 class Gate:
@@ -141,7 +141,8 @@ class Gate:
         self._answered = RecentSet(limits.answered_ttl, limits.max_answered)
         self._request_ids = RecentSet(limits.replay_window, limits.max_request_ids)
         self.dropped: Counter[str] = Counter()
-        self.admitted = 0
+        self.admitted = 0  # requests let through
+        self.replies = 0  # replies to our requests let through
 
     def answered(self, address: tuple) -> None:
         """``address`` replied to one of our requests: it is not a spoofed source."""
@@ -150,7 +151,10 @@ class Gate:
     def admit(self, data: bytes, address: tuple) -> str | None:
         reason = self._check(data, address)
         if reason is None:
-            self.admitted += 1
+            if data[0] == REPLY:
+                self.replies += 1
+            else:
+                self.admitted += 1
         else:
             self.dropped[reason] += 1
         return reason

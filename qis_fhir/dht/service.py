@@ -68,6 +68,8 @@ async def serve(config: NodeConfig, data_dir: Path, manifest_path: Path, stop: a
         while True:
             await asyncio.sleep(SUMMARY_INTERVAL)
             write_summaries()
+            if node.protocol is not None:
+                node.protocol.log_dropped()
 
     task = asyncio.ensure_future(run())
     summary_task = asyncio.ensure_future(summaries())
