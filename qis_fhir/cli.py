@@ -60,6 +60,9 @@ def cli(verbose: int) -> None:
     """qis-fhir: FHIR bulk export -> treatment-outcome events -> signed packets over a DHT."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from qis_fhir.dht.logs import limit_root
+
+    limit_root()  # a client's stderr gets at most one line per reason per second, the DHT libraries' included
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,15 +34,13 @@ def _with(options: list):
 
 
 def _stdout_logging(level: int) -> None:
-    """Node logs go to stdout (the package's chatty INFO lines are held back to warnings)."""
+    """Node logs, ours and the libraries', go to stdout only, rate-limited per reason
+    (``qis_fhir.dht.logs``; the package's chatty INFO lines are held back to warnings)."""
+    from qis_fhir.dht.logs import route_to
+
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    qlog = logging.getLogger("qis_fhir")
-    qlog.handlers[:] = [handler]
-    qlog.setLevel(level)
-    qlog.propagate = False
-    for name in ("kademlia", "rpcudp"):
-        logging.getLogger(name).setLevel(logging.WARNING if level > logging.DEBUG else logging.DEBUG)
+    route_to(handler, level)
 
 
 @click.command()
@@ -57,8 +55,11 @@ def _stdout_logging(level: int) -> None:
 @click.option("--maintenance-interval", type=click.FloatRange(min=0.05), default=60.0, show_default=True, help="Seconds between upkeep passes (expiry, republish, refresh).")
 @click.option("--rpc-timeout", type=click.FloatRange(min=0.1), default=3.0, show_default=True, help="Seconds to wait for a reply (one retry follows).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
+@click.option("--operator", "operators", multiple=True, metavar="HOST",
+              help="Address whose `stats` requests are answered (repeat for several). Default: 127.0.0.1 and ::1.")
 def node(listen: str, bootstrap: str, data_dir: Path, network: Path, ksize: int, alpha: int, ttl_days: float,
-         republish_interval: float, refresh_interval: float, maintenance_interval: float, rpc_timeout: float, log_level: str) -> None:
+         republish_interval: float, refresh_interval: float, maintenance_interval: float, rpc_timeout: float, log_level: str,
+         operators: tuple[str, ...]) -> None:
     """Run a DHT node until SIGTERM or SIGINT: verifies every packet stored on it, keeps them in SQLite, republishes."""
     from qis_fhir.dht.address import parse_address, parse_addresses
     from qis_fhir.dht.node import NodeConfig
@@ -79,6 +80,7 @@ def node(listen: str, bootstrap: str, data_dir: Path, network: Path, ksize: int,
         refresh_interval=refresh_interval,
         maintenance_interval=maintenance_interval,
         rpc_timeout=rpc_timeout,
+        **({"operators": tuple(operators)} if operators else {}),
     )
     asyncio.run(serve(config, data_dir, network))
 

@@ -30,7 +30,8 @@ from kademlia.node import Node
 
 from qis_fhir.dht.address import format_address
 from qis_fhir.dht.lookup import SEED_LIMIT, Lookup, iterative_lookup
-from qis_fhir.dht.protocol import PacketProtocol, Verify
+from qis_fhir.dht.limits import Limits
+from qis_fhir.dht.protocol import OPERATORS, PacketProtocol, Verify
 from qis_fhir.dht.storage import PacketStore
 from qis_fhir.errors import ExitCode, QisError
 from qis_fhir.files import write_json
@@ -57,6 +58,8 @@ class NodeConfig:
     retries: int = 1  # a timed-out RPC is sent once more before the peer counts as gone
     max_inflight: int = 32  # outgoing RPCs in flight at once (per node or client)
     republish_concurrency: int = 4  # keys republished at once
+    limits: Limits = Limits()  # what unauthenticated peers may cost (qis_fhir.dht.limits)
+    operators: tuple[str, ...] = OPERATORS  # addresses whose stats requests are answered
 
 
 def _random_id() -> bytes:
@@ -99,6 +102,8 @@ class DhtNode(Server):
             retries=self.config.retries,
             max_inflight=self.config.max_inflight,
             max_ttl=self.config.ttl,
+            limits=self.config.limits,
+            operators=self.config.operators,
         )
 
     async def listen(self, port: int | None = None, interface: str | None = None) -> None:  # type: ignore[override]
@@ -126,11 +131,14 @@ class DhtNode(Server):
             self._upkeep.cancel()
         if self.protocol is not None:
             self.protocol.cancel_tasks()
+            self.protocol.handoff.stop()
         super().stop()
 
     def close(self) -> None:
         """Stop, then close the node's storage (what every owner of a node does last)."""
         self.stop()
+        if self.protocol is not None:
+            self.protocol.save_counts()
         self.storage.close()
 
     # ------------------------------------------------------------------ routing
@@ -175,6 +183,7 @@ class DhtNode(Server):
 
     async def upkeep(self) -> dict:
         """One pass: expire, re-join if alone, drop dead contacts, republish due keys, refresh lonely buckets."""
+        self.protocol.save_counts()
         expired = self.storage.expire()
         if expired:
             log.info("expired %d packets", expired)

@@ -15,25 +15,37 @@ Subclasses the package's :class:`kademlia.protocol.KademliaProtocol` and keeps i
 * a peer that sends an empty node id is a short-lived *client*: answered, but never put in the
   routing table (dead clients would otherwise cost every later lookup a timeout);
 * a newly seen node is handed the packets it should hold, with their remaining lifetime, under the
-  right keys (the stock ``welcome_if_new`` re-hashes keys and sends them under wrong ids).
+  right keys (the stock ``welcome_if_new`` re-hashes keys and sends them under wrong ids), through a
+  bounded, paced queue (``qis_fhir.dht.handoff``), never inline;
+* outsiders cost nothing: every datagram passes the gate of ``qis_fhir.dht.limits`` (size, per-peer
+  and shared token buckets, replayed message ids, replies only to requests we sent) before it is
+  parsed; a reply to a peer that is not certified is never larger than its request (clients pad
+  their requests to the reply they want, see ``PAD_TO``); ``stats`` answers operators' addresses and
+  certified peers only; counts of refusals stay in memory and reach SQLite once per upkeep pass.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import contextvars
 import logging
+import os
 import socket
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import umsgpack
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
+from kademlia.routing import RoutingTable
 from rpcudp.exceptions import MalformedMessage
 
-from qis_fhir.dht.address import format_address
+from qis_fhir.dht.handoff import HandOff
 from qis_fhir.dht.keys import RPC_CAP, dht_key, pack_batches, pack_nodes, packed_size
+from qis_fhir.dht.limits import HEADER, MAX_DATAGRAM, REPLY, Gate, Limits
 from qis_fhir.dht.storage import CONFIRMED, QUOTA, PacketStore
 
 log = logging.getLogger("qis_fhir.dht.protocol")
@@ -42,6 +54,32 @@ MAX_ITEMS_PER_STORE = 64
 MAX_CURSOR_FIELD = 128
 CURSOR_RESERVE = 2 * MAX_CURSOR_FIELD + 8  # packed [site_id, packet_id] at their longest
 RECV_BUFFER = 4 * 1024 * 1024
+DRAIN_BATCH = 64  # datagrams read per event-loop turn
+OPERATORS = ("127.0.0.1", "::1")  # addresses whose stats requests are answered, by default
+STATS_CACHE = 1.0  # seconds a stats answer is reused: its counts scan whole tables
+MAX_ADDRESSES = 8192  # addresses whose last id is remembered (beyond a full routing table's worth)
+NO_REPLY = object()  # what a handler returns to send nothing back
+TRIPLE_MAX = 66  # packed [20-byte id, IPv6 address text, port] at its longest
+TRIPLE_MAX_V4 = 42  # ... with an IPv4 address
+
+
+def nodes_reply_size(ksize: int) -> int:
+    """Bytes a find_node reply of 2k node triples needs at most (what such a request is padded to)."""
+    return min(RPC_CAP, 2 * ksize * TRIPLE_MAX + 8)
+
+
+# Requests are padded with zero bytes after their msgpack body (umsgpack ignores trailing bytes, so
+# a stock node reads them unchanged) up to the reply they ask for, because a node replies to an
+# uncertified peer with at most as many bytes as it received.
+PAD_TO: dict[str, Callable[[int], int]] = {
+    "ping": lambda k: 32,
+    "find_node": nodes_reply_size,
+    "find_value": nodes_reply_size,
+    "find_packets": lambda k: RPC_CAP,
+    "stats": lambda k: 4096,
+}
+# the reply budget of the request being answered (rpc handlers are called with the peer's args only)
+_reply_cap: contextvars.ContextVar[int] = contextvars.ContextVar("reply_cap", default=RPC_CAP)
 
 Verify = Callable[[bytes], Any]  # -> Verdict(ok, reason, packet)
 
@@ -58,6 +96,18 @@ def valid_cursor(value: object) -> bool:
     )
 
 
+class IndexedRoutingTable(RoutingTable):
+    """The stock table, with the bucket of an id found by bisection instead of a linear walk: with
+    hundreds of buckets (small k, many ids) the walk cost about 115 us per lookup, several per new id."""
+
+    def get_bucket_for(self, node: Node) -> int | None:
+        if getattr(self, "_bounds_of", None) != len(self.buckets):  # buckets only ever split: count changes
+            self._bounds = [b.range[1] for b in self.buckets]
+            self._bounds_of = len(self.buckets)
+        index = bisect.bisect_right(self._bounds, node.long_id)
+        return index if index < len(self.buckets) else None
+
+
 class PacketProtocol(KademliaProtocol):
     def __init__(
         self,
@@ -71,8 +121,12 @@ class PacketProtocol(KademliaProtocol):
         retries: int = 1,
         max_inflight: int = 32,
         max_ttl: float = 30 * 86400,
+        limits: Limits | None = None,
+        operators: tuple[str, ...] = OPERATORS,
     ) -> None:
         super().__init__(source_node, storage, ksize)
+        self.router = IndexedRoutingTable(self, ksize, source_node)
+        self._reader: socket.socket | None = None
         self._wait_timeout = rpc_timeout
         self.verify = verify
         self.announce = announce
@@ -83,8 +137,14 @@ class PacketProtocol(KademliaProtocol):
         self.rpc_sent = 0
         self.rpc_failed = 0
         self._tasks: set[asyncio.Task] = set()
-        self._logged_at: dict[str, float] = {}
-        self._unlogged: Counter[str] = Counter()
+        self._unsaved: Counter[str] = Counter()  # rejections not yet added to the SQLite table
+        self.operators = frozenset(operators)
+        self.gate = Gate(limits or Limits(), outstanding=self._outstanding.__contains__, certified=self.is_certified)
+        self.handoff = HandOff(storage, source_node, self.contacts, ksize, self.send_packets, still_known=self.knows)
+        self._id_at: OrderedDict[tuple, bytes] = OrderedDict()  # the id last seen at each contact address
+        self._stats: tuple[float, dict] | None = None
+        self._dropped_logged: Counter[str] = Counter()
+        self._pings: dict[tuple, asyncio.Future] = {}  # pings in flight, by contact
 
     # ------------------------------------------------------------------ transport
     def connection_made(self, transport: Any) -> None:
@@ -95,18 +155,81 @@ class PacketProtocol(KademliaProtocol):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
             except OSError:
                 pass
+            # asyncio's transport reads one datagram per event-loop turn; under a flood the turn
+            # (a poll and the loop's bookkeeping) costs more than the gate. Read up to DRAIN_BATCH
+            # per turn instead, from a duplicate of the socket; the transport, paused for reading
+            # (public API), still sends.
+            transport.pause_reading()
+            self._reader = socket.socket(fileno=os.dup(sock.fileno()))
+            self._reader.setblocking(False)
+            asyncio.get_event_loop().add_reader(self._reader.fileno(), self._drain)
 
-    async def _solve_datagram(self, datagram: bytes, address: tuple) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._reader is not None:
+            asyncio.get_event_loop().remove_reader(self._reader.fileno())
+            self._reader.close()
+            self._reader = None
+        super().connection_lost(exc)
+
+    def _drain(self) -> None:
+        for _ in range(DRAIN_BATCH):
+            try:
+                data, addr = self._reader.recvfrom(MAX_DATAGRAM + 1)  # longer ones arrive cut, and are dropped
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # e.g. an ICMP error reported on the socket: nothing to read
+                return
+            self.datagram_received(data, addr)
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        """The gate first (constant work, nothing parsed), then rpcudp's framing: a reply resolves the
+        RPC it answers; a request is answered in its own task."""
+        if self.gate.admit(data, addr) is not None:
+            return
         try:
-            await super()._solve_datagram(datagram, address)
+            body = umsgpack.unpackb(data[HEADER:])
         except Exception:  # garbage on the socket must not kill or spam the node
-            self._reject("malformed_datagram", address)
+            self.gate.dropped["malformed_datagram"] += 1
+            return
+        if data[0] == REPLY:
+            self.gate.answered(addr)
+            self._accept_response(data[1:HEADER], body, addr)
+        else:
+            self.spawn(self._answer(data[1:HEADER], body, addr, len(data) - HEADER))
 
-    async def _accept_request(self, msg_id: bytes, data: Any, address: tuple) -> None:
+    def is_certified(self, peer: tuple) -> bool:
+        """Whether ``peer`` (ip, port) proved membership; until node certificates exist, nobody has."""
+        return False
+
+    def is_operator(self, peer: tuple) -> bool:
+        return peer[0] in self.operators
+
+    async def _answer(self, msg_id: bytes, data: Any, address: tuple, request_size: int) -> None:
+        """rpcudp's ``_accept_request``, with the reply held to ``request_size`` for an uncertified peer."""
+        if not (isinstance(data, list) and len(data) == 2 and isinstance(data[0], str) and isinstance(data[1], list)):
+            self.gate.dropped["malformed_rpc"] += 1
+            return
+        name, args = data
+        func = getattr(self, f"rpc_{name}", None) if name.isidentifier() else None
+        if func is None or not callable(func):
+            self.gate.dropped["unknown_rpc"] += 1
+            return
+        cap = RPC_CAP if self.is_certified(address[:2]) else min(RPC_CAP, request_size)
+        _reply_cap.set(cap)  # this task's own context: other requests keep theirs
         try:
-            await super()._accept_request(msg_id, data, address)
-        except Exception:
+            response = func(address, *args)
+            if asyncio.iscoroutine(response):
+                response = await response
+        except Exception:  # wrong arity or types from a peer
             self._reject("malformed_rpc", address)
+            return
+        if response is NO_REPLY:
+            return
+        body = umsgpack.packb(response)
+        if len(body) > cap:
+            self.gate.dropped["reply_over_budget"] += 1
+            return
+        self.transport.sendto(b"\x01" + msg_id + body, address)
 
     def spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -120,19 +243,28 @@ class PacketProtocol(KademliaProtocol):
 
     # ------------------------------------------------------------------ bookkeeping
     def _reject(self, reason: str, sender: tuple | None = None, n: int = 1) -> None:
+        """Count a refusal in memory (``save_counts`` adds them to SQLite once per upkeep pass, so a
+        flood of refused items writes nothing); the log line is rate-limited per reason by
+        ``qis_fhir.dht.logs`` and names the reason only."""
         self.rejections[reason] += n
-        try:
-            self.storage.count_rejection(reason, n)
-        except Exception:  # never let accounting break serving
-            pass
+        self._unsaved[reason] += n
         if sender is not None:
-            # at most one line per reason per second, so a flood of junk cannot flood the log
-            now = time.monotonic()
-            self._unlogged[reason] += n
-            if now - self._logged_at.get(reason, -1e9) >= 1.0:
-                log.info("rejected %d item(s), latest from %s: %s", self._unlogged[reason], format_address(*sender[:2]), reason)
-                self._logged_at[reason] = now
-                self._unlogged[reason] = 0
+            log.info("rejected %d item(s): %s", n, reason, extra={"log_reason": reason})
+
+    def log_dropped(self) -> None:
+        """One line with the datagrams the gate dropped since the last call, by reason (if any)."""
+        now = Counter(self.gate.dropped)
+        delta = now - self._dropped_logged
+        self._dropped_logged = now
+        if delta:
+            log.warning("dropped %d datagrams: %s", sum(delta.values()), ", ".join(f"{r} {n}" for r, n in sorted(delta.items())))
+
+    def save_counts(self) -> None:
+        unsaved, self._unsaved = self._unsaved, Counter()
+        if unsaved:
+            with self.storage.transaction():
+                for reason, n in unsaved.items():
+                    self.storage.count_rejection(reason, n)
 
     def _welcome_sender(self, sender: tuple, nodeid: object) -> Node | None:
         """The sending node, welcomed into the routing table; None for a client (empty id) or
@@ -151,7 +283,9 @@ class PacketProtocol(KademliaProtocol):
         if not isinstance(wire, bytes) or not isinstance(ttl, (int, float)) or isinstance(ttl, bool):
             self._reject("malformed_item", sender)
             return "malformed_item"
-        verdict = self.verify(wire)
+        # screen without touching the replay state first: a packet refused below writes nothing
+        check = getattr(self.verify, "check", None)
+        verdict = check(wire) if check is not None else self.verify(wire)
         if not verdict.ok:
             reason = str(verdict.reason)
             self._reject(reason, sender)
@@ -160,6 +294,14 @@ class PacketProtocol(KademliaProtocol):
         if dht_key(packet.fingerprint) != key:
             self._reject("wrong_key", sender)
             return "wrong_key"
+        if not self.storage.has_room(key, packet.site_id, packet.packet_id):
+            self._reject(QUOTA, sender)
+            return QUOTA
+        if check is not None:  # now record it in the replay state (the signature check is cached)
+            verdict = self.verify(wire)
+            if not verdict.ok:
+                self._reject(str(verdict.reason), sender)
+                return str(verdict.reason)
         outcome = self.storage.put(key, packet, wire, min(float(ttl), self.max_ttl))
         if outcome == QUOTA:
             self._reject(QUOTA, sender)
@@ -193,10 +335,18 @@ class PacketProtocol(KademliaProtocol):
         nodes.sort(key=lambda n: n.long_id ^ target)
         return nodes[:count]
 
-    def _neighbors(self, key: bytes, source: Node | None) -> list:
+    def _neighbors(self, key: bytes, source: Node | None, room: int | None = None) -> list:
         """The 2k closest contacts to ``key``: twice the stock k, so that a walk still finds live
-        nodes when the closest k we know include departed ones (small k, churn)."""
-        return [tuple(n) for n in self.closest_contacts(key, 2 * self.router.ksize, exclude=source)]
+        nodes when the closest k we know include departed ones (small k, churn). As many of the
+        closest as fit ``room`` packed bytes (default: this request's reply budget)."""
+        room = _reply_cap.get() - 8 if room is None else room
+        out = []
+        for n in self.closest_contacts(key, 2 * self.router.ksize, exclude=source):
+            room -= TRIPLE_MAX if ":" in str(n.ip) else TRIPLE_MAX_V4
+            if room < 0:
+                break
+            out.append(tuple(n))
+        return out
 
     def rpc_store(self, sender: tuple, nodeid: object, key: object, value: object) -> bool:
         """The package's store RPC, hardened: only a verified packet under its own key is kept."""
@@ -241,29 +391,46 @@ class PacketProtocol(KademliaProtocol):
             self._reject("malformed_rpc", sender)
             return {"count": 0, "nodes": []}
         source = self._welcome_sender(sender, nodeid)
-        n4, nodes = pack_nodes(self._neighbors(key, source)) if cursor is None else (b"", [])
+        cap = _reply_cap.get()
+        # nodes take at most half of a small budget (a reply must still have room for its counts)
+        n4, nodes = pack_nodes(self._neighbors(key, source, min(cap - 8, cap // 2))) if cursor is None else (b"", [])
         count, digest = self.storage.digest(key)
         if count == 0:
             return {"count": 0, "n4": n4, "nodes": nodes}
         reply = {"count": count, "digest": digest, "n4": n4, "nodes": nodes, "packets": [], "next": None}
         # budget = cap - everything but the packets and the cursor; the array header may grow to 3 bytes
-        budget = RPC_CAP - packed_size(reply) - CURSOR_RESERVE - 2
+        budget = cap - packed_size(reply) - CURSOR_RESERVE - 2
         after = tuple(cursor) if cursor is not None else None
         while True:
-            wires, nxt = self.storage.page(key, after, budget)
+            wires, nxt = self.storage.page(key, after, budget) if budget > 0 else ([], after)
             reply["packets"] = wires
-            reply["next"] = list(nxt) if nxt is not None else None
-            if packed_size(reply) <= RPC_CAP or len(wires) <= 1:
+            # no packet fit this budget: the cursor says "more from here" (["", ""] = from the start)
+            reply["next"] = list(nxt) if nxt is not None else (None if wires else ["", ""])
+            if packed_size(reply) <= cap or len(wires) <= 1:
                 return reply
             budget -= 600  # never expected: shrink and measure again
 
-    def rpc_stats(self, sender: tuple) -> dict:
-        """Counts only (nothing identifying): packets and keys held, rejections by reason."""
+    def rpc_stats(self, sender: tuple) -> Any:
+        """Counts only (nothing identifying): packets and keys held, rejections and dropped datagrams
+        by reason. Answered to operators' addresses and certified peers only, and the two counts that
+        scan whole tables (packets, keys) are reused for ``STATS_CACHE`` seconds; anyone else gets
+        no reply."""
+        if not (self.is_operator(sender) or self.is_certified(sender[:2])):
+            self.gate.dropped["stats_refused"] += 1
+            return NO_REPLY
+        now = time.monotonic()
+        if self._stats is None or now - self._stats[0] >= STATS_CACHE:
+            self._stats = (now, {"packets": self.storage.count(), "keys": len(self.storage.keys())})
+        rejections = Counter(self.storage.rejections())
+        rejections.update(self._unsaved)
         return {
-            "packets": self.storage.count(),
-            "keys": len(self.storage.keys()),
-            "rejections": self.storage.rejections(),
+            **self._stats[1],
+            "rejections": dict(rejections),
+            "dropped": dict(self.gate.dropped),
+            "admitted": self.gate.admitted,
+            "replies": self.gate.replies,
             "contacts": len(self.contacts()),
+            "handoff": {"pending": self.handoff.pending(), "dropped": self.handoff.dropped},
         }
 
     # ------------------------------------------------------------------ RPCs sent
@@ -273,7 +440,7 @@ class PacketProtocol(KademliaProtocol):
             async with self._slots:
                 self.rpc_sent += 1
                 try:
-                    result = await getattr(self, name)(address, *args)
+                    result = await self._request(name, address, args)
                 except MalformedMessage:
                     log.error("refusing to send an RPC over the %d-byte cap (a bug)", RPC_CAP)
                     return (False, None)
@@ -281,6 +448,19 @@ class PacketProtocol(KademliaProtocol):
                 return result
             self.rpc_failed += 1
         return (False, None)
+
+    def _request(self, name: str, address: tuple, args: tuple) -> asyncio.Future:
+        """rpcudp's request (``RPCProtocol.__getattr__``'s closure), padded per ``PAD_TO``."""
+        msg_id = os.urandom(20)
+        body = umsgpack.packb([name, list(args)])
+        if len(body) > RPC_CAP:
+            raise MalformedMessage("Total length of function name and arguments cannot exceed 8K")
+        pad = PAD_TO[name](self.router.ksize) - len(body) if name in PAD_TO else 0
+        self.transport.sendto(b"\x00" + msg_id + body + bytes(max(0, pad)), address)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._outstanding[msg_id] = (future, loop.call_later(self._wait_timeout, self._timeout, msg_id))
+        return future
 
     async def _call_node(self, name: str, node: Node, *args: Any) -> tuple[bool, Any]:
         """``_call`` to a known node with our id, then the package's routing-table bookkeeping
@@ -295,7 +475,14 @@ class PacketProtocol(KademliaProtocol):
         return await self._call_node("find_value", node_to_ask, node_to_find.id)
 
     async def call_ping(self, node_to_ask: Node) -> tuple[bool, Any]:
-        return await self._call_node("ping", node_to_ask)
+        """One ping per contact in flight: the stock table pings a full bucket's head for every new
+        id that lands there, so a flood of fresh ids would queue one ping each."""
+        key = (node_to_ask.id, node_to_ask.ip, node_to_ask.port)
+        pending = self._pings.get(key)
+        if pending is None:
+            pending = self._pings[key] = asyncio.ensure_future(self._call_node("ping", node_to_ask))
+            pending.add_done_callback(lambda _: self._pings.pop(key, None))
+        return await asyncio.shield(pending)
 
     async def call_store(self, node_to_ask: Node, key: bytes, value: Any) -> tuple[bool, Any]:
         return await self._call_node("store", node_to_ask, key, value)
@@ -346,28 +533,22 @@ class PacketProtocol(KademliaProtocol):
             if known is not None and (known.ip, known.port) != (node.ip, node.port):
                 bucket.add_node(node)
             return
-        keys = self._keys_to_hand_off(node) if self.announce else []
+        # one id per address: a node back with a new id, or one socket minting ids by the thousand,
+        # holds one place in the table, not one per id
+        address = (node.ip, node.port)
+        old = self._id_at.pop(address, None)
+        if old is not None and old != node.id:
+            self.router.remove_contact(Node(old))
+        self._id_at[address] = node.id
+        if len(self._id_at) > MAX_ADDRESSES:
+            self._id_at.popitem(last=False)
         self.router.add_contact(node)
-        if keys:
-            self.spawn(self._hand_off(node, keys))
+        # a newcomer that made it into the table (not just the replacement cache) is queued for
+        # hand-off: constant work here, the key scan runs paced in qis_fhir.dht.handoff
+        if self.announce and self.knows(node):
+            self.handoff.offer(node)
 
-    def _keys_to_hand_off(self, node: Node) -> list[bytes]:
-        keys = []
-        for key in self.storage.keys():
-            keynode = Node(key)
-            neighbors = self.closest_contacts(key, self.router.ksize)
-            if neighbors:
-                # with fewer than k known neighbours the newcomer is among the k closest whatever its
-                # distance (the stock test compares with the furthest only, and so misses that case)
-                new_node_close = len(neighbors) < self.router.ksize or node.distance_to(keynode) < neighbors[-1].distance_to(keynode)
-                this_closest = self.source_node.distance_to(keynode) < neighbors[0].distance_to(keynode)
-            if not neighbors or (new_node_close and this_closest):
-                keys.append(key)
-        return keys
-
-    async def _hand_off(self, node: Node, keys: list[bytes]) -> None:
-        now = time.time()
-        for key in keys:
-            items = self.storage.items_to_pass_on(key, now)
-            if items:
-                await self.send_packets(node, key, items)
+    def knows(self, node: Node) -> bool:
+        """Whether ``node`` (this id at this address) is in the routing table."""
+        known = self.router.buckets[self.router.get_bucket_for(node)].nodes.get(node.id)
+        return known is not None and (known.ip, known.port) == (node.ip, node.port)

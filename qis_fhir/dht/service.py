@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 from qis_fhir.dht.address import format_address
+from qis_fhir.dht.logs import SUMMARY_INTERVAL, write_summaries
 from qis_fhir.dht.node import STORE_FILE, DhtNode, NodeConfig, node_id_from_state, read_node_state, write_node_state
 from qis_fhir.dht.storage import PacketStore
 from qis_fhir.dht.trust import ManifestVerifier
@@ -63,16 +64,26 @@ async def serve(config: NodeConfig, data_dir: Path, manifest_path: Path, stop: a
         write_node_state(data_dir, node, joined=True)
         await node._upkeep_loop()
 
+    async def summaries() -> None:  # counts of the log lines the rate limit held back
+        while True:
+            await asyncio.sleep(SUMMARY_INTERVAL)
+            write_summaries()
+            if node.protocol is not None:
+                node.protocol.log_dropped()
+
     task = asyncio.ensure_future(run())
+    summary_task = asyncio.ensure_future(summaries())
     try:
         await stop.wait()
     finally:
         log.info("stopping node on %s", format_address(node.host, node.port))
         task.cancel()
+        summary_task.cancel()
         try:
             await task
         except (asyncio.CancelledError, Exception):
             pass
+        write_summaries()
         write_node_state(data_dir, node)
         node.close()
         log.info("stopped")

@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS packets (
 CREATE INDEX IF NOT EXISTS packets_expiry ON packets (expires_at);
 CREATE INDEX IF NOT EXISTS packets_republish ON packets (last_republished);
 CREATE INDEX IF NOT EXISTS packets_site ON packets (site_id);
+CREATE INDEX IF NOT EXISTS packets_site_packet ON packets (site_id, packet_id);
 CREATE TABLE IF NOT EXISTS seen (
     site_id TEXT NOT NULL,
     packet_id TEXT NOT NULL,
@@ -56,6 +57,10 @@ CREATE TABLE IF NOT EXISTS seen (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rejections (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
 """
+# ``seen`` rows carry when they were last written, so they can expire (added to older data dirs
+# with the time of the upgrade: no row loses its replay protection early)
+SEEN_NOTED_AT = "ALTER TABLE seen ADD COLUMN noted_at REAL NOT NULL DEFAULT 0"
+SEEN_INDEX = "CREATE INDEX IF NOT EXISTS seen_age ON seen (site_id, noted_at, packet_id)"
 
 # outcomes of put()
 STORED = "stored"  # new row, or a newer sequence replaced an older one
@@ -94,14 +99,25 @@ class ReplayView:
 class PacketStore(IStorage):
     """Packets of one node. ``path`` may be ``":memory:"`` for a short-lived client."""
 
-    def __init__(self, path: str | Path, *, verify: Callable[[bytes], Any] | None = None, max_rows_per_site: int = 100_000) -> None:
+    def __init__(self, path: str | Path, *, verify: Callable[[bytes], Any] | None = None, max_rows_per_site: int = 100_000,
+                 seen_ttl: float = 90 * 86400.0, max_seen_per_site: int | None = None) -> None:
         self.path = str(path)
         self.verify = verify
         # a member site's valid signatures cannot fill a node's disk: new rows past this are refused
         self.max_rows_per_site = max_rows_per_site
+        # replay memory of a (site, packet id) whose row is gone is kept this long after its last
+        # write (three packet lifetimes: a replay of an older seq after that brings back a packet
+        # that had expired anyway), and at most this many rows per site (oldest evicted first)
+        self.seen_ttl = seen_ttl
+        self.max_seen_per_site = 2 * max_rows_per_site if max_seen_per_site is None else max_seen_per_site
         self._site_rows: dict[str, int] = {}  # cache of rows per site (cleared whenever rows are deleted)
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.executescript(SCHEMA)
+        if "noted_at" not in {row[1] for row in self.db.execute("PRAGMA table_info(seen)")}:
+            with self.transaction():
+                self.db.execute(SEEN_NOTED_AT)
+                self.db.execute("UPDATE seen SET noted_at = ?", (time.time(),))
+        self.db.execute(SEEN_INDEX)
 
     def close(self) -> None:
         self.db.close()
@@ -150,8 +166,8 @@ class PacketStore(IStorage):
         held = self.seen(site_id, packet_id)
         if held is None or supersedes(int(seq), digest, held[0], held[1]):
             self.db.execute(
-                "INSERT OR REPLACE INTO seen (site_id, packet_id, seq, digest) VALUES (?,?,?,?)",
-                (site_id, packet_id, int(seq), digest),
+                "INSERT OR REPLACE INTO seen (site_id, packet_id, seq, digest, noted_at) VALUES (?,?,?,?,?)",
+                (site_id, packet_id, int(seq), digest, time.time()),
             )
 
     def seen(self, site_id: str, packet_id: str) -> tuple[int, str | None] | None:
@@ -171,11 +187,50 @@ class PacketStore(IStorage):
     def rejections(self) -> dict[str, int]:
         return {r: int(c) for r, c in self.db.execute("SELECT reason, count FROM rejections ORDER BY reason")}
 
+    def has_room(self, key: bytes, site_id: str, packet_id: str) -> bool:
+        """Whether ``put`` can store this (site, packet id) under ``key``: its row exists (an update)
+        or the site is under its quota. Asked before anything is written for a packet, so a refused
+        packet costs no disk (not even a ``seen`` row)."""
+        if self.rows_of_site(site_id) < self.max_rows_per_site:
+            return True
+        return self.db.execute(
+            "SELECT 1 FROM packets WHERE key=? AND site_id=? AND packet_id=?", (key, site_id, packet_id)
+        ).fetchone() is not None
+
     def expire(self, now: float | None = None) -> int:
-        """Delete rows past their expiry; returns how many went."""
+        """Delete rows past their expiry, then ``seen`` rows past theirs; returns how many packets went."""
         now = time.time() if now is None else now
         self._site_rows.clear()
-        return self.db.execute("DELETE FROM packets WHERE expires_at <= ?", (now,)).rowcount
+        removed = self.db.execute("DELETE FROM packets WHERE expires_at <= ?", (now,)).rowcount
+        self.expire_seen(now)
+        return removed
+
+    def expire_seen(self, now: float | None = None) -> int:
+        """Bound ``seen``: rows older than ``seen_ttl`` whose packet is no longer held go, then each
+        site's oldest rows beyond ``max_seen_per_site`` (by write time, then packet id: deterministic).
+        A row whose packet is held is never needed for replay protection: the row itself refuses an
+        older seq (``put`` answers ``stale``)."""
+        now = time.time() if now is None else now
+        gone = self.db.execute(
+            "DELETE FROM seen WHERE noted_at <= ? AND NOT EXISTS"
+            " (SELECT 1 FROM packets p WHERE p.site_id = seen.site_id AND p.packet_id = seen.packet_id)",
+            (now - self.seen_ttl,),
+        ).rowcount
+        over = self.db.execute(
+            "SELECT site_id, count(*) - ? FROM seen GROUP BY site_id HAVING count(*) > ?",
+            (self.max_seen_per_site, self.max_seen_per_site),
+        ).fetchall()
+        for site_id, excess in over:
+            gone += self.db.execute(
+                "DELETE FROM seen WHERE site_id = ? AND packet_id IN"
+                " (SELECT packet_id FROM seen WHERE site_id = ? ORDER BY noted_at, packet_id LIMIT ?)",
+                (site_id, site_id, int(excess)),
+            ).rowcount
+        return gone
+
+    def table_sizes(self) -> dict[str, int]:
+        """Rows in every table (a full count: for tests and operators, not for peers)."""
+        return {t: int(self.db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in ("packets", "seen", "rejections")}
 
     def remove_key_ids(self, key_ids: set[str]) -> int:
         """Delete every row signed by one of ``key_ids`` (a manifest revoked them)."""
@@ -202,6 +257,10 @@ class PacketStore(IStorage):
 
     def keys(self) -> list[bytes]:
         return [k for (k,) in self.db.execute("SELECT DISTINCT key FROM packets ORDER BY key")]
+
+    def keys_after(self, after: bytes, limit: int) -> list[bytes]:
+        """Up to ``limit`` distinct keys greater than ``after``, in order (a keyset page: no full scan)."""
+        return [k for (k,) in self.db.execute("SELECT DISTINCT key FROM packets WHERE key > ? ORDER BY key LIMIT ?", (after, limit))]
 
     def key_ids(self) -> set[str]:
         return {k for (k,) in self.db.execute("SELECT DISTINCT key_id FROM packets")}
