@@ -29,8 +29,8 @@ from kademlia.network import Server
 from kademlia.node import Node
 
 from qis_fhir.dht.address import format_address
-from qis_fhir.dht.lookup import SEED_LIMIT, Lookup, iterative_lookup
 from qis_fhir.dht.limits import Limits
+from qis_fhir.dht.lookup import SEED_LIMIT, Lookup, iterative_lookup
 from qis_fhir.dht.protocol import OPERATORS, PacketProtocol, Verify
 from qis_fhir.dht.storage import PacketStore
 from qis_fhir.errors import ExitCode, QisError

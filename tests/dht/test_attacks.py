@@ -17,7 +17,6 @@ import pytest
 import umsgpack
 from dht_cluster import Cluster, base_sites, fingerprint, sign, tamper
 from floods import MARKER, answer_like_a_node, cpu_seconds, flood, fresh_ping, junk_mix, request
-
 from kademlia.node import Node
 
 from qis_fhir.dht.client import DhtClient
@@ -169,7 +168,7 @@ def test_find_packets_and_stats_floods_get_no_amplification_and_operators_still_
 def test_a_member_at_its_quota_and_60000_refused_packets_cost_no_disk(dht_network, tmp_path):
     """A member fills its quota (100 rows here), then sends 60,000 packets that are refused: valid
     but over quota, valid but under another key, and tampered."""
-    a, b = dht_network.sites["site-a"], dht_network.sites["site-b"]
+    a = dht_network.sites["site-a"]
     fp = fingerprint(90_000)
     key = dht_key(fp)
     quota = [sign(a, fp, treatment=f"TX_{i}") for i in range(100)]
