@@ -7,6 +7,8 @@ finalizers.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +22,18 @@ __all__ = ["LOOPBACK", "Cluster"]  # what the tests import from here besides the
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_SITES = ["site-a", "site-b", "site-c", "site-d", "site-e"]  # tests add (and revoke) more sites later
+
+
+@contextlib.contextmanager
+def joined_cluster(root: Path, manifest: Path, n: int, ksize: int) -> Iterator[Cluster]:
+    """``n`` node processes that have all joined; every one stopped by PID on the way out, also on failure."""
+    c = Cluster(root, manifest, ksize=ksize)
+    try:
+        c.start(n)
+        c.wait_joined()
+        yield c
+    finally:
+        c.stop_all()
 
 
 def base_sites(net: TestNetwork) -> list:

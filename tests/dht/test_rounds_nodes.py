@@ -14,7 +14,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from dht_cluster import BASE_SITES, LOOPBACK, Cluster, make_network
+from dht_cluster import BASE_SITES, LOOPBACK, joined_cluster, make_network
 
 from qis_fhir.dht.board import DhtBoard
 from qis_fhir.dht.client import DhtClient
@@ -41,13 +41,8 @@ def net(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(net, tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("rounds-cluster"), net.manifest, ksize=KSIZE)
-    try:
-        c.start(N_NODES)
-        c.wait_joined()
+    with joined_cluster(tmp_path_factory.mktemp("rounds-cluster"), net.manifest, N_NODES, KSIZE) as c:
         yield c
-    finally:
-        c.stop_all()
 
 
 def _ref(net, measure: str, opens: str = TODAY) -> RoundRef:
