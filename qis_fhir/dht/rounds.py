@@ -69,6 +69,7 @@ DAY = 86400.0
 LATE = "late"  # a new contribution after its phase's window closed
 EARLY = "early"  # before the round opens, or a reveal before the consistency window closed
 EQUIVOCATION = "equivocation"  # a second, different message of one site for one phase
+UNMASK = "unmask"  # what follows the last window: any member sums the round
 
 
 # ---------------------------------------------------------------------- schedule
@@ -104,6 +105,16 @@ class Schedule:
         if now >= self.closes(opens, phase):
             return LATE
         return None
+
+    def phase_at(self, opens: str, now: float) -> str | None:
+        """The phase whose window holds ``now`` (the one a site can post: the phase before it has
+        closed and can be read), None before the round opens, ``UNMASK`` once every window closed."""
+        if now < self.starts(opens):
+            return None
+        for name, _ in self.days:
+            if now < self.closes(opens, name):
+                return name
+        return UNMASK
 
     def closed(self, phase: str, opens: str, now: float) -> bool:
         return now >= self.closes(opens, phase)

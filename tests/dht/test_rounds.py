@@ -147,6 +147,17 @@ def test_the_gate_holds_the_phase_windows(net):
         assert gate(wire).reason == expected, (phase, at - SCHEDULE.starts(OPENS))
 
 
+def test_exactly_one_phase_is_due_at_any_time():
+    starts = SCHEDULE.starts(OPENS)
+    assert SCHEDULE.phase_at(OPENS, starts - 1) is None
+    assert [SCHEDULE.phase_at(OPENS, starts + d * DAY + 60) for d in range(8)] == [
+        "advertise", "shares", "masked", "masked", "consistency", "reveal", "reveal", "unmask"]
+    for phase in ("advertise", "shares", "masked", "consistency", "reveal"):
+        # the due phase is the one a node takes as new, and the phase before it can already be read
+        at = SCHEDULE.closes(OPENS, phase) - 1
+        assert SCHEDULE.phase_at(OPENS, at) == phase and SCHEDULE.refusal(phase, OPENS, at) is None
+
+
 def test_a_second_message_for_a_phase_is_equivocation_and_the_first_outlives_its_window(net):
     gate, _ = _gate(net, _at("masked", -60))
     first = _seal(net, "site-d", "masked", os.urandom(2 * PIECE))
