@@ -34,7 +34,7 @@ from qis_fhir.dht.rounds import (
     seal,
 )
 from qis_fhir.dht.storage import CONFIRMED
-from qis_fhir.errors import PublishIncompleteError, RoundRefusedError, UsageError
+from qis_fhir.errors import PublishIncompleteError, RoundRepeatedError, RoundWindowError, UsageError
 from qis_fhir.secagg.round import PHASES, RoundRef
 
 
@@ -96,14 +96,14 @@ class DhtBoard:
         refusal = self.schedule.refusal(phase, self.ref.opens, now)
         if refusal is not None:
             when = "closed" if refusal == LATE else "is not open yet"
-            raise RoundRefusedError(
+            raise RoundWindowError(
                 f"the {phase} window of round {self.ref.measure} {self.ref.period} ({self.ref.stage}) {when} "
                 f"(it closes {self.schedule.utc(self.ref.opens, phase)}); nodes refuse this message"
             )
         mine = await self.read(phase, [self.site.key_id])
         held = mine.messages.get(site_id)
         if (held is not None and held != blob) or site_id in mine.equivocated:
-            raise RoundRefusedError(
+            raise RoundRepeatedError(
                 f"this site already posted a different {phase} message in round {self.ref.measure} {self.ref.period} "
                 f"({self.ref.stage}): one message per site and phase, a re-run cannot change it"
             )
@@ -129,7 +129,7 @@ class DhtBoard:
     async def collect(self, phase: str) -> dict[str, bytes]:
         self._check_phase(phase)
         if not self.schedule.closed(phase, self.ref.opens, self.clock()):
-            raise RoundRefusedError(
+            raise RoundWindowError(
                 f"the {phase} window of round {self.ref.measure} {self.ref.period} ({self.ref.stage}) closes "
                 f"{self.schedule.utc(self.ref.opens, phase)}: its messages are read after that"
             )

@@ -34,7 +34,7 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from qis_fhir.dht.rounds import SCHEDULE, UNMASK, Schedule
-from qis_fhir.errors import InputNotFoundError, RoundRefusedError
+from qis_fhir.errors import InputNotFoundError, RoundRepeatedError, RoundWindowError
 from qis_fhir.files import atomic_write, write_json
 from qis_fhir.secagg.round import PHASES, RoundRef
 
@@ -194,12 +194,12 @@ def post_step(setup: RoundSetup, vector: np.ndarray | None = None, *, clock: Cal
     if phase not in phases:
         wanted = f"the {phases[0]} window" if len(phases) == 1 else f"the {phases[0]} to {phases[-1]} windows"
         now_is = "before the round opens" if phase is None else ("after every window closed" if phase == UNMASK else f"in the {phase} window")
-        raise RoundRefusedError(f"this step runs in {wanted} of its round; it is {now_is} (round opens {setup.ref.opens})")
+        raise RoundWindowError(f"this step runs in {wanted} of its round; it is {now_is} (round opens {setup.ref.opens})")
     stored = _stored_vector(folder)
     if stored is None and phase != PHASES[0]:
-        raise RoundRefusedError(f"this site did not start the round in its advertise window: it is out of this round (it can unmask after {schedule.utc(setup.ref.opens, PHASES[-1])})")
+        raise RoundWindowError(f"this site did not start the round in its advertise window: it is out of this round (it can unmask after {schedule.utc(setup.ref.opens, PHASES[-1])})")
     if vector is not None and stored is not None and not np.array_equal(np.asarray(vector, dtype=np.uint64), stored):
-        raise RoundRefusedError("a round takes one contribution per site: this vector differs from the one the round started with")
+        raise RoundRepeatedError("a round takes one contribution per site: this vector differs from the one the round started with")
     if stored is None and vector is None:
         raise InputNotFoundError("the round starts with this site's input vector (--vector)")
     participant = _participant(setup, stored if stored is not None else np.asarray(vector, dtype=np.uint64))
@@ -207,7 +207,7 @@ def post_step(setup: RoundSetup, vector: np.ndarray | None = None, *, clock: Cal
         _load_state(folder, participant)
     missed = [p for p in PHASES[: PHASES.index(phase)] if p not in participant._sent]
     if missed:
-        raise RoundRefusedError(f"this site did not post its {missed[0]} message before that window closed: it is out of this round")
+        raise RoundWindowError(f"this site did not post its {missed[0]} message before that window closed: it is out of this round")
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / ROUND_FILE, setup.ref.label().split(b"\n", 1)[1])
 
@@ -239,7 +239,7 @@ def unmask_step(setup: RoundSetup, cells: int | None = None, *, clock: Callable[
 
     folder = setup.folder
     if _due(setup, clock(), schedule) != UNMASK:
-        raise RoundRefusedError(f"a round is unmasked after its last window closes ({schedule.utc(setup.ref.opens, PHASES[-1])})")
+        raise RoundWindowError(f"a round is unmasked after its last window closes ({schedule.utc(setup.ref.opens, PHASES[-1])})")
     stored = _stored_vector(folder)
     length = len(stored) if stored is not None else cells
     if length is None:

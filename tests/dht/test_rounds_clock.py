@@ -15,7 +15,7 @@ from qis_fhir.dht.node import DhtNode, NodeConfig
 from qis_fhir.dht.rounds import SCHEDULE, RoundGate
 from qis_fhir.dht.storage import PacketStore
 from qis_fhir.dht.trust import ManifestVerifier
-from qis_fhir.errors import RoundRefusedError
+from qis_fhir.errors import RoundWindowError
 from qis_fhir.packets.manifest import load_network
 from qis_fhir.secagg.round import PHASES, RoundRef
 
@@ -65,16 +65,16 @@ def test_a_round_runs_window_by_window_and_the_reveal_waits_for_the_roster(net):
                 for phase in PHASES:
                     if phase == "reveal":
                         clock.t = SCHEDULE.closes(OPENS, "masked") + 60  # masked closed, roster still open
-                        with pytest.raises(RoundRefusedError, match="not open yet"):
+                        with pytest.raises(RoundWindowError, match="not open yet"):
                             await boards["site-a"].post("reveal", "site-a", b"too early")
                         clock.t = SCHEDULE.closes(OPENS, "consistency") + 60
                     for s in BASE_SITES[:4]:  # site-e never contributes (a dropout)
                         await boards[s].post(phase, s, f"{phase} of {s}".encode())
-                    with pytest.raises(RoundRefusedError, match="read after that"):
+                    with pytest.raises(RoundWindowError, match="read after that"):
                         await boards["site-a"].collect(phase)
                     clock.t = SCHEDULE.closes(OPENS, phase) + 60
                     seen[phase] = await boards["site-e"].collect(phase)
-                    with pytest.raises(RoundRefusedError, match="closed"):
+                    with pytest.raises(RoundWindowError, match="closed"):
                         await boards["site-e"].post(phase, "site-e", b"after the deadline")
                 return seen, sum(node.protocol.rejections["early"] for node in nodes)
         finally:

@@ -19,7 +19,7 @@ from dht_cluster import BASE_SITES, LOOPBACK, joined_cluster, make_network
 from qis_fhir.dht.board import DhtBoard
 from qis_fhir.dht.client import DhtClient
 from qis_fhir.dht.rounds import SCHEDULE, RoundKeys, decode_chunk, location, round_key, seal
-from qis_fhir.errors import RoundRefusedError
+from qis_fhir.errors import RoundRepeatedError, RoundWindowError
 from qis_fhir.packets.keys import create_site
 from qis_fhir.packets.manifest import load_network
 from qis_fhir.secagg.round import RoundRef
@@ -101,7 +101,7 @@ def test_a_late_contribution_is_refused_at_the_node(cluster, net):
             before = (await _rejections(client, cluster)).get("late", 0)
             statuses = await _store_raw(client, net, ref, "site-a", "masked", os.urandom(1000))
             board = DhtBoard(client, net.context, ref, net.sites["site-a"])
-            with pytest.raises(RoundRefusedError, match="masked window .* closed"):
+            with pytest.raises(RoundWindowError, match="masked window .* closed"):
                 await board.post("masked", "site-a", b"late")
             return statuses, (await _rejections(client, cluster)).get("late", 0) - before
 
@@ -153,7 +153,7 @@ def test_a_second_message_is_refused_at_the_node_and_by_the_board(cluster, net):
             board = DhtBoard(client, net.context, ref, net.sites["site-e"])
             await board.post("masked", "site-e", b"first masked vector")
             await board.post("masked", "site-e", b"first masked vector")  # a re-run posting the same: fine
-            with pytest.raises(RoundRefusedError, match="already posted a different masked message"):
+            with pytest.raises(RoundRepeatedError, match="already posted a different masked message"):
                 await board.post("masked", "site-e", b"changed masked vector")
             return await _store_raw(client, net, ref, "site-e", "masked", b"changed masked vector")
 
