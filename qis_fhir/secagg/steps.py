@@ -22,6 +22,7 @@ what the vector means: its cells and fixed-point scale are the caller's (the evi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import time
 from collections.abc import Callable
@@ -44,8 +45,6 @@ SENT_DIR = "sent"
 STATUS_FILE = "status.json"
 RESULT_FILE = "result.json"
 CONTRIBUTION_PHASES = PHASES[:-1]  # advertise .. consistency: the "contribute" step
-#: SiteRound's method for each phase
-METHODS = dict(zip(PHASES, ("advertise", "share", "contribute", "confirm", "reveal")))
 
 
 @dataclass(frozen=True)
@@ -98,24 +97,48 @@ def read_vector(path: Path | str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- state between steps
-def _hex_pairs(d: dict) -> dict:
-    return {k: [x.hex() if isinstance(x, bytes) else x for x in v] for k, v in d.items()}
+def _encode(value: Any) -> Any:
+    """JSON for the values a ``SiteRound`` keeps between phases (keys, bytes, sets, tuples, dicts)."""
+    if isinstance(value, X25519PrivateKey):
+        return {"x25519": value.private_bytes_raw().hex()}
+    if isinstance(value, bytes):
+        return {"bytes": value.hex()}
+    if isinstance(value, (set, frozenset)):
+        return {"set": sorted(value)}
+    if isinstance(value, tuple):
+        return {"tuple": [_encode(v) for v in value]}
+    if isinstance(value, dict):
+        return {"dict": {k: _encode(v) for k, v in value.items()}}
+    if value is None or isinstance(value, (int, str)):
+        return value
+    raise TypeError(f"round state holds a {type(value).__name__}, which this step cannot keep")
+
+
+def _decode(value: Any) -> Any:
+    if not isinstance(value, dict):
+        return value
+    (kind, inner), = value.items()
+    if kind == "x25519":
+        return X25519PrivateKey.from_private_bytes(bytes.fromhex(inner))
+    if kind == "bytes":
+        return bytes.fromhex(inner)
+    if kind == "set":
+        return set(inner)
+    if kind == "tuple":
+        return tuple(_decode(v) for v in inner)
+    return {k: _decode(v) for k, v in inner.items()}
+
+
+def _state_fields(participant: Any) -> list[str]:
+    """A ``SiteRound``'s own state: its fields that are filled phase by phase (named ``_...``)."""
+    return [f.name for f in dataclasses.fields(participant) if f.name.startswith("_")]
 
 
 def _save_state(folder: Path, participant: Any) -> None:
     """Everything a ``SiteRound`` learnt or drew so far, so the next step (another process, another
     night) continues it. Only this round's secrets: the site key is never written here."""
-    raw = {
-        "vector": participant.vector.astype("<u8").tobytes().hex(),
-        "c": None if participant._c is None else participant._c.private_bytes_raw().hex(),
-        "s": None if participant._s is None else participant._s.private_bytes_raw().hex(),
-        "u1": _hex_pairs(participant._u1),
-        "held": _hex_pairs(participant._held),
-        "u2": sorted(participant._u2),
-        "u3": sorted(participant._u3),
-        "seed": participant._seed.hex(),
-        "sent": sorted(participant._sent),
-    }
+    raw = {name: _encode(getattr(participant, name)) for name in _state_fields(participant)}
+    raw["vector"] = participant.vector.astype("<u8").tobytes().hex()
     _write_private(folder / STATE_FILE, orjson.dumps(raw, option=orjson.OPT_SORT_KEYS))
 
 
@@ -125,14 +148,10 @@ def _write_private(path: Path, data: bytes) -> None:
 
 def _load_state(folder: Path, participant: Any) -> None:
     raw = orjson.loads((folder / STATE_FILE).read_bytes())
-    participant._c = None if raw["c"] is None else X25519PrivateKey.from_private_bytes(bytes.fromhex(raw["c"]))
-    participant._s = None if raw["s"] is None else X25519PrivateKey.from_private_bytes(bytes.fromhex(raw["s"]))
-    participant._u1 = {k: (bytes.fromhex(a), bytes.fromhex(b)) for k, (a, b) in raw["u1"].items()}
-    participant._held = {k: (int(x), bytes.fromhex(b), bytes.fromhex(s)) for k, (x, b, s) in raw["held"].items()}
-    participant._u2 = frozenset(raw["u2"])
-    participant._u3 = frozenset(raw["u3"])
-    participant._seed = bytes.fromhex(raw["seed"])
-    participant._sent = set(raw["sent"])
+    for name in _state_fields(participant):
+        empty = getattr(participant, name)
+        value = _decode(raw[name])
+        setattr(participant, name, type(empty)(value) if isinstance(empty, (set, frozenset)) else value)
 
 
 def _stored_vector(folder: Path) -> np.ndarray | None:
@@ -189,6 +208,8 @@ def _due(setup: RoundSetup, now: float, schedule: Schedule) -> str | None:
 def post_step(setup: RoundSetup, vector: np.ndarray | None = None, *, clock: Callable[[], float] = time.time,
               schedule: Schedule = SCHEDULE, phases: tuple[str, ...] = PHASES) -> dict:
     """Post this site's message of the phase due now (one of ``phases``)."""
+    from qis_fhir.secagg.local import STEPS
+
     folder = setup.folder
     phase = _due(setup, clock(), schedule)
     if phase not in phases:
@@ -216,7 +237,7 @@ def post_step(setup: RoundSetup, vector: np.ndarray | None = None, *, clock: Cal
         if sent.exists():  # posted before (a retry, or the same night's second run): the same bytes again
             await board.post(phase, setup.site.site_id, sent.read_bytes())
         else:
-            await getattr(participant, METHODS[phase])(_Recording(board, folder, participant))
+            await getattr(participant, STEPS[phase])(_Recording(board, folder, participant))
 
     asyncio.run(_with_board(setup, clock, schedule, work))
     return _status(setup, {"step": phase, "posted": phase, "next_window_closes": schedule.utc(setup.ref.opens, phase)})

@@ -7,14 +7,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from dht_cluster import BASE_SITES, LOOPBACK, make_network
+from dht_cluster import BASE_SITES, LOOPBACK, Clock, make_network, start_round_nodes
 
 from qis_fhir.dht.board import DhtBoard
 from qis_fhir.dht.client import DhtClient
-from qis_fhir.dht.node import DhtNode, NodeConfig
-from qis_fhir.dht.rounds import SCHEDULE, RoundGate
-from qis_fhir.dht.storage import PacketStore
-from qis_fhir.dht.trust import ManifestVerifier
+from qis_fhir.dht.rounds import SCHEDULE
 from qis_fhir.errors import RoundWindowError
 from qis_fhir.packets.manifest import load_network
 from qis_fhir.secagg.round import PHASES, RoundRef
@@ -23,26 +20,6 @@ pytestmark = [pytest.mark.timeout(120)]
 
 KSIZE = 3
 OPENS = "2026-03-02"
-
-
-class Clock:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-async def start_nodes(manifest, clock, n: int = 4) -> list[DhtNode]:
-    """``n`` in-process nodes whose round rules run on ``clock``."""
-    nodes: list[DhtNode] = []
-    for _ in range(n):
-        store = PacketStore(":memory:")
-        gate = RoundGate(ManifestVerifier(manifest, replay=store.replay_view()), store.replay_view(), clock=clock)
-        node = DhtNode(NodeConfig(host=LOOPBACK, ksize=KSIZE, maintenance_interval=3600), gate, store)
-        await node.start([(nodes[0].host, nodes[0].port)] if nodes else [])
-        nodes.append(node)
-    return nodes
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +34,7 @@ def test_a_round_runs_window_by_window_and_the_reveal_waits_for_the_roster(net):
     clock = Clock(SCHEDULE.starts(OPENS) + 3600)
 
     async def run():
-        nodes = await start_nodes(net.manifest, clock)
+        nodes = await start_round_nodes(net.manifest, clock, 4, KSIZE)
         try:
             async with DhtClient([(nodes[0].host, nodes[0].port)], net.context.manifest, ksize=KSIZE, bind=LOOPBACK) as client:
                 boards = {s: DhtBoard(client, net.context, ref, net.sites[s], clock=clock) for s in BASE_SITES}
