@@ -35,7 +35,7 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from qis_fhir.dht.rounds import SCHEDULE, UNMASK, Schedule
-from qis_fhir.errors import InputNotFoundError, RoundRepeatedError, RoundWindowError
+from qis_fhir.errors import InputNotFoundError, RoundRepeatedError, RoundWindowError, UsageError
 from qis_fhir.files import atomic_write, write_json
 from qis_fhir.secagg.round import PHASES, RoundRef
 
@@ -94,6 +94,29 @@ def read_vector(path: Path | str) -> np.ndarray:
     if vector.dtype != np.uint64 or vector.ndim != 1 or len(vector) == 0:
         raise InputNotFoundError(f"vector file {path} must hold a non-empty 1-D uint64 array, not {vector.dtype} of shape {vector.shape}")
     return vector
+
+
+def open_round(round_file: Path | str, *, network_dir: Path | str, state_dir: Path | str, bootstrap: tuple[tuple[str, int], ...],
+               site_dir: Path | str | None = None, bind: Any = None, after: Path | str | None = None, ksize: int = 20) -> RoundSetup:
+    """Load what a round's steps need, by the rules the site's other steps use (``stages.open_site``:
+    the site's pin file guards the manifest). ``site_dir`` None: a member reading only (unmask).
+    ``after``: the round file of the presence round this value round follows; its unmasked
+    contributors are the only contributor set this site reveals for (the two must count the same sites)."""
+    from qis_fhir.packets import load_network, load_site
+    from qis_fhir.packets.manifest import PINS
+
+    ref = read_round(round_file)
+    site = None if site_dir is None else load_site(site_dir)
+    network = load_network(network_dir, pinned_state=None if site_dir is None else Path(site_dir) / PINS)
+    if ref.network_id != network.manifest.network_id:
+        raise UsageError(f"round file {round_file} is a round of network {ref.network_id}, not of {network.manifest.network_id}")
+    required = None
+    if after is not None:
+        presence = round_folder(state_dir, read_round(after)) / RESULT_FILE
+        if not presence.exists():
+            raise InputNotFoundError(f"the presence round ({after}) has not been unmasked at this site: no {presence}")
+        required = frozenset(orjson.loads(presence.read_bytes())["contributors"])
+    return RoundSetup(ref, site, network, Path(state_dir), tuple(bootstrap), bind, required, ksize)
 
 
 # ---------------------------------------------------------------------- state between steps

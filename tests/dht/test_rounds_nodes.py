@@ -9,17 +9,23 @@ Every process is stopped by PID in the fixture's finalizer.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import os
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
+import orjson
 import pytest
 from dht_cluster import BASE_SITES, LOOPBACK, joined_cluster, make_network
 
 from qis_fhir.dht.board import DhtBoard
 from qis_fhir.dht.client import DhtClient
 from qis_fhir.dht.rounds import SCHEDULE, RoundKeys, decode_chunk, location, round_key, seal
-from qis_fhir.errors import RoundRepeatedError, RoundWindowError
+from qis_fhir.errors import ExitCode, RoundRepeatedError, RoundWindowError
 from qis_fhir.packets.keys import create_site
 from qis_fhir.packets.manifest import load_network
 from qis_fhir.secagg.round import RoundRef
@@ -184,3 +190,38 @@ def test_a_node_holds_only_sizes_and_timing(cluster, net):
     for wire in stored:
         assert b"TX_HCTZ" not in wire and b"secretmeasure" not in wire and b"2025" not in wire
         assert decode_chunk(wire).length == len(message)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qis_fhir", "secagg", *args], capture_output=True, timeout=120)
+
+
+def test_the_secagg_commands_take_the_step_due_and_refuse_the_others(cluster, net, tmp_path):
+    """``qis-fhir secagg`` on the real clock: today's round is in its advertise window."""
+    ref = _ref(net, "cli")
+    round_file = tmp_path / "round.json"
+    round_file.write_bytes(orjson.dumps(dataclasses.asdict(ref)))
+    vector = tmp_path / "vector.npy"
+    np.save(vector, np.arange(10, dtype=np.uint64))
+    common = ["--round", str(round_file), "--network", str(net.net_dir), "--state-dir", str(tmp_path / "state"),
+              "--bootstrap", f"{LOOPBACK}:{cluster.nodes[0].port}", "--ksize", str(KSIZE), "--bind", LOOPBACK, "--json"]
+    site = ["--site", str(net.sites["site-a"].site_dir)]
+
+    first = _cli("run", *common, *site, "--vector", str(vector))
+    assert first.returncode == 0, first.stderr.decode()
+    assert json.loads(first.stdout)["posted"] == "advertise"
+    np.save(vector, np.arange(1, 11, dtype=np.uint64))
+    changed = _cli("contribute", *common, *site, "--vector", str(vector))
+    assert changed.returncode == ExitCode.ROUND_REPEATED and b"one contribution per site" in changed.stderr
+    early_reveal = _cli("reveal", *common, *site)
+    assert early_reveal.returncode == ExitCode.ROUND_WINDOW and b"advertise window" in early_reveal.stderr
+    early_unmask = _cli("unmask", *common, "--cells", "10")
+    assert early_unmask.returncode == ExitCode.ROUND_WINDOW
+
+
+def test_a_round_file_of_another_network_is_refused(net, tmp_path):
+    round_file = tmp_path / "round.json"
+    round_file.write_bytes(orjson.dumps(dataclasses.asdict(RoundRef("other-net", "v1", "sbp", "2025", "presence", TODAY))))
+    done = _cli("unmask", "--round", str(round_file), "--network", str(net.net_dir), "--state-dir", str(tmp_path),
+                "--bootstrap", f"{LOOPBACK}:9", "--cells", "3")
+    assert done.returncode == ExitCode.USAGE and b"round of network other-net" in done.stderr
