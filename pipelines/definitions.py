@@ -9,6 +9,7 @@ from __future__ import annotations
 from dagster import Definitions, in_process_executor
 
 from pipelines.assets import ALL_ASSETS, ALL_CHECKS
+from pipelines.assets.secagg import SECAGG_ASSETS
 from pipelines.jobs import daily_outcomes_job
 from pipelines.resources import RESOURCES
 from pipelines.schedules import nightly_outcomes_schedule
@@ -16,7 +17,7 @@ from pipelines.sensors import new_export_sensor, run_failure_alert_sensor
 from pipelines.warehouse import WAREHOUSE, warehouse_from_env
 
 defs = Definitions(
-    assets=ALL_ASSETS,
+    assets=[*ALL_ASSETS, *SECAGG_ASSETS],
     asset_checks=ALL_CHECKS,
     jobs=[daily_outcomes_job],
     schedules=[nightly_outcomes_schedule],

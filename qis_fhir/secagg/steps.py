@@ -233,6 +233,8 @@ def post_step(setup: RoundSetup, vector: np.ndarray | None = None, *, clock: Cal
     """Post this site's message of the phase due now (one of ``phases``)."""
     from qis_fhir.secagg.local import STEPS
 
+    if setup.site is None:
+        raise InputNotFoundError("posting to a round needs the site directory (--site; QIS_SITE_DIR in Dagster)")
     folder = setup.folder
     phase = _due(setup, clock(), schedule)
     if phase not in phases:
