@@ -373,8 +373,7 @@ def reassemble(wires: Iterable[bytes], *, ref: RoundRef, keys: RoundKeys, phase:
     and is excluded, as is a site whose chunks are incomplete or fail decryption or the digest.
     """
     rejected: dict[str, int] = {}
-    by_site: dict[str, dict[bytes, dict[int, set[bytes]]]] = {}
-    metas: dict[tuple[str, bytes], Chunk] = {}
+    by_site: dict[str, dict[bytes, dict[int, set[Chunk]]]] = {}
     for wire in set(wires):
         verdict = verifier.verify(wire)
         chunk = verdict.packet
@@ -383,32 +382,25 @@ def reassemble(wires: Iterable[bytes], *, ref: RoundRef, keys: RoundKeys, phase:
         if not verdict.ok:
             rejected[verdict.reason] = rejected.get(verdict.reason, 0) + 1
             continue
-        if chunk.phase != phase:
-            continue
-        by_site.setdefault(chunk.site_id, {}).setdefault(chunk.digest, {}).setdefault(chunk.index, set()).add(wire)
-        metas[(chunk.site_id, chunk.digest)] = chunk
+        if chunk.phase == phase:
+            by_site.setdefault(chunk.site_id, {}).setdefault(chunk.digest, {}).setdefault(chunk.index, set()).add(chunk)
     read = PhaseRead({}, [], [], [], rejected)
     aead = ChaCha20Poly1305(keys.aead)
     for site_id, digests in sorted(by_site.items()):
-        if len(digests) > 1 or any(len(w) > 1 for d in digests.values() for w in d.values()):
+        if len(digests) > 1 or any(len(versions) > 1 for d in digests.values() for versions in d.values()):
             read.equivocated.append(site_id)
             continue
         (digest, pieces), = digests.items()
-        meta = metas[(site_id, digest)]
-        if len(pieces) != meta.count:
+        chunks = [next(iter(pieces[i])) for i in sorted(pieces)]
+        if sorted(pieces) != list(range(chunks[0].count)) or len({(c.count, c.length) for c in chunks}) > 1:
             read.incomplete.append(site_id)
             continue
         try:
-            parts = []
-            for index in range(meta.count):
-                (wire,) = pieces[index]
-                header = wire[:HEADER_SIZE]
-                parts.append(aead.decrypt(_nonce(keys, header), wire[HEADER_SIZE:-SIG_SIZE], header))
+            message = b"".join(aead.decrypt(_nonce(keys, c.header), c.ciphertext, c.header) for c in chunks)
         except InvalidTag:
             read.invalid.append(site_id)
             continue
-        message = b"".join(parts)
-        if len(message) != meta.length or not hmac.compare_digest(message_digest(keys, meta.key_id, phase, message), digest):
+        if len(message) != chunks[0].length or not hmac.compare_digest(message_digest(keys, chunks[0].key_id, phase, message), digest):
             read.invalid.append(site_id)
             continue
         read.messages[site_id] = message

@@ -212,7 +212,7 @@ async def _with_board(setup: RoundSetup, clock: Callable[[], float], schedule: S
 
 
 def _status(setup: RoundSetup, status: dict) -> dict:
-    status = {"round": orjson.loads(setup.ref.label().split(b"\n", 1)[1]), **status}
+    status = {"round": dataclasses.asdict(setup.ref), **status}
     write_json(setup.folder / STATUS_FILE, status)
     return status
 
@@ -255,7 +255,7 @@ def post_step(setup: RoundSetup, vector: np.ndarray | None = None, *, clock: Cal
     if missed:
         raise RoundWindowError(f"this site did not post its {missed[0]} message before that window closed: it is out of this round")
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / ROUND_FILE, setup.ref.label().split(b"\n", 1)[1])
+    write_json(folder / ROUND_FILE, dataclasses.asdict(setup.ref))
 
     async def work(board: Any) -> None:
         sent = folder / SENT_DIR / phase
