@@ -21,8 +21,9 @@ SECTIONS: dict[str, str] = {
     "dht": "qis_fhir.bench.dht",
     "quality": "qis_fhir.bench.quality",
     "evidence": "qis_fhir.bench.evidence",
+    "rounds": "qis_fhir.bench.rounds",
 }
-DEFAULT_SECTIONS = ("extract", "packets")  # dht and evidence start dozens of processes: ask for them with --only
+DEFAULT_SECTIONS = ("extract", "packets")  # dht, evidence and rounds run many nodes: ask for them with --only
 
 
 @dataclass(frozen=True)

@@ -7,20 +7,18 @@ finalizers.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qis_fhir.dht.cluster import LOOPBACK, LocalCluster
+from qis_fhir.dht.cluster import LOOPBACK, Clock, LocalCluster, round_nodes_in_thread, start_round_nodes
 from qis_fhir.packets.codec import PacketSigner, encode_packet
 from qis_fhir.packets.keys import SiteIdentity, create_site
 from qis_fhir.packets.manifest import add_site, create_network, revoke
 
 Cluster = LocalCluster  # the tests' name for it
-__all__ = ["LOOPBACK", "Cluster"]  # what the tests import from here besides the helpers below
+__all__ = ["LOOPBACK", "Clock", "Cluster", "round_nodes_in_thread", "start_round_nodes"]  # what the tests import from here besides the helpers below
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_SITES = ["site-a", "site-b", "site-c", "site-d", "site-e"]  # tests add (and revoke) more sites later
@@ -103,53 +101,3 @@ def forge(wire: bytes) -> bytes:
     p = decode_packet(wire)
     return encode_packet(dataclasses.replace(p, signature=bytes(64)))
 
-
-class Clock:
-    """A settable clock for round rules (nodes' ``RoundGate``, boards, steps): tests move it from
-    window to window instead of waiting for days."""
-
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-async def start_round_nodes(manifest: Path, clock: Callable[[], float], n: int, ksize: int) -> list:
-    """``n`` nodes in this event loop (real UDP on 127.0.0.1, the nodes' own protocol and storage)
-    whose round rules run on ``clock``; the caller closes them."""
-    from qis_fhir.dht.node import DhtNode, NodeConfig
-    from qis_fhir.dht.rounds import RoundGate
-    from qis_fhir.dht.storage import PacketStore
-    from qis_fhir.dht.trust import ManifestVerifier
-
-    nodes: list = []
-    for _ in range(n):
-        store = PacketStore(":memory:")
-        gate = RoundGate(ManifestVerifier(manifest, replay=store.replay_view()), store.replay_view(), clock=clock)
-        node = DhtNode(NodeConfig(host=LOOPBACK, ksize=ksize, maintenance_interval=3600), gate, store)
-        await node.start([(nodes[0].host, nodes[0].port)] if nodes else [])
-        nodes.append(node)
-    return nodes
-
-
-@contextlib.contextmanager
-def round_nodes_in_thread(manifest: Path, clock: Callable[[], float], n: int, ksize: int) -> Iterator[list[tuple[str, int]]]:
-    """:func:`start_round_nodes` in an event loop of their own thread, for code that runs its own
-    ``asyncio.run`` (the round steps); yields their addresses, closes them and ends the thread on exit."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    nodes: list = []
-    try:
-        nodes = asyncio.run_coroutine_threadsafe(start_round_nodes(manifest, clock, n, ksize), loop).result(timeout=60)
-        yield [(node.host, node.port) for node in nodes]
-    finally:
-        async def close() -> None:
-            for node in nodes:
-                node.close()
-
-        asyncio.run_coroutine_threadsafe(close(), loop).result(timeout=30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=30)
-        loop.close()
