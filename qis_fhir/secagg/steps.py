@@ -27,6 +27,7 @@ import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,10 @@ def read_round(path: Path | str) -> RoundRef:
     path = Path(path)
     try:
         data = orjson.loads(path.read_bytes())
-        return RoundRef(**{k: str(data[k]) for k in ("network_id", "mapping_version", "measure", "period", "stage", "opens")})
+        ref = RoundRef(**{k: str(data[k]) for k in ("network_id", "mapping_version", "measure", "period", "stage", "opens")})
+        if date.fromisoformat(ref.opens).isoformat() != ref.opens:
+            raise ValueError("opens is not YYYY-MM-DD")
+        return ref
     except FileNotFoundError:
         raise InputNotFoundError(f"round file {path} does not exist") from None
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
@@ -90,7 +94,7 @@ def read_vector(path: Path | str) -> np.ndarray:
     except FileNotFoundError:
         raise InputNotFoundError(f"vector file {path} does not exist") from None
     except ValueError:
-        raise InputNotFoundError(f"vector file {path} is not a .npy array") from None
+        raise InputNotFoundError(f"vector file {path} is not a .npy array of numbers (pickled objects are never loaded)") from None
     if vector.dtype != np.uint64 or vector.ndim != 1 or len(vector) == 0:
         raise InputNotFoundError(f"vector file {path} must hold a non-empty 1-D uint64 array, not {vector.dtype} of shape {vector.shape}")
     return vector
