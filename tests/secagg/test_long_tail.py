@@ -38,7 +38,7 @@ from qis_fhir.packets import add_site, build_packets, create_network, create_sit
 from qis_fhir.packets.codec import encode_packet
 from qis_fhir.secagg.local import aggregate
 from qis_fhir.secagg.protocol import Roster
-from qis_fhir.secagg.release import round_refs, shown, site_input
+from qis_fhir.secagg.release import released_cells, round_refs, shown, site_input
 from qis_fhir.secagg.values import cell_figures, patient_rows, round_cells
 from qis_fhir.synth import generate_export
 from qis_fhir.synth.effects import PROFILES, RARE, rare_key
@@ -87,14 +87,15 @@ def synthetic(tmp_path_factory):
     network = load_network(root / "net")
     grid = cohort_grid(network, mapping)
     answers: dict[str, list[bytes]] = {fp: [] for fp in grid}
-    events = {}
+    events, packets = {}, {}
     for j, (site, profile) in enumerate(zip(sites, PROFILE_NAMES)):
         export = root / f"export-{j}"
         generate_export(export, patients=PATIENTS, seed=500 + j, site_profile=profile, rare_patients=RARE_PER_SITE[j],
                         truth_path=root / f"truth-{j}.json")
         events[site.site_id] = _outcomes(export, root / f"run-{j}", mapping).events
         shutil.rmtree(export)
-        for p in build_packets(events[site.site_id], mapping, site, network, seq=SEQ).packets:
+        packets[site.site_id] = build_packets(events[site.site_id], mapping, site, network, seq=SEQ).packets
+        for p in packets[site.site_id]:
             answers[p.fingerprint].append(encode_packet(p))
     roster = Roster.from_manifest(network.manifest)
     keys = {s.site_id: s.private_key for s in sites}
@@ -102,7 +103,8 @@ def synthetic(tmp_path_factory):
     collection = collect_answers(answers, network.manifest, grid, mapping.version)
     secure = pd.concat([r[2].table for r in rounds], ignore_index=True)
     tables = build_tables(collection, mapping, secure_totals=secure)
-    return {"mapping": mapping, "events": events, "rounds": rounds, "tables": tables, "collection": collection}
+    return {"mapping": mapping, "events": events, "rounds": rounds, "tables": tables, "collection": collection,
+            "packets": packets, "secret": network.secret}
 
 
 def _central(mapping, events: dict, measure: str, period: str, cell, units: dict | None = None) -> np.ndarray:
@@ -156,6 +158,18 @@ def test_secure_totals_never_include_clear_published_figures(synthetic):
         cell = (row["condition"], row["age_band"], row["sex"], row["treatment"])
         central = _central(mapping, events, row["measure"], row["period"], cell)
         assert row["patients"] == central[0] and row["responders"] == central[1]
+
+
+def test_cells_released_in_packets_are_the_cells_kept_out_of_masked_sums(synthetic):
+    """A site's release state names, through the cohort grid, exactly the cells it marks clear now."""
+    mapping = synthetic["mapping"]
+    checked = 0
+    for ref, inputs, _ in synthetic["rounds"]:
+        for site, inp in inputs.items():
+            released = released_cells(synthetic["packets"][site], synthetic["secret"], mapping, ref.measure, ref.period)
+            assert released == {c for c, clear in zip(inp.cells, inp.clear) if clear}
+            checked += len(released)
+    assert checked > 0
 
 
 def test_synthea_split_into_three_sites(fixtures_dir, tmp_path):
