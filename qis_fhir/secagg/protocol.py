@@ -37,6 +37,7 @@ import itertools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -182,8 +183,13 @@ def _pairwise_sum(ref: RoundRef, site_id: str, s_key: X25519PrivateKey, others: 
 # the journal: one contribution per site per round, across processes
 
 
+#: a site directory's folder of round journals (``RoundJournal``)
+JOURNAL_DIR = "secagg_rounds"
+
+
 class RoundJournal:
-    """A site's record of the rounds it took part in: ``DIR/<round digest>.json``, one per round.
+    """A site's record of the rounds it took part in: ``SITE_DIR/secagg_rounds/<digest>.json``, one per
+    round.
 
     ``begin`` creates the round's file with ``O_CREAT | O_EXCL`` before the site's first message, so
     a second start of the same round, in this process or any other (a re-run, a retry after a crash),
@@ -268,6 +274,10 @@ class SiteRound:
         await board.post(phase, self.site_id, blob)
 
     async def advertise(self, board: Board) -> None:
+        today = datetime.now(UTC).date().isoformat()
+        if today < self.ref.opens:
+            raise SecAggAbortedError(f"the round of {self.ref.measure} {self.ref.period} opens on {self.ref.opens}, when its "
+                                     "figures can no longer change; a site contributes once, so it waits")
         self._s_seed = os.urandom(SEED_BYTES)
         self._c, self._s = X25519PrivateKey.generate(), _s_key(self.ref, self.site_id, self._s_seed)
         await self._post(board, "advertise", _pub_x25519(self._c) + _pub_x25519(self._s))

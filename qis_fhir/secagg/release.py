@@ -25,6 +25,7 @@ Every member can unmask a round's totals, so the rules decide what is *summed*, 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,7 +34,8 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from qis_fhir.errors import RoundRepeatedError
+from qis_fhir.errors import InputNotFoundError, RoundRepeatedError
+from qis_fhir.files import atomic_write
 from qis_fhir.privacy.disclosure import is_publishable
 from qis_fhir.privacy.fingerprint import cohort_table
 from qis_fhir.secagg.round import RoundRef
@@ -52,6 +54,8 @@ if TYPE_CHECKING:
     from qis_fhir.mapping.model import MappingSet
     from qis_fhir.packets.model import Packet
 
+#: a site directory's folder of released secure totals (``ReleaseLedger``), read by the evidence stage
+LEDGER_DIR = "secagg_released"
 #: columns of a released secure total, beside the evidence stage's cell keys
 RELEASE_COLUMNS = ["sites", "patients", "responders", "measured", "mean", "sd", "as_of"]
 
@@ -106,9 +110,10 @@ def release_table(ref: RoundRef, cells: list[Cell], eligible_idx: np.ndarray, de
 
 
 class ReleaseLedger:
-    """A member's record of the secure totals released: one file per (network, measure, period), under
-    any mapping version, created with ``O_EXCL``. Recording the same totals again is a no-op (a report
-    rebuilt); different totals for the same cells are refused (rule 5)."""
+    """A member's record of the secure totals released (``SITE_DIR/secagg_released/``): per (network,
+    measure, period), under any mapping version, a record created with ``O_EXCL`` and the released
+    table beside it. Recording the same totals again is a no-op (a report rebuilt); different totals for
+    the same cells are refused (rule 5). The evidence stage reads the tables (``tables``)."""
 
     def __init__(self, directory: Path | str) -> None:
         self.directory = Path(directory)
@@ -123,14 +128,31 @@ class ReleaseLedger:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
-            if path.read_bytes() == body:
-                return
-            raise RoundRepeatedError(
-                f"secure totals of {ref.measure} {ref.period} were released before with other figures ({path}); "
-                "a second release over the same cells could be differenced to one site's figures"
-            ) from None
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
+            if path.read_bytes() != body:
+                raise RoundRepeatedError(
+                    f"secure totals of {ref.measure} {ref.period} were released before with other figures ({path}); "
+                    "a second release over the same cells could be differenced to one site's figures"
+                ) from None
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+        # the claim above comes first, so two releases can never both write; the table is (re)written after
+        buffer = io.BytesIO()
+        table.to_parquet(buffer, index=False)
+        atomic_write(path.with_suffix(".parquet"), buffer.getvalue())
+
+    def tables(self, mapping_version: str) -> pd.DataFrame | None:
+        """Every released table of ``mapping_version``, concatenated; None when there is none."""
+        frames = []
+        for record in sorted(self.directory.glob("*.json")) if self.directory.is_dir() else []:
+            meta = orjson.loads(record.read_bytes())
+            if meta["mapping_version"] != mapping_version:
+                continue
+            table_path = record.with_suffix(".parquet")
+            if not table_path.exists():
+                raise InputNotFoundError(f"{table_path} is missing: record the release of {meta['measure']} {meta['period']} again")
+            frames.append(pd.read_parquet(table_path))
+        return pd.concat(frames, ignore_index=True) if frames else None
 
 
 def site_input(events: pd.DataFrame | None, units: pd.DataFrame | None, mapping: MappingSet, measure: str, period: str,

@@ -34,6 +34,7 @@ from qis_fhir.secagg.protocol import (
     threshold,
     unmask,
 )
+from qis_fhir.secagg.round import RoundRef
 
 from .conftest import Sites, make_ref
 
@@ -293,3 +294,12 @@ def test_wrong_shares_from_a_revealer_do_not_change_or_block_the_totals():
     _resign_reveal(board, ref, "site-01", s.keys["site-01"], corrupt)  # two bad of six: four good, t = 5
     with pytest.raises(SecAggAbortedError, match="wrong shares|shares of a secret"):
         asyncio.run(unmask(ref, s.roster, board, 6))
+
+
+def test_a_round_whose_period_can_still_change_is_not_joined():
+    s = Sites(3)
+    ref = RoundRef("net-test", "1.0.0", "sbp", "2999", "presence", "3001-02-05")
+    board = LocalBoard()
+    with pytest.raises(SecAggAbortedError, match="opens on 3001-02-05"):
+        asyncio.run(SiteRound(ref, "site-00", s.keys["site-00"], s.roster, np.zeros(3, np.uint64)).advertise(board))
+    assert board.messages["advertise"] == {}

@@ -160,8 +160,11 @@ def test_one_release_per_measure_and_period(tmp_path):
     first = run_both(s, inputs, journals=journals)
     ledger = ReleaseLedger(tmp_path / "ledger")
     refs = round_refs("net-test", MAPPING, MEASURE, PERIOD)
+    assert ledger.tables(MAPPING.version) is None
     ledger.record(refs[1], first.table)
     ledger.record(refs[1], first.table)  # the same release again (a report rebuilt) is fine
+    pd.testing.assert_frame_equal(ledger.tables(MAPPING.version), first.table)  # what the evidence stage reads
+    assert ledger.tables("v2") is None
     changed = dict(inputs)
     fig = inputs["site-01"].figures.copy()
     fig[0, 0] -= 1  # one patient fewer at one site: the difference would be that patient
