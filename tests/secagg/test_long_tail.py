@@ -29,12 +29,13 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from dht_cluster import make_network
 
 from qis_fhir.evidence.collect import cohort_grid, collect_answers
 from qis_fhir.evidence.tables import build_tables, secure_label
 from qis_fhir.mapping import load_mapping
 from qis_fhir.mapping.loader import DEFAULT_MAPPING_DIR
-from qis_fhir.packets import add_site, build_packets, create_network, create_site, load_network
+from qis_fhir.packets import build_packets, load_network
 from qis_fhir.packets.codec import encode_packet
 from qis_fhir.secagg.local import aggregate
 from qis_fhir.secagg.protocol import Roster
@@ -80,11 +81,10 @@ def _measure_periods(events, units, mapping):
 def synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("longtail")
     mapping = load_mapping()
-    create_network(root / "net", network_id="longtail", min_cell_size=MIN_CELL)
-    sites = [create_site(f"hosp-{p}", root / "sites" / p) for p in PROFILE_NAMES]
-    for site in sites:
-        add_site(root / "net", site.site_dir)
-    network = load_network(root / "net")
+    net = make_network(root, [f"hosp-{p}" for p in PROFILE_NAMES])  # minimum cell size 11
+    sites = list(net.sites.values())
+    network = load_network(net.net_dir)
+    assert network.manifest.min_cell_size == MIN_CELL
     grid = cohort_grid(network, mapping)
     answers: dict[str, list[bytes]] = {fp: [] for fp in grid}
     events, packets = {}, {}
