@@ -4,7 +4,8 @@ A network made for the run (governance key, SITES sites with real keys), N nodes
 their own thread (our ``DhtNode``: real UDP on 127.0.0.1, SQLite, ``RoundGate`` on a clock the
 benchmark moves from window to window), and every site's side of the round (``SiteRound``) posting
 through its own ``DhtBoard``. Both rounds of a measure: ``presence`` (one entry per cell) and
-``value`` (VALUES entries per cell: patients, responders, patients with a value, sum, sum of squares).
+``value`` (``len(VALUE_FIELDS)`` = 6 entries per cell, every cell eligible: the worst case, as in the
+offline ``secagg`` section, whose figures this one adds the DHT to).
 
 Every site reads a closed phase from the same nodes and gets the same messages, so the benchmark
 reads each phase from the DHT once (timed) and hands it to every site; what one member spends reading
@@ -27,7 +28,6 @@ import numpy as np
 
 SITES = 50
 CELLS = 1000
-VALUES = 5
 NODES = 10
 KSIZE = 3
 OPENS = "2026-03-02"
@@ -138,6 +138,7 @@ async def _round(network: Any, identities: list[Any], addresses: list, clock: An
 def run(options: Any) -> dict:
     from qis_fhir.dht.cluster import LOOPBACK, Clock, round_nodes_in_thread
     from qis_fhir.dht.rounds import SCHEDULE
+    from qis_fhir.secagg.values import VALUE_FIELDS
 
     sizes = getattr(options, "nodes", None)
     nodes = sizes[0] if sizes else NODES
@@ -154,6 +155,6 @@ def run(options: Any) -> dict:
         clock = Clock(SCHEDULE.starts(OPENS))
         with round_nodes_in_thread(network.manifest_path, clock, nodes, KSIZE) as addresses:
             assert addresses[0][0] == LOOPBACK
-            for stage, length, seed in (("presence", CELLS, 1), ("value", CELLS * VALUES, 2)):
+            for stage, length, seed in (("presence", CELLS, 1), ("value", CELLS * len(VALUE_FIELDS), 2)):
                 out[stage] = asyncio.run(_round(network, identities, addresses, clock, stage, length, seed))
     return out

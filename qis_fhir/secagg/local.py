@@ -7,10 +7,17 @@ What the offline tests and the benchmark use; the DHT board (``qis_fhir.dht``) r
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from qis_fhir.errors import RoundRepeatedError, SecAggAbortedError
-from qis_fhir.secagg.protocol import RoundResult, SiteRound, unmask
-from qis_fhir.secagg.round import PHASES
+from qis_fhir.secagg.protocol import Roster, RoundJournal, RoundResult, SiteRound, unmask
+from qis_fhir.secagg.release import eligible, release_table
+from qis_fhir.secagg.round import PHASES, RoundRef
+from qis_fhir.secagg.values import VALUE_FIELDS, SiteInput, decode_totals
 
 #: SiteRound's method for each phase
 STEPS = dict(zip(PHASES, ("advertise", "share", "contribute", "confirm", "reveal")))
@@ -67,3 +74,36 @@ async def run_round(participants: Sequence[SiteRound], board, *, stop_before: Ma
             board.close(phase)
     first = participants[0]
     return await unmask(first.ref, first.roster, board, len(first.vector) if length is None else length)
+
+
+@dataclass
+class SecureRelease:
+    """Both rounds of one (mapping version, measure, period), as every member computes them."""
+
+    table: pd.DataFrame  # the shown secure totals (``release.release_table``)
+    presence: RoundResult
+    value: RoundResult | None  # None: no cell had patients at m sites, so no value round ran
+    eligible: np.ndarray  # indices of the round's cells that went into the value round
+    decoded: np.ndarray  # their value totals, int64 (eligible, VALUE_FIELDS)
+
+
+async def aggregate(inputs: Mapping[str, SiteInput], keys: Mapping[str, Ed25519PrivateKey], roster: Roster,
+                    refs: tuple[RoundRef, RoundRef], min_cell_size: int, *, boards: tuple | None = None,
+                    journals: Mapping[str, RoundJournal] | None = None,
+                    stop_before: tuple[Mapping[str, str], Mapping[str, str]] = ({}, {})) -> SecureRelease:
+    """The presence round over every cell, then the value round over the eligible cells with the same
+    contributors, for sites in one process (tests, benchmark); the rules are ``release``'s."""
+    presence_board, value_board = boards if boards is not None else (LocalBoard(), LocalBoard())
+    journals = journals or {}
+    cells = next(iter(inputs.values())).cells
+    presence = await run_round([SiteRound(refs[0], s, keys[s], roster, inp.presence_vector(), journals.get(s))
+                                for s, inp in inputs.items()], presence_board, stop_before=stop_before[0])
+    idx = eligible(presence.totals, roster.min_sites)
+    if not len(idx):
+        return SecureRelease(release_table(refs[1], cells, idx, np.zeros((0, len(VALUE_FIELDS)), np.int64), min_cell_size,
+                                           roster.min_sites), presence, None, idx, np.zeros((0, len(VALUE_FIELDS)), np.int64))
+    value = await run_round([SiteRound(refs[1], s, keys[s], roster, inputs[s].value_vector(idx), journals.get(s),
+                                       required_contributors=presence.contributors)
+                             for s in inputs if s in presence.contributors], value_board, stop_before=stop_before[1])
+    decoded = decode_totals(value.totals, len(idx))
+    return SecureRelease(release_table(refs[1], cells, idx, decoded, min_cell_size, roster.min_sites), presence, value, idx, decoded)

@@ -37,6 +37,7 @@ import itertools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +54,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from qis_fhir.errors import RoundRepeatedError, SecAggAbortedError
 from qis_fhir.files import atomic_write
+from qis_fhir.packets.keys import b64, unb64
 from qis_fhir.secagg.round import PHASES, Board, RoundRef
 
-RING_BITS = 64  # every vector lives in Z_{2^64}: numpy uint64 arithmetic wraps exactly there
 SIGNATURE_BYTES = 64
 KEY_BYTES = 32
 SEED_BYTES = 16  # the self-mask seed: one Shamir secret (GF(2^128))
@@ -182,8 +183,13 @@ def _pairwise_sum(ref: RoundRef, site_id: str, s_key: X25519PrivateKey, others: 
 # the journal: one contribution per site per round, across processes
 
 
+#: a site directory's folder of round journals (``RoundJournal``)
+JOURNAL_DIR = "secagg_rounds"
+
+
 class RoundJournal:
-    """A site's record of the rounds it took part in: ``DIR/<round digest>.json``, one per round.
+    """A site's record of the rounds it took part in: ``SITE_DIR/secagg_rounds/<digest>.json``, one per
+    round.
 
     ``begin`` creates the round's file with ``O_CREAT | O_EXCL`` before the site's first message, so
     a second start of the same round, in this process or any other (a re-run, a retry after a crash),
@@ -268,6 +274,10 @@ class SiteRound:
         await board.post(phase, self.site_id, blob)
 
     async def advertise(self, board: Board) -> None:
+        today = datetime.now(UTC).date().isoformat()
+        if today < self.ref.opens:
+            raise SecAggAbortedError(f"the round of {self.ref.measure} {self.ref.period} opens on {self.ref.opens}, when its "
+                                     "figures can no longer change; a site contributes once, so it waits")
         self._s_seed = os.urandom(SEED_BYTES)
         self._c, self._s = X25519PrivateKey.generate(), _s_key(self.ref, self.site_id, self._s_seed)
         await self._post(board, "advertise", _pub_x25519(self._c) + _pub_x25519(self._s))
@@ -289,24 +299,25 @@ class SiteRound:
             box, aad = _share_box(self.ref, self._c, self._u1[v][0], self.site_id, v)
             nonce = os.urandom(12)
             plain = x.to_bytes(2, "big") + b_shares[i][1] + s_shares[i][1]
-            boxes[v] = (nonce + box.encrypt(nonce, plain, aad)).hex()
+            boxes[v] = b64(nonce + box.encrypt(nonce, plain, aad))
         payload = {"u1": u1, "t": t, "commit": _commitment(self.ref, self.site_id, seed), "shares": boxes}
         await self._post(board, "shares", orjson.dumps(payload, option=orjson.OPT_SORT_KEYS))
 
     async def contribute(self, board: Board) -> None:
-        shares = _parse_shares(opened(self.ref, self.roster, "shares", await board.collect("shares")), sorted(self._u1))
+        t = threshold(len(self._u1), self.roster.min_sites)
+        shares = _parse_shares(opened(self.ref, self.roster, "shares", await board.collect("shares")), sorted(self._u1), t)
         held = {}
         for sender, msg in shares.items():
             box, aad = _share_box(self.ref, self._c, self._u1[sender][0], sender, self.site_id)
-            sealed = bytes.fromhex(msg["shares"][self.site_id])
             try:
+                sealed = unb64(msg["shares"][self.site_id])
                 plain = box.decrypt(sealed[:12], sealed[12:], aad)
-            except InvalidTag:
+            except (InvalidTag, ValueError):
                 raise SecAggAbortedError(f"the share {sender} sent this site does not decrypt: the round stops here") from None
             held[sender] = (int.from_bytes(plain[:2], "big"), plain[2:18], plain[18:34])
         self._held = held
         self._u2 = frozenset(shares)
-        if self.site_id not in self._u2 or len(self._u2) < threshold(len(self._u1), self.roster.min_sites):
+        if self.site_id not in self._u2 or len(self._u2) < t:
             raise SecAggAbortedError(f"only {len(self._u2)} sites shared their secrets; too few to go on")
         length = len(self.vector)
         others = {v: self._u1[v][1] for v in self._u2 if v != self.site_id}
@@ -339,20 +350,21 @@ class SiteRound:
         agree = {v for v, p in signed.items() if v in self._u3 and p == mine}
         if len(agree) < threshold(len(self._u1), self.roster.min_sites):
             raise SecAggAbortedError(f"only {len(agree)} contributors signed this site's contributor set; nothing is revealed")
-        b_part = {v: [self._held[v][0], self._held[v][1].hex()] for v in sorted(self._u3)}
-        s_part = {v: [self._held[v][0], self._held[v][2].hex()] for v in sorted(self._u2 - self._u3)}
+        b_part = {v: [self._held[v][0], b64(self._held[v][1])] for v in sorted(self._u3)}
+        s_part = {v: [self._held[v][0], b64(self._held[v][2])] for v in sorted(self._u2 - self._u3)}
         assert not set(b_part) & set(s_part)  # disjoint by construction: U3 and U2 \ U3
         await self._post(board, "reveal", orjson.dumps({"b": b_part, "s": s_part}, option=orjson.OPT_SORT_KEYS))
 
 
-def _parse_shares(messages: Mapping[str, bytes], u1: Sequence[str]) -> dict[str, dict]:
-    """The shares messages that list the same U1 as the reader and the threshold it implies."""
+def _parse_shares(messages: Mapping[str, bytes], u1: Sequence[str], t: int) -> dict[str, dict]:
+    """The well-formed shares messages that list the same U1 as the reader and its threshold ``t``."""
     out = {}
     for sender, payload in messages.items():
         try:
             msg = orjson.loads(payload)
-            ok = (msg["u1"] == list(u1) and sender in u1 and isinstance(msg["shares"], dict)
-                  and set(msg["shares"]) == set(u1) and msg["t"] >= 1)
+            ok = (msg["u1"] == list(u1) and sender in u1 and msg["t"] == t and isinstance(msg["commit"], str)
+                  and isinstance(msg["shares"], dict) and set(msg["shares"]) == set(u1)
+                  and all(isinstance(b, str) for b in msg["shares"].values()))
         except (orjson.JSONDecodeError, KeyError, TypeError):
             ok = False
         if ok:
@@ -384,24 +396,38 @@ def _rebuild(pieces: list[tuple[int, bytes]], t: int, check) -> bytes:
 
 
 def _revealed(reveals: Mapping[str, dict], revealers: frozenset[str], kind: str, of: str) -> list[tuple[int, bytes]]:
-    return [(int(r[kind][of][0]), bytes.fromhex(r[kind][of][1])) for s, r in reveals.items()
-            if s in revealers and of in r.get(kind, {})]
+    """The well-formed shares of ``of``'s secret ``kind`` ("b" or "s") that ``revealers`` revealed."""
+    out = []
+    for site, r in reveals.items():
+        try:
+            x, share = r[kind][of]
+            share = unb64(share)
+        except (KeyError, TypeError, ValueError):
+            continue  # not revealed by this site, or malformed: the subset search needs only t good ones
+        if site in revealers and type(x) is int and 1 <= x and len(share) == SEED_BYTES:
+            out.append((x, share))
+    return out
 
 
 async def unmask(ref: RoundRef, roster: Roster, board: Board, length: int) -> RoundResult:
     """``sum_{u in U3} x_u`` in Z_{2^64} from the board's five phases (module docstring, step 5)."""
     msgs = {phase: opened(ref, roster, phase, await board.collect(phase)) for phase in PHASES}
     u1_keys = {sid: (p[:KEY_BYTES], p[KEY_BYTES:]) for sid, p in msgs["advertise"].items() if len(p) == 2 * KEY_BYTES}
-    shares = _parse_shares(msgs["shares"], sorted(u1_keys))
-    u2 = frozenset(shares)
     t = threshold(len(u1_keys), roster.min_sites)
-    sets: dict[bytes, set[str]] = {}
+    shares = _parse_shares(msgs["shares"], sorted(u1_keys), t)
+    u2 = frozenset(shares)
+    sets: dict[frozenset[str], set[str]] = {}
     for signer, payload in msgs["consistency"].items():
-        sets.setdefault(payload, set()).add(signer)
-    agreed = [p for p, signers in sets.items() if len(signers & set(orjson.loads(p))) >= t]
+        try:
+            signed = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(signed, list) and all(isinstance(x, str) for x in signed):
+            sets.setdefault(frozenset(signed), set()).add(signer)
+    agreed = [u3 for u3, signers in sets.items() if len(signers & u3) >= t]
     if len(agreed) != 1:
         raise SecAggAbortedError(f"no contributor set was signed by {t} of its contributors: the round did not complete")
-    u3 = frozenset(orjson.loads(agreed[0]))
+    u3 = agreed[0]
     if not u3 <= u2:
         raise SecAggAbortedError("the signed contributor set names sites that did not share their secrets")
     reveals = {}

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from qis_fhir.packets.keys import raw_public
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dht"))  # dht_cluster.make_network: a real network
 from qis_fhir.secagg import RoundRef
 from qis_fhir.secagg.local import LocalBoard, run_round
 from qis_fhir.secagg.protocol import Roster, SiteRound

@@ -7,6 +7,7 @@ ALPHA = 1e-3 per test (each is also shown to reject the unmasked figures, so it 
 from __future__ import annotations
 
 import asyncio
+import base64
 import subprocess
 import sys
 
@@ -29,8 +30,11 @@ from qis_fhir.secagg.protocol import (
     _self_key,
     opened,
     prg,
+    seal,
     threshold,
+    unmask,
 )
+from qis_fhir.secagg.round import RoundRef
 
 from .conftest import Sites, make_ref
 
@@ -218,7 +222,6 @@ def test_forged_and_replayed_messages_are_ignored():
     _, board = s.run(ref, vectors)
     outsider = Sites(1)
     other_round = make_ref(period="2023")
-    from qis_fhir.secagg.protocol import seal
     forged = {"site-00": seal(ref, "masked", "site-00", outsider.keys["site-00"], b"x" * 80),  # wrong key
               "site-01": seal(other_round, "masked", "site-01", s.keys["site-01"], b"x" * 80),  # another round
               "site-99": seal(ref, "masked", "site-99", s.keys["site-02"], b"x" * 80)}  # not a member
@@ -257,3 +260,46 @@ def test_threshold_keeps_two_views_from_both_gathering_signatures():
         for c in range(0, (n - 1) // 3 + 1):
             assert 2 * t - c > n, (n, c, t)
 
+
+
+def _resign_reveal(board, ref, site, key, change):
+    """Replace ``site``'s reveal with ``change(payload)``, signed by the site itself (a dishonest revealer)."""
+    payload = orjson.loads(board.messages["reveal"][site][:-64])
+    board.messages["reveal"][site] = seal(ref, "reveal", site, key, orjson.dumps(change(payload)))
+
+
+def _flip(share_b64: str) -> str:
+    raw = bytearray(base64.b64decode(share_b64))
+    raw[0] ^= 1
+    return base64.b64encode(bytes(raw)).decode()
+
+
+def test_wrong_shares_from_a_revealer_do_not_change_or_block_the_totals():
+    s = Sites(7)  # t = 5; six revealers
+    ref = make_ref()
+    vectors = small_vectors(s.ids, 6)
+    result, board = s.run(ref, vectors, stop_before={"site-06": "masked"})  # one dropped: both kinds revealed
+
+    def corrupt(payload):
+        for kind in ("b", "s"):
+            for v in payload[kind]:
+                payload[kind][v][1] = _flip(payload[kind][v][1])
+        payload["b"]["site-01"] = "garbage"  # malformed too
+        return payload
+
+    _resign_reveal(board, ref, "site-00", s.keys["site-00"], corrupt)
+    again = asyncio.run(unmask(ref, s.roster, board, 6))
+    np.testing.assert_array_equal(again.totals, result.totals)
+    np.testing.assert_array_equal(again.totals, total_of(vectors, s.ids[:6]))
+    _resign_reveal(board, ref, "site-01", s.keys["site-01"], corrupt)  # two bad of six: four good, t = 5
+    with pytest.raises(SecAggAbortedError, match="wrong shares|shares of a secret"):
+        asyncio.run(unmask(ref, s.roster, board, 6))
+
+
+def test_a_round_whose_period_can_still_change_is_not_joined():
+    s = Sites(3)
+    ref = RoundRef("net-test", "1.0.0", "sbp", "2999", "presence", "3001-02-05")
+    board = LocalBoard()
+    with pytest.raises(SecAggAbortedError, match="opens on 3001-02-05"):
+        asyncio.run(SiteRound(ref, "site-00", s.keys["site-00"], s.roster, np.zeros(3, np.uint64)).advertise(board))
+    assert board.messages["advertise"] == {}
