@@ -116,7 +116,13 @@ def open_round(round_file: Path | str, *, network_dir: Path | str, state_dir: Pa
         raise UsageError(f"round file {round_file} is a round of network {ref.network_id}, not of {network.manifest.network_id}")
     required = None
     if after is not None:
-        presence = round_folder(state_dir, read_round(after)) / RESULT_FILE
+        first = read_round(after)
+        if SCHEDULE.starts(ref.opens) < SCHEDULE.closes(first.opens, PHASES[-1]):
+            raise UsageError(
+                f"the value round opens {ref.opens}, before its presence round can be unmasked "
+                f"({SCHEDULE.utc(first.opens, PHASES[-1])}): its eligible cells would not be known in its advertise window"
+            )
+        presence = round_folder(state_dir, first) / RESULT_FILE
         if not presence.exists():
             raise InputNotFoundError(f"the presence round ({after}) has not been unmasked at this site: no {presence}")
         required = frozenset(orjson.loads(presence.read_bytes())["contributors"])

@@ -41,3 +41,19 @@ def test_a_pickled_vector_is_not_loaded(tmp_path):
     np.save(path, np.array([{"not": "numbers"}], dtype=object), allow_pickle=True)
     with pytest.raises(QisError, match="not a .npy array of numbers"):
         read_vector(path)
+
+
+def test_a_value_round_opening_before_its_presence_round_is_unmasked_is_refused(tmp_path):
+    from qis_fhir.errors import UsageError
+    from qis_fhir.packets.manifest import create_network
+    from qis_fhir.secagg.steps import open_round
+
+    create_network(tmp_path / "net", network_id="net-a")
+    presence, value = tmp_path / "presence.json", tmp_path / "value.json"
+    presence.write_bytes(orjson.dumps(ROUND))
+    value.write_bytes(orjson.dumps({**ROUND, "stage": "value", "opens": "2026-03-08"}))  # presence unmasks 2026-03-09
+    with pytest.raises(UsageError, match="before its presence round can be unmasked"):
+        open_round(value, network_dir=tmp_path / "net", state_dir=tmp_path / "state", bootstrap=(), after=presence)
+    value.write_bytes(orjson.dumps({**ROUND, "stage": "value", "opens": "2026-03-09"}))
+    with pytest.raises(QisError, match="has not been unmasked at this site"):  # in time; the presence result is what is missing
+        open_round(value, network_dir=tmp_path / "net", state_dir=tmp_path / "state", bootstrap=(), after=presence)
