@@ -1,7 +1,9 @@
 """The masking protocol, offline over a LocalBoard: sums exact, dropouts, and the attacks it must defeat.
 
 Uniformity tests: chi-square of the top 8 bits of 2^14 ring elements in 256 bins, false-alarm rate
-ALPHA = 1e-3 per test (each is also shown to reject the unmasked figures, so it can fail).
+ALPHA = 1e-3 per test; five such tests run per session, so about 0.5 % of runs would see one fail by
+chance (masks come from os.urandom and cannot be seeded; the inputs are). Each test is also shown to
+reject the unmasked figures, so it can fail.
 """
 
 from __future__ import annotations
