@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "query": "qis_fhir.dht.commands:query",
     "evidence": "qis_fhir.evidence.commands:evidence",
     "report": "qis_fhir.evidence.commands:report",
+    "secagg": "qis_fhir.secagg.commands:secagg",
 }
 
 

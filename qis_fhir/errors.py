@@ -26,6 +26,9 @@ class ExitCode(enum.IntEnum):
     PUBLISH_INCOMPLETE = 12  # some packets were confirmed by no replica
     RUN_INCOMPLETE = 13  # a run folder whose run.json says it did not complete (crashed, failed, being written)
     EVIDENCE_INVALID = 14  # an evidence table lacks what the report reads, or says what it cannot explain
+    SECAGG_ABORTED = 15  # a secure-aggregation round could not complete safely: nothing was unmasked
+    ROUND_REPEATED = 16  # this site already took part in (or released) that secure-aggregation round
+    ROUND_WINDOW = 17  # a secure-aggregation round step outside its phase's window: try again when it is due
 
 
 class QisError(Exception):
@@ -91,3 +94,24 @@ class RunIncompleteError(QisError):
 
 class EvidenceInvalidError(QisError):
     exit_code = ExitCode.EVIDENCE_INVALID
+
+
+class SecAggAbortedError(QisError):
+    """A secure-aggregation round stopped before anything could be unmasked: too few sites, views of
+    the round that differ, or a message that does not verify. Nothing of this site's was revealed."""
+
+    exit_code = ExitCode.SECAGG_ABORTED
+
+
+class RoundRepeatedError(QisError):
+    """A second contribution to (or release of) a round this site already took part in: refused, so
+    a re-run can never publish changed figures under the same round."""
+
+    exit_code = ExitCode.ROUND_REPEATED
+
+
+class RoundWindowError(QisError):
+    """A round step outside its phase's window: a message after the window closed (nodes refuse it),
+    a reveal or a read before the window it waits for closed."""
+
+    exit_code = ExitCode.ROUND_WINDOW

@@ -21,8 +21,10 @@ SECTIONS: dict[str, str] = {
     "dht": "qis_fhir.bench.dht",
     "quality": "qis_fhir.bench.quality",
     "evidence": "qis_fhir.bench.evidence",
+    "secagg": "qis_fhir.bench.secagg",
+    "rounds": "qis_fhir.bench.rounds",
 }
-DEFAULT_SECTIONS = ("extract", "packets")  # dht and evidence start dozens of processes: ask for them with --only
+DEFAULT_SECTIONS = ("extract", "packets")  # dht, evidence and rounds run many nodes: ask for them with --only
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ def run_sections(sections: list[str], options: BenchOptions) -> dict:
     default=None,
     help="extract: time your own export's Observation lines (repeated up to --observations) instead of a synthetic export.",
 )
-@click.option("--nodes", type=str, default=None, help="dht: comma-separated network sizes, e.g. 10,30,100; evidence: the first is its network size (default 30).")
+@click.option("--nodes", type=str, default=None, help="dht: comma-separated network sizes, e.g. 10,30,100; evidence: the first is its network size (default 30); secagg: the first is its number of sites (default 50).")
 @click.option("--seed", type=int, default=7, show_default=True)
 def bench(as_json: bool, only: tuple[str, ...], observations: int | None, export: Path | None, nodes: str | None,
           seed: int) -> None:

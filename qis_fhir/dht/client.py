@@ -320,11 +320,8 @@ class DhtClient:
 
         async def one(key: bytes, entries: list[tuple[PacketReceipt, bytes]]) -> None:
             async with slots:
-                await self._ensure_contacts()
-                lookup = await self.peer.closest_nodes(key)
-                contacted.update(lookup.replies)
-                items = [[wire, self.ttl] for _, wire in entries]
-                results = await asyncio.gather(*(self.protocol.send_packets(n, key, items) for n in lookup.closest))
+                results, replied = await self.store_items(key, [[wire, self.ttl] for _, wire in entries])
+                contacted.update(replied)
                 for statuses in results:
                     for (receipt, _), status in zip(entries, statuses):
                         receipt.asked += 1
@@ -338,6 +335,16 @@ class DhtClient:
             receipts, dict(rejected), superseded, len(contacted), time.perf_counter() - started,
             rpcs=self.protocol.rpc_sent - sent0, rpc_timeouts=self.protocol.rpc_failed - failed0,
         )
+
+    async def store_items(self, key: bytes, items: list[list]) -> tuple[list[list[str]], set[bytes]]:
+        """Store ``[wire, ttl]`` items under ``key`` on its ``ksize`` closest live nodes: one status list
+        per node asked (what ``send_packets`` answers) and the ids of the nodes the lookup heard from.
+        Items are not verified here: the caller's job (``publish`` verifies packets, the round board
+        seals its own chunks)."""
+        await self._ensure_contacts()
+        lookup = await self.peer.closest_nodes(key)
+        results = await asyncio.gather(*(self.protocol.send_packets(n, key, items) for n in lookup.closest))
+        return list(results), set(lookup.replies)
 
     # ------------------------------------------------------------------ query
     async def fetch(self, fingerprint: str) -> tuple[set[bytes], dict]:

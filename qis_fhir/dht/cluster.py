@@ -1,6 +1,7 @@
-"""DHT node processes on this machine: start, restart, kill and stop them by process id.
+"""DHT node processes on this machine: start, restart, kill and stop them by process id; and nodes
+in one event loop on a settable clock, for secure-aggregation rounds run window by window.
 
-Used by ``qis-fhir demo`` and the tests. Each node is ``sys.executable -m qis_fhir node`` bound to
+Used by ``qis-fhir demo``, the round benchmark and the tests. Each node is ``sys.executable -m qis_fhir node`` bound to
 ``LOOPBACK`` port 0 and writes its bound port to ``DATA_DIR/node.json``; ``stop_all`` stops every
 process it started (SIGTERM, then SIGKILL after a grace period), so callers use it in ``finally``.
 
@@ -10,13 +11,16 @@ bench (``qis_fhir.bench.dht``) starts its multi-node worker processes with them 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,3 +147,54 @@ class LocalCluster:
 
     def stop_all(self) -> None:
         stop_processes([node.proc for node in self.nodes if node.proc is not None])
+
+
+class Clock:
+    """A settable clock for round rules (nodes' ``RoundGate``, boards, steps): tests and the round
+    benchmark move it from window to window instead of waiting for days."""
+
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+async def start_round_nodes(manifest: Path, clock: Callable[[], float], n: int, ksize: int) -> list:
+    """``n`` nodes in this event loop (real UDP on 127.0.0.1, the nodes' own protocol and storage)
+    whose round rules run on ``clock``; the caller closes them."""
+    from qis_fhir.dht.node import DhtNode, NodeConfig
+    from qis_fhir.dht.rounds import RoundGate
+    from qis_fhir.dht.storage import PacketStore
+    from qis_fhir.dht.trust import ManifestVerifier
+
+    nodes: list = []
+    for _ in range(n):
+        store = PacketStore(":memory:")
+        gate = RoundGate(ManifestVerifier(manifest, replay=store.replay_view()), store.replay_view(), clock=clock)
+        node = DhtNode(NodeConfig(host=LOOPBACK, ksize=ksize, maintenance_interval=3600), gate, store)
+        await node.start([(nodes[0].host, nodes[0].port)] if nodes else [])
+        nodes.append(node)
+    return nodes
+
+
+@contextlib.contextmanager
+def round_nodes_in_thread(manifest: Path, clock: Callable[[], float], n: int, ksize: int) -> Iterator[list[tuple[str, int]]]:
+    """:func:`start_round_nodes` in an event loop of their own thread, for code that runs its own
+    ``asyncio.run`` (the round steps); yields their addresses, closes them and ends the thread on exit."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    nodes: list = []
+    try:
+        nodes = asyncio.run_coroutine_threadsafe(start_round_nodes(manifest, clock, n, ksize), loop).result(timeout=60)
+        yield [(node.host, node.port) for node in nodes]
+    finally:
+        async def close() -> None:
+            for node in nodes:
+                node.close()
+
+        asyncio.run_coroutine_threadsafe(close(), loop).result(timeout=30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+        loop.close()

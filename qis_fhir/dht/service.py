@@ -10,6 +10,7 @@ from pathlib import Path
 from qis_fhir.dht.address import format_address
 from qis_fhir.dht.logs import SUMMARY_INTERVAL, write_summaries
 from qis_fhir.dht.node import STORE_FILE, DhtNode, NodeConfig, node_id_from_state, read_node_state, write_node_state
+from qis_fhir.dht.rounds import RoundGate
 from qis_fhir.dht.storage import PacketStore
 from qis_fhir.dht.trust import ManifestVerifier
 
@@ -33,7 +34,8 @@ async def serve(config: NodeConfig, data_dir: Path, manifest_path: Path, stop: a
     if purge_now:
         purge(purge_now)
     state = read_node_state(data_dir)
-    node = DhtNode(config, verifier, storage, node_id=node_id_from_state(state))
+    # secure-aggregation round chunks are checked by the round rules, every other wire by the verifier
+    node = DhtNode(config, RoundGate(verifier, storage.replay_view()), storage, node_id=node_id_from_state(state))
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -37,7 +37,7 @@ CONTRADICTION_MIN_DIFF = 0.20
 
 FLAG_ORDER = [
     "one_site", "under_30_patients", "under_3_sites", "heterogeneous", "dominant_site", "site_disagrees",
-    "contradicts_condition", "all_responded", "none_responded", "older_data", "prevalent_users", "observational",
+    "contradicts_condition", "secure_total", "all_responded", "none_responded", "older_data", "prevalent_users", "observational",
 ]
 #: measure kinds whose cells compare prevalent users (``prevalent_users``)
 CONTROL_KINDS = ("control", "poor_control")
@@ -50,6 +50,8 @@ FLAG_TEXT = {
     "site_disagrees": "At least one hospital's own result is clearly different from the combined estimate.",
     "contradicts_condition": "Patients of this age group and sex respond clearly differently to this treatment "
                              "than other patients with the same condition.",
+    "secure_total": "Includes hospitals too small to report this alone, pooled by secure aggregation: only their "
+                    "combined total is known, so they cannot be compared with each other.",
     "all_responded": "Every patient responded: with so uniform a result, check how the response is defined.",
     "none_responded": "No patient responded.",
     "older_data": "Some hospitals' figures are more than a month older than the newest figures.",
@@ -129,7 +131,8 @@ def rank_and_flag(pooled: pd.DataFrame, per_site: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(f"pooled and per-site tables need the cell columns; missing {missing}")
     table = pooled.copy()
     sites = table["sites"].to_numpy()
-    use_re = sites >= MIN_SITES
+    # a secure total is one study to the between-hospital model, however many hospitals it sums
+    use_re = (sites >= MIN_SITES) & np.isfinite(table["resp_re"].to_numpy(dtype=float))
     basis = np.where(use_re, table["resp_re"].to_numpy(dtype=float), table["resp_pooled"].to_numpy(dtype=float))
     lower = (table["response_direction"] == "lower").to_numpy() if "response_direction" in table else np.zeros(len(table), bool)
     table["rank"] = (pd.Series(np.where(lower, basis, -basis), index=table.index).groupby([table[c] for c in RANK_GROUP], dropna=False)
@@ -156,6 +159,8 @@ def rank_and_flag(pooled: pd.DataFrame, per_site: pd.DataFrame) -> pd.DataFrame:
         "dominant_site": gt("resp_max_weight", DOMINANT_SHARE) | gt("mean_max_weight", DOMINANT_SHARE),
         "site_disagrees": any_outside("resp_sites_outside") | any_outside("mean_sites_outside"),
         "contradicts_condition": contradiction_test(table)["flagged"].to_numpy(),
+        "secure_total": table["secure_sites"].fillna(0).to_numpy() > 0 if "secure_sites" in table
+                        else np.zeros(len(table), dtype=bool),
         "all_responded": table["responders"].to_numpy() == table["patients"].to_numpy(),
         "none_responded": table["responders"].to_numpy() == 0,
         "older_data": age_days > OLDER_DATA_DAYS,

@@ -35,6 +35,10 @@ CELL_KEYS = ["condition", "age_band", "sex", "treatment", "measure", "period", "
 SITE_COLUMNS = ["site", "patients", "responders", "mean", "sd", "as_of"]
 #: optional site-row column: the patients the mean and SD cover (control cells); absent = ``patients``
 MEASURED = "measured"
+#: optional site-row column: 0 for a hospital's own packet, k >= 1 for a total over k hospitals pooled
+#: by secure aggregation (``qis_fhir.secagg``), which is one row (one study to the between-hospital
+#: models: only the total is known) but k hospitals to the ``sites`` count; absent = 0
+SECURE_SITES = "secure_sites"
 
 #: Gauss-Hermite nodes per site in the adaptive quadrature. Against scipy.integrate.quad a site's marginal
 #: log-likelihood agrees to < 1e-9 for 5..5,000 patients and tau <= 1, and to 1e-5 at the hardest case
@@ -340,6 +344,9 @@ def _typed_rows(site_rows: pd.DataFrame) -> pd.DataFrame:
     if MEASURED not in rows.columns:
         rows[MEASURED] = rows["patients"]
     rows[MEASURED] = rows[MEASURED].astype("int64")
+    if SECURE_SITES not in rows.columns:
+        rows[SECURE_SITES] = 0
+    rows[SECURE_SITES] = rows[SECURE_SITES].fillna(0).astype("int64")
     n, r, sd, nm = rows["patients"], rows["responders"], rows["sd"], rows[MEASURED]
     bad = ((n < 1) | (r < 0) | (r > n) | (nm < 0) | (nm > n) | ~np.isfinite(rows["mean"]) | ~np.isfinite(sd)
            | (sd < 0))
@@ -370,10 +377,12 @@ def pool(site_rows: pd.DataFrame, level: float = 0.95) -> tuple[pd.DataFrame, pd
     def total(x):
         return _group_sum(g, x, m)
 
-    k = np.bincount(g, minlength=m)
+    k = np.bincount(g, minlength=m)  # rows: the studies of the between-hospital models
+    secure = rows[SECURE_SITES].to_numpy()
     big_n, big_r, big_nm = total(n), total(r), total(nm)
     out = cells.assign(
-        sites=k, patients=big_n.astype(np.int64), responders=big_r.astype(np.int64), measured=big_nm.astype(np.int64),
+        sites=total(np.where(secure > 0, secure, 1)).astype(np.int64), secure_sites=total(secure).astype(np.int64),
+        patients=big_n.astype(np.int64), responders=big_r.astype(np.int64), measured=big_nm.astype(np.int64),
         as_of_min=grouped["as_of"].min().to_numpy(), as_of_max=grouped["as_of"].max().to_numpy(),
     )
     per_site = rows.copy()

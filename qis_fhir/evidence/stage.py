@@ -1,8 +1,8 @@
 """The evidence stage's one entry: collect the network's packets, pool them, write tables and report.
 
 ``qis-fhir evidence``, ``qis-fhir run --bootstrap`` (as its last stage) and the demo call
-``run_evidence``; the stage's pieces are ``collect`` (query and verify), ``tables`` (pool and write)
-and ``report`` (the HTML a clinician reads, rebuilt from the tables alone by ``qis-fhir report``).
+``run_evidence``; the stage's pieces are ``collect`` (query and verify), ``tables`` (pool and write,
+with the secure totals the site released, ``SITE_DIR/secagg_released/``) and ``report`` (the HTML a clinician reads, rebuilt from the tables alone by ``qis-fhir report``).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def run_evidence(config: EvidenceConfig) -> EvidenceResult:
     from qis_fhir.packets import load_network, load_site
     from qis_fhir.packets.manifest import PINS
     from qis_fhir.runfolder import OUTCOMES, require_run
+    from qis_fhir.secagg.release import LEDGER_DIR, ReleaseLedger
 
     site = load_site(config.site_dir)
     network = load_network(config.network_dir, pinned_state=Path(config.site_dir) / PINS)
@@ -73,8 +74,10 @@ def run_evidence(config: EvidenceConfig) -> EvidenceResult:
         "evidence: %d packets from %d sites used, %d rejected, over %d cohorts",
         len(collection.packets), len(collection.sites()), sum(collection.rejected.values()), len(collection.grid),
     )
+    # secure totals this site has released (``qis_fhir.secagg``): cells too small to publish at any one site
+    secure = ReleaseLedger(Path(config.site_dir) / LEDGER_DIR).tables(mapping.version)
     tables = build_tables(collection, mapping, local_events=local.get("outcome_events"), local_units=local.get("control_units"),
-                          run_date=config.run_date)
+                          secure_totals=secure, run_date=config.run_date)
     evidence_dir = Path(config.out_dir) / EVIDENCE_DIR
     paths = write_tables(tables, evidence_dir)
     if config.report:

@@ -8,7 +8,10 @@
   they compare prevalent users and are confounded by indication), the age band's place in the
   mapping, the packets used and rejected, and this site's own figures for the same cell beside the
   network's.
-* ``site_estimates.parquet``: each hospital's own estimate per cell, under pseudonymous labels.
+* ``site_estimates.parquet``: each hospital's own estimate per cell, under pseudonymous labels; a
+  secure total (``qis_fhir.secagg``: hospitals too small to publish a cell, pooled without any one's
+  figures disclosed) is one row labelled with its number of hospitals, and its pooled row carries
+  ``secure_sites`` and the ``secure_total`` flag.
 * ``provenance.json``: where the figures came from: which sites (real ids only here), their data
   dates, packets used and rejected by reason, mapping and manifest versions, minimum cell size.
 
@@ -29,7 +32,7 @@ import pandas as pd
 
 from qis_fhir.evidence.collect import Collection
 from qis_fhir.evidence.flags import rank_and_flag
-from qis_fhir.evidence.pooling import CELL_KEYS, pool
+from qis_fhir.evidence.pooling import CELL_KEYS, MEASURED, SECURE_SITES, SITE_COLUMNS, pool
 
 # the file names the report reads, and its words for a unit: one definition each, in the reader
 from qis_fhir.evidence.report import POOLED_NAME, PROVENANCE_NAME, SITES_NAME, unit_label
@@ -143,19 +146,52 @@ def local_figures(events: pd.DataFrame | None, mapping: MappingSet, units: pd.Da
     return out[columns]
 
 
+def secure_label(sites: int) -> str:
+    return f"Secure total of {sites} hospitals"
+
+
+def secure_site_rows(totals: pd.DataFrame, min_cell_size: int) -> pd.DataFrame:
+    """Site rows (pooling's input) from released secure totals (``qis_fhir.secagg.release.release_table``
+    columns plus ``as_of``): one row per cell, labelled with its number of hospitals. A mean over
+    fewer than ``min_cell_size`` patients is withheld (measured 0), as a packet's is."""
+    with_mean = totals["measured"] >= min_cell_size
+    rows = totals.loc[:, CELL_KEYS].assign(
+        site=[secure_label(int(k)) for k in totals["sites"]],
+        patients=totals["patients"].astype("int64"),
+        responders=totals["responders"].astype("int64"),
+        mean=totals["mean"].where(with_mean, 0.0).fillna(0.0),
+        sd=totals["sd"].where(with_mean, 0.0).fillna(0.0),
+        as_of=totals["as_of"].astype("int64"),
+    )
+    rows[MEASURED] = totals["measured"].where(with_mean, 0).astype("int64")
+    rows[SECURE_SITES] = totals["sites"].astype("int64")
+    return rows[CELL_KEYS + SITE_COLUMNS + [MEASURED, SECURE_SITES]]
+
+
 def build_tables(
     collection: Collection,
     mapping: MappingSet,
     *,
     local_events: pd.DataFrame | None = None,
     local_units: pd.DataFrame | None = None,
+    secure_totals: pd.DataFrame | None = None,
     run_date: str | None = None,
     level: float = LEVEL,
 ) -> EvidenceTables:
-    """Pool the collection's site rows and dress the result for the report (see the module docstring)."""
+    """Pool the collection's site rows and dress the result for the report (see the module docstring).
+
+    ``secure_totals``: the released totals of secure-aggregation rounds of this mapping version
+    (``secure_site_rows``), pooled beside the packets: their hospitals never published those cells
+    in the clear, so no hospital is counted twice."""
     if collection.mapping_version != mapping.version:
         raise ValueError("the collection was made with another mapping version than the one given")
     site_rows = collection.site_rows()
+    secure = None
+    if secure_totals is not None and len(secure_totals):
+        if set(secure_totals["mapping_version"]) != {mapping.version}:
+            raise ValueError("secure totals of another mapping version than the one given")
+        secure = secure_site_rows(secure_totals, collection.min_cell_size)
+        site_rows = pd.concat([site_rows.assign(**{SECURE_SITES: 0}), secure], ignore_index=True)
     # one fit per cell gives both tables; nothing from the network gives both, empty, with every column
     pooled, per_site = pool(site_rows, level=level)
     facts = [measure_facts(mapping, m) for m in pooled["measure"]]
@@ -177,7 +213,8 @@ def build_tables(
     pooled["design"] = [f["design"] for f in facts]
     pooled["age_band_order"] = [bands.get(b, len(bands)) for b in pooled["age_band"]]
     pooled["manifest_version"] = collection.manifest_version
-    used = site_rows.groupby(CELL_KEYS).size().rename("packets_used").reset_index()
+    packets = site_rows if secure is None else site_rows[site_rows[SECURE_SITES] == 0]
+    used = packets.groupby(CELL_KEYS).size().rename("packets_used").reset_index()
     pooled = pooled.merge(used, on=CELL_KEYS, how="left")
     rejected = collection.rejected_per_cohort()
     # per cohort: a rejected packet's own cell fields are untrusted, the fingerprint it was asked under is not
@@ -186,6 +223,7 @@ def build_tables(
     ]
     local = local_figures(local_events, mapping, local_units)
     pooled = pooled.merge(local, on=CELL_KEYS, how="left")
+    pooled["packets_used"] = pooled["packets_used"].fillna(0)
     pooled = pooled.astype({"packets_used": "int64", "packets_rejected": "int64", "age_band_order": "int64",
                             "manifest_version": "int64", "local_patients": "Int64", "local_responders": "Int64",
                             "local_mean": "float64"})
@@ -206,6 +244,7 @@ def build_tables(
         "manifest_version": collection.manifest_version,
         "min_cell_size": collection.min_cell_size,
         "cells": len(pooled),
+        "secure_cells": 0 if secure is None else len(secure),
         "cohorts_queried": len(collection.grid),
         "cohorts_answered": collection.answered,
         "level": level,

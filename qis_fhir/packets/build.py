@@ -254,14 +254,10 @@ def _known_cohort(df: pd.DataFrame) -> None:
         df[col] = df[col].fillna(UNKNOWN).astype(str)
 
 
-def control_cell_aggregates(units: pd.DataFrame, mapping: MappingSet) -> pd.DataFrame:
-    """Control cells from ``control_units.parquet``, indexed like ``cell_aggregates``.
-
-    ``patients`` is the denominator (units), ``responders`` the numerator, ``measured`` the units with
-    an index value, ``mean_change`` and ``sd_change`` the mean and SD (ddof 1, NaN under 2) of that
-    index value over them. The period is the unit's measurement year as it is: a control measure has
-    no other granularity. One unit per patient per cell (the units are unique by construction; a
-    repeat is refused rather than counted twice)."""
+def control_cell_rows(units: pd.DataFrame, mapping: MappingSet) -> pd.DataFrame:
+    """One row per control unit, with its cell (``CELL_COLUMNS``), ``patient_key``, ``index_value``
+    (NaN without a reading) and ``numerator``: what ``control_cell_aggregates`` groups and secure
+    aggregation (``qis_fhir.secagg.values``) sums, so both cut the same cells."""
     _check_rows(units, UNIT_REQUIRED_COLUMNS, "control units", mapping)
     unknown = sorted(set(units["measure"].astype(str)) - set(mapping.control_measures))
     if unknown:
@@ -273,7 +269,18 @@ def control_cell_aggregates(units: pd.DataFrame, mapping: MappingSet) -> pd.Data
         raise ValueError("a patient has two control units in one cell")
     df["index_value"] = df["index_value"].astype("float64")
     df["numerator"] = df["numerator"].astype(bool)
-    return df.groupby(CELL_COLUMNS, sort=True, observed=True).agg(
+    return df
+
+
+def control_cell_aggregates(units: pd.DataFrame, mapping: MappingSet) -> pd.DataFrame:
+    """Control cells from ``control_units.parquet``, indexed like ``cell_aggregates``.
+
+    ``patients`` is the denominator (units), ``responders`` the numerator, ``measured`` the units with
+    an index value, ``mean_change`` and ``sd_change`` the mean and SD (ddof 1, NaN under 2) of that
+    index value over them. The period is the unit's measurement year as it is: a control measure has
+    no other granularity. One unit per patient per cell (the units are unique by construction; a
+    repeat is refused rather than counted twice)."""
+    return control_cell_rows(units, mapping).groupby(CELL_COLUMNS, sort=True, observed=True).agg(
         patients=("patient_key", "size"),
         responders=("numerator", "sum"),
         measured=("index_value", "count"),
@@ -282,15 +289,11 @@ def control_cell_aggregates(units: pd.DataFrame, mapping: MappingSet) -> pd.Data
     ).astype({"measured": "float64"})
 
 
-def cell_aggregates(events: pd.DataFrame, mapping: MappingSet) -> pd.DataFrame:
-    """Every cell's unsuppressed figures: what a packet would carry before disclosure control.
-
-    Index ``CELL_COLUMNS`` (bucket, age band, sex, treatment code, measure, period at the mapping's
-    granularity), sorted; columns ``patients``, ``responders``, ``mean_change``, ``sd_change`` (NaN
-    for one patient), unrounded. One event per patient per cell, the earliest. The packet builder
-    publishes from this, and the evidence stage shows it beside the network's figures as the site's
-    own (they stay on site).
-    """
+def cell_rows(events: pd.DataFrame, mapping: MappingSet) -> pd.DataFrame:
+    """One row per patient per change cell: the cell (``CELL_COLUMNS``, the period at the mapping's
+    granularity), ``patient_key``, ``change`` and ``responded``; of a patient's events in one cell the
+    earliest (ties broken by event id, for determinism); events without a finite change are left out.
+    What ``cell_aggregates`` groups and secure aggregation sums, so both cut the same cells."""
     import pandas as pd
 
     _check_rows(events, REQUIRED_COLUMNS, "outcome events", mapping)
@@ -301,11 +304,21 @@ def cell_aggregates(events: pd.DataFrame, mapping: MappingSet) -> pd.DataFrame:
     df = df[df["change"].map(math.isfinite).astype(bool)].copy()
     _known_cohort(df)
     df["period"] = [_period_of(str(s), mapping.cohorts.period) for s in df["start_period"]]
-    # one event per patient per cell: the earliest (ties broken by event id, for determinism)
     if order:
         df = df.sort_values(order, kind="mergesort")
-    df = df.drop_duplicates(subset=CELL_COLUMNS + ["patient_key"], keep="first")
-    return df.groupby(CELL_COLUMNS, sort=True, observed=True).agg(
+    return df.drop_duplicates(subset=CELL_COLUMNS + ["patient_key"], keep="first")
+
+
+def cell_aggregates(events: pd.DataFrame, mapping: MappingSet) -> pd.DataFrame:
+    """Every cell's unsuppressed figures: what a packet would carry before disclosure control.
+
+    Index ``CELL_COLUMNS`` (bucket, age band, sex, treatment code, measure, period at the mapping's
+    granularity), sorted; columns ``patients``, ``responders``, ``mean_change``, ``sd_change`` (NaN
+    for one patient), unrounded. One event per patient per cell, the earliest (``cell_rows``). The
+    packet builder publishes from this, and the evidence stage shows it beside the network's figures
+    as the site's own (they stay on site).
+    """
+    return cell_rows(events, mapping).groupby(CELL_COLUMNS, sort=True, observed=True).agg(
         patients=("patient_key", "size"),
         responders=("responded", "sum"),
         mean_change=("change", "mean"),
@@ -339,7 +352,9 @@ __all__ = [
     "PacketFormatError",
     "build_packets",
     "cell_aggregates",
+    "cell_rows",
     "control_cell_aggregates",
+    "control_cell_rows",
     "default_seq",
     "read_packets",
     "site_cells",

@@ -7,19 +7,33 @@ finalizers.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qis_fhir.dht.cluster import LOOPBACK, LocalCluster
+from qis_fhir.dht.cluster import LOOPBACK, Clock, LocalCluster, round_nodes_in_thread, start_round_nodes
 from qis_fhir.packets.codec import PacketSigner, encode_packet
 from qis_fhir.packets.keys import SiteIdentity, create_site
 from qis_fhir.packets.manifest import add_site, create_network, revoke
 
 Cluster = LocalCluster  # the tests' name for it
-__all__ = ["LOOPBACK", "Cluster"]  # what the tests import from here besides the helpers below
+__all__ = ["LOOPBACK", "Clock", "Cluster", "round_nodes_in_thread", "start_round_nodes"]  # what the tests import from here besides the helpers below
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_SITES = ["site-a", "site-b", "site-c", "site-d", "site-e"]  # tests add (and revoke) more sites later
+
+
+@contextlib.contextmanager
+def joined_cluster(root: Path, manifest: Path, n: int, ksize: int) -> Iterator[Cluster]:
+    """``n`` node processes that have all joined; every one stopped by PID on the way out, also on failure."""
+    c = Cluster(root, manifest, ksize=ksize)
+    try:
+        c.start(n)
+        c.wait_joined()
+        yield c
+    finally:
+        c.stop_all()
 
 
 def base_sites(net: TestNetwork) -> list:
@@ -86,3 +100,4 @@ def forge(wire: bytes) -> bytes:
 
     p = decode_packet(wire)
     return encode_packet(dataclasses.replace(p, signature=bytes(64)))
+

@@ -11,7 +11,17 @@ import random
 import time
 
 import pytest
-from dht_cluster import BASE_SITES, LOOPBACK, Cluster, base_sites, fingerprint, forge, make_network, sign, tamper
+from dht_cluster import (
+    BASE_SITES,
+    LOOPBACK,
+    base_sites,
+    fingerprint,
+    forge,
+    joined_cluster,
+    make_network,
+    sign,
+    tamper,
+)
 
 from qis_fhir.dht.client import DhtClient, publish, query
 from qis_fhir.dht.keys import dht_key
@@ -27,13 +37,8 @@ N_NODES = 20
 
 @pytest.fixture(scope="module")
 def cluster(dht_network, tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("cluster20"), dht_network.manifest, ksize=KSIZE)
-    try:
-        c.start(N_NODES)
-        c.wait_joined()
+    with joined_cluster(tmp_path_factory.mktemp("cluster20"), dht_network.manifest, N_NODES, KSIZE) as c:
         yield c
-    finally:
-        c.stop_all()
 
 
 def _ident(wire: bytes) -> tuple[str, str, int]:
