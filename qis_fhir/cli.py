@@ -60,10 +60,14 @@ class LazyGroup(click.Group):
 def cli(verbose: int) -> None:
     """qis-fhir: FHIR bulk export -> treatment-outcome events -> signed packets over a DHT."""
     level = logging.WARNING - 10 * min(verbose, 2)
+    root = logging.getLogger()
+    before = list(root.handlers)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from qis_fhir.dht.logs import limit_root
 
-    limit_root()  # a client's stderr gets at most one line per reason per second, the DHT libraries' included
+    # a client's stderr gets at most one line per reason per second, the DHT libraries' included; only the
+    # handler made here: a host that already logs (Dagster, a test runner) keeps its own handlers as they are
+    limit_root([h for h in root.handlers if h not in before])
 
 
 def main(argv: list[str] | None = None) -> None:

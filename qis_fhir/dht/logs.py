@@ -94,10 +94,11 @@ def route_to(handler: logging.Handler, level: int, *, limit: RateLimit | None = 
     return limit
 
 
-def limit_root(limit: RateLimit | None = None) -> RateLimit:
-    """Put one :class:`RateLimit` on every handler of the root logger (the command line's stderr)."""
+def limit_root(handlers: list[logging.Handler] | None = None, limit: RateLimit | None = None) -> RateLimit:
+    """Put one :class:`RateLimit` on ``handlers`` (default: every handler of the root logger: the command
+    line's stderr)."""
     limit = limit or RateLimit()
-    for handler in logging.getLogger().handlers:
+    for handler in logging.getLogger().handlers if handlers is None else handlers:
         if not any(isinstance(f, RateLimit) for f in handler.filters):  # once, however often the CLI runs
             handler.addFilter(limit)
     return limit

@@ -128,3 +128,19 @@ def test_a_data_dir_from_before_seen_expired_keeps_its_rows_protected(tmp_path):
     assert store.seen("site-a", "p1") == (4, None)
     assert store.expire_seen() == 0  # stamped with the upgrade time, not 0: nothing expires at once
     store.close()
+
+
+def test_the_command_line_leaves_the_handlers_of_a_host_process_alone(caplog, tmp_path):
+    """Run in process (Dagster, a test runner), the CLI must not rate-limit its host's handlers: a second
+    identical line within the second is the host's to keep (a release test once lost its log line)."""
+    import pytest
+
+    from qis_fhir.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["keys", "new", "--site-id", "s1", "--out", str(tmp_path / "s1")])
+    log = logging.getLogger("qis_fhir.host")
+    for _ in range(3):
+        log.warning("the same line")
+    assert caplog.text.count("the same line") == 3
+    assert not any(isinstance(f, RateLimit) for h in logging.getLogger().handlers for f in h.filters)
