@@ -419,3 +419,29 @@ def test_v2_quality_suite_passes_real_units_and_blocks_a_broken_one(tb, v2):
     report = check_tables({"control_units": broken}, v2)
     assert not report.success
     assert [f.rule.column for f in report.suite("control_units").failures] == ["treatment_code"]
+
+
+def test_metoprolol_given_for_heart_failure_is_no_hypertension_treatment(tb, v2):
+    """Synthea prescribes metoprolol for chronic congestive heart failure with that stated reason: it
+    must not make a hypertensive patient 'treated'; one without a stated reason, while hypertension
+    is active, does."""
+    for key, reasons in (("for-chf", True), ("no-reason", False)):
+        patient(tb, key)
+        bp(tb, key, "2022-05-10T10:00Z", 128, 78)
+        chf = tb.condition(patient=key, code="88805009", onset=T("2020-01-01"))  # chronic congestive heart failure
+        tb.request(key, code="866414", when=T("2022-02-01"), status="active", reasons=[chf] if reasons else [])
+    units, s = run(tb, v2)
+    assert dict(zip(units["patient_key"], units["treatment_code"])) == {"for-chf": "TX_NONE", "no-reason": "TX_0008"}
+    assert s["by_treatment"]["TX_0008"] == {"units": 1, "numerator": 1, "with_reading": 1}
+
+
+def test_two_strengths_of_one_drug_are_one_treatment(tb, v2):
+    """HCTZ 25 mg then 6.25 mg: one drug, so one unit under TX_0001 and one change episode."""
+    patient(tb, "p1")
+    bp(tb, "p1", "2022-05-10T10:00Z", 150, 95)
+    tb.request("p1", code=HCTZ, when=T("2021-09-01"), status="stopped")
+    tb.request("p1", code="316052", when=T("2022-03-01"), status="active")
+    tb.visit("zz-data-end", T("2023-02-01"))
+    result = derive_outcome_events(tb.tables(), v2)
+    assert list(result.units.loc[result.units["measure"] == "bp_control", "treatment_code"]) == ["TX_0001"]
+    assert result.summary["by_treatment"]["TX_0001"]["episodes"] == 1
