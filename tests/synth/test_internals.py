@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 
 from qis_fhir.fhir.systems import RXNORM, SNOMED
-from qis_fhir.mapping import load_mapping
+from qis_fhir.mapping import MAPPINGS_ROOT, load_mapping
 from qis_fhir.synth import catalogue as cat
 from qis_fhir.synth import generate_export
 from qis_fhir.synth import generator as gen
@@ -16,7 +16,7 @@ from qis_fhir.synth import resources as fhir
 
 
 def test_catalogue_codes_and_timeline_agree_with_mapping_v1() -> None:
-    m = load_mapping()
+    m = load_mapping(MAPPINGS_ROOT / "v1")
     assert [b.label for b in m.cohorts.age_bands] == [label for label, _, _ in cat.AGE_BANDS]
     assert [(b.min_years, b.max_years) for b in m.cohorts.age_bands] == [(lo, hi) for _, lo, hi in cat.AGE_BANDS]
     for bucket in cat.BUCKETS:
