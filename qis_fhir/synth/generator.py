@@ -318,8 +318,8 @@ class _Generator:
             res = fhir.bp_panel(self.uid(), pid, eid, ts, panel=panel, systolic=value, diastolic=dia,
                                 systolic_unit=sys_unit, diastolic_unit=dia_unit)
         elif measure is cat.CHOLESTEROL:
-            # the same draws in the same order as before LDL was written: its id and value derive
-            # from the total's (docs/synth.md)
+            # a panel draws what a total alone draws, in the same order: the LDL's id and value
+            # derive from the total's, so the rest of the export does not move (docs/synth.md)
             mmol = not clinical and rng.random() < 0.05
             oid = self.uid()
             ldl = max(value - cat.LDL_BELOW_TOTAL, 20.0)
