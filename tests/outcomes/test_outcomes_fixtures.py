@@ -106,3 +106,17 @@ def test_v2_maps_every_antihypertensive_statin_and_glucose_lowering_code_of_the_
         classes = derive_outcome_events(tables, v2).summary["treatment_classes"]
         assert {k: c["requests"] for k, c in classes.items()} == expected, name
         assert {k: c["unmapped_codes"] for k, c in classes.items()} == dict.fromkeys(expected, {}), name
+
+
+def test_r4_v2_counts_per_design_are_those_docs_outcomes_md_states(r4):
+    """The figures of docs/outcomes.md's fixture table, v2 beside v1 (whose are pinned above)."""
+    _, tables, _ = r4
+    s = derive_outcome_events(tables, load_mapping(MAPPINGS_ROOT / "v2")).summary
+    assert (s["totals"]["episodes"], s["totals"]["events"]) == (47, 10)
+    assert {k: v for k, v in s["exclusion_reasons"].items() if v} == {"short_history": 14, "no_baseline": 18,
+                                                                      "followup_pending": 3, "no_followup": 2}
+    control = {mid: (c["candidates"], sum(c["not_eligible"].values()), sum(c["excluded"].values()), c["denominator"],
+                     c["with_reading"], c["numerator"], c["units"])
+               for mid, c in s["control"]["measures"].items()}
+    assert control == {"bp_control": (337, 0, 15, 322, 183, 0, 333), "lipid_control": (262, 2, 0, 260, 117, 44, 260),
+                       "hba1c_poor_control": (31, 0, 0, 31, 18, 13, 31)}
