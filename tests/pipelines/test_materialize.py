@@ -71,7 +71,7 @@ def test_all_assets_materialise_on_synthea_fixture(fixtures_dir, tmp_path, insta
 
     mats = _materialized_assets(result)
     assert set(mats) == {"mapping_set", "fhir_extract", "outcome_events"}
-    assert mats["mapping_set"]["version"].value == "v1"
+    assert mats["mapping_set"]["version"].value == "v2"  # the default set, no QIS_MAPPING_DIR
     assert mats["fhir_extract"]["rows_observations"].value > 10_000
     assert mats["fhir_extract"]["read"].value == (
         mats["fhir_extract"]["accepted"].value
