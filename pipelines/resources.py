@@ -12,7 +12,7 @@ the environment ``dagster dev`` / the daemon runs with (see docs/dagster.md):
 | QIS_SITE_DIR           | site_dir         | unset; the site directory (`qis-fhir keys new`): its signing key and patient-key secret |
 | QIS_NETWORK            | network_dir      | unset; the network manifest (or its folder); set with QIS_SITE_DIR |
 | QIS_SITE_SECRET        | site_secret_path | unset: the library's default secret path (created 0600 on first use); only without QIS_SITE_DIR |
-| QIS_MAPPING_DIR        | mapping_dir      | unset: ``mappings/v1`` of this checkout |
+| QIS_MAPPING_DIR        | mapping_dir      | unset: ``mappings/v2`` of this checkout |
 | QIS_VALIDATE           | validation       | ``sample`` (``full``, ``sample`` or ``off``) |
 | QIS_ALERT_WEBHOOK      | alert_webhook    | unset: failed runs are alerted by file and log line only (``qis_fhir.alerts``) |
 | QIS_BOOTSTRAP          | (DhtConfig) bootstrap | unset: ``HOST:PORT[,HOST:PORT]`` of DHT nodes to publish to and query |

@@ -14,7 +14,7 @@ from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, DEFAULT_VALIDATE, MODE
 @click.command()
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="The run's folder; replaced only once the new run is complete (it is written in OUT.partial first).")
-@click.option("--mapping", "mapping_dir", type=click.Path(path_type=Path), default=None, help="Mapping set directory (default: mappings/v1).")
+@click.option("--mapping", "mapping_dir", type=click.Path(path_type=Path), default=None, help="Mapping set directory (default: mappings/v2).")
 @click.option("--site", "site_dir", type=click.Path(path_type=Path), default=None, help="Site directory from `qis-fhir keys new`: sign packets with its key.")
 @click.option("--network", "network_dir", type=click.Path(path_type=Path), default=None, help="Network manifest (or its directory) from `qis-fhir network new`.")
 @click.option("--bootstrap", default=None, help="HOST:PORT[,HOST:PORT] of DHT nodes: publish the run's packets, then pool the network's evidence as the last stage.")

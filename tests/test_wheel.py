@@ -36,4 +36,4 @@ def test_the_wheel_ships_the_mappings_and_the_installed_package_finds_the_defaul
              "m = load_mapping(); print(qis_fhir.__file__); print(l.DEFAULT_MAPPING_DIR); print(m.version)")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
                          check=True, capture_output=True, text=True, timeout=120).stdout.split()
-    assert out == [str(tmp_path / "site" / "qis_fhir" / "__init__.py"), str(tmp_path / "site" / "qis_fhir" / "mappings" / "v1"), "v1"]
+    assert out == [str(tmp_path / "site" / "qis_fhir" / "__init__.py"), str(tmp_path / "site" / "qis_fhir" / "mappings" / "v2"), "v2"]

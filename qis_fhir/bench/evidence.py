@@ -82,9 +82,9 @@ def _timed(fn: Any) -> tuple[Any, float, float]:
 def _pooling(root: Path, seed: int) -> dict:
     from qis_fhir.evidence.collect import cohort_grid, collect_answers
     from qis_fhir.evidence.tables import build_tables
-    from qis_fhir.mapping import load_mapping
+    from qis_fhir.mapping import MAPPINGS_ROOT, load_mapping
 
-    mapping = load_mapping()
+    mapping = load_mapping(MAPPINGS_ROOT / "v1")  # change cells, as the packets below (mapping_version v1)
     network, sites = _network(root, POOL_SITES)
     grid = cohort_grid(network, mapping)
     answers = _packets(sites, _cells(mapping, grid, POOL_CELLS), seed)
@@ -111,9 +111,9 @@ def _stage(root: Path, nodes: int, seed: int) -> dict:
     from qis_fhir.evidence.collect import cohort_grid, collect
     from qis_fhir.evidence.report import write_report
     from qis_fhir.evidence.tables import build_tables, write_tables
-    from qis_fhir.mapping import load_mapping
+    from qis_fhir.mapping import MAPPINGS_ROOT, load_mapping
 
-    mapping = load_mapping()
+    mapping = load_mapping(MAPPINGS_ROOT / "v1")  # change cells, as the packets below (mapping_version v1)
     network, sites = _network(root, STAGE_SITES)
     grid = cohort_grid(network, mapping)
     by_fp = _packets(sites, _cells(mapping, grid, POOL_CELLS), seed)

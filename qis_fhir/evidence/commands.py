@@ -15,7 +15,7 @@ from qis_fhir.dht.commands import bind_option
 @click.option("--bootstrap", required=True, help="HOST:PORT[,HOST:PORT] of DHT nodes to ask.")
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None, help="Folder of this site's `qis-fhir run`: its own figures go beside the network's.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder: tables and report go to OUT/evidence/.")
-@click.option("--mapping", "mapping_dir", type=click.Path(path_type=Path), default=None, help="Mapping set directory (default: mappings/v1).")
+@click.option("--mapping", "mapping_dir", type=click.Path(path_type=Path), default=None, help="Mapping set directory (default: mappings/v2).")
 @bind_option
 def evidence(site_dir: Path, network_dir: Path, bootstrap: str, run_dir: Path | None, out_dir: Path, mapping_dir: Path | None,
              bind: str | None) -> None:

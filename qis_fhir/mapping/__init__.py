@@ -3,7 +3,13 @@
 ``load_mapping(path)`` reads ``mappings/<version>/``; see ``docs/mappings.md`` for the format.
 """
 
-from qis_fhir.mapping.loader import DEFAULT_MAPPING_DIR, content_hash, load_mapping
+from qis_fhir.mapping.loader import (
+    DEFAULT_MAPPING_DIR,
+    DEFAULT_MAPPING_VERSION,
+    MAPPINGS_ROOT,
+    content_hash,
+    load_mapping,
+)
 from qis_fhir.mapping.model import (
     ICD10CM,
     LOINC,
@@ -23,8 +29,10 @@ from qis_fhir.mapping.model import (
 
 __all__ = [
     "DEFAULT_MAPPING_DIR",
+    "DEFAULT_MAPPING_VERSION",
     "ICD10CM",
     "LOINC",
+    "MAPPINGS_ROOT",
     "RXNORM",
     "SNOMED",
     "UNKNOWN",

@@ -15,7 +15,7 @@ def mapping() -> None:
 @mapping.command("check")
 @click.argument("directory", required=False, type=click.Path(path_type=Path, file_okay=False))
 def check(directory: Path | None) -> None:
-    """Validate the mapping set in DIRECTORY (default: mappings/v1 of this checkout), quality.yaml too.
+    """Validate the mapping set in DIRECTORY (default: mappings/v2 of this checkout), quality.yaml too.
 
     Prints its version, content hash and what it covers; on a problem prints every error as
     file:line and exits with code 4 (MAPPING_INVALID).

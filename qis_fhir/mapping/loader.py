@@ -29,9 +29,14 @@ from qis_fhir.mapping.model import (
 from qis_fhir.mapping.schema import AGE_BAND_PATTERN, SCHEMAS
 from qis_fhir.mapping.yamldoc import YamlDoc, mapping_error, read_yaml
 
-#: the mapping sets a wheel ships (pyproject force-include) or, in a checkout, its top-level mappings/
 _PACKAGED_MAPPINGS = Path(__file__).resolve().parents[1] / "mappings"
-DEFAULT_MAPPING_DIR = (_PACKAGED_MAPPINGS if _PACKAGED_MAPPINGS.is_dir() else Path(__file__).resolve().parents[2] / "mappings") / "v1"
+#: the folder of the shipped mapping sets, one per version: the wheel's (pyproject force-include) or,
+#: in a checkout, its top-level mappings/
+MAPPINGS_ROOT = _PACKAGED_MAPPINGS if _PACKAGED_MAPPINGS.is_dir() else Path(__file__).resolve().parents[2] / "mappings"
+#: the set a site runs when it names none: v2, whose control and new-user designs see the prevalent
+#: users most of an export holds (docs/outcomes.md); v1 stays loadable by its path
+DEFAULT_MAPPING_VERSION = "v2"
+DEFAULT_MAPPING_DIR = MAPPINGS_ROOT / DEFAULT_MAPPING_VERSION
 
 
 def _parse(path: Path) -> YamlDoc:
@@ -89,7 +94,7 @@ def _parse_band(text: str) -> AgeBand:
 
 
 def load_mapping(path: str | Path | None = None) -> MappingSet:
-    """Load, validate and hash the mapping set in ``path`` (default: ``mappings/v1``, shipped in the wheel as ``qis_fhir/mappings/v1``).
+    """Load, validate and hash the mapping set in ``path`` (default: ``mappings/v2``, shipped in the wheel as ``qis_fhir/mappings/v2``).
 
     Raises ``MappingError`` listing every problem found, each as ``file:line: where: what``.
     """
@@ -133,6 +138,7 @@ def load_mapping(path: str | Path | None = None) -> MappingSet:
         cohorts=cohorts,
         control_measures=control,
         treatment_classes={k: tuple(v) for k, v in docs["treatments.yaml"].data.get("treatment_classes", {}).items()},
+        washout_days=docs["outcomes.yaml"].data.get("washout_days"),
         _condition_index=condition_index,
         _treatment_index=treatment_index,
     )
@@ -163,7 +169,6 @@ def _build_measures(doc: YamlDoc, errors: list[str]) -> dict[str, OutcomeMeasure
             plausible_max=high,
             episode_gap_days=m["episode_gap_days"],
             description=m.get("description", ""),
-            washout_days=m.get("washout_days"),
         )
     return measures
 

@@ -81,9 +81,6 @@ class OutcomeMeasure:
     plausible_max: float  # outside it are never a baseline or follow-up (quality.yaml reads it too)
     episode_gap_days: int  # requests closer than this continue one episode
     description: str = ""
-    # new-user washout: no request of the treatment in the washout_days before the start and at least
-    # that much recorded history; None (mapping v1) = every episode start is a treatment start
-    washout_days: int | None = None
 
 
 @dataclass(frozen=True)
@@ -176,6 +173,10 @@ class MappingSet:
     control_measures: dict[str, ControlMeasure] = field(default_factory=dict)  # per-year control units
     # class name -> RxNorm codes of that treatment class, mapped or not (unmapped ones are counted)
     treatment_classes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # new-user washout of every change measure: no request of the treatment in the washout_days
+    # before the start and at least that much recorded history; None (mapping v1) = every episode
+    # start is a treatment start
+    washout_days: int | None = None
     _condition_index: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
     _treatment_index: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
 

@@ -121,9 +121,6 @@ CHANGE_MEASURE = {
             "maxItems": 2,
         },
         "episode_gap_days": {"type": "integer", "minimum": 1, "maximum": 36500},
-        # new-user design: no request of the treatment in the washout_days before the start, and at
-        # least washout_days of recorded history before it (absent = every episode start counts)
-        "washout_days": {"type": "integer", "minimum": 1, "maximum": 36500},
     },
     "required": [
         "loinc",
@@ -206,7 +203,12 @@ OUTCOMES_SCHEMA = {
                 }
             },
             "additionalProperties": False,
-        }
+        },
+        # new-user design, one washout for every change measure of the set: no request of the
+        # treatment in the washout_days before the start, and at least washout_days of recorded
+        # history before it. Absent = every episode start counts (mapping v1, whose files and so
+        # whose meaning are frozen by their hash; v2 writes 365)
+        "washout_days": {"type": "integer", "minimum": 1, "maximum": 36500},
     },
     "required": ["measures"],
     "additionalProperties": False,

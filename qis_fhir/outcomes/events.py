@@ -270,29 +270,27 @@ def first_record_days(tables: dict[str, pd.DataFrame]) -> pd.Series:
 
 
 def _washout(ep: pd.DataFrame, requests: pd.DataFrame, mapping: MappingSet, tables: dict) -> pd.DataFrame:
-    """Flag the episodes of washout measures that are not a new user's start: ``prior_request`` when
-    the patient has a request of the same treatment (any request of its RxNorm codes, linked to a
-    condition or not) on one of the ``washout_days`` days before the start day, ``short_history``
-    when the patient's first record (``first_record_days``) is less than ``washout_days`` before it.
-    Measures without ``washout_days`` (mapping v1) flag nothing."""
-    washout = {m.id: m.washout_days for m in mapping.measures.values() if m.washout_days is not None}
+    """Flag the episodes that are not a new user's start when the mapping declares a washout:
+    ``prior_request`` when the patient has a request of the same treatment (any request of its RxNorm
+    codes, linked to a condition or not) on one of the ``washout_days`` days before the start day,
+    ``short_history`` when the patient's first record (``first_record_days``) is less than
+    ``washout_days`` before it. A mapping without ``washout_days`` (v1) flags nothing."""
     ep = ep.assign(prior_request=False, short_history=False)
-    if not washout or ep.empty:
+    w = mapping.washout_days
+    if w is None or ep.empty:
         return ep
-    w = ep["measure"].map(washout)
-    has = w.notna().to_numpy()
     treated = requests.dropna(subset=["authored_on"]).merge(mapping.treatment_code_table(),
                                                              on=["code_system", "code"])
     treated = pd.DataFrame({"patient_key": treated["patient_key"].astype("object").to_numpy(),
                             "treatment_code": treated["treatment_code"].to_numpy(),
                             "req_day": day_number(treated["authored_on"]).to_numpy()})
-    cand = ep.loc[has, ["episode_id", "patient_key", "treatment_code", "start_day"]].assign(
-        w=w[has].to_numpy(), patient_key=lambda d: d["patient_key"].astype("object"))
+    cand = ep[["episode_id", "patient_key", "treatment_code", "start_day"]].assign(
+        patient_key=lambda d: d["patient_key"].astype("object"))
     pairs = cand.merge(treated, on=["patient_key", "treatment_code"])
     before = pairs["start_day"] - pairs["req_day"]
-    prior = set(pairs.loc[(before >= 1) & (before <= pairs["w"]), "episode_id"])
+    prior = set(pairs.loc[(before >= 1) & (before <= w), "episode_id"])
     first = cand["patient_key"].map(first_record_days(tables))
-    short = set(cand.loc[(cand["start_day"] - first < cand["w"]).fillna(True).to_numpy(), "episode_id"])
+    short = set(cand.loc[(cand["start_day"] - first < w).fillna(True).to_numpy(), "episode_id"])
     return ep.assign(prior_request=ep["episode_id"].isin(prior).to_numpy(),
                      short_history=ep["episode_id"].isin(short).to_numpy())
 

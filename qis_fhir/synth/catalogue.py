@@ -68,6 +68,12 @@ SBP = Measure(
     panel=("55284-4", "Blood Pressure"),
 )
 DBP_LOINC = ("8462-4", "Diastolic Blood Pressure")
+# Every total cholesterol comes with an LDL of the same panel, as a lab reports a lipid panel (Synthea
+# writes both): mapping v2's lipid_control needs the two on one day. LDL is computed from the total
+# by Friedewald (LDL = total - HDL - triglycerides / 5) with a typical HDL of 50 and triglycerides of
+# 125 mg/dL, so LDL = total - 75: no random draw, so every other value of an export stays as it was.
+LDL_LOINC = ("18262-6", "Low Density Lipoprotein Cholesterol")
+LDL_BELOW_TOTAL = 75.0
 # Newer Synthea and many EHRs write the "all children optional" panel; both must be read.
 BP_PANEL_ALT = ("85354-9", "Blood pressure panel with all children optional")
 

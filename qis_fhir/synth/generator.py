@@ -12,6 +12,7 @@ hospital's export would not contain it, and a pipeline reading the folder must n
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
@@ -77,6 +78,16 @@ CLIP = {
 COHORT_BANDS = ("18-39", "40-64", "65+")
 SEXES = ("female", "male")
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+
+
+def _uuid4(h: str) -> str:
+    """32 hex digits shaped as a version-4 UUID, as Synthea's resource ids are."""
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
+
+
+def _derived_id(oid: str) -> str:
+    """A second resource id derived from ``oid`` (sha256), drawing nothing from the RNG."""
+    return _uuid4(hashlib.sha256(oid.encode()).hexdigest())
 
 
 @dataclass
@@ -243,8 +254,7 @@ class _Generator:
 
     # ---- small helpers -------------------------------------------------------------------------
     def uid(self, rng: random.Random | None = None) -> str:
-        h = f"{(rng or self.rng).getrandbits(128):032x}"
-        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
+        return _uuid4(f"{(rng or self.rng).getrandbits(128):032x}")
 
     def write(self, w: Any, res: dict[str, Any]) -> None:
         w.write(orjson.dumps(res))
@@ -307,9 +317,19 @@ class _Generator:
             assert panel is not None
             res = fhir.bp_panel(self.uid(), pid, eid, ts, panel=panel, systolic=value, diastolic=dia,
                                 systolic_unit=sys_unit, diastolic_unit=dia_unit)
-        elif measure is cat.CHOLESTEROL and not clinical and rng.random() < 0.05:
-            self.noise["cholesterol_mmol_per_l"] += 1
-            res = fhir.lab(self.uid(), pid, eid, measure, ts, round(value / 38.67, 2), unit="mmol/L")
+        elif measure is cat.CHOLESTEROL:
+            # a panel draws what a total alone draws, in the same order: the LDL's id and value
+            # derive from the total's, so the rest of the export does not move (docs/synth.md)
+            mmol = not clinical and rng.random() < 0.05
+            oid = self.uid()
+            ldl = max(value - cat.LDL_BELOW_TOTAL, 20.0)
+            if mmol:
+                self.noise["cholesterol_mmol_per_l"] += 1
+                value, ldl, unit = round(value / 38.67, 2), round(ldl / 38.67, 2), "mmol/L"
+            else:
+                ldl, unit = round(ldl, 1), None
+            self.write(self.w_obs, fhir.lab(oid, pid, eid, measure, ts, value, unit=unit))
+            res = fhir.lab(_derived_id(oid), pid, eid, measure, ts, ldl, unit=unit, code=cat.LDL_LOINC)
         else:
             res = fhir.lab(self.uid(), pid, eid, measure, ts, value)
         self.write(self.w_obs, res)

@@ -221,9 +221,11 @@ def _observation_head(oid: str, pid: str, eid: str | None, category: str, code: 
 
 
 def lab(oid: str, pid: str, eid: str | None, measure: Measure, ts: int, value: float,
-        unit: str | None = None) -> dict[str, Any]:
-    """A single-value observation (cholesterol, HbA1c); ``unit`` overrides the measure's unit."""
-    res = _observation_head(oid, pid, eid, measure.category, measure.loinc, measure.display, ts)
+        unit: str | None = None, code: tuple[str, str] | None = None) -> dict[str, Any]:
+    """A single-value observation (cholesterol, HbA1c); ``unit`` overrides the measure's unit and
+    ``code`` (LOINC, display) its code (an LDL beside a total cholesterol)."""
+    loinc, display = code if code is not None else (measure.loinc, measure.display)
+    res = _observation_head(oid, pid, eid, measure.category, loinc, display, ts)
     res["valueQuantity"] = quantity(value, unit if unit is not None else measure.unit)
     res["meta"] = META
     return res

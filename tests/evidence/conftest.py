@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dht_cluster import TestNetwork, make_network  # noqa: E402
 
-from qis_fhir.mapping import load_mapping  # noqa: E402
+from qis_fhir.mapping import MAPPINGS_ROOT, load_mapping  # noqa: E402
 from qis_fhir.packets.codec import PacketSigner, encode_packet  # noqa: E402
 from qis_fhir.packets.manifest import load_network  # noqa: E402
 from qis_fhir.privacy.fingerprint import Fingerprinter  # noqa: E402
@@ -56,5 +56,5 @@ class EvidenceNet:
 
 @pytest.fixture(scope="module")
 def enet(tmp_path_factory) -> EvidenceNet:
-    return EvidenceNet(make_network(tmp_path_factory.mktemp("evnet"), SITES), load_mapping())
+    return EvidenceNet(make_network(tmp_path_factory.mktemp("evnet"), SITES), load_mapping(MAPPINGS_ROOT / "v1"))  # its packets say v1
 

@@ -24,7 +24,7 @@ import pytest
 from qis_fhir.evidence.collect import cohort_grid, collect_answers
 from qis_fhir.evidence.pooling import CELL_KEYS
 from qis_fhir.evidence.tables import build_tables
-from qis_fhir.mapping import load_mapping
+from qis_fhir.mapping import MAPPINGS_ROOT, load_mapping
 from qis_fhir.packets import add_site, build_packets, create_network, create_site, load_network
 from qis_fhir.packets.build import cell_aggregates
 from qis_fhir.packets.codec import encode_packet
@@ -78,7 +78,7 @@ def study(tmp_path_factory):
     from qis_fhir.synth import generate_export
 
     root = tmp_path_factory.mktemp("equivalence")
-    mapping = load_mapping()
+    mapping = load_mapping(MAPPINGS_ROOT / "v1")  # change-event packets: control cells are test_control_cells'
     generate_export(root / "whole", patients=1800, seed=20241, start_years=3, truth_path=root / "truth.json")
     counts = _split_by_patient(root / "whole", [root / h for h in HOSPITALS])
     assert min(counts.values()) > 450  # a real split, not one hospital holding everyone

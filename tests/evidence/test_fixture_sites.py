@@ -133,7 +133,7 @@ def _by_hand(runs: dict[str, Path], mapping) -> pd.DataFrame:
 @pytest.fixture(params=["v1", "v1-wide-windows"])
 def hospitals(request, fixtures_dir, tmp_path):
     """Two hospitals' finished runs on the split fixture, their network, and the mapping they used."""
-    mapping_dir = _wide_mapping(tmp_path) if request.param == "v1-wide-windows" else None
+    mapping_dir = _wide_mapping(tmp_path) if request.param == "v1-wide-windows" else REPO / "mappings" / "v1"
     mapping = load_mapping(mapping_dir)
     counts = _split(fixtures_dir / "synthea-r4-105", [tmp_path / "exports" / h for h in HOSPITALS])
     assert sum(counts) == 105 and min(counts) >= 25, counts

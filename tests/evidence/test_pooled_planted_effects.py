@@ -50,7 +50,7 @@ import pytest
 from qis_fhir.evidence.collect import CELL_KEYS, cohort_grid, collect_answers
 from qis_fhir.evidence.flags import contradiction_test
 from qis_fhir.evidence.tables import build_tables
-from qis_fhir.mapping import load_mapping
+from qis_fhir.mapping import MAPPINGS_ROOT, load_mapping
 from qis_fhir.packets import add_site, build_packets, create_network, create_site, load_network
 from qis_fhir.packets.codec import encode_packet
 from qis_fhir.synth import generate_export
@@ -92,7 +92,7 @@ def _planted(truth: dict) -> dict[tuple[str, str, str, str], tuple[float, bool]]
 def cells(tmp_path_factory) -> pd.DataFrame:
     """Every network's pooled table, one row per cell, with the cell's planted share and rare mark."""
     root = tmp_path_factory.mktemp("planted")
-    mapping = load_mapping()
+    mapping = load_mapping(MAPPINGS_ROOT / "v1")  # the answer key is planted for v1's windows (docs/synth.md)
     create_network(root / "net", network_id="planted", min_cell_size=MIN_CELL)
     sites = [create_site(f"hosp-{p}", root / "sites" / p) for p in PROFILE_NAMES]
     for site in sites:

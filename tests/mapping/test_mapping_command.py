@@ -9,20 +9,20 @@ import pytest
 from click.testing import CliRunner
 
 from qis_fhir.errors import ExitCode, MappingError
-from qis_fhir.mapping import DEFAULT_MAPPING_DIR, load_mapping
+from qis_fhir.mapping import DEFAULT_MAPPING_DIR, MAPPINGS_ROOT, load_mapping
 from qis_fhir.mapping.commands import mapping
 
 
 def test_check_prints_version_hash_and_coverage():
     res = CliRunner().invoke(mapping, ["check", str(DEFAULT_MAPPING_DIR)])
     assert res.exit_code == 0, res.output
-    assert res.output.splitlines()[0] == f"v1 {load_mapping().content_hash}"
+    assert res.output.splitlines()[0] == f"v2 {load_mapping().content_hash}"
     assert "hypertension: measures systolic_bp; treatments TX_0001, TX_0002" in res.output
-    assert re.fullmatch(r"quality.yaml: \d+ rules on 6 tables, 5 plausibility ranges that warn .*", res.output.splitlines()[-1])
+    assert re.fullmatch(r"quality.yaml: \d+ rules on 7 tables, 5 plausibility ranges that warn .*", res.output.splitlines()[-1])
 
 
 def test_check_raises_mapping_error_with_line(tmp_path):
-    d = shutil.copytree(DEFAULT_MAPPING_DIR, tmp_path / "v1")
+    d = shutil.copytree(MAPPINGS_ROOT / "v1", tmp_path / "v1")
     (d / "outcomes.yaml").write_text((d / "outcomes.yaml").read_text().replace("direction: lower", "direction: up", 1))
     res = CliRunner().invoke(mapping, ["check", str(d)])
     assert isinstance(res.exception, MappingError)  # cli.main turns it into exit code 4
@@ -33,7 +33,7 @@ def test_check_refuses_mostly_on_a_structural_rule_of_quality_yaml_with_exit_cod
     """A unit rule that tolerated 1 % wrong units would let mmol/L values through as mg/dL."""
     from qis_fhir.cli import main
 
-    d = shutil.copytree(DEFAULT_MAPPING_DIR, tmp_path / "v1")
+    d = shutil.copytree(MAPPINGS_ROOT / "v1", tmp_path / "v1")
     text = (d / "quality.yaml").read_text()
     old = '- in_set: {column: unit, values: ["%"], where: {code: "4548-4"}}'
     line = text[: text.index(old)].count("\n") + 1

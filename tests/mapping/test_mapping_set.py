@@ -1,4 +1,4 @@
-"""The shipped v1 set, versions, content hashes, and every kind of error pointing at file and line."""
+"""The shipped v1 and v2 sets, the default, versions, content hashes, and every kind of error pointing at file and line."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 
 from qis_fhir.errors import ExitCode, InputNotFoundError, MappingError
-from qis_fhir.mapping import DEFAULT_MAPPING_DIR, ICD10CM, RXNORM, SNOMED, load_mapping
+from qis_fhir.mapping import DEFAULT_MAPPING_DIR, ICD10CM, MAPPINGS_ROOT, RXNORM, SNOMED, load_mapping
+
+V1 = MAPPINGS_ROOT / "v1"
 
 
 @pytest.fixture
 def v1(tmp_path) -> Path:
     """A private copy of mappings/v1 to break."""
-    return Path(shutil.copytree(DEFAULT_MAPPING_DIR, tmp_path / "v1"))
+    return Path(shutil.copytree(V1, tmp_path / "v1"))
 
 
 def edit(path: Path, old: str, new: str) -> int:
@@ -35,9 +37,10 @@ def error_of(directory: Path) -> str:
 
 # --- the shipped set -----------------------------------------------------------------------------
 
-def test_v1_covers_the_required_domains():
-    m = load_mapping()
-    assert m.version == "v1" and re.fullmatch("[0-9a-f]{64}", m.content_hash)
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_shipped_sets_cover_the_required_domains(version):
+    m = load_mapping(MAPPINGS_ROOT / version)
+    assert m.version == version and re.fullmatch("[0-9a-f]{64}", m.content_hash)
     assert m.bucket_for(SNOMED, "38341003") == m.bucket_for(ICD10CM, "I10") == "hypertension"
     assert m.bucket_for(SNOMED, "59621000") == "hypertension"  # US Core exports (synthea-bulk-10)
     assert m.bucket_for(SNOMED, "55822004") == m.bucket_for(ICD10CM, "E78.5") == "hyperlipidemia"
@@ -67,8 +70,8 @@ def test_age_band(age, band):
     assert load_mapping().age_band(age) == band
 
 
-def test_default_is_mappings_v1_of_this_checkout():
-    assert load_mapping().path == DEFAULT_MAPPING_DIR and DEFAULT_MAPPING_DIR.name == "v1"
+def test_default_is_mappings_v2_of_this_checkout():
+    assert load_mapping().path == DEFAULT_MAPPING_DIR == MAPPINGS_ROOT / "v2" and load_mapping().version == "v2"
 
 
 def test_missing_directory_is_input_not_found(tmp_path):
@@ -85,7 +88,7 @@ def test_missing_file_is_named(v1):
 
 def test_hash_is_over_content_not_location(v1, tmp_path):
     other = Path(shutil.copytree(v1, tmp_path / "elsewhere" / "v1"))
-    assert load_mapping(v1).content_hash == load_mapping(other).content_hash == load_mapping().content_hash
+    assert load_mapping(v1).content_hash == load_mapping(other).content_hash == load_mapping(V1).content_hash
 
 
 @pytest.mark.parametrize("name", ["conditions.yaml", "treatments.yaml", "outcomes.yaml", "cohorts.yaml", "mapping.yaml"])
@@ -255,28 +258,41 @@ def test_empty_plausible_range(v1):
 @pytest.fixture
 def v2(tmp_path) -> Path:
     """A private copy of mappings/v2 to break."""
-    return Path(shutil.copytree(DEFAULT_MAPPING_DIR.parent / "v2", tmp_path / "v2"))
+    return Path(shutil.copytree(MAPPINGS_ROOT / "v2", tmp_path / "v2"))
 
 
 def test_v2_declares_a_year_of_washout_and_the_treatment_classes():
-    m = load_mapping(DEFAULT_MAPPING_DIR.parent / "v2")
-    assert {k: x.washout_days for k, x in m.measures.items()} == {"systolic_bp": 365, "total_cholesterol": 365,
-                                                                  "hba1c": 365}
+    m = load_mapping(MAPPINGS_ROOT / "v2")
+    assert m.washout_days == 365
     assert set(m.treatment_classes) == {"antihypertensive", "statin", "glucose_lowering"}
-    assert "197361" in m.treatment_classes["antihypertensive"]  # amlodipine
+    # every code of the classes is mapped, strengths of one drug to one treatment
+    assert all(m.treatment_for(RXNORM, c) for codes in m.treatment_classes.values() for c in codes)
+    hctz, metoprolol = m.treatment_for(RXNORM, "316049"), m.treatment_for(RXNORM, "866414")
+    assert m.treatment_for(RXNORM, "316052") == hctz and m.treatment_for(RXNORM, "866412") == metoprolol
+    assert len({hctz, metoprolol, m.treatment_for(RXNORM, "897718"), m.treatment_for(RXNORM, "197361")}) == 4
 
 
 def test_v1_declares_neither():
-    m = load_mapping()
-    assert all(x.washout_days is None for x in m.measures.values()) and m.treatment_classes == {}
+    m = load_mapping(MAPPINGS_ROOT / "v1")
+    assert m.washout_days is None and m.treatment_classes == {}
 
 
 def test_washout_of_zero_days_is_refused(v2):
-    line = edit(v2 / "outcomes.yaml", "    episode_gap_days: 400\n    washout_days: 365\n\n  total_cholesterol",
-                "    episode_gap_days: 400\n    washout_days: 0\n\n  total_cholesterol") + 1
-    assert error_of(v2).startswith(f"outcomes.yaml:{line}: measures.systolic_bp.washout_days: 0 is less than")
+    line = edit(v2 / "outcomes.yaml", "washout_days: 365\n", "washout_days: 0\n")
+    assert error_of(v2) == f"outcomes.yaml:{line}: washout_days: 0 is less than the minimum of 1"
+
+
+def test_washout_is_one_per_mapping_not_per_measure(v2):
+    line = edit(v2 / "outcomes.yaml", "    episode_gap_days: 400\n\n  total_cholesterol",
+                "    episode_gap_days: 400\n    washout_days: 365\n\n  total_cholesterol") + 1
+    assert error_of(v2).startswith(f"outcomes.yaml:{line}: measures.systolic_bp.washout_days: unexpected key")
+
+
+def test_a_mapping_without_washout_derives_every_start(v2):
+    edit(v2 / "outcomes.yaml", "washout_days: 365\n", "")
+    assert load_mapping(v2).washout_days is None
 
 
 def test_unquoted_class_code_is_refused_with_its_line(v2):
-    line = edit(v2 / "treatments.yaml", '    - "897718"   # Verapamil', "    - 897718   # Verapamil")
+    line = edit(v2 / "treatments.yaml", '    - "897718"   # Verapamil Hydrochloride 40 MG\n', "    - 897718   # Verapamil\n")
     assert error_of(v2).startswith(f"treatments.yaml:{line}: treatment_classes.antihypertensive[9]:")

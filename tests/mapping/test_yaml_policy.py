@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from qis_fhir.errors import ExitCode, MappingError
-from qis_fhir.mapping import DEFAULT_MAPPING_DIR, load_mapping
+from qis_fhir.mapping import MAPPINGS_ROOT, load_mapping
 from qis_fhir.mapping.yamldoc import MAX_DEPTH, MAX_ERRORS, MAX_MESSAGE
 from qis_fhir.quality import load_suites, parse_suites
+
+V1 = MAPPINGS_ROOT / "v1"
 
 # "Billion laughs": nine aliases nine levels deep, 9**9 (387 million) strings once expanded. Safe
 # loading expands aliases, so before the policy this ran for minutes and took gigabytes.
@@ -48,7 +50,7 @@ finally:
 
 @pytest.fixture
 def v1(tmp_path) -> Path:
-    return Path(shutil.copytree(DEFAULT_MAPPING_DIR, tmp_path / "v1"))
+    return Path(shutil.copytree(V1, tmp_path / "v1"))
 
 
 def append(path: Path, text: str) -> int:
@@ -100,17 +102,17 @@ def test_duplicate_table_in_quality_yaml_is_refused():
     """The last of two equal keys would silently replace the first table's whole suite."""
     text = "schema: 1\ntables:\n  patients:\n    - not_null: sex\n  patients:\n    - not_null: patient_key\n"
     with pytest.raises(MappingError) as info:
-        parse_suites(text, load_mapping())
+        parse_suites(text, load_mapping(V1))
     assert str(info.value) == "quality.yaml:5: duplicate key 'patients' (first on line 3)"
 
 
 def test_control_character_and_non_utf8_name_their_line(v1):
     line = append(v1 / "treatments.yaml", '  TX_0009:\n    display: "a\x01b"\n') + 1
     assert error_of(v1) == f"treatments.yaml:{line}: invalid YAML: character #x0001 is not allowed"
-    shutil.copy(DEFAULT_MAPPING_DIR / "treatments.yaml", v1 / "treatments.yaml")
+    shutil.copy(V1 / "treatments.yaml", v1 / "treatments.yaml")
     with (v1 / "outcomes.yaml").open("ab") as f:
         f.write(b"# \xff\xfe\n")
-    line = len((DEFAULT_MAPPING_DIR / "outcomes.yaml").read_bytes().splitlines()) + 1
+    line = len((V1 / "outcomes.yaml").read_bytes().splitlines()) + 1
     assert error_of(v1) == f"outcomes.yaml:{line}: not UTF-8 text (invalid start byte)"
 
 
@@ -120,7 +122,7 @@ def test_error_text_is_bounded_per_line_and_in_lines(v1):
     (v1 / "mapping.yaml").write_text(text.replace("description:", f"unknown_{'x' * 5000}: 1\ndescription:", 1))
     msg = error_of(v1)
     assert msg.startswith("mapping.yaml:") and len(msg) <= MAX_MESSAGE
-    shutil.copy(DEFAULT_MAPPING_DIR / "mapping.yaml", v1 / "mapping.yaml")
+    shutil.copy(V1 / "mapping.yaml", v1 / "mapping.yaml")
     extra = "".join(f"  bad{i}: 1\n" for i in range(MAX_ERRORS + 30))
     append(v1 / "treatments.yaml", extra)
     lines = error_of(v1).splitlines()

@@ -6,13 +6,13 @@ controlled ones: a numerator that is always 0 would pass every test on Synthea a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pandas as pd
 import pytest
 
-from qis_fhir.mapping import load_mapping
-from qis_fhir.mapping.loader import DEFAULT_MAPPING_DIR
+from qis_fhir.mapping import MAPPINGS_ROOT, load_mapping
 from qis_fhir.outcomes import derive_outcome_events
 from qis_fhir.outcomes.control import check_control_summary
 
@@ -21,7 +21,7 @@ HCTZ, LISINOPRIL, AMLODIPINE, SIMVASTATIN = "316049", "314076", "197361", "31667
 
 @pytest.fixture(scope="module")
 def v2():
-    return load_mapping(DEFAULT_MAPPING_DIR.parent / "v2")
+    return load_mapping(MAPPINGS_ROOT / "v2")
 
 
 def T(text: str) -> pd.Timestamp:
@@ -310,7 +310,7 @@ def test_the_summary_check_refuses_counts_that_do_not_add_up(tb, v2):
 
 def test_v1_has_no_control_measures_and_writes_no_units(tb, tmp_path):
     patient(tb, "p1")
-    result = derive_outcome_events(tb.tables(), load_mapping())
+    result = derive_outcome_events(tb.tables(), load_mapping(MAPPINGS_ROOT / "v1"))
     assert result.units is None and "control" not in result.summary
     result.write(tmp_path)
     assert not (tmp_path / "control_units.parquet").exists()
@@ -400,8 +400,9 @@ def test_synthea_fixture_gives_units_for_all_three_conditions_and_the_summary_ad
     assert measures["bp_control"]["excluded"]["pregnancy"] > 0
     assert measures["lipid_control"]["by_treatment"]["TX_0003"]["numerator"] > 0
     # the change design's events are unchanged by the control measures beside them
-    v1 = derive_outcome_events(load_extract(tmp_path / "x"), load_mapping())
-    assert v1.summary["totals"]["episodes"] == written["totals"]["episodes"] - written["by_treatment"]["TX_0007"]["episodes"]
+    alone = derive_outcome_events(load_extract(tmp_path / "x"), dataclasses.replace(v2, control_measures={}))
+    pd.testing.assert_frame_equal(alone.events, result.events)
+    assert alone.summary["totals"] == written["totals"] and alone.units is None
 
 
 def test_v2_quality_suite_passes_real_units_and_blocks_a_broken_one(tb, v2):
@@ -418,3 +419,29 @@ def test_v2_quality_suite_passes_real_units_and_blocks_a_broken_one(tb, v2):
     report = check_tables({"control_units": broken}, v2)
     assert not report.success
     assert [f.rule.column for f in report.suite("control_units").failures] == ["treatment_code"]
+
+
+def test_metoprolol_given_for_heart_failure_is_no_hypertension_treatment(tb, v2):
+    """Synthea prescribes metoprolol for chronic congestive heart failure with that stated reason: it
+    must not make a hypertensive patient 'treated'; one without a stated reason, while hypertension
+    is active, does."""
+    for key, reasons in (("for-chf", True), ("no-reason", False)):
+        patient(tb, key)
+        bp(tb, key, "2022-05-10T10:00Z", 128, 78)
+        chf = tb.condition(patient=key, code="88805009", onset=T("2020-01-01"))  # chronic congestive heart failure
+        tb.request(key, code="866414", when=T("2022-02-01"), status="active", reasons=[chf] if reasons else [])
+    units, s = run(tb, v2)
+    assert dict(zip(units["patient_key"], units["treatment_code"])) == {"for-chf": "TX_NONE", "no-reason": "TX_0008"}
+    assert s["by_treatment"]["TX_0008"] == {"units": 1, "numerator": 1, "with_reading": 1}
+
+
+def test_two_strengths_of_one_drug_are_one_treatment(tb, v2):
+    """HCTZ 25 mg then 6.25 mg: one drug, so one unit under TX_0001 and one change episode."""
+    patient(tb, "p1")
+    bp(tb, "p1", "2022-05-10T10:00Z", 150, 95)
+    tb.request("p1", code=HCTZ, when=T("2021-09-01"), status="stopped")
+    tb.request("p1", code="316052", when=T("2022-03-01"), status="active")
+    tb.visit("zz-data-end", T("2023-02-01"))
+    result = derive_outcome_events(tb.tables(), v2)
+    assert list(result.units.loc[result.units["measure"] == "bp_control", "treatment_code"]) == ["TX_0001"]
+    assert result.summary["by_treatment"]["TX_0001"]["episodes"] == 1

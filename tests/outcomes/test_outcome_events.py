@@ -7,10 +7,10 @@ import json
 import pandas as pd
 import pytest
 
-from qis_fhir.mapping import ICD10CM, SNOMED, load_mapping
+from qis_fhir.mapping import ICD10CM, MAPPINGS_ROOT, SNOMED, load_mapping
 from qis_fhir.outcomes import EVENT_COLUMNS, EXCLUSION_REASONS, derive_outcome_events
 
-MAPPING = load_mapping()
+MAPPING = load_mapping(MAPPINGS_ROOT / "v1")  # the change design without a washout, as v1 pins it
 
 
 def with_bp(tb, patient="p1", start=0):

@@ -5,10 +5,10 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qis_fhir.mapping import load_mapping
+from qis_fhir.mapping import MAPPINGS_ROOT, load_mapping
 from qis_fhir.outcomes import derive_outcome_events
 
-MAPPING = load_mapping()
+MAPPING = load_mapping(MAPPINGS_ROOT / "v1")  # the reference below has no washout
 SBP = MAPPING.measures["systolic_bp"]
 
 # days cluster on window edges and collide often, so boundaries and same-day ties get exercised

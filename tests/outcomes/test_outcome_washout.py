@@ -7,11 +7,10 @@ import dataclasses
 
 import pytest
 
-from qis_fhir.mapping import load_mapping
-from qis_fhir.mapping.loader import DEFAULT_MAPPING_DIR
+from qis_fhir.mapping import MAPPINGS_ROOT, load_mapping
 from qis_fhir.outcomes import derive_outcome_events
 
-V2 = load_mapping(DEFAULT_MAPPING_DIR.parent / "v2")
+V1, V2 = (load_mapping(MAPPINGS_ROOT / v) for v in ("v1", "v2"))
 
 
 def short_gap(mapping, gap=30):
@@ -87,7 +86,7 @@ def test_an_unlinked_request_in_the_washout_refuses_the_start(tb):
 
 def test_mapping_v1_has_no_washout(tb):
     episode(tb, history=-30)
-    result = derive_outcome_events(tb.tables(), load_mapping())
+    result = derive_outcome_events(tb.tables(), V1)
     assert start_day_fates(result) == ({}, 1)
 
 
@@ -104,16 +103,22 @@ def test_a_request_of_another_treatment_does_not_refuse_the_start(tb):
 
 
 def test_unmapped_codes_of_a_treatment_class_are_counted_by_code(tb):
+    # v2 maps every code of its classes that the fixtures hold: a site's own class list may name more
+    amlodipine_2_5, nifedipine = "308136", "198032"
+    classes = {**V2.treatment_classes,
+               "antihypertensive": (*V2.treatment_classes["antihypertensive"], amlodipine_2_5, nifedipine)}
+    mapping = dataclasses.replace(V2, treatment_classes=classes)
     tb.patient()
     c = tb.condition(onset=-1000)
-    tb.request(code="316052", when=-50)  # HCTZ 6.25 MG: antihypertensive, mapped to no treatment
-    tb.request(code="316052", when=-20, status="stopped")  # every status counts
-    tb.request(code="897718", when=-10)  # verapamil: antihypertensive, unmapped
+    tb.request(code=amlodipine_2_5, when=-50)
+    tb.request(code=amlodipine_2_5, when=-20, status="stopped")  # every status counts
+    tb.request(code=nifedipine, when=-10)
+    tb.request(code="316052", when=-5)  # HCTZ 6.25 MG: mapped in v2 (TX_0001, beside 25 MG)
     tb.request(code="316049", when=0, reasons=[c])  # HCTZ 25 MG: mapped (TX_0001)
     tb.request(code="313782", when=0)  # acetaminophen: in no class
-    s = derive_outcome_events(tb.tables(), V2).summary
+    s = derive_outcome_events(tb.tables(), mapping).summary
     assert s["treatment_classes"] == {
-        "antihypertensive": {"requests": 4, "unmapped": 3, "unmapped_codes": {"316052": 2, "897718": 1}},
+        "antihypertensive": {"requests": 5, "unmapped": 3, "unmapped_codes": {amlodipine_2_5: 2, nifedipine: 1}},
         "statin": {"requests": 0, "unmapped": 0, "unmapped_codes": {}},
         "glucose_lowering": {"requests": 0, "unmapped": 0, "unmapped_codes": {}},
     }
@@ -121,4 +126,4 @@ def test_unmapped_codes_of_a_treatment_class_are_counted_by_code(tb):
 
 def test_mapping_v1_summary_has_no_treatment_classes(tb):
     episode(tb)
-    assert "treatment_classes" not in derive_outcome_events(tb.tables(), load_mapping()).summary
+    assert "treatment_classes" not in derive_outcome_events(tb.tables(), V1).summary

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from qis_fhir.mapping import load_mapping
+from qis_fhir.mapping import MAPPINGS_ROOT, load_mapping
 from qis_fhir.outcomes import derive_outcome_events
 
-MAPPING = load_mapping()  # v1: systolic_bp baseline 180 d, follow-up [28, 400] d, threshold 10 mm[Hg]
+MAPPING = load_mapping(MAPPINGS_ROOT / "v1")  # v1: systolic_bp baseline 180 d, follow-up [28, 400] d, threshold 10 mm[Hg]
 SBP = MAPPING.measures["systolic_bp"]
 
 

@@ -6,8 +6,11 @@ import json
 
 import pytest
 
-from qis_fhir.mapping import load_mapping
+from qis_fhir.mapping import MAPPINGS_ROOT, load_mapping
 from qis_fhir.outcomes import EVENT_COLUMNS, derive_outcome_events
+
+# v1 by its path: these tests pin what the change design without a washout derives
+V1 = MAPPINGS_ROOT / "v1"
 
 
 def _extract(fixtures_dir, name, tmp_path_factory):
@@ -26,7 +29,7 @@ def _extract(fixtures_dir, name, tmp_path_factory):
 @pytest.fixture(scope="module")
 def r4(fixtures_dir, tmp_path_factory):
     export, tables = _extract(fixtures_dir, "synthea-r4-105", tmp_path_factory)
-    return export, tables, derive_outcome_events(tables, load_mapping())
+    return export, tables, derive_outcome_events(tables, load_mapping(V1))
 
 
 def test_r4_yields_hypertension_and_hyperlipidemia_events(r4):
@@ -59,7 +62,7 @@ def test_r4_events_and_summary_hold_no_raw_ids(r4):
 
 def test_bulk10_links_lisinopril_metformin_and_insulin(fixtures_dir, tmp_path_factory):
     _, tables = _extract(fixtures_dir, "synthea-bulk-10", tmp_path_factory)
-    mapping = load_mapping()
+    mapping = load_mapping(V1)
     s = derive_outcome_events(tables, mapping).summary
     # no Observation file: every episode is excluded for want of a baseline, and counted as such
     assert s["totals"]["events"] == 0
@@ -86,12 +89,34 @@ def test_r4_v1_events_are_those_before_the_washout_existed(r4):
 
 
 def test_r4_v2_washout_refuses_starts_without_a_year_of_history(r4):
-    from qis_fhir.mapping.loader import DEFAULT_MAPPING_DIR
-
     _, tables, _ = r4
-    s = derive_outcome_events(tables, load_mapping(DEFAULT_MAPPING_DIR.parent / "v2")).summary
+    s = derive_outcome_events(tables, load_mapping(MAPPINGS_ROOT / "v2")).summary
     assert s["exclusion_reasons"]["short_history"] >= 10  # 14 of 45 episodes start within a year of the first record
     assert s["totals"]["events"] + s["totals"]["excluded"] == s["totals"]["episodes"]
-    # HCTZ 6.25 MG, metoprolol and verapamil are antihypertensives v2 does not map
-    assert s["treatment_classes"]["antihypertensive"]["unmapped_codes"] == {"316052": 2, "866414": 9, "897718": 3}
-    assert s["treatment_classes"]["statin"]["unmapped"] == 0
+
+
+def test_v2_maps_every_antihypertensive_statin_and_glucose_lowering_code_of_the_fixtures(fixtures_dir,
+                                                                                         tmp_path_factory):
+    """v1 left HCTZ 6.25 MG (316052), metoprolol (866412, 866414) and verapamil (897718) unmapped, 15
+    requests in the two exports; v2 maps each to its drug, so no request of these classes is lost."""
+    v2 = load_mapping(MAPPINGS_ROOT / "v2")
+    for name, expected in {"synthea-r4-105": {"antihypertensive": 43, "statin": 271, "glucose_lowering": 3},
+                           "synthea-bulk-10": {"antihypertensive": 283, "statin": 46, "glucose_lowering": 383}}.items():
+        _, tables = _extract(fixtures_dir, name, tmp_path_factory)
+        classes = derive_outcome_events(tables, v2).summary["treatment_classes"]
+        assert {k: c["requests"] for k, c in classes.items()} == expected, name
+        assert {k: c["unmapped_codes"] for k, c in classes.items()} == dict.fromkeys(expected, {}), name
+
+
+def test_r4_v2_counts_per_design_are_those_docs_outcomes_md_states(r4):
+    """The figures of docs/outcomes.md's fixture table, v2 beside v1 (whose are pinned above)."""
+    _, tables, _ = r4
+    s = derive_outcome_events(tables, load_mapping(MAPPINGS_ROOT / "v2")).summary
+    assert (s["totals"]["episodes"], s["totals"]["events"]) == (47, 10)
+    assert {k: v for k, v in s["exclusion_reasons"].items() if v} == {"short_history": 14, "no_baseline": 18,
+                                                                      "followup_pending": 3, "no_followup": 2}
+    control = {mid: (c["candidates"], sum(c["not_eligible"].values()), sum(c["excluded"].values()), c["denominator"],
+                     c["with_reading"], c["numerator"], c["units"])
+               for mid, c in s["control"]["measures"].items()}
+    assert control == {"bp_control": (337, 0, 15, 322, 183, 0, 333), "lipid_control": (262, 2, 0, 260, 117, 44, 260),
+                       "hba1c_poor_control": (31, 0, 0, 31, 18, 13, 31)}

@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 
 from qis_fhir.errors import ExitCode, MappingError
-from qis_fhir.mapping import DEFAULT_MAPPING_DIR, load_mapping
+from qis_fhir.mapping import MAPPINGS_ROOT, load_mapping
 from qis_fhir.outcomes import derive_outcome_events
 from qis_fhir.quality import load_suites
 
-MAPPING = load_mapping()  # v1: systolic_bp [40, 300] mm[Hg], hba1c [2, 25] %
+MAPPING = load_mapping(MAPPINGS_ROOT / "v1")  # v1: systolic_bp [40, 300] mm[Hg], hba1c [2, 25] %
 HBA1C = MAPPING.measures["hba1c"]
 
 
@@ -87,7 +87,7 @@ def test_a_reading_in_another_unit_explains_before_an_implausible_one(tb):
 @pytest.fixture
 def v1(tmp_path) -> Path:
     """A private copy of mappings/v1 to change."""
-    return Path(shutil.copytree(DEFAULT_MAPPING_DIR, tmp_path / "v1"))
+    return Path(shutil.copytree(MAPPINGS_ROOT / "v1", tmp_path / "v1"))
 
 
 def measure_range_rules(suites, measure):
@@ -198,7 +198,8 @@ def test_a_night_with_an_implausible_baseline_completes_and_counts_the_episode(t
     clean = derive_outcome_events(load_extract(tmp_path / "clean"), MAPPING).summary
     _plant_implausible_baseline(export, MAPPING, 26.0)
 
-    result = run_pipeline(RunConfig(export_dir=export, out_dir=tmp_path / "out", site_secret_path=tmp_path / "s"))
+    result = run_pipeline(RunConfig(export_dir=export, out_dir=tmp_path / "out", site_secret_path=tmp_path / "s",
+                                    mapping_dir=MAPPING.path))
     s = result.outcomes
     assert result.quality["success"] is True and result.quality["warnings"] == 1
     obs = s["observations"]

@@ -1,6 +1,6 @@
 """Adding a condition, a treatment or a whole clinical domain is a YAML change only.
 
-Copies the shipped v1 set to a temporary ``v2``, adds YAML, and derives events with unchanged code.
+Copies the shipped v1 set to a temporary ``v3``, adds YAML, and derives events with unchanged code.
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from qis_fhir.mapping import DEFAULT_MAPPING_DIR, ICD10CM, load_mapping
+from qis_fhir.mapping import ICD10CM, MAPPINGS_ROOT, load_mapping
 from qis_fhir.outcomes import derive_outcome_events
+
+V1 = MAPPINGS_ROOT / "v1"
 
 NEW_BUCKETS = """
   obstructive_airway:
@@ -50,9 +52,9 @@ NEW_MEASURES = """
 
 
 @pytest.fixture
-def v2(tmp_path) -> Path:
-    d = Path(shutil.copytree(DEFAULT_MAPPING_DIR, tmp_path / "v2"))
-    (d / "mapping.yaml").write_text((d / "mapping.yaml").read_text().replace("version: v1", "version: v2"))
+def v3(tmp_path) -> Path:
+    d = Path(shutil.copytree(V1, tmp_path / "v3"))
+    (d / "mapping.yaml").write_text((d / "mapping.yaml").read_text().replace("version: v1", "version: v3"))
     with (d / "conditions.yaml").open("a") as f:
         f.write(NEW_BUCKETS)
     with (d / "treatments.yaml").open("a") as f:
@@ -65,9 +67,9 @@ def v2(tmp_path) -> Path:
     return d
 
 
-def test_new_domain_condition_and_treatment_yield_events(v2, tb):
-    mapping = load_mapping(v2)
-    assert mapping.version == "v2" and mapping.content_hash != load_mapping().content_hash
+def test_new_domain_condition_and_treatment_yield_events(v3, tb):
+    mapping = load_mapping(v3)
+    assert mapping.version == "v3" and mapping.content_hash != load_mapping(V1).content_hash
     tb.obs(patient="x", when=2000, value=1.0)  # data runs past every window
 
     tb.patient("asthma-1")  # new domain, higher is better
@@ -95,8 +97,8 @@ def test_new_domain_condition_and_treatment_yield_events(v2, tb):
     assert bool(ev.loc["asthma-2", "responded"]) is False  # +0.1 L
     assert ev.loc["htn-1", ["bucket", "treatment_code"]].tolist() == ["hypertension", "TX_0102"]
     assert bool(ev.loc["htn-1", "responded"]) is True
-    assert set(result.events["mapping_version"]) == {"v2"}
+    assert set(result.events["mapping_version"]) == {"v3"}
     assert result.summary["by_bucket"]["obstructive_airway"]["events"] == 2
 
     # the same tables under v1 know none of it
-    assert derive_outcome_events(tb.tables(), load_mapping()).events.empty
+    assert derive_outcome_events(tb.tables(), load_mapping(V1)).events.empty

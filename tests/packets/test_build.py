@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qis_fhir.errors import MappingError
-from qis_fhir.mapping import load_mapping
+from qis_fhir.mapping import MAPPINGS_ROOT, load_mapping
 from qis_fhir.packets.build import build_packets, read_packets, write_disclosure_report, write_packets
 from qis_fhir.packets.codec import decode_packet, encode_packet
 from qis_fhir.packets.keys import create_site
@@ -24,7 +24,7 @@ from qis_fhir.privacy.fingerprint import Fingerprinter
 
 @pytest.fixture(scope="module")
 def mapping():
-    return load_mapping()
+    return load_mapping(MAPPINGS_ROOT / "v1")  # change events only: control packets are test_build_control's
 
 
 COLUMNS = ["event_id", "patient_key", "bucket", "treatment_code", "measure", "start", "start_period", "age_band", "sex",

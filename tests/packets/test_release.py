@@ -24,9 +24,9 @@ from qis_fhir.packets.verifier import Verifier
 
 @pytest.fixture(scope="module")
 def mapping():
-    from qis_fhir.mapping import load_mapping
+    from qis_fhir.mapping import MAPPINGS_ROOT, load_mapping
 
-    return load_mapping()
+    return load_mapping(MAPPINGS_ROOT / "v1")  # change events only: control packets are test_build_control's
 
 
 def _state(site) -> dict[str, bytes | None]:
@@ -110,8 +110,8 @@ KILLED_RUN = textwrap.dedent("""
     from qis_fhir import stages
     from qis_fhir.runfolder import PACKETS, QUALITY, start_run
 
-    events, out, site_dir, net_dir, day, how = sys.argv[1:]
-    setup = stages.open_site(site_dir=site_dir, network_dir=net_dir)
+    events, out, site_dir, net_dir, day, how, mapping_dir = sys.argv[1:]
+    setup = stages.open_site(mapping_dir=mapping_dir, site_dir=site_dir, network_dir=net_dir)
     if how == "run":  # qis-fhir run: packets built in the staging folder, killed before the swap
         with start_run(Path(out), command="run", planned=["packets"]) as run:
             shutil.copy(events, run.path / "outcome_events.parquet")
@@ -144,14 +144,15 @@ def test_a_run_killed_after_building_its_packets_records_no_release(tmp_path, ma
             run.mark(QUALITY)
     script = tmp_path / "killed.py"
     script.write_text(KILLED_RUN)
-    proc = subprocess.run([sys.executable, str(script), str(events), str(out), str(site.site_dir), str(tmp_path / "n"), "2024-03-05", how],
+    proc = subprocess.run([sys.executable, str(script), str(events), str(out), str(site.site_dir), str(tmp_path / "n"), "2024-03-05", how,
+                           str(mapping.path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert proc.stdout.strip() == "built"  # the packets were built and signed before the kill
     assert _state(site) == before  # and no release was recorded
 
     # the next attempt is not held back by the packets that never committed, and the lock is free
-    setup = stages.open_site(site_dir=site.site_dir, network_dir=tmp_path / "n")
+    setup = stages.open_site(mapping_dir=mapping.path, site_dir=site.site_dir, network_dir=tmp_path / "n")
     with start_run(tmp_path / "next", command="test", planned=[]) as run:
         (run.path / "outcome_events.parquet").write_bytes(events.read_bytes())
         run.mark(QUALITY)

@@ -83,7 +83,7 @@ def test_all_assets_materialise_on_synthea_fixture(fixtures_dir, tmp_path, insta
 
     mats = _materialized_assets(result)
     assert set(mats) == {"mapping_set", *TABLE_ASSETS, "outcome_events"}
-    assert mats["mapping_set"]["version"].value == "v1"
+    assert mats["mapping_set"]["version"].value == "v2"  # the default set, no QIS_MAPPING_DIR
     # the export was observed before it was read: its files by resource type, complete (the fixture is old)
     export = fixtures_dir / "synthea-r4-105"
     observed = _observations(result)["fhir_export"]

@@ -79,7 +79,8 @@ def _write_export(export: Path) -> None:
             "code": {"coding": [{"system": "http://snomed.info/sct", "code": "38341003", "display": "Hypertension"}],
                      "text": CANARY["condition_text"] if canary else "Hypertension"},
             "subject": ref,
-            "onsetDateTime": "2023-06-01T10:00:00Z",
+            # over a year before the treatment: a new user under the default mapping's washout
+            "onsetDateTime": "2022-06-01T10:00:00Z",
             "note": [{"text": CANARY["condition_note"] if canary else "routine"}],
         }
         lines["Condition"].append(cond)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qis_fhir.mapping import load_mapping
+from qis_fhir.mapping import MAPPINGS_ROOT, load_mapping
 from qis_fhir.packets.build import build_packets
 from qis_fhir.packets.keys import create_site
 from qis_fhir.packets.manifest import add_site, create_network, load_network
@@ -40,7 +40,7 @@ def _events(seed: int) -> pd.DataFrame:
 
 def test_same_cohort_matches_across_two_sites_of_one_network(two_networks):
     nets, sites = two_networks
-    mapping = load_mapping()
+    mapping = load_mapping(MAPPINGS_ROOT / "v1")  # the events below say v1
     pa = build_packets(_events(1), mapping, sites["a"], nets["one"], seq=1).packets
     pb = build_packets(_events(2), mapping, sites["b"], nets["one"], seq=1).packets
     assert len(pa) == len(pb) == 1
@@ -50,7 +50,7 @@ def test_same_cohort_matches_across_two_sites_of_one_network(two_networks):
 
 def test_same_cohort_differs_across_networks(two_networks):
     nets, sites = two_networks
-    mapping = load_mapping()
+    mapping = load_mapping(MAPPINGS_ROOT / "v1")  # the events below say v1
     p1 = build_packets(_events(1), mapping, sites["a"], nets["one"], seq=1).packets[0]
     p2 = build_packets(_events(1), mapping, sites["c"], nets["two"], seq=1).packets[0]
     assert p1.fingerprint != p2.fingerprint
@@ -91,7 +91,7 @@ def test_cohort_table_labels_every_published_fingerprint(two_networks):
     from qis_fhir.privacy.fingerprint import cohort_table
 
     nets, sites = two_networks
-    mapping = load_mapping()
+    mapping = load_mapping(MAPPINGS_ROOT / "v1")  # the events below say v1
     table = cohort_table(nets["one"].secret, mapping)
     assert len(table) == len(mapping.buckets) * (len(mapping.cohorts.age_bands) + 1) * len(set(mapping.cohorts.sexes) | {"unknown"})
     p = build_packets(_events(3), mapping, sites["a"], nets["one"], release_state=None, seq=1).packets[0]

@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 
 from qis_fhir.fhir.systems import RXNORM, SNOMED
-from qis_fhir.mapping import load_mapping
+from qis_fhir.mapping import MAPPINGS_ROOT, load_mapping
 from qis_fhir.synth import catalogue as cat
 from qis_fhir.synth import generate_export
 from qis_fhir.synth import generator as gen
@@ -16,7 +16,7 @@ from qis_fhir.synth import resources as fhir
 
 
 def test_catalogue_codes_and_timeline_agree_with_mapping_v1() -> None:
-    m = load_mapping()
+    m = load_mapping(MAPPINGS_ROOT / "v1")
     assert [b.label for b in m.cohorts.age_bands] == [label for label, _, _ in cat.AGE_BANDS]
     assert [(b.min_years, b.max_years) for b in m.cohorts.age_bands] == [(lo, hi) for _, lo, hi in cat.AGE_BANDS]
     for bucket in cat.BUCKETS:
@@ -64,3 +64,39 @@ def test_memory_stays_flat_as_observations_grow(tmp_path: Path) -> None:
     small = peak(5_000, "small")
     large = peak(60_000, "large")
     assert large < small + 2 * 1024 * 1024, (small, large)
+
+
+def test_every_total_cholesterol_comes_with_its_ldl(medium_export) -> None:
+    """A lipid panel, as a lab reports one: the LDL on the same visit and time, in the same unit,
+    total - 75 mg/dL (Friedewald with typical HDL and triglycerides), so v2's lipid_control has both
+    readings on one day."""
+    panels: dict[tuple, dict[str, tuple[float, str]]] = {}
+    for path in sorted(medium_export.out_dir.glob("Observation.*")):
+        for line in path.read_bytes().splitlines():
+            o = orjson.loads(line)
+            code = o["code"]["coding"][0]["code"]
+            if code in (cat.CHOLESTEROL.loinc, cat.LDL_LOINC[0]):
+                key = (o["subject"]["reference"], o["encounter"]["reference"], o["effectiveDateTime"])
+                q = o["valueQuantity"]
+                assert code not in panels.setdefault(key, {}), "one value of each per panel"
+                panels[key][code] = (q["value"], q["code"])
+    assert len(panels) > 1000
+    for values in panels.values():
+        (total, unit), (ldl, ldl_unit) = values[cat.CHOLESTEROL.loinc], values[cat.LDL_LOINC[0]]
+        assert ldl_unit == unit
+        expected = max(total * (38.67 if unit == "mmol/L" else 1) - 75, 20) / (38.67 if unit == "mmol/L" else 1)
+        assert abs(ldl - expected) <= (0.02 if unit == "mmol/L" else 0.06)
+    assert {u for v in panels.values() for _, u in v.values()} == {"mg/dL", "mmol/L"}
+
+
+def test_v2_lipid_control_reads_the_synthetic_panels(medium_export, tmp_path: Path) -> None:
+    """Without LDL every lipid_control unit of a synthetic site had no reading and was 'not
+    controlled': the demo published 0 % everywhere. With the panels some statin users are controlled."""
+    from qis_fhir.fhir import extract_export, load_extract
+    from qis_fhir.outcomes import derive_outcome_events
+
+    extract_export(medium_export.out_dir, tmp_path / "x", secret=b"s" * 32, validate="off")
+    s = derive_outcome_events(load_extract(tmp_path / "x"), load_mapping(MAPPINGS_ROOT / "v2")).summary
+    lipid = s["control"]["measures"]["lipid_control"]
+    assert lipid["with_reading"] > lipid["denominator"] / 2
+    assert 0 < lipid["by_treatment"]["TX_0003"]["numerator"] < lipid["by_treatment"]["TX_0003"]["units"]
