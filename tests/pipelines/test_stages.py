@@ -220,7 +220,8 @@ def test_the_whole_graph_for_two_sites_against_a_local_dht(site_world, tmp_path,
     for name, runs in results.items():
         assert all(r.success for r in runs)
         mats = {k: v for r in runs for k, v in _materialized(r).items()}
-        assert set(mats) == {k.to_user_string() for k in graph.materializable_asset_keys}  # every asset, in two runs
+        # every asset of the nightly job, in two runs (secure-aggregation rounds run on their own windows)
+        assert set(mats) == {k.to_user_string() for k in graph.materializable_asset_keys if graph.get(k).group_name != "secagg"}
         assert [set(_materialized(r)) for r in runs][1] == {"evidence_tables", "pooled_outcomes_table"}
         evaluations = {(e.asset_check_evaluation_data.asset_key.to_user_string(), e.asset_check_evaluation_data.check_name): e.asset_check_evaluation_data.passed
                        for e in _events(runs[0], "ASSET_CHECK_EVALUATION")}
