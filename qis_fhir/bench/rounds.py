@@ -79,10 +79,9 @@ def _timed_collect(board: Any, seconds: dict[str, float]) -> Any:
 async def _round(network: Any, identities: list[Any], addresses: list, clock: Any, stage: str, length: int, seed: int) -> dict:
     from qis_fhir.dht.board import DhtBoard
     from qis_fhir.dht.client import DhtClient
-    from qis_fhir.dht.rounds import SCHEDULE
     from qis_fhir.secagg.local import STEPS
     from qis_fhir.secagg.protocol import Roster, SiteRound, unmask
-    from qis_fhir.secagg.round import PHASES, RoundRef
+    from qis_fhir.secagg.round import PHASES, SCHEDULE, RoundRef
 
     ref = RoundRef(network.manifest.network_id, "v1", "bench", "2025", stage, OPENS)
     roster = Roster.from_manifest(network.manifest)
@@ -137,7 +136,7 @@ async def _round(network: Any, identities: list[Any], addresses: list, clock: An
 
 def run(options: Any) -> dict:
     from qis_fhir.dht.cluster import LOOPBACK, Clock, round_nodes_in_thread
-    from qis_fhir.dht.rounds import SCHEDULE
+    from qis_fhir.secagg.round import SCHEDULE
     from qis_fhir.secagg.values import VALUE_FIELDS
 
     sizes = getattr(options, "nodes", None)

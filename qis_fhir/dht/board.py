@@ -20,22 +20,10 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from qis_fhir.dht.rounds import (
-    LATE,
-    SCHEDULE,
-    ChunkVerifier,
-    PhaseRead,
-    RoundKeys,
-    Schedule,
-    location,
-    reassemble,
-    retention,
-    round_key,
-    seal,
-)
+from qis_fhir.dht.rounds import ChunkVerifier, PhaseRead, RoundKeys, location, reassemble, retention, round_key, seal
 from qis_fhir.dht.storage import CONFIRMED
 from qis_fhir.errors import PublishIncompleteError, RoundRepeatedError, RoundWindowError, UsageError
-from qis_fhir.secagg.round import PHASES, RoundRef
+from qis_fhir.secagg.round import LATE, PHASES, SCHEDULE, RoundRef, Schedule
 
 
 class DhtBoard:

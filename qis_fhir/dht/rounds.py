@@ -36,7 +36,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from datetime import UTC, date, datetime
+from datetime import date
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -49,7 +49,7 @@ from nacl.signing import VerifyKey
 from qis_fhir.dht.keys import dht_key
 from qis_fhir.packets.model import MAX_WIRE_BYTES
 from qis_fhir.packets.verifier import Verdict
-from qis_fhir.secagg.round import PHASES, RoundRef
+from qis_fhir.secagg.round import DAY, PHASES, SCHEDULE, RoundRef, Schedule
 
 MAGIC = b"QSR1"
 SIGN_DOMAIN = b"qis-fhir/secagg/chunk/v1\n"
@@ -63,67 +63,9 @@ PIECE = MAX_WIRE_BYTES - HEADER_SIZE - AEAD_TAG - SIG_SIZE
 #: chunks per message (353,280 bytes): bounds what one site may store per (round, phase) on a node
 MAX_CHUNKS = 1024
 MAX_MESSAGE = PIECE * MAX_CHUNKS
-DAY = 86400.0
 
-# verdict reasons of the round rules (beside the packet verifier's own)
-LATE = "late"  # a new contribution after its phase's window closed
-EARLY = "early"  # before the round opens, or a reveal before the consistency window closed
+# verdict reasons of the round rules beside the packet verifier's own (LATE and EARLY: secagg.round)
 EQUIVOCATION = "equivocation"  # a second, different message of one site for one phase
-UNMASK = "unmask"  # what follows the last window: any member sums the round
-
-
-# ---------------------------------------------------------------------- schedule
-@dataclass(frozen=True)
-class Schedule:
-    """Phase windows, in days from 00:00 UTC of ``RoundRef.opens``, run back to back.
-
-    A day per phase lets a site's nightly run advance a round by one phase per night; the masked
-    window is two days so that a site whose nightly run failed once still contributes; the reveal
-    window is two days for the same reason. A whole round takes 7 days.
-    """
-
-    days: tuple[tuple[str, int], ...] = (("advertise", 1), ("shares", 1), ("masked", 2), ("consistency", 1), ("reveal", 2))
-
-    def starts(self, opens: str) -> float:
-        return datetime.combine(date.fromisoformat(opens), datetime.min.time(), UTC).timestamp()
-
-    def closes(self, opens: str, phase: str) -> float:
-        """When ``phase``'s window closes (epoch seconds)."""
-        total = 0
-        for name, days in self.days:
-            total += days
-            if name == phase:
-                return self.starts(opens) + total * DAY
-        raise ValueError(f"unknown phase {phase!r}")
-
-    def refusal(self, phase: str, opens: str, now: float) -> str | None:
-        """Why a *new* message of ``phase`` is refused at ``now`` (EARLY/LATE), or None."""
-        if now < self.starts(opens):
-            return EARLY
-        if phase == "reveal" and now < self.closes(opens, "consistency"):
-            return EARLY  # nothing is revealed while masked inputs or their signed roster may still change
-        if now >= self.closes(opens, phase):
-            return LATE
-        return None
-
-    def phase_at(self, opens: str, now: float) -> str | None:
-        """The phase whose window holds ``now`` (the one a site can post: the phase before it has
-        closed and can be read), None before the round opens, ``UNMASK`` once every window closed."""
-        if now < self.starts(opens):
-            return None
-        for name, _ in self.days:
-            if now < self.closes(opens, name):
-                return name
-        return UNMASK
-
-    def closed(self, phase: str, opens: str, now: float) -> bool:
-        return now >= self.closes(opens, phase)
-
-    def utc(self, opens: str, phase: str) -> str:
-        return datetime.fromtimestamp(self.closes(opens, phase), UTC).strftime("%Y-%m-%d %H:%M UTC")
-
-
-SCHEDULE = Schedule()
 
 
 # ---------------------------------------------------------------------- keys of one round

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,7 +39,7 @@ from qis_fhir.errors import InputNotFoundError, RoundRepeatedError
 from qis_fhir.files import atomic_write
 from qis_fhir.privacy.disclosure import is_publishable
 from qis_fhir.privacy.fingerprint import cohort_table
-from qis_fhir.secagg.round import RoundRef
+from qis_fhir.secagg.round import SCHEDULE, RoundRef, Schedule, value_opens
 from qis_fhir.secagg.values import (
     VALUE_FIELDS,
     Cell,
@@ -60,10 +61,12 @@ LEDGER_DIR = "secagg_released"
 RELEASE_COLUMNS = ["sites", "patients", "responders", "measured", "mean", "sd", "as_of"]
 
 
-def round_refs(network_id: str, mapping: MappingSet, measure: str, period: str) -> tuple[RoundRef, RoundRef]:
-    """The presence and value rounds of (mapping version, measure, period): the same at every site."""
-    opens = round_opens(mapping, measure, period)
-    return tuple(RoundRef(network_id, mapping.version, measure, period, stage, opens) for stage in ("presence", "value"))
+def round_refs(network_id: str, mapping: MappingSet, measure: str, period: str, schedule: Schedule = SCHEDULE) -> tuple[RoundRef, RoundRef]:
+    """The presence and value rounds of (mapping version, measure, period): the same at every site. The
+    presence round opens once the period can no longer change; the value round on the presence round's
+    unmasking day, when the eligible cells are known (a whole round takes ``schedule``'s 7 days)."""
+    presence = RoundRef(network_id, mapping.version, measure, period, "presence", round_opens(mapping, measure, period))
+    return presence, replace(presence, stage="value", opens=value_opens(presence, schedule))
 
 
 def clear_cells(cells: list[Cell], figures: np.ndarray, min_cell_size: int, released: set[Cell] | frozenset = frozenset()) -> np.ndarray:

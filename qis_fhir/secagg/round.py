@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from typing import Protocol
 
 import orjson
@@ -21,6 +22,12 @@ import orjson
 #: (signatures over the contributor set), unmasking (reveal)
 PHASES = ("advertise", "shares", "masked", "consistency", "reveal")
 STAGES = ("presence", "value")
+DAY = 86400.0
+
+# why a node refuses a round message at a given time, and the state after the last window
+LATE = "late"  # a new contribution after its phase's window closed
+EARLY = "early"  # before the round opens, or a reveal before the consistency window closed
+UNMASK = "unmask"  # what follows the last window: any member sums the round
 
 
 @dataclass(frozen=True)
@@ -68,3 +75,63 @@ class Board(Protocol):
     async def collect(self, phase: str) -> dict[str, bytes]:
         """Every site's message of ``phase`` that verifies, by site id (after the phase's window)."""
         ...
+
+
+# ---------------------------------------------------------------------- schedule
+@dataclass(frozen=True)
+class Schedule:
+    """Phase windows, in days from 00:00 UTC of ``RoundRef.opens``, run back to back.
+
+    A day per phase lets a site's nightly run advance a round by one phase per night; the masked
+    window is two days so that a site whose nightly run failed once still contributes; the reveal
+    window is two days for the same reason. A whole round takes 7 days.
+    """
+
+    days: tuple[tuple[str, int], ...] = (("advertise", 1), ("shares", 1), ("masked", 2), ("consistency", 1), ("reveal", 2))
+
+    def starts(self, opens: str) -> float:
+        return datetime.combine(date.fromisoformat(opens), datetime.min.time(), UTC).timestamp()
+
+    def closes(self, opens: str, phase: str) -> float:
+        """When ``phase``'s window closes (epoch seconds)."""
+        total = 0
+        for name, days in self.days:
+            total += days
+            if name == phase:
+                return self.starts(opens) + total * DAY
+        raise ValueError(f"unknown phase {phase!r}")
+
+    def refusal(self, phase: str, opens: str, now: float) -> str | None:
+        """Why a *new* message of ``phase`` is refused at ``now`` (EARLY/LATE), or None."""
+        if now < self.starts(opens):
+            return EARLY
+        if phase == "reveal" and now < self.closes(opens, "consistency"):
+            return EARLY  # nothing is revealed while masked inputs or their signed roster may still change
+        if now >= self.closes(opens, phase):
+            return LATE
+        return None
+
+    def phase_at(self, opens: str, now: float) -> str | None:
+        """The phase whose window holds ``now`` (the one a site can post: the phase before it has
+        closed and can be read), None before the round opens, ``UNMASK`` once every window closed."""
+        if now < self.starts(opens):
+            return None
+        for name, _ in self.days:
+            if now < self.closes(opens, name):
+                return name
+        return UNMASK
+
+    def closed(self, phase: str, opens: str, now: float) -> bool:
+        return now >= self.closes(opens, phase)
+
+    def utc(self, opens: str, phase: str) -> str:
+        return datetime.fromtimestamp(self.closes(opens, phase), UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+SCHEDULE = Schedule()
+
+
+def value_opens(presence: RoundRef, schedule: Schedule = SCHEDULE) -> str:
+    """The day the value round opens: the presence round's unmasking day (its cells are known then)."""
+    days = (schedule.closes(presence.opens, PHASES[-1]) - schedule.starts(presence.opens)) / DAY
+    return (date.fromisoformat(presence.opens) + timedelta(days=int(days))).isoformat()

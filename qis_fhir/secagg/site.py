@@ -5,8 +5,8 @@
   this site publishes in the clear now, or released in a packet before, stay out of its masked sums).
 * **Dates**: the presence round opens on ``values.round_opens`` (the first day the period can no longer
   change); the value round sums only the presence round's eligible cells, which are known once the
-  presence round is unmasked, so over the DHT it opens on that day (``value_opens``), a round length
-  (7 days) later. Every site derives both dates from the mapping, so every site names the same rounds.
+  presence round is unmasked, so it opens on that day (``round.value_opens``, through
+  ``release.round_refs``), a round length (7 days) later. Every site derives both dates from the mapping, so every site names the same rounds.
 * **Release**: once the value round is unmasked, its shown totals (``release.release_table``) go to
   the site's ``ReleaseLedger``, which the evidence stage reads; the ledger takes one release per
   (measure, period).
@@ -19,29 +19,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from qis_fhir.dht.rounds import DAY, SCHEDULE, UNMASK, Schedule
-from qis_fhir.secagg.round import PHASES, RoundRef
+from qis_fhir.secagg.round import SCHEDULE, UNMASK, Schedule
 from qis_fhir.secagg.steps import RESULT_FILE, STATE_FILE, RoundSetup, advance_step, unmask_step
-
-
-def value_opens(presence: RoundRef, schedule: Schedule = SCHEDULE) -> str:
-    """The day the value round opens: the presence round's unmasking day."""
-    days = (schedule.closes(presence.opens, PHASES[-1]) - schedule.starts(presence.opens)) / DAY
-    return (date.fromisoformat(presence.opens) + timedelta(days=int(days))).isoformat()
-
-
-def dht_round_refs(network_id: str, mapping: Any, measure: str, period: str, schedule: Schedule = SCHEDULE) -> tuple[RoundRef, RoundRef]:
-    """``release.round_refs``, with the value round opening once the presence round can be unmasked."""
-    from qis_fhir.secagg.release import round_refs
-
-    presence, value = round_refs(network_id, mapping, measure, period)
-    return presence, dataclasses.replace(value, opens=value_opens(presence, schedule))
 
 
 def site_round_input(run_dir: Path | str, setup: Any, measure: str, period: str) -> Any:
@@ -74,11 +58,11 @@ def rounds_step(run_dir: Path | str, setup: Any, measure: str, period: str, *, s
     """The steps due now in the presence round and then the value round of (measure, period)."""
     import numpy as np
 
-    from qis_fhir.secagg.release import LEDGER_DIR, ReleaseLedger, eligible, release_table
+    from qis_fhir.secagg.release import LEDGER_DIR, ReleaseLedger, eligible, release_table, round_refs
     from qis_fhir.secagg.values import VALUE_FIELDS, decode_totals
 
     manifest = setup.network.manifest
-    presence_ref, value_ref = dht_round_refs(manifest.network_id, setup.mapping, measure, period, schedule)
+    presence_ref, value_ref = round_refs(manifest.network_id, setup.mapping, measure, period, schedule)
     inputs = site_round_input(run_dir, setup, measure, period)
     common = {"site": setup.site, "network": setup.network, "state_dir": Path(state_dir), "bootstrap": tuple(bootstrap), "bind": bind, "ksize": ksize}
     presence = RoundSetup(presence_ref, **common)

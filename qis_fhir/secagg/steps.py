@@ -35,10 +35,9 @@ import numpy as np
 import orjson
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from qis_fhir.dht.rounds import SCHEDULE, UNMASK, Schedule
 from qis_fhir.errors import InputNotFoundError, RoundRepeatedError, RoundWindowError, UsageError
 from qis_fhir.files import atomic_write, write_json
-from qis_fhir.secagg.round import PHASES, RoundRef
+from qis_fhir.secagg.round import PHASES, SCHEDULE, UNMASK, RoundRef, Schedule
 
 ROUND_FILE = "round.json"
 STATE_FILE = "state.json"

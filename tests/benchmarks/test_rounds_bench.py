@@ -9,7 +9,7 @@ import pytest
 
 from qis_fhir.bench import rounds
 from qis_fhir.dht.cluster import Clock, round_nodes_in_thread
-from qis_fhir.dht.rounds import SCHEDULE
+from qis_fhir.secagg.round import SCHEDULE
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

@@ -13,7 +13,6 @@ from qis_fhir.dht.rounds import (
     HEADER_SIZE,
     MAX_CHUNKS,
     PIECE,
-    SCHEDULE,
     ChunkVerifier,
     RoundGate,
     RoundKeys,
@@ -25,7 +24,7 @@ from qis_fhir.dht.storage import PacketStore
 from qis_fhir.packets.keys import create_site
 from qis_fhir.packets.manifest import load_network
 from qis_fhir.packets.model import MAX_WIRE_BYTES
-from qis_fhir.secagg.round import RoundRef
+from qis_fhir.secagg.round import SCHEDULE, RoundRef
 
 OPENS = "2026-03-02"
 DAY = 86400.0

@@ -11,10 +11,9 @@ from dht_cluster import BASE_SITES, LOOPBACK, Clock, make_network, start_round_n
 
 from qis_fhir.dht.board import DhtBoard
 from qis_fhir.dht.client import DhtClient
-from qis_fhir.dht.rounds import SCHEDULE
 from qis_fhir.errors import RoundWindowError
 from qis_fhir.packets.manifest import load_network
-from qis_fhir.secagg.round import PHASES, RoundRef
+from qis_fhir.secagg.round import PHASES, SCHEDULE, RoundRef
 
 pytestmark = [pytest.mark.timeout(120)]
 

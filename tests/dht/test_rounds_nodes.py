@@ -24,11 +24,11 @@ from dht_cluster import BASE_SITES, LOOPBACK, joined_cluster, make_network
 
 from qis_fhir.dht.board import DhtBoard
 from qis_fhir.dht.client import DhtClient
-from qis_fhir.dht.rounds import SCHEDULE, RoundKeys, decode_chunk, location, round_key, seal
+from qis_fhir.dht.rounds import RoundKeys, decode_chunk, location, round_key, seal
 from qis_fhir.errors import ExitCode, RoundRepeatedError, RoundWindowError
 from qis_fhir.packets.keys import create_site
 from qis_fhir.packets.manifest import load_network
-from qis_fhir.secagg.round import RoundRef
+from qis_fhir.secagg.round import SCHEDULE, RoundRef
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

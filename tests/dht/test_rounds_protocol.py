@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 from dht_cluster import BASE_SITES, Clock, make_network, round_nodes_in_thread
 
-from qis_fhir.dht.rounds import SCHEDULE
 from qis_fhir.errors import RoundRepeatedError, RoundWindowError
 from qis_fhir.packets.manifest import load_network
-from qis_fhir.secagg.round import PHASES, RoundRef
+from qis_fhir.secagg.round import PHASES, SCHEDULE, RoundRef
 from qis_fhir.secagg.steps import RESULT_FILE, SENT_DIR, STATE_FILE, RoundSetup, advance_step, reveal_step, unmask_step
 
 pytestmark = [pytest.mark.timeout(240)]

@@ -18,15 +18,15 @@ import pandas as pd
 import pytest
 from dht_cluster import Clock, round_nodes_in_thread
 
-from qis_fhir.dht.rounds import DAY, SCHEDULE
 from qis_fhir.mapping import load_mapping
 from qis_fhir.mapping.loader import DEFAULT_MAPPING_DIR
 from qis_fhir.outcomes.control import CONTROL_UNITS
 from qis_fhir.outcomes.events import OUTCOME_EVENTS
 from qis_fhir.packets.keys import create_site
 from qis_fhir.packets.manifest import add_site, create_network, load_network
-from qis_fhir.secagg.release import LEDGER_DIR, ReleaseLedger, site_input
-from qis_fhir.secagg.site import dht_round_refs, rounds_step
+from qis_fhir.secagg.release import LEDGER_DIR, ReleaseLedger, round_refs, site_input
+from qis_fhir.secagg.round import DAY, SCHEDULE
+from qis_fhir.secagg.site import rounds_step
 from qis_fhir.secagg.values import cell_figures, patient_rows, round_cells
 from qis_fhir.stages import SiteSetup
 
@@ -47,7 +47,7 @@ def _small_everywhere(events: dict, units: dict, mapping) -> tuple[str, str, int
         cells = site_cells(events[h], units[h], mapping).reset_index()
         pairs |= set(zip(cells["measure"], cells["period"]))
     for measure, period in sorted(pairs):
-        if dht_round_refs("x", mapping, measure, period)[1].opens > today:
+        if round_refs("x", mapping, measure, period)[1].opens > today:
             continue
         inputs = [site_input(events[h], units[h], mapping, measure, period, MIN_CELL) for h in events]
         for i in range(len(inputs[0].cells)):
@@ -83,7 +83,7 @@ def test_three_sites_release_over_the_dht_what_no_site_could_publish(fixtures_di
     from qis_fhir.packets import load_site
 
     setups = {h: SiteSetup(mapping, None, b"", load_site(tmp_path / "sites" / h), network, tmp_path / "sites" / h, net_dir) for h in SITES}
-    presence_ref, value_ref = dht_round_refs(network.manifest.network_id, mapping, measure, period)
+    presence_ref, value_ref = round_refs(network.manifest.network_id, mapping, measure, period)
     clock = Clock(SCHEDULE.starts(presence_ref.opens) + DAY / 2)
 
     statuses = []

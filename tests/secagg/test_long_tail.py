@@ -33,7 +33,7 @@ from dht_cluster import make_network
 
 from qis_fhir.evidence.collect import cohort_grid, collect_answers
 from qis_fhir.evidence.tables import build_tables, secure_label
-from qis_fhir.mapping import load_mapping
+from qis_fhir.mapping import MAPPINGS_ROOT, load_mapping
 from qis_fhir.mapping.loader import DEFAULT_MAPPING_DIR
 from qis_fhir.packets import build_packets, load_network
 from qis_fhir.packets.codec import encode_packet
@@ -80,7 +80,7 @@ def _measure_periods(events, units, mapping):
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("longtail")
-    mapping = load_mapping()
+    mapping = load_mapping(MAPPINGS_ROOT / "v1")  # the synthetic rare cohort is planted for v1's change windows
     net = make_network(root, [f"hosp-{p}" for p in PROFILE_NAMES])  # minimum cell size 11
     sites = list(net.sites.values())
     network = load_network(net.net_dir)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from qis_fhir.errors import RoundRepeatedError, SecAggAbortedError
-from qis_fhir.mapping import load_mapping
+from qis_fhir.mapping import MAPPINGS_ROOT, load_mapping
 from qis_fhir.mapping.loader import DEFAULT_MAPPING_DIR
 from qis_fhir.packets.build import CELL_COLUMNS
 from qis_fhir.secagg.local import LocalBoard, aggregate
@@ -31,7 +31,7 @@ from qis_fhir.secagg.values import (
 from .conftest import Sites
 
 MIN_CELL = 11
-MAPPING = load_mapping()
+MAPPING = load_mapping(MAPPINGS_ROOT / "v1")  # its change windows close early enough for rounds of past periods to be open
 MEASURE, PERIOD = "systolic_bp", "2024"
 CELLS = round_cells(MAPPING, MEASURE)
 
@@ -187,3 +187,7 @@ def test_round_opens_after_the_last_follow_up_window():
     assert round_opens(v2, "bp_control", "2023") == "2024-01-01"
     cells = round_cells(v2, "bp_control")
     assert any(c[3] == v2.control_measures["bp_control"].untreated_code for c in cells)
+    # the value round opens when the presence round is unmasked (its eligible cells are known only then):
+    # one definition for every site, offline and over the DHT
+    presence, value = round_refs("net-test", MAPPING, MEASURE, "2024")
+    assert (presence.opens, value.opens, value.stage) == ("2026-02-05", "2026-02-12", "value")
