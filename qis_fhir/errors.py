@@ -26,6 +26,7 @@ class ExitCode(enum.IntEnum):
     PUBLISH_INCOMPLETE = 12  # some packets were confirmed by no replica
     RUN_INCOMPLETE = 13  # a run folder whose run.json says it did not complete (crashed, failed, being written)
     EVIDENCE_INVALID = 14  # an evidence table lacks what the report reads, or says what it cannot explain
+    NODE_CERTIFICATE_INVALID = 15  # a DHT node's certificate is missing, expired, revoked or beyond its site's bound
 
 
 class QisError(Exception):
@@ -91,3 +92,7 @@ class RunIncompleteError(QisError):
 
 class EvidenceInvalidError(QisError):
     exit_code = ExitCode.EVIDENCE_INVALID
+
+
+class NodeCertificateError(QisError):
+    exit_code = ExitCode.NODE_CERTIFICATE_INVALID

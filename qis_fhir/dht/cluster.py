@@ -4,6 +4,11 @@ Used by ``qis-fhir demo`` and the tests. Each node is ``sys.executable -m qis_fh
 ``LOOPBACK`` port 0 and writes its bound port to ``DATA_DIR/node.json``; ``stop_all`` stops every
 process it started (SIGTERM, then SIGKILL after a grace period), so callers use it in ``finally``.
 
+Every node needs a node certificate. By default the cluster is its network's node operator: it makes
+operator sites (``root/operators/operator-N``), adds them to the network with the governance key
+beside the manifest (``network add-site``), and certifies each node at the next free index of one
+of them (``max_nodes_per_site`` each); ``issue_certs`` is that step alone, for the bench's workers.
+
 ``wait_for_json`` and ``stop_processes`` are the two halves of that by-pid management; the DHT
 bench (``qis_fhir.bench.dht``) starts its multi-node worker processes with them too.
 """
@@ -22,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from qis_fhir.dht.address import format_addresses
+from qis_fhir.dht.certs import NodeCert, write_node_cert
 
 LOOPBACK = "127.0.0.1"  # what local nodes, and the clients that talk to them, bind: nothing off this machine reaches them
 START_TIMEOUT = 60.0
@@ -63,6 +69,42 @@ def stop_processes(procs: list[subprocess.Popen], grace: float = STOP_GRACE) -> 
             proc.wait(timeout=10)
 
 
+class CertIssuer:
+    """Certifies node directories one after another, adding operator sites to the network as each
+    one's ``max_nodes_per_site`` indexes run out (the governance key must sit beside the manifest)."""
+
+    def __init__(self, manifest: Path, root: Path) -> None:
+        self.manifest = Path(manifest)
+        self.root = Path(root)
+        self._site: Any = None
+        self._next = 0
+        self._bound = 0
+        self._sites = 0
+
+    def certify(self, node_dir: Path) -> NodeCert:
+        from qis_fhir.packets.keys import create_site
+        from qis_fhir.packets.manifest import add_site, load_manifest
+
+        if self._site is None or self._next >= self._bound:
+            site_dir = self.root / f"operator-{self._sites}"
+            while site_dir.exists():  # a second cluster on the same root: a site of its own
+                self._sites += 1
+                site_dir = self.root / f"operator-{self._sites}"
+            self._site = create_site(f"dht-operator-{os.urandom(3).hex()}", site_dir)
+            self._sites += 1
+            self._bound = add_site(self.manifest.parent, site_dir).max_nodes_per_site
+            self._next = 0
+        cert = write_node_cert(node_dir, self._site, load_manifest(self.manifest), self._next)
+        self._next += 1
+        return cert
+
+
+def issue_certs(manifest: Path, root: Path, node_dirs: list[Path]) -> list[NodeCert]:
+    """Certify every directory of ``node_dirs`` (see :class:`CertIssuer`)."""
+    issuer = CertIssuer(manifest, root)
+    return [issuer.certify(d) for d in node_dirs]
+
+
 @dataclass
 class NodeProc:
     index: int
@@ -83,9 +125,12 @@ class LocalCluster:
         self.ksize = ksize
         self.extra = extra or []
         self.nodes: list[NodeProc] = []
+        self.issuer = CertIssuer(manifest, root / "operators")
 
     def _spawn(self, node: NodeProc, bootstrap: list[tuple[str, int]]) -> None:
         node.data_dir.mkdir(parents=True, exist_ok=True)
+        if not (node.data_dir / "node_cert.json").exists():
+            self.issuer.certify(node.data_dir)
         cmd = [sys.executable, "-m", "qis_fhir", "node", "--listen", f"{LOOPBACK}:0", "--data-dir", str(node.data_dir),
                "--network", str(self.manifest), "--ksize", str(self.ksize), "--rpc-timeout", "2", *self.extra]
         if bootstrap:

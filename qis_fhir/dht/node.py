@@ -4,7 +4,9 @@ Differences from the stock ``kademlia.network.Server``:
 
 * it binds exactly the address it is given (``NodeConfig.host`` has no default; the stock
   ``listen`` binds ``0.0.0.0``) and reports the port it actually got (port 0 picks a free one);
-* its id and last known neighbours persist in ``DATA_DIR/node.json``, so a restarted node takes its
+* its id comes from its node certificate (``qis_fhir.dht.certs``: the issuing site's key id and the
+  certificate's index), and it speaks only the authenticated wire (``qis_fhir.dht.session``);
+* its last known neighbours persist in ``DATA_DIR/node.json``, so a restarted node takes its
   old place in the id space (its stored packets are the ones that belong there) and can rejoin even
   when its bootstrap peers are gone;
 * upkeep runs in one bounded loop: expire old rows, republish keys nobody re-stored for
@@ -29,6 +31,7 @@ from kademlia.network import Server
 from kademlia.node import Node
 
 from qis_fhir.dht.address import format_address
+from qis_fhir.dht.certs import CertChecker, NodeIdentity
 from qis_fhir.dht.lookup import SEED_LIMIT, Lookup, iterative_lookup
 from qis_fhir.dht.protocol import PacketProtocol, Verify
 from qis_fhir.dht.storage import PacketStore
@@ -56,6 +59,7 @@ class NodeConfig:
     rpc_timeout: float = 3.0
     retries: int = 1  # a timed-out RPC is sent once more before the peer counts as gone
     max_inflight: int = 32  # outgoing RPCs in flight at once (per node or client)
+    handshake_rate: float = 200.0  # handshakes this node completes per second at most (each costs ~0.2 ms of CPU)
     republish_concurrency: int = 4  # keys republished at once
 
 
@@ -74,10 +78,18 @@ class DhtNode(Server):
         verify: Verify,
         storage: PacketStore,
         *,
-        node_id: bytes | None = None,
+        identity: NodeIdentity | None = None,
+        checker: CertChecker,
         announce: bool = True,
     ) -> None:
-        super().__init__(ksize=config.ksize, alpha=config.alpha, node_id=node_id or _random_id(), storage=storage)
+        """A node (``announce``) needs its ``identity``; a client has none. ``checker`` judges peers'
+        certificates against the network manifest."""
+        if announce and identity is None:
+            raise ValueError("a DHT node needs a node certificate (qis_fhir.dht.certs.load_identity)")
+        node_id = identity.node_id if identity is not None else _random_id()
+        super().__init__(ksize=config.ksize, alpha=config.alpha, node_id=node_id, storage=storage)
+        self.identity = identity
+        self.checker = checker
         self.config = config
         self.verify = verify
         self.announce = announce
@@ -99,6 +111,9 @@ class DhtNode(Server):
             retries=self.config.retries,
             max_inflight=self.config.max_inflight,
             max_ttl=self.config.ttl,
+            identity=self.identity,
+            checker=self.checker,
+            handshake_rate=self.config.handshake_rate,
         )
 
     async def listen(self, port: int | None = None, interface: str | None = None) -> None:  # type: ignore[override]
@@ -175,6 +190,10 @@ class DhtNode(Server):
 
     async def upkeep(self) -> dict:
         """One pass: expire, re-join if alone, drop dead contacts, republish due keys, refresh lonely buckets."""
+        refresh = getattr(self.verify, "refresh", None)
+        if refresh is not None:  # a revocation in a new manifest ends sessions and contacts below
+            refresh()
+        self.protocol.channel.prune()
         expired = self.storage.expire()
         if expired:
             log.info("expired %d packets", expired)

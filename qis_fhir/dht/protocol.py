@@ -15,25 +15,34 @@ Subclasses the package's :class:`kademlia.protocol.KademliaProtocol` and keeps i
 * a peer that sends an empty node id is a short-lived *client*: answered, but never put in the
   routing table (dead clients would otherwise cost every later lookup a timeout);
 * a newly seen node is handed the packets it should hold, with their remaining lifetime, under the
-  right keys (the stock ``welcome_if_new`` re-hashes keys and sends them under wrong ids).
+  right keys (the stock ``welcome_if_new`` re-hashes keys and sends them under wrong ids);
+* every datagram goes through a :class:`~qis_fhir.dht.session.SecureChannel` (a handshake per peer,
+  then sealed datagrams): rpcudp's own parsing never sees a byte an outsider sent, a response counts
+  only from the session its request went out on, and only a peer that proved a node certificate for
+  its id enters the routing table, counts as a contact, receives hand-offs or signs store receipts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import umsgpack
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from rpcudp.exceptions import MalformedMessage
 
 from qis_fhir.dht.address import format_address
+from qis_fhir.dht.certs import CertChecker, NodeIdentity
 from qis_fhir.dht.keys import RPC_CAP, dht_key, pack_batches, pack_nodes, packed_size
+from qis_fhir.dht.receipts import receipt_valid, sign_receipt
+from qis_fhir.dht.session import SecureChannel, Session
 from qis_fhir.dht.storage import CONFIRMED, QUOTA, PacketStore
 
 log = logging.getLogger("qis_fhir.dht.protocol")
@@ -48,6 +57,22 @@ Verify = Callable[[bytes], Any]  # -> Verdict(ok, reason, packet)
 
 def _valid_id(value: object) -> bool:
     return isinstance(value, bytes) and len(value) == 20
+
+
+class Peer(tuple):
+    """Who sent an RPC: its (host, port), as rpcudp passes senders, and the session it came in on;
+    ``node_id`` is the certified node id, None for an anonymous client."""
+
+    session: Session
+
+    def __new__(cls, address: tuple, session: Session) -> Peer:
+        peer = super().__new__(cls, address[:2])
+        peer.session = session
+        return peer
+
+    @property
+    def node_id(self) -> bytes | None:
+        return self.session.peer_id
 
 
 def valid_cursor(value: object) -> bool:
@@ -71,8 +96,17 @@ class PacketProtocol(KademliaProtocol):
         retries: int = 1,
         max_inflight: int = 32,
         max_ttl: float = 30 * 86400,
+        identity: NodeIdentity | None = None,
+        checker: CertChecker,
+        handshake_rate: float = 200.0,
     ) -> None:
         super().__init__(source_node, storage, ksize)
+        self.identity = identity
+        self.channel = SecureChannel(
+            identity, checker, lambda data, address: self.transport.sendto(data, address),
+            handshake_rate=handshake_rate, handshake_timeout=rpc_timeout, on_drop=self._log_limited,
+        )
+        self._calls: dict[bytes, tuple[asyncio.Future, Session]] = {}
         self._wait_timeout = rpc_timeout
         self.verify = verify
         self.announce = announce
@@ -96,17 +130,52 @@ class PacketProtocol(KademliaProtocol):
             except OSError:
                 pass
 
-    async def _solve_datagram(self, datagram: bytes, address: tuple) -> None:
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        """Everything arrives here first: only a sealed datagram of a live session gets further (no
+        task, no msgpack, no log line per datagram for anything else)."""
+        got = self.channel.receive(data, addr)
+        if got is None:
+            return
+        session, payload = got
+        if not payload:  # the responder's session confirmation
+            return
+        kind, msg_id = payload[:1], payload[1:21]
         try:
-            await super()._solve_datagram(datagram, address)
-        except Exception:  # garbage on the socket must not kill or spam the node
-            self._reject("malformed_datagram", address)
+            body = umsgpack.unpackb(payload[21:])
+        except Exception:  # a member's node sending garbage: counted, never fatal
+            self._log_limited("malformed_rpc", addr)
+            return
+        if kind == b"\x00" and len(msg_id) == 20:
+            self.spawn(self._serve(session, msg_id, body))
+        elif kind == b"\x01":
+            call = self._calls.get(msg_id)
+            if call is None or call[1] is not session or call[0].done():
+                self._log_limited("unsolicited_response", addr)
+                return
+            call[0].set_result(body)
+        else:
+            self._log_limited("malformed_rpc", addr)
 
-    async def _accept_request(self, msg_id: bytes, data: Any, address: tuple) -> None:
+    async def _serve(self, session: Session, msg_id: bytes, body: Any) -> None:
+        sender = Peer(session.address, session)
+        if not (isinstance(body, list) and len(body) == 2 and isinstance(body[0], str) and isinstance(body[1], list)):
+            self._reject("malformed_rpc", sender)
+            return
+        func = getattr(self, f"rpc_{body[0]}", None)
+        if func is None or not callable(func):
+            self._reject("unknown_rpc", sender)
+            return
         try:
-            await super()._accept_request(msg_id, data, address)
+            response = func(sender, *body[1])
+            if asyncio.iscoroutine(response):
+                response = await response
+            self.channel.send(session, b"\x01" + msg_id + umsgpack.packb(response))
         except Exception:
-            self._reject("malformed_rpc", address)
+            self._reject("malformed_rpc", sender)
+
+    def is_certified(self, sender: object) -> bool:
+        """True for an RPC sender that proved a node certificate (a member's node), False for a client."""
+        return getattr(sender, "node_id", None) is not None
 
     def spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -125,6 +194,9 @@ class PacketProtocol(KademliaProtocol):
             self.storage.count_rejection(reason, n)
         except Exception:  # never let accounting break serving
             pass
+        self._log_limited(reason, sender, n)
+
+    def _log_limited(self, reason: str, sender: tuple | None = None, n: int = 1) -> None:
         if sender is not None:
             # at most one line per reason per second, so a flood of junk cannot flood the log
             now = time.monotonic()
@@ -135,9 +207,9 @@ class PacketProtocol(KademliaProtocol):
                 self._unlogged[reason] = 0
 
     def _welcome_sender(self, sender: tuple, nodeid: object) -> Node | None:
-        """The sending node, welcomed into the routing table; None for a client (empty id) or
-        nonsense, which is answered but never routed to."""
-        if _valid_id(nodeid) and nodeid != self.source_node.id:
+        """The sending node, welcomed into the routing table; None for a client (empty id), a node
+        claiming an id its certificate does not give it, or nonsense: answered but never routed to."""
+        if _valid_id(nodeid) and nodeid != self.source_node.id and getattr(sender, "node_id", None) == nodeid:
             source = Node(nodeid, sender[0], sender[1])
             self.welcome_if_new(source)
             return source
@@ -233,7 +305,10 @@ class PacketProtocol(KademliaProtocol):
                     statuses.append("malformed_item")
                     continue
                 statuses.append(self.accept_packet(key, item[0], item[1], sender))
-        return statuses
+        if self.identity is None:  # a client holds nothing for anyone
+            return []
+        wires = [item[0] if isinstance(item, list) and item else b"" for item in items]
+        return {"s": statuses, "r": sign_receipt(self.identity, key, wires, statuses)}
 
     def rpc_find_packets(self, sender: tuple, nodeid: object, key: object, cursor: object = None) -> dict:
         """One page of ``key``'s packets (see module docstring); closest nodes on the first page."""
@@ -267,26 +342,52 @@ class PacketProtocol(KademliaProtocol):
         }
 
     # ------------------------------------------------------------------ RPCs sent
-    async def _call(self, name: str, address: tuple, *args: Any) -> tuple[bool, Any]:
-        """Send one RPC through the in-flight semaphore, retrying a timeout ``retries`` times."""
+    async def _request(self, session: Session, name: str, args: tuple) -> tuple[bool, Any]:
+        data = umsgpack.packb([name, list(args)])
+        if len(data) > RPC_CAP:
+            raise MalformedMessage(f"{name} request over the {RPC_CAP}-byte cap")
+        msg_id = os.urandom(20)
+        future = asyncio.get_running_loop().create_future()
+        self._calls[msg_id] = (future, session)
+        try:
+            self.channel.send(session, b"\x00" + msg_id + data)
+            return (True, await asyncio.wait_for(future, self._wait_timeout))
+        except TimeoutError:
+            return (False, None)
+        finally:
+            self._calls.pop(msg_id, None)
+
+    async def _call_session(self, name: str, address: tuple, args: tuple, expect: bytes | None = None) -> tuple[bool, Any, Session | None]:
+        """One RPC to the certified node at ``address`` (``expect``: its node id) through the in-flight
+        semaphore, handshaking first if needed and retrying a timeout ``retries`` times (over a new
+        session: the peer may have restarted and forgotten ours). Returns (ok, reply, session)."""
         for _ in range(1 + self.retries):
             async with self._slots:
                 self.rpc_sent += 1
+                session = await self.channel.session_to(address, expect)
+                if session is None:  # nobody answered the handshake, or not a (the expected) certified node
+                    self.rpc_failed += 1
+                    return (False, None, None)
                 try:
-                    result = await getattr(self, name)(address, *args)
+                    ok, reply = await self._request(session, name, args)
                 except MalformedMessage:
                     log.error("refusing to send an RPC over the %d-byte cap (a bug)", RPC_CAP)
-                    return (False, None)
-            if result[0]:
-                return result
+                    return (False, None, None)
+            if ok:
+                return (True, reply, session)
             self.rpc_failed += 1
-        return (False, None)
+            self.channel.forget(session)
+        return (False, None, None)
+
+    async def _call(self, name: str, address: tuple, *args: Any) -> tuple[bool, Any]:
+        ok, reply, _ = await self._call_session(name, address, args)
+        return (ok, reply)
 
     async def _call_node(self, name: str, node: Node, *args: Any) -> tuple[bool, Any]:
-        """``_call`` to a known node with our id, then the package's routing-table bookkeeping
-        (``handle_call_response``: welcome it on a reply, drop it on none)."""
-        result = await self._call(name, (node.ip, node.port), self._my_id(), *args)
-        return self.handle_call_response(result, node)
+        """An RPC to a known node with our id, answered only if the peer proves it is that node, then the
+        package's routing-table bookkeeping (``handle_call_response``: welcome it on a reply, drop it on none)."""
+        ok, reply, _ = await self._call_session(name, (node.ip, node.port), (self._my_id(), *args), expect=node.id)
+        return self.handle_call_response((ok, reply), node)
 
     async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
         return await self._call_node("find_node", node_to_ask, node_to_find.id)
@@ -301,9 +402,10 @@ class PacketProtocol(KademliaProtocol):
         return await self._call_node("store", node_to_ask, key, value)
 
     async def ping_address(self, address: tuple) -> Node | None:
-        ok, nodeid = await self._call("ping", address, self._my_id())
-        if ok and _valid_id(nodeid):
-            node = Node(nodeid, address[0], address[1])
+        """Ping an address (a bootstrap peer): the node its certificate proves, welcomed, or None."""
+        ok, _, session = await self._call_session("ping", address, (self._my_id(),))
+        if ok and session is not None and session.peer is not None:
+            node = Node(session.peer_id, address[0], address[1])
             self.welcome_if_new(node)
             return node
         return None
@@ -326,11 +428,24 @@ class PacketProtocol(KademliaProtocol):
         ("stored"/"held"/reject reason, or "no_reply" when the node never answered)."""
         statuses: list[str] = []
         for batch in pack_batches(items, self.store_base_size(key), max_items=MAX_ITEMS_PER_STORE):
-            ok, reply = await self.call_store_packets(node, key, batch)
-            if ok and isinstance(reply, list) and len(reply) == len(batch):
-                statuses.extend(str(s) for s in reply)
-            else:
-                statuses.extend(["no_reply"] * len(batch))
+            ok, reply, session = await self._call_session("store_packets", (node.ip, node.port), (self._my_id(), key, batch), expect=node.id)
+            self.handle_call_response((ok, reply), node)
+            statuses.extend(self._receipted(session, key, batch, reply) if ok else ["no_reply"] * len(batch))
+        return statuses
+
+    def _receipted(self, session: Session | None, key: bytes, batch: list, reply: object) -> list[str]:
+        """The statuses a certified node signed for ``batch``; ``bad_receipt`` for all when the
+        receipt is missing, malformed, or not that node's signature over exactly this batch."""
+        statuses = reply.get("s") if isinstance(reply, dict) else None
+        if (
+            session is None
+            or session.peer is None
+            or not isinstance(statuses, list)
+            or not all(isinstance(s, str) for s in statuses)
+            or not self.channel.checker.still_valid(session.peer)
+            or not receipt_valid(session.peer, key, [item[0] for item in batch], statuses, reply.get("r"))
+        ):
+            return ["bad_receipt"] * len(batch)
         return statuses
 
     # ------------------------------------------------------------------ routing table
@@ -338,6 +453,8 @@ class PacketProtocol(KademliaProtocol):
         """Add a new node; hand it the packets it should hold (paper section 2.5, keys kept as-is)."""
         if not _valid_id(node.id) or node.id == self.source_node.id:
             return
+        if not self.channel.certified(node.id, (node.ip, node.port)):
+            return  # only a node that proved its certificate in a live session at that address
         if not self.router.is_new_node(node):
             # a known id seen at a new address (a node restarted on another port): the stock table
             # would keep the dead address forever; we heard from this one directly, so take it

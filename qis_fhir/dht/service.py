@@ -8,7 +8,8 @@ import signal
 from pathlib import Path
 
 from qis_fhir.dht.address import format_address
-from qis_fhir.dht.node import STORE_FILE, DhtNode, NodeConfig, node_id_from_state, read_node_state, write_node_state
+from qis_fhir.dht.certs import CertChecker, load_identity
+from qis_fhir.dht.node import STORE_FILE, DhtNode, NodeConfig, read_node_state, write_node_state
 from qis_fhir.dht.storage import PacketStore
 from qis_fhir.dht.trust import ManifestVerifier
 
@@ -31,8 +32,13 @@ async def serve(config: NodeConfig, data_dir: Path, manifest_path: Path, stop: a
     purge_now = storage.key_ids() & set(verifier.manifest.revoked_key_ids)
     if purge_now:
         purge(purge_now)
+    try:
+        identity = load_identity(data_dir, verifier.manifest)
+    except BaseException:
+        storage.close()
+        raise
     state = read_node_state(data_dir)
-    node = DhtNode(config, verifier, storage, node_id=node_id_from_state(state))
+    node = DhtNode(config, verifier, storage, identity=identity, checker=CertChecker(lambda: verifier.manifest))
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
