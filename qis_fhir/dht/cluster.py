@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from qis_fhir.dht.address import format_addresses
-from qis_fhir.dht.certs import NodeCert, write_node_cert
+from qis_fhir.dht.certs import NodeCert, NodeIdentity, issue_cert, write_node_cert
 
 LOOPBACK = "127.0.0.1"  # what local nodes, and the clients that talk to them, bind: nothing off this machine reaches them
 START_TIMEOUT = 60.0
@@ -81,9 +81,10 @@ class CertIssuer:
         self._bound = 0
         self._sites = 0
 
-    def certify(self, node_dir: Path) -> NodeCert:
+    def _slot(self) -> tuple[Any, int]:
+        """The next (operator site, index) with room under the manifest's bound."""
         from qis_fhir.packets.keys import create_site
-        from qis_fhir.packets.manifest import add_site, load_manifest
+        from qis_fhir.packets.manifest import add_site
 
         if self._site is None or self._next >= self._bound:
             site_dir = self.root / f"operator-{self._sites}"
@@ -94,9 +95,26 @@ class CertIssuer:
             self._sites += 1
             self._bound = add_site(self.manifest.parent, site_dir).max_nodes_per_site
             self._next = 0
-        cert = write_node_cert(node_dir, self._site, load_manifest(self.manifest), self._next)
         self._next += 1
-        return cert
+        return self._site, self._next - 1
+
+    def certify(self, node_dir: Path) -> NodeCert:
+        """Write ``node_dir/node_key.pem`` and ``node_cert.json`` for a node process."""
+        from qis_fhir.packets.manifest import load_manifest
+
+        site, index = self._slot()
+        return write_node_cert(node_dir, site, load_manifest(self.manifest), index)
+
+    def identity(self) -> NodeIdentity:
+        """A certified identity held in memory only (nodes started inside this process)."""
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from qis_fhir.packets.keys import raw_public
+        from qis_fhir.packets.manifest import load_manifest
+
+        site, index = self._slot()
+        key = Ed25519PrivateKey.generate()
+        return NodeIdentity(key, issue_cert(site, load_manifest(self.manifest), index, raw_public(key.public_key())))
 
 
 def issue_certs(manifest: Path, root: Path, node_dirs: list[Path]) -> list[NodeCert]:

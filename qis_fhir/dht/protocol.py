@@ -339,6 +339,7 @@ class PacketProtocol(KademliaProtocol):
             "keys": len(self.storage.keys()),
             "rejections": self.storage.rejections(),
             "contacts": len(self.contacts()),
+            "dropped": dict(self.channel.drops),  # datagrams dropped at the wire, by reason (not stored)
         }
 
     # ------------------------------------------------------------------ RPCs sent

@@ -16,8 +16,9 @@ from qis_fhir.dht.trust import ManifestVerifier
 log = logging.getLogger("qis_fhir.dht.node")
 
 
-async def serve(config: NodeConfig, data_dir: Path, manifest_path: Path, stop: asyncio.Event | None = None) -> None:
-    """Open the store, bind, join, keep up until ``stop`` is set (or SIGTERM/SIGINT), then close cleanly."""
+def open_node(config: NodeConfig, data_dir: Path, manifest_path: Path) -> DhtNode:
+    """The node of ``data_dir``: its store, its verifier over the manifest (pinned, purging what the
+    manifest revokes) and its certified identity; what ``serve`` runs and what the bench starts in-process."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     storage = PacketStore(data_dir / STORE_FILE)
@@ -26,19 +27,26 @@ async def serve(config: NodeConfig, data_dir: Path, manifest_path: Path, stop: a
         removed = storage.remove_key_ids(key_ids)
         log.info("manifest revoked %d key(s): purged %d packets", len(key_ids), removed)
 
-    verifier = ManifestVerifier(
-        manifest_path, replay=storage.replay_view(), on_revoked=purge, pinned_state=data_dir / "manifest_pin.json"
-    )
-    purge_now = storage.key_ids() & set(verifier.manifest.revoked_key_ids)
-    if purge_now:
-        purge(purge_now)
     try:
+        verifier = ManifestVerifier(
+            manifest_path, replay=storage.replay_view(), on_revoked=purge, pinned_state=data_dir / "manifest_pin.json"
+        )
         identity = load_identity(data_dir, verifier.manifest)
     except BaseException:
         storage.close()
         raise
+    purge_now = storage.key_ids() & set(verifier.manifest.revoked_key_ids)
+    if purge_now:
+        purge(purge_now)
+    return DhtNode(config, verifier, storage, identity=identity, checker=CertChecker(lambda: verifier.manifest))
+
+
+async def serve(config: NodeConfig, data_dir: Path, manifest_path: Path, stop: asyncio.Event | None = None) -> None:
+    """Open the store, bind, join, keep up until ``stop`` is set (or SIGTERM/SIGINT), then close cleanly."""
+    data_dir = Path(data_dir)
+    node = open_node(config, data_dir, manifest_path)
+    storage = node.storage
     state = read_node_state(data_dir)
-    node = DhtNode(config, verifier, storage, identity=identity, checker=CertChecker(lambda: verifier.manifest))
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -10,7 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qis_fhir.dht.cluster import LOOPBACK, LocalCluster
+from qis_fhir.dht.certs import CertChecker
+from qis_fhir.dht.cluster import LOOPBACK, CertIssuer, LocalCluster
+from qis_fhir.dht.node import DhtNode, NodeConfig
+from qis_fhir.dht.storage import PacketStore
+from qis_fhir.dht.trust import ManifestVerifier
 from qis_fhir.packets.codec import PacketSigner, encode_packet
 from qis_fhir.packets.keys import SiteIdentity, create_site
 from qis_fhir.packets.manifest import add_site, create_network, revoke
@@ -30,6 +34,7 @@ def base_sites(net: TestNetwork) -> list:
 class TestNetwork:
     net_dir: Path
     sites: dict[str, SiteIdentity] = field(default_factory=dict)
+    issuer: CertIssuer | None = None  # certifies in-process nodes (an operator site of the network)
 
     @property
     def manifest(self) -> Path:
@@ -45,12 +50,35 @@ class TestNetwork:
         revoke(self.net_dir, site_id)
 
 
+async def start_nodes(net: TestNetwork, n: int, *, host: str = LOOPBACK, ksize: int = 3, **cfg) -> list[DhtNode]:
+    """``n`` certified nodes in this event loop (in-memory stores), each joining through the first."""
+    nodes: list[DhtNode] = []
+    for _ in range(n):
+        store = PacketStore(":memory:")
+        verifier = ManifestVerifier(net.manifest, replay=store.replay_view())
+        node = DhtNode(NodeConfig(host=host, ksize=ksize, maintenance_interval=3600, **cfg), verifier, store,
+                       identity=net.issuer.identity(), checker=CertChecker(lambda v=verifier: v.manifest))
+        await node.start([(nodes[0].host, nodes[0].port)] if nodes else [])
+        nodes.append(node)
+    return nodes
+
+
 def make_network(root: Path, site_ids: list[str]) -> TestNetwork:
     net = TestNetwork(root / "net")
-    create_network(net.net_dir, network_id="test-net", min_cell_size=11)
+    create_network(net.net_dir, network_id="test-net", min_cell_size=11, max_nodes_per_site=64)
+    net.issuer = CertIssuer(net.manifest, root / "operators")
     for sid in site_ids:
         net.add(sid, root / "sites")
     return net
+
+
+def fork_network(net: TestNetwork, root: Path) -> TestNetwork:
+    """A copy of ``net``'s directory (governance key included) under ``root``: sites added to the copy
+    are members for whoever reads the copy, unknown to nodes still watching the original."""
+    import shutil
+
+    shutil.copytree(net.net_dir, root / "net")
+    return TestNetwork(root / "net", dict(net.sites))
 
 
 def fingerprint(n: int) -> str:
