@@ -25,6 +25,7 @@ import hashlib
 import struct
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,10 +145,13 @@ def check_cert(cert: NodeCert, manifest: Any, *, now: float | None = None, signa
 
 class CertChecker:
     """``check(raw) -> (NodeCert | None, reason)`` against the current manifest (``manifest()`` is
-    called each time, so a reloaded manifest's revocations apply at once); signatures once per cert."""
+    called each time, so a reloaded manifest's revocations apply at once); signatures once per cert.
+    ``refresh()`` (a node's ``ManifestVerifier.refresh(force=True)``) is tried once on a certificate of
+    an unknown site: a site added a moment ago runs its nodes at once, as it publishes at once."""
 
-    def __init__(self, manifest: Any, *, cache: int = 4096) -> None:
+    def __init__(self, manifest: Any, *, refresh: Callable[[], bool] | None = None, cache: int = 4096) -> None:
         self._manifest = manifest if callable(manifest) else (lambda: manifest)
+        self._refresh = refresh
         self._good: OrderedDict[bytes, NodeCert] = OrderedDict()
         self._cache = cache
 
@@ -161,6 +165,8 @@ class CertChecker:
         except NodeCertificateError:
             return None, "malformed_cert"
         reason = check_cert(cert, self.manifest, signature_checked=raw in self._good)
+        if reason == "unknown_site" and self._refresh is not None and self._refresh():
+            reason = check_cert(cert, self.manifest)
         if reason is not None:
             return None, reason
         self._good[raw] = cert

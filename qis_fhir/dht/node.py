@@ -101,7 +101,7 @@ class DhtNode(Server):
 
     # ------------------------------------------------------------------ lifecycle
     def _create_protocol(self) -> PacketProtocol:
-        return PacketProtocol(
+        return self.protocol_class(
             self.node,
             self.storage,
             self.ksize,

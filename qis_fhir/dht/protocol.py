@@ -143,18 +143,18 @@ class PacketProtocol(KademliaProtocol):
         try:
             body = umsgpack.unpackb(payload[21:])
         except Exception:  # a member's node sending garbage: counted, never fatal
-            self._log_limited("malformed_rpc", addr)
+            self.channel.drop("malformed_rpc", addr)
             return
         if kind == b"\x00" and len(msg_id) == 20:
             self.spawn(self._serve(session, msg_id, body))
         elif kind == b"\x01":
             call = self._calls.get(msg_id)
             if call is None or call[1] is not session or call[0].done():
-                self._log_limited("unsolicited_response", addr)
+                self.channel.drop("unsolicited_response", addr)
                 return
             call[0].set_result(body)
         else:
-            self._log_limited("malformed_rpc", addr)
+            self.channel.drop("malformed_rpc", addr)
 
     async def _serve(self, session: Session, msg_id: bytes, body: Any) -> None:
         sender = Peer(session.address, session)

@@ -38,7 +38,7 @@ def open_node(config: NodeConfig, data_dir: Path, manifest_path: Path) -> DhtNod
     purge_now = storage.key_ids() & set(verifier.manifest.revoked_key_ids)
     if purge_now:
         purge(purge_now)
-    return DhtNode(config, verifier, storage, identity=identity, checker=CertChecker(lambda: verifier.manifest))
+    return DhtNode(config, verifier, storage, identity=identity, checker=CertChecker(lambda: verifier.manifest, refresh=lambda: verifier.refresh(force=True)))
 
 
 async def serve(config: NodeConfig, data_dir: Path, manifest_path: Path, stop: asyncio.Event | None = None) -> None:

@@ -209,7 +209,8 @@ class SecureChannel:
         self._dialing: dict[tuple[Address, bytes | None], asyncio.Future] = {}
 
     # ------------------------------------------------------------------ helpers
-    def _drop(self, reason: str, address: Any) -> None:
+    def drop(self, reason: str, address: Any) -> None:
+        """Count (and report) one datagram dropped at the wire, here or by the RPC layer above."""
         self.drops[reason] += 1
         if self.on_drop is not None:
             self.on_drop(reason, address)
@@ -325,29 +326,29 @@ class SecureChannel:
         elif kind == FIN:
             self._fin(data, address)
         else:
-            self._drop("not_protocol", address)
+            self.drop("not_protocol", address)
         return None
 
     def _data(self, data: bytes, address: Address) -> tuple[Session, bytes] | None:
         if len(data) < _DATA_HEAD.size + 16:
-            self._drop("malformed_datagram", address)
+            self.drop("malformed_datagram", address)
             return None
         _, idx, counter = _DATA_HEAD.unpack_from(data)
         s = self._sessions.get(idx)
         if s is None or s.address != address:
-            self._drop("unknown_session", address)
+            self.drop("unknown_session", address)
             return None
         if not s.fresh(counter):
-            self._drop("replay", address)
+            self.drop("replay", address)
             return None
         try:
             payload = s.recv_key.decrypt(b"\0\0\0\0" + data[5:13], data[13:], data[:13])
         except InvalidTag:
-            self._drop("bad_mac", address)
+            self.drop("bad_mac", address)
             return None
         if not self._alive(s):
             self._sessions.pop(idx, None)
-            self._drop("expired_session", address)
+            self.drop("expired_session", address)
             return None
         s.mark(counter)
         s.used = time.monotonic()
@@ -362,34 +363,34 @@ class SecureChannel:
 
     def _hello(self, data: bytes, address: Address) -> None:
         if self.identity is None or len(data) != HELLO_SIZE:
-            self._drop("bad_hello", address)
+            self.drop("bad_hello", address)
             return
         self._rotate()
         self._send(bytes([COOKIE]) + data[1:5] + self._cookie(self._secrets[0], address, data[5:37]), address)
 
     def _cookie_reply(self, data: bytes, address: Address) -> None:
         if len(data) != 5 + COOKIE_SIZE:
-            self._drop("bad_cookie_reply", address)
+            self.drop("bad_cookie_reply", address)
             return
         (idx,) = _IDX.unpack_from(data, 1)
         out = self._outgoing.get(idx)
         if out is None or out.address != address or out.session is not None:
-            self._drop("unsolicited", address)
+            self.drop("unsolicited", address)
             return
         init = bytes([INIT]) + _IDX.pack(idx) + out.e_pub + data[5:]
         self._send(init.ljust(INIT_SIZE, b"\0"), address)
 
     def _init(self, data: bytes, address: Address) -> None:
         if self.identity is None or len(data) != INIT_SIZE:
-            self._drop("bad_init", address)
+            self.drop("bad_init", address)
             return
         self._rotate()
         e_i, cookie = data[5:37], data[37 : 37 + COOKIE_SIZE]
         if not any(hmac.compare_digest(cookie, self._cookie(k, address, e_i)) for k in self._secrets):
-            self._drop("bad_cookie", address)
+            self.drop("bad_cookie", address)
             return
         if not self.budget.take():
-            self._drop("handshake_budget", address)
+            self.drop("handshake_budget", address)
             return
         (i_idx,) = _IDX.unpack_from(data, 1)
         try:
@@ -397,7 +398,7 @@ class SecureChannel:
             eph = X25519PrivateKey.generate()
             shared = eph.exchange(peer_e)
         except ValueError:  # a low-order point: no shared secret
-            self._drop("bad_init", address)
+            self.drop("bad_init", address)
             return
         e_r = eph.public_key().public_bytes_raw()
         r_idx = self._new_idx()
@@ -414,12 +415,12 @@ class SecureChannel:
 
     def _resp(self, data: bytes, address: Address) -> None:
         if len(data) < 45 + 16:
-            self._drop("bad_resp", address)
+            self.drop("bad_resp", address)
             return
         i_idx, r_idx = struct.unpack_from(">II", data, 1)
         out = self._outgoing.get(i_idx)
         if out is None or out.address != address or out.session is not None:
-            self._drop("unsolicited", address)
+            self.drop("unsolicited", address)
             return
         e_r = data[9:41]
         try:
@@ -427,24 +428,24 @@ class SecureChannel:
             h0, k_resp, k_init, chain = self._keys(shared, i_idx, r_idx, out.e_pub, e_r)
             proof = _unpack_proof(ChaCha20Poly1305(k_resp).decrypt(bytes(12), data[41:], data[:41]))
         except (ValueError, InvalidTag):
-            self._drop("bad_resp", address)
+            self.drop("bad_resp", address)
             return
         if proof is None or not proof[0]:
-            self._drop("bad_resp", address)
+            self.drop("bad_resp", address)
             return
         cert_raw, sig = proof
         cert, reason = self.checker.check(cert_raw)
         if cert is None:
-            self._drop(f"cert_{reason}", address)
+            self.drop(f"cert_{reason}", address)
             return
         if out.expect is not None and cert.node_id != out.expect:
-            self._drop("wrong_node_id", address)
+            self.drop("wrong_node_id", address)
             return
         th1 = _sha(h0, cert_raw)
         try:
             cert.public_key().verify(sig, SIG_RESP + th1)
         except InvalidSignature:
-            self._drop("bad_handshake_signature", address)
+            self.drop("bad_handshake_signature", address)
             return
         th2 = _sha(th1, self._my_cert)
         my_sig = self.identity.private_key.sign(SIG_INIT + th2) if self.identity is not None else b""
@@ -455,21 +456,21 @@ class SecureChannel:
 
     def _fin(self, data: bytes, address: Address) -> None:
         if len(data) < 5 + 2 + 16:
-            self._drop("bad_fin", address)
+            self.drop("bad_fin", address)
             return
         (r_idx,) = _IDX.unpack_from(data, 1)
         half = self._half_open.get(r_idx)
         if half is None or half.address != address:
-            self._drop("unsolicited", address)
+            self.drop("unsolicited", address)
             return
         try:
             proof = _unpack_proof(ChaCha20Poly1305(half.k_init).decrypt(bytes(12), data[5:], data[:5]))
         except InvalidTag:
-            self._drop("bad_fin", address)
+            self.drop("bad_fin", address)
             return
         del self._half_open[r_idx]
         if proof is None:
-            self._drop("bad_fin", address)
+            self.drop("bad_fin", address)
             return
         cert_raw, sig = proof
         peer = None
@@ -477,12 +478,12 @@ class SecureChannel:
         if cert_raw:
             peer, reason = self.checker.check(cert_raw)
             if peer is None:
-                self._drop(f"cert_{reason}", address)
+                self.drop(f"cert_{reason}", address)
                 return
             try:
                 peer.public_key().verify(sig, SIG_INIT + th2)
             except InvalidSignature:
-                self._drop("bad_handshake_signature", address)
+                self.drop("bad_handshake_signature", address)
                 return
         s = self._establish(r_idx, half.i_idx, address, half.chain, th2, peer, initiator=False)
         if peer is not None:

@@ -50,22 +50,26 @@ class TestNetwork:
         revoke(self.net_dir, site_id)
 
 
-async def start_nodes(net: TestNetwork, n: int, *, host: str = LOOPBACK, ksize: int = 3, **cfg) -> list[DhtNode]:
-    """``n`` certified nodes in this event loop (in-memory stores), each joining through the first."""
+async def start_nodes(net: TestNetwork, n: int, *, host: str = LOOPBACK, ksize: int = 3, identities: list | None = None,
+                      node_class: type = DhtNode, bootstrap: list | None = None, **cfg) -> list[DhtNode]:
+    """``n`` certified nodes in this event loop (in-memory stores), each joining through the first
+    (or ``bootstrap``); ``identities`` default to fresh certificates of the network's operator site."""
     nodes: list[DhtNode] = []
-    for _ in range(n):
+    for i in range(n):
         store = PacketStore(":memory:")
         verifier = ManifestVerifier(net.manifest, replay=store.replay_view())
-        node = DhtNode(NodeConfig(host=host, ksize=ksize, maintenance_interval=3600, **cfg), verifier, store,
-                       identity=net.issuer.identity(), checker=CertChecker(lambda v=verifier: v.manifest))
-        await node.start([(nodes[0].host, nodes[0].port)] if nodes else [])
+        identity = identities[i] if identities is not None else net.issuer.identity()
+        node = node_class(NodeConfig(host=host, ksize=ksize, maintenance_interval=3600, **cfg), verifier, store, identity=identity,
+                          checker=CertChecker(lambda v=verifier: v.manifest, refresh=lambda v=verifier: v.refresh(force=True)))
+        peers = bootstrap if bootstrap is not None else [(nodes[0].host, nodes[0].port)] if nodes else []
+        await node.start(peers)
         nodes.append(node)
     return nodes
 
 
-def make_network(root: Path, site_ids: list[str]) -> TestNetwork:
+def make_network(root: Path, site_ids: list[str], max_nodes_per_site: int = 64) -> TestNetwork:
     net = TestNetwork(root / "net")
-    create_network(net.net_dir, network_id="test-net", min_cell_size=11, max_nodes_per_site=64)
+    create_network(net.net_dir, network_id="test-net", min_cell_size=11, max_nodes_per_site=max_nodes_per_site)
     net.issuer = CertIssuer(net.manifest, root / "operators")
     for sid in site_ids:
         net.add(sid, root / "sites")
