@@ -340,6 +340,7 @@ class PacketProtocol(KademliaProtocol):
             "rejections": self.storage.rejections(),
             "contacts": len(self.contacts()),
             "dropped": dict(self.channel.drops),  # datagrams dropped at the wire, by reason (not stored)
+            "handshakes": dict(self.channel.handshakes),
         }
 
     # ------------------------------------------------------------------ RPCs sent

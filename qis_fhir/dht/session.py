@@ -199,7 +199,7 @@ class SecureChannel:
         self.handshake_timeout = handshake_timeout
         self.on_drop = on_drop
         self.drops: Counter[str] = Counter()
-        self.handshakes = Counter()  # completed, by role
+        self.handshakes: Counter[str] = Counter()  # completed, by role, and cookies sent
         self._secrets = [os.urandom(32), os.urandom(32)]
         self._rotated = time.monotonic()
         self._sessions: OrderedDict[int, Session] = OrderedDict()  # by our index
@@ -366,6 +366,7 @@ class SecureChannel:
             self.drop("bad_hello", address)
             return
         self._rotate()
+        self.handshakes["cookies_sent"] += 1
         self._send(bytes([COOKIE]) + data[1:5] + self._cookie(self._secrets[0], address, data[5:37]), address)
 
     def _cookie_reply(self, data: bytes, address: Address) -> None:
