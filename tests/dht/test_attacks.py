@@ -14,13 +14,12 @@ import json
 
 import pytest
 from dht_cluster import LOOPBACK, Cluster, base_sites, fingerprint, make_network, sign, start_nodes
-from kademlia.node import Node
 
 from qis_fhir.dht.certs import NodeCert, NodeIdentity, check_cert, issue_cert
 from qis_fhir.dht.client import DhtClient
 from qis_fhir.dht.keys import dht_key, pack_nodes
 from qis_fhir.dht.node import DhtNode
-from qis_fhir.dht.protocol import PacketProtocol
+from qis_fhir.dht.protocol import PacketProtocol, Peer
 from qis_fhir.errors import NodeCertificateError, NoPeersError
 from qis_fhir.packets.keys import raw_public
 from qis_fhir.packets.manifest import load_manifest, revoke_node
@@ -267,6 +266,10 @@ def test_forged_certificates_and_forged_responses_are_refused(dht_network):
                 proto = c.protocol
                 s_a = proto.channel.session_at((nodes[0].host, nodes[0].port))
                 s_b_at_b = next(s for s in nodes[1].protocol.channel.sessions() if s.address == (LOOPBACK, c.peer.port))
+                s_b_to_a = nodes[1].protocol.channel.session_at((nodes[0].host, nodes[0].port))
+                # the hook RPC handlers ask: node A's session is a certified node's, the client's is not
+                assert nodes[1].protocol.is_certified(Peer(s_b_to_a.address, s_b_to_a))
+                assert not nodes[1].protocol.is_certified(Peer(s_b_at_b.address, s_b_at_b))
                 # 1. a response to a call pending with node A, sealed by certified node B: not A's answer
                 msg_id = b"\x07" * 20
                 future = asyncio.get_running_loop().create_future()

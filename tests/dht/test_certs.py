@@ -14,7 +14,15 @@ import sys
 import pytest
 from dht_cluster import REPO, make_network
 
-from qis_fhir.dht.certs import CertChecker, NodeIdentity, check_cert, issue_cert, load_identity, node_id_for, write_node_cert
+from qis_fhir.dht.certs import (
+    CertChecker,
+    NodeIdentity,
+    check_cert,
+    issue_cert,
+    load_identity,
+    node_id_for,
+    write_node_cert,
+)
 from qis_fhir.dht.session import SecureChannel
 from qis_fhir.errors import ExitCode, NodeCertificateError
 from qis_fhir.packets.keys import raw_public

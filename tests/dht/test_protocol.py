@@ -13,8 +13,6 @@ from qis_fhir.dht.client import DhtClient
 from qis_fhir.dht.keys import RPC_CAP, dht_key, pack_batches
 
 
-
-
 def _stop(nodes) -> None:
     for node in nodes:
         node.close()
