@@ -43,6 +43,7 @@ log = logging.getLogger("qis_fhir.dht.node")
 NODE_JSON = "node.json"
 STORE_FILE = "packets.sqlite3"
 DAY = 86400.0
+CERT_WARN_DAYS = 30
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class DhtNode(Server):
         self.port: int | None = None
         self._upkeep: asyncio.Task | None = None
         self._last_refresh = time.monotonic()
+        self._cert_warned = -1e9
         self.on_upkeep: list[Any] = []  # callables run after each upkeep pass (the node command saves state)
 
     # ------------------------------------------------------------------ lifecycle
@@ -194,6 +196,7 @@ class DhtNode(Server):
         if refresh is not None:  # a revocation in a new manifest ends sessions and contacts below
             refresh()
         self.protocol.channel.prune()
+        self._warn_if_certificate_expires()
         expired = self.storage.expire()
         if expired:
             log.info("expired %d packets", expired)
@@ -207,6 +210,17 @@ class DhtNode(Server):
         for hook in self.on_upkeep:
             hook()
         return {"expired": expired, "republished_keys": republished}
+
+    def _warn_if_certificate_expires(self) -> None:
+        """Once an hour in the last CERT_WARN_DAYS of the certificate: when it expires, every peer
+        refuses this node and it silently leaves the network."""
+        if self.identity is None:
+            return
+        left = self.identity.cert.expires - time.time()
+        now = time.monotonic()
+        if left < CERT_WARN_DAYS * DAY and now - self._cert_warned >= 3600:
+            self._cert_warned = now
+            log.warning("this node's certificate expires in %.1f days; its site re-issues it with qis-fhir node-cert", max(0.0, left / DAY))
 
     async def check_contacts(self) -> int:
         """Ping every contact once; one that does not answer (after the retry) leaves the table.

@@ -164,3 +164,23 @@ def test_the_handshake_budget_bounds_public_key_work_per_second(tmp_path):
     assert node.handshakes["responder"] == done
     # 4 at once, then 4 a second over the two tries of about a second: far fewer than 20
     assert 4 <= done <= 4 + 4 * 2
+
+
+def test_a_node_warns_while_its_certificate_runs_out(dht_network, caplog):
+    from dht_cluster import start_nodes
+
+    m = load_manifest(dht_network.manifest)
+    soon = _identity(dht_network.sites["site-a"], m, 60, days=2)
+
+    async def run():
+        (node,) = await start_nodes(dht_network, 1, identities=[soon])
+        try:
+            with caplog.at_level("WARNING", logger="qis_fhir.dht.node"):
+                await node.upkeep()
+                await node.upkeep()  # once an hour, not once a pass
+        finally:
+            node.close()
+
+    asyncio.run(run())
+    warnings = [r.getMessage() for r in caplog.records if "certificate expires" in r.getMessage()]
+    assert len(warnings) == 1 and "expires in 2.0 days" in warnings[0]
