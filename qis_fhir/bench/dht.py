@@ -11,6 +11,10 @@ network made for the run (governance key, five sites, real signed packets):
   is one value per key, so ``get`` can return one site's packet: that is its recall.
 * ours: the same packets through ``publish`` and the same fingerprints through ``query``.
 
+Every node is certified by an operator site of the bench's network (``qis_fhir.dht.cluster.issue_certs``)
+and speaks the authenticated wire; stock's algorithms run over the same wire, so the time ratio to
+stock leaves out what authentication costs (``docs/dht.md`` compares releases for that).
+
 Both read through one fresh client, interleaved per fingerprint, so machine noise hits both alike.
 Reported: recall, median seconds per query and their ratio (ours / stock), lookup hops (sequential
 RPC rounds) against log2(N).
