@@ -169,7 +169,6 @@ class _HalfOpen:
     th1: bytes
     k_init: bytes
     chain: bytes
-    my_cert: bytes
     created: float
 
 
@@ -411,7 +410,7 @@ class SecureChannel:
         now = time.monotonic()
         while self._half_open and (len(self._half_open) >= MAX_PENDING or now - next(iter(self._half_open.values())).created > PENDING_TTL):
             self._half_open.popitem(last=False)
-        self._half_open[r_idx] = _HalfOpen(address, i_idx, th1, k_init, chain, self._my_cert, now)
+        self._half_open[r_idx] = _HalfOpen(address, i_idx, th1, k_init, chain, now)
         self._send(head + sealed, address)
 
     def _resp(self, data: bytes, address: Address) -> None:
