@@ -5,7 +5,8 @@ node's certified key over ``RECEIPT_DOMAIN || network id || node id || key || n`
 SHA-256 of the wire sent and the status. ``publish`` counts a replica only for a ``stored`` or ``held``
 status under a receipt that verifies with the key of a certificate the manifest accepts, made in the
 session that carried the request, so a report can never say "confirmed" for a packet no member's
-node holds. One signature per batch of up to 64 packets (about 30 us to sign, 57 us to check here).
+node holds. One signature per batch of up to 64 packets (a batch of 15 signed and checked in about
+175 us here, `qis-fhir bench --only dhtflood`).
 """
 
 from __future__ import annotations
