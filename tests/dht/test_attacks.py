@@ -97,6 +97,16 @@ def test_sybil_ids_next_to_the_stored_keys_from_one_socket_never_route(dht_netwo
                 proto = sybil.protocol
                 keys = [dht_key(fp) for fp in stored_fps]
                 fakes = [_near(keys[i % len(keys)], i) for i in range(SYBILS)]
+                me = (LOOPBACK, sybil.peer.port)
+
+                def nearest(key: bytes) -> list:
+                    target = int.from_bytes(key, "big")
+                    return [(f, *me) for f in sorted(fakes, key=lambda f: int.from_bytes(f, "big") ^ target)[:6]]
+
+                # and it answers every RPC that reaches it with fake ids next to the key, "stored" for any store
+                proto.rpc_find_node = lambda sender, nodeid, key: nearest(key)
+                proto.rpc_find_packets = lambda sender, nodeid, key, cursor=None: {"count": 0, "n4": pack_nodes(nearest(key))[0]}
+                proto.rpc_store_packets = lambda sender, nodeid, key, items: {"s": ["stored"] * len(items), "r": bytes(64)}
                 for address in honest:
                     for fake, key in zip(fakes, keys * 3):
                         await proto._call("ping", address, fake)
