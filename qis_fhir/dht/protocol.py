@@ -412,9 +412,6 @@ class PacketProtocol(KademliaProtocol):
             return node
         return None
 
-    async def call_store_packets(self, node: Node, key: bytes, items: list) -> tuple[bool, Any]:
-        return await self._call_node("store_packets", node, key, items)
-
     async def call_find_packets(self, node: Node, key: bytes, cursor: list | None = None) -> tuple[bool, Any]:
         return await self._call_node("find_packets", node, key, cursor)
 
