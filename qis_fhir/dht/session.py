@@ -21,9 +21,12 @@ empty one, authenticates the node it talks to and stays anonymous, so it is answ
 to, counted as a contact, asked for a receipt or handed packets. A peer without an identity never
 answers a handshake.
 
-What a flood costs: a node does the expensive part of a handshake (an X25519 key pair and exchange, an
-Ed25519 signature, and later two verifications) only for an INIT carrying a cookie it made for that
-source address within the last two minutes (``HMAC(secret, address, e_i)``, stateless, as in DTLS and
+What a flood costs: every datagram has passed the gate of ``qis_fhir.dht.limits`` before it gets
+here (size, a token bucket per source address, a shared one for handshake openers from strangers:
+no crypto), and no rule of that gate is repeated here (replays are this module's window). A node
+does the expensive part of a handshake (an X25519 key pair and exchange, an Ed25519 signature, and
+later two verifications) only for an INIT carrying a cookie it made for that source address within
+the last two minutes (``HMAC(secret, address, e_i)``, stateless, as in DTLS and
 WireGuard), so a spoofed source gets nothing but a 21-byte COOKIE sent to the address it forged; and
 at most ``handshake_rate`` handshakes a second pass even with good cookies. Everything else that is not
 a DATA datagram of a live session with a fresh counter and a valid tag is dropped after a dict lookup.

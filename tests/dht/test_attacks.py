@@ -43,7 +43,7 @@ from qis_fhir.packets.manifest import load_manifest, revoke_node
 pytestmark = [pytest.mark.timeout(240)]
 
 SYBILS = 96
-GATE_DROPS = ("datagram_size", "peer_rate", "stranger_rate", "not_protocol", "unknown_session", "bad_cookie", "bad_hello", "bad_init")
+GATE_DROPS = ("datagram_size", "peer_rate", "stranger_rate")  # what the gate drops; what it admits is counted as admitted
 OPERATOR = "127.0.0.2"  # the nodes here answer stats from this address only; attackers use 127.0.0.1
 N_KEYS = 2000  # keys every node of the loaded cluster holds (what a hand-off scan walks)
 QUERIED = [fingerprint(70_000 + i) for i in range(10)]
@@ -479,15 +479,12 @@ def test_floods_get_no_amplification_and_only_operators_and_members_get_stats(lo
     raw = flood(target.address, lambda i: request("find_packets", b"", key, None, pad_to=RPC_CAP), 500, rate=500, sources=8)
     raw_stats = flood(target.address, lambda i: request("stats", pad_to=4096), 500, rate=500, sources=8)
     hellos = flood(target.address, hello, 2000, rate=500, sources=8)
-    cpu0 = cpu_seconds(target.proc.pid)
     refused = [_run(_stats(target.address, dht_network.manifest, bind=LOOPBACK)) for _ in range(3)]
-    stats_cpu = (cpu_seconds(target.proc.pid) - cpu0)
     for name, f in (("find_packets (unsealed, padded)", raw), ("stats (unsealed, padded)", raw_stats), ("hello", hellos)):
         print(f"\n{name}: {f['sent']} datagrams, {f['sent_bytes']} bytes in, {f['received']} replies, "
               f"{f['received_bytes']} bytes out: {f['received_bytes'] / f['sent_bytes']:.3f}x")
-    print(f"3 anonymous stats requests: node CPU {stats_cpu:.2f} s")
     assert raw["received"] == 0 and raw_stats["received"] == 0
-    assert hellos["received"] > 0 and all(n == 21 for n in [hellos["received_bytes"] / hellos["received"]])
+    assert hellos["received"] > 0 and hellos["received_bytes"] == 21 * hellos["received"]  # cookies only
     assert hellos["received_bytes"] <= hellos["sent_bytes"] / 6
     assert refused == [None, None, None]
     operator = _run(_stats(target.address, dht_network.manifest))
@@ -583,7 +580,7 @@ def test_a_20000_per_second_junk_flood_costs_little_cpu_and_answered_peers_are_s
     per = cpu / received * 1e6
     print(f"\njunk flood: {sent['sent']} datagrams at {sent['rate']:.0f}/s, {received} reached the node, "
           f"node CPU {cpu / sent['seconds']:.0%} of a core, {per:.1f} us per datagram; honest find_packets answered {answered}/{asked}")
-    assert sent["sent"] == 100_000 and received >= 0.9 * sent["sent"]
+    assert sent["sent"] == 100_000 and 0.9 * sent["sent"] <= received <= sent["sent"] + 10 * asked
     assert per < 25.0  # half a core at 20,000 datagrams per second
     assert asked >= 20 and answered == asked
     assert target.proc.poll() is None
