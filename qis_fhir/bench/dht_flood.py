@@ -10,7 +10,8 @@ from a sender process:
   needs no cookie, one HMAC and one ``sendto``);
 * ``init``: a handshake INIT with a wrong cookie (one HMAC, then dropped before any public-key work).
 
-Reported per kind: the node's CPU (user + system, from the kernel's accounting of its process) as a
+The sender is one socket, so the node's gate (``qis_fhir.dht.limits``) passes its per-source rate
+to the wire and drops the rest unread: the figures are those of the whole inbound path. Reported per kind: the node's CPU (user + system, from the kernel's accounting of its process) as a
 fraction of one core, the datagrams it counted as dropped, so CPU per datagram, and whether the node
 kept answering during the flood: every 0.2 s a client queries through it and a certified node pings it.
 
