@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "keys": "qis_fhir.packets.commands:keys",
     "verify": "qis_fhir.packets.commands:verify",
     "node": "qis_fhir.dht.commands:node",
+    "node-cert": "qis_fhir.dht.commands:node_cert",
     "publish": "qis_fhir.dht.commands:publish",
     "query": "qis_fhir.dht.commands:query",
     "evidence": "qis_fhir.evidence.commands:evidence",

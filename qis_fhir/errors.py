@@ -29,6 +29,7 @@ class ExitCode(enum.IntEnum):
     SECAGG_ABORTED = 15  # a secure-aggregation round could not complete safely: nothing was unmasked
     ROUND_REPEATED = 16  # this site already took part in (or released) that secure-aggregation round
     ROUND_WINDOW = 17  # a secure-aggregation round step outside its phase's window: try again when it is due
+    NODE_CERTIFICATE_INVALID = 18  # a DHT node's certificate is missing, expired, revoked or beyond its site's bound
 
 
 class QisError(Exception):
@@ -115,3 +116,10 @@ class RoundWindowError(QisError):
     a reveal or a read before the window it waits for closed."""
 
     exit_code = ExitCode.ROUND_WINDOW
+
+
+class NodeCertificateError(QisError):
+    """A DHT node cannot join: its certificate is missing, expired, revoked or beyond its site's
+    bound; its site re-issues it with ``qis-fhir node-cert``."""
+
+    exit_code = ExitCode.NODE_CERTIFICATE_INVALID

@@ -19,6 +19,7 @@ SECTIONS: dict[str, str] = {
     "extract": "qis_fhir.bench.extract",
     "packets": "qis_fhir.bench.packets",
     "dht": "qis_fhir.bench.dht",
+    "dhtflood": "qis_fhir.bench.dht_flood",
     "quality": "qis_fhir.bench.quality",
     "evidence": "qis_fhir.bench.evidence",
     "secagg": "qis_fhir.bench.secagg",

@@ -11,6 +11,10 @@ network made for the run (governance key, five sites, real signed packets):
   is one value per key, so ``get`` can return one site's packet: that is its recall.
 * ours: the same packets through ``publish`` and the same fingerprints through ``query``.
 
+Every node is certified by an operator site of the bench's network (``qis_fhir.dht.cluster.issue_certs``)
+and speaks the authenticated wire; stock's algorithms run over the same wire, so the time ratio to
+stock leaves out what authentication costs (``docs/dht.md`` compares releases for that).
+
 Both read through one fresh client, interleaved per fingerprint, so machine noise hits both alike.
 Reported: recall, median seconds per query and their ratio (ours / stock), lookup hops (sequential
 RPC rounds) against log2(N).
@@ -30,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qis_fhir.dht.cluster import LOOPBACK, stop_processes, wait_for_json
+from qis_fhir.dht.cluster import LOOPBACK, issue_certs, stop_processes, wait_for_json
 from qis_fhir.files import atomic_write
 
 DEFAULT_SIZES = (10, 30, 100)
@@ -46,9 +50,8 @@ STOP_GRACE = 15.0  # a worker stops 25 nodes
 # ---------------------------------------------------------------------- worker (a process of nodes)
 async def _worker(count: int, seed: str, manifest: str, root: str, ksize: int, out: str) -> None:
     from qis_fhir.dht.address import parse_addresses
-    from qis_fhir.dht.node import DhtNode, NodeConfig
-    from qis_fhir.dht.storage import PacketStore
-    from qis_fhir.dht.trust import ManifestVerifier
+    from qis_fhir.dht.node import NodeConfig
+    from qis_fhir.dht.service import open_node
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -57,9 +60,7 @@ async def _worker(count: int, seed: str, manifest: str, root: str, ksize: int, o
     boot = parse_addresses(seed)
     nodes = []
     for i in range(count):
-        store = PacketStore(Path(root) / f"node{i:03d}.sqlite3")
-        verifier = ManifestVerifier(manifest, replay=store.replay_view())
-        node = DhtNode(NodeConfig(host=LOOPBACK, ksize=ksize, maintenance_interval=3600), verifier, store)
+        node = open_node(NodeConfig(host=LOOPBACK, ksize=ksize, maintenance_interval=3600), _node_dir(Path(root), i), Path(manifest))
         peers = boot + ([(nodes[-1].host, nodes[-1].port)] if nodes else [])
         await node.start(peers)
         nodes.append(node)
@@ -69,6 +70,10 @@ async def _worker(count: int, seed: str, manifest: str, root: str, ksize: int, o
     await stop.wait()
     for node in nodes:
         node.close()
+
+
+def _node_dir(root: Path, i: int) -> Path:
+    return root / f"node{i:03d}"
 
 
 def _spawn_worker(count: int, seed: str, manifest: Path, root: Path, ksize: int, out: Path) -> subprocess.Popen:
@@ -90,6 +95,8 @@ def start_network(n: int, manifest: Path, root: Path, ksize: int) -> tuple[list[
         sizes = [NODES_PER_WORKER] * (n // NODES_PER_WORKER) + ([n % NODES_PER_WORKER] if n % NODES_PER_WORKER else [])
         first = min(sizes[0], 5)  # a small seed worker first, so the others have someone to join
         sizes = [first] + ([sizes[0] - first] if sizes[0] > first else []) + sizes[1:]
+        # every node certified before any starts: the manifest (operator sites) is final by then
+        issue_certs(manifest, root / "operators", [_node_dir(root / f"w{w}", i) for w, size in enumerate(sizes) for i in range(size)])
         out = root / "w0.json"
         procs.append(_spawn_worker(sizes[0], "", manifest, root / "w0", ksize, out))
         addresses += _wait_for(out, procs[0])
@@ -113,10 +120,10 @@ def _packets(root: Path) -> tuple[Path, dict[str, list[bytes]], list[list[bytes]
 
     from qis_fhir.packets.codec import PacketSigner, encode_packet
     from qis_fhir.packets.keys import create_site
-    from qis_fhir.packets.manifest import add_site, create_network
+    from qis_fhir.packets.manifest import MAX_MAX_NODES_PER_SITE, add_site, create_network
 
     net = root / "net"
-    create_network(net, network_id="bench-net")
+    create_network(net, network_id="bench-net", max_nodes_per_site=MAX_MAX_NODES_PER_SITE)  # few operator sites
     by_fp: dict[str, list[bytes]] = {}
     bursts: list[list[bytes]] = [[], []]
     fps = [hashlib.sha256(f"bench-{i}".encode()).hexdigest() for i in range(FINGERPRINTS)]

@@ -33,7 +33,10 @@ KSIZE = 3
 OPENS = "2026-03-02"
 
 
-def _network(root: Path, sites: int) -> tuple[Any, list[Any]]:
+def _network(root: Path, sites: int, nodes: int) -> tuple[Any, list[Any], list[Any]]:
+    """The network, its sites' identities, and ``nodes`` certified node identities (issued before the
+    network is loaded, so the sites' view of it knows the nodes' operator site)."""
+    from qis_fhir.dht.cluster import certify_nodes
     from qis_fhir.packets.keys import create_site
     from qis_fhir.packets.manifest import add_site, create_network, load_network
 
@@ -43,7 +46,8 @@ def _network(root: Path, sites: int) -> tuple[Any, list[Any]]:
     for s in range(sites):
         identities.append(create_site(f"bench-site-{s:02d}", root / "sites" / str(s)))
         add_site(net, root / "sites" / str(s))
-    return load_network(net), identities
+    node_identities = certify_nodes(net / "manifest.json", nodes)
+    return load_network(net), identities, node_identities
 
 
 class _Timed:
@@ -150,9 +154,9 @@ def run(options: Any) -> dict:
         "ksize": KSIZE,
     }
     with tempfile.TemporaryDirectory(prefix="qis-bench-rounds-") as tmp:
-        network, identities = _network(Path(tmp), SITES)
+        network, identities, node_identities = _network(Path(tmp), SITES, nodes)
         clock = Clock(SCHEDULE.starts(OPENS))
-        with round_nodes_in_thread(network.manifest_path, clock, nodes, KSIZE) as addresses:
+        with round_nodes_in_thread(network.manifest_path, clock, node_identities, KSIZE) as addresses:
             assert addresses[0][0] == LOOPBACK
             for stage, length, seed in (("presence", CELLS, 1), ("value", CELLS * len(VALUE_FIELDS), 2)):
                 out[stage] = asyncio.run(_round(network, identities, addresses, clock, stage, length, seed))

@@ -269,8 +269,10 @@ class DhtClient:
     async def start(self) -> None:
         if not self.bootstrap:
             raise NoPeersError("no bootstrap peers given (--bootstrap HOST:PORT)")
+        from qis_fhir.dht.certs import CertChecker
+
         storage = PacketStore(":memory:", verify=self._verifier.check)
-        self.peer = DhtNode(self.config, self._verifier.check, storage, announce=False)
+        self.peer = DhtNode(self.config, self._verifier.check, storage, checker=CertChecker(self.manifest), announce=False)
         try:
             known = await self.peer.start(self.bootstrap)
         except BaseException:  # cannot bind, or cancelled: release the socket and store

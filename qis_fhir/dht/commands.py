@@ -60,7 +60,10 @@ def _stdout_logging(level: int) -> None:
 def node(listen: str, bootstrap: str, data_dir: Path, network: Path, ksize: int, alpha: int, ttl_days: float,
          republish_interval: float, refresh_interval: float, maintenance_interval: float, rpc_timeout: float, log_level: str,
          operators: tuple[str, ...]) -> None:
-    """Run a DHT node until SIGTERM or SIGINT: verifies every packet stored on it, keeps them in SQLite, republishes."""
+    """Run a DHT node until SIGTERM or SIGINT: verifies every packet stored on it, keeps them in SQLite, republishes.
+
+    DATA_DIR must hold the node's certificate (`qis-fhir node-cert`); exits 18 when it is missing or
+    the network refuses it (expired, revoked, beyond its site's bound)."""
     from qis_fhir.dht.address import parse_address, parse_addresses
     from qis_fhir.dht.node import NodeConfig
     from qis_fhir.dht.service import serve
@@ -83,6 +86,22 @@ def node(listen: str, bootstrap: str, data_dir: Path, network: Path, ksize: int,
         **({"operators": tuple(operators)} if operators else {}),
     )
     asyncio.run(serve(config, data_dir, network))
+
+
+@click.command("node-cert")
+@click.option("--site", "site_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="The member site's directory (its site_key.pem signs the certificate).")
+@click.option("--network", "network", required=True, type=click.Path(path_type=Path), help="Network manifest (format v2): its max_nodes_per_site bounds --index.")
+@click.option("--index", type=click.IntRange(min=0), required=True, help="Which of the site's node certificates (0 .. max_nodes_per_site - 1); it fixes the node id.")
+@click.option("--node-dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="The node's --data-dir: node_key.pem is made there if missing, node_cert.json written.")
+@click.option("--days", type=click.FloatRange(min=0, min_open=True), default=365.0, show_default=True, help="Validity.")
+def node_cert(site_dir: Path, network: Path, index: int, node_dir: Path, days: float) -> None:
+    """Certify a DHT node's key as node INDEX of a member site; the node loads it from its data dir."""
+    from qis_fhir.dht.certs import write_node_cert
+    from qis_fhir.packets.keys import load_site
+    from qis_fhir.packets.manifest import load_manifest
+
+    cert = write_node_cert(node_dir, load_site(site_dir), load_manifest(network), index, days=days)
+    click.echo(f"node {cert.node_id.hex()} (site key {cert.site_key_id}, index {cert.index}, node key {cert.node_key_id}) certified in {node_dir}")
 
 
 def _read_wires(path: Path) -> list[bytes]:

@@ -1,17 +1,23 @@
 """What a datagram from an unauthenticated peer may cost a node: constant, small, bounded work.
 
-Every datagram passes :class:`Gate` before anything is parsed. The gate does a handful of dict
-operations and comparisons, no parsing, no table scan, no disk:
+Every datagram passes :class:`Gate` before anything else, before the authenticated wire of
+``qis_fhir.dht.session`` spends a cookie HMAC, a handshake or an AEAD open on it. The gate does a
+handful of dict operations and comparisons, no parsing, no crypto, no table scan, no disk:
 
-* size: a request or reply is at least 22 bytes (type byte, 20-byte message id, one msgpack byte)
-  and at most the 8,192-byte RPC cap plus that header; anything else is dropped unread;
-* a reply (type 1) is read only when its message id is one this node is waiting for (rpcudp's
-  ``_outstanding``): ids are 160 random bits used once, so a replayed or forged reply is dropped;
-* a request (type 0) spends a token of its source address's bucket (per ``(ip, port)``, a bounded
-  map evicting the least recently used), and, unless the address has answered one of our requests
-  lately (return-routable) or is certified, a token of one shared bucket for all such strangers, so
-  a flood from many spoofed ports cannot take more than that shared rate of real work;
-* a request whose message id was seen in the last ``replay_window`` seconds is a replay and dropped.
+* size: anything shorter than the wire's shortest message (a 21-byte COOKIE) or longer than a sealed
+  RPC at the 8,192-byte cap is dropped unread;
+* every datagram except an answer to a handshake this node started (COOKIE, RESP: the channel
+  drops unsolicited ones after one dict lookup) spends a token of its source address's bucket (per
+  ``(ip, port)``, a bounded map evicting the least recently used); a sealed response to one of our
+  own requests gets its token back once opened (:meth:`Gate.refund`), so the bucket paces what a
+  peer asks of us, not what we asked of it;
+* a handshake opener (HELLO, INIT) from an address without a live session, one that has not
+  completed a cookie exchange lately, also spends a token of one shared bucket for all such
+  strangers, so a flood from many spoofed ports cannot take more than that shared rate of real work.
+
+What the sealed wire made redundant is gone from here: replayed message ids (a sealed datagram
+carries a counter checked against its session's replay window) and replies to no request of ours
+(a response is matched to the call it answers, on the session that call went out on).
 
 Counts of what was dropped, by reason, live in memory (``Gate.dropped``): a flood costs no disk.
 Measured on the 2 shared cores of this project's machine: about 2 us per dropped datagram in the
@@ -24,13 +30,6 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-
-from qis_fhir.dht.keys import RPC_CAP
-
-HEADER = 21  # rpcudp's type byte + 20-byte message id
-MIN_DATAGRAM = HEADER + 1
-MAX_DATAGRAM = HEADER + RPC_CAP
-REQUEST, REPLY = 0, 1
 
 
 class TokenBucket:
@@ -73,6 +72,11 @@ class PeerBuckets:
         else:
             self._buckets.move_to_end(key)
         return bucket.take(now)
+
+    def refund(self, key: Hashable) -> None:
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket.tokens = min(bucket.burst, bucket.tokens + 1.0)
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -117,66 +121,73 @@ class Limits:
     """Rates are datagrams per second. Defaults sized so honest traffic never meets them: a node
     answers a publishing client's store batches (32 in flight) at a few hundred per second."""
 
-    peer_rate: float = 500.0  # requests per second from one (ip, port)
+    peer_rate: float = 500.0  # datagrams per second from one (ip, port), our own calls' responses refunded
     peer_burst: float = 1000.0
-    stranger_rate: float = 1000.0  # requests per second from all not-yet-answered, uncertified sources together
+    stranger_rate: float = 1000.0  # handshake openers per second from all addresses without a live session together
     stranger_burst: float = 2000.0
     max_peers: int = 4096  # buckets kept (per source address)
-    answered_ttl: float = 600.0  # an address that answered our request counts as return-routable this long
+    answered_ttl: float = 600.0  # an address with a live session counts as return-routable this long
     max_answered: int = 4096
-    replay_window: float = 60.0  # request message ids remembered this long ...
-    max_request_ids: int = 65_536  # ... at most this many (about 10 MB; above 1,000 admitted requests a second the window shrinks)
 
 
 class Gate:
-    """Admission of one datagram (see module docstring); ``admit`` returns None or the drop reason."""
+    """Admission of one datagram (see module docstring); ``admit`` returns None or the drop reason.
 
-    def __init__(self, limits: Limits, *, outstanding: Callable[[bytes], bool], certified: Callable[[tuple], bool]) -> None:
+    The wire's facts come from its owner (``qis_fhir.dht.session``): the size range, the type bytes
+    of ``replies`` (answers to our own handshakes) and of ``openers`` (what a stranger sends first);
+    ``known(address)`` is whether a certified peer has a live session there."""
+
+    def __init__(
+        self,
+        limits: Limits,
+        *,
+        min_size: int,
+        max_size: int,
+        replies: frozenset[int],
+        openers: frozenset[int],
+        known: Callable[[tuple], bool],
+    ) -> None:
         now = time.monotonic()
         self.limits = limits
-        self._outstanding = outstanding
-        self._certified = certified
+        self.min_size, self.max_size = min_size, max_size
+        self._replies, self._openers = replies, openers
+        self._known = known
         self._peers = PeerBuckets(limits.peer_rate, limits.peer_burst, limits.max_peers)
         self._strangers = TokenBucket(limits.stranger_rate, limits.stranger_burst, now)
         self._answered = RecentSet(limits.answered_ttl, limits.max_answered)
-        self._request_ids = RecentSet(limits.replay_window, limits.max_request_ids)
         self.dropped: Counter[str] = Counter()
-        self.admitted = 0  # requests let through
-        self.replies = 0  # replies to our requests let through
+        self.admitted = 0  # datagrams let through to the channel
 
     def answered(self, address: tuple) -> None:
-        """``address`` replied to one of our requests: it is not a spoofed source."""
+        """``address`` sent an authentic datagram of a live session: it is not a spoofed source."""
         self._answered.touch(address[:2], time.monotonic())
+
+    def refund(self, address: tuple) -> None:
+        """Give back the token a response to one of our own requests spent."""
+        self._peers.refund(address[:2])
 
     def admit(self, data: bytes, address: tuple) -> str | None:
         reason = self._check(data, address)
         if reason is None:
-            if data[0] == REPLY:
-                self.replies += 1
-            else:
-                self.admitted += 1
+            self.admitted += 1
         else:
             self.dropped[reason] += 1
         return reason
 
     def _check(self, data: bytes, address: tuple) -> str | None:
-        if not MIN_DATAGRAM <= len(data) <= MAX_DATAGRAM:
+        if not self.min_size <= len(data) <= self.max_size:
             return "datagram_size"
         kind = data[0]
-        if kind == REPLY:
-            return None if self._outstanding(data[1:HEADER]) else "unexpected_reply"
-        if kind != REQUEST:
-            return "datagram_type"
+        if kind in self._replies:
+            return None
         now = time.monotonic()
         peer = address[:2]
         if not self._peers.take(peer, now):
             return "peer_rate"
-        if peer not in self._answered and not self._certified(peer) and not self._strangers.take(now):
+        if kind in self._openers and peer not in self._answered and not self._known(peer) and not self._strangers.take(now):
             return "stranger_rate"
-        if not self._request_ids.add(data[1:HEADER], now):
-            return "replayed_request"
         return None
 
     def sizes(self) -> dict[str, int]:
         """Entries in each bounded table (what a test of the bounds reads)."""
-        return {"peer_buckets": len(self._peers), "answered": len(self._answered), "request_ids": len(self._request_ids)}
+        return {"peer_buckets": len(self._peers), "answered": len(self._answered)}

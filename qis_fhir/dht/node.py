@@ -4,7 +4,9 @@ Differences from the stock ``kademlia.network.Server``:
 
 * it binds exactly the address it is given (``NodeConfig.host`` has no default; the stock
   ``listen`` binds ``0.0.0.0``) and reports the port it actually got (port 0 picks a free one);
-* its id and last known neighbours persist in ``DATA_DIR/node.json``, so a restarted node takes its
+* its id comes from its node certificate (``qis_fhir.dht.certs``: the issuing site's key id and the
+  certificate's index), and it speaks only the authenticated wire (``qis_fhir.dht.session``);
+* its last known neighbours persist in ``DATA_DIR/node.json``, so a restarted node takes its
   old place in the id space (its stored packets are the ones that belong there) and can rejoin even
   when its bootstrap peers are gone;
 * upkeep runs in one bounded loop: expire old rows, republish keys nobody re-stored for
@@ -29,6 +31,7 @@ from kademlia.network import Server
 from kademlia.node import Node
 
 from qis_fhir.dht.address import format_address
+from qis_fhir.dht.certs import CertChecker, NodeIdentity
 from qis_fhir.dht.limits import Limits
 from qis_fhir.dht.lookup import SEED_LIMIT, Lookup, iterative_lookup
 from qis_fhir.dht.protocol import OPERATORS, PacketProtocol, Verify
@@ -41,6 +44,7 @@ log = logging.getLogger("qis_fhir.dht.node")
 NODE_JSON = "node.json"
 STORE_FILE = "packets.sqlite3"
 DAY = 86400.0
+CERT_WARN_DAYS = 30
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class NodeConfig:
     rpc_timeout: float = 3.0
     retries: int = 1  # a timed-out RPC is sent once more before the peer counts as gone
     max_inflight: int = 32  # outgoing RPCs in flight at once (per node or client)
+    handshake_rate: float = 200.0  # handshakes this node answers per second at most (the responder's share of one costs ~0.3 ms of CPU)
     republish_concurrency: int = 4  # keys republished at once
     limits: Limits = Limits()  # what unauthenticated peers may cost (qis_fhir.dht.limits)
     operators: tuple[str, ...] = OPERATORS  # addresses whose stats requests are answered
@@ -77,10 +82,18 @@ class DhtNode(Server):
         verify: Verify,
         storage: PacketStore,
         *,
-        node_id: bytes | None = None,
+        identity: NodeIdentity | None = None,
+        checker: CertChecker,
         announce: bool = True,
     ) -> None:
-        super().__init__(ksize=config.ksize, alpha=config.alpha, node_id=node_id or _random_id(), storage=storage)
+        """A node (``announce``) needs its ``identity``; a client has none. ``checker`` judges peers'
+        certificates against the network manifest."""
+        if announce and identity is None:
+            raise ValueError("a DHT node needs a node certificate (qis_fhir.dht.certs.load_identity)")
+        node_id = identity.node_id if identity is not None else _random_id()
+        super().__init__(ksize=config.ksize, alpha=config.alpha, node_id=node_id, storage=storage)
+        self.identity = identity
+        self.checker = checker
         self.config = config
         self.verify = verify
         self.announce = announce
@@ -88,11 +101,12 @@ class DhtNode(Server):
         self.port: int | None = None
         self._upkeep: asyncio.Task | None = None
         self._last_refresh = time.monotonic()
+        self._cert_warned = -1e9
         self.on_upkeep: list[Any] = []  # callables run after each upkeep pass (the node command saves state)
 
     # ------------------------------------------------------------------ lifecycle
     def _create_protocol(self) -> PacketProtocol:
-        return PacketProtocol(
+        return self.protocol_class(
             self.node,
             self.storage,
             self.ksize,
@@ -104,6 +118,9 @@ class DhtNode(Server):
             max_ttl=self.config.ttl,
             limits=self.config.limits,
             operators=self.config.operators,
+            identity=self.identity,
+            checker=self.checker,
+            handshake_rate=self.config.handshake_rate,
         )
 
     async def listen(self, port: int | None = None, interface: str | None = None) -> None:  # type: ignore[override]
@@ -184,6 +201,11 @@ class DhtNode(Server):
     async def upkeep(self) -> dict:
         """One pass: expire, re-join if alone, drop dead contacts, republish due keys, refresh lonely buckets."""
         self.protocol.save_counts()
+        refresh = getattr(self.verify, "refresh", None)
+        if refresh is not None:  # a revocation in a new manifest ends sessions and contacts below
+            refresh()
+        self.protocol.channel.prune()
+        self._warn_if_certificate_expires()
         expired = self.storage.expire()
         if expired:
             log.info("expired %d packets", expired)
@@ -197,6 +219,17 @@ class DhtNode(Server):
         for hook in self.on_upkeep:
             hook()
         return {"expired": expired, "republished_keys": republished}
+
+    def _warn_if_certificate_expires(self) -> None:
+        """Once an hour in the last CERT_WARN_DAYS of the certificate: when it expires, every peer
+        refuses this node and it silently leaves the network."""
+        if self.identity is None:
+            return
+        left = self.identity.cert.expires - time.time()
+        now = time.monotonic()
+        if left < CERT_WARN_DAYS * DAY and now - self._cert_warned >= 3600:
+            self._cert_warned = now
+            log.warning("this node's certificate expires in %.1f days; its site re-issues it with qis-fhir node-cert", max(0.0, left / DAY))
 
     async def check_contacts(self) -> int:
         """Ping every contact once; one that does not answer (after the retry) leaves the table.

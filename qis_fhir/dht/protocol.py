@@ -17,18 +17,21 @@ Subclasses the package's :class:`kademlia.protocol.KademliaProtocol` and keeps i
 * a newly seen node is handed the packets it should hold, with their remaining lifetime, under the
   right keys (the stock ``welcome_if_new`` re-hashes keys and sends them under wrong ids), through a
   bounded, paced queue (``qis_fhir.dht.handoff``), never inline;
-* outsiders cost nothing: every datagram passes the gate of ``qis_fhir.dht.limits`` (size, per-peer
-  and shared token buckets, replayed message ids, replies only to requests we sent) before it is
-  parsed; a reply to a peer that is not certified is never larger than its request (clients pad
-  their requests to the reply they want, see ``PAD_TO``); ``stats`` answers operators' addresses and
-  certified peers only; counts of refusals stay in memory and reach SQLite once per upkeep pass.
+* every datagram passes two layers before anything is parsed: first the gate of
+  ``qis_fhir.dht.limits`` (size, a token bucket per source address, and one shared bucket that
+  handshake openers from addresses without a live session pay), then a
+  :class:`~qis_fhir.dht.session.SecureChannel` (a handshake per peer behind a stateless cookie, then
+  sealed datagrams with a replay window): rpcudp-style framing never sees a byte an outsider sent, a
+  response counts only from the session its request went out on, and only a peer that proved a node
+  certificate for its id enters the routing table, counts as a contact, receives hand-offs or signs
+  store receipts; ``stats`` answers operators' addresses and certified peers only; counts of
+  refusals stay in memory and reach SQLite once per upkeep pass.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
-import contextvars
 import logging
 import os
 import socket
@@ -43,9 +46,12 @@ from kademlia.protocol import KademliaProtocol
 from kademlia.routing import RoutingTable
 from rpcudp.exceptions import MalformedMessage
 
+from qis_fhir.dht.certs import CertChecker, NodeIdentity
 from qis_fhir.dht.handoff import HandOff
 from qis_fhir.dht.keys import RPC_CAP, dht_key, pack_batches, pack_nodes, packed_size
-from qis_fhir.dht.limits import HEADER, MAX_DATAGRAM, REPLY, Gate, Limits
+from qis_fhir.dht.limits import Gate, Limits
+from qis_fhir.dht.receipts import receipt_valid, sign_receipt
+from qis_fhir.dht.session import COOKIE, HELLO, INIT, MAX_DATAGRAM, MIN_DATAGRAM, RESP, SecureChannel, Session
 from qis_fhir.dht.storage import CONFIRMED, QUOTA, PacketStore
 
 log = logging.getLogger("qis_fhir.dht.protocol")
@@ -62,30 +68,27 @@ NO_REPLY = object()  # what a handler returns to send nothing back
 TRIPLE_MAX = 66  # packed [20-byte id, IPv6 address text, port] at its longest
 TRIPLE_MAX_V4 = 42  # ... with an IPv4 address
 
-
-def nodes_reply_size(ksize: int) -> int:
-    """Bytes a find_node reply of 2k node triples needs at most (what such a request is padded to)."""
-    return min(RPC_CAP, 2 * ksize * TRIPLE_MAX + 8)
-
-
-# Requests are padded with zero bytes after their msgpack body (umsgpack ignores trailing bytes, so
-# a stock node reads them unchanged) up to the reply they ask for, because a node replies to an
-# uncertified peer with at most as many bytes as it received.
-PAD_TO: dict[str, Callable[[int], int]] = {
-    "ping": lambda k: 32,
-    "find_node": nodes_reply_size,
-    "find_value": nodes_reply_size,
-    "find_packets": lambda k: RPC_CAP,
-    "stats": lambda k: 4096,
-}
-# the reply budget of the request being answered (rpc handlers are called with the peer's args only)
-_reply_cap: contextvars.ContextVar[int] = contextvars.ContextVar("reply_cap", default=RPC_CAP)
-
 Verify = Callable[[bytes], Any]  # -> Verdict(ok, reason, packet)
 
 
 def _valid_id(value: object) -> bool:
     return isinstance(value, bytes) and len(value) == 20
+
+
+class Peer(tuple):
+    """Who sent an RPC: its (host, port), as rpcudp passes senders, and the session it came in on;
+    ``node_id`` is the certified node id, None for an anonymous client."""
+
+    session: Session
+
+    def __new__(cls, address: tuple, session: Session) -> Peer:
+        peer = super().__new__(cls, address[:2])
+        peer.session = session
+        return peer
+
+    @property
+    def node_id(self) -> bytes | None:
+        return self.session.peer_id
 
 
 def valid_cursor(value: object) -> bool:
@@ -123,8 +126,18 @@ class PacketProtocol(KademliaProtocol):
         max_ttl: float = 30 * 86400,
         limits: Limits | None = None,
         operators: tuple[str, ...] = OPERATORS,
+        identity: NodeIdentity | None = None,
+        checker: CertChecker,
+        handshake_rate: float = 200.0,
     ) -> None:
         super().__init__(source_node, storage, ksize)
+        self.identity = identity
+        # channel drops are counted there and summed into one log line per upkeep pass (log_dropped)
+        self.channel = SecureChannel(
+            identity, checker, lambda data, address: self.transport.sendto(data, address),
+            handshake_rate=handshake_rate, handshake_timeout=rpc_timeout,
+        )
+        self._calls: dict[bytes, tuple[asyncio.Future, Session]] = {}
         self.router = IndexedRoutingTable(self, ksize, source_node)
         self._reader: socket.socket | None = None
         self._wait_timeout = rpc_timeout
@@ -139,7 +152,11 @@ class PacketProtocol(KademliaProtocol):
         self._tasks: set[asyncio.Task] = set()
         self._unsaved: Counter[str] = Counter()  # rejections not yet added to the SQLite table
         self.operators = frozenset(operators)
-        self.gate = Gate(limits or Limits(), outstanding=self._outstanding.__contains__, certified=self.is_certified)
+        self.gate = Gate(
+            limits or Limits(), min_size=MIN_DATAGRAM, max_size=MAX_DATAGRAM,
+            replies=frozenset({COOKIE, RESP}), openers=frozenset({HELLO, INIT}),
+            known=lambda address: self.channel.session_at(address) is not None,
+        )
         self.handoff = HandOff(storage, source_node, self.contacts, ksize, self.send_packets, still_known=self.knows)
         self._id_at: OrderedDict[tuple, bytes] = OrderedDict()  # the id last seen at each contact address
         self._stats: tuple[float, dict] | None = None
@@ -182,54 +199,67 @@ class PacketProtocol(KademliaProtocol):
             self.datagram_received(data, addr)
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
-        """The gate first (constant work, nothing parsed), then rpcudp's framing: a reply resolves the
-        RPC it answers; a request is answered in its own task."""
+        """The gate first (constant work, nothing parsed, no crypto), then the channel: only a sealed
+        datagram of a live session gets further (no task, no msgpack, no log line per datagram for
+        anything else). A request is answered in its own task; a response resolves the call it answers
+        on the session that call went out on, and gives back the gate token it spent."""
         if self.gate.admit(data, addr) is not None:
             return
-        try:
-            body = umsgpack.unpackb(data[HEADER:])
-        except Exception:  # garbage on the socket must not kill or spam the node
-            self.gate.dropped["malformed_datagram"] += 1
+        got = self.channel.receive(data, addr)
+        if got is None:
             return
-        if data[0] == REPLY:
-            self.gate.answered(addr)
-            self._accept_response(data[1:HEADER], body, addr)
+        session, payload = got
+        self.gate.answered(addr)  # a live session: this address completed a cookie exchange
+        if not payload:  # the responder's session confirmation
+            return
+        kind, msg_id = payload[:1], payload[1:21]
+        try:
+            body = umsgpack.unpackb(payload[21:])
+        except Exception:  # a member's node or a client sending garbage: counted, never fatal
+            self.channel.drop("malformed_rpc", addr)
+            return
+        if kind == b"\x00" and len(msg_id) == 20:
+            self.spawn(self._serve(session, msg_id, body))
+        elif kind == b"\x01":
+            call = self._calls.get(msg_id)
+            if call is None or call[1] is not session or call[0].done():
+                self.channel.drop("unsolicited_response", addr)
+                return
+            self.gate.refund(addr)  # honest replies are paced by our own in-flight bound, not the gate
+            call[0].set_result(body)
         else:
-            self.spawn(self._answer(data[1:HEADER], body, addr, len(data) - HEADER))
+            self.channel.drop("malformed_rpc", addr)
 
-    def is_certified(self, peer: tuple) -> bool:
-        """Whether ``peer`` (ip, port) proved membership; until node certificates exist, nobody has."""
-        return False
+    def is_certified(self, sender: object) -> bool:
+        """True for an RPC sender that proved a node certificate (a member's node), False for a client."""
+        return getattr(sender, "node_id", None) is not None
 
     def is_operator(self, peer: tuple) -> bool:
         return peer[0] in self.operators
 
-    async def _answer(self, msg_id: bytes, data: Any, address: tuple, request_size: int) -> None:
-        """rpcudp's ``_accept_request``, with the reply held to ``request_size`` for an uncertified peer."""
-        if not (isinstance(data, list) and len(data) == 2 and isinstance(data[0], str) and isinstance(data[1], list)):
-            self.gate.dropped["malformed_rpc"] += 1
+    def dropped(self) -> Counter[str]:
+        """Datagrams dropped before any RPC ran, by reason: at the gate and at the wire."""
+        return self.gate.dropped + self.channel.drops
+
+    async def _serve(self, session: Session, msg_id: bytes, body: Any) -> None:
+        """rpcudp's ``_accept_request`` for an opened DATA datagram, the reply sealed on the same session."""
+        sender = Peer(session.address, session)
+        if not (isinstance(body, list) and len(body) == 2 and isinstance(body[0], str) and isinstance(body[1], list)):
+            self._reject("malformed_rpc", sender)
             return
-        name, args = data
-        func = getattr(self, f"rpc_{name}", None) if name.isidentifier() else None
+        func = getattr(self, f"rpc_{body[0]}", None) if body[0].isidentifier() else None
         if func is None or not callable(func):
-            self.gate.dropped["unknown_rpc"] += 1
+            self._reject("unknown_rpc", sender)
             return
-        cap = RPC_CAP if self.is_certified(address[:2]) else min(RPC_CAP, request_size)
-        _reply_cap.set(cap)  # this task's own context: other requests keep theirs
         try:
-            response = func(address, *args)
+            response = func(sender, *body[1])
             if asyncio.iscoroutine(response):
                 response = await response
         except Exception:  # wrong arity or types from a peer
-            self._reject("malformed_rpc", address)
+            self._reject("malformed_rpc", sender)
             return
-        if response is NO_REPLY:
-            return
-        body = umsgpack.packb(response)
-        if len(body) > cap:
-            self.gate.dropped["reply_over_budget"] += 1
-            return
-        self.transport.sendto(b"\x01" + msg_id + body, address)
+        if response is not NO_REPLY:
+            self.channel.send(session, b"\x01" + msg_id + umsgpack.packb(response))
 
     def spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -252,8 +282,8 @@ class PacketProtocol(KademliaProtocol):
             log.info("rejected %d item(s): %s", n, reason, extra={"log_reason": reason})
 
     def log_dropped(self) -> None:
-        """One line with the datagrams the gate dropped since the last call, by reason (if any)."""
-        now = Counter(self.gate.dropped)
+        """One line with the datagrams dropped (gate and wire) since the last call, by reason (if any)."""
+        now = self.dropped()
         delta = now - self._dropped_logged
         self._dropped_logged = now
         if delta:
@@ -267,9 +297,9 @@ class PacketProtocol(KademliaProtocol):
                     self.storage.count_rejection(reason, n)
 
     def _welcome_sender(self, sender: tuple, nodeid: object) -> Node | None:
-        """The sending node, welcomed into the routing table; None for a client (empty id) or
-        nonsense, which is answered but never routed to."""
-        if _valid_id(nodeid) and nodeid != self.source_node.id:
+        """The sending node, welcomed into the routing table; None for a client (empty id), a node
+        claiming an id its certificate does not give it, or nonsense: answered but never routed to."""
+        if _valid_id(nodeid) and nodeid != self.source_node.id and getattr(sender, "node_id", None) == nodeid:
             source = Node(nodeid, sender[0], sender[1])
             self.welcome_if_new(source)
             return source
@@ -338,8 +368,8 @@ class PacketProtocol(KademliaProtocol):
     def _neighbors(self, key: bytes, source: Node | None, room: int | None = None) -> list:
         """The 2k closest contacts to ``key``: twice the stock k, so that a walk still finds live
         nodes when the closest k we know include departed ones (small k, churn). As many of the
-        closest as fit ``room`` packed bytes (default: this request's reply budget)."""
-        room = _reply_cap.get() - 8 if room is None else room
+        closest as fit ``room`` packed bytes (default: a whole reply)."""
+        room = RPC_CAP - 8 if room is None else room
         out = []
         for n in self.closest_contacts(key, 2 * self.router.ksize, exclude=source):
             room -= TRIPLE_MAX if ":" in str(n.ip) else TRIPLE_MAX_V4
@@ -369,7 +399,7 @@ class PacketProtocol(KademliaProtocol):
         self._welcome_sender(sender, nodeid)
         return {"value": value}
 
-    def rpc_store_packets(self, sender: tuple, nodeid: object, key: object, items: object) -> list:
+    def rpc_store_packets(self, sender: tuple, nodeid: object, key: object, items: object) -> Any:
         """Store a batch of ``[wire, ttl_seconds]`` items under ``key``; one status per item."""
         if not _valid_id(key) or not isinstance(items, list) or len(items) > MAX_ITEMS_PER_STORE:
             self._reject("malformed_rpc", sender)
@@ -383,7 +413,10 @@ class PacketProtocol(KademliaProtocol):
                     statuses.append("malformed_item")
                     continue
                 statuses.append(self.accept_packet(key, item[0], item[1], sender))
-        return statuses
+        if self.identity is None:  # a client holds nothing for anyone
+            return []
+        wires = [item[0] if isinstance(item, list) and item else b"" for item in items]
+        return {"s": statuses, "r": sign_receipt(self.identity, key, wires, statuses)}
 
     def rpc_find_packets(self, sender: tuple, nodeid: object, key: object, cursor: object = None) -> dict:
         """One page of ``key``'s packets (see module docstring); closest nodes on the first page."""
@@ -391,9 +424,9 @@ class PacketProtocol(KademliaProtocol):
             self._reject("malformed_rpc", sender)
             return {"count": 0, "nodes": []}
         source = self._welcome_sender(sender, nodeid)
-        cap = _reply_cap.get()
-        # nodes take at most half of a small budget (a reply must still have room for its counts)
-        n4, nodes = pack_nodes(self._neighbors(key, source, min(cap - 8, cap // 2))) if cursor is None else (b"", [])
+        cap = RPC_CAP
+        # nodes take at most half of the reply (it must still have room for its counts and packets)
+        n4, nodes = pack_nodes(self._neighbors(key, source, cap // 2)) if cursor is None else (b"", [])
         count, digest = self.storage.digest(key)
         if count == 0:
             return {"count": 0, "n4": n4, "nodes": nodes}
@@ -415,8 +448,8 @@ class PacketProtocol(KademliaProtocol):
         by reason. Answered to operators' addresses and certified peers only, and the two counts that
         scan whole tables (packets, keys) are reused for ``STATS_CACHE`` seconds; anyone else gets
         no reply."""
-        if not (self.is_operator(sender) or self.is_certified(sender[:2])):
-            self.gate.dropped["stats_refused"] += 1
+        if not (self.is_operator(sender) or self.is_certified(sender)):
+            self.channel.drop("stats_refused", sender)
             return NO_REPLY
         now = time.monotonic()
         if self._stats is None or now - self._stats[0] >= STATS_CACHE:
@@ -426,47 +459,60 @@ class PacketProtocol(KademliaProtocol):
         return {
             **self._stats[1],
             "rejections": dict(rejections),
-            "dropped": dict(self.gate.dropped),
+            "dropped": dict(self.dropped()),  # datagrams dropped at the gate and the wire, by reason (not stored)
             "admitted": self.gate.admitted,
-            "replies": self.gate.replies,
+            "handshakes": dict(self.channel.handshakes),
             "contacts": len(self.contacts()),
             "handoff": {"pending": self.handoff.pending(), "dropped": self.handoff.dropped},
         }
 
     # ------------------------------------------------------------------ RPCs sent
-    async def _call(self, name: str, address: tuple, *args: Any) -> tuple[bool, Any]:
-        """Send one RPC through the in-flight semaphore, retrying a timeout ``retries`` times."""
+    async def _request(self, session: Session, name: str, args: tuple) -> tuple[bool, Any]:
+        data = umsgpack.packb([name, list(args)])
+        if len(data) > RPC_CAP:
+            raise MalformedMessage(f"{name} request over the {RPC_CAP}-byte cap")
+        msg_id = os.urandom(20)
+        future = asyncio.get_running_loop().create_future()
+        self._calls[msg_id] = (future, session)
+        try:
+            self.channel.send(session, b"\x00" + msg_id + data)
+            return (True, await asyncio.wait_for(future, self._wait_timeout))
+        except TimeoutError:
+            return (False, None)
+        finally:
+            self._calls.pop(msg_id, None)
+
+    async def _call_session(self, name: str, address: tuple, args: tuple, expect: bytes | None = None) -> tuple[bool, Any, Session | None]:
+        """One RPC to the certified node at ``address`` (``expect``: its node id) through the in-flight
+        semaphore, handshaking first if needed and retrying a timeout ``retries`` times (over a new
+        session: the peer may have restarted and forgotten ours). Returns (ok, reply, session)."""
         for _ in range(1 + self.retries):
             async with self._slots:
                 self.rpc_sent += 1
+                session = await self.channel.session_to(address, expect)
+                if session is None:  # nobody answered the handshake, or not a (the expected) certified node
+                    self.rpc_failed += 1
+                    return (False, None, None)
                 try:
-                    result = await self._request(name, address, args)
+                    ok, reply = await self._request(session, name, args)
                 except MalformedMessage:
                     log.error("refusing to send an RPC over the %d-byte cap (a bug)", RPC_CAP)
-                    return (False, None)
-            if result[0]:
-                return result
+                    return (False, None, None)
+            if ok:
+                return (True, reply, session)
             self.rpc_failed += 1
-        return (False, None)
+            self.channel.forget(session)
+        return (False, None, None)
 
-    def _request(self, name: str, address: tuple, args: tuple) -> asyncio.Future:
-        """rpcudp's request (``RPCProtocol.__getattr__``'s closure), padded per ``PAD_TO``."""
-        msg_id = os.urandom(20)
-        body = umsgpack.packb([name, list(args)])
-        if len(body) > RPC_CAP:
-            raise MalformedMessage("Total length of function name and arguments cannot exceed 8K")
-        pad = PAD_TO[name](self.router.ksize) - len(body) if name in PAD_TO else 0
-        self.transport.sendto(b"\x00" + msg_id + body + bytes(max(0, pad)), address)
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._outstanding[msg_id] = (future, loop.call_later(self._wait_timeout, self._timeout, msg_id))
-        return future
+    async def _call(self, name: str, address: tuple, *args: Any) -> tuple[bool, Any]:
+        ok, reply, _ = await self._call_session(name, address, args)
+        return (ok, reply)
 
     async def _call_node(self, name: str, node: Node, *args: Any) -> tuple[bool, Any]:
-        """``_call`` to a known node with our id, then the package's routing-table bookkeeping
-        (``handle_call_response``: welcome it on a reply, drop it on none)."""
-        result = await self._call(name, (node.ip, node.port), self._my_id(), *args)
-        return self.handle_call_response(result, node)
+        """An RPC to a known node with our id, answered only if the peer proves it is that node, then the
+        package's routing-table bookkeeping (``handle_call_response``: welcome it on a reply, drop it on none)."""
+        ok, reply, _ = await self._call_session(name, (node.ip, node.port), (self._my_id(), *args), expect=node.id)
+        return self.handle_call_response((ok, reply), node)
 
     async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
         return await self._call_node("find_node", node_to_ask, node_to_find.id)
@@ -488,15 +534,13 @@ class PacketProtocol(KademliaProtocol):
         return await self._call_node("store", node_to_ask, key, value)
 
     async def ping_address(self, address: tuple) -> Node | None:
-        ok, nodeid = await self._call("ping", address, self._my_id())
-        if ok and _valid_id(nodeid):
-            node = Node(nodeid, address[0], address[1])
+        """Ping an address (a bootstrap peer): the node its certificate proves, welcomed, or None."""
+        ok, _, session = await self._call_session("ping", address, (self._my_id(),))
+        if ok and session is not None and session.peer is not None:
+            node = Node(session.peer_id, address[0], address[1])
             self.welcome_if_new(node)
             return node
         return None
-
-    async def call_store_packets(self, node: Node, key: bytes, items: list) -> tuple[bool, Any]:
-        return await self._call_node("store_packets", node, key, items)
 
     async def call_find_packets(self, node: Node, key: bytes, cursor: list | None = None) -> tuple[bool, Any]:
         return await self._call_node("find_packets", node, key, cursor)
@@ -513,11 +557,24 @@ class PacketProtocol(KademliaProtocol):
         ("stored"/"held"/reject reason, or "no_reply" when the node never answered)."""
         statuses: list[str] = []
         for batch in pack_batches(items, self.store_base_size(key), max_items=MAX_ITEMS_PER_STORE):
-            ok, reply = await self.call_store_packets(node, key, batch)
-            if ok and isinstance(reply, list) and len(reply) == len(batch):
-                statuses.extend(str(s) for s in reply)
-            else:
-                statuses.extend(["no_reply"] * len(batch))
+            ok, reply, session = await self._call_session("store_packets", (node.ip, node.port), (self._my_id(), key, batch), expect=node.id)
+            self.handle_call_response((ok, reply), node)
+            statuses.extend(self._receipted(session, key, batch, reply) if ok else ["no_reply"] * len(batch))
+        return statuses
+
+    def _receipted(self, session: Session | None, key: bytes, batch: list, reply: object) -> list[str]:
+        """The statuses a certified node signed for ``batch``; ``bad_receipt`` for all when the
+        receipt is missing, malformed, or not that node's signature over exactly this batch."""
+        statuses = reply.get("s") if isinstance(reply, dict) else None
+        if (
+            session is None
+            or session.peer is None
+            or not isinstance(statuses, list)
+            or not all(isinstance(s, str) for s in statuses)
+            or not self.channel.checker.still_valid(session.peer)
+            or not receipt_valid(session.peer, key, [item[0] for item in batch], statuses, reply.get("r"))
+        ):
+            return ["bad_receipt"] * len(batch)
         return statuses
 
     # ------------------------------------------------------------------ routing table
@@ -525,6 +582,8 @@ class PacketProtocol(KademliaProtocol):
         """Add a new node; hand it the packets it should hold (paper section 2.5, keys kept as-is)."""
         if not _valid_id(node.id) or node.id == self.source_node.id:
             return
+        if not self.channel.certified(node.id, (node.ip, node.port)):
+            return  # only a node that proved its certificate in a live session at that address
         if not self.router.is_new_node(node):
             # a known id seen at a new address (a node restarted on another port): the stock table
             # would keep the dead address forever; we heard from this one directly, so take it

@@ -250,6 +250,10 @@ class RoundGate:
     def manifest(self) -> Any:
         return self.packets.manifest
 
+    def refresh(self, force: bool = False) -> bool:
+        """The packet verifier's manifest reload (a node's upkeep asks before it prunes sessions)."""
+        return self.packets.refresh(force=force)
+
     def _verifier(self) -> ChunkVerifier:
         if self._chunks is None or self._chunks.manifest is not self.manifest:
             self._chunks = ChunkVerifier(self.manifest)

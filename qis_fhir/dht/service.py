@@ -8,8 +8,9 @@ import signal
 from pathlib import Path
 
 from qis_fhir.dht.address import format_address
+from qis_fhir.dht.certs import CertChecker, load_identity
 from qis_fhir.dht.logs import SUMMARY_INTERVAL, write_summaries
-from qis_fhir.dht.node import STORE_FILE, DhtNode, NodeConfig, node_id_from_state, read_node_state, write_node_state
+from qis_fhir.dht.node import STORE_FILE, DhtNode, NodeConfig, read_node_state, write_node_state
 from qis_fhir.dht.rounds import RoundGate
 from qis_fhir.dht.storage import PacketStore
 from qis_fhir.dht.trust import ManifestVerifier
@@ -17,8 +18,9 @@ from qis_fhir.dht.trust import ManifestVerifier
 log = logging.getLogger("qis_fhir.dht.node")
 
 
-async def serve(config: NodeConfig, data_dir: Path, manifest_path: Path, stop: asyncio.Event | None = None) -> None:
-    """Open the store, bind, join, keep up until ``stop`` is set (or SIGTERM/SIGINT), then close cleanly."""
+def open_node(config: NodeConfig, data_dir: Path, manifest_path: Path) -> DhtNode:
+    """The node of ``data_dir``: its store, its verifier over the manifest (pinned, purging what the
+    manifest revokes) and its certified identity; what ``serve`` runs and what the bench starts in-process."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     storage = PacketStore(data_dir / STORE_FILE)
@@ -27,15 +29,27 @@ async def serve(config: NodeConfig, data_dir: Path, manifest_path: Path, stop: a
         removed = storage.remove_key_ids(key_ids)
         log.info("manifest revoked %d key(s): purged %d packets", len(key_ids), removed)
 
-    verifier = ManifestVerifier(
-        manifest_path, replay=storage.replay_view(), on_revoked=purge, pinned_state=data_dir / "manifest_pin.json"
-    )
+    try:
+        verifier = ManifestVerifier(
+            manifest_path, replay=storage.replay_view(), on_revoked=purge, pinned_state=data_dir / "manifest_pin.json"
+        )
+        identity = load_identity(data_dir, verifier.manifest)
+    except BaseException:
+        storage.close()
+        raise
     purge_now = storage.key_ids() & set(verifier.manifest.revoked_key_ids)
     if purge_now:
         purge(purge_now)
-    state = read_node_state(data_dir)
     # secure-aggregation round chunks are checked by the round rules, every other wire by the verifier
-    node = DhtNode(config, RoundGate(verifier, storage.replay_view()), storage, node_id=node_id_from_state(state))
+    return DhtNode(config, RoundGate(verifier, storage.replay_view()), storage, identity=identity, checker=CertChecker(lambda: verifier.manifest, refresh=lambda: verifier.refresh(force=True)))
+
+
+async def serve(config: NodeConfig, data_dir: Path, manifest_path: Path, stop: asyncio.Event | None = None) -> None:
+    """Open the store, bind, join, keep up until ``stop`` is set (or SIGTERM/SIGINT), then close cleanly."""
+    data_dir = Path(data_dir)
+    node = open_node(config, data_dir, manifest_path)
+    storage = node.storage
+    state = read_node_state(data_dir)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

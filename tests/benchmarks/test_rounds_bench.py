@@ -15,9 +15,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 
 def test_a_small_round_is_measured_and_sums_to_the_central_totals(tmp_path: Path):
-    network, identities = rounds._network(tmp_path, 5)
+    network, identities, node_identities = rounds._network(tmp_path, 5, 4)
     clock = Clock(SCHEDULE.starts(rounds.OPENS))
-    with round_nodes_in_thread(network.manifest_path, clock, 4, rounds.KSIZE) as addresses:
+    with round_nodes_in_thread(network.manifest_path, clock, node_identities, rounds.KSIZE) as addresses:
         r = asyncio.run(rounds._round(network, identities, addresses, clock, "value", 200, seed=3))
     assert r["totals_equal_central_sum"] and r["contributors"] == 5
     assert r["min_replicas"] == rounds.KSIZE  # every chunk of every message on every replica asked

@@ -12,13 +12,25 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qis_fhir.dht.cluster import LOOPBACK, Clock, LocalCluster, round_nodes_in_thread, start_round_nodes
+from qis_fhir.dht.certs import CertChecker
+from qis_fhir.dht.cluster import (
+    LOOPBACK,
+    CertIssuer,
+    Clock,
+    LocalCluster,
+    certify_nodes,
+    round_nodes_in_thread,
+    start_round_nodes,
+)
+from qis_fhir.dht.node import DhtNode, NodeConfig
+from qis_fhir.dht.storage import PacketStore
+from qis_fhir.dht.trust import ManifestVerifier
 from qis_fhir.packets.codec import PacketSigner, encode_packet
 from qis_fhir.packets.keys import SiteIdentity, create_site
 from qis_fhir.packets.manifest import add_site, create_network, revoke
 
 Cluster = LocalCluster  # the tests' name for it
-__all__ = ["LOOPBACK", "Clock", "Cluster", "round_nodes_in_thread", "start_round_nodes"]  # what the tests import from here besides the helpers below
+__all__ = ["LOOPBACK", "Clock", "Cluster", "certify_nodes", "round_nodes_in_thread", "start_round_nodes"]  # what the tests import from here besides the helpers below
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_SITES = ["site-a", "site-b", "site-c", "site-d", "site-e"]  # tests add (and revoke) more sites later
@@ -44,6 +56,7 @@ def base_sites(net: TestNetwork) -> list:
 class TestNetwork:
     net_dir: Path
     sites: dict[str, SiteIdentity] = field(default_factory=dict)
+    issuer: CertIssuer | None = None  # certifies in-process nodes (an operator site of the network)
 
     @property
     def manifest(self) -> Path:
@@ -59,12 +72,39 @@ class TestNetwork:
         revoke(self.net_dir, site_id)
 
 
-def make_network(root: Path, site_ids: list[str]) -> TestNetwork:
+async def start_nodes(net: TestNetwork, n: int, *, host: str = LOOPBACK, ksize: int = 3, identities: list | None = None,
+                      node_class: type = DhtNode, bootstrap: list | None = None, **cfg) -> list[DhtNode]:
+    """``n`` certified nodes in this event loop (in-memory stores), each joining through the first
+    (or ``bootstrap``); ``identities`` default to fresh certificates of the network's operator site."""
+    nodes: list[DhtNode] = []
+    for i in range(n):
+        store = PacketStore(":memory:")
+        verifier = ManifestVerifier(net.manifest, replay=store.replay_view())
+        identity = identities[i] if identities is not None else net.issuer.identity()
+        node = node_class(NodeConfig(host=host, ksize=ksize, maintenance_interval=3600, **cfg), verifier, store, identity=identity,
+                          checker=CertChecker(lambda v=verifier: v.manifest, refresh=lambda v=verifier: v.refresh(force=True)))
+        peers = bootstrap if bootstrap is not None else [(nodes[0].host, nodes[0].port)] if nodes else []
+        await node.start(peers)
+        nodes.append(node)
+    return nodes
+
+
+def make_network(root: Path, site_ids: list[str], max_nodes_per_site: int = 64) -> TestNetwork:
     net = TestNetwork(root / "net")
-    create_network(net.net_dir, network_id="test-net", min_cell_size=11)
+    create_network(net.net_dir, network_id="test-net", min_cell_size=11, max_nodes_per_site=max_nodes_per_site)
+    net.issuer = CertIssuer(net.manifest, root / "operators")
     for sid in site_ids:
         net.add(sid, root / "sites")
     return net
+
+
+def fork_network(net: TestNetwork, root: Path) -> TestNetwork:
+    """A copy of ``net``'s directory (governance key included) under ``root``: sites added to the copy
+    are members for whoever reads the copy, unknown to nodes still watching the original."""
+    import shutil
+
+    shutil.copytree(net.net_dir, root / "net")
+    return TestNetwork(root / "net", dict(net.sites))
 
 
 def fingerprint(n: int) -> str:

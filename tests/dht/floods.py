@@ -1,4 +1,5 @@
-"""What the attack tests send: raw rpcudp datagrams from sockets on 127.0.0.1, paced and bounded.
+"""What the attack tests send without any key: stock rpcudp datagrams (what an outsider speaks) and
+well-formed handshake openers of the authenticated wire, from sockets on 127.0.0.1, paced and bounded.
 
 Only the standard library, umsgpack and psutil, so the same floods can be aimed at any node
 process (the figures in docs/dht.md were taken with them against the code before and after).
@@ -49,6 +50,11 @@ def junk_mix(i: int) -> bytes:
 def fresh_ping(i: int) -> bytes:
     """A well-formed ping from a node id nobody has seen."""
     return request("ping", os.urandom(20))
+
+
+def hello(i: int) -> bytes:
+    """A well-formed handshake HELLO (the one message a node answers without a cookie)."""
+    return (b"\x51" + i.to_bytes(4, "big") + os.urandom(32)).ljust(128, b"\0")
 
 
 def flood(target: tuple[str, int], make: Callable[[int], bytes], count: int, rate: float, *,
@@ -119,29 +125,6 @@ def flood(target: tuple[str, int], make: Callable[[int], bytes], count: int, rat
             s.close()
     return {"sent": sent, "sent_bytes": sent_bytes, "received": got["datagrams"], "received_bytes": got["bytes"],
             "seconds": elapsed, "rate": sent / elapsed if elapsed else 0.0}
-
-
-def answer_like_a_node(node_id: Callable[[], bytes]) -> Callable[[socket.socket, bytes, tuple], None]:
-    """``on_reply`` for an attacker that answers every RPC a node sends it (so it stays routed to):
-    ping with an id, finds with nothing, stores with "stored"."""
-
-    def on_reply(sock: socket.socket, data: bytes, addr: tuple) -> None:
-        if len(data) < 22 or data[0] != 0:
-            return
-        try:
-            name, args = umsgpack.unpackb(data[21:])
-        except Exception:
-            return
-        body: object = {"ping": node_id(), "find_node": [], "find_value": [],
-                        "find_packets": {"count": 0, "n4": b"", "nodes": []}}.get(name)
-        if name == "store_packets":
-            body = ["stored"] * len(args[2])
-        try:
-            sock.sendto(b"\x01" + data[1:21] + umsgpack.packb(body), addr)
-        except OSError:
-            pass
-
-    return on_reply
 
 
 def cpu_seconds(pid: int) -> float:

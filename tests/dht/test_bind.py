@@ -13,26 +13,15 @@ import subprocess
 import sys
 
 import pytest
-from dht_cluster import LOOPBACK, REPO, base_sites, fingerprint, sign
+from dht_cluster import LOOPBACK, REPO, base_sites, fingerprint, sign, start_nodes
 
 from qis_fhir.dht.address import client_bind, format_address, parse_address
 from qis_fhir.dht.client import DhtClient
-from qis_fhir.dht.node import DhtNode, NodeConfig
-from qis_fhir.dht.storage import PacketStore
-from qis_fhir.dht.trust import ManifestVerifier
 from qis_fhir.errors import ExitCode, QisError
 
 NOT_HERE = "198.51.100.7"  # TEST-NET-2 (RFC 5737): an address no interface of this machine has
 
 
-async def _nodes(manifest, host: str, n: int, ksize: int) -> list[DhtNode]:
-    nodes: list[DhtNode] = []
-    for _ in range(n):
-        store = PacketStore(":memory:")
-        node = DhtNode(NodeConfig(host=host, ksize=ksize, maintenance_interval=3600), ManifestVerifier(manifest, replay=store.replay_view()), store)
-        await node.start([(nodes[0].host, nodes[0].port)] if nodes else [])
-        nodes.append(node)
-    return nodes
 
 
 def _sockname(client: DhtClient) -> tuple:
@@ -44,7 +33,7 @@ def test_client_binds_every_local_address_on_a_free_port_by_default(dht_network)
     wires = [sign(s, fp) for s in base_sites(dht_network)]
 
     async def run():
-        (node,) = await _nodes(dht_network.manifest, LOOPBACK, 1, ksize=2)
+        (node,) = await start_nodes(dht_network, 1, host=LOOPBACK, ksize=2)
         try:
             async with DhtClient([(node.host, node.port)], dht_network.manifest, ksize=2) as client:
                 host, port = _sockname(client)[:2]
@@ -76,7 +65,7 @@ def test_nodes_and_clients_work_over_ipv6(dht_network):
     wires = [sign(s, fp) for s in base_sites(dht_network)]
 
     async def run():
-        nodes = await _nodes(dht_network.manifest, "::1", 4, ksize=3)
+        nodes = await start_nodes(dht_network, 4, host="::1", ksize=3)
         try:
             async with DhtClient(f"[::1]:{nodes[1].port}", dht_network.manifest, ksize=3) as writer:
                 bound = _sockname(writer)[0]
@@ -146,6 +135,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_bind_and_listen_addresses_this_machine_lacks_fail_clearly(dht_network, tmp_path):
     packets = tmp_path / "p.ndjson"
     packets.write_bytes(sign(dht_network.sites["site-a"], fingerprint(8002)) + b"\n")
+    dht_network.issuer.certify(tmp_path / "n")  # a certified node, so binding is what fails
     runs = {
         "publish": _cli("publish", str(packets), "--bootstrap", f"{LOOPBACK}:9", "--bind", NOT_HERE, "--network", str(dht_network.manifest)),
         "query": _cli("query", fingerprint(8002), "--bootstrap", "[::1]:9", "--bind", LOOPBACK, "--network", str(dht_network.manifest)),

@@ -14,6 +14,7 @@ from qis_fhir.dht.handoff import should_hand_off
 from qis_fhir.dht.keys import dht_key
 from qis_fhir.dht.limits import Gate, Limits, PeerBuckets, RecentSet
 from qis_fhir.dht.logs import RateLimit, route_to, write_summaries
+from qis_fhir.dht.session import COOKIE, DATA, HELLO, INIT, MAX_DATAGRAM, MIN_DATAGRAM, RESP
 from qis_fhir.dht.storage import PacketStore
 from qis_fhir.packets.codec import decode_packet
 
@@ -46,30 +47,42 @@ def test_library_warnings_are_limited_per_reason_stripped_of_what_the_peer_sent_
     assert "10.9.8.7" not in out.getvalue() and "MRN4711" not in out.getvalue()
 
 
-def test_gate_tables_stay_bounded_and_rates_hold_per_peer_and_for_all_strangers():
-    gate = Gate(Limits(peer_rate=0.01, peer_burst=10, stranger_rate=0.01, stranger_burst=50, max_peers=100,
-                       max_answered=10, max_request_ids=1000),
-                outstanding=lambda msg_id: False, certified=lambda peer: False)
-    ping = b"\x00" + bytes(20) + b"\x92\xa4ping\x90"
+def _gate(known=lambda peer: False, **limits) -> Gate:
+    return Gate(Limits(**limits), min_size=MIN_DATAGRAM, max_size=MAX_DATAGRAM,
+                replies=frozenset({COOKIE, RESP}), openers=frozenset({HELLO, INIT}), known=known)
 
-    def request(n: int) -> bytes:
-        return b"\x00" + n.to_bytes(20, "big") + ping[21:]
+
+def test_gate_tables_stay_bounded_and_rates_hold_per_peer_and_for_all_strangers():
+    gate = _gate(peer_rate=0.01, peer_burst=10, stranger_rate=0.01, stranger_burst=50, max_peers=100, max_answered=10)
+    hello = bytes([HELLO]) + bytes(127)
 
     # one peer: its burst of 10, then refused
-    verdicts = [gate.admit(request(i), ("10.0.0.1", 1)) for i in range(30)]
+    verdicts = [gate.admit(hello, ("10.0.0.1", 1)) for i in range(30)]
     assert verdicts.count(None) == 10 and set(verdicts[10:]) == {"peer_rate"}
     # 5,000 peers (spoofed ports): the shared stranger bucket admits 50 - 10 more, the tables stay bounded
-    verdicts = [gate.admit(request(1000 + i), ("10.0.0.2", i)) for i in range(5000)]
+    verdicts = [gate.admit(hello, ("10.0.0.2", i)) for i in range(5000)]
     assert verdicts.count(None) == 40 and set(v for v in verdicts if v) == {"stranger_rate"}
-    assert gate.sizes()["peer_buckets"] == 100 and gate.sizes()["request_ids"] <= 1000
-    # a peer that answered us is not a stranger; its replayed request id is refused
+    assert gate.sizes()["peer_buckets"] == 100
+    # sealed datagrams and answers to our own handshakes never pay the shared bucket
+    data = bytes([DATA]) + bytes(40)
+    assert gate.admit(data, ("10.0.0.4", 1)) is None and gate.admit(bytes([COOKIE]) + bytes(20), ("10.0.0.5", 1)) is None
+    # an address with a live session is no stranger
     for port in range(20):
         gate.answered(("10.0.0.3", port))
     assert gate.sizes()["answered"] == 10
-    assert gate.admit(request(99_999), ("10.0.0.3", 19)) is None
-    assert gate.admit(request(99_999), ("10.0.0.3", 19)) == "replayed_request"
-    assert gate.admit(b"\x01" + bytes(30), ("10.0.0.3", 19)) == "unexpected_reply"
-    assert gate.admit(b"\x00" * 21, ("10.0.0.3", 19)) == "datagram_size"
+    assert gate.admit(hello, ("10.0.0.3", 19)) is None and gate.admit(hello, ("10.0.0.3", 0)) == "stranger_rate"
+    assert _gate(known=lambda peer: peer == ("10.0.0.6", 1), stranger_burst=0).admit(hello, ("10.0.0.6", 1)) is None
+    # sizes outside the wire's are dropped unread
+    assert gate.admit(bytes([COOKIE]) + bytes(19), ("10.0.0.3", 19)) == "datagram_size"
+    assert gate.admit(bytes([DATA]) + bytes(MAX_DATAGRAM), ("10.0.0.3", 19)) == "datagram_size"
+
+
+def test_a_refunded_token_lets_responses_to_our_own_calls_through_a_spent_bucket():
+    gate = _gate(peer_rate=0.01, peer_burst=2)
+    data, peer = bytes([DATA]) + bytes(40), ("10.0.0.7", 1)
+    assert [gate.admit(data, peer) for _ in range(3)] == [None, None, "peer_rate"]
+    gate.refund(peer)  # the second one opened as a response to our call
+    assert gate.admit(data, peer) is None and gate.admit(data, peer) == "peer_rate"
 
 
 def test_peer_buckets_and_recent_set_evict_the_oldest():

@@ -98,7 +98,7 @@ def netns(require):
 def ns_node(netns, dht_network, tmp_path):
     """``qis-fhir node --listen NODE_IP:0`` inside the namespace, stopped by pid at the end."""
     data = tmp_path / "ns-node"
-    data.mkdir()
+    dht_network.issuer.certify(data)  # makes the directory
     log = data / "stdout.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen(

@@ -111,13 +111,13 @@ def test_forged_tampered_unknown_revoked_and_replayed_stores_are_rejected_everyw
             before = {n.index: (await client.node_stats(n.address))["rejections"] for n in cluster.nodes}
             for node in cluster.nodes:  # straight to each node's store RPCs, ours and the stock one
                 for reason, wires in attacks.items():
-                    ok, statuses = await proto._call("store_packets", node.address, b"", key, [[w, 3600.0] for w in wires])
-                    assert ok and statuses == [reason] * len(wires)
+                    ok, reply = await proto._call("store_packets", node.address, b"", key, [[w, 3600.0] for w in wires])
+                    assert ok and reply["s"] == [reason] * len(wires)
                     ok, stored = await proto._call("store", node.address, b"", key, wires[0])
                     assert ok and stored is False
                 if node.index in holders_before:  # the replay goes where the newer packet is
-                    ok, statuses = await proto._call("store_packets", node.address, b"", key, [[good_old, 3600.0]])
-                    assert ok and statuses == ["replay"]
+                    ok, reply = await proto._call("store_packets", node.address, b"", key, [[good_old, 3600.0]])
+                    assert ok and reply["s"] == ["replay"]
             after = {n.index: (await client.node_stats(n.address))["rejections"] for n in cluster.nodes}
             return holders_before, before, after
 

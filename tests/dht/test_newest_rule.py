@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
-from dht_cluster import fingerprint, sign
-from test_protocol import _nodes, _stop
+from dht_cluster import fingerprint, sign, start_nodes
+from test_protocol import _stop
 
 from qis_fhir.dht.client import DhtClient
 from qis_fhir.dht.keys import dht_key
@@ -75,7 +75,7 @@ def test_publish_sends_and_query_returns_the_copy_every_node_keeps(dht_network):
     fp = decode_packet(low).fingerprint
 
     async def run():
-        nodes = await _nodes(dht_network.manifest, 3, ksize=3)
+        nodes = await start_nodes(dht_network, 3, ksize=3)
         try:
             async with DhtClient([(nodes[0].host, nodes[0].port)], dht_network.manifest, ksize=3) as client:
                 report = await client.publish([high, low])  # the higher-hash copy first: it must not win

@@ -7,24 +7,10 @@ import asyncio
 import time
 
 import umsgpack
-from dht_cluster import LOOPBACK, base_sites, fingerprint, forge, sign, tamper
+from dht_cluster import LOOPBACK, base_sites, fingerprint, forge, sign, start_nodes, tamper
 
 from qis_fhir.dht.client import DhtClient
 from qis_fhir.dht.keys import RPC_CAP, dht_key, pack_batches
-from qis_fhir.dht.node import DhtNode, NodeConfig
-from qis_fhir.dht.storage import PacketStore
-from qis_fhir.dht.trust import ManifestVerifier
-
-
-async def _nodes(manifest, n: int, ksize: int = 3, **cfg) -> list[DhtNode]:
-    nodes = []
-    for i in range(n):
-        store = PacketStore(":memory:")
-        verifier = ManifestVerifier(manifest, replay=store.replay_view())
-        node = DhtNode(NodeConfig(host=LOOPBACK, ksize=ksize, maintenance_interval=3600, **cfg), verifier, store)
-        await node.start([(nodes[0].host, nodes[0].port)] if nodes else [])
-        nodes.append(node)
-    return nodes
 
 
 def _stop(nodes) -> None:
@@ -38,7 +24,7 @@ def test_store_batches_and_find_packets_replies_fit_the_rpc_cap(dht_network):
     assert len(wires) == 300
 
     async def run():
-        nodes = await _nodes(dht_network.manifest, 1, ksize=20)
+        nodes = await start_nodes(dht_network, 1, ksize=20)
         try:
             proto = nodes[0].protocol
             key = dht_key(fp)
@@ -48,7 +34,7 @@ def test_store_batches_and_find_packets_replies_fit_the_rpc_cap(dht_network):
                 assert len(umsgpack.packb(["store_packets", [proto.source_node.id, key, batch]])) <= RPC_CAP
             assert len(batches) >= sum(len(w) for w in wires) // RPC_CAP  # several packets per RPC, never over
             for batch in batches:
-                assert set(proto.rpc_store_packets(("127.0.0.1", 1), b"", key, batch)) == {"stored"}
+                assert set(proto.rpc_store_packets(("127.0.0.1", 1), b"", key, batch)["s"]) == {"stored"}
             # a full routing table's worth of node triples rides on the first page
             from kademlia.node import Node
             for i in range(20):
@@ -80,13 +66,13 @@ def test_rejections_are_counted_by_reason_and_never_stored(dht_network, tmp_path
     forged, tampered = forge(good), tamper(good)
 
     async def run():
-        nodes = await _nodes(dht_network.manifest, 1)
+        nodes = await start_nodes(dht_network, 1)
         try:
             proto = nodes[0].protocol
             key = dht_key(fp)
             items = [[good, 60.0], [forged, 60.0], [tampered, 60.0], [sign(outsider_net.sites["site-x"], fp), 60.0],
                      [sign(a, fp, seq=9), 60.0], [sign(a, fingerprint(102)), 60.0], [b"x" * 600, 60.0], ["text", 60.0]]
-            statuses = proto.rpc_store_packets(("127.0.0.1", 1), b"", key, items)
+            statuses = proto.rpc_store_packets(("127.0.0.1", 1), b"", key, items)["s"]
             assert statuses[0] == "stored"
             assert statuses[1:] == ["bad_signature", "bad_signature", "unknown_key", "replay", "wrong_key", "oversize", "malformed_item"]
             assert proto.rpc_store(("127.0.0.1", 1), b"", key, tampered) is False  # the stock RPC is hardened too
@@ -106,14 +92,14 @@ def test_new_node_is_handed_packets_under_their_own_key_and_clients_are_never_ro
     wires = [sign(s, fp) for s in base_sites(dht_network)]
 
     async def run():
-        nodes = await _nodes(dht_network.manifest, 2, ksize=3)
+        nodes = await start_nodes(dht_network, 2, ksize=3)
         try:
             async with DhtClient([(nodes[0].host, nodes[0].port)], dht_network.manifest, ksize=3, bind=LOOPBACK) as client:
                 report = await client.publish(wires)
                 assert report.confirmed == 5 and report.min_replicas == 2
             for node in nodes:  # the client talked to every node, none of them routes to it
                 assert len(node.contacts()) == 1
-            late = (await _nodes(dht_network.manifest, 1, ksize=3))[0]
+            late = (await start_nodes(dht_network, 1, ksize=3))[0]
             nodes.append(late)
             await late.join([(nodes[0].host, nodes[0].port)])
             for _ in range(100):
@@ -132,7 +118,7 @@ def test_republish_spreads_packets_but_never_extends_their_life(dht_network):
     wires = [sign(s, fp, treatment="TX_R") for s in base_sites(dht_network)]
 
     async def run():
-        nodes = await _nodes(dht_network.manifest, 4, ksize=2, republish_interval=0.0)
+        nodes = await start_nodes(dht_network, 4, ksize=2, republish_interval=0.0)
         try:
             holder = nodes[1]
             key = dht_key(fp)
@@ -159,7 +145,7 @@ def test_quorum_read_stops_early_only_when_the_closest_replicas_agree(dht_networ
     everywhere, only_closest = sign(a, fp, treatment="TX_Q"), sign(b, fp, treatment="TX_Q")
 
     async def run():
-        nodes = await _nodes(dht_network.manifest, 5, ksize=5)
+        nodes = await start_nodes(dht_network, 5, ksize=5)
         try:
             for n in nodes:
                 n.protocol.accept_packet(key, everywhere, 600.0)

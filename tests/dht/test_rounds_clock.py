@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from dht_cluster import BASE_SITES, LOOPBACK, Clock, make_network, start_round_nodes
+from dht_cluster import BASE_SITES, LOOPBACK, Clock, certify_nodes, make_network, start_round_nodes
 
 from qis_fhir.dht.board import DhtBoard
 from qis_fhir.dht.client import DhtClient
@@ -24,6 +24,7 @@ OPENS = "2026-03-02"
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
     network = make_network(tmp_path_factory.mktemp("rounds-clock-net"), BASE_SITES)
+    network.node_identities = certify_nodes(network.manifest, 4)
     network.context = load_network(network.manifest)
     return network
 
@@ -33,7 +34,7 @@ def test_a_round_runs_window_by_window_and_the_reveal_waits_for_the_roster(net):
     clock = Clock(SCHEDULE.starts(OPENS) + 3600)
 
     async def run():
-        nodes = await start_round_nodes(net.manifest, clock, 4, KSIZE)
+        nodes = await start_round_nodes(net.manifest, clock, net.node_identities, KSIZE)
         try:
             async with DhtClient([(nodes[0].host, nodes[0].port)], net.context.manifest, ksize=KSIZE, bind=LOOPBACK) as client:
                 boards = {s: DhtBoard(client, net.context, ref, net.sites[s], clock=clock) for s in BASE_SITES}

@@ -48,6 +48,7 @@ def net(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster(net, tmp_path_factory):
     with joined_cluster(tmp_path_factory.mktemp("rounds-cluster"), net.manifest, N_NODES, KSIZE) as c:
+        net.context = load_network(net.manifest)  # now with the operator site that certified the nodes
         yield c
 
 

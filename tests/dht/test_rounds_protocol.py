@@ -8,7 +8,7 @@ import stat
 
 import numpy as np
 import pytest
-from dht_cluster import BASE_SITES, Clock, make_network, round_nodes_in_thread
+from dht_cluster import BASE_SITES, Clock, certify_nodes, make_network, round_nodes_in_thread
 
 from qis_fhir.errors import RoundRepeatedError, RoundWindowError
 from qis_fhir.packets.manifest import load_network
@@ -28,6 +28,7 @@ def _mode(path) -> int:
 
 def test_five_sites_over_the_dht_unmask_exactly_the_central_sum_of_the_contributors(tmp_path):
     net = make_network(tmp_path / "net", BASE_SITES)
+    node_identities = certify_nodes(net.manifest, 4)
     context = load_network(net.manifest)
     ref = RoundRef(context.manifest.network_id, "v1", "sbp", "2025", "presence", OPENS)
     rng = np.random.default_rng(11)
@@ -37,7 +38,7 @@ def test_five_sites_over_the_dht_unmask_exactly_the_central_sum_of_the_contribut
     dropout = "site-e"  # shares its secrets, then never contributes a masked vector
     clock = Clock(SCHEDULE.starts(OPENS) + 3600)
 
-    with round_nodes_in_thread(net.manifest, clock, 4, KSIZE) as addresses:
+    with round_nodes_in_thread(net.manifest, clock, node_identities, KSIZE) as addresses:
         setups = {s: RoundSetup(ref, net.sites[s], context, tmp_path / "state" / s, tuple(addresses[:1]), ksize=KSIZE) for s in BASE_SITES}
         for phase in PHASES:
             clock.t = SCHEDULE.closes(OPENS, phase) - 3600  # the last hour of the phase's window

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pandas as pd
 import pytest
-from dht_cluster import Clock, round_nodes_in_thread
+from dht_cluster import Clock, certify_nodes, round_nodes_in_thread
 
 from qis_fhir.mapping import load_mapping
 from qis_fhir.mapping.loader import DEFAULT_MAPPING_DIR
@@ -79,6 +79,7 @@ def test_three_sites_release_over_the_dht_what_no_site_could_publish(fixtures_di
         (tmp_path / "runs" / h).mkdir(parents=True)
         events[h].to_parquet(tmp_path / "runs" / h / OUTCOME_EVENTS, index=False)
         units[h].to_parquet(tmp_path / "runs" / h / CONTROL_UNITS, index=False)
+    node_identities = certify_nodes(net_dir / "manifest.json", 4)
     network = load_network(net_dir)
     from qis_fhir.packets import load_site
 
@@ -87,7 +88,7 @@ def test_three_sites_release_over_the_dht_what_no_site_could_publish(fixtures_di
     clock = Clock(SCHEDULE.starts(presence_ref.opens) + DAY / 2)
 
     statuses = []
-    with round_nodes_in_thread(net_dir / "manifest.json", clock, 4, 3) as addresses:
+    with round_nodes_in_thread(net_dir / "manifest.json", clock, node_identities, 3) as addresses:
         for night in range(15):  # noon of each day: presence days 0-6, unmask and value days 7-13, unmask day 14
             clock.t = SCHEDULE.starts(presence_ref.opens) + night * DAY + DAY / 2
             for h in SITES:
