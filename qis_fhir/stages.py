@@ -187,19 +187,18 @@ def quality_step(run: Run, mapping: MappingSet, part: str) -> QualityReport:
 
     Does not raise on a failed suite: the caller reports it (``run`` raises, Dagster fails a blocking
     check), and the next step refuses to build on it. Marks ``quality`` once every part has passed."""
-    from qis_fhir.fhir import load_extract
     from qis_fhir.outcomes.events import read_outcome_tables
     from qis_fhir.quality import check_tables
+    from qis_fhir.quality.checks import check_extract_tables
 
     run.begin(QUALITY)
-    if part == "extract":
-        tables = load_extract(run.path)
+    if part == "extract":  # read in batches: the extract grows with the export (fhir/scan.py)
+        report = check_extract_tables(run.path, mapping)
     elif part == "outcome_events":  # the events and, under a mapping with control measures, the control units
         _require_marked(run, OUTCOMES, "there are no outcome events to check")
-        tables = read_outcome_tables(run.path, mapping)
+        report = check_tables(read_outcome_tables(run.path, mapping), mapping)
     else:
         raise ValueError(f"no quality part {part!r}; expected one of {QUALITY_PARTS}")
-    report = check_tables(tables, mapping)
     report.write(quality_report_path(run.path, part))
     reports = [_read_report(run.path, p) for p in QUALITY_PARTS]
     if all(r is not None and r.get("success") for r in reports):

@@ -598,6 +598,13 @@ def load_extract(out_dir: Path | str) -> dict[str, pd.DataFrame]:  # noqa: F821
     crashed or failed run are refused with RUN_INCOMPLETE, never read beside another run's files."""
     import pyarrow.parquet as pq
 
+    base = require_extract(out_dir)
+    return {name: pq.read_table(base / f"{name}.parquet", schema=TABLES[name]).to_pandas() for name in TABLES}
+
+
+def require_extract(out_dir: Path | str) -> Path:
+    """``out_dir/extract`` once it holds a finished extract's five tables (every reader's check:
+    ``load_extract`` and the stages that read the tables in batches or shards, ``fhir/scan.py``)."""
     from qis_fhir.runfolder import EXTRACT, require_run
 
     require_run(out_dir, EXTRACT)
@@ -605,4 +612,4 @@ def load_extract(out_dir: Path | str) -> dict[str, pd.DataFrame]:  # noqa: F821
     missing = [name for name in TABLES if not (base / f"{name}.parquet").is_file()]
     if missing:
         raise InputNotFoundError(f"{base} has no extract tables ({', '.join(missing)}); run `qis-fhir extract` first")
-    return {name: pq.read_table(base / f"{name}.parquet", schema=TABLES[name]).to_pandas() for name in TABLES}
+    return base
