@@ -206,15 +206,16 @@ def quality_step(run: Run, mapping: MappingSet, part: str) -> QualityReport:
     return report
 
 
-def outcomes_step(run: Run, mapping: MappingSet) -> OutcomeResult:
-    """Treatment-outcome events from the run's extract, once its tables passed their suites."""
-    from qis_fhir.fhir import load_extract
-    from qis_fhir.outcomes import derive_outcome_events
+def outcomes_step(run: Run, mapping: MappingSet, *, shards: int | None = None, workers: int = 1) -> OutcomeResult:
+    """Treatment-outcome events from the run's extract, once its tables passed their suites
+    (``shards``, ``workers``: see ``derive_outcomes_sharded``; the result is the same whatever they are)."""
+    from qis_fhir.outcomes.sharded import derive_outcomes_sharded
 
     require_quality(run.path, "extract")
     run.begin(OUTCOMES)
     log.info("outcomes: mapping %s (%s)", mapping.version, mapping.content_hash[:12])
-    result = derive_outcome_events(load_extract(run.path), mapping)
+    # only the rows the derivation reads, patient shard by shard (outcomes/sharded.py)
+    result = derive_outcomes_sharded(run.path, mapping, shards=shards, workers=workers)
     result.write(run.path)
     run.mark(OUTCOMES, result.summary.get("totals", {}))
     return result

@@ -76,13 +76,14 @@ def exports(tmp: Path) -> dict[str, Path]:
 
 
 def site(tmp: Path) -> tuple[Path, Path]:
-    """A site and network (keys are fresh each time: the digests hold no signature)."""
+    """A new site and network in ``tmp`` (fresh keys: the digests hold no signature; a new release
+    state: what a run releases does not depend on the runs before it)."""
     from qis_fhir.packets import add_site, create_network, create_site
 
     from qis_fhir.packets.keys import SITE_SECRET
 
-    root = tmp / "net"
-    if not root.exists():
+    root = tmp
+    if not (root / "net").exists():
         create_network(root / "net", network_id="scale-oracle", min_cell_size=3)
         create_site("site-a", root / "site")
         add_site(root / "net", root / "site")
@@ -95,7 +96,7 @@ def site(tmp: Path) -> tuple[Path, Path]:
 def run(export: Path, out: Path, mapping: str, tmp: Path, **extra) -> dict:
     from qis_fhir.pipeline import RunConfig, run_pipeline
 
-    site_dir, net_dir = site(tmp)
+    site_dir, net_dir = site(out.parent / f"{out.name}-site")
     run_pipeline(RunConfig(export_dir=export, out_dir=out, mapping_dir=REPO / "mappings" / mapping, site_dir=site_dir,
                            network_dir=net_dir, seq=20260101, **extra))
     return run_digest(out)
