@@ -168,15 +168,18 @@ def read_quality_suite(folder: Path | str, part: str, table: str) -> tuple[dict,
 
 
 # ---------------------------------------------------------------------- steps
-def extract_step(run: Run, export_dir: Path | str, setup: SiteSetup, *, validate: str, sample_rate: float, progress: bool = False) -> ExtractSummary:
-    """The export into ``extract/`` and ``quarantine.ndjson``; an export with nothing usable stops here."""
+def extract_step(run: Run, export_dir: Path | str, setup: SiteSetup, *, validate: str, sample_rate: float, progress: bool = False,
+                 workers: int = 1) -> ExtractSummary:
+    """The export into ``extract/`` and ``quarantine.ndjson``, its files over ``workers`` processes;
+    an export with nothing usable stops here."""
     from qis_fhir.fhir import extract_export
     from qis_fhir.fhir.extract import QUARANTINE_FILE
 
     export_dir = Path(export_dir)  # a missing one is extract_export's InputNotFoundError
     run.begin(EXTRACT)
     log.info("extract: reading %s", export_dir.name)
-    summary = extract_export(export_dir, run.path, secret=setup.secret, validate=validate, sample_rate=sample_rate, progress=progress)
+    summary = extract_export(export_dir, run.path, secret=setup.secret, validate=validate, sample_rate=sample_rate, progress=progress,
+                             workers=workers)
     summary.raise_if_nothing_extracted(run.path / QUARANTINE_FILE)  # the rule `qis-fhir extract` applies
     run.mark(EXTRACT, summary.totals)
     return summary
