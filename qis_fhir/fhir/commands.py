@@ -9,7 +9,6 @@ import click
 
 from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, DEFAULT_VALIDATE, MODES
 
-
 workers_option = click.option(
     "--workers", type=click.IntRange(min=1), default=1, show_default=True,
     help="Processes that read the export's files (and, in `run`, derive the outcome shards): the outputs are the same "

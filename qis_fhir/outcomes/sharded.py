@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qis_fhir.fhir import TABLE_NAMES
-from qis_fhir.fhir.schema import TABLES
 from qis_fhir.fhir.scan import connect, shard_sql, table_path
+from qis_fhir.fhir.schema import TABLES
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -67,8 +67,14 @@ def _literal(text: str) -> str:
     return "'" + str(text).replace("'", "''") + "'"
 
 
+def stage_shards(folder: Path, staged: Path, shards: int, mapping: MappingSet) -> None:
+    """Write the pushed-down rows of each table of the extract in ``folder`` into
+    ``staged/<table>/shard=<n>/`` (one DuckDB pass per table, bounded memory)."""
+    with connect(folder) as con:
+        _stage(con, folder, staged, shards, mapped_codes(mapping))
+
+
 def _stage(con: Any, folder: Path, staged: Path, shards: int, codes: list[str]) -> None:
-    """Write the pushed-down rows of each table into ``staged/<table>/shard=<n>/``."""
     for table in TABLE_NAMES:
         src = f"read_parquet({_literal(table_path(folder, table))}, file_row_number = true)"
         shard = shard_sql("patient_key", shards)
@@ -104,18 +110,26 @@ def _shard_tables(staged: Path, shard: int) -> dict[str, pd.DataFrame]:
     return out
 
 
-def _ends(args: tuple) -> dict[str, float]:
+def shard_ends(staged: Path, shard: int, mapping: MappingSet) -> dict[str, float]:
+    """``data_ends`` of one staged shard (the first pass; the whole data's are the maximum of these)."""
     from qis_fhir.outcomes.events import data_ends
 
-    staged, shard, mapping = args
     return data_ends(_shard_tables(staged, shard), mapping)
 
 
-def _derive(args: tuple) -> OutcomeResult:
+def derive_shard(staged: Path, shard: int, mapping: MappingSet, ends: dict[str, float]) -> OutcomeResult:
+    """``derive_outcome_events`` of one staged shard, with the whole data's ``ends``."""
     from qis_fhir.outcomes.events import derive_outcome_events
 
-    staged, shard, mapping, ends = args
     return derive_outcome_events(_shard_tables(staged, shard), mapping, ends)
+
+
+def _ends(args: tuple) -> dict[str, float]:
+    return shard_ends(*args)
+
+
+def _derive(args: tuple) -> OutcomeResult:
+    return derive_shard(*args)
 
 
 def merge_counts(a: Any, b: Any, key: str = "") -> Any:
@@ -146,19 +160,14 @@ def derive_outcomes_sharded(folder: Path | str, mapping: MappingSet, *, shards: 
                             workers: int = 1) -> OutcomeResult:
     """``derive_outcome_events`` of an extract folder's tables, ``shards`` patient shards at a time
     over ``workers`` processes (default shards: ``shard_count``); the same result whatever both are."""
-    import pandas as pd
-
     from qis_fhir.fhir.extract import require_extract
-    from qis_fhir.outcomes.control import check_control_summary, empty_units
-    from qis_fhir.outcomes.events import OutcomeResult, empty_events
 
     folder = Path(folder)
     require_extract(folder)
     shards = shards or shard_count(folder)
     staged = Path(tempfile.mkdtemp(prefix=".outcome-shards-", dir=folder))
     try:
-        with connect(folder) as con:
-            _stage(con, folder, staged, shards, mapped_codes(mapping))
+        stage_shards(folder, staged, shards, mapping)
         pool = ProcessPoolExecutor(workers) if workers > 1 and shards > 1 else None
         try:
             ends_each = list(_mapped(pool, _ends, [(staged, s, mapping) for s in range(shards)]))
@@ -169,6 +178,16 @@ def derive_outcomes_sharded(folder: Path | str, mapping: MappingSet, *, shards: 
                 pool.shutdown()
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+    return combine_results(results, mapping)
+
+
+def combine_results(results: list[OutcomeResult], mapping: MappingSet) -> OutcomeResult:
+    """The shards' results as the one result of the whole data: events and units concatenated and
+    sorted as ``derive_outcome_events`` sorts them, summary counts added."""
+    import pandas as pd
+
+    from qis_fhir.outcomes.control import check_control_summary, empty_units
+    from qis_fhir.outcomes.events import OutcomeResult, empty_events
 
     events = [r.events for r in results if len(r.events)]
     events = pd.concat(events, ignore_index=True) if events else empty_events()

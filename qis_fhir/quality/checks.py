@@ -81,11 +81,10 @@ def check_extract_tables(folder: Path | str, mapping: Any, *, suites: SuiteSet |
     (``qis_fhir.fhir.scan.table_batches``) and combined into the same report (``batches.py``), so the
     memory it takes is one batch's whatever the export's size."""
     from qis_fhir.fhir import TABLE_NAMES
+    from qis_fhir.fhir.extract import require_extract
     from qis_fhir.fhir.scan import BATCH_ROWS, connect, table_batches, table_path
     from qis_fhir.quality.batches import CROSS_BATCH, combine, duplicate_rows
     from qis_fhir.quality.engine import run_rules
-
-    from qis_fhir.fhir.extract import require_extract
 
     suites = suites or load_suites(mapping)
     folder = Path(folder)

@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from qis_fhir.fhir import extract_export, load_extract
-from qis_fhir.fhir.schema import TABLES
 from qis_fhir.fhir.scan import table_path
+from qis_fhir.fhir.schema import TABLES
 from qis_fhir.mapping import load_mapping
 from qis_fhir.quality import check_tables
 from qis_fhir.quality.checks import check_extract_tables

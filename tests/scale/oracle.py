@@ -79,7 +79,6 @@ def site(tmp: Path) -> tuple[Path, Path]:
     """A new site and network in ``tmp`` (fresh keys: the digests hold no signature; a new release
     state: what a run releases does not depend on the runs before it)."""
     from qis_fhir.packets import add_site, create_network, create_site
-
     from qis_fhir.packets.keys import SITE_SECRET
 
     root = tmp

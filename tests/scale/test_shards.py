@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import json
 
+import oracle
 import pandas as pd
 import pytest
-
-import oracle
 
 RECORDED = json.loads(oracle.RECORDED.read_text())
 
