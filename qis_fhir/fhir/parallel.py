@@ -47,7 +47,7 @@ def _part(tmp: Path, i: int) -> Path:
     return tmp / f"{i:06d}"
 
 
-def _task(job: tuple) -> dict:
+def extract_task(job: tuple) -> dict:
     indices, sources, tmp, args = job
 
     def open_file(run, k: int) -> None:
@@ -75,7 +75,7 @@ def add_counts(parts: list[dict]) -> dict:
     return out
 
 
-def _merge_outputs(n: int, tmp: Path, out_dir: Path, chunk_rows: int) -> dict[str, int]:
+def merge_outputs(n: int, tmp: Path, out_dir: Path, chunk_rows: int) -> dict[str, int]:
     """Append the files' outputs, in file order, into ``out_dir``'s tables and quarantine."""
     import pyarrow.parquet as pq
 
@@ -110,8 +110,8 @@ def extract_parallel(sources: list[SourceFile], out_dir: Path, args: tuple, work
     try:
         jobs = [(t, sources, tmp, args) for t in tasks(sources)]
         with ProcessPoolExecutor(workers) as pool:
-            parts = list(pool.map(_task, jobs))
+            parts = list(pool.map(extract_task, jobs))
         chunk_rows = args[3] if len(args) > 3 else DEFAULT_CHUNK_ROWS
-        return _merge_outputs(len(sources), tmp, out_dir, chunk_rows), add_counts(parts)
+        return merge_outputs(len(sources), tmp, out_dir, chunk_rows), add_counts(parts)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
