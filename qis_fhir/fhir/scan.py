@@ -82,10 +82,7 @@ def connect(spill_parent: Path | str) -> Iterator[duckdb.DuckDBPyConnection]:
 
 def shard_sql(column: str, shards: int) -> str:
     """SQL for the shard (0 .. shards - 1) of a hex patient key column: its first ``SHARD_DIGITS`` hex
-    digits scaled to ``shards`` (Python: ``shard_of``)."""
+    digits scaled to ``shards``."""
     span = 16 ** SHARD_DIGITS
     return f"(CAST(('0x' || substr({column}, 1, {SHARD_DIGITS})) AS INTEGER) * {int(shards)} // {span})"
 
-
-def shard_of(key: str, shards: int) -> int:
-    return int(key[:SHARD_DIGITS], 16) * shards // 16 ** SHARD_DIGITS

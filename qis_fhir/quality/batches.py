@@ -37,10 +37,11 @@ def combine(rule: Rule, parts: list[ExpectationResult], duplicates: int | None =
     ``duplicates``: for ``unique`` / ``compound_unique``, the table's rows whose value occurs more than
     once (``duplicate_rows``), which no batch can count alone."""
     first = parts[0]
-    failed = next((p for p in parts if p.observed is not None and not p.success and VOCABULARY[rule.name].kind == "rows"), None)
-    if failed is not None:  # a column missing or an evaluation error: the same in every batch
-        return failed
     kind = VOCABULARY[rule.name].kind
+    if kind == "rows":  # a row rule with a text instead of counts: a column missing or an evaluation error
+        broken = next((p for p in parts if p.observed is not None), None)
+        if broken is not None:
+            return broken
     if kind == "schema":
         return first
     if kind == "dtype":
