@@ -129,11 +129,15 @@ def _child() -> None:
 
 
 def _run_child(args: dict) -> dict:
+    """One run in a fresh child; its figures, also echoed to stderr as they come (a long bench that is
+    interrupted keeps what it measured)."""
     proc = subprocess.run([sys.executable, "-c", "from qis_fhir.bench.run import _child; _child()", json.dumps(args)],
                           capture_output=True, text=True, timeout=4 * 3600)
     if proc.returncode != 0:
         raise RuntimeError(f"run bench child failed: {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    line = proc.stdout.strip().splitlines()[-1]
+    print(f"bench run: workers {args['workers']}, load {os.getloadavg()[0]:.1f}: {line}", file=sys.stderr, flush=True)
+    return json.loads(line)
 
 
 def _network(tmp: Path) -> None:
