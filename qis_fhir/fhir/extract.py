@@ -472,7 +472,7 @@ class _Extraction:
     # --- the end ----------------------------------------------------------------------------------
 
     def counts(self) -> dict:
-        """Every count ``_summarise`` reads, as plain data (a worker's share, ``_merge_counts``)."""
+        """Every count ``_summarise`` reads, as plain data (a worker's share, ``parallel.add_counts``)."""
         return {"by_type": self.by_type, "skipped_types": dict(self.skipped_types), "reasons": dict(self.reasons),
                 "dropped_components": dict(self.dropped_components), "without_rows": dict(self.without_rows),
                 "by_file": {label: fc.as_dict() for label, fc in self.by_file.items()},
