@@ -40,6 +40,8 @@ class RunConfig:
     seq: int | None = None  # the export's day as YYYYMMDD, from which the release policy picks the seq; None: today (UTC)
     evidence: bool = True  # with bootstrap: pool the network's evidence after publishing (the demo runs it once all have published)
     progress: bool = False
+    workers: int = 1  # processes for the export's files and the outcome shards (the result is the same whatever the number)
+    shards: int | None = None  # patient shards of the outcome stage; None: by the extract's size
 
 
 @dataclass
@@ -82,11 +84,11 @@ def run_pipeline(config: RunConfig) -> RunResult:
     planned = [EXTRACT, OUTCOMES, QUALITY] + ([PACKETS_STAGE] if setup.site is not None else [])
     with start_run(out_dir, command="run", planned=planned) as run:
         summary = stages.extract_step(run, config.export_dir, setup, validate=config.validate, sample_rate=config.sample_rate,
-                                      progress=config.progress)
+                                      progress=config.progress, workers=config.workers)
         result.extract = summary.to_dict()
         extract = stages.quality_step(run, setup.mapping, "extract")
         extract.raise_for_failure()  # nothing below runs on failed data
-        result.outcomes = stages.outcomes_step(run, setup.mapping).summary
+        result.outcomes = stages.outcomes_step(run, setup.mapping, shards=config.shards, workers=config.workers).summary
         events = stages.quality_step(run, setup.mapping, "outcome_events")
         result.quality = {"success": events.success, "warnings": extract.warnings + events.warnings,
                           "reports": {"extract": extract.to_dict(), "outcome_events": events.to_dict()}}

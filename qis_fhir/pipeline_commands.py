@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from qis_fhir.dht.commands import bind_option
+from qis_fhir.fhir.commands import workers_option
 from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, DEFAULT_VALIDATE, MODES
 
 
@@ -24,7 +25,9 @@ from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, DEFAULT_VALIDATE, MODE
 @click.option("--sample-rate", type=click.FloatRange(0.0, 1.0), default=DEFAULT_SAMPLE_RATE, show_default=True, help="Share of resources model-validated with --validate sample.")
 @click.option("--seq", type=click.IntRange(min=0), default=None, help="The day the export stands for, as YYYYMMDD (default: today, UTC): packets carry seq = day x 100 + revision, and a day older than the newest released one releases nothing (docs/packets.md).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
-def run(export_dir: Path, out_dir: Path, mapping_dir, site_dir, network_dir, bootstrap, bind, site_secret_path, validate, sample_rate, seq, progress) -> None:
+@workers_option
+def run(export_dir: Path, out_dir: Path, mapping_dir, site_dir, network_dir, bootstrap, bind, site_secret_path, validate, sample_rate, seq, progress,
+        workers) -> None:
     """Run extract, outcomes and quality (and packets / publish when asked) on EXPORT_DIR."""
     import sys
 
@@ -44,7 +47,8 @@ def run(export_dir: Path, out_dir: Path, mapping_dir, site_dir, network_dir, boo
         validate=validate,
         sample_rate=sample_rate,
         seq=seq,
-        progress=sys.stderr.isatty() if progress is None else progress,
+        progress=(sys.stderr.isatty() if progress is None else progress) and workers == 1,
+        workers=workers,
     )
     result = run_pipeline(config)
     totals = result.extract.get("totals", {})

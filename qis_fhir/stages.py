@@ -168,15 +168,18 @@ def read_quality_suite(folder: Path | str, part: str, table: str) -> tuple[dict,
 
 
 # ---------------------------------------------------------------------- steps
-def extract_step(run: Run, export_dir: Path | str, setup: SiteSetup, *, validate: str, sample_rate: float, progress: bool = False) -> ExtractSummary:
-    """The export into ``extract/`` and ``quarantine.ndjson``; an export with nothing usable stops here."""
+def extract_step(run: Run, export_dir: Path | str, setup: SiteSetup, *, validate: str, sample_rate: float, progress: bool = False,
+                 workers: int = 1) -> ExtractSummary:
+    """The export into ``extract/`` and ``quarantine.ndjson``, its files over ``workers`` processes;
+    an export with nothing usable stops here."""
     from qis_fhir.fhir import extract_export
     from qis_fhir.fhir.extract import QUARANTINE_FILE
 
     export_dir = Path(export_dir)  # a missing one is extract_export's InputNotFoundError
     run.begin(EXTRACT)
     log.info("extract: reading %s", export_dir.name)
-    summary = extract_export(export_dir, run.path, secret=setup.secret, validate=validate, sample_rate=sample_rate, progress=progress)
+    summary = extract_export(export_dir, run.path, secret=setup.secret, validate=validate, sample_rate=sample_rate, progress=progress,
+                             workers=workers)
     summary.raise_if_nothing_extracted(run.path / QUARANTINE_FILE)  # the rule `qis-fhir extract` applies
     run.mark(EXTRACT, summary.totals)
     return summary
@@ -187,19 +190,18 @@ def quality_step(run: Run, mapping: MappingSet, part: str) -> QualityReport:
 
     Does not raise on a failed suite: the caller reports it (``run`` raises, Dagster fails a blocking
     check), and the next step refuses to build on it. Marks ``quality`` once every part has passed."""
-    from qis_fhir.fhir import load_extract
     from qis_fhir.outcomes.events import read_outcome_tables
     from qis_fhir.quality import check_tables
+    from qis_fhir.quality.checks import check_extract_tables
 
     run.begin(QUALITY)
-    if part == "extract":
-        tables = load_extract(run.path)
+    if part == "extract":  # read in batches: the extract grows with the export (fhir/scan.py)
+        report = check_extract_tables(run.path, mapping)
     elif part == "outcome_events":  # the events and, under a mapping with control measures, the control units
         _require_marked(run, OUTCOMES, "there are no outcome events to check")
-        tables = read_outcome_tables(run.path, mapping)
+        report = check_tables(read_outcome_tables(run.path, mapping), mapping)
     else:
         raise ValueError(f"no quality part {part!r}; expected one of {QUALITY_PARTS}")
-    report = check_tables(tables, mapping)
     report.write(quality_report_path(run.path, part))
     reports = [_read_report(run.path, p) for p in QUALITY_PARTS]
     if all(r is not None and r.get("success") for r in reports):
@@ -207,15 +209,16 @@ def quality_step(run: Run, mapping: MappingSet, part: str) -> QualityReport:
     return report
 
 
-def outcomes_step(run: Run, mapping: MappingSet) -> OutcomeResult:
-    """Treatment-outcome events from the run's extract, once its tables passed their suites."""
-    from qis_fhir.fhir import load_extract
-    from qis_fhir.outcomes import derive_outcome_events
+def outcomes_step(run: Run, mapping: MappingSet, *, shards: int | None = None, workers: int = 1) -> OutcomeResult:
+    """Treatment-outcome events from the run's extract, once its tables passed their suites
+    (``shards``, ``workers``: see ``derive_outcomes_sharded``; the result is the same whatever they are)."""
+    from qis_fhir.outcomes.sharded import derive_outcomes_sharded
 
     require_quality(run.path, "extract")
     run.begin(OUTCOMES)
     log.info("outcomes: mapping %s (%s)", mapping.version, mapping.content_hash[:12])
-    result = derive_outcome_events(load_extract(run.path), mapping)
+    # only the rows the derivation reads, patient shard by shard (outcomes/sharded.py)
+    result = derive_outcomes_sharded(run.path, mapping, shards=shards, workers=workers)
     result.write(run.path)
     run.mark(OUTCOMES, result.summary.get("totals", {}))
     return result

@@ -24,8 +24,11 @@ SECTIONS: dict[str, str] = {
     "evidence": "qis_fhir.bench.evidence",
     "secagg": "qis_fhir.bench.secagg",
     "rounds": "qis_fhir.bench.rounds",
+    "run": "qis_fhir.bench.run",
 }
-DEFAULT_SECTIONS = ("extract", "packets")  # dht, evidence and rounds run many nodes: ask for them with --only
+# dht, evidence, rounds and dhtflood start many nodes, run writes exports of millions of Observations:
+# ask for them with --only
+DEFAULT_SECTIONS = ("extract", "packets")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,9 @@ class BenchOptions:
     export: Path | None = None  # extract: time the Observation lines of this export instead
     nodes: tuple[int, ...] | None = None  # dht: network sizes
     seed: int = 7
+    sizes: tuple[int, ...] | None = None  # run: Observations of each export
+    workers: int | None = None  # run: worker processes of the runs per size
+    repeats: int = 3  # run: pairs of 1- and 2-worker runs for the speed-up
 
 
 def run_sections(sections: list[str], options: BenchOptions) -> dict:
@@ -63,11 +69,17 @@ def run_sections(sections: list[str], options: BenchOptions) -> dict:
 )
 @click.option("--nodes", type=str, default=None, help="dht: comma-separated network sizes, e.g. 10,30,100; evidence: the first is its network size (default 30); secagg: the first is its number of sites (default 50).")
 @click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--sizes", type=str, default=None, help="run: comma-separated Observations per export (default 2000000,5000000,20000000).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="run: worker processes of the run per size (default 1).")
+@click.option("--repeats", type=click.IntRange(min=0), default=3, show_default=True,
+              help="run: 1- and 2-worker runs back to back on the first size, for the speed-up's median (0: none).")
 def bench(as_json: bool, only: tuple[str, ...], observations: int | None, export: Path | None, nodes: str | None,
-          seed: int) -> None:
+          seed: int, sizes: str | None, workers: int | None, repeats: int) -> None:
     """Measure throughput and memory of the stages, side by side with their baselines."""
     sections = list(only) or list(DEFAULT_SECTIONS)
     node_sizes = tuple(int(x) for x in nodes.split(",")) if nodes else None
-    results = run_sections(sections, BenchOptions(observations=observations, export=export, nodes=node_sizes, seed=seed))
+    run_sizes = tuple(int(x) for x in sizes.split(",")) if sizes else None
+    results = run_sections(sections, BenchOptions(observations=observations, export=export, nodes=node_sizes, seed=seed,
+                                                  sizes=run_sizes, workers=workers, repeats=repeats))
     text = json.dumps(results, sort_keys=True) if as_json else json.dumps(results, indent=2, sort_keys=True)
     sys.stdout.write(text + "\n")

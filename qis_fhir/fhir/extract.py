@@ -138,19 +138,32 @@ class _Extraction:
         self.pending: list[tuple] = []  # sampled resources awaiting model validation
         self.skipped_paths: Counter = Counter()
         self.entries_beyond_cap: dict[str, int] = {}  # file label -> Bundle entries not read
+        self.chunk_rows, self.max_quarantine_lines = chunk_rows, max_quarantine_lines
+        self.quarantine: QuarantineSink | None = None
+        self._open_sinks(out)
+        self.progress: Callable[[int], None] | None = None
+
+    def _open_sinks(self, out: Path) -> None:
         extract_dir = out / EXTRACT_DIR
         extract_dir.mkdir(parents=True, exist_ok=True)
         self.sinks: dict[str, TableSink] = {}
-        self.quarantine: QuarantineSink | None = None
+        quarantine, self.quarantine = self.quarantine, None
         try:
             for name, schema in TABLES.items():
-                self.sinks[name] = TableSink(name, schema, extract_dir / f"{name}.parquet", chunk_rows)
-            self.quarantine = QuarantineSink(out / QUARANTINE_FILE, max_quarantine_lines)
+                self.sinks[name] = TableSink(name, schema, extract_dir / f"{name}.parquet", self.chunk_rows)
+            self.quarantine = QuarantineSink(out / QUARANTINE_FILE, self.max_quarantine_lines)
         except BaseException:
             self.abort()
             raise
+        if quarantine is not None:  # the counts go on across outputs (``reopen``)
+            self.quarantine.not_written, self.quarantine.written = quarantine.not_written, quarantine.written
         self.sink_of_type = {t: self.sinks[table] for t, table in TABLE_OF_TYPE.items()}
-        self.progress: Callable[[int], None] | None = None
+
+    def reopen(self, out: Path) -> None:
+        """Commit the outputs so far and write what follows into ``out``, with the same handlers (the
+        Medications read so far) and counts: each file of a parallel extraction has its own outputs."""
+        self.commit()
+        self._open_sinks(out)
 
     # --- outcomes of one line -------------------------------------------------------------------
 
@@ -458,6 +471,15 @@ class _Extraction:
 
     # --- the end ----------------------------------------------------------------------------------
 
+    def counts(self) -> dict:
+        """Every count ``_summarise`` reads, as plain data (a worker's share, ``parallel.add_counts``)."""
+        return {"by_type": self.by_type, "skipped_types": dict(self.skipped_types), "reasons": dict(self.reasons),
+                "dropped_components": dict(self.dropped_components), "without_rows": dict(self.without_rows),
+                "by_file": {label: fc.as_dict() for label, fc in self.by_file.items()},
+                "skipped_paths": dict(self.skipped_paths), "entries_beyond_cap": self.entries_beyond_cap,
+                "not_written": self.quarantine.not_written, "written": self.quarantine.written,
+                "validated": self.validator.validated}
+
     def commit(self) -> dict[str, int]:
         rows = {}
         for name, sink in self.sinks.items():
@@ -495,11 +517,13 @@ def extract_export(
     max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
     max_bundle_entries: int = DEFAULT_MAX_BUNDLE_ENTRIES,
     max_quarantine_lines: int = DEFAULT_MAX_QUARANTINE_LINES,
+    workers: int = 1,
 ) -> ExtractSummary:
     """Extract an export directory into ``out_dir/extract/*.parquet``, its summary and the quarantine.
 
-    Raises ``InputNotFoundError`` when ``export_dir`` is missing or holds no FHIR files. Bad input
-    never raises: it is quarantined with a reason.
+    ``workers`` > 1 reads the files in that many processes (``parallel.py``): the same tables, rows in
+    the same order, the same quarantine and summary. Raises ``InputNotFoundError`` when ``export_dir``
+    is missing or holds no FHIR files. Bad input never raises: it is quarantined with a reason.
     """
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     if not export_dir.is_dir():
@@ -512,9 +536,29 @@ def extract_export(
     stride = sample_stride(validate, sample_rate)  # fails on a bad mode before any file is created
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = _Extraction(out_dir, secret, stride, max_line_bytes, chunk_rows, max_json_bytes, max_bundle_entries,
-                      max_quarantine_lines)
-    run.skipped_paths.update(skipped_paths)
+    args = (secret, stride, max_line_bytes, chunk_rows, max_json_bytes, max_bundle_entries, max_quarantine_lines)
+    if workers > 1 and len(sources) > 1:
+        from qis_fhir.fhir.parallel import extract_parallel
+
+        rows, counts = extract_parallel(sources, out_dir, args, workers)
+    else:
+        rows, counts = _extract_files(sources, out_dir, args, progress)
+    for reason, n in skipped_paths.items():  # the paths not opened, beside the manifests found on reading
+        counts["skipped_paths"][reason] = counts["skipped_paths"].get(reason, 0) + n
+    limits = {"max_line_bytes": max_line_bytes, "max_json_bytes": max_json_bytes,
+              "max_bundle_entries": max_bundle_entries, "max_quarantine_lines": max_quarantine_lines}
+    summary = _summarise(counts, stride, export_dir, validate, rows, limits)
+    summary.seconds = round(time.perf_counter() - started, 3)
+    summary.check_invariants()
+    write_json(out_dir / EXTRACT_DIR / SUMMARY_FILE, summary.to_dict())
+    return summary
+
+
+def _extract_files(sources: list[SourceFile], out_dir: Path, args: tuple, progress: bool = False,
+                   open_file: Callable[[_Extraction, int], None] | None = None) -> tuple[dict[str, int], dict]:
+    """Extract ``sources`` in order, one process; returns the tables' row counts and ``counts()``.
+    ``open_file(run, i)``: called before the i-th file (the parallel path gives each its own outputs)."""
+    run = _Extraction(out_dir, *args)
     bar = None
     # The loop allocates millions of short-lived, acyclic objects (parsed JSON) while holding a chunk
     # of row tuples alive; the cyclic GC then rescans those rows again and again (~15% of the run).
@@ -525,7 +569,9 @@ def extract_export(
         if progress:
             bar = _progress_bar(sum(s.size for s in sources))
             run.progress = bar[1]
-        for src in sources:
+        for i, src in enumerate(sources):
+            if open_file is not None:
+                open_file(run, i)
             log.info("extract: reading %s", src.label)
             run.run_file(src)
         rows = run.commit()
@@ -537,40 +583,34 @@ def extract_export(
             gc.enable()
         if bar is not None:
             bar[0].stop()
-    limits = {"max_line_bytes": max_line_bytes, "max_json_bytes": max_json_bytes,
-              "max_bundle_entries": max_bundle_entries, "max_quarantine_lines": max_quarantine_lines}
-    summary = _summarise(run, export_dir, validate, rows, limits)
-    summary.seconds = round(time.perf_counter() - started, 3)
-    summary.check_invariants()
-    write_json(out_dir / EXTRACT_DIR / SUMMARY_FILE, summary.to_dict())
-    return summary
+    return rows, run.counts()
 
 
-def _summarise(run: _Extraction, export_dir: Path, validate: str, rows: dict, limits: dict) -> ExtractSummary:
-    by_file = {label: fc.as_dict() for label, fc in run.by_file.items()}
+def _summarise(c: dict, stride: int | None, export_dir: Path, validate: str, rows: dict, limits: dict) -> ExtractSummary:
+    by_file = c["by_file"]
     caps_hit: dict[str, dict] = {}
-    for label, counts in run.quarantine.not_written.items():
+    for label, counts in c["not_written"].items():
         caps_hit.setdefault(label, {})["max_quarantine_lines"] = dict(sorted(counts.items()))
-    for label, beyond in run.entries_beyond_cap.items():
+    for label, beyond in c["entries_beyond_cap"].items():
         caps_hit.setdefault(label, {})["max_bundle_entries"] = beyond
     totals = {k: sum(f[k] for f in by_file.values()) for k in ("read", "accepted", "quarantined", "skipped")}
     return ExtractSummary(
         export_dir=str(export_dir),
         validate=validate,
-        validation_sample_rate=effective_rate(run.stride),
-        validated=run.validator.validated,
+        validation_sample_rate=effective_rate(stride),
+        validated=c["validated"],
         totals=totals,
-        by_type={t: {"read": c[0], "accepted": c[1], "quarantined": c[2]} for t, c in sorted(run.by_type.items())},
-        skipped_types=dict(sorted(run.skipped_types.items())),
+        by_type={t: {"read": n[0], "accepted": n[1], "quarantined": n[2]} for t, n in sorted(c["by_type"].items())},
+        skipped_types=dict(sorted(c["skipped_types"].items())),
         by_file=by_file,
-        quarantine_reasons=dict(sorted(run.reasons.items())),
+        quarantine_reasons=dict(sorted(c["reasons"].items())),
         rows=rows,
-        dropped_components=dict(sorted(run.dropped_components.items())),
-        accepted_without_rows=dict(sorted(run.without_rows.items())),
-        skipped_paths=dict(sorted(run.skipped_paths.items())),
+        dropped_components=dict(sorted(c["dropped_components"].items())),
+        accepted_without_rows=dict(sorted(c["without_rows"].items())),
+        skipped_paths=dict(sorted(c["skipped_paths"].items())),
         limits=limits,
         caps_hit=dict(sorted(caps_hit.items())),
-        quarantine_written=run.quarantine.written,
+        quarantine_written=c["written"],
     )
 
 
@@ -598,6 +638,13 @@ def load_extract(out_dir: Path | str) -> dict[str, pd.DataFrame]:  # noqa: F821
     crashed or failed run are refused with RUN_INCOMPLETE, never read beside another run's files."""
     import pyarrow.parquet as pq
 
+    base = require_extract(out_dir)
+    return {name: pq.read_table(base / f"{name}.parquet", schema=TABLES[name]).to_pandas() for name in TABLES}
+
+
+def require_extract(out_dir: Path | str) -> Path:
+    """``out_dir/extract`` once it holds a finished extract's five tables (every reader's check:
+    ``load_extract`` and the stages that read the tables in batches or shards, ``fhir/scan.py``)."""
     from qis_fhir.runfolder import EXTRACT, require_run
 
     require_run(out_dir, EXTRACT)
@@ -605,4 +652,4 @@ def load_extract(out_dir: Path | str) -> dict[str, pd.DataFrame]:  # noqa: F821
     missing = [name for name in TABLES if not (base / f"{name}.parquet").is_file()]
     if missing:
         raise InputNotFoundError(f"{base} has no extract tables ({', '.join(missing)}); run `qis-fhir extract` first")
-    return {name: pq.read_table(base / f"{name}.parquet", schema=TABLES[name]).to_pandas() for name in TABLES}
+    return base

@@ -68,6 +68,15 @@ class TableSink:
         if self._batched_rows >= ROW_GROUP_ROWS:
             self._write()
 
+    def append(self, batch: pa.RecordBatch) -> None:
+        """Rows already in Arrow (another extraction's table, ``parallel.py``), after those added so far."""
+        self._convert()
+        self._batches.append(batch.cast(self.schema))
+        self._batched_rows += batch.num_rows
+        self.count += batch.num_rows
+        if self._batched_rows >= ROW_GROUP_ROWS:
+            self._write()
+
     def _convert(self) -> None:
         if not self.rows:
             return

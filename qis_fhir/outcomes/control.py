@@ -266,18 +266,31 @@ def check_control_summary(s: dict) -> None:
     assert s["denominator"] == sum(y["denominator"] for y in s["by_year"].values()), "by_year"
 
 
+def _visits(encounters: pd.DataFrame) -> pd.DataFrame:
+    return encounters[~one_of(encounters["status"], IGNORED_VISIT_STATUS) & encounters["period_start"].notna().to_numpy()]
+
+
+def control_data_end(observations: pd.DataFrame, encounters: pd.DataFrame) -> int:
+    """The day number of the newest visit or observation (-1 without any): a year is complete when
+    the data reach past its last day."""
+    visit_days = day_number(_visits(encounters)["period_start"]).to_numpy()
+    obs_days = day_number(observations["effective"].dropna()).to_numpy()
+    return int(max([d.max() for d in (visit_days, obs_days) if len(d)], default=-1))
+
+
 def derive_control_units(
-    tables: dict[str, pd.DataFrame], links: pd.DataFrame, mapping: MappingSet
+    tables: dict[str, pd.DataFrame], links: pd.DataFrame, mapping: MappingSet, data_end: int | None = None
 ) -> tuple[pd.DataFrame, dict]:
     """Units of every control measure of ``mapping`` and, per measure, the counts that explain them.
 
     ``tables`` are the extract tables as UTC timestamps (``encounters`` included); ``links`` are the
-    mapped requests linked to buckets (``linkage.link_requests``)."""
+    mapped requests linked to buckets (``linkage.link_requests``); ``data_end``: ``control_data_end``
+    of the whole data when ``tables`` hold only some of its patients (default: of ``tables``)."""
     observations, encounters = tables["observations"], tables["encounters"]
-    visits = encounters[~one_of(encounters["status"], IGNORED_VISIT_STATUS) & encounters["period_start"].notna().to_numpy()]
+    visits = _visits(encounters)
     visit_days = day_number(visits["period_start"]).to_numpy()
-    obs_days = day_number(observations["effective"].dropna()).to_numpy()
-    data_end = max([d.max() for d in (visit_days, obs_days) if len(d)], default=-1)
+    if data_end is None:
+        data_end = control_data_end(observations, encounters)
     years = _year_of(visit_days) if len(visit_days) else np.array([], dtype="int64")
     complete = _first_day(years + 1) <= data_end  # the data reach past the year's last day
     visit_years = pd.DataFrame({"patient_key": visits["patient_key"].to_numpy()[complete], "year": years[complete]})

@@ -159,12 +159,30 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def derive_outcome_events(tables: dict[str, pd.DataFrame], mapping: MappingSet) -> OutcomeResult:
+def data_ends(tables: dict[str, pd.DataFrame], mapping: MappingSet) -> dict[str, float]:
+    """The day numbers where the data end, as ``derive_outcome_events`` finds them in ``tables``:
+    ``events``, the newest reading of a measure (a follow-up window ending later is still pending),
+    and ``control``, the newest visit or observation (the last complete year ends before it).
+
+    A run that derives its outcomes shard by shard (``outcomes/sharded.py``) takes the maximum of
+    each over the shards and passes it to every shard, since a shard's own data may end earlier."""
+    obs, _ = measure_observations(_ensure_utc(tables["observations"], ["effective"]), mapping)
+    ends = {"events": float(obs["obs_day"].max()) if len(obs) else -np.inf}
+    if mapping.control_measures:
+        from qis_fhir.outcomes.control import control_data_end
+
+        ends["control"] = control_data_end(_ensure_utc(tables["observations"], ["effective"]),
+                                           _ensure_utc(tables["encounters"], ["period_start", "period_end"]))
+    return ends
+
+
+def derive_outcome_events(tables: dict[str, pd.DataFrame], mapping: MappingSet, ends: dict[str, float] | None = None) -> OutcomeResult:
     """Treatment-outcome events from the extract tables (``patients``, ``conditions``,
     ``medication_requests``, ``observations``), one per treatment episode with a baseline and a
     follow-up value; every other episode is counted under one exclusion reason in ``summary``.
     A mapping with control measures also gives ``units`` (``control.py``, which reads ``encounters``
-    too) and ``summary["control"]``."""
+    too) and ``summary["control"]``. ``ends``: ``data_ends`` of the whole data when ``tables`` hold
+    only some of its patients (default: the ends of ``tables``)."""
     patients = _ensure_utc(tables["patients"], ["birth_date"])
     conditions = _ensure_utc(tables["conditions"], ["onset", "abatement"])
     requests = _ensure_utc(tables["medication_requests"], ["authored_on"])
@@ -183,7 +201,7 @@ def derive_outcome_events(tables: dict[str, pd.DataFrame], mapping: MappingSet) 
     ep = _washout(ep, requests, mapping, {**tables, "conditions": conditions, "medication_requests": requests,
                                           "observations": observations})
 
-    data_end = obs["obs_day"].max() if len(obs) else -np.inf
+    data_end = ends["events"] if ends is not None else (obs["obs_day"].max() if len(obs) else -np.inf)
     reason = np.select(
         [
             ep["_known"].isna().to_numpy(),
@@ -227,7 +245,7 @@ def derive_outcome_events(tables: dict[str, pd.DataFrame], mapping: MappingSet) 
 
         ctables = {"patients": patients, "conditions": conditions, "observations": observations,
                    "encounters": _ensure_utc(tables["encounters"], ["period_start", "period_end"])}
-        units, summary["control"] = derive_control_units(ctables, links, mapping)
+        units, summary["control"] = derive_control_units(ctables, links, mapping, None if ends is None else ends["control"])
     return OutcomeResult(events=events, summary=summary, units=units)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qis_fhir.errors import MappingError
@@ -21,7 +22,11 @@ def _run_suite(suites: SuiteSet, name: str, df: pd.DataFrame) -> SuiteResult:
 
     started = time.perf_counter()
     results = run_rules(name, suites.fingerprint(name), suites.tables[name], df)
-    result = SuiteResult(table=name, rows=len(df), results=tuple(results), seconds=time.perf_counter() - started)
+    return _logged(SuiteResult(table=name, rows=len(df), results=tuple(results), seconds=time.perf_counter() - started))
+
+
+def _logged(result: SuiteResult) -> SuiteResult:
+    name = result.table
     log.info(
         "quality: %s %s (%d rows, %d of %d expectations failed, %d warnings, %.2fs)",
         name,
@@ -56,6 +61,10 @@ def check_tables(tables: dict[str, pd.DataFrame], mapping: Any, *, suites: Suite
     suites = suites or load_suites(mapping)
     results = [_run_suite(suites, name, df) for name, df in tables.items() if name in suites.tables]
     unchecked = sorted(name for name in tables if name not in suites.tables)
+    return _report(results, unchecked, mapping, suites)
+
+
+def _report(results: list[SuiteResult], unchecked: list[str], mapping: Any, suites: SuiteSet) -> QualityReport:
     if unchecked:
         log.warning("quality: no suite declared for %s", ", ".join(unchecked))
     return QualityReport(
@@ -65,3 +74,34 @@ def check_tables(tables: dict[str, pd.DataFrame], mapping: Any, *, suites: Suite
         suites_sha256=suites.sha256,
         unchecked_tables=unchecked,
     )
+
+
+def check_extract_tables(folder: Path | str, mapping: Any, *, suites: SuiteSet | None = None, batch_rows: int | None = None) -> QualityReport:
+    """``check_tables`` of an extract folder's five tables, read ``batch_rows`` rows at a time
+    (``qis_fhir.fhir.scan.table_batches``) and combined into the same report (``batches.py``), so the
+    memory it takes is one batch's whatever the export's size."""
+    from qis_fhir.fhir import TABLE_NAMES
+    from qis_fhir.fhir.extract import require_extract
+    from qis_fhir.fhir.scan import BATCH_ROWS, connect, table_batches, table_path
+    from qis_fhir.quality.batches import CROSS_BATCH, combine, duplicate_rows
+    from qis_fhir.quality.engine import run_rules
+
+    suites = suites or load_suites(mapping)
+    folder = Path(folder)
+    require_extract(folder)
+    results = []
+    with connect(folder) as con:
+        for name in (n for n in TABLE_NAMES if n in suites.tables):
+            started = time.perf_counter()
+            rules, fingerprint = suites.tables[name], suites.fingerprint(name)
+            parts: list[list] = [[] for _ in rules]
+            rows = 0
+            for df in table_batches(folder, name, batch_rows or BATCH_ROWS):
+                rows += len(df)
+                for i, r in enumerate(run_rules(name, fingerprint, rules, df)):
+                    parts[i].append(r)
+            combined = tuple(combine(rule, part, duplicate_rows(con, table_path(folder, name), rule) if rule.name in CROSS_BATCH else None)
+                             for rule, part in zip(rules, parts))
+            results.append(_logged(SuiteResult(table=name, rows=rows, results=combined, seconds=time.perf_counter() - started)))
+    unchecked = sorted(name for name in TABLE_NAMES if name not in suites.tables)
+    return _report(results, unchecked, mapping, suites)

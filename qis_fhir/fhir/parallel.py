@@ -1,0 +1,117 @@
+"""Extraction of an export's files in several processes, with the result of reading them in one.
+
+Each file is extracted into its own temporary outputs (five tables and a quarantine) by a worker of
+a ``ProcessPoolExecutor``; the parent then appends them in the export's file order into the final
+tables and quarantine, and adds up the counts. So the tables hold the same rows in the same order,
+the quarantine the same records, and ``summary.json`` the same counts (every line accounted for,
+per file) as with one process; only the row-group boundaries of the Parquet files differ.
+
+One thing is carried from file to file: the Medications read so far, which later requests may name
+(``fields.py``). Files that may hold a Medication or name one (``Medication`` and
+``MedicationRequest`` bulk files, NDJSON files of mixed types, JSON files) therefore go to one worker
+together, in file order; every other bulk file (Observation, Encounter, Patient, Condition, types
+that are skipped) is a task of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from qis_fhir.fhir.extract import EXTRACT_DIR, QUARANTINE_FILE, _extract_files
+from qis_fhir.fhir.schema import TABLES
+from qis_fhir.fhir.sinks import DEFAULT_CHUNK_ROWS, TableSink
+from qis_fhir.fhir.sources import SourceFile
+
+#: bulk-file types whose files depend on the files before them (the Medications they name)
+CHAINED_TYPES = frozenset({"Medication", "MedicationRequest"})
+
+
+def _chained(src: SourceFile) -> bool:
+    return src.kind == "json" or src.resource_type is None or src.resource_type in CHAINED_TYPES
+
+
+def tasks(sources: list[SourceFile]) -> list[list[int]]:
+    """Indices of ``sources`` per task: the chained files as one task, every other file alone;
+    largest first, so the longest task starts first."""
+    chain = [i for i, s in enumerate(sources) if _chained(s)]
+    alone = [[i] for i, s in enumerate(sources) if not _chained(s)]
+    out = ([chain] if chain else []) + alone
+    return sorted(out, key=lambda t: -sum(sources[i].size for i in t))
+
+
+def _part(tmp: Path, i: int) -> Path:
+    return tmp / f"{i:06d}"
+
+
+def extract_task(job: tuple) -> dict:
+    indices, sources, tmp, args = job
+
+    def open_file(run, k: int) -> None:
+        if k:
+            run.reopen(_part(tmp, indices[k]))
+
+    _, counts = _extract_files([sources[i] for i in indices], _part(tmp, indices[0]), args, open_file=open_file)
+    return counts
+
+
+def add_counts(parts: list[dict]) -> dict:
+    """Workers' ``counts()`` as one: per-file figures are disjoint, every other figure adds up."""
+    out = {"by_type": {}, "skipped_types": {}, "skipped_paths": {}, "reasons": {}, "dropped_components": {}, "without_rows": {},
+           "by_file": {}, "entries_beyond_cap": {}, "not_written": {}, "written": 0, "validated": 0}
+    for p in parts:
+        for t, n in p["by_type"].items():
+            out["by_type"][t] = [a + b for a, b in zip(out["by_type"].get(t, [0, 0, 0]), n)]
+        for k in ("skipped_types", "reasons", "dropped_components", "without_rows", "skipped_paths"):
+            for name, n in p[k].items():
+                out[k][name] = out[k].get(name, 0) + n
+        for k in ("by_file", "entries_beyond_cap", "not_written"):
+            out[k].update(p[k])
+        out["written"] += p["written"]
+        out["validated"] += p["validated"]
+    return out
+
+
+def merge_outputs(n: int, tmp: Path, out_dir: Path, chunk_rows: int) -> dict[str, int]:
+    """Append the files' outputs, in file order, into ``out_dir``'s tables and quarantine."""
+    import pyarrow.parquet as pq
+
+    rows = {}
+    extract_dir = out_dir / EXTRACT_DIR
+    extract_dir.mkdir(parents=True, exist_ok=True)
+    for name, schema in TABLES.items():
+        sink = TableSink(name, schema, extract_dir / f"{name}.parquet", chunk_rows)
+        try:
+            for i in range(n):
+                with pq.ParquetFile(_part(tmp, i) / EXTRACT_DIR / f"{name}.parquet") as f:
+                    for batch in f.iter_batches():
+                        sink.append(batch)
+            sink.commit()
+        except BaseException:
+            sink.abort()
+            raise
+        rows[name] = sink.count
+    quarantine = out_dir / QUARANTINE_FILE
+    partial = quarantine.with_name(f".{quarantine.name}.partial")
+    with open(partial, "wb") as fh:
+        for i in range(n):
+            with open(_part(tmp, i) / QUARANTINE_FILE, "rb") as part:
+                shutil.copyfileobj(part, fh)
+    os.replace(partial, quarantine)
+    return rows
+
+
+def extract_parallel(sources: list[SourceFile], out_dir: Path, args: tuple, workers: int) -> tuple[dict[str, int], dict]:
+    """``_extract_files`` of ``sources`` over ``workers`` processes; the same outputs and counts."""
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-parts-", dir=out_dir))
+    try:
+        jobs = [(t, sources, tmp, args) for t in tasks(sources)]
+        with ProcessPoolExecutor(workers) as pool:
+            parts = list(pool.map(extract_task, jobs))
+        chunk_rows = args[3] if len(args) > 3 else DEFAULT_CHUNK_ROWS
+        return merge_outputs(len(sources), tmp, out_dir, chunk_rows), add_counts(parts)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

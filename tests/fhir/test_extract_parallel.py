@@ -1,0 +1,80 @@
+"""Extraction over several processes writes what one process writes: tables row for row in the same
+order, the same quarantine records in the same order, the same summary counts per file."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from qis_fhir.fhir import TABLE_NAMES, extract_export
+from qis_fhir.fhir.parallel import tasks
+from qis_fhir.fhir.sources import Labeller, discover
+
+SECRET = b"p" * 32
+
+
+def _outputs(out):
+    summary = (out / "extract" / "summary.json").read_text()
+    import json
+
+    summary = json.loads(summary)
+    summary.pop("seconds")
+    tables = {t: pq.read_table(out / "extract" / f"{t}.parquet").to_pandas() for t in TABLE_NAMES}
+    return summary, tables, (out / "quarantine.ndjson").read_bytes()
+
+
+def _assert_same(a, b):
+    assert a[0] == b[0]
+    for t in TABLE_NAMES:
+        pd.testing.assert_frame_equal(a[1][t], b[1][t], check_dtype=True)
+    assert a[2] == b[2]
+
+
+@pytest.fixture(scope="module")
+def mixed_export(tmp_path_factory, fixtures_dir):
+    """Bulk parts of several types (some gzipped, some damaged), a Bundle, a Medication file ahead of
+    requests that name it, and an NDJSON file of mixed types: every route a file can take."""
+    export = tmp_path_factory.mktemp("mixed")
+    src = fixtures_dir / "synthea-r4-105"
+    for path in sorted(src.iterdir()):
+        shutil.copy(path, export / path.name)
+    obs = (src / "Observation.000.ndjson").read_bytes().splitlines(keepends=True)
+    half = len(obs) // 2
+    (export / "Observation.000.ndjson").write_bytes(b"".join(obs[:half]))
+    (export / "Observation.001.ndjson.gz").write_bytes(gzip.compress(b"".join(obs[half:]) + b"{not json\n\n"))
+    (export / "Observation.002.ndjson.gz").write_bytes(gzip.compress(b"".join(obs[:50]))[:-20])  # truncated
+    (export / "Medication.000.ndjson").write_bytes(
+        b'{"resourceType":"Medication","id":"m1","code":{"coding":[{"system":"http://www.nlm.nih.gov/research/umls/rxnorm","code":"314076"}]}}\n')
+    bundles = sorted((fixtures_dir / "synthea-bundles").glob("*.json"))[:2]
+    for b in bundles:
+        shutil.copy(b, export / b.name)
+    mixed = (src / "Patient.000.ndjson").read_bytes().splitlines(keepends=True)[:3] + obs[:5]
+    (export / "mixed.ndjson").write_bytes(b"".join(mixed))
+    return export
+
+
+def test_files_are_split_into_independent_tasks_and_one_ordered_chain(mixed_export):
+    sources, _ = discover(mixed_export, Labeller(SECRET))
+    jobs = tasks(sources)
+    chain = [t for t in jobs if len(t) > 1]
+    assert len(chain) == 1 and chain[0] == sorted(chain[0])
+    names = {sources[i].label for i in chain[0]}
+    assert {"Medication.000.ndjson", "MedicationRequest.000.ndjson"} <= names
+    assert sorted(i for t in jobs for i in t) == list(range(len(sources)))  # every file once
+
+
+@pytest.mark.parametrize("export_name", ["mixed", "synthea-bulk-10"])
+def test_parallel_extraction_writes_what_one_process_writes(tmp_path, mixed_export, fixtures_dir, export_name):
+    export = mixed_export if export_name == "mixed" else fixtures_dir / export_name
+    one = extract_export(export, tmp_path / "one", secret=SECRET, validate="sample", sample_rate=0.05)
+    extract_export(export, tmp_path / "three", secret=SECRET, validate="sample", sample_rate=0.05, workers=3)
+    assert one.totals["read"] > 3000 and one.validated > 0
+    if export_name == "mixed":
+        assert one.totals["quarantined"] > 90
+        assert {"invalid_json", "corrupt_file"} <= set(one.quarantine_reasons)
+    _assert_same(_outputs(tmp_path / "one"), _outputs(tmp_path / "three"))
+    assert not list((tmp_path / "three").glob(".extract-parts-*"))  # the workers' outputs are removed
