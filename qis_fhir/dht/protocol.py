@@ -34,6 +34,7 @@ from rpcudp.exceptions import MalformedMessage
 
 from qis_fhir.dht.address import format_address
 from qis_fhir.dht.keys import RPC_CAP, dht_key, pack_batches, pack_nodes, packed_size
+from qis_fhir.dht.lookup import REPLY_NODES_PER_K, closest_to
 from qis_fhir.dht.storage import CONFIRMED, QUOTA, PacketStore
 
 log = logging.getLogger("qis_fhir.dht.protocol")
@@ -188,15 +189,13 @@ class PacketProtocol(KademliaProtocol):
         later; two lookups for one key then settle on different "closest" sets and a reader misses
         what a writer stored. A full sort of the table (at most a few thousand contacts) is cheap.
         """
-        target = int.from_bytes(key, "big")
-        nodes = [n for n in self.contacts() if n.id != key and (exclude is None or not n.same_home_as(exclude))]
-        nodes.sort(key=lambda n: n.long_id ^ target)
-        return nodes[:count]
+        nodes = (n for n in self.contacts() if n.id != key and (exclude is None or not n.same_home_as(exclude)))
+        return closest_to(key, nodes, count)
 
     def _neighbors(self, key: bytes, source: Node | None) -> list:
         """The 2k closest contacts to ``key``: twice the stock k, so that a walk still finds live
         nodes when the closest k we know include departed ones (small k, churn)."""
-        return [tuple(n) for n in self.closest_contacts(key, 2 * self.router.ksize, exclude=source)]
+        return [tuple(n) for n in self.closest_contacts(key, REPLY_NODES_PER_K * self.router.ksize, exclude=source)]
 
     def rpc_store(self, sender: tuple, nodeid: object, key: object, value: object) -> bool:
         """The package's store RPC, hardened: only a verified packet under its own key is kept."""
