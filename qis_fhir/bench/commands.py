@@ -19,6 +19,7 @@ SECTIONS: dict[str, str] = {
     "extract": "qis_fhir.bench.extract",
     "packets": "qis_fhir.bench.packets",
     "dht": "qis_fhir.bench.dht",
+    "dht-sim": "qis_fhir.bench.dht_sim",
     "quality": "qis_fhir.bench.quality",
     "evidence": "qis_fhir.bench.evidence",
 }
@@ -29,7 +30,9 @@ DEFAULT_SECTIONS = ("extract", "packets")  # dht and evidence start dozens of pr
 class BenchOptions:
     observations: int | None = None  # extract: size of the synthetic export (None: the section's default)
     export: Path | None = None  # extract: time the Observation lines of this export instead
-    nodes: tuple[int, ...] | None = None  # dht: network sizes
+    nodes: tuple[int, ...] | None = None  # dht, dht-sim: network sizes
+    churn: float | None = None  # dht-sim: fraction of nodes that leave (and as many join) between publish and query
+    loss: float | None = None  # dht-sim: probability that a datagram is lost
     seed: int = 7
 
 
@@ -58,13 +61,15 @@ def run_sections(sections: list[str], options: BenchOptions) -> dict:
     default=None,
     help="extract: time your own export's Observation lines (repeated up to --observations) instead of a synthetic export.",
 )
-@click.option("--nodes", type=str, default=None, help="dht: comma-separated network sizes, e.g. 10,30,100; evidence: the first is its network size (default 30).")
+@click.option("--nodes", type=str, default=None, help="dht, dht-sim: comma-separated network sizes, e.g. 10,30,100; evidence: the first is its network size (default 30).")
+@click.option("--churn", type=click.FloatRange(0.0, 0.9), default=None, help="dht-sim: fraction of nodes that leave, and as many that join, between publish and query (default 0.1).")
+@click.option("--loss", type=click.FloatRange(0.0, 0.9), default=None, help="dht-sim: probability that one datagram is lost (default 0).")
 @click.option("--seed", type=int, default=7, show_default=True)
 def bench(as_json: bool, only: tuple[str, ...], observations: int | None, export: Path | None, nodes: str | None,
-          seed: int) -> None:
+          churn: float | None, loss: float | None, seed: int) -> None:
     """Measure throughput and memory of the stages, side by side with their baselines."""
     sections = list(only) or list(DEFAULT_SECTIONS)
     node_sizes = tuple(int(x) for x in nodes.split(",")) if nodes else None
-    results = run_sections(sections, BenchOptions(observations=observations, export=export, nodes=node_sizes, seed=seed))
+    results = run_sections(sections, BenchOptions(observations=observations, export=export, nodes=node_sizes, churn=churn, loss=loss, seed=seed))
     text = json.dumps(results, sort_keys=True) if as_json else json.dumps(results, indent=2, sort_keys=True)
     sys.stdout.write(text + "\n")

@@ -209,30 +209,26 @@ class SimNetwork:
         return self.config.loss > 0 and self.rng.random() < self.config.loss
 
     async def _send(self, src: SimPeer, address: tuple[str, int], name: str, args: tuple) -> tuple[bool, Any]:
-        """One request and its reply: each way half a sampled RTT, each datagram lost with ``loss``."""
+        """One request and its reply: each way half a sampled RTT, each datagram lost with ``loss``;
+        no reply within ``rpc_timeout`` is a failure. Peers only leave between steps, so whether a
+        reply will come is known when the request leaves: one timer per RPC, none cancelled."""
         loop = self.loop
         done = loop.create_future()
-
-        def settle(result: tuple[bool, Any]) -> None:
-            if not done.done():
-                done.set_result(result)
-
-        half = self._rtt() / 2
+        rtt = self._rtt()
+        dst = self.peers.get(address)
+        delivered = dst is not None and dst.alive and not self._lost()
+        answered = delivered and not self._lost() and rtt <= self.config.rpc_timeout
 
         def arrive() -> None:
-            dst = self.peers.get(address)
-            if dst is None or not dst.alive:
-                return
-            reply = dst.serve(name, src, args)
-            if not self._lost():
-                loop.call_at(loop.now + half, settle, (True, reply))
+            reply = dst.serve(name, src, args)  # served (and stored) even when the reply is then lost
+            if answered:
+                loop.call_at(loop.now + rtt / 2, done.set_result, (True, reply))
 
-        if not self._lost():
-            loop.call_at(loop.now + half, arrive)
-        timer = loop.call_at(loop.now + self.config.rpc_timeout, settle, (False, None))
-        result = await done
-        timer.cancel()
-        return result
+        if delivered:
+            loop.call_at(loop.now + rtt / 2, arrive)
+        if not answered:
+            loop.call_at(loop.now + self.config.rpc_timeout, done.set_result, (False, None))
+        return await done
 
     async def call(self, src: SimPeer, node: Node, name: str, *args: Any) -> tuple[bool, Any]:
         """``PacketProtocol._call_node``: bounded in flight, one retry, then the routing-table
