@@ -73,7 +73,8 @@ def test_refresh_targets_fall_one_in_each_further_subtree_we_barely_know():
 
 def test_every_node_knows_someone_in_each_further_subtree_that_has_nodes():
     """What the join's refresh is for: without it, a subtree whose nodes only met each other is an
-    island, and a walk that enters it settles on the wrong k nodes (recall 0.97 at 1,000 nodes)."""
+    island, and a walk that enters it settles on the wrong k nodes (recall 0.97 at 1,000 nodes).
+    The same 200 nodes joined without the refresh have 294 such holes."""
     net = SimNetwork(SimConfig(seed=3))
     try:
         net.run(net.grow(200))
