@@ -45,6 +45,8 @@ KSIZE = 8
 BURST_FINGERPRINTS = 200  # x SITES packets per burst
 NODES_PER_WORKER = 25
 STOP_GRACE = 15.0  # a worker stops 25 nodes
+START_SECONDS = 120.0
+START_SECONDS_PER_NODE = 1.0
 
 
 # ---------------------------------------------------------------------- worker (a process of nodes)
@@ -82,8 +84,8 @@ def _spawn_worker(count: int, seed: str, manifest: Path, root: Path, ksize: int,
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> list[tuple[str, int]]:
-    return [(h, int(p)) for h, p in wait_for_json(path, proc, time.monotonic() + timeout, "bench worker")]
+def _wait_for(path: Path, proc: subprocess.Popen, deadline: float) -> list[tuple[str, int]]:
+    return [(h, int(p)) for h, p in wait_for_json(path, proc, deadline, "bench worker")]
 
 
 def start_network(n: int, manifest: Path, root: Path, ksize: int) -> tuple[list[subprocess.Popen], list[tuple[str, int]]]:
@@ -91,6 +93,9 @@ def start_network(n: int, manifest: Path, root: Path, ksize: int) -> tuple[list[
     (the first worker's first node seeds the rest)."""
     procs: list[subprocess.Popen] = []
     addresses: list[tuple[str, int]] = []
+    # a join looks up a random id in every further subtree it knows few nodes of (DhtNode.join): about
+    # 120 RPCs a node at N = 1,000, all workers at once on 2 cores, so the wait grows with N
+    deadline = time.monotonic() + START_SECONDS + START_SECONDS_PER_NODE * n
     try:
         sizes = [NODES_PER_WORKER] * (n // NODES_PER_WORKER) + ([n % NODES_PER_WORKER] if n % NODES_PER_WORKER else [])
         first = min(sizes[0], 5)  # a small seed worker first, so the others have someone to join
@@ -99,14 +104,14 @@ def start_network(n: int, manifest: Path, root: Path, ksize: int) -> tuple[list[
         issue_certs(manifest, root / "operators", [_node_dir(root / f"w{w}", i) for w, size in enumerate(sizes) for i in range(size)])
         out = root / "w0.json"
         procs.append(_spawn_worker(sizes[0], "", manifest, root / "w0", ksize, out))
-        addresses += _wait_for(out, procs[0])
+        addresses += _wait_for(out, procs[0], deadline)
         seed = f"{addresses[0][0]}:{addresses[0][1]}"
         outs = []
         for i, size in enumerate(sizes[1:], start=1):
             outs.append(root / f"w{i}.json")
             procs.append(_spawn_worker(size, seed, manifest, root / f"w{i}", ksize, outs[-1]))
         for out, proc in zip(outs, procs[1:]):
-            addresses += _wait_for(out, proc)
+            addresses += _wait_for(out, proc, deadline)
         return procs, addresses
     except BaseException:
         stop_processes(procs, STOP_GRACE)
@@ -209,8 +214,9 @@ async def _measure(addresses: list[tuple[str, int]], manifest: Path, by_fp: dict
         report = await publisher.publish([w for fp in fps for w in by_fp[fp]])
     modes = {"exhaustive": None, "quorum3": 3}
     async with DhtClient(boot, manifest, ksize=ksize, bind=LOOPBACK) as reader:
+        sent0, failed0 = reader.protocol.rpc_sent, reader.protocol.rpc_failed
         stock_t, stock_hops, stock_recall = [], [], []
-        ours: dict[str, dict[str, list]] = {m: {"t": [], "hops": [], "rpcs": [], "recall": []} for m in modes}
+        ours: dict[str, dict[str, Any]] = {m: {"t": [], "hops": [], "rpcs": [], "recall": [], "missed_keys": 0} for m in modes}
         for r in range(ROUNDS):
             for fp in fps:  # interleaved: stock, then each of our modes, on the same fingerprint
                 t = time.perf_counter()
@@ -228,8 +234,12 @@ async def _measure(addresses: list[tuple[str, int]], manifest: Path, by_fp: dict
                     m["t"].append(time.perf_counter() - t)
                     if r == 0:
                         m["recall"].append(len(set(result.wires) & set(by_fp[fp])) / len(by_fp[fp]))
+                        m["missed_keys"] += not result.wires
                         m["hops"].append(result.hops)
                         m["rpcs"].append(result.nodes_asked + result.pages)
+        # RPCs of the reader that got no reply in time (stock and ours): load shows here, a lookup
+        # that converges on the wrong nodes does not
+        reader_rpcs, reader_timeouts = reader.protocol.rpc_sent - sent0, reader.protocol.rpc_failed - failed0
     med_s = statistics.median(stock_t)
     per_mode = {}
     for mode, m in ours.items():
@@ -242,6 +252,7 @@ async def _measure(addresses: list[tuple[str, int]], manifest: Path, by_fp: dict
             "hops_mean": round(statistics.mean(m["hops"]), 2),
             "hops_max": max(m["hops"]),
             "rpcs_mean": round(statistics.mean(m["rpcs"]), 2),
+            "keys_found_nothing": m["missed_keys"],
         }
     return {
         "fingerprints": len(fps),
@@ -255,6 +266,8 @@ async def _measure(addresses: list[tuple[str, int]], manifest: Path, by_fp: dict
         "hops_stock_mean": round(statistics.mean(stock_hops), 2),
         "hops_stock_max": max(stock_hops),
         "ours": per_mode,
+        "reader_rpcs": reader_rpcs,
+        "reader_rpc_timeouts": reader_timeouts,
         "log2_n": round(math.log2(len(addresses)), 2),
     }
 

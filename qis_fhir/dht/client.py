@@ -28,7 +28,7 @@ from kademlia.node import Node
 
 from qis_fhir.dht.address import client_bind, format_addresses, parse_addresses
 from qis_fhir.dht.keys import dht_key, is_fingerprint, unpack_nodes
-from qis_fhir.dht.lookup import SEED_LIMIT, iterative_lookup
+from qis_fhir.dht.lookup import SEED_LIMIT, iterative_lookup, lookup_until_found
 from qis_fhir.dht.node import DhtNode, NodeConfig
 from qis_fhir.dht.protocol import valid_cursor
 from qis_fhir.dht.storage import CONFIRMED, PacketStore
@@ -209,7 +209,12 @@ async def _read_pages(ask: Any, cursor: list | None, add: Any) -> tuple[bool | N
     return None, MAX_PAGES_PER_NODE
 
 
-def _named_nodes(reply: object) -> list:
+def holds_packets(reply: object) -> bool:
+    """A find_packets reply from a node that holds packets for the key."""
+    return isinstance(reply, dict) and bool(reply.get("count"))
+
+
+def named_nodes(reply: object) -> list:
     """Node triples a find_packets reply names (packed IPv4 records and plain triples)."""
     if not isinstance(reply, dict):
         return []
@@ -373,30 +378,21 @@ class DhtClient:
                 self.peer.ksize,
                 q if q else self.query_alpha,
                 ask=lambda n: proto.call_find_packets(n, key, None),
-                nodes_of=_named_nodes,
+                nodes_of=named_nodes,
                 self_id=self.peer.node.id,
                 done=agreed if q else None,
             )
 
-        lookup = await walk(seeds)
-        if lookup.dead and len(lookup.closest) < self.peer.ksize and not any(
-            isinstance(r, dict) and r.get("count") for _, r in lookup.replies.values()
-        ):
-            # the walk lost nodes and ran dry before finding k live nodes or any data (departed
-            # nodes named by stale routing tables): walk once more from every contact we now know, keeping what we learnt
+        async def reseed() -> list[Node]:
             await self._ensure_contacts()
-            known = {n.id: n for n in proto.closest_contacts(key, SEED_LIMIT)}
-            known.update((i, n) for i, n in lookup.heard_of.items() if i not in lookup.dead and i not in lookup.replies)
-            again = await walk(list(known.values()))
-            again.replies.update(lookup.replies)
-            again.hops += lookup.hops
-            again.asked += lookup.asked
-            lookup = again
+            return proto.closest_contacts(key, SEED_LIMIT)
+
+        lookup = await lookup_until_found(walk, seeds, self.peer.ksize, holds_packets, reseed)
         wires: set[bytes] = set()
         more: dict[bytes, list[tuple[Node, list]]] = {}
         holders = 0
         for node, reply in lookup.replies.values():
-            if not isinstance(reply, dict) or not reply.get("count"):
+            if not holds_packets(reply):
                 continue
             holders += 1
             wires.update(_wires_of(reply))

@@ -33,7 +33,7 @@ from kademlia.node import Node
 from qis_fhir.dht.address import format_address
 from qis_fhir.dht.certs import CertChecker, NodeIdentity
 from qis_fhir.dht.limits import Limits
-from qis_fhir.dht.lookup import SEED_LIMIT, Lookup, iterative_lookup
+from qis_fhir.dht.lookup import SEED_LIMIT, Lookup, iterative_lookup, refresh_targets
 from qis_fhir.dht.protocol import OPERATORS, PacketProtocol, Verify
 from qis_fhir.dht.storage import PacketStore
 from qis_fhir.errors import ExitCode, QisError
@@ -163,11 +163,15 @@ class DhtNode(Server):
         return [] if self.protocol is None else self.protocol.contacts()
 
     async def join(self, peers: list[tuple[str, int]]) -> int:
-        """Ping ``peers``, then look up our own id to fill the routing table; returns contacts known."""
+        """Ping ``peers``, look up our own id, then (a node, not a client) a random id in every
+        subtree further away that we know fewer than k nodes of; returns contacts known."""
         found = await asyncio.gather(*(self.protocol.ping_address(tuple(p)) for p in peers))
         seeds = [n for n in found if n is not None]
         if seeds:
             await self.closest_nodes(self.node.id, seeds=seeds)
+            if self.announce:  # fill the subtrees our own lookup never met (see refresh_targets)
+                targets = refresh_targets(self.node.id, self.contacts(), self.ksize, random.SystemRandom())
+                await asyncio.gather(*(self.closest_nodes(t) for t in targets))
         known = len(self.contacts())
         log.info("joined through %d of %d bootstrap peers; %d contacts", len(seeds), len(peers), known)
         return known

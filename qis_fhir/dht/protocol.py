@@ -50,6 +50,7 @@ from qis_fhir.dht.certs import CertChecker, NodeIdentity
 from qis_fhir.dht.handoff import HandOff
 from qis_fhir.dht.keys import RPC_CAP, dht_key, pack_batches, pack_nodes, packed_size
 from qis_fhir.dht.limits import Gate, Limits
+from qis_fhir.dht.lookup import REPLY_NODES_PER_K, closest_to
 from qis_fhir.dht.receipts import receipt_valid, sign_receipt
 from qis_fhir.dht.session import COOKIE, HELLO, INIT, MAX_DATAGRAM, MIN_DATAGRAM, RESP, SecureChannel, Session
 from qis_fhir.dht.storage import CONFIRMED, QUOTA, PacketStore
@@ -360,10 +361,8 @@ class PacketProtocol(KademliaProtocol):
         later; two lookups for one key then settle on different "closest" sets and a reader misses
         what a writer stored. A full sort of the table (at most a few thousand contacts) is cheap.
         """
-        target = int.from_bytes(key, "big")
-        nodes = [n for n in self.contacts() if n.id != key and (exclude is None or not n.same_home_as(exclude))]
-        nodes.sort(key=lambda n: n.long_id ^ target)
-        return nodes[:count]
+        nodes = (n for n in self.contacts() if n.id != key and (exclude is None or not n.same_home_as(exclude)))
+        return closest_to(key, nodes, count)
 
     def _neighbors(self, key: bytes, source: Node | None, room: int | None = None) -> list:
         """The 2k closest contacts to ``key``: twice the stock k, so that a walk still finds live
@@ -371,7 +370,7 @@ class PacketProtocol(KademliaProtocol):
         closest as fit ``room`` packed bytes (default: a whole reply)."""
         room = RPC_CAP - 8 if room is None else room
         out = []
-        for n in self.closest_contacts(key, 2 * self.router.ksize, exclude=source):
+        for n in self.closest_contacts(key, REPLY_NODES_PER_K * self.router.ksize, exclude=source):
             room -= TRIPLE_MAX if ":" in str(n.ip) else TRIPLE_MAX_V4
             if room < 0:
                 break
