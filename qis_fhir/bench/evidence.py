@@ -83,6 +83,7 @@ def _pooling(root: Path, seed: int) -> dict:
     from qis_fhir.evidence.collect import cohort_grid, collect_answers
     from qis_fhir.evidence.tables import build_tables
     from qis_fhir.mapping import MAPPINGS_ROOT, load_mapping
+    from qis_fhir.packets import load_network
 
     mapping = load_mapping(MAPPINGS_ROOT / "v1")  # change cells, as the packets below (mapping_version v1)
     network, sites = _network(root, POOL_SITES)
@@ -112,6 +113,7 @@ def _stage(root: Path, nodes: int, seed: int) -> dict:
     from qis_fhir.evidence.report import write_report
     from qis_fhir.evidence.tables import build_tables, write_tables
     from qis_fhir.mapping import MAPPINGS_ROOT, load_mapping
+    from qis_fhir.packets import load_network
 
     mapping = load_mapping(MAPPINGS_ROOT / "v1")  # change cells, as the packets below (mapping_version v1)
     network, sites = _network(root, STAGE_SITES)
@@ -119,6 +121,9 @@ def _stage(root: Path, nodes: int, seed: int) -> dict:
     by_fp = _packets(sites, _cells(mapping, grid, POOL_CELLS), seed)
     wires = [w for ws in by_fp.values() for w in ws]
     procs, addresses = start_network(nodes, network.manifest_path, root / "nodes", KSIZE)
+    # the nodes' operator sites joined the manifest as they were certified: read it again, as a member
+    # re-reads a changed manifest, or no node's certificate checks out for the publisher and reader
+    network = load_network(root / "net")
     try:
         report = asyncio.run(publish_async(wires, [addresses[0]], network.manifest, ksize=KSIZE, bind=LOOPBACK))
         if report.unconfirmed:
