@@ -83,7 +83,6 @@ def _pooling(root: Path, seed: int) -> dict:
     from qis_fhir.evidence.collect import cohort_grid, collect_answers
     from qis_fhir.evidence.tables import build_tables
     from qis_fhir.mapping import MAPPINGS_ROOT, load_mapping
-    from qis_fhir.packets import load_network
 
     mapping = load_mapping(MAPPINGS_ROOT / "v1")  # change cells, as the packets below (mapping_version v1)
     network, sites = _network(root, POOL_SITES)
