@@ -12,6 +12,9 @@
   (measure, period).
 
 Each call does what is due now for both rounds (``steps.advance_step``) and returns their statuses.
+``due_rounds`` says which (measure, period) pairs a night has to advance, from the mapping (the
+rounds' dates) and the run's tables (the pairs this site has patients in); ``stages.secagg_step``
+runs ``rounds_step`` for each.
 """
 
 from __future__ import annotations
@@ -24,8 +27,32 @@ from typing import Any
 
 import orjson
 
-from qis_fhir.secagg.round import SCHEDULE, UNMASK, Schedule
+from qis_fhir.secagg.round import DAY, PHASES, SCHEDULE, UNMASK, Schedule
 from qis_fhir.secagg.steps import RESULT_FILE, STATE_FILE, RoundSetup, advance_step, unmask_step
+
+#: a site directory's folder of its rounds between nights (``steps.round_folder`` per round; secrets 0600)
+STATE_DIR = "secagg_state"
+#: how long after the value round's last window a night still reads it: the DHT nodes keep a round's
+#: messages a week after its last window (``dht.rounds.retention``), so a site that missed the unmasking
+#: night still unmasks; later there is nothing left to read
+READABLE_FOR = 7 * DAY
+
+
+def due_rounds(run_dir: Path | str, setup: Any, now: float, schedule: Schedule = SCHEDULE) -> list[tuple[str, str]]:
+    """The (measure, period) pairs of the run's tables whose rounds are under way at ``now``: the
+    presence round has opened and the value round can still be read (``READABLE_FOR``)."""
+    from qis_fhir.outcomes.events import read_outcome_tables
+    from qis_fhir.packets.build import site_cells
+    from qis_fhir.secagg.release import round_refs
+
+    tables = read_outcome_tables(run_dir, setup.mapping)
+    cells = site_cells(tables["outcome_events"], tables.get("control_units"), setup.mapping).reset_index()
+    due = []
+    for measure, period in sorted(set(zip(cells["measure"], cells["period"]))):
+        presence, value = round_refs(setup.network.manifest.network_id, setup.mapping, measure, period, schedule)
+        if schedule.starts(presence.opens) <= now < schedule.closes(value.opens, PHASES[-1]) + READABLE_FOR:
+            due.append((measure, period))
+    return due
 
 
 def site_round_input(run_dir: Path | str, setup: Any, measure: str, period: str) -> Any:
