@@ -238,6 +238,7 @@ def packets_step(run: Run, setup: SiteSetup, day: str | int | None) -> PacketBui
     from qis_fhir.packets import build_packets, write_disclosure_report, write_packets
     from qis_fhir.packets.build import PACKETS_FILE
     from qis_fhir.packets.release import open_release
+    from qis_fhir.secagg.release import LEDGER_DIR, ReleaseLedger
 
     setup.require_site("signing packets")
     _require_marked(run, QUALITY, "packets are built only from events whose every quality suite passed")
@@ -245,7 +246,8 @@ def packets_step(run: Run, setup: SiteSetup, day: str | int | None) -> PacketBui
     release = run.hold(open_release(setup.site, day))
     tables = read_outcome_tables(run.path, setup.mapping)
     built = build_packets(tables["outcome_events"], setup.mapping, setup.site, setup.network, release_state=release,
-                          units=tables.get("control_units"))
+                          units=tables.get("control_units"),
+                          in_secure_totals=ReleaseLedger(setup.site_dir / LEDGER_DIR).contributed_cells(setup.mapping.version))
     write_packets(run.path / PACKETS_FILE, built.packets)
     write_disclosure_report(run.path / DISCLOSURE_REPORT, built.disclosure_report)
     run.mark(PACKETS, {"packets": len(built.packets), **built.disclosure_report["cells"]})

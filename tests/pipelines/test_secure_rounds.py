@@ -32,7 +32,7 @@ from qis_fhir.mapping import load_mapping  # noqa: E402
 from qis_fhir.outcomes.events import read_outcome_tables  # noqa: E402
 from qis_fhir.packets.keys import create_site  # noqa: E402
 from qis_fhir.packets.manifest import add_site, create_network, load_network  # noqa: E402
-from qis_fhir.secagg.release import round_refs, site_input  # noqa: E402
+from qis_fhir.secagg.release import LEDGER_DIR, ReleaseLedger, round_refs, site_input  # noqa: E402
 from qis_fhir.secagg.round import DAY, SCHEDULE  # noqa: E402
 from qis_fhir.secagg.values import cell_figures, patient_rows, round_cells  # noqa: E402
 
@@ -118,6 +118,8 @@ def test_three_sites_nightly_rounds_put_a_secure_total_in_the_pooled_table(fixtu
         assert (int(row["patients"].iloc[0]), int(row["sites"].iloc[0]), int(row["secure_sites"].iloc[0])) == (int(central[0]), 3, 3)
         assert "secure_total" in row["flags"].iloc[0].split(";")
         assert all(0 < int(site_input(events[s], units[s], mapping, measure, period, MIN_CELL).figures[cell, 0]) < MIN_CELL for s in SITES)
+        # each site knows its patients are in that total: its packet stage never publishes the cell in the clear
+        assert (bucket, band, sex, treatment, measure, period) in ReleaseLedger(tmp_path / "sites" / h / LEDGER_DIR).contributed_cells(mapping.version)
     for h in SITES[1:]:  # every member pooled the same network figures
         a, b = (pooled[x].set_index(CELL_KEYS).sort_index() for x in (SITES[0], h))
         assert (a["patients"] == b["patients"]).all()
