@@ -37,22 +37,20 @@ def dht_failure(call):
         raise Failure(description=str(exc), allow_retries=False) from exc
 
 
+def after_packets(name: str, retry_policy: RetryPolicy, *, uses_mapping: bool, description: str) -> dict:
+    """The ``@asset`` arguments of an asset that takes the partition's packets to the DHT: the
+    network group, partitioned, retried under ``retry_policy`` (``published_packets``, ``secure_rounds``)."""
+    return dict(name=name, partitions_def=daily_exports, group_name="network", kinds={"dht"},
+                **asset_info("network", phi=False, uses_mapping=uses_mapping), deps=[outcome_packets], retry_policy=retry_policy,
+                description=description)
+
+
 def publish_asset(retry_policy: RetryPolicy = PUBLISH_RETRY) -> AssetsDefinition:
     """``published_packets`` under ``retry_policy`` (tests pass one without the minutes of waiting)."""
 
-    @asset(
-        name="published_packets",
-        partitions_def=daily_exports,
-        group_name="network",
-        kinds={"dht"},
-        **asset_info("network", phi=False, uses_mapping=False),
-        deps=[outcome_packets],
-        retry_policy=retry_policy,
-        description=(
-            "The partition's packets stored on the DHT; publish_report.json says how many replicas confirmed "
-            "each. Fails (and is retried) unless every packet was confirmed by at least one replica."
-        ),
-    )
+    @asset(**after_packets("published_packets", retry_policy, uses_mapping=False, description=(
+        "The partition's packets stored on the DHT; publish_report.json says how many replicas confirmed "
+        "each. Fails (and is retried) unless every packet was confirmed by at least one replica.")))
     def published_packets(context: AssetExecutionContext, site: SiteConfig, dht: DhtConfig) -> MaterializeResult:
         from qis_fhir.stages import PUBLISH_REPORT, publish_step
 

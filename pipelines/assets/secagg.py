@@ -17,31 +17,18 @@ from collections.abc import Callable
 
 from dagster import AssetExecutionContext, AssetsDefinition, MaterializeResult, MetadataValue, RetryPolicy, asset
 
-from pipelines.assets.metadata import asset_info
-from pipelines.assets.network import PUBLISH_RETRY, dht_failure
-from pipelines.assets.packets import outcome_packets
-from pipelines.partitions import daily_exports
+from pipelines.assets.network import PUBLISH_RETRY, after_packets, dht_failure
 from pipelines.resources import DhtConfig, SiteConfig
 
 
 def rounds_asset(retry_policy: RetryPolicy = PUBLISH_RETRY, clock: Callable[[], float] = time.time) -> AssetsDefinition:
     """``secure_rounds`` under ``retry_policy`` on ``clock`` (tests pass a simulated one, as the DHT nodes they start run on)."""
 
-    @asset(
-        name="secure_rounds",
-        partitions_def=daily_exports,
-        group_name="network",
-        kinds={"dht"},
-        **asset_info("network", phi=False, uses_mapping=True),
-        deps=[outcome_packets],
-        retry_policy=retry_policy,
-        description=(
-            "This site's secure-aggregation rounds under way (one presence and one value round per measure and "
-            "period, from the day the period closed), advanced by tonight's step from the partition's outcome "
-            "tables; released secure totals go to the site's ledger (SITE_DIR/secagg_released/), which the "
-            "evidence pools. Cells published in the clear stay out of every masked sum."
-        ),
-    )
+    @asset(**after_packets("secure_rounds", retry_policy, uses_mapping=True, description=(
+        "This site's secure-aggregation rounds under way (one presence and one value round per measure and "
+        "period, from the day the period closed), advanced by tonight's step from the partition's outcome "
+        "tables; released secure totals go to the site's ledger (SITE_DIR/secagg_released/), which the "
+        "evidence pools. Cells published in the clear stay out of every masked sum.")))
     def secure_rounds(context: AssetExecutionContext, site: SiteConfig, dht: DhtConfig) -> MaterializeResult:
         from qis_fhir.stages import secagg_step
 
