@@ -14,7 +14,6 @@ from typing import Any
 from dagster import Definitions, in_process_executor
 
 from pipelines.assets import ALL_ASSETS, ALL_CHECKS
-from pipelines.assets.secagg import SECAGG_ASSETS
 from pipelines.jobs import daily_outcomes_job
 from pipelines.resources import RESOURCES
 from pipelines.schedules import nightly_outcomes_schedule
@@ -25,7 +24,7 @@ from pipelines.warehouse import WAREHOUSE, warehouse_from_env
 def build_definitions(resources: dict[str, Any]) -> Definitions:
     """Every asset, check, job, schedule and sensor, bound to ``resources`` (``site``, ``dht``, ``warehouse``)."""
     return Definitions(
-        assets=[*ALL_ASSETS, *SECAGG_ASSETS],
+        assets=ALL_ASSETS,
         asset_checks=ALL_CHECKS,
         jobs=[daily_outcomes_job],
         schedules=[nightly_outcomes_schedule],

@@ -15,6 +15,10 @@ policy now lives here once:
   checks in the run folder that what it builds on passed: the outcomes step refuses an extract
   whose suites failed, the packets step a run without the ``quality`` stage, publish a run without
   packets. So nothing is published from failed data whichever caller skipped what.
+* **Secure rounds** (:func:`secagg_step`) follow the packets: a cell the site releases in the clear
+  is known only then, and it stays out of every masked sum; the evidence step then pools the secure
+  totals released into the site's ledger. They write nothing into the run folder (the rounds live in
+  the site directory, across nights) and mark no stage.
 * **Layout**: one layout, ``docs/architecture.md``: quality reports in ``quality/<part>.json``
   (``extract``, ``outcome_events``), packets, disclosure and publish reports at the top.
 * **Marks**: a step marks its stage in ``run.json`` only after its files are written; a step run
@@ -31,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -237,6 +241,7 @@ def packets_step(run: Run, setup: SiteSetup, day: str | int | None) -> PacketBui
     from qis_fhir.packets import build_packets, write_disclosure_report, write_packets
     from qis_fhir.packets.build import PACKETS_FILE
     from qis_fhir.packets.release import open_release
+    from qis_fhir.secagg.release import LEDGER_DIR, ReleaseLedger
 
     setup.require_site("signing packets")
     _require_marked(run, QUALITY, "packets are built only from events whose every quality suite passed")
@@ -244,7 +249,8 @@ def packets_step(run: Run, setup: SiteSetup, day: str | int | None) -> PacketBui
     release = run.hold(open_release(setup.site, day))
     tables = read_outcome_tables(run.path, setup.mapping)
     built = build_packets(tables["outcome_events"], setup.mapping, setup.site, setup.network, release_state=release,
-                          units=tables.get("control_units"))
+                          units=tables.get("control_units"),
+                          in_secure_totals=ReleaseLedger(setup.site_dir / LEDGER_DIR).contributed_cells(setup.mapping.version))
     write_packets(run.path / PACKETS_FILE, built.packets)
     write_disclosure_report(run.path / DISCLOSURE_REPORT, built.disclosure_report)
     run.mark(PACKETS, {"packets": len(built.packets), **built.disclosure_report["cells"]})
@@ -292,6 +298,62 @@ def evidence_step(folder: Path | str, setup: SiteSetup, bootstrap: tuple[tuple[s
                                              run_dir=folder, mapping_dir=setup.mapping_dir, run_date=run_date, bind=bind))
         run.mark(EVIDENCE, {k: result.provenance[k] for k in ("cells", "packets_used", "packets_rejected") if k in result.provenance})
     return result
+
+
+@dataclass(frozen=True)
+class SecureRounds:
+    """What one night did in the secure-aggregation rounds of a run: per (measure, period) the
+    statuses ``rounds_step`` returned, and counts that name no cell (``counts``)."""
+
+    statuses: dict[str, dict]  # "measure period" -> {"presence": ..., "value": ..., "released_cells": n} or {"missed"|"aborted": why}
+    counts: dict[str, Any]
+
+
+def secagg_step(folder: Path | str, setup: SiteSetup, bootstrap: tuple[tuple[str, int], ...], bind: Any = None, *,
+                state_dir: Path | str | None = None, pairs: list[tuple[str, str]] | None = None, ksize: int = 20,
+                clock: Callable[[], float] | None = None, schedule: Any = None) -> SecureRounds:
+    """Advance this site's secure-aggregation rounds by what is due tonight, from a run past its packets.
+
+    ``pairs``: the (measure, period) pairs to advance; by default every pair of the run's tables whose
+    rounds are under way (``secagg.site.due_rounds``). Each goes through ``secagg.site.rounds_step``;
+    a round this site is out of (it missed a window: ``RoundWindowError``) or that stopped safely
+    (``SecAggAbortedError``: too few sites) is counted, not raised: a network's round is not this
+    site's night failing. A DHT that does not answer raises (``NoPeersError``, ``PublishIncompleteError``)."""
+    import time
+    from collections import Counter
+
+    from qis_fhir.errors import RoundWindowError, SecAggAbortedError
+    from qis_fhir.runfolder import require_run
+    from qis_fhir.secagg.round import SCHEDULE, UNMASK
+    from qis_fhir.secagg.site import STATE_DIR, due_rounds, rounds_step
+
+    setup.require_site("secure-aggregation rounds")
+    folder = Path(folder)
+    if require_run(folder, PACKETS) is None:  # the clear cells are this run's packets: rounds come after them
+        raise InputNotFoundError(f"{folder} is not a run folder: secure rounds read a run past its packets")
+    clock, schedule = clock or time.time, schedule or SCHEDULE
+    state_dir = Path(state_dir) if state_dir is not None else setup.site_dir / STATE_DIR
+    pairs = due_rounds(folder, setup, clock(), schedule) if pairs is None else pairs
+    statuses: dict[str, dict] = {}
+    steps: Counter = Counter()
+    counts = {"pairs_due": len(pairs), "missed": 0, "aborted": 0, "rounds_released": 0, "cells_released": 0}
+    for measure, period in pairs:
+        try:
+            status = rounds_step(folder, setup, measure, period, state_dir=state_dir, bootstrap=bootstrap, bind=bind, ksize=ksize,
+                                 clock=clock, schedule=schedule)
+        except (RoundWindowError, SecAggAbortedError) as exc:
+            kind = "missed" if isinstance(exc, RoundWindowError) else "aborted"
+            counts[kind] += 1
+            statuses[f"{measure} {period}"] = {kind: str(exc)}
+            continue
+        statuses[f"{measure} {period}"] = status
+        for stage in ("presence", "value"):
+            if stage in status:
+                steps[f"{stage}:{status[stage].get('step') or 'nothing due'}"] += 1
+        if status.get("value", {}).get("step") == UNMASK and "released_cells" in status:
+            counts["rounds_released"] += 1
+            counts["cells_released"] += status["released_cells"]
+    return SecureRounds(statuses, {**counts, "steps": dict(sorted(steps.items()))})
 
 
 def table_step(folder: Path | str, table: str) -> pd.DataFrame:

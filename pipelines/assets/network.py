@@ -26,32 +26,36 @@ PUBLISH_RETRY = RetryPolicy(max_retries=3, delay=60, backoff=Backoff.EXPONENTIAL
 RETRIED = {ExitCode.NO_PEERS, ExitCode.PUBLISH_INCOMPLETE, ExitCode.RUN_INCOMPLETE}
 
 
+def dht_failure(call):
+    """``call()``, its ``QisError`` retried under the asset's policy when another attempt can cure it
+    (``RETRIED``), else failed at once with the library's message."""
+    try:
+        return call()
+    except QisError as exc:
+        if exc.exit_code in RETRIED:
+            raise
+        raise Failure(description=str(exc), allow_retries=False) from exc
+
+
+def after_packets(name: str, retry_policy: RetryPolicy, *, uses_mapping: bool, description: str) -> dict:
+    """The ``@asset`` arguments of an asset that takes the partition's packets to the DHT: the
+    network group, partitioned, retried under ``retry_policy`` (``published_packets``, ``secure_rounds``)."""
+    return dict(name=name, partitions_def=daily_exports, group_name="network", kinds={"dht"},
+                **asset_info("network", phi=False, uses_mapping=uses_mapping), deps=[outcome_packets], retry_policy=retry_policy,
+                description=description)
+
+
 def publish_asset(retry_policy: RetryPolicy = PUBLISH_RETRY) -> AssetsDefinition:
     """``published_packets`` under ``retry_policy`` (tests pass one without the minutes of waiting)."""
 
-    @asset(
-        name="published_packets",
-        partitions_def=daily_exports,
-        group_name="network",
-        kinds={"dht"},
-        **asset_info("network", phi=False, uses_mapping=False),
-        deps=[outcome_packets],
-        retry_policy=retry_policy,
-        description=(
-            "The partition's packets stored on the DHT; publish_report.json says how many replicas confirmed "
-            "each. Fails (and is retried) unless every packet was confirmed by at least one replica."
-        ),
-    )
+    @asset(**after_packets("published_packets", retry_policy, uses_mapping=False, description=(
+        "The partition's packets stored on the DHT; publish_report.json says how many replicas confirmed "
+        "each. Fails (and is retried) unless every packet was confirmed by at least one replica.")))
     def published_packets(context: AssetExecutionContext, site: SiteConfig, dht: DhtConfig) -> MaterializeResult:
         from qis_fhir.stages import PUBLISH_REPORT, publish_step
 
         out_dir = site.out_path(context.partition_key)
-        try:
-            summary = publish_step(out_dir, site.setup(), dht.addresses(), dht.bind).to_dict()
-        except QisError as exc:
-            if exc.exit_code in RETRIED:
-                raise
-            raise Failure(description=str(exc), allow_retries=False) from exc
+        summary = dht_failure(lambda: publish_step(out_dir, site.setup(), dht.addresses(), dht.bind)).to_dict()
         return MaterializeResult(
             metadata={
                 "dagster/row_count": summary["packets"],
@@ -75,9 +79,9 @@ published_packets = publish_asset()
     group_name="network",
     kinds={"parquet", "html"},
     **asset_info("network", phi=False, uses_mapping=False),
-    deps=["published_packets"],
+    deps=["published_packets", "secure_rounds"],
     description=(
-        "The network's packets for every cohort, verified and pooled (evidence/pooled_outcomes.parquet and "
+        "The network's packets for every cohort and the secure totals this site's rounds released, verified and pooled (evidence/pooled_outcomes.parquet and "
         ".csv, site_estimates.parquet, provenance.json) with this site's own figures beside them, and the "
         "clinician report evidence/report.html."
     ),

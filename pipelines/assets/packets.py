@@ -38,6 +38,7 @@ def outcome_packets(context: AssetExecutionContext, site: SiteConfig) -> Materia
             "cells_published": report["cells"]["published"],
             "cells_held": report["cells"]["held"],
             "cells_suppressed": report["cells"]["suppressed"],
+            "cells_in_secure_total": report["cells"]["in_secure_total"],  # left to a secure total this site released
             "min_cell_size": report["min_cell_size"],
             "seq": report["seq"],
             "release": release_line(report["release"]),

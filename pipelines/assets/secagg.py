@@ -1,66 +1,51 @@
-"""A secure-aggregation round of this site, step by step: contribute, reveal after the deadline, unmask.
+"""This site's secure-aggregation rounds, advanced each night by what is due (docs/secagg.md).
 
-Not partitioned and not in the nightly job: a round is named by its round file (what governance
-announces) and runs over a week of windows (docs/secagg.md). Each asset calls one
-``qis_fhir.secagg.steps`` step, the one ``qis-fhir secagg`` calls, and fails with that step's message
-outside its window (exit code 17's ``RoundWindowError``); ``secagg_contribution`` is materialized once
-per contribution window (it posts whichever of advertise, shares, masked, consistency is due).
+One partitioned asset in the nightly job, ``secure_rounds``: after the partition's packets (a cell
+the site publishes in the clear stays out of every masked sum, and which ones it publishes is known
+only then) and before the evidence (which pools the secure totals the rounds released). It calls one
+step, ``qis_fhir.stages.secagg_step``, which ``qis-fhir secagg rounds --run`` calls too. A round runs
+over two weeks of windows from the day its period closed, so most nights post one message per round
+under way, or nothing; a round this site missed is counted, not a failure. The DHT not answering
+fails under the publish asset's retry policy.
+
+The single steps of a round named by a round file (``qis-fhir secagg run|contribute|reveal|unmask``)
+stay command-line tools: an operator's repair of one round, not a nightly asset.
 """
 
-from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
+import time
+from collections.abc import Callable
 
-from pipelines.assets.metadata import asset_info
+from dagster import AssetExecutionContext, AssetsDefinition, MaterializeResult, MetadataValue, RetryPolicy, asset
+
+from pipelines.assets.network import PUBLISH_RETRY, after_packets, dht_failure
 from pipelines.resources import DhtConfig, SiteConfig
 
 
-class SecAggRound(Config):
-    round_file: str  # the round reference (JSON), as for `qis-fhir secagg --round`
-    state_dir: str  # where this site keeps its rounds between steps
-    vector_file: str | None = None  # the site's input (1-D uint64 .npy), read when the round starts
-    after: str | None = None  # value round: the round file of its presence round
-    cells: int | None = None  # unmask a round this site did not take part in
+def rounds_asset(retry_policy: RetryPolicy = PUBLISH_RETRY, clock: Callable[[], float] = time.time) -> AssetsDefinition:
+    """``secure_rounds`` under ``retry_policy`` on ``clock`` (tests pass a simulated one, as the DHT nodes they start run on)."""
+
+    @asset(**after_packets("secure_rounds", retry_policy, uses_mapping=True, description=(
+        "This site's secure-aggregation rounds under way (one presence and one value round per measure and "
+        "period, from the day the period closed), advanced by tonight's step from the partition's outcome "
+        "tables; released secure totals go to the site's ledger (SITE_DIR/secagg_released/), which the "
+        "evidence pools. Cells published in the clear stay out of every masked sum.")))
+    def secure_rounds(context: AssetExecutionContext, site: SiteConfig, dht: DhtConfig) -> MaterializeResult:
+        from qis_fhir.stages import secagg_step
+
+        result = dht_failure(lambda: secagg_step(site.out_path(context.partition_key), site.setup(), dht.addresses(), dht.bind, clock=clock))
+        counts = result.counts
+        return MaterializeResult(
+            metadata={
+                "rounds_due": counts["pairs_due"],
+                "steps": MetadataValue.json(counts["steps"]),  # "presence:advertise": 2, "value:nothing due": 1, ...
+                "rounds_missed": counts["missed"],
+                "rounds_aborted": counts["aborted"],
+                "rounds_released": counts["rounds_released"],
+                "cells_released": counts["cells_released"],
+            },
+        )
+
+    return secure_rounds
 
 
-def _setup(config: SecAggRound, site: SiteConfig, dht: DhtConfig):
-    from qis_fhir.errors import InputNotFoundError
-    from qis_fhir.secagg.steps import open_round
-
-    if not site.network_dir:
-        raise InputNotFoundError("a secure-aggregation round needs the network directory (QIS_NETWORK)")
-    return open_round(config.round_file, network_dir=site.network_dir, state_dir=config.state_dir, bootstrap=dht.addresses(),
-                      site_dir=site.site_dir, bind=dht.bind, after=config.after)
-
-
-def _result(status: dict) -> MaterializeResult:
-    return MaterializeResult(metadata={"status": MetadataValue.json(status)})
-
-
-_INFO = asset_info("secagg", phi=False, uses_mapping=False)
-
-
-@asset(group_name="secagg", kinds={"dht"}, **_INFO,
-       description="This site's due contribution to the round (advertise, shares, masked or consistency), posted on the DHT.")
-def secagg_contribution(context: AssetExecutionContext, config: SecAggRound, site: SiteConfig, dht: DhtConfig) -> MaterializeResult:
-    from qis_fhir.secagg.steps import contribute_step, read_vector
-
-    vector = None if config.vector_file is None else read_vector(config.vector_file)
-    return _result(contribute_step(_setup(config, site, dht), vector))
-
-
-@asset(group_name="secagg", kinds={"dht"}, **_INFO, deps=[secagg_contribution],
-       description="This site's reveal, once the masked and consistency windows closed.")
-def secagg_reveal(context: AssetExecutionContext, config: SecAggRound, site: SiteConfig, dht: DhtConfig) -> MaterializeResult:
-    from qis_fhir.secagg.steps import reveal_step
-
-    return _result(reveal_step(_setup(config, site, dht)))
-
-
-@asset(group_name="secagg", kinds={"dht"}, **_INFO, deps=[secagg_reveal],
-       description="The round's totals, unmasked after its last window (result.json, 0600, in the round's state folder).")
-def secagg_totals(context: AssetExecutionContext, config: SecAggRound, site: SiteConfig, dht: DhtConfig) -> MaterializeResult:
-    from qis_fhir.secagg.steps import unmask_step
-
-    return _result(unmask_step(_setup(config, site, dht), config.cells))
-
-
-SECAGG_ASSETS = [secagg_contribution, secagg_reveal, secagg_totals]
+secure_rounds = rounds_asset()

@@ -109,6 +109,7 @@ def build_packets(
     *,
     release_state: Release | None = None,
     units: pd.DataFrame | None = None,
+    in_secure_totals: set[tuple[str, ...]] | frozenset = frozenset(),
 ) -> PacketBuild:
     """Aggregate outcome events (and control ``units``) into signed packets; cells under the minimum size are not published.
 
@@ -119,6 +120,10 @@ def build_packets(
     older than the newest released one. The packets are staged in it and recorded when its block
     exits cleanly. ``None``: no memory; every publishable cell is signed at ``seq`` (default: today's
     first seq), as tests and tools that sign one-off packets want.
+
+    ``in_secure_totals``: cells (bucket, age band, sex, treatment, measure, period) whose patients this
+    site put in a released secure total (``secagg.release.ReleaseLedger.contributed_cells``); such a cell
+    is not published even once it is large enough, since the pooled figure would count them twice.
     """
     if release_state is not None:
         if seq is not None:
@@ -143,6 +148,7 @@ def build_packets(
     held_buckets: list[str] = []
     published_buckets: list[str] = []
     suppressed_buckets: list[str] = []
+    secure_buckets: list[str] = []
     withheld = 0
     cells: list[tuple[str, ...]] = []
     packets: list[Packet] = []
@@ -155,6 +161,9 @@ def build_packets(
             if not TREATMENT_RE.fullmatch(treatment) or not MEASURE_RE.fullmatch(measure):
                 raise MappingError(f"treatment {treatment!r} or measure {measure!r} is not a valid packet code")
             cells.append((bucket, age_band, sex, treatment, measure, period))
+            if cells[-1] in in_secure_totals:
+                secure_buckets.append(bucket)
+                continue
             if stale:
                 withheld += 1  # a newer day is released: this day's figures are not
                 continue
@@ -191,6 +200,7 @@ def build_packets(
         period=granularity,
         seq=None if stale else seq,
         held_buckets=held_buckets,
+        secure_buckets=secure_buckets,
     )
     if release_state is not None:
         release_state.stage(packets)

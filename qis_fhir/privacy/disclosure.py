@@ -61,18 +61,22 @@ def disclosure_report(
     period: str,
     seq: int,
     held_buckets: Iterable[str] = (),
+    secure_buckets: Iterable[str] = (),
 ) -> dict:
     """Counts of cells published and suppressed, per bucket and in total. Nothing else.
 
     ``held`` counts the published cells re-released unchanged because fewer than ``min_cell_size``
     patients changed since their last release (they are included in ``published``).
+    ``in_secure_total`` counts the cells large enough to publish that are not published because this
+    site's patients of them are already in a released secure total (they would be counted twice).
     """
+    kinds = ("published", "suppressed", "held", "in_secure_total")
     by_bucket: dict[str, dict[str, int]] = {}
-    for name, buckets in (("published", published_buckets), ("suppressed", suppressed_buckets), ("held", held_buckets)):
+    for name, buckets in zip(kinds, (published_buckets, suppressed_buckets, held_buckets, secure_buckets)):
         for b in buckets:
-            entry = by_bucket.setdefault(b, {"published": 0, "suppressed": 0, "held": 0})
+            entry = by_bucket.setdefault(b, dict.fromkeys(kinds, 0))
             entry[name] += 1
-    totals = {k: sum(e[k] for e in by_bucket.values()) for k in ("published", "suppressed", "held")}
+    totals = {k: sum(e[k] for e in by_bucket.values()) for k in kinds}
     return {
         "format": REPORT_FORMAT,
         "mapping_version": mapping_version,

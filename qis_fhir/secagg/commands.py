@@ -117,25 +117,29 @@ def unmask(round_file: Path, network: Path, state_dir: Path, bootstrap: str, ksi
 
 
 @secagg.command()
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="The site's run folder (`qis-fhir run --out DIR`): its outcome tables are the input.")
-@click.option("--measure", required=True, help="The measure of the rounds, e.g. systolic_bp.")
-@click.option("--period", required=True, help="The period of the rounds, e.g. 2024.")
-@click.option("--mapping", "mapping_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="The mapping directory the run used (default: the packaged v1).")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="The site's run folder (`qis-fhir run --out DIR`, past its packets): its outcome tables are the input.")
+@click.option("--measure", default=None, help="Only the rounds of this measure and --period (default: every pair of the run whose rounds are under way).")
+@click.option("--period", default=None, help="The period of --measure, e.g. 2024.")
+@click.option("--mapping", "mapping_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="The mapping directory the run used (default: the packaged one).")
 @_site
 @click.option("--network", "network", required=True, type=click.Path(path_type=Path), help="Network directory (manifest.json and network.secret).")
-@click.option("--state-dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Where the site keeps its rounds between steps (a folder per round; secrets 0600).")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Where the site keeps its rounds between nights (default: SITE/secagg_state, as the nightly Dagster job).")
 @click.option("--bootstrap", required=True, help="DHT nodes to start from, HOST:PORT[,HOST:PORT...].")
 @click.option("--ksize", type=click.IntRange(2, 64), default=20, show_default=True, help="Replicas per key (Kademlia k).")
 @bind_option
-def rounds(run_dir: Path, measure: str, period: str, mapping_dir: Path | None, site: Path, network: Path, state_dir: Path,
+def rounds(run_dir: Path, measure: str | None, period: str | None, mapping_dir: Path | None, site: Path, network: Path, state_dir: Path | None,
            bootstrap: str, ksize: int, bind: str | None) -> None:
-    """Both rounds of (MEASURE, PERIOD) from a run folder, as far as tonight allows: the presence round,
-    the value round once the presence round is unmasked, and the release into the site's ledger (which
-    the evidence stage reads). Prints the statuses as JSON."""
+    """Tonight's steps of the secure-aggregation rounds under way, from a run folder (what the nightly
+    Dagster asset ``secure_rounds`` does): per (measure, period) the presence round, the value round once
+    the presence round is unmasked, and the release into the site's ledger (which the evidence stage
+    reads). Prints the counts and each pair's statuses as JSON."""
     from qis_fhir.dht.address import parse_addresses
-    from qis_fhir.secagg.site import rounds_step
-    from qis_fhir.stages import open_site
+    from qis_fhir.errors import UsageError
+    from qis_fhir.stages import open_site, secagg_step
 
+    if (measure is None) != (period is None):
+        raise UsageError("give --measure and --period together, or neither (every pair under way)")
     setup = open_site(mapping_dir=mapping_dir, site_dir=site, network_dir=network)
-    status = rounds_step(run_dir, setup, measure, period, state_dir=state_dir, bootstrap=tuple(parse_addresses(bootstrap)), bind=bind, ksize=ksize)
-    click.echo(json.dumps(status, sort_keys=True))
+    done = secagg_step(run_dir, setup, tuple(parse_addresses(bootstrap)), bind, state_dir=state_dir, ksize=ksize,
+                       pairs=None if measure is None else [(measure, period)])
+    click.echo(json.dumps({"counts": done.counts, "rounds": done.statuses}, sort_keys=True))

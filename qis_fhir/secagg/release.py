@@ -112,6 +112,17 @@ def release_table(ref: RoundRef, cells: list[Cell], eligible_idx: np.ndarray, de
                          "mean": "float64", "sd": "float64", "as_of": "int64"})
 
 
+#: beside a release: the cells of it this site put patients in (``CONTRIBUTED_KEYS``: a packet's cell and the mapping version)
+CONTRIBUTED = ".contributed.parquet"
+CONTRIBUTED_KEYS = ["condition", "age_band", "sex", "treatment", "measure", "period", "mapping_version"]
+
+
+def _write_parquet(path: Path, table: pd.DataFrame) -> None:
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    atomic_write(path, buffer.getvalue())
+
+
 class ReleaseLedger:
     """A member's record of the secure totals released (``SITE_DIR/secagg_released/``): per (network,
     measure, period), under any mapping version, a record created with ``O_EXCL`` and the released
@@ -121,7 +132,10 @@ class ReleaseLedger:
     def __init__(self, directory: Path | str) -> None:
         self.directory = Path(directory)
 
-    def record(self, ref: RoundRef, table: pd.DataFrame) -> None:
+    def record(self, ref: RoundRef, table: pd.DataFrame, contributed: np.ndarray | None = None) -> None:
+        """``contributed``: per row of ``table``, whether this site's patients are in it (``None``: not
+        known, as when the round's input was gone; then every row counts as this site's). Kept the
+        first time (``CONTRIBUTED``): the packet stage never publishes those cells in the clear."""
         self.directory.mkdir(parents=True, exist_ok=True)
         key = hashlib.sha256(f"{ref.network_id}\n{ref.measure}\n{ref.period}".encode()).hexdigest()[:32]
         path = self.directory / f"{key}.json"
@@ -140,9 +154,20 @@ class ReleaseLedger:
             with os.fdopen(fd, "wb") as f:
                 f.write(body)
         # the claim above comes first, so two releases can never both write; the table is (re)written after
-        buffer = io.BytesIO()
-        table.to_parquet(buffer, index=False)
-        atomic_write(path.with_suffix(".parquet"), buffer.getvalue())
+        _write_parquet(path.with_suffix(".parquet"), table)
+        mine = path.with_suffix(CONTRIBUTED)
+        if not mine.exists():
+            rows = table if contributed is None else table[np.asarray(contributed, dtype=bool)]
+            _write_parquet(mine, rows[CONTRIBUTED_KEYS])
+
+    def contributed_cells(self, mapping_version: str) -> set[tuple[str, ...]]:
+        """The cells (``CONTRIBUTED_KEYS``) of ``mapping_version`` this site put patients in a released secure total of."""
+        cells: set[tuple[str, ...]] = set()
+        for mine in sorted(self.directory.glob(f"*{CONTRIBUTED}")) if self.directory.is_dir() else []:
+            rows = pd.read_parquet(mine)
+            rows = rows[rows["mapping_version"] == mapping_version]
+            cells |= set(rows[CONTRIBUTED_KEYS[:-1]].itertuples(index=False, name=None))
+        return cells
 
     def tables(self, mapping_version: str) -> pd.DataFrame | None:
         """Every released table of ``mapping_version``, concatenated; None when there is none."""

@@ -12,6 +12,9 @@
   (measure, period).
 
 Each call does what is due now for both rounds (``steps.advance_step``) and returns their statuses.
+``due_rounds`` says which (measure, period) pairs a night has to advance, from the mapping (the
+rounds' dates) and the run's tables (the pairs this site has patients in); ``stages.secagg_step``
+runs ``rounds_step`` for each.
 """
 
 from __future__ import annotations
@@ -24,8 +27,32 @@ from typing import Any
 
 import orjson
 
-from qis_fhir.secagg.round import SCHEDULE, UNMASK, Schedule
-from qis_fhir.secagg.steps import RESULT_FILE, STATE_FILE, RoundSetup, advance_step, unmask_step
+from qis_fhir.secagg.round import DAY, PHASES, SCHEDULE, UNMASK, Schedule
+from qis_fhir.secagg.steps import RESULT_FILE, STATE_FILE, RoundSetup, advance_step, stored_vector, unmask_step
+
+#: a site directory's folder of its rounds between nights (``steps.round_folder`` per round; secrets 0600)
+STATE_DIR = "secagg_state"
+#: how long after the value round's last window a night still reads it: the DHT nodes keep a round's
+#: messages a week after its last window (``dht.rounds.retention``), so a site that missed the unmasking
+#: night still unmasks; later there is nothing left to read
+READABLE_FOR = 7 * DAY
+
+
+def due_rounds(run_dir: Path | str, setup: Any, now: float, schedule: Schedule = SCHEDULE) -> list[tuple[str, str]]:
+    """The (measure, period) pairs of the run's tables whose rounds are under way at ``now``: the
+    presence round has opened and the value round can still be read (``READABLE_FOR``)."""
+    from qis_fhir.outcomes.events import read_outcome_tables
+    from qis_fhir.packets.build import site_cells
+    from qis_fhir.secagg.release import round_refs
+
+    tables = read_outcome_tables(run_dir, setup.mapping)
+    cells = site_cells(tables["outcome_events"], tables.get("control_units"), setup.mapping).reset_index()
+    due = []
+    for measure, period in sorted(set(zip(cells["measure"], cells["period"]))):
+        presence, value = round_refs(setup.network.manifest.network_id, setup.mapping, measure, period, schedule)
+        if schedule.starts(presence.opens) <= now < schedule.closes(value.opens, PHASES[-1]) + READABLE_FOR:
+            due.append((measure, period))
+    return due
 
 
 def site_round_input(run_dir: Path | str, setup: Any, measure: str, period: str) -> Any:
@@ -58,7 +85,7 @@ def rounds_step(run_dir: Path | str, setup: Any, measure: str, period: str, *, s
     """The steps due now in the presence round and then the value round of (measure, period)."""
     import numpy as np
 
-    from qis_fhir.secagg.release import LEDGER_DIR, ReleaseLedger, eligible, release_table, round_refs
+    from qis_fhir.secagg.release import LEDGER_DIR, ReleaseLedger, eligible, release_table, round_refs, shown
     from qis_fhir.secagg.values import VALUE_FIELDS, decode_totals
 
     manifest = setup.network.manifest
@@ -72,6 +99,7 @@ def rounds_step(run_dir: Path | str, setup: Any, measure: str, period: str, *, s
         return out
     idx = eligible(np.array(first["totals"], dtype=np.uint64), manifest.min_sites)
     value = RoundSetup(value_ref, required_contributors=frozenset(first["contributors"]), **common)
+    mine = stored_vector(value.folder)  # this site's value input, read before the unmasking step deletes it
     if not len(idx):
         out["value"] = {"step": None, "eligible_cells": 0}
     elif setup.site.site_id in first["contributors"]:
@@ -83,6 +111,12 @@ def rounds_step(run_dir: Path | str, setup: Any, measure: str, period: str, *, s
     if second is not None and len(idx):
         decoded = decode_totals(np.array(second["totals"], dtype=np.uint64), len(idx))
         table = release_table(value_ref, inputs.cells, idx, decoded, manifest.min_cell_size, manifest.min_sites)
-        ReleaseLedger(setup.site.site_dir / LEDGER_DIR).record(value_ref, table)
+        contributed = None  # a site whose round input is gone counts every released cell as its own
+        if setup.site.site_id not in second["contributors"]:
+            contributed = np.zeros(len(table), dtype=bool)
+        elif mine is not None:  # the rows of the release are the shown eligible cells, in order
+            sites = mine.view(np.int64).reshape(len(idx), len(VALUE_FIELDS))[:, VALUE_FIELDS.index("sites")]
+            contributed = (sites > 0)[shown(decoded, manifest.min_cell_size, manifest.min_sites)]
+        ReleaseLedger(setup.site.site_dir / LEDGER_DIR).record(value_ref, table, contributed)
         out["released_cells"] = len(table)
     return out

@@ -186,7 +186,8 @@ def _load_state(folder: Path, participant: Any) -> None:
         setattr(participant, name, type(empty)(value) if isinstance(empty, (set, frozenset)) else value)
 
 
-def _stored_vector(folder: Path) -> np.ndarray | None:
+def stored_vector(folder: Path) -> np.ndarray | None:
+    """The input vector a round started with (kept in its state until the round is unmasked), or None."""
     path = folder / STATE_FILE
     if not path.exists():
         return None
@@ -250,7 +251,7 @@ def post_step(setup: RoundSetup, vector: np.ndarray | None = None, *, clock: Cal
         wanted = f"the {phases[0]} window" if len(phases) == 1 else f"the {phases[0]} to {phases[-1]} windows"
         now_is = "before the round opens" if phase is None else ("after every window closed" if phase == UNMASK else f"in the {phase} window")
         raise RoundWindowError(f"this step runs in {wanted} of its round; it is {now_is} (round opens {setup.ref.opens})")
-    stored = _stored_vector(folder)
+    stored = stored_vector(folder)
     if stored is None and phase != PHASES[0]:
         raise RoundWindowError(f"this site did not start the round in its advertise window: it is out of this round (it can unmask after {schedule.utc(setup.ref.opens, PHASES[-1])})")
     if vector is not None and stored is not None and not np.array_equal(np.asarray(vector, dtype=np.uint64), stored):
@@ -295,7 +296,7 @@ def unmask_step(setup: RoundSetup, cells: int | None = None, *, clock: Callable[
     folder = setup.folder
     if _due(setup, clock(), schedule) != UNMASK:
         raise RoundWindowError(f"a round is unmasked after its last window closes ({schedule.utc(setup.ref.opens, PHASES[-1])})")
-    stored = _stored_vector(folder)
+    stored = stored_vector(folder)
     length = len(stored) if stored is not None else cells
     if length is None:
         raise InputNotFoundError("this site did not take part in the round: give its number of cells (--cells)")

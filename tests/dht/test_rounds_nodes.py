@@ -228,9 +228,9 @@ def test_a_round_file_of_another_network_is_refused(net, tmp_path):
     assert done.returncode == ExitCode.USAGE and b"round of network other-net" in done.stderr
 
 
-def test_the_rounds_command_needs_a_run_folder_with_outcomes(net, tmp_path):
+def test_the_rounds_command_needs_a_run_folder_past_its_packets(net, tmp_path):
     (tmp_path / "run").mkdir()
     done = _cli("rounds", "--run", str(tmp_path / "run"), "--measure", "systolic_bp", "--period", "2024",
                 "--site", str(net.sites["site-a"].site_dir), "--network", str(net.net_dir), "--state-dir", str(tmp_path / "state"),
                 "--bootstrap", f"{LOOPBACK}:9")
-    assert done.returncode == ExitCode.INPUT_NOT_FOUND and b"outcome_events.parquet does not exist" in done.stderr
+    assert done.returncode == ExitCode.INPUT_NOT_FOUND and b"is not a run folder: secure rounds read a run past its packets" in done.stderr

@@ -68,8 +68,8 @@ def test_small_cells_are_suppressed_and_reported(net, mapping):
     b = build_packets(make_events({BIG: 11, SMALL: 10}), mapping, net.site_a, net.network, release_state=None, seq=1)
     assert [p.patients for p in b.packets] == [11]
     r = b.disclosure_report
-    assert r["cells"] == {"published": 1, "suppressed": 1, "held": 0}
-    assert r["by_bucket"] == {"type2_diabetes": {"published": 1, "suppressed": 1, "held": 0}}
+    assert r["cells"] == {"published": 1, "suppressed": 1, "held": 0, "in_secure_total": 0}
+    assert r["by_bucket"] == {"type2_diabetes": {"published": 1, "suppressed": 1, "held": 0, "in_secure_total": 0}}
     assert r["min_cell_size"] == 11
     # the report says nothing finer than per-bucket counts
     assert set(r) == {"format", "mapping_version", "min_cell_size", "granularity", "period", "seq", "cells", "by_bucket"}
@@ -122,7 +122,7 @@ def test_packet_file_round_trip_and_report_file(net, mapping, tmp_path):
 
 def test_empty_events_give_no_packets(net, mapping):
     b = build_packets(make_events({}), mapping, net.site_a, net.network, release_state=None, seq=1)
-    assert b.packets == [] and b.disclosure_report["cells"] == {"published": 0, "suppressed": 0, "held": 0}
+    assert b.packets == [] and b.disclosure_report["cells"] == {"published": 0, "suppressed": 0, "held": 0, "in_secure_total": 0}
 
 
 def test_events_of_another_mapping_version_are_refused(net, mapping):
@@ -199,7 +199,7 @@ def test_small_changes_between_releases_are_held_back(tmp_path, mapping):
     assert (site.site_dir / "released_packets.ndjson").exists()
     night2 = released(events.iloc[:13], mapping, site, network, "2024-01-02")
     assert night2.packets == night1.packets  # byte-identical: consumers see a duplicate
-    assert night2.disclosure_report["cells"] == {"published": 1, "suppressed": 0, "held": 1}
+    assert night2.disclosure_report["cells"] == {"published": 1, "suppressed": 0, "held": 1, "in_secure_total": 0}
     night3 = released(events.iloc[:22], mapping, site, network, "2024-01-03")  # 10 changed since release
     assert night3.packets == night1.packets
     night4 = released(events.iloc[:23], mapping, site, network, "2024-01-04")  # 11 changed: release
@@ -233,3 +233,23 @@ def test_corrupt_release_state_is_a_clear_error(tmp_path, mapping):
     (site.site_dir / "released_packets.ndjson").write_text("garbage\n")
     with pytest.raises(QisError, match="released_packets.ndjson:1"):
         released(make_events({BIG: 12}), mapping, site, network, "2024-01-01")
+
+
+def test_a_cell_this_site_put_in_a_released_secure_total_is_not_published_in_the_clear(net, mapping, tmp_path):
+    """Late data lift a cell the site summed in a released secure total to the minimum cell size: a clear
+    packet of it would count its patients twice in the pooled figure, so it stays out, counted in the
+    report. A cell of the same release the site had no patients in is published as usual."""
+    from qis_fhir.secagg.release import RELEASE_COLUMNS, ReleaseLedger
+    from qis_fhir.secagg.round import RoundRef
+
+    other = ("type2_diabetes", "65+", "female", "TX_0001", "hba1c")
+    release = pd.DataFrame([(*cell[:4], "hba1c", "2024", "v1", 3, 12, 5, 12, -0.5, 1.0, 20250101) for cell in (BIG, other)],
+                           columns=["condition", "age_band", "sex", "treatment", "measure", "period", "mapping_version", *RELEASE_COLUMNS])
+    ledger = ReleaseLedger(tmp_path / "ledger")
+    ledger.record(RoundRef("test-net", "v1", "hba1c", "2024", "value", "2025-02-05"), release, np.array([True, False]))
+    assert ledger.contributed_cells("v1") == {(*BIG[:4], "hba1c", "2024")} and ledger.contributed_cells("v2") == set()
+
+    b = build_packets(make_events({BIG: 30, other: 12}), mapping, net.site_a, net.network, release_state=None, seq=1,
+                      in_secure_totals=ledger.contributed_cells("v1"))
+    assert [(p.patients, p.fingerprint) for p in b.packets] == [(12, Fingerprinter(net.network.secret, "v1")(*other[:3]))]
+    assert b.disclosure_report["cells"] == {"published": 1, "suppressed": 0, "held": 0, "in_secure_total": 1}

@@ -13,16 +13,14 @@ from qis_fhir.mapping.yamldoc import read_yaml
 REPO = Path(__file__).resolve().parents[2]  # not "from conftest": several test folders have one
 
 TABLES = {"fhir_patients", "fhir_conditions", "fhir_medication_requests", "fhir_observations", "fhir_encounters"}
-ASSETS = {"fhir_export", "mapping_set", *TABLES, "outcome_events", "outcome_packets", "published_packets", "evidence_tables",
-          "outcome_events_table", "pooled_outcomes_table"}
-#: a secure-aggregation round's steps: named by a round file, not a day, so outside the nightly job
-SECAGG_ASSETS = {"secagg_contribution", "secagg_reveal", "secagg_totals"}
+ASSETS = {"fhir_export", "mapping_set", *TABLES, "outcome_events", "outcome_packets", "published_packets", "secure_rounds",
+          "evidence_tables", "outcome_events_table", "pooled_outcomes_table"}
 
 
 def test_every_definition_loads():
     Definitions.validate_loadable(defs)
     repo = defs.get_repository_def()
-    assert {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()} == ASSETS | SECAGG_ASSETS
+    assert {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()} == ASSETS
     assert repo.get_job("daily_outcomes") is not None
     assert {s.name for s in repo.schedule_defs} == {"nightly_outcomes"}
     assert {s.name for s in repo.sensor_defs} == {"new_export_sensor", "run_failure_alert_sensor"}
@@ -39,9 +37,12 @@ def test_assets_share_daily_partitions_and_lineage():
     for table in TABLES:
         assert graph.get(AssetKey(table)).parent_keys == {AssetKey("fhir_export"), AssetKey("mapping_set")}
     assert graph.get(AssetKey("outcome_events")).parent_keys == {*map(AssetKey, TABLES), AssetKey("mapping_set")}
-    chain = ["outcome_events", "outcome_packets", "published_packets", "evidence_tables"]
+    chain = ["outcome_events", "outcome_packets", "published_packets"]
     for parent, child in zip(chain, chain[1:]):
         assert graph.get(AssetKey(child)).parent_keys == {AssetKey(parent)}
+    # the secure rounds follow the packets (clear cells stay out of masked sums); the evidence pools both
+    assert graph.get(AssetKey("secure_rounds")).parent_keys == {AssetKey("outcome_packets")}
+    assert graph.get(AssetKey("evidence_tables")).parent_keys == {AssetKey("published_packets"), AssetKey("secure_rounds")}
     # the database tables are drawn from the assets whose files they copy
     assert graph.get(AssetKey("outcome_events_table")).parent_keys == {AssetKey("outcome_events")}
     assert graph.get(AssetKey("pooled_outcomes_table")).parent_keys == {AssetKey("evidence_tables")}
@@ -51,7 +52,8 @@ def test_publish_is_retried_and_the_nightly_job_runs_the_whole_chain():
     from pipelines.assets.network import PUBLISH_RETRY
 
     repo = defs.get_repository_def()
-    assert repo.assets_defs_by_key[AssetKey("published_packets")].op.retry_policy == PUBLISH_RETRY
+    for name in ("published_packets", "secure_rounds"):  # both reach the DHT: a node restarting heals within minutes
+        assert repo.assets_defs_by_key[AssetKey(name)].op.retry_policy == PUBLISH_RETRY
     job = repo.get_job("daily_outcomes")
     assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == ASSETS
 

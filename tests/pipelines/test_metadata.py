@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 PACKAGE_VERSION = version("qis-fhir")
 #: the assets derived under the mapping set: their code version carries its content hash
 TABLES = {"fhir_patients", "fhir_conditions", "fhir_medication_requests", "fhir_observations", "fhir_encounters"}
-UNDER_MAPPING = {"mapping_set", *TABLES, "outcome_events", "outcome_packets"}
+UNDER_MAPPING = {"mapping_set", *TABLES, "outcome_events", "outcome_packets", "secure_rounds"}
 
 
 def _specs():

@@ -1,7 +1,7 @@
 """`qis-fhir run` and the Dagster assets run the same stage steps: same files, same events, same packets.
 
 Also: the whole graph for two sites against DHT node processes on 127.0.0.1, ending with each site's
-pooled table of both, in its run folder and its database; a DHT that does not answer fails the publish asset under its retry policy and loses nothing;
+pooled table of both, in its run folder and its database; a DHT that does not answer fails the publish and the rounds assets under their retry policy and loses nothing;
 a bad mapping or a failed quality suite publishes nothing.
 """
 
@@ -220,9 +220,12 @@ def test_the_whole_graph_for_two_sites_against_a_local_dht(site_world, tmp_path,
     for name, runs in results.items():
         assert all(r.success for r in runs)
         mats = {k: v for r in runs for k, v in _materialized(r).items()}
-        # every asset of the nightly job, in two runs (secure-aggregation rounds run on their own windows)
-        assert set(mats) == {k.to_user_string() for k in graph.materializable_asset_keys if graph.get(k).group_name != "secagg"}
+        assert set(mats) == {k.to_user_string() for k in graph.materializable_asset_keys}  # every asset, in two runs
         assert [set(_materialized(r)) for r in runs][1] == {"evidence_tables", "pooled_outcomes_table"}
+        # the rounds ran on the real clock: a first night releases nothing, whatever rounds are under way
+        rounds = {k: v.value for k, v in mats["secure_rounds"].items()}
+        assert set(rounds) == {"rounds_due", "steps", "rounds_missed", "rounds_aborted", "rounds_released", "cells_released"}
+        assert rounds["rounds_released"] == rounds["cells_released"] == 0
         evaluations = {(e.asset_check_evaluation_data.asset_key.to_user_string(), e.asset_check_evaluation_data.check_name): e.asset_check_evaluation_data.passed
                        for e in _events(runs[0], "ASSET_CHECK_EVALUATION")}
         assert {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys} == set(evaluations) and all(evaluations.values())
@@ -283,6 +286,24 @@ def test_an_unreachable_dht_fails_publish_under_its_retry_policy_and_keeps_the_p
     assert manifest["status"] == "complete" and manifest["stages"] == ["extract", "outcomes", "quality", "packets"]
     assert manifest["error"]["stage"] == "publish" and manifest["error"]["exit_code"] == 11
     assert len((out / "packets.ndjson").read_text().splitlines()) == _materialized(result)["outcome_packets"]["dagster/row_count"].value
+
+    # the rounds reach the same DHT: on the day a round of the run opens, its advertise cannot be posted,
+    # and the asset fails as publish does, retried once under its policy, with the client's message
+    from pipelines.assets.secagg import rounds_asset
+    from qis_fhir.outcomes.events import read_outcome_tables
+    from qis_fhir.packets.build import site_cells
+    from qis_fhir.secagg.release import round_refs
+    from qis_fhir.secagg.round import DAY, SCHEDULE
+
+    setup = site.setup()
+    tables = read_outcome_tables(out, setup.mapping)
+    cells = site_cells(tables["outcome_events"], tables.get("control_units"), setup.mapping).reset_index()
+    presence, _ = round_refs(setup.network.manifest.network_id, setup.mapping, cells["measure"].iloc[0], cells["period"].iloc[0])
+    opening_day = SCHEDULE.starts(presence.opens) + DAY / 2
+    rounds = materialize([rounds_asset(RetryPolicy(max_retries=1, delay=0), lambda: opening_day)], partition_key=PARTITION,
+                         resources={"site": site, "dht": dht}, instance=instance, raise_on_error=False)
+    assert not rounds.success and len(_events(rounds, "STEP_UP_FOR_RETRY")) == 1
+    assert f"no DHT peer answered at {LOOPBACK}:9" in _failure(rounds, "secure_rounds")
 
     # a setting missing is not cured by waiting: no retry, and the message says what to set
     unset = materialize([publish_asset(RetryPolicy(max_retries=1, delay=0))], partition_key=PARTITION,

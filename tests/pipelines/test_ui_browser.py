@@ -78,7 +78,7 @@ def test_the_asset_lineage_shows_every_asset(dagster_dev, browser, artifacts_dir
     names, groups = lineage_of_definitions()
     assert {"fhir_export", "fhir_observations", "fhir_medication_requests", "outcome_packets", "published_packets", "evidence_tables"} <= set(names)
     # wide enough that the fitted graph draws full names, tall enough that every expanded group is inside
-    # the viewport (the UI draws only the nodes in view: at 1,200 px the secure-aggregation group was not)
+    # the viewport (the UI draws only the nodes in view)
     page = browser.new_page(viewport={"width": 2560, "height": 2400})
     outside: list[str] = []
     page.on("request", lambda r: None if r.url.startswith((dagster_dev, f"blob:{dagster_dev}/", "data:")) else outside.append(r.url))

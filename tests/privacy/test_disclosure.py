@@ -40,7 +40,7 @@ def test_threshold():
 
 def test_report_counts_per_bucket_only():
     r = disclosure_report(["a", "a", "b"], ["a", "c"], min_cell_size=11, mapping_version="v1", period="year", seq=5, held_buckets=["a"])
-    assert r["by_bucket"] == {"a": {"published": 2, "suppressed": 1, "held": 1}, "b": {"published": 1, "suppressed": 0, "held": 0},
-                              "c": {"published": 0, "suppressed": 1, "held": 0}}
-    assert r["cells"] == {"published": 3, "suppressed": 2, "held": 1}
+    assert r["by_bucket"] == {"a": {"published": 2, "suppressed": 1, "held": 1, "in_secure_total": 0}, "b": {"published": 1, "suppressed": 0, "held": 0, "in_secure_total": 0},
+                              "c": {"published": 0, "suppressed": 1, "held": 0, "in_secure_total": 0}}
+    assert r["cells"] == {"published": 3, "suppressed": 2, "held": 1, "in_secure_total": 0}
     assert r["granularity"] == list(CELL_DIMENSIONS)
