@@ -22,7 +22,7 @@ from dagster import RetryPolicy, materialize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dht"))
 import test_rounds_site as site_rounds  # noqa: E402  (its choice of a cell small at every site)
-from dht_cluster import LOOPBACK, Clock, round_nodes_in_thread  # noqa: E402
+from dht_cluster import LOOPBACK, Clock, certify_nodes, round_nodes_in_thread  # noqa: E402
 
 from pipelines.assets import evidence_tables, fhir_extract, mapping_set, outcome_events, outcome_packets  # noqa: E402
 from pipelines.assets.network import publish_asset  # noqa: E402
@@ -77,7 +77,8 @@ def test_three_sites_nightly_rounds_put_a_secure_total_in_the_pooled_table(fixtu
     clock = Clock(0.0)  # set below, once the cell is chosen; the nodes and the rounds asset read it
     secure_rounds = rounds_asset(NO_WAIT, clock)
     outs = {h: Path(sites[h].out_path(PARTITION)) for h in SITES}
-    with round_nodes_in_thread(tmp_path / "net" / "manifest.json", clock, 4, 3) as addresses:
+    node_identities = certify_nodes(tmp_path / "net" / "manifest.json", 4)  # before any site reads the manifest
+    with round_nodes_in_thread(tmp_path / "net" / "manifest.json", clock, node_identities, 3) as addresses:
         dht = DhtConfig(bootstrap=f"{LOOPBACK}:{addresses[0][1]}", bind=LOOPBACK)
         own = [mapping_set, fhir_extract, outcome_events, outcome_packets, publish_asset(NO_WAIT)]
         for h in SITES:
