@@ -22,7 +22,9 @@ and storage (a dict). Time is virtual: :class:`VirtualClockLoop` is an asyncio l
 jumps to the next scheduled event instead of sleeping, so RPC timeouts, retries and latencies
 behave as on a network without anyone waiting for them: 10,000 nodes with 10% churn take about 22
 minutes of CPU and 700 MiB (docs/dht.md, "Scale"); the CPU goes to building the network by the real
-join (178 RPCs a node), which is what keeps 100,000 nodes out of reach for now.
+join (178 RPCs a node). ``experiment(build="converged")`` skips that: every node's real
+``RoutingTable`` is filled directly with what a converged network's holds
+(:meth:`SimNetwork.build_converged`), which is what makes 30,000 and more nodes measurable.
 
 Hand-off to newcomers and republish are not simulated, so recall after churn is measured with no
 repair at all (the real network repairs on top of it).
