@@ -39,6 +39,7 @@ class BenchOptions:
     nodes: tuple[int, ...] | None = None  # dht, dht-sim: network sizes
     churn: float | None = None  # dht-sim: fraction of nodes that leave (and as many join) between publish and query
     loss: float | None = None  # dht-sim: probability that a datagram is lost
+    build: str = "join"  # dht-sim: build the network by the real join, or construct converged tables
     seed: int = 7
     sizes: tuple[int, ...] | None = None  # run: Observations of each export
     workers: int | None = None  # run: worker processes of the runs per size
@@ -73,18 +74,20 @@ def run_sections(sections: list[str], options: BenchOptions) -> dict:
 @click.option("--nodes", type=str, default=None, help="dht, dht-sim: comma-separated network sizes, e.g. 10,30,100; evidence: the first is its network size (default 30); secagg: the first is its number of sites (default 50).")
 @click.option("--churn", type=click.FloatRange(0.0, 0.9), default=None, help="dht-sim: fraction of nodes that leave, and as many that join, between publish and query (default 0.1).")
 @click.option("--loss", type=click.FloatRange(0.0, 0.9), default=None, help="dht-sim: probability that one datagram is lost (default 0).")
+@click.option("--build", type=click.Choice(["join", "converged"]), default="join", show_default=True,
+              help="dht-sim: build the network by the real join of every node, or construct the tables a converged network has (docs/dht.md, \"Scale\").")
 @click.option("--seed", type=int, default=7, show_default=True)
 @click.option("--sizes", type=str, default=None, help="run: comma-separated Observations per export (default 2000000,5000000,20000000).")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="run: worker processes of the run per size (default 1).")
 @click.option("--repeats", type=click.IntRange(min=0), default=3, show_default=True,
               help="run: 1- and 2-worker runs back to back on the first size, for the speed-up's median (0: none).")
 def bench(as_json: bool, only: tuple[str, ...], observations: int | None, export: Path | None, nodes: str | None,
-          churn: float | None, loss: float | None, seed: int, sizes: str | None, workers: int | None, repeats: int) -> None:
+          churn: float | None, loss: float | None, build: str, seed: int, sizes: str | None, workers: int | None, repeats: int) -> None:
     """Measure throughput and memory of the stages, side by side with their baselines."""
     sections = list(only) or list(DEFAULT_SECTIONS)
     node_sizes = tuple(int(x) for x in nodes.split(",")) if nodes else None
     run_sizes = tuple(int(x) for x in sizes.split(",")) if sizes else None
     results = run_sections(sections, BenchOptions(observations=observations, export=export, nodes=node_sizes, churn=churn, loss=loss,
-                                                  seed=seed, sizes=run_sizes, workers=workers, repeats=repeats))
+                                                  build=build, seed=seed, sizes=run_sizes, workers=workers, repeats=repeats))
     text = json.dumps(results, sort_keys=True) if as_json else json.dumps(results, indent=2, sort_keys=True)
     sys.stdout.write(text + "\n")

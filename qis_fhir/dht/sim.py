@@ -22,7 +22,9 @@ and storage (a dict). Time is virtual: :class:`VirtualClockLoop` is an asyncio l
 jumps to the next scheduled event instead of sleeping, so RPC timeouts, retries and latencies
 behave as on a network without anyone waiting for them: 10,000 nodes with 10% churn take about 22
 minutes of CPU and 700 MiB (docs/dht.md, "Scale"); the CPU goes to building the network by the real
-join (178 RPCs a node), which is what keeps 100,000 nodes out of reach for now.
+join (178 RPCs a node). ``experiment(build="converged")`` skips that: every node's real
+``RoutingTable`` is filled directly with what a converged network's holds
+(:meth:`SimNetwork.build_converged`), which is what makes 30,000 and more nodes measurable.
 
 Hand-off to newcomers and republish are not simulated, so recall after churn is measured with no
 repair at all (the real network repairs on top of it).
@@ -31,6 +33,7 @@ repair at all (the real network repairs on top of it).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 import random
 import resource
@@ -56,6 +59,7 @@ from qis_fhir.dht.lookup import (
     refresh_targets,
 )
 
+BUILDS = ("join", "converged")  # how experiment() builds the network: see its docstring
 SIM_PORT = 8468  # every simulated node listens on this port at its own 10.x.y.z address
 
 
@@ -201,6 +205,71 @@ class SimNetwork:
     def live(self) -> list[SimPeer]:
         return self._live
 
+    # ------------------------------------------------------------------ converged build
+    def _converge(self, peer: SimPeer, ids: list[int], nodes: list[Node]) -> None:
+        """Fill ``peer``'s real ``RoutingTable`` as a converged network's would be: each bucket is
+        offered up to k + 1 random nodes of its own id range (k to fill it, one more so that the
+        table's own rules decide whether a full bucket splits), again for every bucket a split makes,
+        until every bucket range has had its offer. ``ids``/``nodes``: the network sorted by id.
+
+        A full bucket that may not split pings its head: ``_HeadAnswers`` stands for that ping."""
+        table, k, own = peer.router, self.config.ksize, peer.node.long_id
+        table.protocol = _HeadAnswers(peer)
+        offered: set[int] = set()
+        done: set[tuple[int, int]] = set()
+        while todo := [b for b in table.buckets if b.range not in done]:
+            for bucket in todo:
+                done.add(bucket.range)
+                lo, hi = bisect.bisect_left(ids, bucket.range[0]), bisect.bisect_left(ids, bucket.range[1])
+                want = k + 1 - len(bucket.nodes)
+                if hi - lo <= 4 * (k + 1):
+                    picks: Any = [i for i in range(lo, hi) if i not in offered]
+                    self.rng.shuffle(picks)
+                else:  # a few hundred draws: far more than a range this wide can have offered already
+                    picks = (self.rng.randrange(lo, hi) for _ in range(64 * (k + 1)))
+                fed = 0
+                for i in picks:
+                    if fed == want:
+                        break
+                    if i in offered:
+                        continue
+                    offered.add(i)
+                    if ids[i] != own:
+                        table.add_contact(nodes[i])
+                        fed += 1
+        table.protocol = peer
+
+    def build_converged(self, count: int) -> None:
+        """``count`` nodes whose tables are what the real join and refresh converge to, built directly
+        (no join traffic): ``_converge`` over the globally sorted id space, one ``Node`` per id shared
+        by every table that holds it."""
+        peers = [self.new_peer() for _ in range(count)]
+        ordered = sorted(peers, key=lambda p: p.node.long_id)
+        ids, nodes = [p.node.long_id for p in ordered], [p.node for p in ordered]
+        for peer in peers:
+            self._converge(peer, ids, nodes)
+        self._live.extend(peers)
+
+    def join_converged(self, count: int) -> None:
+        """``count`` newcomers after churn, the constructed way: each gets a converged table over the
+        live nodes (it learnt of no departed one), and every node in that table is offered the
+        newcomer, as the nodes a real join asks welcome it; a full bucket's head that departed is
+        found dead by its ping and replaced (``_HeadAnswers``)."""
+        ordered = sorted(self._live, key=lambda p: p.node.long_id)
+        ids, nodes = [p.node.long_id for p in ordered], [p.node for p in ordered]
+        for _ in range(count):
+            peer = self.new_peer()
+            self._converge(peer, ids, nodes)
+            for contact in peer.contacts():
+                known = self.peers[(contact.ip, contact.port)]
+                known.router.protocol = _HeadAnswers(known)
+                known.welcome(peer.node)
+                known.router.protocol = known
+            at = bisect.bisect_left(ids, peer.node.long_id)
+            ids.insert(at, peer.node.long_id)
+            nodes.insert(at, peer.node)
+            self._live.append(peer)
+
     # ------------------------------------------------------------------ datagrams
     def _rtt(self) -> float:
         if not self._sigma:
@@ -335,21 +404,52 @@ class SimNetwork:
         return found, lookup
 
 
+class _HeadAnswers:
+    """The routing table's protocol while a constructed table is filled or offered a newcomer: the
+    ping of a full bucket's head answers at once if the head is alive (nothing changes, the newcomer
+    stays in the replacement cache) and fails if it departed (the head is removed and the newest
+    replacement takes its place), as ``SimNetwork.call`` would conclude; what is left out is the
+    pinged head welcoming the pinger in turn, which over tables that are all full sets off a chain
+    of pings with no bearing on the tables a lookup uses."""
+
+    def __init__(self, peer: SimPeer) -> None:
+        self.peer = peer
+
+    def call_ping(self, node: Node) -> asyncio.Future:
+        head = self.peer.net.peers.get((node.ip, node.port))
+        ok = head is not None and head.alive
+        if not ok:
+            self.peer.router.remove_contact(node)
+        answered = self.peer.net.loop.create_future()
+        answered.set_result((ok, node.id if ok else None))
+        return answered
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def experiment(n: int, *, churn: float = 0.1, keys: int = 100, packets_per_key: int = 5,
-               config: SimConfig | None = None) -> dict:
+               config: SimConfig | None = None, build: str = "join") -> dict:
     """Build an ``n``-node network, publish ``keys`` keys of ``packets_per_key`` packets, let
     ``churn`` of the nodes leave and as many new ones join, then query every key from a fresh
-    client. Recall = packets found / packets published; hops = sequential rounds of the query."""
+    client. Recall = packets found / packets published; hops = sequential rounds of the query.
+
+    ``build="join"``: every node joins by the real join, before and after churn. ``"converged"``:
+    the network starts from converged tables (:meth:`SimNetwork.build_converged`) and the newcomers
+    after churn join the constructed way (:meth:`SimNetwork.join_converged`); publish, churn and
+    queries are the same real code either way."""
+    if build not in BUILDS:
+        raise ValueError(f"build must be one of {BUILDS}, not {build!r}")
     config = config or SimConfig()
     started = time.process_time()
     net = SimNetwork(config)
     try:
-        net.run(net.grow(n))
+        if build == "converged":
+            net.build_converged(n)
+        else:
+            net.run(net.grow(n))
         build_rpcs = net.rpcs
         rng = random.Random(config.seed + 1)
         key_ids = [rng.getrandbits(160).to_bytes(20, "big") for _ in range(keys)]
@@ -361,7 +461,10 @@ def experiment(n: int, *, churn: float = 0.1, keys: int = 100, packets_per_key: 
 
         replicas = net.run(publish_all())
         left, joining = net.churn(churn)
-        net.run(net.grow(joining))
+        if build == "converged":
+            net.join_converged(joining)
+        else:
+            net.run(net.grow(joining))
         rpcs0, timeouts0 = net.rpcs, net.timeouts
 
         async def query_all() -> list[tuple[float, set[int], Lookup]]:
@@ -382,6 +485,7 @@ def experiment(n: int, *, churn: float = 0.1, keys: int = 100, packets_per_key: 
     log2n = math.log2(n)
     return {
         "nodes": n,
+        "build": build,
         "live_at_query": live_at_query,
         "left": left,
         "joined_after_publish": joining,
