@@ -28,16 +28,22 @@ def network() -> None:
     """Create and govern a network: its governance key, fingerprint secret and signed manifest."""
 
 
+def _policy_options(f):
+    """The manifest policy a new or migrated network is signed with (``docs/packets.md``)."""
+    f = click.option("--max-nodes-per-site", type=click.IntRange(1, 64), default=4, show_default=True,
+                     help="DHT node certificates each member site may issue.")(f)
+    return click.option("--min-sites", type=click.IntRange(3, 10**4), default=3, show_default=True,
+                        help="Secure aggregation sums a cell only over at least this many sites with patients in "
+                             "it (c colluding members need c + 2).")(f)
+
+
 @network.command("new")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Network directory to create.")
 @click.option("--min-cell-size", type=click.IntRange(1, 10**6), default=11, show_default=True, help="Cells with fewer patients are never published.")
 @click.option("--network-id", default=None, help="Network name (lower-case letters, digits, . _ -); default: random.")
 @click.option("--mapping-version", "mapping_versions", multiple=True,
               help="Accepted mapping version (repeatable); default: every version this release ships (v1 and v2).")
-@click.option("--min-sites", type=click.IntRange(3, 10**4), default=3, show_default=True,
-              help="Secure aggregation sums a cell only over at least this many sites with patients in it (c colluding members need c + 2).")
-@click.option("--max-nodes-per-site", type=click.IntRange(1, 64), default=4, show_default=True,
-              help="DHT node certificates each member site may issue.")
+@_policy_options
 def network_new(out: Path, min_cell_size: int, network_id: str | None, mapping_versions: tuple[str, ...], min_sites: int, max_nodes_per_site: int) -> None:
     """Create NET_DIR with governance_key.pem (0600, keep it with governance), network.secret (0600,
     give it to member sites only) and manifest.json (public, signed, version 1)."""
@@ -99,10 +105,7 @@ def network_accept_mapping(net_dir: Path, version: str) -> None:
 
 @network.command("migrate")
 @click.argument("net_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option("--min-sites", type=click.IntRange(3, 10**4), default=3, show_default=True,
-              help="Secure aggregation sums a cell only over at least this many sites with patients in it.")
-@click.option("--max-nodes-per-site", type=click.IntRange(1, 64), default=4, show_default=True,
-              help="DHT node certificates each member site may issue.")
+@_policy_options
 def network_migrate(net_dir: Path, min_sites: int, max_nodes_per_site: int) -> None:
     """Re-sign a format-v1 manifest in the current format (version + 1), adding its policy. Upgrade every
     member and node to this release first: older releases cannot read the new format."""
