@@ -189,21 +189,22 @@ def extract_step(run: Run, export_dir: Path | str, setup: SiteSetup, *, validate
     return summary
 
 
-def quality_step(run: Run, mapping: MappingSet, part: str) -> QualityReport:
+def quality_step(run: Run, mapping: MappingSet, part: str, *, workers: int = 1) -> QualityReport:
     """Check ``part``'s tables against the mapping's suites and write ``quality/<part>.json``, pass or fail.
+    The tables are read from the run folder in batches, validated over ``workers`` processes
+    (``quality/workers.py``); the report is the same whatever their number.
 
     Does not raise on a failed suite: the caller reports it (``run`` raises, Dagster fails a blocking
     check), and the next step refuses to build on it. Marks ``quality`` once every part has passed."""
-    from qis_fhir.outcomes.events import read_outcome_tables
-    from qis_fhir.quality import check_tables
-    from qis_fhir.quality.checks import check_extract_tables
+    from qis_fhir.outcomes.events import outcome_table_paths
+    from qis_fhir.quality.checks import check_extract_tables, check_parquet_tables
 
     run.begin(QUALITY)
     if part == "extract":  # read in batches: the extract grows with the export (fhir/scan.py)
-        report = check_extract_tables(run.path, mapping)
+        report = check_extract_tables(run.path, mapping, workers=workers)
     elif part == "outcome_events":  # the events and, under a mapping with control measures, the control units
         _require_marked(run, OUTCOMES, "there are no outcome events to check")
-        report = check_tables(read_outcome_tables(run.path, mapping), mapping)
+        report = check_parquet_tables(outcome_table_paths(run.path, mapping), mapping, workers=workers)
     else:
         raise ValueError(f"no quality part {part!r}; expected one of {QUALITY_PARTS}")
     report.write(quality_report_path(run.path, part))

@@ -7,8 +7,7 @@ processes (default 1). The child runs the stage steps in ``qis-fhir run``'s orde
 quality of the extract, outcomes, quality of the events, packets) and a thread samples the memory
 of its whole process tree (itself and every worker) every 0.1 s with psutil. Per stage and in total:
 
-- ``wall_s``; ``cpu_s``: user + system seconds of the child and of its workers (a pool's workers are
-  joined before its stage ends, so ``RUSAGE_CHILDREN`` holds them);
+- ``wall_s``; ``cpu_s``: user + system seconds of the child and of every process under it (``_cpu``);
 - ``peak_pss_mib``: the largest sum over the tree of each process's proportional set size (a page
   shared by n processes counts 1/n in each: the memory the run takes), and ``peak_rss_mib``, the
   sum of resident sizes (counts shared pages once per process, so it overstates forked workers).
@@ -83,10 +82,22 @@ class TreeSampler:
 
 
 def _cpu() -> float:
+    """CPU seconds of the whole tree: this process, its reaped children (a pool's joined workers), and
+    every live descendant with the children it reaped (the quality stage's fork server and the
+    workers it forked, which this process never reaps)."""
     import resource
 
+    import psutil
+
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    total = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    for p in psutil.Process().children(recursive=True):
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
 
 
 def _child() -> None:
@@ -113,9 +124,9 @@ def _child() -> None:
     with start_run(out, command="run", planned=[EXTRACT, OUTCOMES, QUALITY, PACKETS]) as run:
         summary = timed("extract", lambda: stages.extract_step(run, args["export"], setup, validate="sample", sample_rate=0.002,
                                                                workers=workers))
-        timed("quality_extract", lambda: stages.quality_step(run, setup.mapping, "extract").raise_for_failure())
+        timed("quality_extract", lambda: stages.quality_step(run, setup.mapping, "extract", workers=workers).raise_for_failure())
         timed("outcomes", lambda: stages.outcomes_step(run, setup.mapping, workers=workers))
-        timed("quality_events", lambda: stages.quality_step(run, setup.mapping, "outcome_events").raise_for_failure())
+        timed("quality_events", lambda: stages.quality_step(run, setup.mapping, "outcome_events", workers=workers).raise_for_failure())
         built = timed("packets", lambda: stages.packets_step(run, setup, 20260101))
     sampler.stop()
     for name, peak in sampler.peaks.items():

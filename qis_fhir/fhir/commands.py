@@ -11,8 +11,8 @@ from qis_fhir.fhir.validation import DEFAULT_SAMPLE_RATE, DEFAULT_VALIDATE, MODE
 
 workers_option = click.option(
     "--workers", type=click.IntRange(min=1), default=1, show_default=True,
-    help="Processes that read the export's files (and, in `run`, derive the outcome shards): the outputs are the same "
-    "whatever the number; each takes about 0.25 GiB.")
+    help="Processes that read the export's files (and, in `run`, validate the quality suites' batches and derive the outcome "
+    "shards): the outputs are the same whatever the number; each takes about 0.25 GiB.")
 
 
 @click.command()

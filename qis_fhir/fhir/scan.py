@@ -31,6 +31,7 @@ from qis_fhir.fhir.schema import TABLES
 if TYPE_CHECKING:
     import duckdb
     import pandas as pd
+    import pyarrow as pa
 
 #: rows of one table the quality suites see at a time: great-expectations over a batch of observations
 #: this size holds ~120 MiB beyond its own import (~200 MiB), flat over the batches (2 million rows)
@@ -51,17 +52,25 @@ def table_path(folder: Path | str, table: str) -> Path:
 def table_batches(folder: Path | str, table: str, batch_rows: int = BATCH_ROWS) -> Iterator[pd.DataFrame]:
     """``table`` of an extract folder as DataFrames of at most ``batch_rows`` rows, typed as
     ``load_extract`` types the whole table; an empty table gives one empty DataFrame."""
+    return parquet_batches(table_path(folder, table), batch_rows, schema=TABLES[table])
+
+
+def parquet_batches(path: Path | str, batch_rows: int = BATCH_ROWS, *, row_groups: list[int] | None = None,
+                    schema: pa.Schema | None = None) -> Iterator[pd.DataFrame]:
+    """The Parquet file at ``path`` (only ``row_groups``, if given) as DataFrames of at most
+    ``batch_rows`` rows, cast to ``schema`` if given (else typed as ``pandas.read_parquet`` types the
+    file); no rows give one empty DataFrame, with the file's columns."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = TABLES[table]
-    with pq.ParquetFile(table_path(folder, table)) as f:
+    with pq.ParquetFile(path) as f:
+        target = schema or f.schema_arrow
         empty = True
-        for batch in f.iter_batches(batch_size=batch_rows):
+        for batch in f.iter_batches(batch_size=batch_rows, row_groups=row_groups):
             empty = False
-            yield pa.Table.from_batches([batch]).cast(schema).to_pandas()
+            yield pa.Table.from_batches([batch]).cast(target).to_pandas()
         if empty:
-            yield schema.empty_table().to_pandas()
+            yield target.empty_table().to_pandas()
 
 
 @contextlib.contextmanager

@@ -80,7 +80,7 @@ class OutcomeResult:
         return events_path, summary_path
 
 
-def read_outcome_tables(folder: Path | str, mapping: MappingSet) -> dict[str, pd.DataFrame]:
+def outcome_table_paths(folder: Path | str, mapping: MappingSet) -> dict[str, Path]:
     """The outcome tables ``OutcomeResult.write`` left in ``folder``: ``outcome_events``, and
     ``control_units`` when ``mapping`` declares control measures (then a missing file is an error:
     the control cells would silently vanish from the packets)."""
@@ -94,7 +94,12 @@ def read_outcome_tables(folder: Path | str, mapping: MappingSet) -> dict[str, pd
     for path in paths.values():
         if not path.exists():
             raise InputNotFoundError(f"{path} does not exist: derive the outcomes with mapping {mapping.version} first")
-    return {name: pd.read_parquet(path) for name, path in paths.items()}
+    return paths
+
+
+def read_outcome_tables(folder: Path | str, mapping: MappingSet) -> dict[str, pd.DataFrame]:
+    """The tables of ``outcome_table_paths``, read."""
+    return {name: pd.read_parquet(path) for name, path in outcome_table_paths(folder, mapping).items()}
 
 
 def _episodes(links: pd.DataFrame, mapping: MappingSet) -> pd.DataFrame:

@@ -159,12 +159,13 @@ def _mapped(pool: ProcessPoolExecutor | None, fn, items: list) -> Iterator:
 def derive_outcomes_sharded(folder: Path | str, mapping: MappingSet, *, shards: int | None = None,
                             workers: int = 1) -> OutcomeResult:
     """``derive_outcome_events`` of an extract folder's tables, ``shards`` patient shards at a time
-    over ``workers`` processes (default shards: ``shard_count``); the same result whatever both are."""
+    over ``workers`` processes (default shards: ``shard_count``, and at least one per worker, or a
+    small extract would leave all but one idle); the same result whatever both are."""
     from qis_fhir.fhir.extract import require_extract
 
     folder = Path(folder)
     require_extract(folder)
-    shards = shards or shard_count(folder)
+    shards = shards or max(shard_count(folder), workers)
     staged = Path(tempfile.mkdtemp(prefix=".outcome-shards-", dir=folder))
     try:
         stage_shards(folder, staged, shards, mapping)

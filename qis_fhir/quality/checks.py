@@ -76,32 +76,47 @@ def _report(results: list[SuiteResult], unchecked: list[str], mapping: Any, suit
     )
 
 
-def check_extract_tables(folder: Path | str, mapping: Any, *, suites: SuiteSet | None = None, batch_rows: int | None = None) -> QualityReport:
-    """``check_tables`` of an extract folder's five tables, read ``batch_rows`` rows at a time
-    (``qis_fhir.fhir.scan.table_batches``) and combined into the same report (``batches.py``), so the
-    memory it takes is one batch's whatever the export's size."""
+def check_extract_tables(folder: Path | str, mapping: Any, *, suites: SuiteSet | None = None, batch_rows: int | None = None,
+                         workers: int = 1) -> QualityReport:
+    """``check_tables`` of an extract folder's five tables, read from their Parquet files in batches
+    (``check_parquet_tables``): the memory it takes is a batch's per worker, whatever the export's size."""
     from qis_fhir.fhir import TABLE_NAMES
     from qis_fhir.fhir.extract import require_extract
-    from qis_fhir.fhir.scan import BATCH_ROWS, connect, table_batches, table_path
+    from qis_fhir.fhir.scan import table_path
+    from qis_fhir.fhir.schema import TABLES
+
+    require_extract(folder)
+    return check_parquet_tables({name: table_path(folder, name) for name in TABLE_NAMES}, mapping, suites=suites,
+                                batch_rows=batch_rows, workers=workers, schemas=TABLES)
+
+
+def check_parquet_tables(paths: dict[str, Path], mapping: Any, *, suites: SuiteSet | None = None, batch_rows: int | None = None,
+                         workers: int = 1, schemas: dict[str, Any] | None = None) -> QualityReport:
+    """``check_tables`` of the Parquet tables at ``paths`` (cast to ``schemas[name]`` where given), each
+    row group validated in batches of ``batch_rows`` rows over ``workers`` processes (``workers.py``)
+    and the batches' results combined into the report one pass over the whole table gives
+    (``batches.py``: rules that span batches, uniqueness, are counted over the whole file by DuckDB)."""
+    from qis_fhir.fhir.scan import BATCH_ROWS, connect
     from qis_fhir.quality.batches import CROSS_BATCH, combine, duplicate_rows
-    from qis_fhir.quality.engine import run_rules
+    from qis_fhir.quality.workers import tasks_of, validate_all
 
     suites = suites or load_suites(mapping)
-    folder = Path(folder)
-    require_extract(folder)
+    checked = [name for name in paths if name in suites.tables]
+    tasks = {name: tasks_of(name, Path(paths[name]), batch_rows or BATCH_ROWS, suites.fingerprint(name), suites.tables[name],
+                            (schemas or {}).get(name)) for name in checked}
+    done = iter(validate_all([t for name in checked for t in tasks[name]], workers))
+    outputs = {name: [next(done) for _ in tasks[name]] for name in checked}
     results = []
-    with connect(folder) as con:
-        for name in (n for n in TABLE_NAMES if n in suites.tables):
-            started = time.perf_counter()
-            rules, fingerprint = suites.tables[name], suites.fingerprint(name)
-            parts: list[list] = [[] for _ in rules]
-            rows = 0
-            for df in table_batches(folder, name, batch_rows or BATCH_ROWS):
-                rows += len(df)
-                for i, r in enumerate(run_rules(name, fingerprint, rules, df)):
-                    parts[i].append(r)
-            combined = tuple(combine(rule, part, duplicate_rows(con, table_path(folder, name), rule) if rule.name in CROSS_BATCH else None)
-                             for rule, part in zip(rules, parts))
-            results.append(_logged(SuiteResult(table=name, rows=rows, results=combined, seconds=time.perf_counter() - started)))
-    unchecked = sorted(name for name in TABLE_NAMES if name not in suites.tables)
+    if not checked:
+        return _report(results, sorted(paths), mapping, suites)
+    with connect(Path(paths[checked[0]]).parent) as con:
+        for name in checked:
+            rules = suites.tables[name]
+            per_batch = [batch for _, batches, _ in outputs[name] for batch in batches]
+            combined = tuple(combine(rule, [batch[i] for batch in per_batch],
+                                     duplicate_rows(con, paths[name], rule) if rule.name in CROSS_BATCH else None)
+                             for i, rule in enumerate(rules))
+            rows, seconds = sum(o[0] for o in outputs[name]), sum(o[2] for o in outputs[name])
+            results.append(_logged(SuiteResult(table=name, rows=rows, results=combined, seconds=seconds)))
+    unchecked = sorted(name for name in paths if name not in suites.tables)
     return _report(results, unchecked, mapping, suites)

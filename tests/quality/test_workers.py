@@ -1,0 +1,84 @@
+"""The suites over Parquet files in worker processes: the same report whatever the workers, the rounds
+of workers and the part checked, and great-expectations never in the process that runs the pipeline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from qis_fhir.fhir import extract_export, load_extract
+from qis_fhir.fhir.scan import table_path
+from qis_fhir.fhir.schema import TABLES
+from qis_fhir.mapping import load_mapping
+from qis_fhir.quality import check_tables, workers
+from qis_fhir.quality.checks import check_extract_tables
+
+
+def _without_times(report: dict) -> dict:
+    for table in report["tables"].values():
+        table.pop("seconds")
+    return report
+
+
+@pytest.fixture(scope="module")
+def small_groups(tmp_path_factory, fixtures_dir):
+    """The fixture's extract with every table rewritten in row groups of 2,000 rows (one task each)."""
+    out = tmp_path_factory.mktemp("extract")
+    extract_export(fixtures_dir / "synthea-r4-105", out, secret=b"k" * 32)
+    for name, schema in TABLES.items():
+        path = table_path(out, name)
+        pq.write_table(pq.read_table(path, schema=schema), path, row_group_size=2_000)
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_report_is_the_same_over_workers_and_rounds(small_groups, monkeypatch):
+    """More tasks than one round of workers serves (workers retired after two tasks): each report, over
+    one and over two workers, equals the one the whole tables give in one process. Retiring workers
+    through ``max_tasks_per_child`` instead hangs this test on Python 3.11 (CPython gh-115634)."""
+    mapping = load_mapping()
+    tasks = sum(pq.ParquetFile(table_path(small_groups, t)).num_row_groups for t in TABLES)
+    assert tasks > 2 * 2 * 2
+    whole = _without_times(check_tables(load_extract(small_groups), mapping).to_dict())
+    assert whole["success"] is True
+    monkeypatch.setattr(workers, "TASKS_PER_WORKER", 2)
+    for n in (1, 2):
+        report = check_extract_tables(small_groups, mapping, batch_rows=700, workers=n)
+        assert _without_times(report.to_dict()) == whole
+
+
+def test_a_failing_task_fails_the_check(small_groups, tmp_path):
+    """A table whose file is damaged after planning: the worker's error reaches the caller (no hang,
+    no report built from the tasks that did run)."""
+    import shutil
+
+    out = tmp_path / "damaged"
+    shutil.copytree(small_groups, out)
+    path = table_path(out, "observations")
+    tasks = workers.tasks_of("observations", path, 128, "fp", ())
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(pa.ArrowInvalid):
+        workers.validate_all(tasks, 2)
+
+
+def test_the_pipeline_process_never_imports_great_expectations(small_groups, tmp_path):
+    """The quality step's validation runs in workers only: the calling process keeps its memory free of
+    great-expectations (~150 MiB) for the outcome stage that follows it."""
+    code = (
+        "import json, sys\n"
+        "from qis_fhir.mapping import load_mapping\n"
+        "from qis_fhir.quality.checks import check_extract_tables\n"
+        "if __name__ == '__main__':\n"
+        f"    report = check_extract_tables({str(small_groups)!r}, load_mapping(), workers=2)\n"
+        "    print(json.dumps([report.success, 'great_expectations' in sys.modules]))\n"
+    )
+    script = tmp_path / "check.py"
+    script.write_text(code)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [True, False]
