@@ -10,15 +10,17 @@ of ``batch_rows``) runs in a worker process that serves at most ``TASKS_PER_WORK
 ``workers`` of them run at once; the results are combined in table order (``batches.combine``), so the
 report is the one a single pass over the whole table gives.
 
-The workers are forked from a fork server that imported great-expectations once (3.45 s of CPU and
-~150 MiB here): no worker pays the import, their pages are shared, and the process that runs the
-pipeline never imports it, so its memory stays out of the outcome stage that follows. A fork server,
-not a plain fork: the caller may hold threads (Dagster's, DuckDB's), and forking those can deadlock.
+The workers are forked from a fork server that imported great-expectations once per call (3.45 s of
+CPU and ~150 MiB here): no worker pays the import, their pages are shared, and the process that runs
+the pipeline never imports it. The server is stopped when the call ends, so none of it stays beside
+the outcome stage that follows. A fork server, not a plain fork: the caller may hold threads
+(Dagster's, DuckDB's), and forking those can deadlock.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -77,18 +79,44 @@ def tasks_of(table: str, path: Path, batch_rows: int, fingerprint: str, rules: t
 
 def validate_all(tasks: list[BatchTask], workers: int) -> list[tuple[int, list[list[ExpectationResult]], float]]:
     """``validate_batches`` of every task, in order, over ``workers`` processes forked from the fork
-    server (``PRELOAD`` imported once), each serving at most ``TASKS_PER_WORKER`` tasks.
+    server (``PRELOAD`` imported once), each serving at most ``TASKS_PER_WORKER`` tasks; the fork
+    server is stopped after (its ~250 MiB would otherwise sit beside the outcome stage that follows).
 
     The workers are replaced by a fresh pool per round of ``workers * TASKS_PER_WORKER`` tasks, not
     by ``max_tasks_per_child``: on Python 3.11-3.13 that option deadlocks ``ProcessPoolExecutor`` once
     a worker retires with tasks still queued (CPython gh-115634). A worker that dies (out of memory)
     fails the stage with ``BrokenProcessPool`` rather than hanging."""
+    global _active
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)  # takes effect when the server starts (once per process)
     workers = max(1, workers)
     per_round = workers * TASKS_PER_WORKER
     out = []
-    for start in range(0, len(tasks), per_round):
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            out += pool.map(validate_batches, tasks[start:start + per_round])
+    with _server_lock:
+        if not _active:
+            ctx.set_forkserver_preload(PRELOAD)  # takes effect when the server starts
+        _active += 1
+    try:
+        for start in range(0, len(tasks), per_round):
+            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                out += pool.map(validate_batches, tasks[start:start + per_round])
+    finally:
+        with _server_lock:
+            _active -= 1
+            if not _active:
+                _stop_fork_server()
     return out
+
+
+_server_lock = threading.Lock()
+_active = 0  # validate_all calls running in this process (threads): the last one out stops the server
+
+
+def _stop_fork_server() -> None:
+    """Stop this process's fork server; the next pool starts a new one. The standard library has no
+    public call for it: ``ForkServer._stop`` (Python 3.8 and later, used by its own tests) is taken
+    where it exists, and the server is left running where it does not."""
+    from multiprocessing import forkserver
+
+    stop = getattr(getattr(forkserver, "_forkserver", None), "_stop", None)
+    if stop is not None:
+        stop()
