@@ -11,6 +11,11 @@ One thing is carried from file to file: the Medications read so far, which later
 ``MedicationRequest`` bulk files, NDJSON files of mixed types, JSON files) therefore go to one worker
 together, in file order; every other bulk file (Observation, Encounter, Patient, Condition, types
 that are skipped) is a task of its own.
+
+An orchestrator runs the same tasks as steps of its own, on other processes or machines (the Dagster
+extract, ``pipelines/assets/extract.py``): ``extract.plan_extraction`` plans them, ``stage_task``
+runs one into a staging folder every step can reach (``staging_folder``), and ``finish_staged``
+merges them and writes the summary, through the merge and summary the process pool uses.
 """
 
 from __future__ import annotations

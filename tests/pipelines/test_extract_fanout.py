@@ -1,0 +1,133 @@
+"""The extract asset fans out over the export's part files: with Dagster's multiprocess executor each
+task of the export runs as a step of its own, in a process of its own, and the partition gets the
+tables, quarantine and summary that ``extract_export`` writes in one process."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from dagster import (
+    AssetSelection,
+    DagsterInstance,
+    Definitions,
+    build_reconstructable_job,
+    define_asset_job,
+    execute_job,
+    materialize,
+    multiprocess_executor,
+)
+
+from pipelines.assets import fhir_export, fhir_extract, mapping_set
+from pipelines.assets.extract import TABLE_ASSETS
+from pipelines.dev import prepare_home
+from pipelines.partitions import daily_exports
+from pipelines.resources import SiteConfig, site_config_from_env
+from qis_fhir.fhir import TABLE_NAMES, extract_export
+from qis_fhir.fhir.extract import plan_extraction
+
+PARTITION = "2026-11-27"
+TASK_STEP = "fhir_extract.extract_task["
+
+
+def fanout_job():
+    """The extract over the multiprocess executor, bound to the site of the environment (QIS_*), as a
+    code location is: each step's process builds it again from this function."""
+    job = define_asset_job("extract_fanout", selection=AssetSelection.assets(mapping_set, fhir_extract), partitions_def=daily_exports,
+                           executor_def=multiprocess_executor)
+    defs = Definitions(assets=[fhir_export, mapping_set, fhir_extract], jobs=[job], resources={"site": site_config_from_env()})
+    return defs.resolve_job_def("extract_fanout")
+
+
+@pytest.fixture(scope="module")
+def part_export(tmp_path_factory, fixtures_dir):
+    """A bulk export in several part files: plain and gzipped parts of one type, a gzip part cut short,
+    bad lines, a file that is not FHIR, and the requests that go to one ordered task."""
+    export = tmp_path_factory.mktemp("parts")
+    src = fixtures_dir / "synthea-bulk-10"
+    for name in ("Patient.000.ndjson", "Condition.000.ndjson", "MedicationRequest.000.ndjson", "LICENSE"):
+        shutil.copy(src / name, export / name)
+    encounters = (src / "Encounter.000.ndjson").read_bytes().splitlines(keepends=True)
+    half = len(encounters) // 2
+    (export / "Encounter.000.ndjson").write_bytes(b"".join(encounters[:half]))
+    (export / "Encounter.001.ndjson.gz").write_bytes(gzip.compress(b"".join(encounters[half:]) + b"{not json\n\n"))
+    conditions = (src / "Condition.000.ndjson").read_bytes().splitlines(keepends=True)
+    (export / "Condition.001.ndjson.gz").write_bytes(gzip.compress(b"".join(conditions[:40]))[:-20])  # truncated
+    return export
+
+
+def _outputs(folder):
+    summary = json.loads((folder / "extract" / "summary.json").read_text())
+    summary.pop("seconds")
+    tables = {t: pq.read_table(folder / "extract" / f"{t}.parquet").to_pandas() for t in TABLE_NAMES}
+    return summary, tables, (folder / "quarantine.ndjson").read_bytes()
+
+
+def _staging_folders(out_root):
+    return sorted(p.name for p in out_root.glob(f".{PARTITION}.extract-*"))
+
+
+def test_multiprocess_executor_runs_a_step_per_task_and_writes_what_one_process_writes(part_export, tmp_path, monkeypatch):
+    secret_path = tmp_path / "site.secret"
+    site = SiteConfig(export_dir=str(part_export), out_root=str(tmp_path / "out"), site_secret_path=str(secret_path))
+    secret = site.setup().secret  # created here, read by every step
+    one = extract_export(part_export, tmp_path / "one", secret=secret, validate=site.validation, sample_rate=site.sample_rate)
+    plan, _ = plan_extraction(part_export, secret=secret)
+    assert len(plan.tasks) == 6  # the requests' task, and every other part file alone
+
+    for var, value in {"QIS_EXPORT_DIR": part_export, "QIS_OUT_ROOT": tmp_path / "out", "QIS_SITE_SECRET": secret_path}.items():
+        monkeypatch.setenv(var, str(value))  # the steps' processes inherit the site's environment
+    with DagsterInstance.from_config(str(prepare_home(tmp_path / "home"))) as instance:
+        job = build_reconstructable_job(Path(__file__).stem, fanout_job.__name__, reconstructor_working_directory=str(Path(__file__).parent))
+        result = execute_job(job, instance, tags={"dagster/partition": PARTITION},
+                             run_config={"execution": {"config": {"max_concurrent": 2}}})
+        assert result.success
+        starts = [e for e in instance.all_logs(result.run_id) if e.dagster_event and e.dagster_event.event_type_value == "STEP_START"]
+        materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+
+    tasks = {e.step_key: e.dagster_event.pid for e in starts if e.step_key.startswith(TASK_STEP)}
+    assert sorted(tasks) == [f"{TASK_STEP}task_{n}]" for n in range(6)]
+    assert len(set(tasks.values())) == 6  # each task in a process of its own
+    assert pq.read_table(tmp_path / "out" / PARTITION / "extract" / "encounters.parquet").num_rows == one.rows["encounters"]
+    assert materialized == {"mapping_set", *TABLE_ASSETS}
+
+    dag, ref = _outputs(tmp_path / "out" / PARTITION), _outputs(tmp_path / "one")
+    assert dag[0] == ref[0]
+    for table in TABLE_NAMES:
+        pd.testing.assert_frame_equal(dag[1][table], ref[1][table], check_dtype=True)
+    assert dag[2] == ref[2]
+    assert {"invalid_json", "corrupt_file"} <= set(ref[0]["quarantine_reasons"])  # what the quarantine comparison covers
+    assert _staging_folders(tmp_path / "out") == []  # removed once merged
+
+
+def test_a_failed_task_leaves_its_parts_until_the_next_run_removes_them(part_export, tmp_path, instance, monkeypatch):
+    """A run that fails in one task never merges: the partition keeps its previous run, and the next
+    run of the partition removes what the failed run staged."""
+    import qis_fhir.fhir.parallel as parallel
+
+    site = SiteConfig(export_dir=str(part_export), out_root=str(tmp_path / "out"), site_secret_path=str(tmp_path / "site.secret"))
+    stage_task = parallel.stage_task
+
+    def failing(plan, task, staging, secret):
+        if plan.labels[task[0]].startswith("MedicationRequest"):
+            raise OSError("disk full")
+        return stage_task(plan, task, staging, secret)
+
+    monkeypatch.setattr(parallel, "stage_task", failing)
+    failed = materialize([mapping_set, fhir_extract], partition_key=PARTITION, resources={"site": site}, instance=instance,
+                         raise_on_error=False)
+    assert not failed.success
+    assert _staging_folders(tmp_path / "out") == [f".{PARTITION}.extract-{failed.run_id}"]
+    staged = tmp_path / "out" / _staging_folders(tmp_path / "out")[0]
+    assert len(list(staged.iterdir())) == 5  # the other tasks' parts, one per file; none of the failed task's
+    assert not (tmp_path / "out" / PARTITION).exists()  # nothing merged
+
+    monkeypatch.setattr(parallel, "stage_task", stage_task)
+    again = materialize([mapping_set, fhir_extract], partition_key=PARTITION, resources={"site": site}, instance=instance)
+    assert again.success and _staging_folders(tmp_path / "out") == []
+    assert json.loads((tmp_path / "out" / PARTITION / "run.json").read_text())["status"] == "complete"
