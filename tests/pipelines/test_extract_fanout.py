@@ -32,6 +32,7 @@ from qis_fhir.fhir import TABLE_NAMES, extract_export
 from qis_fhir.fhir.extract import plan_extraction
 
 PARTITION = "2026-11-27"
+BUNDLE = "Fredrick_Kris_ec6a5bb6-b412-4bb6-8219-11d66f52ae8b.json"  # a file name that names a patient
 TASK_STEP = "fhir_extract.extract_task["
 
 
@@ -47,7 +48,8 @@ def fanout_job():
 @pytest.fixture(scope="module")
 def part_export(tmp_path_factory, fixtures_dir):
     """A bulk export in several part files: plain and gzipped parts of one type, a gzip part cut short,
-    bad lines, a file that is not FHIR, and the requests that go to one ordered task."""
+    bad lines, a file that is not FHIR, and the requests and a Bundle named after its patient, which go
+    to one ordered task."""
     export = tmp_path_factory.mktemp("parts")
     src = fixtures_dir / "synthea-bulk-10"
     for name in ("Patient.000.ndjson", "Condition.000.ndjson", "MedicationRequest.000.ndjson", "LICENSE"):
@@ -58,6 +60,7 @@ def part_export(tmp_path_factory, fixtures_dir):
     (export / "Encounter.001.ndjson.gz").write_bytes(gzip.compress(b"".join(encounters[half:]) + b"{not json\n\n"))
     conditions = (src / "Condition.000.ndjson").read_bytes().splitlines(keepends=True)
     (export / "Condition.001.ndjson.gz").write_bytes(gzip.compress(b"".join(conditions[:40]))[:-20])  # truncated
+    shutil.copy(fixtures_dir / "synthea-bundles" / BUNDLE, export / BUNDLE)
     return export
 
 
@@ -78,7 +81,7 @@ def test_multiprocess_executor_runs_a_step_per_task_and_writes_what_one_process_
     secret = site.setup().secret  # created here, read by every step
     one = extract_export(part_export, tmp_path / "one", secret=secret, validate=site.validation, sample_rate=site.sample_rate)
     plan, _ = plan_extraction(part_export, secret=secret)
-    assert len(plan.tasks) == 6  # the requests' task, and every other part file alone
+    assert len(plan.tasks) == 6  # the requests and the Bundle in one task, every other part file alone
 
     for var, value in {"QIS_EXPORT_DIR": part_export, "QIS_OUT_ROOT": tmp_path / "out", "QIS_SITE_SECRET": secret_path}.items():
         monkeypatch.setenv(var, str(value))  # the steps' processes inherit the site's environment
@@ -103,6 +106,12 @@ def test_multiprocess_executor_runs_a_step_per_task_and_writes_what_one_process_
     assert dag[2] == ref[2]
     assert {"invalid_json", "corrupt_file"} <= set(ref[0]["quarantine_reasons"])  # what the quarantine comparison covers
     assert _staging_folders(tmp_path / "out") == []  # removed once merged
+    # what Dagster stored of the run (its event log, the ops' outputs) holds neither the site's secret
+    # nor a file name that names a patient
+    stored = b"".join(p.read_bytes() for p in (tmp_path / "home").rglob("*") if p.is_file())
+    assert b"Encounter.001.ndjson.gz" in stored  # the plan, by the files' labels
+    needles = {"patient's name": b"Fredrick", "file's id": b"ec6a5bb6", "secret": secret, "secret in hex": secret.hex().encode()}
+    assert {what for what, needle in needles.items() if needle in stored} == set()
 
 
 def test_a_failed_task_leaves_its_parts_until_the_next_run_removes_them(part_export, tmp_path, instance, monkeypatch):
@@ -114,7 +123,7 @@ def test_a_failed_task_leaves_its_parts_until_the_next_run_removes_them(part_exp
     stage_task = parallel.stage_task
 
     def failing(plan, task, staging, secret):
-        if plan.labels[task[0]].startswith("MedicationRequest"):
+        if len(task) > 1:  # the requests and the Bundle
             raise OSError("disk full")
         return stage_task(plan, task, staging, secret)
 
