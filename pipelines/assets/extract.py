@@ -9,7 +9,8 @@ accepted / quarantined lines. Its ops:
 
 1. ``plan_extract``: the partition's export planned (``qis_fhir.fhir.extract.plan_extraction``: its
    files, and the tasks they split into, ``qis_fhir.fhir.parallel.tasks``), one ``DynamicOut``
-   output per task, and the run's staging folder made beside the partition's folder;
+   output per task, and the run's staging folder made beside the partition's folder (named after
+   the run, so a re-execution from failure finds the parts of the tasks that succeeded);
 2. ``extract_task``, one step per task: its files extracted into the staging folder
    (``parallel.stage_task``); the executor decides where each runs (one process with the default
    in-process executor, one process each with ``multiprocess``, a Celery worker or a pod on a
@@ -18,15 +19,16 @@ accepted / quarantined lines. Its ops:
    new run for the partition (``qis_fhir.stages.extract_staged_step``), the extract's quality step,
    then the five materialisations and their ``every_line_accounted_for`` checks.
 
-What passes between ops is the plan (file labels, task indices, settings), the start time and each
-task's counts: never rows, never a file name that may name a patient, never the site's secret, which
-each op that reads files takes from ``site.setup()`` itself. The tables, quarantine and
-``summary.json`` are those of ``extract_export`` with one process, row for row
+What passes between ops is the plan (file labels, task indices, settings), the staging folder's
+path, the start time and each task's counts: never rows, never a file name that may name a patient,
+never the site's secret, which each op that reads files takes from ``site.setup()`` itself. The
+tables, quarantine and ``summary.json`` are those of ``extract_export`` in one process, row for row
 (``tests/pipelines/test_extract_fanout.py``).
 """
 
 import shutil
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 from dagster import (
@@ -97,18 +99,12 @@ CHECK_SPECS = [
 
 
 class Planned(NamedTuple):
-    """``plan_extract``'s plan, for every later op: what to read, and when the extraction began."""
+    """``plan_extract``'s plan, for every later op: what to read, where the parts go, and when the
+    extraction began."""
 
     plan: ExtractPlan
+    staging: str  # parallel.staging_folder of the run that planned: a re-execution from failure reuses it
     started: float  # time.time(): the tasks may run on other machines
-
-
-def _staging(context: OpExecutionContext, site: SiteConfig):
-    """This run's staging folder for the partition (``parallel.staging_folder``): one per Dagster run,
-    so two runs of a partition never mix their parts (the lock lets only one of them merge)."""
-    from qis_fhir.fhir.parallel import staging_folder
-
-    return staging_folder(site.out_path(context.partition_key), context.run_id)
 
 
 def _remove_stale_staging(context: OpExecutionContext, site: SiteConfig) -> None:
@@ -130,6 +126,7 @@ def plan_extract(context: OpExecutionContext, site: SiteConfig):
     """The partition's export planned, one output per task of its files, and the run's staging folder."""
     from qis_fhir.errors import QisError
     from qis_fhir.fhir.extract import plan_extraction
+    from qis_fhir.fhir.parallel import staging_folder
     from qis_fhir.runfolder import EXTRACT, record_failed_start
 
     setup = site.setup()  # before the long extraction: a bad mapping or key fails fast
@@ -140,8 +137,10 @@ def plan_extract(context: OpExecutionContext, site: SiteConfig):
         record_failed_start(site.out_path(context.partition_key), exc, command="dagster", stage=EXTRACT)
         raise
     _remove_stale_staging(context, site)
-    _staging(context, site).mkdir(parents=True, exist_ok=True)  # exist_ok: the step retried in this run
-    yield Output(Planned(plan, time.time()), "planned", metadata={"files": len(plan.labels), "tasks": len(plan.tasks)})
+    # one staging folder per Dagster run: two runs of a partition never mix their parts (the lock lets one merge)
+    staging = staging_folder(site.out_path(context.partition_key), context.run_id)
+    staging.mkdir(parents=True, exist_ok=True)  # exist_ok: the step retried in this run
+    yield Output(Planned(plan, str(staging), time.time()), "planned", metadata={"files": len(plan.labels), "tasks": len(plan.tasks)})
     for n, task in enumerate(plan.tasks):  # largest first, so the longest task starts first
         yield DynamicOutput(task, mapping_key=f"task_{n}", output_name="tasks")
 
@@ -152,7 +151,7 @@ def extract_task(context: OpExecutionContext, site: SiteConfig, planned: Planned
     from qis_fhir.fhir.parallel import stage_task
 
     secret = site.setup().secret  # where the files are read: the secret is in no op's output or config
-    return stage_task(planned.plan, task, _staging(context, site), secret)
+    return stage_task(planned.plan, task, Path(planned.staging), secret)
 
 
 @op(out={**{table_asset(t): Out(Nothing) for t in TABLE_NAMES}, **{c.get_python_identifier(): Out(Nothing) for c in CHECK_SPECS}})
@@ -163,7 +162,7 @@ def merge_extract(context: OpExecutionContext, site: SiteConfig, planned: Planne
     from qis_fhir.stages import extract_staged_step, quality_report_path, quality_step
 
     out_dir = site.out_path(context.partition_key)
-    staging = _staging(context, site)
+    staging = Path(planned.staging)
     mapping = site.load_mapping()
     try:
         # a fresh run folder for the partition: the previous materialisation (its extract and everything

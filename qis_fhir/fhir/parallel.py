@@ -26,6 +26,7 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from qis_fhir.errors import InputNotFoundError
 from qis_fhir.fhir.extract import EXTRACT_DIR, QUARANTINE_FILE, ExtractPlan, _extract_files, finish_extraction
 from qis_fhir.fhir.schema import TABLES
 from qis_fhir.fhir.sinks import TableSink
@@ -75,8 +76,12 @@ def stage_task(plan: ExtractPlan, task: tuple[int, ...], staging: Path, secret: 
     """One of ``plan.tasks`` extracted into ``staging`` (a folder every step can reach), for an
     orchestrator running the tasks as steps of their own: the files found again from the plan
     (``ExtractPlan.sources``); returns the task's counts, plain data holding what ``summary.json``
-    holds (per file by its label)."""
-    return extract_task((list(task), plan.sources(secret), Path(staging), plan.args(secret)))
+    holds (per file by its label). Raises ``InputNotFoundError`` when ``staging`` is gone (removed
+    once the run it was made for ended): the merge would lack the other tasks' parts."""
+    staging = Path(staging)
+    if not staging.is_dir():
+        raise InputNotFoundError(f"the staging folder {staging} is gone (removed once its run ended); extract the export again")
+    return extract_task((list(task), plan.sources(secret), staging, plan.args(secret)))
 
 
 def add_counts(parts: list[dict]) -> dict:
@@ -130,6 +135,9 @@ def merge_staged(plan: ExtractPlan, staging: Path, out_dir: Path, parts: list[di
     what one process would have written and counted."""
     if len(parts) != len(plan.tasks):
         raise ValueError(f"{len(parts)} task counts for the plan's {len(plan.tasks)} tasks")
+    missing = [i for i in range(len(plan.labels)) if not _part(Path(staging), i).is_dir()]
+    if missing:
+        raise InputNotFoundError(f"{len(missing)} of the {len(plan.labels)} files' parts are missing from {staging}; extract the export again")
     return merge_outputs(len(plan.labels), Path(staging), Path(out_dir), plan.chunk_rows), add_counts(parts)
 
 

@@ -13,7 +13,7 @@ import pytest
 from qis_fhir.errors import InputNotFoundError
 from qis_fhir.fhir import TABLE_NAMES, extract_export
 from qis_fhir.fhir.extract import plan_extraction
-from qis_fhir.fhir.parallel import finish_staged, stage_task, tasks
+from qis_fhir.fhir.parallel import _part, finish_staged, stage_task, tasks
 from qis_fhir.fhir.sources import Labeller, discover
 
 SECRET = b"p" * 32
@@ -128,3 +128,22 @@ def test_a_task_that_fails_leaves_none_of_its_parts(tmp_path, mixed_export, monk
     with pytest.raises(MemoryError):
         stage_task(plan, chain, staging, SECRET)
     assert len(calls) == 3 and list(staging.iterdir()) == []  # the parts of the files begun were written, then removed
+
+
+def test_staged_tasks_refuse_a_staging_folder_that_is_gone_or_short_of_a_part(tmp_path, mixed_export):
+    """A staging folder removed once its run ended (another run of the partition cleaned it up) is not
+    made again by a late task, and a merge short of a file's part says so before writing anything."""
+    plan, _ = plan_extraction(mixed_export, secret=SECRET)
+    gone = tmp_path / "gone"
+    with pytest.raises(InputNotFoundError, match="is gone"):
+        stage_task(plan, plan.tasks[0], gone, SECRET)
+    assert not gone.exists()
+
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    parts = [stage_task(plan, task, staging, SECRET) for task in plan.tasks]
+    shutil.rmtree(_part(staging, plan.tasks[-1][0]))
+    out = tmp_path / "out"
+    with pytest.raises(InputNotFoundError, match=f"1 of the {len(plan.labels)} files' parts are missing"):
+        finish_staged(plan, staging, out, parts, seconds=1.0)
+    assert not out.exists()

@@ -16,9 +16,11 @@ from dagster import (
     AssetSelection,
     DagsterInstance,
     Definitions,
+    ReexecutionOptions,
     build_reconstructable_job,
     define_asset_job,
     execute_job,
+    in_process_executor,
     materialize,
     multiprocess_executor,
 )
@@ -36,13 +38,31 @@ BUNDLE = "Fredrick_Kris_ec6a5bb6-b412-4bb6-8219-11d66f52ae8b.json"  # a file nam
 TASK_STEP = "fhir_extract.extract_task["
 
 
-def fanout_job():
-    """The extract over the multiprocess executor, bound to the site of the environment (QIS_*), as a
-    code location is: each step's process builds it again from this function."""
+def fanout_job(executor: str):
+    """The extract over ``executor``, bound to the site of the environment (QIS_*), as a code location
+    is: each step's process builds it again from this function."""
     job = define_asset_job("extract_fanout", selection=AssetSelection.assets(mapping_set, fhir_extract), partitions_def=daily_exports,
-                           executor_def=multiprocess_executor)
+                           executor_def={"multiprocess": multiprocess_executor, "in_process": in_process_executor}[executor])
     defs = Definitions(assets=[fhir_export, mapping_set, fhir_extract], jobs=[job], resources={"site": site_config_from_env()})
     return defs.resolve_job_def("extract_fanout")
+
+
+def _reconstructable(executor: str):
+    return build_reconstructable_job(Path(__file__).stem, fanout_job.__name__, reconstructable_kwargs={"executor": executor},
+                                     reconstructor_working_directory=str(Path(__file__).parent))
+
+
+def _site_env(export, tmp_path, monkeypatch) -> tuple[SiteConfig, bytes]:
+    """The site's environment (the steps' processes inherit it), its config, and its secret."""
+    secret_path = tmp_path / "site.secret"
+    for var, value in {"QIS_EXPORT_DIR": export, "QIS_OUT_ROOT": tmp_path / "out", "QIS_SITE_SECRET": secret_path}.items():
+        monkeypatch.setenv(var, str(value))
+    site = SiteConfig(export_dir=str(export), out_root=str(tmp_path / "out"), site_secret_path=str(secret_path))
+    return site, site.setup().secret  # the secret created here, read by every step
+
+
+def _step_starts(instance, run_id) -> list:
+    return [e for e in instance.all_logs(run_id) if e.dagster_event and e.dagster_event.event_type_value == "STEP_START"]
 
 
 @pytest.fixture(scope="module")
@@ -75,36 +95,35 @@ def _staging_folders(out_root):
     return sorted(p.name for p in out_root.glob(f".{PARTITION}.extract-*"))
 
 
-def test_multiprocess_executor_runs_a_step_per_task_and_writes_what_one_process_writes(part_export, tmp_path, monkeypatch):
-    secret_path = tmp_path / "site.secret"
-    site = SiteConfig(export_dir=str(part_export), out_root=str(tmp_path / "out"), site_secret_path=str(secret_path))
-    secret = site.setup().secret  # created here, read by every step
-    one = extract_export(part_export, tmp_path / "one", secret=secret, validate=site.validation, sample_rate=site.sample_rate)
-    plan, _ = plan_extraction(part_export, secret=secret)
-    assert len(plan.tasks) == 6  # the requests and the Bundle in one task, every other part file alone
-
-    for var, value in {"QIS_EXPORT_DIR": part_export, "QIS_OUT_ROOT": tmp_path / "out", "QIS_SITE_SECRET": secret_path}.items():
-        monkeypatch.setenv(var, str(value))  # the steps' processes inherit the site's environment
-    with DagsterInstance.from_config(str(prepare_home(tmp_path / "home"))) as instance:
-        job = build_reconstructable_job(Path(__file__).stem, fanout_job.__name__, reconstructor_working_directory=str(Path(__file__).parent))
-        result = execute_job(job, instance, tags={"dagster/partition": PARTITION},
-                             run_config={"execution": {"config": {"max_concurrent": 2}}})
-        assert result.success
-        starts = [e for e in instance.all_logs(result.run_id) if e.dagster_event and e.dagster_event.event_type_value == "STEP_START"]
-        materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
-
-    tasks = {e.step_key: e.dagster_event.pid for e in starts if e.step_key.startswith(TASK_STEP)}
-    assert sorted(tasks) == [f"{TASK_STEP}task_{n}]" for n in range(6)]
-    assert len(set(tasks.values())) == 6  # each task in a process of its own
-    assert pq.read_table(tmp_path / "out" / PARTITION / "extract" / "encounters.parquet").num_rows == one.rows["encounters"]
-    assert materialized == {"mapping_set", *TABLE_ASSETS}
-
-    dag, ref = _outputs(tmp_path / "out" / PARTITION), _outputs(tmp_path / "one")
+def _assert_as_one_process_writes(part_export, folder, site, secret, tmp_path):
+    """``folder``'s tables row for row, quarantine byte for byte and summary counts are those of
+    ``extract_export`` in one process."""
+    extract_export(part_export, tmp_path / "one", secret=secret, validate=site.validation, sample_rate=site.sample_rate)
+    dag, ref = _outputs(folder), _outputs(tmp_path / "one")
     assert dag[0] == ref[0]
     for table in TABLE_NAMES:
         pd.testing.assert_frame_equal(dag[1][table], ref[1][table], check_dtype=True)
     assert dag[2] == ref[2]
     assert {"invalid_json", "corrupt_file"} <= set(ref[0]["quarantine_reasons"])  # what the quarantine comparison covers
+
+
+def test_multiprocess_executor_runs_a_step_per_task_and_writes_what_one_process_writes(part_export, tmp_path, monkeypatch):
+    site, secret = _site_env(part_export, tmp_path, monkeypatch)
+    plan, _ = plan_extraction(part_export, secret=secret)
+    assert len(plan.tasks) == 6  # the requests and the Bundle in one task, every other part file alone
+
+    with DagsterInstance.from_config(str(prepare_home(tmp_path / "home"))) as instance:
+        result = execute_job(_reconstructable("multiprocess"), instance, tags={"dagster/partition": PARTITION},
+                             run_config={"execution": {"config": {"max_concurrent": 2}}})
+        assert result.success
+        starts = _step_starts(instance, result.run_id)
+        materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+
+    tasks = {e.step_key: e.dagster_event.pid for e in starts if e.step_key.startswith(TASK_STEP)}
+    assert sorted(tasks) == [f"{TASK_STEP}task_{n}]" for n in range(6)]
+    assert len(set(tasks.values())) == 6  # each task in a process of its own
+    assert materialized == {"mapping_set", *TABLE_ASSETS}
+    _assert_as_one_process_writes(part_export, tmp_path / "out" / PARTITION, site, secret, tmp_path)
     assert _staging_folders(tmp_path / "out") == []  # removed once merged
     # what Dagster stored of the run (its event log, the ops' outputs) holds neither the site's secret
     # nor a file name that names a patient
@@ -140,3 +159,33 @@ def test_a_failed_task_leaves_its_parts_until_the_next_run_removes_them(part_exp
     again = materialize([mapping_set, fhir_extract], partition_key=PARTITION, resources={"site": site}, instance=instance)
     assert again.success and _staging_folders(tmp_path / "out") == []
     assert json.loads((tmp_path / "out" / PARTITION / "run.json").read_text())["status"] == "complete"
+
+
+def test_a_run_failed_in_a_task_re_executed_from_failure_runs_that_task_again_and_merges_all(part_export, tmp_path, monkeypatch):
+    """Dagster's "re-execute from failure" reuses the plan and the tasks that succeeded: their parts
+    wait in the failed run's staging folder, and the merge takes them with the task run again."""
+    import qis_fhir.fhir.parallel as parallel
+
+    site, secret = _site_env(part_export, tmp_path, monkeypatch)
+    stage_task = parallel.stage_task
+
+    def failing(plan, task, staging, secret):
+        if len(task) > 1:  # the requests and the Bundle
+            raise OSError("disk full")
+        return stage_task(plan, task, staging, secret)
+
+    with DagsterInstance.from_config(str(prepare_home(tmp_path / "home"))) as instance:
+        monkeypatch.setattr(parallel, "stage_task", failing)
+        failed = execute_job(_reconstructable("in_process"), instance, tags={"dagster/partition": PARTITION}, raise_on_error=False)
+        assert not failed.success
+        assert _staging_folders(tmp_path / "out") == [f".{PARTITION}.extract-{failed.run_id}"]
+
+        monkeypatch.setattr(parallel, "stage_task", stage_task)
+        again = execute_job(_reconstructable("in_process"), instance, tags={"dagster/partition": PARTITION},  # as the UI copies them
+                            reexecution_options=ReexecutionOptions.from_failure(failed.run_id, instance), raise_on_error=False)
+        assert again.success
+        ran = {e.step_key for e in _step_starts(instance, again.run_id)}
+    (chain,) = [k for k in ran if k.startswith(TASK_STEP)]
+    assert ran == {chain, "fhir_extract.merge_extract"}
+    _assert_as_one_process_writes(part_export, tmp_path / "out" / PARTITION, site, secret, tmp_path)
+    assert _staging_folders(tmp_path / "out") == []
