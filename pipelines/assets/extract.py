@@ -29,7 +29,7 @@ tables, quarantine and ``summary.json`` are those of ``extract_export`` in one p
 import shutil
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from dagster import (
     AssetCheckResult,
@@ -54,8 +54,10 @@ from pipelines.assets.metadata import OWNERS, code_version, column_schema, tags
 from pipelines.partitions import daily_exports
 from pipelines.resources import SiteConfig
 from qis_fhir.fhir import TABLE_NAMES
-from qis_fhir.fhir.extract import ExtractPlan
 from qis_fhir.fhir.schema import TABLE_OF_TYPE, TABLES
+
+if TYPE_CHECKING:
+    from qis_fhir.fhir.extract import ExtractPlan
 
 COUNTS_CHECK = "every_line_accounted_for"
 #: table -> the FHIR resource type its rows come from
@@ -102,7 +104,7 @@ class Planned(NamedTuple):
     """``plan_extract``'s plan, for every later op: what to read, where the parts go, and when the
     extraction began."""
 
-    plan: ExtractPlan
+    plan: "ExtractPlan"  # loaded with the steps, not with the code location (qis_fhir.fhir loads lazily)
     staging: str  # parallel.staging_folder of the run that planned: a re-execution from failure reuses it
     started: float  # time.time(): the tasks may run on other machines
 
@@ -179,7 +181,6 @@ def merge_extract(context: OpExecutionContext, site: SiteConfig, planned: Planne
         "quarantine_reasons": MetadataValue.json(summary.quarantine_reasons),
         "validate": summary.validate,
         "seconds": round(summary.seconds, 2),
-        "tasks": len(planned.plan.tasks),
         "summary": MetadataValue.path(str(out_dir / EXTRACT_DIR / SUMMARY_FILE)),
         "quality_report": MetadataValue.path(str(quality_report_path(out_dir, "extract"))),
     }

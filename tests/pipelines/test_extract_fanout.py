@@ -61,6 +61,21 @@ def _site_env(export, tmp_path, monkeypatch) -> tuple[SiteConfig, bytes]:
     return site, site.setup().secret  # the secret created here, read by every step
 
 
+def _fail_the_ordered_task(monkeypatch):
+    """Make the task of the requests and the Bundle fail (a disk full); returns how to stop it."""
+    import qis_fhir.fhir.parallel as parallel
+
+    stage_task = parallel.stage_task
+
+    def failing(plan, task, staging, secret):
+        if len(task) > 1:
+            raise OSError("disk full")
+        return stage_task(plan, task, staging, secret)
+
+    monkeypatch.setattr(parallel, "stage_task", failing)
+    return lambda: monkeypatch.setattr(parallel, "stage_task", stage_task)
+
+
 def _step_starts(instance, run_id) -> list:
     return [e for e in instance.all_logs(run_id) if e.dagster_event and e.dagster_event.event_type_value == "STEP_START"]
 
@@ -136,17 +151,8 @@ def test_multiprocess_executor_runs_a_step_per_task_and_writes_what_one_process_
 def test_a_failed_task_leaves_its_parts_until_the_next_run_removes_them(part_export, tmp_path, instance, monkeypatch):
     """A run that fails in one task never merges: the partition keeps its previous run, and the next
     run of the partition removes what the failed run staged."""
-    import qis_fhir.fhir.parallel as parallel
-
     site = SiteConfig(export_dir=str(part_export), out_root=str(tmp_path / "out"), site_secret_path=str(tmp_path / "site.secret"))
-    stage_task = parallel.stage_task
-
-    def failing(plan, task, staging, secret):
-        if len(task) > 1:  # the requests and the Bundle
-            raise OSError("disk full")
-        return stage_task(plan, task, staging, secret)
-
-    monkeypatch.setattr(parallel, "stage_task", failing)
+    stop_failing = _fail_the_ordered_task(monkeypatch)
     failed = materialize([mapping_set, fhir_extract], partition_key=PARTITION, resources={"site": site}, instance=instance,
                          raise_on_error=False)
     assert not failed.success
@@ -155,7 +161,7 @@ def test_a_failed_task_leaves_its_parts_until_the_next_run_removes_them(part_exp
     assert len(list(staged.iterdir())) == 5  # the other tasks' parts, one per file; none of the failed task's
     assert not (tmp_path / "out" / PARTITION).exists()  # nothing merged
 
-    monkeypatch.setattr(parallel, "stage_task", stage_task)
+    stop_failing()
     again = materialize([mapping_set, fhir_extract], partition_key=PARTITION, resources={"site": site}, instance=instance)
     assert again.success and _staging_folders(tmp_path / "out") == []
     assert json.loads((tmp_path / "out" / PARTITION / "run.json").read_text())["status"] == "complete"
@@ -164,23 +170,14 @@ def test_a_failed_task_leaves_its_parts_until_the_next_run_removes_them(part_exp
 def test_a_run_failed_in_a_task_re_executed_from_failure_runs_that_task_again_and_merges_all(part_export, tmp_path, monkeypatch):
     """Dagster's "re-execute from failure" reuses the plan and the tasks that succeeded: their parts
     wait in the failed run's staging folder, and the merge takes them with the task run again."""
-    import qis_fhir.fhir.parallel as parallel
-
     site, secret = _site_env(part_export, tmp_path, monkeypatch)
-    stage_task = parallel.stage_task
-
-    def failing(plan, task, staging, secret):
-        if len(task) > 1:  # the requests and the Bundle
-            raise OSError("disk full")
-        return stage_task(plan, task, staging, secret)
-
     with DagsterInstance.from_config(str(prepare_home(tmp_path / "home"))) as instance:
-        monkeypatch.setattr(parallel, "stage_task", failing)
+        stop_failing = _fail_the_ordered_task(monkeypatch)
         failed = execute_job(_reconstructable("in_process"), instance, tags={"dagster/partition": PARTITION}, raise_on_error=False)
         assert not failed.success
         assert _staging_folders(tmp_path / "out") == [f".{PARTITION}.extract-{failed.run_id}"]
 
-        monkeypatch.setattr(parallel, "stage_task", stage_task)
+        stop_failing()
         again = execute_job(_reconstructable("in_process"), instance, tags={"dagster/partition": PARTITION},  # as the UI copies them
                             reexecution_options=ReexecutionOptions.from_failure(failed.run_id, instance), raise_on_error=False)
         assert again.success
