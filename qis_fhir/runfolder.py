@@ -290,6 +290,21 @@ def start_run(out: Path | str, *, command: str, planned: list[str]) -> Iterator[
             run.path = out
 
 
+def record_failed_start(out: Path | str, exc: QisError, *, command: str, stage: str) -> None:
+    """Record ``exc`` as a run of ``out`` that failed at ``stage`` before writing anything: what
+    ``start_run`` leaves when its block raises at once (``DIR.partial`` failed with the error, ``DIR``
+    untouched), for a caller that fails before it can start the run (the Dagster extract's planning
+    step, whose run is started by a later step). The caller raises ``exc`` itself; when the folder
+    cannot be written (another run holds it), that is logged and nothing is recorded."""
+    try:
+        with start_run(out, command=command, planned=[stage]) as run:
+            run.begin(stage)
+            raise exc
+    except QisError as raised:
+        if raised is not exc:
+            log.warning("run folder: the failure was not recorded in %s: %s", staging_path(Path(out)), raised)
+
+
 @contextlib.contextmanager
 def amend_run(folder: Path | str, *, needs: tuple[str, ...], clears: tuple[str, ...]) -> Iterator[Run]:
     """Add stages to a complete run in place: ``clears`` are unmarked before the block writes anything

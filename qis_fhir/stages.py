@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
     from qis_fhir.dht.client import PublishReport
     from qis_fhir.evidence.stage import EvidenceResult
-    from qis_fhir.fhir.extract import ExtractSummary
+    from qis_fhir.fhir.extract import ExtractPlan, ExtractSummary
     from qis_fhir.mapping.model import MappingSet
     from qis_fhir.outcomes.events import OutcomeResult
     from qis_fhir.packets.build import PacketBuild
@@ -177,14 +177,29 @@ def extract_step(run: Run, export_dir: Path | str, setup: SiteSetup, *, validate
     """The export into ``extract/`` and ``quarantine.ndjson``, its files over ``workers`` processes;
     an export with nothing usable stops here."""
     from qis_fhir.fhir import extract_export
-    from qis_fhir.fhir.extract import QUARANTINE_FILE
 
     export_dir = Path(export_dir)  # a missing one is extract_export's InputNotFoundError
     run.begin(EXTRACT)
     log.info("extract: reading %s", export_dir.name)
-    summary = extract_export(export_dir, run.path, secret=setup.secret, validate=validate, sample_rate=sample_rate, progress=progress,
-                             workers=workers)
-    summary.raise_if_nothing_extracted(run.path / QUARANTINE_FILE)  # the rule `qis-fhir extract` applies
+    return _extracted(run, extract_export(export_dir, run.path, secret=setup.secret, validate=validate, sample_rate=sample_rate,
+                                          progress=progress, workers=workers))
+
+
+def extract_staged_step(run: Run, plan: ExtractPlan, staging: Path, parts: list[dict], *, seconds: float) -> ExtractSummary:
+    """The extract stage of an extraction whose tasks ran as steps of their own, each into ``staging``
+    (``fhir.parallel.stage_task``; the Dagster extract's ops): their outputs merged into the run, as
+    ``extract_step`` would have written them; an export with nothing usable stops here."""
+    from qis_fhir.fhir.parallel import finish_staged
+
+    run.begin(EXTRACT)
+    return _extracted(run, finish_staged(plan, staging, run.path, parts, seconds=seconds))
+
+
+def _extracted(run: Run, summary: ExtractSummary) -> ExtractSummary:
+    """The rule `qis-fhir extract` applies, then the stage marked with the export's totals."""
+    from qis_fhir.fhir.extract import QUARANTINE_FILE
+
+    summary.raise_if_nothing_extracted(run.path / QUARANTINE_FILE)
     run.mark(EXTRACT, summary.totals)
     return summary
 

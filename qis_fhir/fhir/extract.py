@@ -19,6 +19,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -504,6 +505,86 @@ def _closing(gen):
         gen.close()
 
 
+@dataclass(frozen=True)
+class ExtractPlan:
+    """What one extraction reads and how, everything but the secret: the export's files as outputs
+    name them, in order, the tasks they split into (``parallel.tasks``), and the settings.
+
+    Small and plain (labels, indices, numbers), so an orchestrator can hand it from step to step
+    (the Dagster extract's ops, ``pipelines/assets/extract.py``) through its storage: no file name
+    that may name a patient is in it (``Labeller``), and a step that reads files finds them again
+    with :meth:`sources`."""
+
+    export_dir: str
+    labels: tuple[str, ...]
+    tasks: tuple[tuple[int, ...], ...]
+    skipped_paths: dict[str, int]  # the paths not opened, by reason
+    validate: str
+    stride: int | None
+    chunk_rows: int
+    limits: dict[str, int]  # max_line_bytes, max_json_bytes, max_bundle_entries, max_quarantine_lines
+
+    def args(self, secret: bytes) -> tuple:
+        """``_Extraction``'s arguments after the output folder."""
+        lim = self.limits
+        return (secret, self.stride, lim["max_line_bytes"], self.chunk_rows, lim["max_json_bytes"], lim["max_bundle_entries"],
+                lim["max_quarantine_lines"])
+
+    def sources(self, secret: bytes) -> list[SourceFile]:
+        """The planned files, found again (a step on another machine, from the shared volume). Raises
+        ``InputNotFoundError`` when the export folder no longer holds the files it held when planned:
+        another file order would put rows in other places and leave files out of the counts."""
+        export_dir = Path(self.export_dir)
+        sources, _ = _discover(export_dir, secret)
+        if tuple(s.label for s in sources) != self.labels:
+            raise InputNotFoundError(f"the files of {export_dir} changed while it was extracted "
+                                     f"({len(self.labels)} planned, {len(sources)} now, or others); extract it again")
+        return sources
+
+
+def _discover(export_dir: Path, secret: bytes) -> tuple[list[SourceFile], Counter]:
+    if not export_dir.is_dir():
+        raise InputNotFoundError(f"export directory {export_dir} does not exist")
+    return discover(export_dir, Labeller(secret))
+
+
+def plan_extraction(
+    export_dir: Path | str,
+    *,
+    secret: bytes,
+    validate: str = DEFAULT_VALIDATE,
+    sample_rate: float = DEFAULT_SAMPLE_RATE,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
+    max_bundle_entries: int = DEFAULT_MAX_BUNDLE_ENTRIES,
+    max_quarantine_lines: int = DEFAULT_MAX_QUARANTINE_LINES,
+) -> tuple[ExtractPlan, list[SourceFile]]:
+    """The plan of extracting ``export_dir`` and its files. Raises ``InputNotFoundError`` when the
+    folder is missing or holds no FHIR files, ``UsageError`` on a bad validation mode: before any
+    output exists."""
+    from qis_fhir.fhir.parallel import tasks
+
+    export_dir = Path(export_dir)
+    sources, skipped_paths = _discover(export_dir, secret)
+    if not sources:
+        raise InputNotFoundError(
+            f"no FHIR files in {export_dir} (looked for *.ndjson, *.ndjson.gz, *.json, *.json.gz)"
+        )
+    plan = ExtractPlan(
+        export_dir=str(export_dir),
+        labels=tuple(s.label for s in sources),
+        tasks=tuple(tuple(t) for t in tasks(sources)),
+        skipped_paths=dict(skipped_paths),
+        validate=validate,
+        stride=sample_stride(validate, sample_rate),
+        chunk_rows=chunk_rows,
+        limits={"max_line_bytes": max_line_bytes, "max_json_bytes": max_json_bytes,
+                "max_bundle_entries": max_bundle_entries, "max_quarantine_lines": max_quarantine_lines},
+    )
+    return plan, sources
+
+
 def extract_export(
     export_dir: Path | str,
     out_dir: Path | str,
@@ -525,32 +606,31 @@ def extract_export(
     the same order, the same quarantine and summary. Raises ``InputNotFoundError`` when ``export_dir``
     is missing or holds no FHIR files. Bad input never raises: it is quarantined with a reason.
     """
-    export_dir, out_dir = Path(export_dir), Path(out_dir)
-    if not export_dir.is_dir():
-        raise InputNotFoundError(f"export directory {export_dir} does not exist")
-    sources, skipped_paths = discover(export_dir, Labeller(secret))
-    if not sources:
-        raise InputNotFoundError(
-            f"no FHIR files in {export_dir} (looked for *.ndjson, *.ndjson.gz, *.json, *.json.gz)"
-        )
-    stride = sample_stride(validate, sample_rate)  # fails on a bad mode before any file is created
+    plan, sources = plan_extraction(export_dir, secret=secret, validate=validate, sample_rate=sample_rate,
+                                    max_line_bytes=max_line_bytes, chunk_rows=chunk_rows, max_json_bytes=max_json_bytes,
+                                    max_bundle_entries=max_bundle_entries, max_quarantine_lines=max_quarantine_lines)
     started = time.perf_counter()
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    args = (secret, stride, max_line_bytes, chunk_rows, max_json_bytes, max_bundle_entries, max_quarantine_lines)
     if workers > 1 and len(sources) > 1:
         from qis_fhir.fhir.parallel import extract_parallel
 
-        rows, counts = extract_parallel(sources, out_dir, args, workers)
+        rows, counts = extract_parallel(plan, sources, out_dir, secret, workers)
     else:
-        rows, counts = _extract_files(sources, out_dir, args, progress)
-    for reason, n in skipped_paths.items():  # the paths not opened, beside the manifests found on reading
+        rows, counts = _extract_files(sources, out_dir, plan.args(secret), progress)
+    return finish_extraction(plan, rows, counts, out_dir, seconds=time.perf_counter() - started)
+
+
+def finish_extraction(plan: ExtractPlan, rows: dict[str, int], counts: dict, out_dir: Path, *, seconds: float) -> ExtractSummary:
+    """The summary of an extraction whose tables and quarantine are written in ``out_dir``, from the
+    tables' row counts and the counts of its reading (``_Extraction.counts``, or the tasks' added up):
+    its invariants checked (AssertionError on a bug), then written to ``extract/summary.json``."""
+    for reason, n in plan.skipped_paths.items():  # the paths not opened, beside the manifests found on reading
         counts["skipped_paths"][reason] = counts["skipped_paths"].get(reason, 0) + n
-    limits = {"max_line_bytes": max_line_bytes, "max_json_bytes": max_json_bytes,
-              "max_bundle_entries": max_bundle_entries, "max_quarantine_lines": max_quarantine_lines}
-    summary = _summarise(counts, stride, export_dir, validate, rows, limits)
-    summary.seconds = round(time.perf_counter() - started, 3)
+    summary = _summarise(counts, plan.stride, Path(plan.export_dir), plan.validate, rows, plan.limits)
+    summary.seconds = round(seconds, 3)
     summary.check_invariants()
-    write_json(out_dir / EXTRACT_DIR / SUMMARY_FILE, summary.to_dict())
+    write_json(Path(out_dir) / EXTRACT_DIR / SUMMARY_FILE, summary.to_dict())
     return summary
 
 

@@ -10,8 +10,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from qis_fhir.errors import InputNotFoundError
 from qis_fhir.fhir import TABLE_NAMES, extract_export
-from qis_fhir.fhir.parallel import tasks
+from qis_fhir.fhir.extract import plan_extraction
+from qis_fhir.fhir.parallel import _part, finish_staged, stage_task, tasks
 from qis_fhir.fhir.sources import Labeller, discover
 
 SECRET = b"p" * 32
@@ -78,3 +80,70 @@ def test_parallel_extraction_writes_what_one_process_writes(tmp_path, mixed_expo
         assert {"invalid_json", "corrupt_file"} <= set(one.quarantine_reasons)
     _assert_same(_outputs(tmp_path / "one"), _outputs(tmp_path / "three"))
     assert not list((tmp_path / "three").glob(".extract-parts-*"))  # the workers' outputs are removed
+
+
+def test_tasks_staged_one_by_one_in_any_order_finish_as_one_process_writes(tmp_path, mixed_export):
+    """What an orchestrator does with the tasks (each a step of its own, run wherever and whenever,
+    ``pipelines/assets/extract.py``): the plan, each task into the staging folder, then the finish."""
+    one = extract_export(mixed_export, tmp_path / "one", secret=SECRET, validate="sample", sample_rate=0.05)
+    plan, _ = plan_extraction(mixed_export, secret=SECRET, validate="sample", sample_rate=0.05)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    parts = [stage_task(plan, task, staging, SECRET) for task in reversed(plan.tasks)]  # the last planned first
+    out = tmp_path / "staged"
+    out.mkdir()
+    summary = finish_staged(plan, staging, out, parts, seconds=1.0)
+    assert summary.totals == one.totals and summary.rows == one.rows
+    _assert_same(_outputs(tmp_path / "one"), _outputs(out))
+
+
+def test_a_task_refuses_an_export_changed_since_it_was_planned(tmp_path, mixed_export):
+    export = tmp_path / "export"
+    shutil.copytree(mixed_export, export)
+    plan, _ = plan_extraction(export, secret=SECRET)
+    (export / "Condition.001.ndjson").write_bytes(b"")  # a part file arriving late: every later file moves
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    with pytest.raises(InputNotFoundError, match="changed while it was extracted"):
+        stage_task(plan, plan.tasks[0], staging, SECRET)
+    assert list(staging.iterdir()) == []
+
+
+def test_a_task_that_fails_leaves_none_of_its_parts(tmp_path, mixed_export, monkeypatch):
+    from qis_fhir.fhir.extract import _Extraction
+
+    plan, _ = plan_extraction(mixed_export, secret=SECRET)
+    chain = next(t for t in plan.tasks if len(t) > 2)
+    run_file, calls = _Extraction.run_file, []
+
+    def fails_on_the_third_file(self, src):
+        calls.append(src.label)
+        if len(calls) == 3:
+            raise MemoryError
+        return run_file(self, src)
+
+    monkeypatch.setattr(_Extraction, "run_file", fails_on_the_third_file)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    with pytest.raises(MemoryError):
+        stage_task(plan, chain, staging, SECRET)
+    assert len(calls) == 3 and list(staging.iterdir()) == []  # the parts of the files begun were written, then removed
+
+
+def test_staged_tasks_refuse_a_staging_folder_that_is_gone_or_short_of_a_part(tmp_path, mixed_export):
+    """A staging folder removed once its run ended (another run of the partition cleaned it up) is not
+    made again by a late task, and a merge short of a file's part says so before writing anything."""
+    plan, _ = plan_extraction(mixed_export, secret=SECRET)
+    gone = tmp_path / "gone"
+    with pytest.raises(InputNotFoundError, match="is gone"):
+        stage_task(plan, plan.tasks[0], gone, SECRET)
+    assert not gone.exists()
+
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    parts = [stage_task(plan, task, staging, SECRET) for task in plan.tasks]
+    shutil.rmtree(_part(staging, plan.tasks[-1][0]))
+    out = tmp_path / "out"
+    with pytest.raises(InputNotFoundError, match=f"1 of the {len(plan.labels)} files' parts are missing"):
+        finish_staged(plan, staging, out, parts, seconds=1.0)
+    assert not out.exists()

@@ -33,12 +33,13 @@ def _evaluate(result, instance, site):
 
 
 def _fail_extract_with(raiser, tmp_path, instance, monkeypatch):
-    """Run the extract of a present export folder with ``extract_step`` raising what ``raiser`` raises,
-    evaluate the sensor, and return the one alert written."""
+    """Run the extract of a present export folder with its merge (``extract_staged_step``) raising what
+    ``raiser`` raises, evaluate the sensor, and return the one alert written."""
     import qis_fhir.stages
 
-    monkeypatch.setattr(qis_fhir.stages, "extract_step", raiser)
+    monkeypatch.setattr(qis_fhir.stages, "extract_staged_step", raiser)
     (tmp_path / "exports" / PARTITION).mkdir(parents=True)
+    (tmp_path / "exports" / PARTITION / "Patient.000.ndjson").write_text('{"resourceType": "Patient", "id": "p1"}\n')
     site = SiteConfig(export_root=str(tmp_path / "exports"), out_root=str(tmp_path / "out"),
                       site_secret_path=str(tmp_path / "site.secret"))
     result = materialize([mapping_set, fhir_extract], partition_key=PARTITION, resources={"site": site},
@@ -63,7 +64,7 @@ def test_a_missing_export_folder_raises_an_alert_file_and_webhook(tmp_path, inst
     files = list((tmp_path / "out" / "alerts").glob("*.json"))
     assert [f.name.endswith(f"-{result.run_id}.json") for f in files] == [True]
     alert = json.loads(files[0].read_text())
-    assert (alert["partition"], alert["run_id"], alert["step"]) == (PARTITION, result.run_id, "fhir_extract")
+    assert (alert["partition"], alert["run_id"], alert["step"]) == (PARTITION, result.run_id, "fhir_extract.plan_extract")
     assert (alert["error_class"], alert["exit_name"]) == ("InputNotFoundError", "INPUT_NOT_FOUND")
     assert alert["message"] == f"export directory {tmp_path / 'exports' / PARTITION} does not exist"
     assert received == [alert]

@@ -139,7 +139,8 @@ def test_all_assets_materialise_on_synthea_fixture(fixtures_dir, tmp_path, insta
     failed = materialize(THROUGH_EVENTS, partition_key=PARTITION, resources={"site": gone}, instance=instance, raise_on_error=False)
     assert not failed.success
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
-    assert json.loads((tmp_path / "out" / f"{PARTITION}.partial" / "run.json").read_text())["status"] == "failed"
+    attempt = json.loads((tmp_path / "out" / f"{PARTITION}.partial" / "run.json").read_text())
+    assert (attempt["status"], attempt["error"]["stage"], attempt["error"]["exit_code"]) == ("failed", "extract", 3)
 
 
 def test_failing_quality_check_blocks_downstream_asset(fixtures_dir, tmp_path, instance):

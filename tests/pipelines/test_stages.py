@@ -141,7 +141,7 @@ def test_a_site_directory_and_a_secret_file_together_are_refused(site_world, tmp
     site = _site(site_world, tmp_path, site_world / "site", site_secret_path=str(tmp_path / "other.secret"))
     result = materialize(UP_TO_PACKETS, partition_key=PARTITION, resources={"site": site}, instance=instance, raise_on_error=False)
     assert not result.success
-    assert "two secrets would give its patients two pseudonym sets" in _failure(result, "fhir_extract")
+    assert "two secrets would give its patients two pseudonym sets" in _failure(result, "fhir_extract.plan_extract")
     assert not (tmp_path / "dagster").exists() and not (tmp_path / "other.secret").exists()
 
 
@@ -344,7 +344,7 @@ def test_an_export_with_nothing_usable_stops_both_alike(tmp_path, instance):
         run_pipeline(RunConfig(export_dir=export, out_dir=tmp_path / "cli", site_secret_path=tmp_path / "s"))
     site = SiteConfig(export_dir=str(export), out_root=str(tmp_path / "dagster"), site_secret_path=str(tmp_path / "s"))
     result = materialize(UP_TO_PACKETS[:3], partition_key=PARTITION, resources={"site": site}, instance=instance, raise_on_error=False)
-    assert not result.success and expected in _failure(result, "fhir_extract")
+    assert not result.success and expected in _failure(result, "fhir_extract.merge_extract")
     cli, dag = tmp_path / "cli.partial", tmp_path / "dagster" / f"{PARTITION}.partial"
     assert (cli / "quarantine.ndjson").read_bytes() == (dag / "quarantine.ndjson").read_bytes()
     assert _json(cli / "run.json")["error"]["exit_code"] == _json(dag / "run.json")["error"]["exit_code"] == 6
