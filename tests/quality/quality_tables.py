@@ -107,3 +107,10 @@ def good_tables(mapping) -> dict[str, pd.DataFrame]:
         "encounters": encounters,
         "outcome_events": outcome_events,
     }
+
+
+def without_times(report: dict) -> dict:
+    """A report's ``to_dict()`` without its timings, the one part two runs never share."""
+    for table in report["tables"].values():
+        table.pop("seconds")
+    return report

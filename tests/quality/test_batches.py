@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from quality_tables import without_times
 
 from qis_fhir.fhir import extract_export, load_extract
 from qis_fhir.fhir.scan import table_path
@@ -13,12 +14,6 @@ from qis_fhir.fhir.schema import TABLES
 from qis_fhir.mapping import load_mapping
 from qis_fhir.quality import check_tables
 from qis_fhir.quality.checks import check_extract_tables
-
-
-def _without_times(report: dict) -> dict:
-    for table in report["tables"].values():
-        table.pop("seconds")
-    return report
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +33,7 @@ def test_batches_report_what_whole_tables_report(extract_dir):
     whole = check_tables(load_extract(extract_dir), mapping).to_dict()
     batched = check_extract_tables(extract_dir, mapping, batch_rows=700).to_dict()
     assert whole["success"] is True
-    assert _without_times(batched) == _without_times(whole)
+    assert without_times(batched) == without_times(whole)
 
 
 def test_batches_find_duplicates_and_failures_that_span_batches(extract_dir, tmp_path):
@@ -66,4 +61,4 @@ def test_batches_find_duplicates_and_failures_that_span_batches(extract_dir, tmp
     assert not whole.success
     failed = {(r.rule.table, r.rule.name) for s in whole.results for r in s.failures}
     assert {("patients", "unique"), ("medication_requests", "unique"), ("observations", "not_null")} <= failed
-    assert _without_times(batched.to_dict()) == _without_times(whole.to_dict())
+    assert without_times(batched.to_dict()) == without_times(whole.to_dict())

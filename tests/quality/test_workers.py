@@ -10,6 +10,7 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from quality_tables import without_times
 
 from qis_fhir.fhir import extract_export, load_extract
 from qis_fhir.fhir.scan import table_path
@@ -17,12 +18,6 @@ from qis_fhir.fhir.schema import TABLES
 from qis_fhir.mapping import load_mapping
 from qis_fhir.quality import check_tables, workers
 from qis_fhir.quality.checks import check_extract_tables
-
-
-def _without_times(report: dict) -> dict:
-    for table in report["tables"].values():
-        table.pop("seconds")
-    return report
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +39,12 @@ def test_report_is_the_same_over_workers_and_rounds(small_groups, monkeypatch):
     mapping = load_mapping()
     tasks = sum(pq.ParquetFile(table_path(small_groups, t)).num_row_groups for t in TABLES)
     assert tasks > 2 * 2 * 2
-    whole = _without_times(check_tables(load_extract(small_groups), mapping).to_dict())
+    whole = without_times(check_tables(load_extract(small_groups), mapping).to_dict())
     assert whole["success"] is True
     monkeypatch.setattr(workers, "TASKS_PER_WORKER", 2)
     for n in (1, 2):
         report = check_extract_tables(small_groups, mapping, batch_rows=700, workers=n)
-        assert _without_times(report.to_dict()) == whole
+        assert without_times(report.to_dict()) == whole
 
 
 def test_a_failing_task_fails_the_check(small_groups, tmp_path):
