@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from qis_fhir.errors import InputNotFoundError, QualityError, UsageError
 from qis_fhir.files import write_json
+from qis_fhir.memory import release_free_memory
 from qis_fhir.runfolder import EVIDENCE, EXTRACT, OUTCOMES, PACKETS, PUBLISH, QUALITY, Run, amend_run
 
 if TYPE_CHECKING:
@@ -201,6 +202,7 @@ def _extracted(run: Run, summary: ExtractSummary) -> ExtractSummary:
 
     summary.raise_if_nothing_extracted(run.path / QUARANTINE_FILE)
     run.mark(EXTRACT, summary.totals)
+    release_free_memory()  # what the extraction freed, before the quality workers start (qis_fhir/memory.py)
     return summary
 
 
@@ -239,6 +241,7 @@ def outcomes_step(run: Run, mapping: MappingSet, *, shards: int | None = None, w
     log.info("outcomes: mapping %s (%s)", mapping.version, mapping.content_hash[:12])
     # only the rows the derivation reads, patient shard by shard (outcomes/sharded.py)
     result = derive_outcomes_sharded(run.path, mapping, shards=shards, workers=workers)
+    release_free_memory()  # what the derivation freed, before the quality workers start (qis_fhir/memory.py)
     result.write(run.path)
     run.mark(OUTCOMES, result.summary.get("totals", {}))
     return result

@@ -93,16 +93,16 @@ def check_extract_tables(folder: Path | str, mapping: Any, *, suites: SuiteSet |
 def check_parquet_tables(paths: dict[str, Path], mapping: Any, *, suites: SuiteSet | None = None, batch_rows: int | None = None,
                          workers: int = 1, schemas: dict[str, Any] | None = None) -> QualityReport:
     """``check_tables`` of the Parquet tables at ``paths`` (cast to ``schemas[name]`` where given), each
-    row group validated in batches of ``batch_rows`` rows over ``workers`` processes (``workers.py``)
+    row group validated in batches of ``batch_rows`` rows (default: ``scan.batch_rows_of``) over ``workers`` processes (``workers.py``)
     and the batches' results combined into the report one pass over the whole table gives
     (``batches.py``: rules that span batches, uniqueness, are counted over the whole file by DuckDB)."""
-    from qis_fhir.fhir.scan import BATCH_ROWS, connect
+    from qis_fhir.fhir.scan import batch_rows_of, connect
     from qis_fhir.quality.batches import CROSS_BATCH, combine, duplicate_rows
     from qis_fhir.quality.workers import tasks_of, validate_all
 
     suites = suites or load_suites(mapping)
     checked = [name for name in paths if name in suites.tables]
-    tasks = {name: tasks_of(name, Path(paths[name]), batch_rows or BATCH_ROWS, suites.fingerprint(name), suites.tables[name],
+    tasks = {name: tasks_of(name, Path(paths[name]), batch_rows or batch_rows_of(name), suites.fingerprint(name), suites.tables[name],
                             (schemas or {}).get(name)) for name in checked}
     done = iter(validate_all([t for name in checked for t in tasks[name]], workers))
     outputs = {name: [next(done) for _ in tasks[name]] for name in checked}

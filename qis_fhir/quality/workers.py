@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 #: new worker costs ~0.15 s (its context and suites) against ~0.45 s of validation per task
 TASKS_PER_WORKER = 16
 #: what the fork server imports once, before it forks any worker
-PRELOAD = ["pandas", "pyarrow.parquet", "great_expectations", "qis_fhir.quality.engine", "qis_fhir.fhir.scan"]
+PRELOAD = ["qis_fhir.quality.forkserver_preload"]
 
 
 @dataclass(frozen=True)
