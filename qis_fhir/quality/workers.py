@@ -1,8 +1,8 @@
 """Suites over Parquet tables, batch by batch, in worker processes that great-expectations never outlives.
 
 Why workers, measured on synthetic exports (``qis-fhir bench --only run``): validating the extract
-batch after batch in the process that runs the pipeline grew it by ~1.2 MB a batch (130-row-thousand
-observation batches; 550 MiB at 2 million Observations, 1,026 MiB at 20 million). The growth is state
+batch after batch in the process that runs the pipeline grew it by ~1.2 MB a batch (batches of
+131,072 observations; 550 MiB at 2 million Observations, 1,026 MiB at 20 million). The growth is state
 great-expectations keeps across validations: clearing its validation-results store did not change
 it, nor did ``malloc_trim``, and the batches themselves are released. The suites were also a third to
 a half of the run's CPU, on one core. So each task (one row group of one table, validated in batches
