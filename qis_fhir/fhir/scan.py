@@ -4,7 +4,7 @@ The stages after extraction used to load all five tables into pandas at once: on
 of 2 million Observations (20,000 patients) the run peaked at 1.5 GiB against the extraction's
 0.24 GiB, and it grew with the export. They now read only what they need:
 
-* **Batches** (``table_batches``): the extract quality suites see a table ``batch_rows`` rows at a
+* **Batches** (``parquet_batches``): the quality suites see a table ``batch_rows`` rows at a
   time, as the DataFrames ``load_extract`` would have given, so memory is one batch whatever the size.
 * **Pushdown and shards** (``connect``): DuckDB scans the Parquet files with the filter and the
   columns pushed into the scan, under a memory limit (it spills to the run folder beyond it). Patients
@@ -25,8 +25,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-from qis_fhir.fhir.schema import TABLES
 
 if TYPE_CHECKING:
     import duckdb
@@ -56,12 +54,6 @@ def table_path(folder: Path | str, table: str) -> Path:
     from qis_fhir.fhir.extract import EXTRACT_DIR
 
     return Path(folder) / EXTRACT_DIR / f"{table}.parquet"
-
-
-def table_batches(folder: Path | str, table: str, batch_rows: int = BATCH_ROWS) -> Iterator[pd.DataFrame]:
-    """``table`` of an extract folder as DataFrames of at most ``batch_rows`` rows, typed as
-    ``load_extract`` types the whole table; an empty table gives one empty DataFrame."""
-    return parquet_batches(table_path(folder, table), batch_rows, schema=TABLES[table])
 
 
 def parquet_batches(path: Path | str, batch_rows: int = BATCH_ROWS, *, row_groups: list[int] | None = None,

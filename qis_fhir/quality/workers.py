@@ -39,6 +39,9 @@ TASKS_PER_WORKER = 16
 #: what the fork server imports once, before it forks any worker
 PRELOAD = ["qis_fhir.quality.forkserver_preload"]
 
+_server_lock = threading.Lock()
+_active = 0  # validate_all calls running in this process (threads): the last one out stops the server
+
 
 @dataclass(frozen=True)
 class BatchTask:
@@ -105,10 +108,6 @@ def validate_all(tasks: list[BatchTask], workers: int) -> list[tuple[int, list[l
             if not _active:
                 _stop_fork_server()
     return out
-
-
-_server_lock = threading.Lock()
-_active = 0  # validate_all calls running in this process (threads): the last one out stops the server
 
 
 def _stop_fork_server() -> None:
