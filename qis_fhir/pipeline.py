@@ -88,7 +88,7 @@ def run_pipeline(config: RunConfig) -> RunResult:
         result.extract = summary.to_dict()
         extract = stages.quality_step(run, setup.mapping, "extract", workers=config.workers)
         extract.raise_for_failure()  # nothing below runs on failed data
-        result.outcomes = stages.outcomes_step(run, setup.mapping, shards=config.shards, workers=config.workers).summary
+        result.outcomes = stages.outcomes_step(run, setup.mapping, shards=config.shards, workers=config.workers)
         events = stages.quality_step(run, setup.mapping, "outcome_events", workers=config.workers)
         result.quality = {"success": events.success, "warnings": extract.warnings + events.warnings,
                           "reports": {"extract": extract.to_dict(), "outcome_events": events.to_dict()}}

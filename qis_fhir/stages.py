@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from qis_fhir.errors import InputNotFoundError, QualityError, UsageError
 from qis_fhir.files import write_json
-from qis_fhir.memory import release_free_memory
+from qis_fhir.memory import in_child, release_free_memory
 from qis_fhir.runfolder import EVIDENCE, EXTRACT, OUTCOMES, PACKETS, PUBLISH, QUALITY, Run, amend_run
 
 if TYPE_CHECKING:
@@ -52,7 +52,6 @@ if TYPE_CHECKING:
     from qis_fhir.evidence.stage import EvidenceResult
     from qis_fhir.fhir.extract import ExtractPlan, ExtractSummary
     from qis_fhir.mapping.model import MappingSet
-    from qis_fhir.outcomes.events import OutcomeResult
     from qis_fhir.packets.build import PacketBuild
     from qis_fhir.packets.keys import SiteIdentity
     from qis_fhir.packets.manifest import NetworkContext
@@ -231,20 +230,29 @@ def quality_step(run: Run, mapping: MappingSet, part: str, *, workers: int = 1) 
     return report
 
 
-def outcomes_step(run: Run, mapping: MappingSet, *, shards: int | None = None, workers: int = 1) -> OutcomeResult:
-    """Treatment-outcome events from the run's extract, once its tables passed their suites
-    (``shards``, ``workers``: see ``derive_outcomes_sharded``; the result is the same whatever they are)."""
-    from qis_fhir.outcomes.sharded import derive_outcomes_sharded
+def outcomes_step(run: Run, mapping: MappingSet, *, shards: int | None = None, workers: int = 1) -> dict:
+    """Treatment-outcome events from the run's extract, once its tables passed their suites, written to
+    the run folder; returns their summary (``outcome_summary.json``). ``shards``, ``workers``: see
+    ``derive_outcomes_sharded``; the result is the same whatever they are.
 
+    The derivation runs in a child process (``memory.in_child``) that writes the tables itself: only
+    the summary comes back, so neither the events nor what the derivation's allocators keep stay
+    beside the quality workers that check the events next."""
     require_quality(run.path, "extract")
     run.begin(OUTCOMES)
     log.info("outcomes: mapping %s (%s)", mapping.version, mapping.content_hash[:12])
+    summary = in_child(_derive_and_write, run.path, mapping, shards, workers)
+    run.mark(OUTCOMES, summary.get("totals", {}))
+    return summary
+
+
+def _derive_and_write(folder: Path, mapping: MappingSet, shards: int | None, workers: int) -> dict:
+    from qis_fhir.outcomes.sharded import derive_outcomes_sharded
+
     # only the rows the derivation reads, patient shard by shard (outcomes/sharded.py)
-    result = derive_outcomes_sharded(run.path, mapping, shards=shards, workers=workers)
-    release_free_memory()  # what the derivation freed, before the quality workers start (qis_fhir/memory.py)
-    result.write(run.path)
-    run.mark(OUTCOMES, result.summary.get("totals", {}))
-    return result
+    result = derive_outcomes_sharded(folder, mapping, shards=shards, workers=workers)
+    result.write(folder)
+    return result.summary
 
 
 def packets_step(run: Run, setup: SiteSetup, day: str | int | None) -> PacketBuild:

@@ -32,19 +32,19 @@ def outcome_events(context: AssetExecutionContext, site: SiteConfig) -> Material
     # the partition's run folder gains the outcomes stage; until it is marked again no reader takes
     # the events (or anything derived from them) for finished
     with amend_stage(out_dir, OUTCOMES) as run:
-        result = outcomes_step(run, mapping)
+        summary = outcomes_step(run, mapping)
         quality_step(run, mapping, "outcome_events")  # its verdict is the outcome_events_quality check's
 
-    totals = result.summary["totals"]
+    totals = summary["totals"]
     return MaterializeResult(
         metadata={
-            "dagster/row_count": len(result.events),
+            "dagster/row_count": totals["events"],
             "dagster/column_schema": column_schema(pq.read_schema(out_dir / OUTCOME_EVENTS)),
-            "events": len(result.events),
+            "events": totals["events"],
             "episodes": totals["episodes"],
             "responded": totals["responded"],
             "excluded": totals["excluded"],
-            "exclusion_reasons": MetadataValue.json(result.summary["exclusion_reasons"]),
+            "exclusion_reasons": MetadataValue.json(summary["exclusion_reasons"]),
             "mapping_version": mapping.version,
             "mapping_hash": mapping.content_hash,
             "events_file": MetadataValue.path(str(out_dir / OUTCOME_EVENTS)),

@@ -617,7 +617,11 @@ def extract_export(
 
         rows, counts = extract_parallel(plan, sources, out_dir, secret, workers)
     else:
-        rows, counts = _extract_files(sources, out_dir, plan.args(secret), progress)
+        from qis_fhir.memory import in_child
+
+        # in a child: the process that read 20 million Observations held 53 MiB more after than at
+        # 2 million, although the reading streams (qis_fhir/memory.py)
+        rows, counts = in_child(_extract_files, sources, out_dir, plan.args(secret), progress)
     return finish_extraction(plan, rows, counts, out_dir, seconds=time.perf_counter() - started)
 
 

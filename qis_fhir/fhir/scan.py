@@ -37,8 +37,10 @@ BATCH_ROWS = 131_072
 #: tables whose rows cost more in pandas: a medication request's two list columns become a NumPy
 #: array per cell, so a batch of 131,072 requests took 340 MiB in a quality worker against ~100 MiB
 #: for as many observations (peak RSS over the worker's imports, a 5-million-Observation extract);
-#: 32,768 took 166 MiB, 16,384 took 116 MiB in the same CPU time
-BATCH_ROWS_OF = {"medication_requests": 16_384}
+#: 32,768 took 166 MiB, 16,384 took 116 MiB in the same CPU time. The outcome tables grow with the
+#: patients, and their rows are wide: 131,072 control units took 218 MiB, 16,384 took 62 MiB (70,130
+#: outcome events in one batch: 90 MiB, in batches of 16,384: 52 MiB), for ~1 s more CPU per 100,000 rows
+BATCH_ROWS_OF = {"medication_requests": 16_384, "outcome_events": 16_384, "control_units": 16_384}
 
 def batch_rows_of(table: str) -> int:
     """The rows of ``table`` the quality suites see at a time."""
@@ -75,13 +77,14 @@ def parquet_batches(path: Path | str, batch_rows: int = BATCH_ROWS, *, row_group
 
 
 @contextlib.contextmanager
-def connect(spill_parent: Path | str) -> Iterator[duckdb.DuckDBPyConnection]:
-    """An in-memory DuckDB connection with the memory policy above, spilling into a temporary folder
-    under ``spill_parent`` (the run folder: on the disk that holds the run) that is removed after."""
+def connect(spill_parent: Path | str, memory_limit: str = MEMORY_LIMIT) -> Iterator[duckdb.DuckDBPyConnection]:
+    """An in-memory DuckDB connection with the memory policy above (or a lower ``memory_limit``),
+    spilling into a temporary folder under ``spill_parent`` (the run folder: on the disk that holds
+    the run) that is removed after."""
     import duckdb
 
     spill = Path(tempfile.mkdtemp(prefix=".duckdb-", dir=spill_parent))
-    con = duckdb.connect(config={"memory_limit": MEMORY_LIMIT, "threads": THREADS, "temp_directory": str(spill),
+    con = duckdb.connect(config={"memory_limit": memory_limit, "threads": THREADS, "temp_directory": str(spill),
                                  "preserve_insertion_order": False})
     try:
         yield con

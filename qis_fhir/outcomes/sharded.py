@@ -49,6 +49,11 @@ if TYPE_CHECKING:
 #: staged rows (all five tables) per shard: ~0.1 GiB of pandas in the derivation at 2 million
 #: Observations (docs/benchmarks.md)
 SHARD_ROWS = 500_000
+#: DuckDB's memory limit for the staging pass, below the scans' (``scan.MEMORY_LIMIT``): the pass
+#: writes every shard's partition at once, and at 256 MB it took 329 MiB over its imports on a
+#: 20-million-Observation extract (10 shards), at 128 MB 203 MiB, at 64 MB 145 MiB, against 43 MiB
+#: at 2 million (one shard); 64 MB costs 4 s more CPU there (26 s against 22 s), spilling to disk
+STAGE_MEMORY_LIMIT = "64MB"
 #: observation columns the derivation reads (all but the provenance)
 OBS_COLUMNS = [c for c in TABLES["observations"].names if c not in ("source_file", "source_line")]
 #: summary figures that are not counts: the same in every shard, never added
@@ -70,7 +75,7 @@ def _literal(text: str) -> str:
 def stage_shards(folder: Path, staged: Path, shards: int, mapping: MappingSet) -> None:
     """Write the pushed-down rows of each table of the extract in ``folder`` into
     ``staged/<table>/shard=<n>/`` (one DuckDB pass per table, bounded memory)."""
-    with connect(folder) as con:
+    with connect(folder, memory_limit=STAGE_MEMORY_LIMIT) as con:
         _stage(con, folder, staged, shards, mapped_codes(mapping))
 
 
@@ -160,16 +165,21 @@ def derive_outcomes_sharded(folder: Path | str, mapping: MappingSet, *, shards: 
                             workers: int = 1) -> OutcomeResult:
     """``derive_outcome_events`` of an extract folder's tables, ``shards`` patient shards at a time
     over ``workers`` processes (default shards: ``shard_count``, and at least one per worker, or a
-    small extract would leave all but one idle); the same result whatever both are."""
+    small extract would leave all but one idle); the same result whatever both are.
+
+    The staging pass runs in a child process (``memory.in_child``): DuckDB's allocator keeps what the
+    pass used, up to its memory limit on a large extract, and that would sit beside the shards'
+    derivation."""
     from qis_fhir.fhir.extract import require_extract
+    from qis_fhir.memory import FORK, in_child
 
     folder = Path(folder)
     require_extract(folder)
     shards = shards or max(shard_count(folder), workers)
     staged = Path(tempfile.mkdtemp(prefix=".outcome-shards-", dir=folder))
     try:
-        stage_shards(folder, staged, shards, mapping)
-        pool = ProcessPoolExecutor(workers) if workers > 1 and shards > 1 else None
+        in_child(stage_shards, folder, staged, shards, mapping)
+        pool = ProcessPoolExecutor(workers, mp_context=FORK) if workers > 1 and shards > 1 else None
         try:
             ends_each = list(_mapped(pool, _ends, [(staged, s, mapping) for s in range(shards)]))
             ends = {k: max(e[k] for e in ends_each) for k in ends_each[0]}

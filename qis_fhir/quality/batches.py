@@ -67,6 +67,17 @@ def combine(rule: Rule, parts: list[ExpectationResult], duplicates: int | None =
                    missing_count=missing)
 
 
+def count_duplicates(rules: list[tuple[Path, Rule]]) -> list[int]:
+    """``duplicate_rows`` of each (table file, rule), over one DuckDB connection. The quality check runs
+    it in a child process (``memory.in_child``): the process that counted a 2-million-Observation
+    extract's duplicates held 40 MiB more after, and the aggregate grows with the table up to DuckDB's
+    memory limit."""
+    from qis_fhir.fhir.scan import connect
+
+    with connect(rules[0][0].parent) as con:
+        return [duplicate_rows(con, path, rule) for path, rule in rules]
+
+
 def duplicate_rows(con: duckdb.DuckDBPyConnection, path: Path, rule: Rule) -> int:
     """Rows of the Parquet table at ``path`` (those the rule's ``where`` selects) whose value of the
     rule's column(s) occurs more than once. As great-expectations counts them: ``unique`` leaves out

@@ -96,8 +96,9 @@ def check_parquet_tables(paths: dict[str, Path], mapping: Any, *, suites: SuiteS
     row group validated in batches of ``batch_rows`` rows (default: ``scan.batch_rows_of``) over ``workers`` processes (``workers.py``)
     and the batches' results combined into the report one pass over the whole table gives
     (``batches.py``: rules that span batches, uniqueness, are counted over the whole file by DuckDB)."""
-    from qis_fhir.fhir.scan import batch_rows_of, connect
-    from qis_fhir.quality.batches import CROSS_BATCH, combine, duplicate_rows
+    from qis_fhir.fhir.scan import batch_rows_of
+    from qis_fhir.memory import in_child
+    from qis_fhir.quality.batches import CROSS_BATCH, combine, count_duplicates
     from qis_fhir.quality.workers import tasks_of, validate_all
 
     suites = suites or load_suites(mapping)
@@ -106,17 +107,16 @@ def check_parquet_tables(paths: dict[str, Path], mapping: Any, *, suites: SuiteS
                             (schemas or {}).get(name)) for name in checked}
     done = iter(validate_all([t for name in checked for t in tasks[name]], workers))
     outputs = {name: [next(done) for _ in tasks[name]] for name in checked}
+    spanning = [(name, i) for name in checked for i, rule in enumerate(suites.tables[name]) if rule.name in CROSS_BATCH]
+    # in a child: DuckDB's allocator keeps what the aggregate used (batches.count_duplicates)
+    counted = in_child(count_duplicates, [(Path(paths[name]), suites.tables[name][i]) for name, i in spanning]) if spanning else []
+    duplicates = dict(zip(spanning, counted, strict=True))
     results = []
-    if not checked:
-        return _report(results, sorted(paths), mapping, suites)
-    with connect(Path(paths[checked[0]]).parent) as con:
-        for name in checked:
-            rules = suites.tables[name]
-            per_batch = [batch for _, batches, _ in outputs[name] for batch in batches]
-            combined = tuple(combine(rule, [batch[i] for batch in per_batch],
-                                     duplicate_rows(con, paths[name], rule) if rule.name in CROSS_BATCH else None)
-                             for i, rule in enumerate(rules))
-            rows, seconds = sum(o[0] for o in outputs[name]), sum(o[2] for o in outputs[name])
-            results.append(_logged(SuiteResult(table=name, rows=rows, results=combined, seconds=seconds)))
+    for name in checked:
+        rules = suites.tables[name]
+        per_batch = [batch for _, batches, _ in outputs[name] for batch in batches]
+        combined = tuple(combine(rule, [batch[i] for batch in per_batch], duplicates.get((name, i))) for i, rule in enumerate(rules))
+        rows, seconds = sum(o[0] for o in outputs[name]), sum(o[2] for o in outputs[name])
+        results.append(_logged(SuiteResult(table=name, rows=rows, results=combined, seconds=seconds)))
     unchecked = sorted(name for name in paths if name not in suites.tables)
     return _report(results, unchecked, mapping, suites)

@@ -61,10 +61,11 @@ def test_a_failing_task_fails_the_check(small_groups, tmp_path):
         workers.validate_all(tasks, 2)
 
 
-def test_great_expectations_stays_out_of_the_pipeline_process(small_groups, tmp_path):
-    """The validation runs in workers only, and the fork server they came from is gone when the check
-    returns: neither the calling process nor anything it leaves running holds great-expectations
-    (~250 MiB with its imports) beside the outcome stage that follows."""
+def test_great_expectations_and_duckdb_stay_out_of_the_pipeline_process(small_groups, tmp_path):
+    """The validation and the whole-file duplicate counts run in workers only, and the fork server they
+    came from is gone when the check returns: neither the calling process nor anything it leaves
+    running holds great-expectations (~250 MiB with its imports) or what DuckDB's aggregate kept
+    beside the outcome stage that follows."""
     code = (
         "import json, sys, psutil\n"
         "from qis_fhir.mapping import load_mapping\n"
@@ -73,10 +74,10 @@ def test_great_expectations_stays_out_of_the_pipeline_process(small_groups, tmp_
         f"    report = check_extract_tables({str(small_groups)!r}, load_mapping(), workers=2)\n"
         "    left = [' '.join(p.cmdline()) for p in psutil.Process().children(recursive=True)]\n"
         "    left = [c for c in left if 'resource_tracker' not in c]\n"
-        "    print(json.dumps([report.success, 'great_expectations' in sys.modules, left]))\n"
+        "    print(json.dumps([report.success, 'great_expectations' in sys.modules, 'duckdb' in sys.modules, left]))\n"
     )
     script = tmp_path / "check.py"
     script.write_text(code)
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [True, False, []]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [True, False, False, []]

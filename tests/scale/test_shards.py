@@ -50,3 +50,30 @@ def test_shards_give_the_whole_table_derivation_byte_for_byte(tmp):
         pd.testing.assert_frame_equal(sharded.units, whole.units)
         assert sharded.summary == whole.summary
     assert not list(out.glob(".outcome-shards-*")) and not list(out.glob(".duckdb-*"))  # temporary folders removed
+
+
+def test_the_outcome_stage_leaves_nothing_in_the_calling_process(tmp, tmp_path):
+    """The staging pass and the shards run in worker processes, and none is left when the stage
+    returns: the caller never runs DuckDB (whose allocator keeps what a pass used), so the quality
+    workers that follow start beside a process no larger than before the stage."""
+    import subprocess
+    import sys
+
+    from qis_fhir.fhir import extract_export
+
+    out = tmp / "extract-caller"
+    extract_export(oracle.exports(tmp)["synth"], out, secret=oracle.SECRET)
+    code = (
+        "import json, sys, psutil\n"
+        "from qis_fhir.mapping import load_mapping\n"
+        "from qis_fhir.outcomes.sharded import derive_outcomes_sharded\n"
+        "if __name__ == '__main__':\n"
+        f"    result = derive_outcomes_sharded({str(out)!r}, load_mapping({str(oracle.REPO / 'mappings' / 'v2')!r}), shards=3)\n"
+        "    left = [p.pid for p in psutil.Process().children(recursive=True)]\n"
+        "    print(json.dumps([len(result.events) > 0, 'duckdb' in sys.modules, left]))\n"
+    )
+    script = tmp_path / "derive.py"
+    script.write_text(code)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [True, False, []]
