@@ -21,10 +21,12 @@ import ctypes
 import ctypes.util
 import logging
 import multiprocessing
+import os
+import signal
 import sys
+import traceback
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +36,61 @@ T = TypeVar("T")
 
 
 def in_child(fn: Callable[..., T], *args: object) -> T:
-    """``fn(*args)`` in a forked child process: its result (pickled back) or its exception. The child
-    may start processes of its own (the outcome stage's workers)."""
-    with ProcessPoolExecutor(1, mp_context=FORK) as pool:
-        return pool.submit(fn, *args).result()
+    """``fn(*args)`` in a forked child process: its result (pickled back), or its exception raised here.
+
+    The child may start processes of its own (the outcome stage's workers). It never outlives the
+    caller: it is killed when the caller stops waiting for it (Ctrl-C, an exception such as Dagster's
+    interruption of a run) and, on Linux, when the caller dies (``PR_SET_PDEATHSIG``), so a terminated
+    run leaves nothing writing into its run folder."""
+    receive, send = FORK.Pipe(duplex=False)
+    child = FORK.Process(target=_serve, args=(send, os.getpid(), fn, args), name=f"qis-fhir {getattr(fn, '__name__', 'stage')}")
+    child.start()
+    send.close()
+    try:
+        try:
+            ok, value = receive.recv()
+        except EOFError:  # it died without an answer: killed (out of memory?) or crashed
+            child.join()
+            raise ChildProcessError(f"the child process running {getattr(fn, '__name__', fn)!s} exited with code {child.exitcode}") from None
+    except BaseException:
+        if child.is_alive():
+            child.kill()
+        child.join()
+        raise
+    finally:
+        receive.close()
+    child.join()
+    if ok:
+        return value
+    raise value
+
+
+def _serve(send: Any, parent: int, fn: Callable[..., Any], args: tuple) -> None:
+    """The child's side of ``in_child``."""
+    _die_with(parent)
+    try:
+        answer = (True, fn(*args))
+    except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
+        e.add_note("(raised in a child process of the stage:)\n" + "".join(traceback.format_tb(e.__traceback__)))
+        answer = (False, e)
+    try:
+        send.send(answer)
+    except Exception as e:  # an answer that does not pickle  # noqa: BLE001
+        send.send((False, ChildProcessError(f"the child process's answer could not be sent back ({type(e).__name__})")))
+    send.close()
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel kill this process when ``parent`` dies (Linux; elsewhere a no-op)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(libc, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the call took effect
+        os._exit(1)
 
 
 def release_free_memory() -> None:
