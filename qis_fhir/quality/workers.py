@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qis_fhir.errors import QualityError
 from qis_fhir.quality.report import ExpectationResult
 from qis_fhir.quality.suites import Rule
 
@@ -58,25 +59,41 @@ class BatchTask:
 
 def validate_batches(task: BatchTask) -> tuple[int, list[list[ExpectationResult]], float]:
     """The task's rows, each batch's results (one per rule, in rule order) and the seconds it took."""
+    import pyarrow as pa
+
     from qis_fhir.fhir.scan import parquet_batches
     from qis_fhir.quality.engine import run_rules
 
     started = time.perf_counter()
     rows, per_batch = 0, []
     groups = None if task.row_group is None else [task.row_group]
-    for df in parquet_batches(task.path, task.batch_rows, row_groups=groups, schema=task.schema):
-        rows += len(df)
-        per_batch.append(run_rules(task.table, task.fingerprint, task.rules, df))
+    try:
+        for df in parquet_batches(task.path, task.batch_rows, row_groups=groups, schema=task.schema):
+            rows += len(df)
+            per_batch.append(run_rules(task.table, task.fingerprint, task.rules, df))
+    except pa.ArrowException as e:
+        raise unreadable(task.table, task.path, e) from None
     return rows, per_batch, time.perf_counter() - started
+
+
+def unreadable(table: str, path: Path, error: Exception) -> QualityError:
+    """The error of a table file that cannot be read (damaged, truncated, not Parquet, a value that does
+    not fit its column's type). Arrow's own message is left out: a cast error quotes the value."""
+    return QualityError(f"the {table} table's file {path.name} cannot be read ({type(error).__name__}): it is damaged or was "
+                        "not written by this version; run the stage that writes it again")
 
 
 def tasks_of(table: str, path: Path, batch_rows: int, fingerprint: str, rules: tuple[Rule, ...],
              schema: pa.Schema | None = None) -> list[BatchTask]:
     """One task per row group of the table at ``path`` (one task when it has none)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with pq.ParquetFile(path) as f:
-        groups = list(range(f.num_row_groups)) or [None]
+    try:
+        with pq.ParquetFile(path) as f:
+            groups = list(range(f.num_row_groups)) or [None]
+    except pa.ArrowException as e:
+        raise unreadable(table, path, e) from None
     return [BatchTask(table, path, g, batch_rows, fingerprint, rules, schema) for g in groups]
 
 

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from quality_tables import without_times
 
+from qis_fhir.errors import ExitCode, QualityError
 from qis_fhir.fhir import extract_export, load_extract
 from qis_fhir.fhir.scan import table_path
 from qis_fhir.fhir.schema import TABLES
@@ -48,8 +49,8 @@ def test_report_is_the_same_over_workers_and_rounds(small_groups, monkeypatch):
 
 
 def test_a_failing_task_fails_the_check(small_groups, tmp_path):
-    """A table whose file is damaged after planning: the worker's error reaches the caller (no hang,
-    no report built from the tasks that did run)."""
+    """A table whose file is damaged after planning: the worker's error reaches the caller as the
+    quality stage's error naming the table (no hang, no report built from the tasks that did run)."""
     import shutil
 
     out = tmp_path / "damaged"
@@ -57,8 +58,29 @@ def test_a_failing_task_fails_the_check(small_groups, tmp_path):
     path = table_path(out, "observations")
     tasks = workers.tasks_of("observations", path, 128, "fp", ())
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(pa.ArrowInvalid):
+    with pytest.raises(QualityError, match="the observations table's file observations.parquet cannot be read") as caught:
         workers.validate_all(tasks, 2)
+    assert caught.value.exit_code == ExitCode.QUALITY_FAILED
+
+
+def test_an_unreadable_table_is_a_quality_error_that_quotes_no_value(small_groups, tmp_path):
+    """A column holding a value its type cannot take: Arrow's cast error quotes the value, the
+    stage's error does not; and a file that is not Parquet at all fails before any worker starts."""
+    import shutil
+
+    out = tmp_path / "bad-value"
+    shutil.copytree(small_groups, out)
+    path = table_path(out, "patients")
+    table = pq.read_table(path)
+    column = table.schema.get_field_index("birth_date")
+    secret_value = "not-a-date-7d1c"
+    pq.write_table(table.set_column(column, "birth_date", pa.array([secret_value] * len(table))), path)
+    with pytest.raises(QualityError, match="patients table") as caught:
+        check_extract_tables(out, load_mapping())
+    assert secret_value not in str(caught.value)
+    path.write_bytes(b"not parquet")
+    with pytest.raises(QualityError, match="patients table"):
+        check_extract_tables(out, load_mapping())
 
 
 def test_great_expectations_and_duckdb_stay_out_of_the_pipeline_process(small_groups, tmp_path):
