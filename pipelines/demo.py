@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import shutil
+import signal
 import subprocess
 import time
 from collections import defaultdict
@@ -273,6 +274,14 @@ def _start_ui(out: Path, home: Path, site: DemoSite) -> tuple[subprocess.Popen, 
     return proc, url
 
 
+def _stop_on_interrupt_or_term() -> None:
+    """SIGINT (Ctrl-C) and SIGTERM (a supervisor, ``kill``) both stop the demo through its clean-up,
+    which stops every process it started, even when it was started with them ignored: a background
+    job of a non-interactive shell inherits SIGINT ignored, and then no signal but SIGKILL stopped it."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def _wait_for_ctrl_c(dev: subprocess.Popen, url: str) -> None:
     """Block until Ctrl-C (the normal end of a --ui demo) or until dagster dev exits on its own."""
     click.echo(f"\nDagster UI: {url}/asset-groups (lineage), {url}/runs (the demo's runs). Ctrl-C stops it and the DHT nodes.")
@@ -318,6 +327,7 @@ def _print_summary(summary: dict) -> None:
 @click.option("--ui", is_flag=True, help="Also start dagster dev on the demo's instance (127.0.0.1, a free port) until Ctrl-C.")
 def demo(out_dir: Path, sites: int, nodes: int, patients: int, seed: int, ksize: int, ui: bool) -> None:
     """Multi-hospital demo on 127.0.0.1: synthetic exports -> each hospital's nightly Dagster job -> DHT -> pooled evidence per hospital."""
+    _stop_on_interrupt_or_term()
     summary = run_demo(DemoConfig(out_dir=out_dir, sites=sites, patients=patients, seed=seed, nodes=nodes, ksize=ksize), ui=ui,
                        show=_print_summary)
     if any(q["own_packets_missing"] for q in summary["lookups"]):

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from qis_fhir.errors import ExitCode
 
 
@@ -55,9 +57,19 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "not a demo"
 
 
-def test_demo_ui_shows_the_demos_runs_and_ctrl_c_stops_everything_it_started(tmp_path):
+def _ignore_stop_signals() -> None:
+    """As a background job of a non-interactive shell starts it (``nohup qis-fhir demo &`` in a script)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_demo_ui_shows_the_demos_runs_and_ctrl_c_stops_everything_it_started(tmp_path, stop):
     """``--ui``: dagster dev on the demo's instance answers on 127.0.0.1 and lists the demo's Dagster runs;
-    one SIGINT to the demo stops it, the UI's processes and the DHT nodes, each checked by process id."""
+    one SIGINT (Ctrl-C) or SIGTERM to the demo stops it, the UI's processes and the DHT nodes, each
+    checked by process id, even though it was started with both signals ignored."""
     import os
     import signal
     import time
@@ -70,7 +82,8 @@ def test_demo_ui_shows_the_demos_runs_and_ctrl_c_stops_everything_it_started(tmp
     proc = subprocess.Popen(
         [sys.executable, "-m", "qis_fhir", "demo", "--out", str(out), "--sites", "1", "--patients", "300", "--nodes", "2",
          "--ksize", "2", "--ui"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # SIGINT goes to the demo only, as a test sends it
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # the signal goes to the demo only, as a test sends it
+        preexec_fn=_ignore_stop_signals,
     )
     tree: list[psutil.Process] = []
     try:
@@ -97,7 +110,7 @@ def test_demo_ui_shows_the_demos_runs_and_ctrl_c_stops_everything_it_started(tmp
         tree = psutil.Process(proc.pid).children(recursive=True)
         names = " ".join(" ".join(p.cmdline()) for p in tree)
         assert "dagster" in names and "node" in names  # the UI's processes and the DHT nodes are its children
-        os.kill(proc.pid, signal.SIGINT)
+        os.kill(proc.pid, getattr(signal, stop))
         assert proc.wait(timeout=120) == ExitCode.OK
     finally:
         if proc.poll() is None:

@@ -38,9 +38,12 @@ def test_a_child_that_dies_without_answering_is_an_error():
 
 
 BLOCK = """
-import os, sys, threading
+import os, signal, sys, threading
 from pathlib import Path
 from qis_fhir.memory import in_child
+
+# Ctrl-C as in a terminal, even when this test runs from a shell that started it with SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def block(path):
     Path(path).write_text(str(os.getpid()))
