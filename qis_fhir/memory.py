@@ -2,7 +2,7 @@
 the stage where what it keeps goes away with the process.
 
 The stages run one after another in one process, and the allocators keep what a stage freed for
-reuse: after the outcome stage on a 2-million-Observation extract the process held 485 MiB, of which
+reuse: after the outcome stage, run in that process, on a 2-million-Observation extract it held 485 MiB, of which
 Arrow's allocator (mimalloc) returned 164 MiB on ``release_unused`` and glibc's ``malloc_trim``
 another 48 MiB, leaving 273 MiB. Kept, that memory sits beside the next stage's peak (the quality
 workers), so the run's peak grows by it.
@@ -45,8 +45,9 @@ def in_child(fn: Callable[..., T], *args: object) -> T:
     caller: it is killed when the caller stops waiting for it (Ctrl-C, an exception such as Dagster's
     interruption of a run) and, on Linux, when the caller dies (``PR_SET_PDEATHSIG``), so a terminated
     run leaves nothing writing into its run folder."""
+    what = getattr(fn, "__name__", "stage")
     receive, send = FORK.Pipe(duplex=False)
-    child = FORK.Process(target=_serve, args=(send, os.getpid(), fn, args), name=f"qis-fhir {getattr(fn, '__name__', 'stage')}")
+    child = FORK.Process(target=_serve, args=(send, os.getpid(), fn, args), name=f"qis-fhir {what}")
     child.start()
     send.close()
     try:
@@ -54,7 +55,7 @@ def in_child(fn: Callable[..., T], *args: object) -> T:
             ok, value = receive.recv()
         except EOFError:  # it died without an answer: killed (out of memory?) or crashed
             child.join()
-            raise ChildProcessError(f"the child process running {getattr(fn, '__name__', fn)!s} exited with code {child.exitcode}") from None
+            raise ChildProcessError(f"the child process running {what} exited with code {child.exitcode}") from None
     except BaseException:
         if child.is_alive():
             child.kill()

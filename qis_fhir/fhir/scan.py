@@ -41,10 +41,6 @@ BATCH_ROWS = 131_072
 #: patients, and their rows are wide: 131,072 control units took 218 MiB, 16,384 took 62 MiB (70,130
 #: outcome events in one batch: 90 MiB, in batches of 16,384: 52 MiB), for ~1 s more CPU per 100,000 rows
 BATCH_ROWS_OF = {"medication_requests": 16_384, "outcome_events": 16_384, "control_units": 16_384}
-
-def batch_rows_of(table: str) -> int:
-    """The rows of ``table`` the quality suites see at a time."""
-    return BATCH_ROWS_OF.get(table, BATCH_ROWS)
 #: DuckDB's memory limit (it spills to disk beyond it) and threads: the parallelism is processes'
 MEMORY_LIMIT = "256MB"
 THREADS = 1
@@ -56,6 +52,11 @@ def table_path(folder: Path | str, table: str) -> Path:
     from qis_fhir.fhir.extract import EXTRACT_DIR
 
     return Path(folder) / EXTRACT_DIR / f"{table}.parquet"
+
+
+def batch_rows_of(table: str) -> int:
+    """The rows of ``table`` the quality suites see at a time."""
+    return BATCH_ROWS_OF.get(table, BATCH_ROWS)
 
 
 def parquet_batches(path: Path | str, batch_rows: int = BATCH_ROWS, *, row_groups: list[int] | None = None,
