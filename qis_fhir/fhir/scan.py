@@ -78,16 +78,17 @@ def parquet_batches(path: Path | str, batch_rows: int = BATCH_ROWS, *, row_group
 
 
 @contextlib.contextmanager
-def connect(spill_parent: Path | str, memory_limit: str = MEMORY_LIMIT) -> Iterator[duckdb.DuckDBPyConnection]:
-    """An in-memory DuckDB connection with the memory policy above (or a lower ``memory_limit``),
+def connect(spill_parent: Path | str, memory_limit: str = MEMORY_LIMIT, threads: int = THREADS) -> Iterator[duckdb.DuckDBPyConnection]:
+    """An in-memory DuckDB connection with the memory policy above (or a lower ``memory_limit``, more ``threads``),
     spilling into a temporary folder under ``spill_parent`` (the run folder: on the disk that holds
     the run) that is removed after."""
     import duckdb
 
     spill = Path(tempfile.mkdtemp(prefix=".duckdb-", dir=spill_parent))
-    con = duckdb.connect(config={"memory_limit": memory_limit, "threads": THREADS, "temp_directory": str(spill),
+    con = duckdb.connect(config={"memory_limit": memory_limit, "threads": threads, "temp_directory": str(spill),
                                  "preserve_insertion_order": False})
     try:
+        con.execute("SET enable_progress_bar = false")  # else a pass over 2 s draws a bar on stderr, into the run's log
         yield con
     finally:
         con.close()
