@@ -10,19 +10,14 @@ of ``batch_rows``) runs in a worker process that serves at most ``TASKS_PER_WORK
 ``workers`` of them run at once; the results are combined in table order (``batches.combine``), so the
 report is the one a single pass over the whole table gives.
 
-The workers are forked from a fork server that imported great-expectations once per call (3.45 s of
-CPU and ~150 MiB here): no worker pays the import, their pages are shared, and the process that runs
-the pipeline never imports it. The server is stopped when the call ends, so none of it stays beside
-the outcome stage that follows. A fork server, not a plain fork: the caller may hold threads
-(Dagster's, DuckDB's), and forking those can deadlock.
+The workers are forked from the stages' fork server (``qis_fhir.forkserver``), which imported
+great-expectations before it forked them: no worker pays the import, and the process that runs the
+pipeline never imports it.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,11 +32,6 @@ if TYPE_CHECKING:
 #: tasks (row groups) a worker validates before it is replaced: its growth stays under ~20 MB, and a
 #: new worker costs ~0.15 s (its context and suites) against ~0.45 s of validation per task
 TASKS_PER_WORKER = 16
-#: what the fork server imports once, before it forks any worker
-PRELOAD = ["qis_fhir.quality.forkserver_preload"]
-
-_server_lock = threading.Lock()
-_active = 0  # validate_all calls running in this process (threads): the last one out stops the server
 
 
 @dataclass(frozen=True)
@@ -98,41 +88,19 @@ def tasks_of(table: str, path: Path, batch_rows: int, fingerprint: str, rules: t
 
 
 def validate_all(tasks: list[BatchTask], workers: int) -> list[tuple[int, list[list[ExpectationResult]], float]]:
-    """``validate_batches`` of every task, in order, over ``workers`` processes forked from the fork
-    server (``PRELOAD`` imported once), each serving at most ``TASKS_PER_WORKER`` tasks; the fork
-    server is stopped after (its ~250 MiB would otherwise sit beside the outcome stage that follows).
+    """``validate_batches`` of every task, in order, over ``workers`` processes forked from the stages'
+    fork server (``forkserver.QUALITY`` imported once), each serving at most ``TASKS_PER_WORKER`` tasks.
 
     The workers are replaced by a fresh pool per round of ``workers * TASKS_PER_WORKER`` tasks, not
     by ``max_tasks_per_child``: on Python 3.11-3.13 that option deadlocks ``ProcessPoolExecutor`` once
     a worker retires with tasks still queued (CPython gh-115634). A worker that dies (out of memory)
     fails the stage with ``BrokenProcessPool`` rather than hanging."""
-    global _active
-    ctx = multiprocessing.get_context("forkserver")
-    workers = max(1, workers)
-    per_round = workers * TASKS_PER_WORKER
+    from qis_fhir.forkserver import QUALITY, held, worker_pool
+
+    per_round = max(1, workers) * TASKS_PER_WORKER
     out = []
-    with _server_lock:
-        if not _active:
-            ctx.set_forkserver_preload(PRELOAD)  # takes effect when the server starts
-        _active += 1
-    try:
+    with held(*QUALITY):
         for start in range(0, len(tasks), per_round):
-            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            with worker_pool(workers) as pool:
                 out += pool.map(validate_batches, tasks[start:start + per_round])
-    finally:
-        with _server_lock:
-            _active -= 1
-            if not _active:
-                _stop_fork_server()
     return out
-
-
-def _stop_fork_server() -> None:
-    """Stop this process's fork server; the next pool starts a new one. The standard library has no
-    public call for it: ``ForkServer._stop`` (Python 3.8 and later, used by its own tests) is taken
-    where it exists, and the server is left running where it does not."""
-    from multiprocessing import forkserver
-
-    stop = getattr(getattr(forkserver, "_forkserver", None), "_stop", None)
-    if stop is not None:
-        stop()
