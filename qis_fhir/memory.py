@@ -12,7 +12,8 @@ and only its result comes back. Measured on a synthetic export of 20 million Obs
 pipeline's process held 219 MiB after extracting it in process against 166 MiB at 2 million, and
 315 MiB against 208 MiB after the outcome stage, although both stages stream: pandas', DuckDB's and
 Python's heaps keep what they once used, in pieces no trim returns (35 MiB after extracting with
-the extraction in a child). Forked, not spawned: the child shares the parent's imported modules
+the extraction in a child; the outcome stage now runs in the stages' worker pools, ``forkserver.py``,
+for the same reason). Forked, not spawned: the child shares the parent's imported modules
 instead of loading its own, and starts in milliseconds. A fork copies only the calling thread; the
 stages fork where the process runs no work on threads of its own (DuckDB's connections are closed,
 Arrow restarts its thread pool in a child), which the tests run under Dagster too.
@@ -41,7 +42,7 @@ T = TypeVar("T")
 def in_child(fn: Callable[..., T], *args: object) -> T:
     """``fn(*args)`` in a forked child process: its result (pickled back), or its exception raised here.
 
-    The child may start processes of its own (the outcome stage's workers). It never outlives the
+    The child may start processes of its own. It never outlives the
     caller: it is killed when the caller stops waiting for it (Ctrl-C, an exception such as Dagster's
     interruption of a run) and, on Linux, when the caller dies (``PR_SET_PDEATHSIG``), so a terminated
     run leaves nothing writing into its run folder."""

@@ -86,10 +86,11 @@ def run_pipeline(config: RunConfig) -> RunResult:
         summary = stages.extract_step(run, config.export_dir, setup, validate=config.validate, sample_rate=config.sample_rate,
                                       progress=config.progress, workers=config.workers)
         result.extract = summary.to_dict()
-        extract = stages.quality_step(run, setup.mapping, "extract", workers=config.workers)
-        extract.raise_for_failure()  # nothing below runs on failed data
-        result.outcomes = stages.outcomes_step(run, setup.mapping, shards=config.shards, workers=config.workers)
-        events = stages.quality_step(run, setup.mapping, "outcome_events", workers=config.workers)
+        with stages.worker_server():  # one fork server from the extract's check to the events' (qis_fhir/forkserver.py)
+            extract = stages.quality_step(run, setup.mapping, "extract", workers=config.workers)
+            extract.raise_for_failure()  # nothing below runs on failed data
+            result.outcomes = stages.outcomes_step(run, setup.mapping, shards=config.shards, workers=config.workers)
+            events = stages.quality_step(run, setup.mapping, "outcome_events", workers=config.workers)
         result.quality = {"success": events.success, "warnings": extract.warnings + events.warnings,
                           "reports": {"extract": extract.to_dict(), "outcome_events": events.to_dict()}}
         events.raise_for_failure()

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from qis_fhir.errors import InputNotFoundError, QualityError, UsageError
 from qis_fhir.files import write_json
-from qis_fhir.memory import in_child, release_free_memory
+from qis_fhir.memory import release_free_memory
 from qis_fhir.runfolder import EVIDENCE, EXTRACT, OUTCOMES, PACKETS, PUBLISH, QUALITY, Run, amend_run
 
 if TYPE_CHECKING:
@@ -172,6 +172,15 @@ def read_quality_suite(folder: Path | str, part: str, table: str) -> tuple[dict,
 
 
 # ---------------------------------------------------------------------- steps
+def worker_server() -> contextlib.AbstractContextManager[None]:
+    """The stages' fork server held for the steps run inside, with everything their workers import
+    (``forkserver``): a caller that chains the quality, outcome and quality steps pays the imports,
+    great-expectations' 3.5 s among them, once instead of once per step."""
+    from qis_fhir.forkserver import OUTCOMES, QUALITY, held
+
+    return held(*QUALITY, *OUTCOMES)
+
+
 def extract_step(run: Run, export_dir: Path | str, setup: SiteSetup, *, validate: str, sample_rate: float, progress: bool = False,
                  workers: int = 1) -> ExtractSummary:
     """The export into ``extract/`` and ``quarantine.ndjson``, its files over ``workers`` processes;
@@ -235,24 +244,17 @@ def outcomes_step(run: Run, mapping: MappingSet, *, shards: int | None = None, w
     the run folder; returns their summary (``outcome_summary.json``). ``shards``, ``workers``: see
     ``derive_outcomes_sharded``; the result is the same whatever they are.
 
-    The derivation runs in a child process (``memory.in_child``) that writes the tables itself: only
-    the summary comes back, so neither the events nor what the derivation's allocators keep stay
-    beside the quality workers that check the events next."""
+    The derivation runs in worker processes that write the tables themselves (``write_outcomes_sharded``):
+    only the summary comes back, so neither the events nor what the derivation's allocators keep stay
+    in the calling process beside the quality workers that check the events next."""
+    from qis_fhir.outcomes.sharded import write_outcomes_sharded
+
     require_quality(run.path, "extract")
     run.begin(OUTCOMES)
     log.info("outcomes: mapping %s (%s)", mapping.version, mapping.content_hash[:12])
-    summary = in_child(_derive_and_write, run.path, mapping, shards, workers)
+    summary = write_outcomes_sharded(run.path, mapping, shards=shards, workers=workers)
     run.mark(OUTCOMES, summary.get("totals", {}))
     return summary
-
-
-def _derive_and_write(folder: Path, mapping: MappingSet, shards: int | None, workers: int) -> dict:
-    from qis_fhir.outcomes.sharded import derive_outcomes_sharded
-
-    # only the rows the derivation reads, patient shard by shard (outcomes/sharded.py)
-    result = derive_outcomes_sharded(folder, mapping, shards=shards, workers=workers)
-    result.write(folder)
-    return result.summary
 
 
 def packets_step(run: Run, setup: SiteSetup, day: str | int | None) -> PacketBuild:

@@ -83,7 +83,7 @@ class TreeSampler:
 
 def _cpu() -> float:
     """CPU seconds of the whole tree: this process, its reaped children (a pool's joined workers), and
-    every live descendant with the children it reaped (the quality stage's fork server and the
+    every live descendant with the children it reaped (the stages' fork server and the
     workers it forked, which this process never reaps)."""
     import resource
 
@@ -124,9 +124,10 @@ def _child() -> None:
     with start_run(out, command="run", planned=[EXTRACT, OUTCOMES, QUALITY, PACKETS]) as run:
         summary = timed("extract", lambda: stages.extract_step(run, args["export"], setup, validate="sample", sample_rate=0.002,
                                                                workers=workers))
-        timed("quality_extract", lambda: stages.quality_step(run, setup.mapping, "extract", workers=workers).raise_for_failure())
-        timed("outcomes", lambda: stages.outcomes_step(run, setup.mapping, workers=workers))
-        timed("quality_events", lambda: stages.quality_step(run, setup.mapping, "outcome_events", workers=workers).raise_for_failure())
+        with stages.worker_server():  # as run_pipeline holds it
+            timed("quality_extract", lambda: stages.quality_step(run, setup.mapping, "extract", workers=workers).raise_for_failure())
+            timed("outcomes", lambda: stages.outcomes_step(run, setup.mapping, workers=workers))
+            timed("quality_events", lambda: stages.quality_step(run, setup.mapping, "outcome_events", workers=workers).raise_for_failure())
         built = timed("packets", lambda: stages.packets_step(run, setup, 20260101))
     sampler.stop()
     for name, peak in sampler.peaks.items():

@@ -29,10 +29,9 @@ patient's condition).
 from __future__ import annotations
 
 import math
+import pickle
 import shutil
 import tempfile
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,9 +45,15 @@ if TYPE_CHECKING:
     from qis_fhir.mapping import MappingSet
     from qis_fhir.outcomes.events import OutcomeResult
 
-#: staged rows (all five tables) per shard: ~0.1 GiB of pandas in the derivation at 2 million
-#: Observations (docs/benchmarks.md)
-SHARD_ROWS = 500_000
+#: staged rows (all five tables) per shard. A shard's worker holds several times its rows' size (the
+#: tables in pandas and the derivation's merges): at 2 million Observations (577,000 staged rows) one
+#: shard took 363 MiB in its worker, two took 236 MiB each in the same time (6.3 s), three 232 MiB in 7.3 s
+SHARD_ROWS = 250_000
+#: shards a worker process derives before a fresh one replaces it: what pandas' and Arrow's allocators
+#: keep of one shard stays beside the next one's peak. At 20 million Observations (18 shards) a worker
+#: that derived three shards held 249-270 MiB, one that derived one 228-253 MiB; the stage took 73.7 s
+#: against 69-71 s (a fresh worker forked from the server per shard)
+SHARDS_PER_WORKER = 1
 #: DuckDB's memory limit for the staging pass, below the scans' (``scan.MEMORY_LIMIT``): the pass
 #: writes every shard's partition at once, and at 256 MB it took 329 MiB over its imports on a
 #: 20-million-Observation extract (10 shards), at 128 MB 203 MiB, at 64 MB 145 MiB, against 43 MiB
@@ -58,6 +63,8 @@ STAGE_MEMORY_LIMIT = "64MB"
 OBS_COLUMNS = [c for c in TABLES["observations"].names if c not in ("source_file", "source_line")]
 #: summary figures that are not counts: the same in every shard, never added
 NOT_COUNTS = frozenset({"complete_years_through"})
+#: the tables ``events.data_ends`` reads
+ENDS_TABLES = ("observations", "encounters")
 _ROW = "_row"  # the row's place in the extract file
 
 
@@ -72,10 +79,10 @@ def _literal(text: str) -> str:
     return "'" + str(text).replace("'", "''") + "'"
 
 
-def stage_shards(folder: Path, staged: Path, shards: int, mapping: MappingSet) -> None:
+def stage_shards(folder: Path, staged: Path, shards: int, mapping: MappingSet, threads: int = 1) -> None:
     """Write the pushed-down rows of each table of the extract in ``folder`` into
-    ``staged/<table>/shard=<n>/`` (one DuckDB pass per table, bounded memory)."""
-    with connect(folder, memory_limit=STAGE_MEMORY_LIMIT) as con:
+    ``staged/<table>/shard=<n>/`` (one DuckDB pass per table, on ``threads`` threads, bounded memory)."""
+    with connect(folder, memory_limit=STAGE_MEMORY_LIMIT, threads=threads) as con:
         _stage(con, folder, staged, shards, mapped_codes(mapping))
 
 
@@ -95,13 +102,13 @@ def _stage(con: Any, folder: Path, staged: Path, shards: int, codes: list[str]) 
         con.execute(f"COPY ({query}) TO {_literal(staged / table)} (FORMAT parquet, PARTITION_BY (shard))")
 
 
-def _shard_tables(staged: Path, shard: int) -> dict[str, pd.DataFrame]:
-    """One shard's staged tables as ``load_extract`` types them, in extract file order."""
+def _shard_tables(staged: Path, shard: int, tables: tuple[str, ...] = TABLE_NAMES) -> dict[str, pd.DataFrame]:
+    """One shard's staged ``tables`` as ``load_extract`` types them, in extract file order."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     out = {}
-    for table in TABLE_NAMES:
+    for table in tables:
         schema = TABLES[table]
         if table == "observations":
             schema = pa.schema([schema.field(c) for c in OBS_COLUMNS])
@@ -119,7 +126,7 @@ def shard_ends(staged: Path, shard: int, mapping: MappingSet) -> dict[str, float
     """``data_ends`` of one staged shard (the first pass; the whole data's are the maximum of these)."""
     from qis_fhir.outcomes.events import data_ends
 
-    return data_ends(_shard_tables(staged, shard), mapping)
+    return data_ends(_shard_tables(staged, shard, ENDS_TABLES), mapping)
 
 
 def derive_shard(staged: Path, shard: int, mapping: MappingSet, ends: dict[str, float]) -> OutcomeResult:
@@ -133,8 +140,42 @@ def _ends(args: tuple) -> dict[str, float]:
     return shard_ends(*args)
 
 
-def _derive(args: tuple) -> OutcomeResult:
-    return derive_shard(*args)
+def _derive(args: tuple) -> None:
+    """A worker's shard: derived, and its result left in the staging folder for ``_combine``, not
+    sent back: the process that waits for the shards never holds their events."""
+    from qis_fhir.memory import release_free_memory
+
+    staged, shard = args[0], args[1]
+    result = derive_shard(*args)
+    for part in ("events", "units", "summary"):
+        with open(_result_path(staged, shard, part), "wb") as fh:
+            pickle.dump(getattr(result, part), fh, protocol=pickle.HIGHEST_PROTOCOL)
+    release_free_memory()  # what this shard freed, before the worker's next shard
+
+
+def _result_path(staged: Path, shard: int, part: str) -> Path:
+    return Path(staged) / f"{part}-{shard}.pickle"
+
+
+def _combine(staged: Path, shards: int, mapping: MappingSet, write_to: Path | None) -> OutcomeResult | dict:
+    """The shards' results as one (``combine_events``, ``combine_units``, ``combine_summaries``),
+    one part at a time, so that the shards' events are let go before their control units are read;
+    written into ``write_to`` if given, and then only the summary is returned."""
+    from qis_fhir.outcomes.events import OutcomeResult
+
+    def parts(part: str) -> list:
+        out = []
+        for shard in range(shards):
+            with open(_result_path(staged, shard, part), "rb") as fh:
+                out.append(pickle.load(fh))  # written by _derive in this stage, in a folder of its own
+        return out
+
+    result = OutcomeResult(events=combine_events(parts("events")), summary=combine_summaries(parts("summary"), mapping),
+                           units=combine_units(parts("units")) if mapping.control_measures else None)
+    if write_to is None:
+        return result
+    result.write(write_to)
+    return result.summary
 
 
 def merge_counts(a: Any, b: Any, key: str = "") -> Any:
@@ -157,60 +198,85 @@ def shard_count(folder: Path | str, rows_per_shard: int = SHARD_ROWS) -> int:
     return max(1, math.ceil(rows / rows_per_shard))
 
 
-def _mapped(pool: ProcessPoolExecutor | None, fn, items: list) -> Iterator:
-    return map(fn, items) if pool is None else pool.map(fn, items)
-
-
 def derive_outcomes_sharded(folder: Path | str, mapping: MappingSet, *, shards: int | None = None,
                             workers: int = 1) -> OutcomeResult:
     """``derive_outcome_events`` of an extract folder's tables, ``shards`` patient shards at a time
     over ``workers`` processes (default shards: ``shard_count``, and at least one per worker, or a
-    small extract would leave all but one idle); the same result whatever both are.
+    small extract would leave all but one idle); the same result whatever both are."""
+    return _sharded(Path(folder), mapping, shards, workers, None)
 
-    The staging pass runs in a child process (``memory.in_child``): DuckDB's allocator keeps what the
-    pass used, up to its memory limit on a large extract, and that would sit beside the shards'
-    derivation."""
+
+def write_outcomes_sharded(folder: Path | str, mapping: MappingSet, *, shards: int | None = None, workers: int = 1) -> dict:
+    """``derive_outcomes_sharded`` written into ``folder`` (``OutcomeResult.write``) by a worker; its summary.
+    Only the summary comes back: the caller never holds the events, nor what deriving them used."""
+    return _sharded(Path(folder), mapping, shards, workers, Path(folder))
+
+
+def _sharded(folder: Path, mapping: MappingSet, shards: int | None, workers: int, write_to: Path | None) -> OutcomeResult | dict:
+    """Every step in workers of the stages' fork server (``qis_fhir.forkserver``), so that what
+    DuckDB's and pandas' allocators keep goes away with them and the caller stays as small as it was:
+    the staging pass (on ``workers`` DuckDB threads), the shards' two passes (``workers`` processes),
+    then the combine."""
     from qis_fhir.fhir.extract import require_extract
-    from qis_fhir.memory import FORK, in_child
+    from qis_fhir.forkserver import OUTCOMES, held, in_worker
 
-    folder = Path(folder)
     require_extract(folder)
     shards = shards or max(shard_count(folder), workers)
     staged = Path(tempfile.mkdtemp(prefix=".outcome-shards-", dir=folder))
     try:
-        in_child(stage_shards, folder, staged, shards, mapping)
-        pool = ProcessPoolExecutor(workers, mp_context=FORK) if workers > 1 and shards > 1 else None
-        try:
-            ends_each = list(_mapped(pool, _ends, [(staged, s, mapping) for s in range(shards)]))
+        with held(*OUTCOMES):
+            in_worker(stage_shards, folder, staged, shards, mapping, max(1, workers))
+            ends_each = _in_rounds(_ends, [(staged, s, mapping) for s in range(shards)], workers)
             ends = {k: max(e[k] for e in ends_each) for k in ends_each[0]}
-            results = list(_mapped(pool, _derive, [(staged, s, mapping, ends) for s in range(shards)]))
-        finally:
-            if pool is not None:
-                pool.shutdown()
+            _in_rounds(_derive, [(staged, s, mapping, ends) for s in range(shards)], workers)
+            return in_worker(_combine, staged, shards, mapping, write_to)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
-    return combine_results(results, mapping)
 
 
-def combine_results(results: list[OutcomeResult], mapping: MappingSet) -> OutcomeResult:
-    """The shards' results as the one result of the whole data: events and units concatenated and
-    sorted as ``derive_outcome_events`` sorts them, summary counts added."""
+def _in_rounds(fn, items: list, workers: int) -> list:
+    """``fn`` of every item, in order, over ``workers`` processes, each serving at most
+    ``SHARDS_PER_WORKER`` items before a fresh pool replaces it."""
+    from qis_fhir.forkserver import worker_pool
+
+    per_round = max(1, workers) * SHARDS_PER_WORKER
+    out = []
+    for start in range(0, len(items), per_round):
+        with worker_pool(min(workers, len(items) - start)) as pool:
+            out += pool.map(fn, items[start:start + per_round])
+    return out
+
+
+def combine_events(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """The shards' events as the whole data's: concatenated and sorted as ``derive_outcome_events`` sorts them."""
     import pandas as pd
 
-    from qis_fhir.outcomes.control import check_control_summary, empty_units
-    from qis_fhir.outcomes.events import OutcomeResult, empty_events
+    from qis_fhir.outcomes.events import empty_events
 
-    events = [r.events for r in results if len(r.events)]
-    events = pd.concat(events, ignore_index=True) if events else empty_events()
-    events = events.sort_values(["bucket", "treatment_code", "start", "event_id"], kind="stable").reset_index(drop=True)
-    summary = results[0].summary
-    for r in results[1:]:
-        summary = merge_counts(summary, r.summary)
-    units = None
+    parts = [p for p in parts if len(p)]
+    events = pd.concat(parts, ignore_index=True) if parts else empty_events()
+    return events.sort_values(["bucket", "treatment_code", "start", "event_id"], kind="stable").reset_index(drop=True)
+
+
+def combine_units(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """The shards' control units as the whole data's, sorted as ``derive_control_units`` sorts them."""
+    import pandas as pd
+
+    from qis_fhir.outcomes.control import empty_units
+
+    parts = [p for p in parts if len(p)]
+    units = pd.concat(parts, ignore_index=True) if parts else empty_units()
+    return units.sort_values(["measure", "treatment_code", "period", "unit_id"], kind="stable").reset_index(drop=True)
+
+
+def combine_summaries(summaries: list[dict], mapping: MappingSet) -> dict:
+    """The shards' summaries as the whole data's: counts added (``merge_counts``), control counts checked."""
+    from qis_fhir.outcomes.control import check_control_summary
+
+    summary = summaries[0]
+    for other in summaries[1:]:
+        summary = merge_counts(summary, other)
     if mapping.control_measures:
-        parts = [r.units for r in results if len(r.units)]
-        units = pd.concat(parts, ignore_index=True) if parts else empty_units()
-        units = units.sort_values(["measure", "treatment_code", "period", "unit_id"], kind="stable").reset_index(drop=True)
         for s in summary["control"]["measures"].values():
             check_control_summary(s)
-    return OutcomeResult(events=events, summary=summary, units=units)
+    return summary
