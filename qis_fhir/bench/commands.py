@@ -43,7 +43,7 @@ class BenchOptions:
     seed: int = 7
     sizes: tuple[int, ...] | None = None  # run: Observations of each export
     workers: int | None = None  # run: worker processes of the runs per size
-    repeats: int = 3  # run: pairs of 1- and 2-worker runs for the speed-up
+    repeats: int = 3  # run: pairs of 1- and 2-worker runs for the speed-up, and runs of every other size
 
 
 def run_sections(sections: list[str], options: BenchOptions) -> dict:
@@ -80,7 +80,7 @@ def run_sections(sections: list[str], options: BenchOptions) -> dict:
 @click.option("--sizes", type=str, default=None, help="run: comma-separated Observations per export (default 2000000,5000000,20000000).")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="run: worker processes of the run per size (default 1).")
 @click.option("--repeats", type=click.IntRange(min=0), default=3, show_default=True,
-              help="run: 1- and 2-worker runs back to back on the first size, for the speed-up's median (0: none).")
+              help="run: pairs of 1- and 2-worker runs back to back on the first size, for the speed-up's median, and as many runs of every other size, for its time per Observation's (0: one run a size).")
 def bench(as_json: bool, only: tuple[str, ...], observations: int | None, export: Path | None, nodes: str | None,
           churn: float | None, loss: float | None, build: str, seed: int, sizes: str | None, workers: int | None, repeats: int) -> None:
     """Measure throughput and memory of the stages, side by side with their baselines."""

@@ -187,6 +187,8 @@ def measure(sizes: tuple[int, ...], workers: int = 1, repeats: int = 3, seed: in
                     same += [runs[workers]] if workers in runs else []
                     pairs.append(round(runs[1]["total"]["wall_s"] / runs[2]["total"]["wall_s"], 3))
                 out["speedup"] = {"size": size, "pairs": pairs, "median": statistics.median(pairs)}
+            else:  # as many one-worker runs as the pairs give the first size: one run's CPU varied by a fifth
+                same += [_run_child({**args, "workers": workers}) for _ in range(max(0, repeats - 1))]
             result["load_average_after"] = os.getloadavg()
             _per_observation(result, same)
             out["sizes"][str(size)] = result

@@ -143,14 +143,11 @@ def _ends(args: tuple) -> dict[str, float]:
 def _derive(args: tuple) -> None:
     """A worker's shard: derived, and its result left in the staging folder for ``_combine``, not
     sent back: the process that waits for the shards never holds their events."""
-    from qis_fhir.memory import release_free_memory
-
     staged, shard = args[0], args[1]
     result = derive_shard(*args)
     for part in ("events", "units", "summary"):
         with open(_result_path(staged, shard, part), "wb") as fh:
             pickle.dump(getattr(result, part), fh, protocol=pickle.HIGHEST_PROTOCOL)
-    release_free_memory()  # what this shard freed, before the worker's next shard
 
 
 def _result_path(staged: Path, shard: int, part: str) -> Path:
