@@ -8,8 +8,8 @@ server, not a plain fork: the caller may hold threads (Dagster's, DuckDB's), and
 deadlock.
 
 One server per run, not per stage (``held``): importing great-expectations costs 3.5-3.7 s of CPU,
-and a run that started a server for each quality check paid it twice, serially, which held the
-run's speed-up from one to two workers at 1.44 (docs/benchmarks.md). ``qis-fhir run`` holds the
+and a run that started a server for each quality check paid it twice, serially: its speed-up from
+one to two workers was 1.44, against 1.51-1.60 with one server (docs/benchmarks.md). ``qis-fhir run`` holds the
 server from the extract's check to the events' check, the outcome shards in between running in its
 workers too; a caller that runs one stage alone (a Dagster asset, ``qis-fhir quality``) gets a
 server for that call, stopped when the call ends, so nothing of it outlives the stage.
