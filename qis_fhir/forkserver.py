@@ -63,11 +63,11 @@ def held(*preload: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def worker_pool(workers: int, *preload: str) -> Iterator[ProcessPoolExecutor]:
-    """A pool of ``workers`` processes forked from the held server (``held(*preload)``). Leaving it
-    normally waits for its tasks; leaving it on an exception, an interruption included, kills its
-    workers first, so a stage stopped midway leaves nothing writing into its run folder."""
-    with held(*preload):
+def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+    """A pool of ``workers`` processes forked from the held server (``held``). Leaving it normally
+    waits for its tasks; leaving it on an exception, an interruption included, kills its workers
+    first, so a stage stopped midway leaves nothing writing into its run folder."""
+    with held():
         pool = ProcessPoolExecutor(max(1, workers), mp_context=SERVER, initializer=_serve, initargs=(os.getpid(),))
         try:
             yield pool
@@ -79,10 +79,23 @@ def worker_pool(workers: int, *preload: str) -> Iterator[ProcessPoolExecutor]:
         pool.shutdown(wait=True)
 
 
-def in_worker(fn, *args, preload: tuple[str, ...] = ()):
+def in_worker(fn, *args):
     """``fn(*args)`` in one worker forked from the server: its result, or its exception raised here."""
-    with worker_pool(1, *preload) as pool:
+    with worker_pool(1) as pool:
         return pool.submit(fn, *args).result()
+
+
+def in_rounds(fn, items: list, workers: int, per_worker: int) -> list:
+    """``fn`` of every item, in order, over ``workers`` processes, each serving at most ``per_worker``
+    items before a fresh pool replaces it (what a task's allocators keep leaves with its worker). Not
+    ``max_tasks_per_child``: on Python 3.11-3.13 that option deadlocks ``ProcessPoolExecutor`` once a
+    worker retires with tasks still queued (CPython gh-115634)."""
+    per_round = max(1, workers) * per_worker
+    out = []
+    for start in range(0, len(items), per_round):
+        with worker_pool(min(workers, len(items) - start)) as pool:
+            out += pool.map(fn, items[start:start + per_round])
+    return out
 
 
 def _serve(caller: int) -> None:

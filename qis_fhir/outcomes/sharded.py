@@ -215,7 +215,7 @@ def _sharded(folder: Path, mapping: MappingSet, shards: int | None, workers: int
     the staging pass (on ``workers`` DuckDB threads), the shards' two passes (``workers`` processes),
     then the combine."""
     from qis_fhir.fhir.extract import require_extract
-    from qis_fhir.forkserver import OUTCOMES, held, in_worker
+    from qis_fhir.forkserver import OUTCOMES, held, in_rounds, in_worker
 
     require_extract(folder)
     shards = shards or max(shard_count(folder), workers)
@@ -223,25 +223,12 @@ def _sharded(folder: Path, mapping: MappingSet, shards: int | None, workers: int
     try:
         with held(*OUTCOMES):
             in_worker(stage_shards, folder, staged, shards, mapping, max(1, workers))
-            ends_each = _in_rounds(_ends, [(staged, s, mapping) for s in range(shards)], workers)
+            ends_each = in_rounds(_ends, [(staged, s, mapping) for s in range(shards)], workers, SHARDS_PER_WORKER)
             ends = {k: max(e[k] for e in ends_each) for k in ends_each[0]}
-            _in_rounds(_derive, [(staged, s, mapping, ends) for s in range(shards)], workers)
+            in_rounds(_derive, [(staged, s, mapping, ends) for s in range(shards)], workers, SHARDS_PER_WORKER)
             return in_worker(_combine, staged, shards, mapping, write_to)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
-
-
-def _in_rounds(fn, items: list, workers: int) -> list:
-    """``fn`` of every item, in order, over ``workers`` processes, each serving at most
-    ``SHARDS_PER_WORKER`` items before a fresh pool replaces it."""
-    from qis_fhir.forkserver import worker_pool
-
-    per_round = max(1, workers) * SHARDS_PER_WORKER
-    out = []
-    for start in range(0, len(items), per_round):
-        with worker_pool(min(workers, len(items) - start)) as pool:
-            out += pool.map(fn, items[start:start + per_round])
-    return out
 
 
 def combine_events(parts: list[pd.DataFrame]) -> pd.DataFrame:

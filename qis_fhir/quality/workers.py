@@ -89,18 +89,10 @@ def tasks_of(table: str, path: Path, batch_rows: int, fingerprint: str, rules: t
 
 def validate_all(tasks: list[BatchTask], workers: int) -> list[tuple[int, list[list[ExpectationResult]], float]]:
     """``validate_batches`` of every task, in order, over ``workers`` processes forked from the stages'
-    fork server (``forkserver.QUALITY`` imported once), each serving at most ``TASKS_PER_WORKER`` tasks.
+    fork server (``forkserver.QUALITY`` imported once), each serving at most ``TASKS_PER_WORKER`` tasks
+    (``forkserver.in_rounds``). A worker that dies (out of memory) fails the stage with
+    ``BrokenProcessPool`` rather than hanging."""
+    from qis_fhir.forkserver import QUALITY, held, in_rounds
 
-    The workers are replaced by a fresh pool per round of ``workers * TASKS_PER_WORKER`` tasks, not
-    by ``max_tasks_per_child``: on Python 3.11-3.13 that option deadlocks ``ProcessPoolExecutor`` once
-    a worker retires with tasks still queued (CPython gh-115634). A worker that dies (out of memory)
-    fails the stage with ``BrokenProcessPool`` rather than hanging."""
-    from qis_fhir.forkserver import QUALITY, held, worker_pool
-
-    per_round = max(1, workers) * TASKS_PER_WORKER
-    out = []
     with held(*QUALITY):
-        for start in range(0, len(tasks), per_round):
-            with worker_pool(workers) as pool:
-                out += pool.map(validate_batches, tasks[start:start + per_round])
-    return out
+        return in_rounds(validate_batches, tasks, workers, TASKS_PER_WORKER)
